@@ -1,0 +1,350 @@
+//! Typed handles on the XDP program's maps: the only code that writes them.
+//!
+//! The daemon, the tests and the benchmarks all go through [`Dataplane`], so
+//! what the tests check is exactly what the daemon does.
+
+use std::{ffi::CString, os::fd::AsFd as _, ptr::NonNull};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, HashMap, Map, MapData, PerCpuArray, PerCpuValues},
+    programs::{Xdp, XdpMode},
+    util::nr_cpus,
+};
+use lb_common::{
+    Config, Counter, MAX_REALS, MAX_VIPS, RING_ENTRIES, RING_SIZE_MAX, RING_SLOTS, RealDef,
+    VipAddrKey, VipKey, VipMeta, map_names, prog_names, stat,
+};
+
+/// The compiled XDP object, built by build.rs with aya-build.
+pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf"));
+
+/// Failures loading the program or touching its maps.
+#[derive(Debug, thiserror::Error)]
+pub enum DataplaneError {
+    /// The object could not be loaded (verifier, missing privileges, ...).
+    #[error("loading the XDP object failed: {0}")]
+    Load(#[from] aya::EbpfError),
+    /// A program in the object could not be loaded or attached.
+    #[error("XDP program {name}: {source}")]
+    Program {
+        /// Which program.
+        name: &'static str,
+        /// What went wrong.
+        source: aya::programs::ProgramError,
+    },
+    /// A map the daemon needs is not in the object.
+    #[error("map {0} is missing from the XDP object (build mismatch?)")]
+    MissingMap(&'static str),
+    /// A map operation failed.
+    #[error("map {name}: {source}")]
+    Map {
+        /// Which map.
+        name: &'static str,
+        /// What went wrong.
+        source: aya::maps::MapError,
+    },
+    /// Memory-mapping the ring map failed.
+    #[error("mapping {name} into memory failed: {source}")]
+    Mmap {
+        /// Which map.
+        name: &'static str,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The interface name is not valid.
+    #[error("invalid interface name '{0}'")]
+    IfaceName(String),
+    /// An index outside a map's capacity.
+    #[error("{what} {index} is out of range (capacity {capacity})")]
+    OutOfRange {
+        /// What kind of index.
+        what: &'static str,
+        /// The index given.
+        index: u32,
+        /// The capacity.
+        capacity: u32,
+    },
+}
+
+type Result<T, E = DataplaneError> = std::result::Result<T, E>;
+
+fn map_err(name: &'static str) -> impl FnOnce(aya::maps::MapError) -> DataplaneError {
+    move |source| DataplaneError::Map { name, source }
+}
+
+/// The ring map mapped into our memory: a table is written with one copy.
+struct Rings {
+    ptr: NonNull<u32>,
+    len: usize,
+    _map: MapData,
+}
+
+// SAFETY: the mapping is owned by this value and only written through &mut self.
+unsafe impl Send for Rings {}
+
+impl Rings {
+    fn new(map: MapData) -> Result<Self> {
+        // RING_ENTRIES entries of [u32; 2]: exactly this many u32 slots, no gaps.
+        let len = (RING_ENTRIES as usize) * 2;
+        let bytes = len * size_of::<u32>();
+        let fd = map.fd().as_fd();
+        // SAFETY: mapping a BPF_F_MMAPABLE array of exactly `bytes` bytes; the
+        // kernel keeps the map alive while the mapping exists.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                bytes,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                std::os::fd::AsRawFd::as_raw_fd(&fd),
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(DataplaneError::Mmap {
+                name: map_names::RINGS,
+                source: std::io::Error::last_os_error(),
+            });
+        }
+        let ptr = NonNull::new(ptr.cast::<u32>()).ok_or(DataplaneError::Mmap {
+            name: map_names::RINGS,
+            source: std::io::Error::other("mmap returned null"),
+        })?;
+        Ok(Self {
+            ptr,
+            len,
+            _map: map,
+        })
+    }
+
+    fn ring(&self, ring_id: u32) -> &[u32] {
+        let start = ring_id as usize * RING_SIZE_MAX as usize;
+        // SAFETY: ring_id < RING_SLOTS is checked by callers; the slice is inside the mapping.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr().add(start), RING_SIZE_MAX as usize) }
+    }
+
+    fn ring_mut(&mut self, ring_id: u32) -> &mut [u32] {
+        let start = ring_id as usize * RING_SIZE_MAX as usize;
+        debug_assert!(start + RING_SIZE_MAX as usize <= self.len);
+        // SAFETY: as above, and &mut self makes this the only writer.
+        unsafe {
+            std::slice::from_raw_parts_mut(self.ptr.as_ptr().add(start), RING_SIZE_MAX as usize)
+        }
+    }
+}
+
+impl Drop for Rings {
+    fn drop(&mut self) {
+        // SAFETY: unmapping exactly what Rings::new mapped.
+        unsafe {
+            libc::munmap(self.ptr.as_ptr().cast(), self.len * size_of::<u32>());
+        }
+    }
+}
+
+/// The loaded XDP object and typed handles on all its maps.
+pub struct Dataplane {
+    ebpf: Ebpf,
+    vips: HashMap<MapData, VipKey, VipMeta>,
+    vip_addrs: HashMap<MapData, VipAddrKey, u32>,
+    rings: Rings,
+    reals: Array<MapData, RealDef>,
+    config: Array<MapData, Config>,
+    stats: PerCpuArray<MapData, Counter>,
+    vip_stats: PerCpuArray<MapData, Counter>,
+    real_stats: PerCpuArray<MapData, Counter>,
+}
+
+fn take(ebpf: &mut Ebpf, name: &'static str) -> Result<Map> {
+    ebpf.take_map(name).ok_or(DataplaneError::MissingMap(name))
+}
+
+impl Dataplane {
+    /// Loads the object into the kernel (maps created, programs verified), not attached.
+    pub fn load() -> Result<Self> {
+        let mut ebpf = EbpfLoader::new().load(EBPF_OBJECT)?;
+        for name in [prog_names::BALANCER, prog_names::PASS] {
+            let prog: &mut Xdp = ebpf
+                .program_mut(name)
+                .ok_or(DataplaneError::MissingMap(name))?
+                .try_into()
+                .map_err(|source| DataplaneError::Program { name, source })?;
+            prog.load()
+                .map_err(|source| DataplaneError::Program { name, source })?;
+        }
+        let vips = HashMap::try_from(take(&mut ebpf, map_names::VIPS)?)
+            .map_err(map_err(map_names::VIPS))?;
+        let vip_addrs = HashMap::try_from(take(&mut ebpf, map_names::VIP_ADDRS)?)
+            .map_err(map_err(map_names::VIP_ADDRS))?;
+        let rings = match take(&mut ebpf, map_names::RINGS)? {
+            Map::Array(data) => Rings::new(data)?,
+            _ => return Err(DataplaneError::MissingMap(map_names::RINGS)),
+        };
+        let reals = Array::try_from(take(&mut ebpf, map_names::REALS)?)
+            .map_err(map_err(map_names::REALS))?;
+        let config = Array::try_from(take(&mut ebpf, map_names::CONFIG)?)
+            .map_err(map_err(map_names::CONFIG))?;
+        let stats = PerCpuArray::try_from(take(&mut ebpf, map_names::STATS)?)
+            .map_err(map_err(map_names::STATS))?;
+        let vip_stats = PerCpuArray::try_from(take(&mut ebpf, map_names::VIP_STATS)?)
+            .map_err(map_err(map_names::VIP_STATS))?;
+        let real_stats = PerCpuArray::try_from(take(&mut ebpf, map_names::REAL_STATS)?)
+            .map_err(map_err(map_names::REAL_STATS))?;
+        Ok(Self {
+            ebpf,
+            vips,
+            vip_addrs,
+            rings,
+            reals,
+            config,
+            stats,
+            vip_stats,
+            real_stats,
+        })
+    }
+
+    /// The loaded balancer program (for attaching or BPF_PROG_TEST_RUN).
+    pub fn program(&self, name: &'static str) -> Result<&Xdp> {
+        self.ebpf
+            .program(name)
+            .ok_or(DataplaneError::MissingMap(name))?
+            .try_into()
+            .map_err(|source| DataplaneError::Program { name, source })
+    }
+
+    /// Attaches program `name` to `iface` (resolved in the calling thread's netns).
+    /// It stays attached until this value is dropped.
+    pub fn attach(&mut self, name: &'static str, iface: &str, mode: XdpMode) -> Result<()> {
+        let cname = CString::new(iface).map_err(|_| DataplaneError::IfaceName(iface.to_owned()))?;
+        let prog: &mut Xdp = self
+            .ebpf
+            .program_mut(name)
+            .ok_or(DataplaneError::MissingMap(name))?
+            .try_into()
+            .map_err(|source| DataplaneError::Program { name, source })?;
+        prog.attach(cname.as_c_str(), mode)
+            .map_err(|source| DataplaneError::Program { name, source })?;
+        Ok(())
+    }
+
+    /// Writes the interface settings.
+    pub fn set_config(&mut self, config: &Config) -> Result<()> {
+        self.config
+            .set(0, config, 0)
+            .map_err(map_err(map_names::CONFIG))
+    }
+
+    /// Writes a Maglev table into ring `ring_id` (not yet live unless a VIP points at it).
+    pub fn write_ring(&mut self, ring_id: u32, table: &[u32]) -> Result<()> {
+        check(ring_id, RING_SLOTS, "ring")?;
+        let len = u32::try_from(table.len()).unwrap_or(u32::MAX);
+        check(len.saturating_sub(1), RING_SIZE_MAX, "ring size")?;
+        self.rings.ring_mut(ring_id)[..table.len()].copy_from_slice(table);
+        // Make the table visible before the VIP update (a syscall) that publishes it.
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// Reads back `len` slots of ring `ring_id`.
+    pub fn read_ring(&self, ring_id: u32, len: u32) -> Result<Vec<u32>> {
+        check(ring_id, RING_SLOTS, "ring")?;
+        check(len.saturating_sub(1), RING_SIZE_MAX, "ring size")?;
+        Ok(self.rings.ring(ring_id)[..len as usize].to_vec())
+    }
+
+    /// Inserts or replaces a VIP.
+    pub fn put_vip(&mut self, key: &VipKey, meta: &VipMeta) -> Result<()> {
+        check(meta.vip_id, MAX_VIPS, "VIP id")?;
+        self.vips
+            .insert(key, meta, 0)
+            .map_err(map_err(map_names::VIPS))
+    }
+
+    /// Removes a VIP.
+    pub fn remove_vip(&mut self, key: &VipKey) -> Result<()> {
+        self.vips.remove(key).map_err(map_err(map_names::VIPS))
+    }
+
+    /// Sets how many VIPs live on an address (0 removes the address).
+    pub fn set_vip_addr(&mut self, key: &VipAddrKey, count: u32) -> Result<()> {
+        if count == 0 {
+            self.vip_addrs
+                .remove(key)
+                .map_err(map_err(map_names::VIP_ADDRS))
+        } else {
+            self.vip_addrs
+                .insert(key, &count, 0)
+                .map_err(map_err(map_names::VIP_ADDRS))
+        }
+    }
+
+    /// Writes real `id` (family 0 clears it).
+    pub fn put_real(&mut self, id: u32, real: &RealDef) -> Result<()> {
+        check(id, MAX_REALS, "real id")?;
+        self.reals
+            .set(id, real, 0)
+            .map_err(map_err(map_names::REALS))
+    }
+
+    /// The verdict counters summed over CPUs, in `lb_common::stat` order.
+    pub fn verdicts(&self) -> Result<Vec<Counter>> {
+        (0..stat::COUNT)
+            .map(|i| sum(&self.stats, i, map_names::STATS))
+            .collect()
+    }
+
+    /// VIP `id`'s counter summed over CPUs.
+    pub fn vip_counter(&self, id: u32) -> Result<Counter> {
+        sum(&self.vip_stats, id, map_names::VIP_STATS)
+    }
+
+    /// Real `id`'s counter summed over CPUs.
+    pub fn real_counter(&self, id: u32) -> Result<Counter> {
+        sum(&self.real_stats, id, map_names::REAL_STATS)
+    }
+
+    /// Zeroes VIP `id`'s counter (the id is being given to a new VIP).
+    pub fn reset_vip_counter(&mut self, id: u32) -> Result<()> {
+        zero(&mut self.vip_stats, id, map_names::VIP_STATS)
+    }
+
+    /// Zeroes real `id`'s counter.
+    pub fn reset_real_counter(&mut self, id: u32) -> Result<()> {
+        zero(&mut self.real_stats, id, map_names::REAL_STATS)
+    }
+}
+
+fn check(index: u32, capacity: u32, what: &'static str) -> Result<()> {
+    if index < capacity {
+        Ok(())
+    } else {
+        Err(DataplaneError::OutOfRange {
+            what,
+            index,
+            capacity,
+        })
+    }
+}
+
+fn sum(map: &PerCpuArray<MapData, Counter>, index: u32, name: &'static str) -> Result<Counter> {
+    let values = map.get(&index, 0).map_err(map_err(name))?;
+    Ok(values.iter().fold(Counter::default(), |acc, c| Counter {
+        packets: acc.packets + c.packets,
+        bytes: acc.bytes + c.bytes,
+    }))
+}
+
+fn zero(map: &mut PerCpuArray<MapData, Counter>, index: u32, name: &'static str) -> Result<()> {
+    let cpus = nr_cpus().map_err(|(_, source)| DataplaneError::Map {
+        name,
+        source: aya::maps::MapError::IoError(source),
+    })?;
+    let values = PerCpuValues::try_from(vec![Counter::default(); cpus.get() as usize]).map_err(
+        |source| DataplaneError::Map {
+            name,
+            source: aya::maps::MapError::IoError(source),
+        },
+    )?;
+    map.set(index, values, 0).map_err(map_err(name))
+}

@@ -1,0 +1,271 @@
+//! The balancer's interface and its neighbours: where DR frames are sent.
+//!
+//! A real's MAC comes from the kernel's neighbour table (read over rtnetlink).
+//! When the real is not in it yet, the daemon makes the kernel resolve it by
+//! sending one UDP datagram to the real's discard port, then polls the table.
+
+use std::{
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket},
+    time::Duration,
+};
+
+use futures::TryStreamExt as _;
+use netlink_packet_route::neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourState};
+use nix::ifaddrs::getifaddrs;
+
+/// Failures finding the interface or a real's MAC.
+#[derive(Debug, thiserror::Error)]
+pub enum NeighborError {
+    /// No interface of that name in this network namespace.
+    #[error("interface {0} not found")]
+    NoIface(String),
+    /// The interface has no MAC (not an Ethernet device).
+    #[error("interface {0} has no Ethernet address")]
+    NoMac(String),
+    /// The real is not on a subnet of the interface: DR cannot reach it.
+    #[error(
+        "real {real} is not on a subnet of {iface} ({nets}); direct return (DR) needs the real \
+         on the balancer's L2 segment"
+    )]
+    NotOnLink {
+        /// The real.
+        real: IpAddr,
+        /// The interface.
+        iface: String,
+        /// The interface's subnets.
+        nets: String,
+    },
+    /// Nobody answered ARP/NDP for the real in time.
+    #[error(
+        "no ARP/NDP answer from {real} on {iface} within {timeout:?}; is the real up and on this segment?"
+    )]
+    Unresolved {
+        /// The real.
+        real: IpAddr,
+        /// The interface.
+        iface: String,
+        /// How long we waited.
+        timeout: Duration,
+    },
+    /// Talking to the kernel failed.
+    #[error("netlink: {0}")]
+    Netlink(String),
+}
+
+/// The interface the balancer is attached to.
+#[derive(Clone, Debug)]
+pub struct Iface {
+    /// Its name.
+    pub name: String,
+    /// Its index.
+    pub index: u32,
+    /// Its MAC: the source of forwarded frames.
+    pub mac: [u8; 6],
+    /// Its addresses with prefix lengths.
+    pub nets: Vec<(IpAddr, u8)>,
+}
+
+impl Iface {
+    /// Reads `name`'s index, MAC and addresses in the current network namespace.
+    pub fn lookup(name: &str) -> Result<Self, NeighborError> {
+        let index = nix::net::if_::if_nametoindex(name)
+            .map_err(|_| NeighborError::NoIface(name.to_owned()))?;
+        let mut mac = None;
+        let mut nets = Vec::new();
+        let addrs = getifaddrs().map_err(|e| NeighborError::Netlink(e.to_string()))?;
+        for ifa in addrs.filter(|a| a.interface_name == name) {
+            let Some(addr) = ifa.address else { continue };
+            if let Some(link) = addr.as_link_addr() {
+                mac = link.addr();
+            } else if let Some(v4) = addr.as_sockaddr_in() {
+                let prefix = ifa
+                    .netmask
+                    .and_then(|m| m.as_sockaddr_in().map(|m| u32::from(m.ip()).count_ones()))
+                    .unwrap_or(32);
+                nets.push((IpAddr::V4(v4.ip()), prefix as u8));
+            } else if let Some(v6) = addr.as_sockaddr_in6() {
+                let prefix = ifa
+                    .netmask
+                    .and_then(|m| m.as_sockaddr_in6().map(|m| u128::from(m.ip()).count_ones()))
+                    .unwrap_or(128);
+                nets.push((IpAddr::V6(v6.ip()), prefix as u8));
+            }
+        }
+        let mac = mac
+            .filter(|m| *m != [0; 6])
+            .ok_or_else(|| NeighborError::NoMac(name.to_owned()))?;
+        Ok(Self {
+            name: name.to_owned(),
+            index,
+            mac,
+            nets,
+        })
+    }
+
+    /// Whether `addr` is inside one of the interface's subnets.
+    pub fn on_link(&self, addr: IpAddr) -> bool {
+        self.nets
+            .iter()
+            .any(|(net, prefix)| in_prefix(*net, *prefix, addr))
+    }
+
+    fn nets_text(&self) -> String {
+        if self.nets.is_empty() {
+            return "no addresses".to_owned();
+        }
+        self.nets
+            .iter()
+            .map(|(a, p)| format!("{a}/{p}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}
+
+fn in_prefix(net: IpAddr, prefix: u8, addr: IpAddr) -> bool {
+    match (net, addr) {
+        (IpAddr::V4(n), IpAddr::V4(a)) => {
+            let mask = u32::MAX
+                .checked_shl(32 - u32::from(prefix.min(32)))
+                .unwrap_or(0);
+            u32::from(n) & mask == u32::from(a) & mask
+        }
+        (IpAddr::V6(n), IpAddr::V6(a)) => {
+            let mask = u128::MAX
+                .checked_shl(128 - u32::from(prefix.min(128)))
+                .unwrap_or(0);
+            u128::from(n) & mask == u128::from(a) & mask
+        }
+        _ => false,
+    }
+}
+
+/// Looks `addr` up in the kernel's neighbour table on `iface`: its MAC if the
+/// entry holds a usable one.
+async fn lookup(iface: &Iface, addr: IpAddr) -> Result<Option<[u8; 6]>, NeighborError> {
+    let (conn, handle, _) =
+        rtnetlink::new_connection().map_err(|e| NeighborError::Netlink(e.to_string()))?;
+    let task = tokio::spawn(conn);
+    let mut found = None;
+    let mut entries = handle.neighbours().get().execute();
+    while let Some(msg) = entries
+        .try_next()
+        .await
+        .map_err(|e| NeighborError::Netlink(e.to_string()))?
+    {
+        if msg.header.ifindex != iface.index {
+            continue;
+        }
+        let usable = matches!(
+            msg.header.state,
+            NeighbourState::Reachable
+                | NeighbourState::Stale
+                | NeighbourState::Delay
+                | NeighbourState::Probe
+                | NeighbourState::Permanent
+                | NeighbourState::Noarp
+        );
+        let mut dst = None;
+        let mut lladdr = None;
+        for attr in &msg.attributes {
+            match attr {
+                NeighbourAttribute::Destination(NeighbourAddress::Inet(a)) => {
+                    dst = Some(IpAddr::V4(*a));
+                }
+                NeighbourAttribute::Destination(NeighbourAddress::Inet6(a)) => {
+                    dst = Some(IpAddr::V6(*a));
+                }
+                NeighbourAttribute::LinkLocalAddress(bytes) if bytes.len() == 6 => {
+                    let mut mac = [0u8; 6];
+                    mac.copy_from_slice(bytes);
+                    lladdr = Some(mac);
+                }
+                _ => {}
+            }
+        }
+        if usable && dst == Some(addr) {
+            found = lladdr.filter(|m| *m != [0; 6]);
+        }
+    }
+    task.abort();
+    Ok(found)
+}
+
+/// Makes the kernel resolve `addr` by sending it one datagram (discard port 9)
+/// out of `iface`.
+fn provoke(iface: &Iface, addr: IpAddr) {
+    let bind: SocketAddr = match addr {
+        IpAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
+        IpAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, 0).into(),
+    };
+    let Ok(sock) = UdpSocket::bind(bind) else {
+        return;
+    };
+    // Pin the datagram to the interface so the kernel asks on the right segment.
+    let _ = nix::sys::socket::setsockopt(
+        &sock,
+        nix::sys::socket::sockopt::BindToDevice,
+        &std::ffi::OsString::from(&iface.name),
+    );
+    let _ = sock.send_to(&[], SocketAddr::new(addr, 9));
+}
+
+/// The MAC of real `addr` on `iface`, resolving it if needed, within `timeout`.
+pub async fn resolve(
+    iface: &Iface,
+    addr: IpAddr,
+    timeout: Duration,
+) -> Result<[u8; 6], NeighborError> {
+    if !iface.on_link(addr) {
+        return Err(NeighborError::NotOnLink {
+            real: addr,
+            iface: iface.name.clone(),
+            nets: iface.nets_text(),
+        });
+    }
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut provoked_at = None;
+    loop {
+        if let Some(mac) = lookup(iface, addr).await? {
+            return Ok(mac);
+        }
+        let now = tokio::time::Instant::now();
+        if now >= deadline {
+            return Err(NeighborError::Unresolved {
+                real: addr,
+                iface: iface.name.clone(),
+                timeout,
+            });
+        }
+        // Ask again every second: a FAILED entry is retried on the next packet.
+        if provoked_at.is_none_or(|t: tokio::time::Instant| now - t >= Duration::from_secs(1)) {
+            provoke(iface, addr);
+            provoked_at = Some(now);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefix_membership() {
+        let net: IpAddr = "198.51.100.1".parse().expect("addr");
+        assert!(in_prefix(net, 24, "198.51.100.200".parse().expect("addr")));
+        assert!(!in_prefix(net, 24, "198.51.101.1".parse().expect("addr")));
+        assert!(in_prefix(net, 0, "203.0.113.1".parse().expect("addr")));
+        let net6: IpAddr = "2001:db8:100::1".parse().expect("addr");
+        assert!(in_prefix(
+            net6,
+            64,
+            "2001:db8:100::11".parse().expect("addr")
+        ));
+        assert!(!in_prefix(
+            net6,
+            64,
+            "2001:db8:101::11".parse().expect("addr")
+        ));
+        assert!(!in_prefix(net, 24, net6));
+    }
+}
