@@ -1,4 +1,4 @@
-//! Types shared by the xlb XDP program (`lb-ebpf`) and its userspace daemon
+//! Types shared by the xlb XDP programs (`lb-ebpf`) and the userspace daemon
 //! (`lb-userspace`).
 //!
 //! Everything that crosses the kernel/userspace boundary lives here: map keys and
@@ -7,18 +7,19 @@
 //!
 //! # Byte order
 //!
-//! Addresses are stored as the bytes seen on the wire (network order). Ports are
-//! stored as `u16` holding the two wire bytes (`u16::from_ne_bytes(wire)`), named
-//! `*_be` — userspace converts with `u16::to_be()`. Everything else is host order.
+//! Addresses are stored as the bytes seen on the wire (network order), IPv4 in
+//! the first 4 bytes of a 16-byte array with the rest zero. Ports are stored as
+//! `u16` holding the two wire bytes (`u16::from_ne_bytes(wire)`), named `*_be`;
+//! userspace converts with `u16::to_be()`. Everything else is host order.
 #![no_std]
 
 use core::mem::size_of;
 
-/// Map names, used by the program's `#[map(name = ...)]` and by userspace lookups.
+/// Map names, used by the programs' `#[map(name = ...)]` and by userspace lookups.
 pub mod map_names {
     /// `HashMap<VipKey, VipMeta>`: which (address, port, protocol) are virtual services.
     pub const VIPS: &str = "XLB_VIPS";
-    /// `HashMap<VipAddrKey, u32>`: addresses carrying VIPs → how many VIPs.
+    /// `HashMap<AddrKey, u32>`: addresses carrying VIPs → how many VIPs.
     pub const VIP_ADDRS: &str = "XLB_VIP_ADDRS";
     /// `Array<[u32; 2]>`: the Maglev lookup tables, `RING_SLOTS` rings of
     /// `RING_SIZE_MAX` real ids, packed two per entry (see [`super::RING_ENTRIES`]).
@@ -27,12 +28,20 @@ pub mod map_names {
     pub const REALS: &str = "XLB_REALS";
     /// `Array<Config>` with one element: settings of the attached interface.
     pub const CONFIG: &str = "XLB_CONFIG";
-    /// `PerCpuArray<Counter>`: one counter per verdict reason, see [`super::stat`].
+    /// `LruHashMap<FlowKey, FlowState>` (per-CPU LRU lists): connection tracking.
+    pub const FLOWS: &str = "XLB_FLOWS";
+    /// `PerCpuArray<FloodWindow>`: new-flow rate per CPU for the flood guard.
+    pub const FLOOD: &str = "XLB_FLOOD";
+    /// `PerCpuArray<Counter>`: verdict and event counters, see [`super::stat`].
     pub const STATS: &str = "XLB_STATS";
-    /// `PerCpuArray<Counter>`: packets and bytes per VIP id.
+    /// `PerCpuArray<Counter>`: packets, bytes and new flows per VIP id.
     pub const VIP_STATS: &str = "XLB_VIP_STATS";
-    /// `PerCpuArray<Counter>`: packets and bytes per real id.
+    /// `PerCpuArray<Counter>`: packets, bytes and new flows per real id.
     pub const REAL_STATS: &str = "XLB_REAL_STATS";
+    /// Decap program: `HashMap<AddrKey, u32>` of this host's tunnel endpoints.
+    pub const DECAP_ADDRS: &str = "XLB_DECAP_ADDRS";
+    /// Decap program: `PerCpuArray<Counter>` indexed by [`super::decap_stat`].
+    pub const DECAP_STATS: &str = "XLB_DECAP_STATS";
 }
 
 /// Program names (the Rust function names of the `#[xdp]` entry points).
@@ -42,6 +51,8 @@ pub mod prog_names {
     /// A program that passes every packet. Test topologies attach it to veth peers
     /// that must receive XDP_TX frames (see docs/architecture.md).
     pub const PASS: &str = "xlb_pass";
+    /// The real-server decapsulator (in the separate `lb-decap` object).
+    pub const DECAP: &str = "xlb_decap";
 }
 
 /// Most virtual services the maps hold.
@@ -59,15 +70,28 @@ pub const RING_SLOTS: u32 = MAX_VIPS * 2;
 /// ring space is element `i % 2` of entry `i / 2`, and the memory-mapped map
 /// is then exactly a flat `u32` array.
 pub const RING_ENTRIES: u32 = RING_SLOTS * RING_SIZE_MAX / 2;
-const _: () = assert!((RING_SLOTS * RING_SIZE_MAX) % 2 == 0);
+const _: () = assert!((RING_SLOTS * RING_SIZE_MAX).is_multiple_of(2));
+/// Default size of the connection-tracking table (flows, all CPUs together).
+/// About 100 bytes of kernel memory each.
+pub const FLOWS_DEFAULT: u32 = 1 << 20;
+/// Capacity of the decap program's address map.
+pub const MAX_DECAP_ADDRS: u32 = 64;
 
 /// Real id that means "no real": a ring slot holding it drops the packet.
 pub const REAL_NONE: u32 = 0;
 
-/// IP protocol numbers used in [`VipKey::proto`].
+/// IP protocol numbers.
+pub const PROTO_ICMP: u8 = 1;
+/// IP-in-IP (RFC 2003); also the IPv6 next header of IPv4-in-IPv6.
+pub const PROTO_IPIP: u8 = 4;
+/// TCP.
 pub const PROTO_TCP: u8 = 6;
-/// IP protocol number of UDP.
+/// UDP.
 pub const PROTO_UDP: u8 = 17;
+/// IPv6 encapsulated (IPv6-in-IPv6, RFC 2473).
+pub const PROTO_IPV6: u8 = 41;
+/// ICMPv6.
+pub const PROTO_ICMPV6: u8 = 58;
 
 /// Address family tags used in keys and values.
 pub const FAMILY_V4: u8 = 4;
@@ -75,8 +99,6 @@ pub const FAMILY_V4: u8 = 4;
 pub const FAMILY_V6: u8 = 6;
 
 /// Key of the VIP map: one virtual service.
-///
-/// An IPv4 address takes the first 4 bytes of `addr`; the rest stay zero.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct VipKey {
@@ -91,18 +113,18 @@ pub struct VipKey {
 }
 const _: () = assert!(size_of::<VipKey>() == 20);
 
-/// Key of the VIP-address map: an address that carries at least one VIP.
+/// Key of the address maps (VIP addresses, decap endpoints): one IP address.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct VipAddrKey {
-    /// The address, network order (IPv4 in the first 4 bytes).
+pub struct AddrKey {
+    /// The address, network order.
     pub addr: [u8; 16],
     /// [`FAMILY_V4`] or [`FAMILY_V6`].
     pub family: u8,
     /// Explicit padding, zero.
     pub _pad: [u8; 3],
 }
-const _: () = assert!(size_of::<VipAddrKey>() == 20);
+const _: () = assert!(size_of::<AddrKey>() == 20);
 
 /// Value of the VIP map.
 #[repr(C)]
@@ -121,14 +143,17 @@ const _: () = assert!(size_of::<VipMeta>() == 16);
 
 /// Hash only the source address (IPVS `sh`-like persistence) instead of the 5-tuple.
 pub const VIP_F_HASH_SRC_ONLY: u32 = 1 << 0;
+/// Forward by encapsulation (TUN) instead of a MAC rewrite (DR).
+pub const VIP_F_TUNNEL: u32 = 1 << 1;
 
 /// Value of the reals map: where to send a flow.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RealDef {
-    /// The real's address, network order (IPv4 in the first 4 bytes).
+    /// The real's address, network order: the outer destination in TUN mode.
     pub addr: [u8; 16],
-    /// The real's MAC on the balancer's segment (DR mode destination MAC).
+    /// MAC of the next hop toward the real: the real itself when it is on the
+    /// balancer's segment (always, in DR mode), else the gateway.
     pub mac: [u8; 6],
     /// [`FAMILY_V4`] or [`FAMILY_V6`]; 0 marks an unused slot.
     pub family: u8,
@@ -145,10 +170,73 @@ pub struct Config {
     pub iface_mac: [u8; 6],
     /// Explicit padding, zero.
     pub _pad: [u8; 2],
+    /// Largest IP packet (bytes, L3) that may leave the interface; encapsulated
+    /// packets above it are dropped and counted. 0 disables the check.
+    pub mtu: u32,
+    /// New flows a CPU may add to the conntrack table per second; above it new
+    /// flows are still forwarded (Maglev alone) but not tracked. 0: no limit.
+    pub new_flow_limit: u32,
+    /// Idle time after which a tracked UDP flow is forgotten, nanoseconds.
+    pub udp_idle_ns: u64,
+    /// IPv4 tunnel source prefix (network order): outer source of IPv4 tunnels is
+    /// `tun_src_v4 | (flow_hash & tun_host_v4)`.
+    pub tun_src_v4: [u8; 4],
+    /// Host-bit mask of the IPv4 tunnel source prefix, host order.
+    pub tun_host_v4: u32,
+    /// IPv6 tunnel source prefix; the low 32 bits are combined like IPv4's.
+    pub tun_src_v6: [u8; 16],
+    /// Host-bit mask applied to the low 32 bits of the IPv6 tunnel source, host order.
+    pub tun_host_v6: u32,
+    /// Explicit padding, zero.
+    pub _pad2: u32,
 }
-const _: () = assert!(size_of::<Config>() == 8);
+const _: () = assert!(size_of::<Config>() == 56);
 
-/// A packet and byte counter (per CPU in the maps; userspace sums).
+/// Key of the conntrack map: a flow as the client sent it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    /// Source (client) address.
+    pub src: [u8; 16],
+    /// Destination (VIP) address.
+    pub dst: [u8; 16],
+    /// Source port in the high 16 bits, destination port in the low 16, of the
+    /// big-endian wire bytes (as [`flow_hash`] takes them).
+    pub ports: u32,
+    /// IP protocol.
+    pub proto: u8,
+    /// [`FAMILY_V4`] or [`FAMILY_V6`].
+    pub family: u8,
+    /// Explicit padding, zero.
+    pub _pad: [u8; 2],
+}
+const _: () = assert!(size_of::<FlowKey>() == 40);
+
+/// Value of the conntrack map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct FlowState {
+    /// The real the flow is pinned to.
+    pub real_id: u32,
+    /// Explicit padding, zero.
+    pub _pad: u32,
+    /// Last packet seen, `bpf_ktime_get_ns` (only kept for UDP; 0 for TCP).
+    pub last_seen_ns: u64,
+}
+const _: () = assert!(size_of::<FlowState>() == 16);
+
+/// Per-CPU state of the new-flow flood guard.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct FloodWindow {
+    /// Start of the current one-second window, `bpf_ktime_get_ns`.
+    pub start_ns: u64,
+    /// New flows tracked in the window.
+    pub count: u64,
+}
+const _: () = assert!(size_of::<FloodWindow>() == 16);
+
+/// A packet, byte and new-flow counter (per CPU in the maps; userspace sums).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Counter {
@@ -156,44 +244,124 @@ pub struct Counter {
     pub packets: u64,
     /// Bytes counted (the whole frame as received).
     pub bytes: u64,
+    /// New flows (per-VIP and per-real counters only).
+    pub flows: u64,
+    /// Explicit padding, zero.
+    pub _pad: u64,
 }
-const _: () = assert!(size_of::<Counter>() == 16);
+const _: () = assert!(size_of::<Counter>() == 32);
 
-/// Indices into the `STATS` map: every verdict the balancer returns bumps exactly one.
+/// Indices into the `STATS` map.
+///
+/// Indices below [`stat::VERDICTS`] are verdicts: every packet the balancer sees
+/// bumps exactly one of them. The ones from [`stat::VERDICTS`] on are events that
+/// come on top (a conntrack hit, a flood-guard bypass).
 pub mod stat {
-    /// Not IPv4 (ARP, IPv6, other ethertypes): passed to the kernel.
+    /// Not IPv4 or IPv6 (ARP, LLDP, ...): passed to the kernel.
     pub const PASS_NOT_IP: u32 = 0;
-    /// IPv4 but not to a VIP (address, port or protocol unknown): passed.
+    /// Not to a VIP (address, port or protocol unknown): passed.
     pub const PASS_NOT_VIP: u32 = 1;
     /// Headers too short or inconsistent to know whether it is ours: passed, the
     /// kernel applies its own checks and drops what is broken.
     pub const PASS_MALFORMED: u32 = 2;
-    /// Forwarded to a real server (XDP_TX).
-    pub const TX: u32 = 3;
+    /// Forwarded to a real by MAC rewrite (DR).
+    pub const TX_DR: u32 = 3;
     /// To a VIP with no real server available: dropped.
     pub const DROP_NO_REAL: u32 = 4;
-    /// An IPv4 fragment to a VIP address: dropped (ports are not in every fragment,
+    /// A fragment to a VIP address: dropped (ports are not in every fragment,
     /// so fragments cannot be steered consistently).
     pub const DROP_FRAGMENT: u32 = 5;
-    /// A map lookup that cannot fail did (e.g. config missing): XDP_ABORTED.
+    /// A helper that cannot fail did (adjust_head, a fixed map entry): XDP_ABORTED.
     pub const ABORTED: u32 = 6;
-    /// To a VIP address but the TCP/UDP header is cut short: dropped.
+    /// To a VIP address but the TCP/UDP/ICMP header is cut short: dropped.
     pub const DROP_MALFORMED: u32 = 7;
-    /// Number of counters in use.
-    pub const COUNT: u32 = 8;
+    /// Forwarded to a real by encapsulation (TUN).
+    pub const TX_TUN: u32 = 8;
+    /// An ICMP/ICMPv6 echo request to a VIP address, answered by the balancer.
+    pub const TX_ICMP_ECHO: u32 = 9;
+    /// ICMP fragmentation-needed / ICMPv6 packet-too-big about a VIP flow,
+    /// forwarded to that flow's real.
+    pub const TX_ICMP_TOO_BIG: u32 = 10;
+    /// Would exceed the MTU once encapsulated: dropped.
+    pub const DROP_TOO_BIG: u32 = 11;
+    /// Other ICMP to a VIP address: passed to the kernel.
+    pub const PASS_ICMP: u32 = 12;
+    /// A VIP/real family pair the data path cannot encapsulate (IPv6 VIP to IPv4 real).
+    pub const DROP_UNSUPPORTED: u32 = 13;
+    /// Number of verdict counters.
+    pub const VERDICTS: u32 = 14;
+
+    /// Event: a packet of a tracked flow (conntrack hit).
+    pub const CT_HIT: u32 = 16;
+    /// Event: a non-SYN packet of a flow not in the conntrack table.
+    pub const CT_MISS: u32 = 17;
+    /// Event: a new flow entered the conntrack table.
+    pub const CT_NEW: u32 = 18;
+    /// Event: a new flow was not tracked because of the flood guard.
+    pub const CT_FLOOD_BYPASS: u32 = 19;
+    /// Event: a tracked flow's real is gone; the flow was re-hashed.
+    pub const CT_STALE: u32 = 20;
+    /// Event: the conntrack insert failed.
+    pub const CT_INSERT_FAILED: u32 = 21;
     /// Capacity of the map (room to add reasons without a layout change).
     pub const CAPACITY: u32 = 32;
 
-    /// Names, in index order, as shown by `xlb stats` and metrics.
-    pub const NAMES: [&str; COUNT as usize] = [
+    /// Names of the verdicts, in index order, as shown by `xlb stats` and metrics.
+    pub const VERDICT_NAMES: [&str; VERDICTS as usize] = [
         "pass_not_ip",
         "pass_not_vip",
         "pass_malformed",
-        "tx",
+        "tx_dr",
         "drop_no_real",
         "drop_fragment",
         "aborted",
         "drop_malformed",
+        "tx_tun",
+        "tx_icmp_echo",
+        "tx_icmp_too_big",
+        "drop_too_big",
+        "pass_icmp",
+        "drop_unsupported",
+    ];
+
+    /// Names and indices of the events.
+    pub const EVENTS: [(u32, &str); 6] = [
+        (CT_HIT, "conntrack_hit"),
+        (CT_MISS, "conntrack_miss"),
+        (CT_NEW, "conntrack_new"),
+        (CT_FLOOD_BYPASS, "flood_guard_bypass"),
+        (CT_STALE, "conntrack_stale"),
+        (CT_INSERT_FAILED, "conntrack_insert_failed"),
+    ];
+}
+
+/// Indices into the decap program's `DECAP_STATS` map; one per packet.
+pub mod decap_stat {
+    /// Not a tunnel packet: passed untouched.
+    pub const PASS_NOT_TUNNEL: u32 = 0;
+    /// A tunnel packet for another address: passed untouched.
+    pub const PASS_NOT_LOCAL: u32 = 1;
+    /// Headers cut short: passed untouched.
+    pub const PASS_MALFORMED: u32 = 2;
+    /// IPv4-in-IPv4 decapsulated.
+    pub const DECAP_IPIP: u32 = 3;
+    /// IPv6-in-IPv6 decapsulated.
+    pub const DECAP_IP6IP6: u32 = 4;
+    /// IPv4-in-IPv6 decapsulated.
+    pub const DECAP_4IN6: u32 = 5;
+    /// adjust_head failed: XDP_ABORTED.
+    pub const ABORTED: u32 = 6;
+    /// Number of counters.
+    pub const COUNT: u32 = 7;
+    /// Names in index order.
+    pub const NAMES: [&str; COUNT as usize] = [
+        "pass_not_tunnel",
+        "pass_not_local",
+        "pass_malformed",
+        "decap_ipip",
+        "decap_ip6ip6",
+        "decap_4in6",
+        "aborted",
     ];
 }
 
@@ -223,6 +391,16 @@ const fn fmix(mut h: u32) -> u32 {
     h ^ (h >> 16)
 }
 
+#[inline(always)]
+const fn mix_addr(mut h: u32, a: &[u8; 16]) -> u32 {
+    let mut i = 0;
+    while i < 16 {
+        h = mix(h, u32::from_be_bytes([a[i], a[i + 1], a[i + 2], a[i + 3]]));
+        i += 4;
+    }
+    h
+}
+
 /// The flow hash the dataplane uses to pick a Maglev slot (`hash % ring_size`).
 ///
 /// Inputs are the wire bytes: `src` and `dst` addresses as 16 bytes (IPv4 in the
@@ -231,23 +409,8 @@ const fn fmix(mut h: u32) -> u32 {
 /// to answer "which real does this flow get".
 #[inline(always)]
 pub const fn flow_hash(src: &[u8; 16], dst: &[u8; 16], ports: u32, proto: u8) -> u32 {
-    let mut h = FLOW_HASH_SEED;
-    let mut i = 0;
-    while i < 16 {
-        h = mix(
-            h,
-            u32::from_be_bytes([src[i], src[i + 1], src[i + 2], src[i + 3]]),
-        );
-        i += 4;
-    }
-    i = 0;
-    while i < 16 {
-        h = mix(
-            h,
-            u32::from_be_bytes([dst[i], dst[i + 1], dst[i + 2], dst[i + 3]]),
-        );
-        i += 4;
-    }
+    let mut h = mix_addr(FLOW_HASH_SEED, src);
+    h = mix_addr(h, dst);
     h = mix(h, ports);
     h = mix(h, proto as u32);
     fmix(h ^ 37)
@@ -256,16 +419,7 @@ pub const fn flow_hash(src: &[u8; 16], dst: &[u8; 16], ports: u32, proto: u8) ->
 /// The hash a `maglev-src` VIP uses: the source address only.
 #[inline(always)]
 pub const fn src_hash(src: &[u8; 16]) -> u32 {
-    let mut h = FLOW_HASH_SEED;
-    let mut i = 0;
-    while i < 16 {
-        h = mix(
-            h,
-            u32::from_be_bytes([src[i], src[i + 1], src[i + 2], src[i + 3]]),
-        );
-        i += 4;
-    }
-    fmix(h ^ 16)
+    fmix(mix_addr(FLOW_HASH_SEED, src) ^ 16)
 }
 
 #[cfg(feature = "user")]
@@ -274,8 +428,11 @@ mod pod {
     // implicit padding (the size asserts above pin their layout).
     unsafe impl aya::Pod for super::VipKey {}
     unsafe impl aya::Pod for super::VipMeta {}
-    unsafe impl aya::Pod for super::VipAddrKey {}
+    unsafe impl aya::Pod for super::AddrKey {}
     unsafe impl aya::Pod for super::RealDef {}
     unsafe impl aya::Pod for super::Config {}
     unsafe impl aya::Pod for super::Counter {}
+    unsafe impl aya::Pod for super::FlowKey {}
+    unsafe impl aya::Pod for super::FlowState {}
+    unsafe impl aya::Pod for super::FloodWindow {}
 }

@@ -4,33 +4,38 @@
 //! action and a counter in one place.
 
 use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
-use lb_common::{FAMILY_V4, PROTO_TCP, PROTO_UDP, VipAddrKey, VipKey, stat};
-use network_types::{eth::EthHdr, ip::Ipv4Hdr};
-
-use crate::{
-    forward,
-    maps::{CONFIG, VIP_ADDRS, VIPS},
-    parse::{ptr_at, read_at},
-    select::{self, Flow},
-    stats,
+use lb_common::{
+    AddrKey, Config, FAMILY_V4, FAMILY_V6, FlowKey, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP,
+    VIP_F_HASH_SRC_ONLY, VIP_F_TUNNEL, VipKey, VipMeta, flow_hash, src_hash, stat,
 };
 
-/// Ethertype of IPv4, as the two wire bytes read into a u16.
-const ETH_P_IP_BE: u16 = 0x0800u16.to_be();
-/// IPv4 "more fragments" flag and fragment offset bits, host order.
-const IPV4_MF_OR_OFFSET: u16 = 0x3fff;
+use crate::{
+    conntrack,
+    forward::{self, ForwardError},
+    icmp::{self, IcmpAction},
+    maps::{CONFIG, VIP_ADDRS, VIPS},
+    parse::{self, ETH_P_IP, ETH_P_IPV6, L2, L3, L3Error, read_at},
+    select, stats,
+};
 
 /// How a packet's processing ended.
 enum Verdict {
     /// Not for us: hand to the kernel untouched, counting `stat`.
     Pass(u32),
-    /// For one of our VIPs but cannot be forwarded: drop, counting `stat`.
+    /// For one of our VIP addresses but cannot be forwarded: drop, counting `stat`.
     Drop(u32),
-    /// Rewritten toward a real server: XDP_TX.
-    Tx,
-    /// Something that cannot happen did (a fixed map entry missing).
+    /// Rewritten and sent back out: XDP_TX, counting `stat`.
+    Tx(u32),
+    /// Something that cannot happen did (a fixed map entry missing, no headroom).
     Aborted,
 }
+
+/// Offset of the TCP data-offset/flags pair in the TCP header (read as two
+/// bytes: one-byte bounds checks compile to a form the verifier rejects), and
+/// the SYN / ACK bits of the second.
+const TCP_FLAGS_OFF: usize = 12;
+const TCP_SYN: u8 = 0x02;
+const TCP_ACK: u8 = 0x10;
 
 /// Entry point body: runs the packet path and records the verdict.
 #[inline(always)]
@@ -39,7 +44,7 @@ pub fn run(ctx: &XdpContext) -> u32 {
     let (action, stat) = match process(ctx, bytes) {
         Verdict::Pass(stat) => (xdp_action::XDP_PASS, stat),
         Verdict::Drop(stat) => (xdp_action::XDP_DROP, stat),
-        Verdict::Tx => (xdp_action::XDP_TX, stat::TX),
+        Verdict::Tx(stat) => (xdp_action::XDP_TX, stat),
         Verdict::Aborted => (xdp_action::XDP_ABORTED, stat::ABORTED),
     };
     stats::verdict(stat, bytes);
@@ -48,32 +53,24 @@ pub fn run(ctx: &XdpContext) -> u32 {
 
 #[inline(always)]
 fn process(ctx: &XdpContext, bytes: u64) -> Verdict {
-    let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else {
+    let Some(l2) = parse::l2(ctx) else {
         return Verdict::Pass(stat::PASS_MALFORMED);
     };
-    // SAFETY: ptr_at checked the Ethernet header is inside the packet.
-    if unsafe { (*eth).ether_type } != ETH_P_IP_BE {
-        return Verdict::Pass(stat::PASS_NOT_IP);
-    }
-    process_v4(ctx, eth, bytes)
-}
-
-#[inline(always)]
-fn process_v4(ctx: &XdpContext, eth: *mut EthHdr, bytes: u64) -> Verdict {
-    let Some(ip) = read_at::<Ipv4Hdr>(ctx, EthHdr::LEN) else {
-        return Verdict::Pass(stat::PASS_MALFORMED);
+    let l3 = match l2.ethertype {
+        ETH_P_IP => parse::ipv4(ctx, l2.l3_off),
+        ETH_P_IPV6 => parse::ipv6(ctx, l2.l3_off),
+        _ => return Verdict::Pass(stat::PASS_NOT_IP),
     };
-    // Header length in bytes; the mask keeps the verifier's bound at 60.
-    let ihl = ((ip.vihl & 0x0f) as usize) * 4;
-    if ip.vihl >> 4 != 4 || ihl < Ipv4Hdr::LEN {
-        return Verdict::Pass(stat::PASS_MALFORMED);
-    }
-
-    let mut dst = [0u8; 16];
-    dst[..4].copy_from_slice(&ip.dst_addr);
-    let addr_key = VipAddrKey {
-        addr: dst,
-        family: FAMILY_V4,
+    let l3 = match l3 {
+        Ok(l3) => l3,
+        // Either way we cannot tell what it is: the kernel decides.
+        Err(L3Error::Malformed | L3Error::Unsupported) => {
+            return Verdict::Pass(stat::PASS_MALFORMED);
+        }
+    };
+    let addr_key = AddrKey {
+        addr: l3.dst,
+        family: l3.family,
         _pad: [0; 3],
     };
     // SAFETY: a lookup in a map only this program and the daemon touch.
@@ -81,52 +78,149 @@ fn process_v4(ctx: &XdpContext, eth: *mut EthHdr, bytes: u64) -> Verdict {
         return Verdict::Pass(stat::PASS_NOT_VIP);
     }
     // From here the packet is addressed to one of our VIP addresses.
-    if u16::from_be_bytes(ip.frags) & IPV4_MF_OR_OFFSET != 0 {
+    if l3.fragment {
         return Verdict::Drop(stat::DROP_FRAGMENT);
     }
-    if ip.proto != PROTO_TCP && ip.proto != PROTO_UDP {
-        // ICMP and other protocols to a VIP address are the kernel's business.
-        return Verdict::Pass(stat::PASS_NOT_VIP);
-    }
-    // TCP and UDP both start with source and destination port; read both at once
-    // but require the whole fixed header of the protocol to be present.
-    let l4 = EthHdr::LEN + ihl;
-    let l4_len = if ip.proto == PROTO_TCP { 20 } else { 8 };
-    if ptr_at::<[u8; 8]>(ctx, l4).is_none()
-        || (l4_len == 20 && ptr_at::<[u8; 20]>(ctx, l4).is_none())
-    {
-        return Verdict::Drop(stat::DROP_MALFORMED);
-    }
-    let Some(ports) = read_at::<[u8; 4]>(ctx, l4) else {
-        return Verdict::Drop(stat::DROP_MALFORMED);
-    };
-
-    let key = VipKey {
-        addr: dst,
-        port_be: u16::from_ne_bytes([ports[2], ports[3]]),
-        proto: ip.proto,
-        family: FAMILY_V4,
-    };
-    // SAFETY: as above.
-    let Some(meta) = (unsafe { VIPS.get(&key) }) else {
-        return Verdict::Pass(stat::PASS_NOT_VIP);
-    };
-
-    let mut src = [0u8; 16];
-    src[..4].copy_from_slice(&ip.src_addr);
-    let flow = Flow {
-        src,
-        dst,
-        ports: u32::from_be_bytes(ports),
-        proto: ip.proto,
-    };
-    let Some((real_id, real)) = select::pick(meta, &flow) else {
-        return Verdict::Drop(stat::DROP_NO_REAL);
-    };
     let Some(config) = CONFIG.get(0) else {
         return Verdict::Aborted;
     };
-    forward::dr_rewrite(eth, &real.mac, &config.iface_mac);
-    stats::forwarded(meta.vip_id, real_id, bytes);
-    Verdict::Tx
+    match l3.proto {
+        PROTO_TCP | PROTO_UDP => service(ctx, &l2, &l3, config, bytes),
+        PROTO_ICMP if l3.family == FAMILY_V4 => icmp(ctx, &l2, &l3, config, bytes),
+        PROTO_ICMPV6 if l3.family == FAMILY_V6 => icmp(ctx, &l2, &l3, config, bytes),
+        _ => Verdict::Pass(stat::PASS_NOT_VIP),
+    }
+}
+
+/// TCP or UDP to a VIP address.
+#[inline(always)]
+fn service(ctx: &XdpContext, l2: &L2, l3: &L3, config: &Config, bytes: u64) -> Verdict {
+    // The whole fixed transport header must be there, not just the ports.
+    let tcp = l3.proto == PROTO_TCP;
+    let complete = if tcp {
+        read_at::<[u8; 20]>(ctx, l3.l4_off).is_some()
+    } else {
+        read_at::<[u8; 8]>(ctx, l3.l4_off).is_some()
+    };
+    let Some(ports) = read_at::<[u8; 4]>(ctx, l3.l4_off).filter(|_| complete) else {
+        return Verdict::Drop(stat::DROP_MALFORMED);
+    };
+    let vip = VipKey {
+        addr: l3.dst,
+        port_be: u16::from_ne_bytes([ports[2], ports[3]]),
+        proto: l3.proto,
+        family: l3.family,
+    };
+    // SAFETY: as above.
+    let Some(meta) = (unsafe { VIPS.get(&vip) }) else {
+        return Verdict::Pass(stat::PASS_NOT_VIP);
+    };
+    let syn = tcp
+        && read_at::<[u8; 2]>(ctx, l3.l4_off + TCP_FLAGS_OFF)
+            .is_some_and(|f| f[1] & (TCP_SYN | TCP_ACK) == TCP_SYN);
+    let flow = FlowKey {
+        src: l3.src,
+        dst: l3.dst,
+        ports: u32::from_be_bytes(ports),
+        proto: l3.proto,
+        family: l3.family,
+        _pad: [0; 2],
+    };
+    let Some(choice) = conntrack::choose(meta, &flow, hash(meta, &flow), syn, true, config) else {
+        return Verdict::Drop(stat::DROP_NO_REAL);
+    };
+    send(
+        ctx,
+        l2,
+        l3,
+        meta,
+        &flow,
+        choice.real_id,
+        config,
+        bytes,
+        choice.new_flow,
+        None,
+    )
+}
+
+/// ICMP / ICMPv6 to a VIP address.
+#[inline(always)]
+fn icmp(ctx: &XdpContext, l2: &L2, l3: &L3, config: &Config, bytes: u64) -> Verdict {
+    match icmp::handle(ctx, l3, l2.l3_off, &config.iface_mac) {
+        IcmpAction::Echo => Verdict::Tx(stat::TX_ICMP_ECHO),
+        IcmpAction::Pass => Verdict::Pass(stat::PASS_ICMP),
+        IcmpAction::Malformed => Verdict::Drop(stat::DROP_MALFORMED),
+        IcmpAction::Steer { vip, flow } => {
+            // SAFETY: as above.
+            let Some(meta) = (unsafe { VIPS.get(&vip) }) else {
+                return Verdict::Pass(stat::PASS_ICMP);
+            };
+            // Never create a flow for an error message: look up, else Maglev.
+            let Some(choice) =
+                conntrack::choose(meta, &flow, hash(meta, &flow), false, false, config)
+            else {
+                return Verdict::Drop(stat::DROP_NO_REAL);
+            };
+            send(
+                ctx,
+                l2,
+                l3,
+                meta,
+                &flow,
+                choice.real_id,
+                config,
+                bytes,
+                false,
+                Some(stat::TX_ICMP_TOO_BIG),
+            )
+        }
+    }
+}
+
+#[inline(always)]
+fn hash(meta: &VipMeta, flow: &FlowKey) -> u32 {
+    if meta.flags & VIP_F_HASH_SRC_ONLY != 0 {
+        src_hash(&flow.src)
+    } else {
+        flow_hash(&flow.src, &flow.dst, flow.ports, flow.proto)
+    }
+}
+
+/// Forwards the packet to real `real_id` in the VIP's mode and counts it.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "all inlined into one BPF function"
+)]
+#[inline(always)]
+fn send(
+    ctx: &XdpContext,
+    l2: &L2,
+    l3: &L3,
+    meta: &VipMeta,
+    flow: &FlowKey,
+    real_id: u32,
+    config: &Config,
+    bytes: u64,
+    new_flow: bool,
+    stat_override: Option<u32>,
+) -> Verdict {
+    let Some(real) = select::real(real_id) else {
+        return Verdict::Drop(stat::DROP_NO_REAL);
+    };
+    let result = if meta.flags & VIP_F_TUNNEL == 0 {
+        forward::dr(ctx, &real.mac, &config.iface_mac).map(|()| stat::TX_DR)
+    } else {
+        // The outer source spreads by the 5-tuple even for maglev-src VIPs.
+        let spread = flow_hash(&flow.src, &flow.dst, flow.ports, flow.proto);
+        forward::encap(ctx, l2, l3, real, config, spread).map(|()| stat::TX_TUN)
+    };
+    match result {
+        Ok(tx) => {
+            stats::forwarded(meta.vip_id, real_id, bytes, new_flow);
+            Verdict::Tx(stat_override.unwrap_or(tx))
+        }
+        Err(ForwardError::TooBig) => Verdict::Drop(stat::DROP_TOO_BIG),
+        Err(ForwardError::Unsupported) => Verdict::Drop(stat::DROP_UNSUPPORTED),
+        Err(ForwardError::Failed) => Verdict::Aborted,
+    }
 }

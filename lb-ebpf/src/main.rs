@@ -1,8 +1,10 @@
 //! The xlb XDP programs: the balancer (`xlb`) and a pass-through (`xlb_pass`).
 //!
 //! Only the entry points live here; each concern has its own module:
-//! `parse` (bounds-checked header access), `maps`, `select` (Maglev lookup),
-//! `forward` (DR rewrite) and `stats` (per-CPU counters).
+//! `parse` (bounds-checked header walk), `maps`, `conntrack`, `select`
+//! (Maglev lookup), `forward` (DR rewrite, TUN encapsulation), `icmp`, `csum`
+//! and `stats` (per-CPU counters). The real-server decapsulator is a separate
+//! object (`src/bin/lb-decap.rs`).
 //!
 //! Built for the host (e.g. by `cargo clippy --workspace`) this is an empty
 //! binary; the real object is built for `bpfel-unknown-none` by aya-build.
@@ -12,7 +14,13 @@
 #[cfg(target_arch = "bpf")]
 mod balancer;
 #[cfg(target_arch = "bpf")]
+mod conntrack;
+#[cfg(target_arch = "bpf")]
+mod csum;
+#[cfg(target_arch = "bpf")]
 mod forward;
+#[cfg(target_arch = "bpf")]
+mod icmp;
 #[cfg(target_arch = "bpf")]
 mod maps;
 #[cfg(target_arch = "bpf")]

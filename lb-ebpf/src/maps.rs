@@ -2,12 +2,13 @@
 //! opens exactly these; see docs/architecture.md for who writes each one.
 
 use aya_ebpf::{
-    bindings::BPF_F_MMAPABLE,
+    bindings::{BPF_F_MMAPABLE, BPF_F_NO_COMMON_LRU},
     macros::map,
-    maps::{Array, HashMap, PerCpuArray},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
 use lb_common::{
-    Config, Counter, MAX_REALS, MAX_VIPS, RING_ENTRIES, RealDef, VipAddrKey, VipKey, VipMeta, stat,
+    AddrKey, Config, Counter, FLOWS_DEFAULT, FloodWindow, FlowKey, FlowState, MAX_REALS, MAX_VIPS,
+    RING_ENTRIES, RealDef, VipKey, VipMeta, stat,
 };
 
 /// Virtual services: (address, port, protocol) → VIP metadata.
@@ -15,9 +16,9 @@ use lb_common::{
 pub static VIPS: HashMap<VipKey, VipMeta> = HashMap::with_max_entries(MAX_VIPS, 0);
 
 /// Addresses that carry at least one VIP (value: number of VIPs on it). Lets the
-/// program tell "not ours" from "ours but unusable" (fragments, broken L4).
+/// program tell "not ours" from "ours but unusable" (fragments, broken L4, ICMP).
 #[map(name = "XLB_VIP_ADDRS")]
-pub static VIP_ADDRS: HashMap<VipAddrKey, u32> = HashMap::with_max_entries(MAX_VIPS, 0);
+pub static VIP_ADDRS: HashMap<AddrKey, u32> = HashMap::with_max_entries(MAX_VIPS, 0);
 
 /// Maglev lookup tables: ring `r` occupies slots `[r * RING_SIZE_MAX, (r + 1) * RING_SIZE_MAX)`
 /// of a flat slot space packed two slots per entry. Memory-mappable so the
@@ -29,11 +30,22 @@ pub static RINGS: Array<[u32; 2]> = Array::with_max_entries(RING_ENTRIES, BPF_F_
 #[map(name = "XLB_REALS")]
 pub static REALS: Array<RealDef> = Array::with_max_entries(MAX_REALS, 0);
 
-/// Interface settings, one element.
+/// Interface and data-path settings, one element.
 #[map(name = "XLB_CONFIG")]
 pub static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
 
-/// Verdict counters, indexed by `lb_common::stat`.
+/// Connection tracking: flow → real. One table for all CPUs (a flow moved to
+/// another queue keeps its real) with per-CPU LRU lists (no cross-CPU lock on
+/// eviction). The daemon sizes it at load time.
+#[map(name = "XLB_FLOWS")]
+pub static FLOWS: LruHashMap<FlowKey, FlowState> =
+    LruHashMap::with_max_entries(FLOWS_DEFAULT, BPF_F_NO_COMMON_LRU);
+
+/// New-flow rate window per CPU (flood guard).
+#[map(name = "XLB_FLOOD")]
+pub static FLOOD: PerCpuArray<FloodWindow> = PerCpuArray::with_max_entries(1, 0);
+
+/// Verdict and event counters, indexed by `lb_common::stat`.
 #[map(name = "XLB_STATS")]
 pub static STATS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(stat::CAPACITY, 0);
 

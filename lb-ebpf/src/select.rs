@@ -1,30 +1,14 @@
-//! Picking a real server: the flow hash indexes the VIP's live Maglev ring.
+//! Picking a real server: the VIP's live Maglev ring indexed by the flow hash.
 
-use lb_common::{
-    REAL_NONE, RING_SIZE_MAX, RealDef, VIP_F_HASH_SRC_ONLY, VipMeta, flow_hash, src_hash,
-};
+use lb_common::{REAL_NONE, RING_SIZE_MAX, RealDef, VipMeta};
 
 use crate::maps::{REALS, RINGS};
 
-/// The flow whose real is being chosen, addresses and ports as wire bytes.
-pub struct Flow {
-    pub src: [u8; 16],
-    pub dst: [u8; 16],
-    /// Source port in the high 16 bits, destination port in the low 16 (big-endian view).
-    pub ports: u32,
-    pub proto: u8,
-}
-
-/// The real chosen for `flow`, with its id, or `None` when the VIP has no usable real.
+/// The real id the VIP's table gives `hash`, or `None` when it gives none.
 #[inline(always)]
-pub fn pick(meta: &VipMeta, flow: &Flow) -> Option<(u32, &'static RealDef)> {
-    let hash = if meta.flags & VIP_F_HASH_SRC_ONLY != 0 {
-        src_hash(&flow.src)
-    } else {
-        flow_hash(&flow.src, &flow.dst, flow.ports, flow.proto)
-    };
-    // Bound the table size so the verifier (and a corrupt map) cannot index out of
-    // the VIP's ring: ring_size 0 means "no table".
+pub fn pick(meta: &VipMeta, hash: u32) -> Option<u32> {
+    // Bound the table size so neither the verifier nor a corrupt map can index
+    // outside the VIP's ring: ring_size 0 means "no table".
     let size = meta.ring_size;
     if size == 0 || size > RING_SIZE_MAX {
         return None;
@@ -36,10 +20,11 @@ pub fn pick(meta: &VipMeta, flow: &Flow) -> Option<(u32, &'static RealDef)> {
     if real_id == REAL_NONE {
         return None;
     }
-    let real = REALS.get(real_id)?;
-    // family 0 marks a slot userspace has not filled (or is removing).
-    if real.family == 0 {
-        return None;
-    }
-    Some((real_id, real))
+    Some(real_id)
+}
+
+/// Real `id` if it is in use (family 0 marks a slot userspace cleared).
+#[inline(always)]
+pub fn real(id: u32) -> Option<&'static RealDef> {
+    REALS.get(id).filter(|r| r.family != 0)
 }

@@ -6,25 +6,34 @@ use lb_common::Counter;
 use crate::maps::{REAL_STATS, STATS, VIP_STATS};
 
 #[inline(always)]
-fn bump(map: &PerCpuArray<Counter>, index: u32, bytes: u64) {
+fn bump(map: &PerCpuArray<Counter>, index: u32, bytes: u64, new_flow: bool) {
     if let Some(c) = map.get_ptr_mut(index) {
         // SAFETY: the pointer is this CPU's element of a per-CPU array.
         unsafe {
             (*c).packets += 1;
             (*c).bytes += bytes;
+            if new_flow {
+                (*c).flows += 1;
+            }
         }
     }
 }
 
-/// Counts a verdict (`lb_common::stat` index).
+/// Counts a verdict (`lb_common::stat` index below `VERDICTS`).
 #[inline(always)]
 pub fn verdict(stat: u32, bytes: u64) {
-    bump(&STATS, stat, bytes);
+    bump(&STATS, stat, bytes, false);
+}
+
+/// Counts an event (`lb_common::stat` index from `VERDICTS` on).
+#[inline(always)]
+pub fn event(stat: u32) {
+    bump(&STATS, stat, 0, false);
 }
 
 /// Counts a packet forwarded for a VIP to a real.
 #[inline(always)]
-pub fn forwarded(vip_id: u32, real_id: u32, bytes: u64) {
-    bump(&VIP_STATS, vip_id, bytes);
-    bump(&REAL_STATS, real_id, bytes);
+pub fn forwarded(vip_id: u32, real_id: u32, bytes: u64, new_flow: bool) {
+    bump(&VIP_STATS, vip_id, bytes, new_flow);
+    bump(&REAL_STATS, real_id, bytes, new_flow);
 }

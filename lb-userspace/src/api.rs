@@ -7,6 +7,7 @@
 //! | GET | /v1/vips/{proto}/{addr}/{port} | | `VipView` |
 //! | DELETE | /v1/vips/{proto}/{addr}/{port} | | 204 |
 //! | POST | /v1/vips/{proto}/{addr}/{port}/reals | `{"addr": "198.51.100.11", "weight"?}` | 201 `VipView` |
+//! | PUT | /v1/vips/{proto}/{addr}/{port}/reals/{real} | `{"weight": N}` | `VipView` |
 //! | DELETE | /v1/vips/{proto}/{addr}/{port}/reals/{real} | | 204 |
 //! | GET | /v1/stats | | `Stats` |
 //! | GET | /v1/simulate?vip=..&src=IP:PORT | | `{"real": ..}` |
@@ -32,7 +33,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     dataplane::Dataplane,
-    model::{Proto, Scheduler, Vip, addr_bytes},
+    model::{Forward, Proto, Scheduler, Vip, addr_bytes},
     neighbor::{self, Iface, NeighborError},
     state::{State, StateError, VipOptions, VipView},
 };
@@ -95,7 +96,10 @@ impl From<StateError> for ApiError {
         let status = match &err {
             StateError::VipExists(_) | StateError::RealExists { .. } => StatusCode::CONFLICT,
             StateError::UnknownVip(_) | StateError::UnknownReal { .. } => StatusCode::NOT_FOUND,
-            StateError::Full { .. } | StateError::TableSize(_) => StatusCode::BAD_REQUEST,
+            StateError::Full { .. }
+            | StateError::TableSize(_)
+            | StateError::Family { .. }
+            | StateError::Weight(_) => StatusCode::BAD_REQUEST,
             StateError::Dataplane(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };
         Self {
@@ -128,6 +132,17 @@ pub struct AddVip {
     /// Maglev table size, a prime (default 65537).
     #[serde(default)]
     pub table_size: Option<u32>,
+    /// `dr` (default) or `tun`.
+    #[serde(default)]
+    pub forward: Option<String>,
+}
+
+/// Body of `PUT /v1/vips/{proto}/{addr}/{port}/reals/{real}`.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SetReal {
+    /// The new weight, 0..=65535 (0 drains: no new flows, tracked flows stay).
+    pub weight: u32,
 }
 
 /// Body of `POST /v1/vips/{proto}/{addr}/{port}/reals`.
@@ -146,6 +161,8 @@ pub struct AddReal {
 pub struct Stats {
     /// Every verdict counter, by name.
     pub verdicts: Vec<VerdictStat>,
+    /// Event counters (conntrack, flood guard), by name.
+    pub events: Vec<EventStat>,
     /// Every VIP with its counters.
     pub vips: Vec<VipView>,
 }
@@ -159,6 +176,15 @@ pub struct VerdictStat {
     pub packets: u64,
     /// Bytes.
     pub bytes: u64,
+}
+
+/// One event counter.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct EventStat {
+    /// Its name (`conntrack_hit`, ...).
+    pub name: String,
+    /// How many times it happened.
+    pub count: u64,
 }
 
 /// Query of `GET /v1/simulate`.
@@ -189,7 +215,7 @@ pub fn router(shared: Arc<Shared>) -> Router {
         )
         .route(
             "/v1/vips/{proto}/{addr}/{port}/reals/{real}",
-            axum::routing::delete(del_real),
+            axum::routing::delete(del_real).put(set_real),
         )
         .route("/v1/stats", get(stats))
         .route("/v1/simulate", get(simulate))
@@ -263,6 +289,11 @@ async fn add_vip(
     if let Some(size) = body.table_size {
         options.table_size = size;
     }
+    if let Some(f) = &body.forward {
+        options.forward = f
+            .parse()
+            .map_err(|e: crate::model::ParseError| ApiError::bad_request(e.to_string()))?;
+    }
     let mut inner = lock(&shared);
     let Inner { dp, state } = &mut *inner;
     state.add_vip(dp, vip, options)?;
@@ -280,9 +311,6 @@ async fn del_vip(
     Ok(StatusCode::NO_CONTENT)
 }
 
-/// Largest weight accepted.
-pub const MAX_WEIGHT: u32 = 65535;
-
 async fn add_real(
     AxState(shared): AxState<Arc<Shared>>,
     Path((proto, addr, port)): Path<(String, String, String)>,
@@ -292,20 +320,18 @@ async fn add_real(
     let real =
         crate::model::parse_real(&body.addr).map_err(|e| ApiError::bad_request(e.to_string()))?;
     let weight = body.weight.unwrap_or(1);
-    if weight > MAX_WEIGHT {
-        return Err(ApiError::bad_request(format!(
-            "invalid weight {weight}: must be 0-{MAX_WEIGHT}"
-        )));
-    }
-    if (real.is_ipv4()) != (vip.addr.is_ipv4()) {
-        return Err(ApiError::bad_request(format!(
-            "real {real} and VIP {vip} are of different IP families; direct return (DR) \
-             forwards the packet unchanged, so the real must serve the VIP's family"
-        )));
-    }
     // Refuse early what would be refused anyway, before waiting on ARP.
-    lock(&shared).state.check_add_real(&vip, real)?;
-    let mac = neighbor::resolve(&shared.iface, real, shared.resolve_timeout).await?;
+    let forward = {
+        let inner = lock(&shared);
+        inner.state.check_add_real(&vip, real, weight)?;
+        inner.state.forward(&vip).unwrap_or_default()
+    };
+    let mac = match forward {
+        Forward::Dr => neighbor::resolve(&shared.iface, real, shared.resolve_timeout).await?,
+        Forward::Tun => {
+            neighbor::resolve_next_hop(&shared.iface, real, shared.resolve_timeout).await?
+        }
+    };
     let mut inner = lock(&shared);
     let Inner { dp, state } = &mut *inner;
     state.add_real(dp, &vip, real, mac, weight)?;
@@ -324,12 +350,35 @@ async fn del_real(
     Ok(StatusCode::NO_CONTENT)
 }
 
+async fn set_real(
+    AxState(shared): AxState<Arc<Shared>>,
+    Path((proto, addr, port, real)): Path<(String, String, String, String)>,
+    Json(body): Json<SetReal>,
+) -> ApiResult<Json<VipView>> {
+    let vip = vip_from_path(&proto, &addr, &port)?;
+    let real = crate::model::parse_real(&real).map_err(|e| ApiError::bad_request(e.to_string()))?;
+    let mut inner = lock(&shared);
+    let Inner { dp, state } = &mut *inner;
+    state.set_weight(dp, &vip, real, body.weight)?;
+    Ok(Json(view_of(&inner, &vip)?))
+}
+
 async fn stats(AxState(shared): AxState<Arc<Shared>>) -> ApiResult<Json<Stats>> {
     let inner = lock(&shared);
     let counters = inner.dp.verdicts().map_err(StateError::from)?;
+    let events = inner
+        .dp
+        .events()
+        .map_err(StateError::from)?
+        .into_iter()
+        .map(|(name, count)| EventStat {
+            name: name.to_owned(),
+            count,
+        })
+        .collect();
     let verdicts = counters
         .iter()
-        .zip(stat::NAMES)
+        .zip(stat::VERDICT_NAMES)
         .map(|(c, name)| VerdictStat {
             name: name.to_owned(),
             packets: c.packets,
@@ -338,6 +387,7 @@ async fn stats(AxState(shared): AxState<Arc<Shared>>) -> ApiResult<Json<Stats>> 
         .collect();
     Ok(Json(Stats {
         verdicts,
+        events,
         vips: inner.state.view(&inner.dp)?,
     }))
 }
@@ -370,6 +420,6 @@ async fn simulate(
         Scheduler::MaglevSrc => src_hash(&s),
     };
     Ok(Json(Simulated {
-        real: inner.state.real_for(&vip, hash),
+        real: inner.state.real_for(&inner.dp, &vip, hash)?,
     }))
 }

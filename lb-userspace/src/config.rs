@@ -6,6 +6,7 @@
 //! services:
 //!   - vip: 203.0.113.10:80/tcp
 //!     scheduler: maglev        # or maglev-src; default maglev
+//!     forward: dr              # or tun; default dr
 //!     table_size: 65537        # prime; default 65537
 //!     reals:
 //!       - address: 198.51.100.11
@@ -17,9 +18,9 @@ use std::{net::IpAddr, path::Path};
 use serde::Deserialize;
 
 use crate::{
-    api::MAX_WEIGHT,
     maglev,
-    model::{Scheduler, Vip},
+    model::{Forward, Scheduler, Vip},
+    state::MAX_WEIGHT,
 };
 
 /// A configuration that could not be used, naming the file and the place in it.
@@ -71,6 +72,9 @@ pub struct ServiceConfig {
     /// The scheduler.
     #[serde(default)]
     pub scheduler: Scheduler,
+    /// The forwarding mode.
+    #[serde(default)]
+    pub forward: Forward,
     /// The Maglev table size.
     #[serde(default = "default_table_size")]
     pub table_size: u32,
@@ -146,10 +150,18 @@ impl ConfigFile {
                         format!("{} is out of range (0-{MAX_WEIGHT})", r.weight),
                     ));
                 }
-                if r.address.is_ipv4() != s.vip.addr.is_ipv4() {
+                let family_ok = match s.forward {
+                    Forward::Dr => r.address.is_ipv4() == s.vip.addr.is_ipv4(),
+                    // IPv4 VIPs may use IPv6 reals (4in6); not the reverse.
+                    Forward::Tun => s.vip.addr.is_ipv4() || r.address.is_ipv6(),
+                };
+                if !family_ok {
                     return Err(invalid(
                         format!("services[{i}].reals[{j}].address"),
-                        format!("{} is not of the VIP's IP family", r.address),
+                        format!(
+                            "{} is not of an IP family the VIP can use in {} mode",
+                            r.address, s.forward
+                        ),
                     ));
                 }
                 if !reals.insert(r.address) {
@@ -200,7 +212,7 @@ mod tests {
             ),
             (
                 "services:\n  - vip: 203.0.113.10:80/tcp\n    reals:\n      - address: 2001:db8::1\n",
-                "x.yaml: services[0].reals[0].address: 2001:db8::1 is not of the VIP's IP family",
+                "x.yaml: services[0].reals[0].address: 2001:db8::1 is not of an IP family the VIP can use in dr mode",
             ),
             (
                 "services:\n  - vip: 203.0.113.10:80/tcp\n    colour: blue\n",

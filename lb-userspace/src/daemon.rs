@@ -2,6 +2,7 @@
 //! until SIGINT/SIGTERM, then detach and clean up.
 
 use std::{
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     os::unix::fs::PermissionsExt as _,
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
@@ -16,10 +17,92 @@ use tokio::{net::UnixListener, signal::unix::SignalKind};
 use crate::{
     api::{self, Inner, Shared},
     config::ConfigFile,
-    dataplane::Dataplane,
+    dataplane::{Dataplane, LoadOptions},
+    model::Forward,
     neighbor::{self, Iface},
     state::{State, VipOptions},
 };
+
+/// Data-path settings of `xlb run`.
+#[derive(Debug, Clone)]
+pub struct DataPathOptions {
+    /// Conntrack table size (flows, all CPUs).
+    pub flows: u32,
+    /// New flows tracked per CPU per second before the flood guard bypasses
+    /// the table (0: no limit).
+    pub new_flow_limit: u32,
+    /// Idle time after which a UDP flow is forgotten.
+    pub udp_idle: Duration,
+    /// Largest L3 packet after encapsulation; `None`: the interface's MTU.
+    pub mtu: Option<u32>,
+    /// IPv4 tunnel source prefix; `None`: the interface's first IPv4 address.
+    pub tunnel_src_v4: Option<(Ipv4Addr, u8)>,
+    /// IPv6 tunnel source prefix (at most 32 host bits are used); `None`: the
+    /// interface's first global IPv6 address.
+    pub tunnel_src_v6: Option<(Ipv6Addr, u8)>,
+}
+
+impl Default for DataPathOptions {
+    fn default() -> Self {
+        Self {
+            flows: lb_common::FLOWS_DEFAULT,
+            new_flow_limit: 0,
+            udp_idle: Duration::from_secs(30),
+            mtu: None,
+            tunnel_src_v4: None,
+            tunnel_src_v6: None,
+        }
+    }
+}
+
+/// The config map's contents for `iface` and `opts`.
+pub fn datapath_config(iface: &Iface, opts: &DataPathOptions) -> Config {
+    let mtu = opts.mtu.unwrap_or_else(|| iface_mtu(&iface.name));
+    let (v4, v4_len) = opts.tunnel_src_v4.unwrap_or_else(|| {
+        let first = iface.nets.iter().find_map(|(a, _)| match a {
+            IpAddr::V4(v4) => Some(*v4),
+            IpAddr::V6(_) => None,
+        });
+        (first.unwrap_or(Ipv4Addr::UNSPECIFIED), 32)
+    });
+    let (v6, v6_len) = opts.tunnel_src_v6.unwrap_or_else(|| {
+        let first = iface.nets.iter().find_map(|(a, _)| match a {
+            IpAddr::V6(v6) if !v6.is_unicast_link_local() => Some(*v6),
+            _ => None,
+        });
+        (first.unwrap_or(Ipv6Addr::UNSPECIFIED), 128)
+    });
+    let host_v4 = u32::MAX.checked_shr(u32::from(v4_len.min(32))).unwrap_or(0);
+    // Only the low 32 bits of an IPv6 source vary.
+    let host_v6 = u32::MAX
+        .checked_shr(u32::from(v6_len.clamp(96, 128) - 96))
+        .unwrap_or(0);
+    Config {
+        iface_mac: iface.mac,
+        _pad: [0; 2],
+        mtu,
+        new_flow_limit: opts.new_flow_limit,
+        udp_idle_ns: u64::try_from(opts.udp_idle.as_nanos()).unwrap_or(u64::MAX),
+        tun_src_v4: (u32::from(v4) & !host_v4).to_be_bytes(),
+        tun_host_v4: host_v4,
+        tun_src_v6: {
+            let mut b = v6.octets();
+            let low = u32::from_be_bytes([b[12], b[13], b[14], b[15]]) & !host_v6;
+            b[12..].copy_from_slice(&low.to_be_bytes());
+            b
+        },
+        tun_host_v6: host_v6,
+        _pad2: 0,
+    }
+}
+
+/// The interface's MTU from sysfs, or 1500 when it cannot be read.
+fn iface_mtu(name: &str) -> u32 {
+    std::fs::read_to_string(format!("/sys/class/net/{name}/mtu"))
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(1500)
+}
 
 /// Options of `xlb run`.
 #[derive(Debug, Clone)]
@@ -34,11 +117,13 @@ pub struct RunOptions {
     pub socket: PathBuf,
     /// How long to wait for a real's ARP/NDP answer.
     pub resolve_timeout: Duration,
+    /// Data-path settings.
+    pub datapath: DataPathOptions,
 }
 
 /// Runs the daemon until a signal arrives.
 pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
-    let config = opts
+    let file = opts
         .config
         .as_deref()
         .map(ConfigFile::load)
@@ -46,16 +131,23 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         .context("invalid configuration; nothing was loaded")?;
     let iface = Iface::lookup(&opts.iface)
         .with_context(|| format!("cannot use interface {}", opts.iface))?;
-    let mut dp = Dataplane::load().context(
+    let mut dp = Dataplane::load_with(&LoadOptions {
+        flows: opts.datapath.flows,
+    })
+    .context(
         "loading the XDP program failed (run as root, on a kernel with BPF and BTF support)",
     )?;
-    dp.set_config(&Config {
-        iface_mac: iface.mac,
-        _pad: [0; 2],
-    })?;
+    let config = datapath_config(&iface, &opts.datapath);
+    dp.set_config(&config)?;
+    tracing::info!(
+        mtu = config.mtu,
+        flows = opts.datapath.flows,
+        new_flow_limit = config.new_flow_limit,
+        "data path configured"
+    );
     let mut state = State::new();
-    if let Some(config) = &config {
-        apply_startup(&mut dp, &mut state, &iface, config, opts.resolve_timeout).await?;
+    if let Some(file) = &file {
+        apply_startup(&mut dp, &mut state, &iface, file, opts.resolve_timeout).await?;
     }
     let listener = bind_socket(&opts.socket)?;
     dp.attach(prog_names::BALANCER, &opts.iface, opts.mode)
@@ -101,13 +193,16 @@ async fn apply_startup(
             s.vip,
             VipOptions {
                 scheduler: s.scheduler,
+                forward: s.forward,
                 table_size: s.table_size,
             },
         )?;
         for r in &s.reals {
-            let mac = neighbor::resolve(iface, r.address, timeout)
-                .await
-                .with_context(|| format!("service {}: real {}", s.vip, r.address))?;
+            let mac = match s.forward {
+                Forward::Dr => neighbor::resolve(iface, r.address, timeout).await,
+                Forward::Tun => neighbor::resolve_next_hop(iface, r.address, timeout).await,
+            }
+            .with_context(|| format!("service {}: real {}", s.vip, r.address))?;
             state.add_real(dp, &s.vip, r.address, mac, r.weight)?;
         }
     }
@@ -137,7 +232,8 @@ fn bind_socket(path: &Path) -> anyhow::Result<UnixListener> {
     Ok(listener)
 }
 
-async fn shutdown_signal() {
+/// Resolves on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
     let mut term = match tokio::signal::unix::signal(SignalKind::terminate()) {
         Ok(s) => s,
         Err(err) => {

@@ -12,12 +12,27 @@ use aya::{
     util::nr_cpus,
 };
 use lb_common::{
-    Config, Counter, MAX_REALS, MAX_VIPS, RING_ENTRIES, RING_SIZE_MAX, RING_SLOTS, RealDef,
-    VipAddrKey, VipKey, VipMeta, map_names, prog_names, stat,
+    AddrKey, Config, Counter, FLOWS_DEFAULT, FlowKey, FlowState, MAX_REALS, MAX_VIPS, RING_ENTRIES,
+    RING_SIZE_MAX, RING_SLOTS, RealDef, VipKey, VipMeta, map_names, prog_names, stat,
 };
 
-/// The compiled XDP object, built by build.rs with aya-build.
+/// The compiled balancer object, built by build.rs with aya-build.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf"));
+
+/// Sizes chosen when the object is loaded.
+#[derive(Clone, Copy, Debug)]
+pub struct LoadOptions {
+    /// Entries of the connection-tracking table (all CPUs together).
+    pub flows: u32,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self {
+            flows: FLOWS_DEFAULT,
+        }
+    }
+}
 
 /// Failures loading the program or touching its maps.
 #[derive(Debug, thiserror::Error)]
@@ -147,7 +162,8 @@ impl Drop for Rings {
 pub struct Dataplane {
     ebpf: Ebpf,
     vips: HashMap<MapData, VipKey, VipMeta>,
-    vip_addrs: HashMap<MapData, VipAddrKey, u32>,
+    vip_addrs: HashMap<MapData, AddrKey, u32>,
+    flows: HashMap<MapData, FlowKey, FlowState>,
     rings: Rings,
     reals: Array<MapData, RealDef>,
     config: Array<MapData, Config>,
@@ -161,9 +177,16 @@ fn take(ebpf: &mut Ebpf, name: &'static str) -> Result<Map> {
 }
 
 impl Dataplane {
-    /// Loads the object into the kernel (maps created, programs verified), not attached.
+    /// Loads the object with default sizes (see [`Dataplane::load_with`]).
     pub fn load() -> Result<Self> {
-        let mut ebpf = EbpfLoader::new().load(EBPF_OBJECT)?;
+        Self::load_with(&LoadOptions::default())
+    }
+
+    /// Loads the object into the kernel (maps created, programs verified), not attached.
+    pub fn load_with(options: &LoadOptions) -> Result<Self> {
+        let mut ebpf = EbpfLoader::new()
+            .map_max_entries(map_names::FLOWS, options.flows.max(1))
+            .load(EBPF_OBJECT)?;
         for name in [prog_names::BALANCER, prog_names::PASS] {
             let prog: &mut Xdp = ebpf
                 .program_mut(name)
@@ -177,6 +200,8 @@ impl Dataplane {
             .map_err(map_err(map_names::VIPS))?;
         let vip_addrs = HashMap::try_from(take(&mut ebpf, map_names::VIP_ADDRS)?)
             .map_err(map_err(map_names::VIP_ADDRS))?;
+        let flows = HashMap::try_from(take(&mut ebpf, map_names::FLOWS)?)
+            .map_err(map_err(map_names::FLOWS))?;
         let rings = match take(&mut ebpf, map_names::RINGS)? {
             Map::Array(data) => Rings::new(data)?,
             _ => return Err(DataplaneError::MissingMap(map_names::RINGS)),
@@ -195,6 +220,7 @@ impl Dataplane {
             ebpf,
             vips,
             vip_addrs,
+            flows,
             rings,
             reals,
             config,
@@ -267,7 +293,7 @@ impl Dataplane {
     }
 
     /// Sets how many VIPs live on an address (0 removes the address).
-    pub fn set_vip_addr(&mut self, key: &VipAddrKey, count: u32) -> Result<()> {
+    pub fn set_vip_addr(&mut self, key: &AddrKey, count: u32) -> Result<()> {
         if count == 0 {
             self.vip_addrs
                 .remove(key)
@@ -289,11 +315,35 @@ impl Dataplane {
 
     /// The verdict counters summed over CPUs, in `lb_common::stat` order.
     pub fn verdicts(&self) -> Result<Vec<Counter>> {
-        (0..stat::COUNT)
+        (0..stat::VERDICTS)
             .map(|i| sum(&self.stats, i, map_names::STATS))
             .collect()
     }
 
+    /// The event counters summed over CPUs, as (name, count) in `stat::EVENTS` order.
+    pub fn events(&self) -> Result<Vec<(&'static str, u64)>> {
+        stat::EVENTS
+            .iter()
+            .map(|&(i, name)| Ok((name, sum(&self.stats, i, map_names::STATS)?.packets)))
+            .collect()
+    }
+
+    /// The conntrack entry of a flow, if any.
+    pub fn flow(&self, key: &FlowKey) -> Result<Option<FlowState>> {
+        match self.flows.get(key, 0) {
+            Ok(v) => Ok(Some(v)),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
+            Err(source) => Err(DataplaneError::Map {
+                name: map_names::FLOWS,
+                source,
+            }),
+        }
+    }
+
+    /// Number of entries in the conntrack table (walks it: for status, not hot paths).
+    pub fn flow_count(&self) -> usize {
+        self.flows.keys().filter(Result::is_ok).count()
+    }
     /// VIP `id`'s counter summed over CPUs.
     pub fn vip_counter(&self, id: u32) -> Result<Counter> {
         sum(&self.vip_stats, id, map_names::VIP_STATS)
@@ -332,6 +382,8 @@ fn sum(map: &PerCpuArray<MapData, Counter>, index: u32, name: &'static str) -> R
     Ok(values.iter().fold(Counter::default(), |acc, c| Counter {
         packets: acc.packets + c.packets,
         bytes: acc.bytes + c.bytes,
+        flows: acc.flows + c.flows,
+        _pad: 0,
     }))
 }
 

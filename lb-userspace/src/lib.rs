@@ -10,6 +10,8 @@
 //! - [`neighbor`]: the interface and the real servers' MACs.
 //! - [`config`]: the startup YAML file.
 //! - [`api`] / [`client`]: HTTP+JSON over the control socket, both sides.
+//! - [`decap`]: `xlb decap`, the real-server decapsulator for TUN mode.
+//! - [`realserver`]: `xlb realserver setup|teardown`.
 //! - [`daemon`]: `xlb run`. [`cli`]: the command line.
 
 pub mod api;
@@ -18,7 +20,9 @@ pub mod client;
 pub mod config;
 pub mod daemon;
 pub mod dataplane;
+pub mod decap;
 pub mod maglev;
 pub mod model;
 pub mod neighbor;
+pub mod realserver;
 pub mod state;

@@ -5,7 +5,7 @@
 
 use std::{fmt, net::IpAddr, str::FromStr};
 
-use lb_common::{FAMILY_V4, FAMILY_V6, PROTO_TCP, PROTO_UDP, VipAddrKey, VipKey};
+use lb_common::{AddrKey, FAMILY_V4, FAMILY_V6, PROTO_TCP, PROTO_UDP, VipKey};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 /// Why a VIP, protocol or weight given by the operator was rejected.
@@ -31,6 +31,9 @@ pub enum ParseError {
     /// An IPv6 address in a VIP must be written in brackets.
     #[error("invalid VIP '{0}': write IPv6 VIPs as [ADDRESS]:PORT/PROTOCOL")]
     V6Brackets(String),
+    /// The forwarding mode is unknown.
+    #[error("invalid forwarding mode '{0}': expected dr or tun")]
+    Forward(String),
     /// The scheduler name is unknown.
     #[error("invalid scheduler '{0}': expected maglev or maglev-src")]
     Scheduler(String),
@@ -101,9 +104,9 @@ impl Vip {
     }
 
     /// The key of the VIP-address map for this service's address.
-    pub fn addr_key(&self) -> VipAddrKey {
+    pub fn addr_key(&self) -> AddrKey {
         let (addr, family) = addr_bytes(self.addr);
-        VipAddrKey {
+        AddrKey {
             addr,
             family,
             _pad: [0; 3],
@@ -223,6 +226,51 @@ impl Serialize for Scheduler {
 }
 
 impl<'de> Deserialize<'de> for Scheduler {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// How a VIP's packets reach its reals.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Forward {
+    /// Direct routing: the frame is re-addressed to the real's MAC; the real must
+    /// be on the balancer's L2 segment and of the VIP's family.
+    #[default]
+    Dr,
+    /// Tunnelling: the packet is encapsulated (IPIP, IP6IP6 or IPv4-in-IPv6)
+    /// toward the real's address, which may be anywhere routable.
+    Tun,
+}
+
+impl fmt::Display for Forward {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Dr => "dr",
+            Self::Tun => "tun",
+        })
+    }
+}
+
+impl FromStr for Forward {
+    type Err = ParseError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "dr" => Ok(Self::Dr),
+            "tun" => Ok(Self::Tun),
+            _ => Err(ParseError::Forward(s.to_owned())),
+        }
+    }
+}
+
+impl Serialize for Forward {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Forward {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = String::deserialize(d)?;
         s.parse().map_err(serde::de::Error::custom)

@@ -10,7 +10,10 @@ use std::{
 };
 
 use futures::TryStreamExt as _;
-use netlink_packet_route::neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourState};
+use netlink_packet_route::{
+    neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourState},
+    route::{RouteAddress, RouteAttribute},
+};
 use nix::ifaddrs::getifaddrs;
 
 /// Failures finding the interface or a real's MAC.
@@ -46,6 +49,20 @@ pub enum NeighborError {
         iface: String,
         /// How long we waited.
         timeout: Duration,
+    },
+    /// No route to the real.
+    #[error("no route to {0}")]
+    NoRoute(IpAddr),
+    /// The route to the real leaves through another interface: the balancer
+    /// could not send the packets the kernel would.
+    #[error("the route to {real} leaves through interface index {oif}, not {iface}")]
+    OtherIface {
+        /// The real.
+        real: IpAddr,
+        /// The interface the route uses.
+        oif: u32,
+        /// The balancer's interface.
+        iface: String,
     },
     /// Talking to the kernel failed.
     #[error("netlink: {0}")]
@@ -209,7 +226,8 @@ fn provoke(iface: &Iface, addr: IpAddr) {
     let _ = sock.send_to(&[], SocketAddr::new(addr, 9));
 }
 
-/// The MAC of real `addr` on `iface`, resolving it if needed, within `timeout`.
+/// The MAC of real `addr` on `iface` for direct return (the real must be on
+/// one of the interface's subnets), resolving it if needed, within `timeout`.
 pub async fn resolve(
     iface: &Iface,
     addr: IpAddr,
@@ -222,6 +240,64 @@ pub async fn resolve(
             nets: iface.nets_text(),
         });
     }
+    resolve_neighbor(iface, addr, timeout).await
+}
+
+/// The MAC of the next hop toward `addr` (tunnel mode): the gateway of the
+/// kernel's route to it, or the real itself when the route is direct. The
+/// route must leave through `iface`.
+pub async fn resolve_next_hop(
+    iface: &Iface,
+    addr: IpAddr,
+    timeout: Duration,
+) -> Result<[u8; 6], NeighborError> {
+    let hop = route_gateway(iface, addr).await?.unwrap_or(addr);
+    resolve_neighbor(iface, hop, timeout).await
+}
+
+/// Asks the kernel for its route to `addr`: the gateway, if any.
+async fn route_gateway(iface: &Iface, addr: IpAddr) -> Result<Option<IpAddr>, NeighborError> {
+    let (conn, handle, _) =
+        rtnetlink::new_connection().map_err(|e| NeighborError::Netlink(e.to_string()))?;
+    let task = tokio::spawn(conn);
+    let prefix = if addr.is_ipv4() { 32 } else { 128 };
+    let msg = rtnetlink::RouteMessageBuilder::<IpAddr>::new()
+        .destination_prefix(addr, prefix)
+        .map_err(|e| NeighborError::Netlink(e.to_string()))?
+        .build();
+    let mut routes = handle.route().get(msg).execute();
+    let route = routes
+        .try_next()
+        .await
+        .map_err(|_| NeighborError::NoRoute(addr))?
+        .ok_or(NeighborError::NoRoute(addr))?;
+    task.abort();
+    let mut gateway = None;
+    let mut oif = None;
+    for attr in &route.attributes {
+        match attr {
+            RouteAttribute::Gateway(RouteAddress::Inet(a)) => gateway = Some(IpAddr::V4(*a)),
+            RouteAttribute::Gateway(RouteAddress::Inet6(a)) => gateway = Some(IpAddr::V6(*a)),
+            RouteAttribute::Oif(i) => oif = Some(*i),
+            _ => {}
+        }
+    }
+    match oif {
+        Some(oif) if oif != iface.index => Err(NeighborError::OtherIface {
+            real: addr,
+            oif,
+            iface: iface.name.clone(),
+        }),
+        _ => Ok(gateway),
+    }
+}
+
+/// The MAC of on-link neighbour `addr`, asking the kernel to resolve it if needed.
+async fn resolve_neighbor(
+    iface: &Iface,
+    addr: IpAddr,
+    timeout: Duration,
+) -> Result<[u8; 6], NeighborError> {
     let deadline = tokio::time::Instant::now() + timeout;
     let mut provoked_at = None;
     loop {

@@ -12,14 +12,15 @@ use std::{
 };
 
 use lb_common::{
-    MAX_REALS, MAX_VIPS, RING_SIZE_DEFAULT, RING_SIZE_MAX, RealDef, VIP_F_HASH_SRC_ONLY, VipMeta,
+    MAX_REALS, MAX_VIPS, REAL_NONE, RING_SIZE_DEFAULT, RING_SIZE_MAX, RealDef, VIP_F_HASH_SRC_ONLY,
+    VIP_F_TUNNEL, VipMeta,
 };
 use serde::Serialize;
 
 use crate::{
     dataplane::{Dataplane, DataplaneError},
     maglev::{self, Backend},
-    model::{Scheduler, Vip, addr_bytes},
+    model::{Forward, Scheduler, Vip, addr_bytes},
 };
 
 /// Why a change was refused or failed.
@@ -55,6 +56,21 @@ pub enum StateError {
         /// The limit.
         limit: u32,
     },
+    /// The real's address family cannot serve the VIP in its forwarding mode.
+    #[error("real {real} cannot serve {vip} in {forward} mode: {why}")]
+    Family {
+        /// The VIP.
+        vip: Vip,
+        /// The real.
+        real: IpAddr,
+        /// The VIP's mode.
+        forward: Forward,
+        /// Why.
+        why: &'static str,
+    },
+    /// The weight is out of range.
+    #[error("invalid weight {0}: must be 0-{MAX_WEIGHT}")]
+    Weight(u32),
     /// The Maglev table size is not usable.
     #[error("invalid table size {0}: must be a prime between 2 and {RING_SIZE_MAX}")]
     TableSize(u32),
@@ -65,11 +81,16 @@ pub enum StateError {
 
 type Result<T, E = StateError> = std::result::Result<T, E>;
 
+/// Largest weight a real can have.
+pub const MAX_WEIGHT: u32 = 65535;
+
 /// Options of a VIP beyond its address.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct VipOptions {
     /// How flows are hashed.
     pub scheduler: Scheduler,
+    /// How packets reach the reals.
+    pub forward: Forward,
     /// Maglev table size (prime).
     pub table_size: u32,
 }
@@ -78,6 +99,7 @@ impl Default for VipOptions {
     fn default() -> Self {
         Self {
             scheduler: Scheduler::Maglev,
+            forward: Forward::Dr,
             table_size: RING_SIZE_DEFAULT,
         }
     }
@@ -117,12 +139,16 @@ pub struct VipView {
     pub id: u32,
     /// Its scheduler.
     pub scheduler: Scheduler,
+    /// Its forwarding mode.
+    pub forward: Forward,
     /// Its Maglev table size.
     pub table_size: u32,
     /// Packets forwarded for it.
     pub packets: u64,
     /// Bytes forwarded for it.
     pub bytes: u64,
+    /// New flows it received.
+    pub flows: u64,
     /// Its reals.
     pub reals: Vec<RealView>,
 }
@@ -134,12 +160,14 @@ pub struct RealView {
     pub addr: IpAddr,
     /// Its weight in this VIP.
     pub weight: u32,
-    /// Its MAC as resolved on the balancer's segment.
+    /// MAC of the next hop toward it (itself in DR mode).
     pub mac: String,
     /// Packets forwarded to it (over all VIPs).
     pub packets: u64,
     /// Bytes forwarded to it (over all VIPs).
     pub bytes: u64,
+    /// New flows sent to it (over all VIPs).
+    pub flows: u64,
 }
 
 /// The configured services and the ids they occupy in the maps.
@@ -149,6 +177,10 @@ pub struct State {
     reals: BTreeMap<IpAddr, RealSlot>,
     /// How many VIPs use each address.
     addr_refs: BTreeMap<IpAddr, u32>,
+    /// Where the search for a free real id starts: ids are handed out round
+    /// robin so a freed id is reused as late as possible (conntrack entries may
+    /// still name it; the data path re-hashes those once the slot is cleared).
+    next_real_id: u32,
 }
 
 /// Formats a MAC as `02:00:00:00:00:01`.
@@ -175,12 +207,42 @@ impl State {
         self.services.keys()
     }
 
-    /// Checks that `real` could be added to `vip`, without changing anything
-    /// (the daemon calls it before spending time resolving the real's MAC).
-    pub fn check_add_real(&self, vip: &Vip, real: IpAddr) -> Result<()> {
+    /// The forwarding mode of `vip`.
+    pub fn forward(&self, vip: &Vip) -> Option<Forward> {
+        self.services.get(vip).map(|s| s.options.forward)
+    }
+
+    /// Checks that `real` could be added to `vip` with `weight`, without
+    /// changing anything (the daemon calls it before spending time resolving
+    /// the real's MAC).
+    pub fn check_add_real(&self, vip: &Vip, real: IpAddr, weight: u32) -> Result<()> {
         let service = self.services.get(vip).ok_or(StateError::UnknownVip(*vip))?;
         if service.members.contains_key(&real) {
             return Err(StateError::RealExists { vip: *vip, real });
+        }
+        if weight > MAX_WEIGHT {
+            return Err(StateError::Weight(weight));
+        }
+        let forward = service.options.forward;
+        let family_error = |why| StateError::Family {
+            vip: *vip,
+            real,
+            forward,
+            why,
+        };
+        match (forward, vip.addr.is_ipv4(), real.is_ipv4()) {
+            (Forward::Dr, v4, r4) if v4 != r4 => {
+                return Err(family_error(
+                    "direct return forwards the packet unchanged, so the real must be of the \
+                     VIP's address family",
+                ));
+            }
+            (Forward::Tun, false, true) => {
+                return Err(family_error(
+                    "an IPv6 VIP needs IPv6 reals (IPv6-in-IPv4 is not offered)",
+                ));
+            }
+            _ => {}
         }
         if !self.reals.contains_key(&real) && self.free_real_id().is_none() {
             return Err(StateError::Full {
@@ -198,8 +260,11 @@ impl State {
 
     fn free_real_id(&self) -> Option<u32> {
         let used: BTreeSet<u32> = self.reals.values().map(|r| r.id).collect();
-        // Id 0 is REAL_NONE.
-        (1..MAX_REALS).find(|id| !used.contains(id))
+        // Id 0 is REAL_NONE; start after the last id handed out.
+        let start = self.next_real_id.clamp(1, MAX_REALS - 1);
+        (start..MAX_REALS)
+            .chain(1..start)
+            .find(|id| !used.contains(id))
     }
 
     /// Adds a VIP with no reals (packets to it are dropped and counted until it has one).
@@ -270,7 +335,7 @@ impl State {
         mac: [u8; 6],
         weight: u32,
     ) -> Result<()> {
-        self.check_add_real(vip, real)?;
+        self.check_add_real(vip, real, weight)?;
         // Make the real known to the dataplane before any table names it.
         let (slot, new_slot) = match self.reals.get(&real) {
             Some(slot) => (*slot, false),
@@ -307,7 +372,38 @@ impl State {
         }
         self.reals = tracked;
         self.services.insert(*vip, service);
+        if new_slot {
+            self.next_real_id = slot.id + 1;
+        }
         tracing::info!(%vip, %real, mac = %fmt_mac(&mac), weight, "real added");
+        Ok(())
+    }
+
+    /// Changes `real`'s weight in `vip`. Weight 0 drains it: no new flows, its
+    /// tracked flows stay.
+    pub fn set_weight(
+        &mut self,
+        dp: &mut Dataplane,
+        vip: &Vip,
+        real: IpAddr,
+        weight: u32,
+    ) -> Result<()> {
+        if weight > MAX_WEIGHT {
+            return Err(StateError::Weight(weight));
+        }
+        let service = self.services.get(vip).ok_or(StateError::UnknownVip(*vip))?;
+        let Some(member) = service.members.get(&real) else {
+            return Err(StateError::UnknownReal { vip: *vip, real });
+        };
+        if member.weight == weight {
+            return Ok(());
+        }
+        let mut service = service.clone();
+        service.members.insert(real, Member { weight });
+        let reals = self.reals.clone();
+        self.publish(dp, vip, &mut service, &reals)?;
+        self.services.insert(*vip, service);
+        tracing::info!(%vip, %real, weight, "real weight changed");
         Ok(())
     }
 
@@ -364,11 +460,20 @@ impl State {
         table_with(service, &self.reals)
     }
 
-    /// Which real the current tables give a flow (`xlb simulate`).
-    pub fn real_for(&self, vip: &Vip, hash: u32) -> Option<IpAddr> {
-        let service = self.services.get(vip)?;
-        let table = self.table(service);
-        let id = table[(hash % service.options.table_size) as usize];
+    /// Which real the live table in the maps gives a flow hash (`xlb simulate`).
+    pub fn real_for(&self, dp: &Dataplane, vip: &Vip, hash: u32) -> Result<Option<IpAddr>> {
+        let service = self.services.get(vip).ok_or(StateError::UnknownVip(*vip))?;
+        let size = service.options.table_size;
+        let table = dp.read_ring(service.live_ring, size)?;
+        let id = table[(hash % size) as usize];
+        Ok(self.real_by_id(id))
+    }
+
+    /// The address of real `id`, if it is one of ours.
+    pub fn real_by_id(&self, id: u32) -> Option<IpAddr> {
+        if id == REAL_NONE {
+            return None;
+        }
         self.reals
             .iter()
             .find(|(_, slot)| slot.id == id)
@@ -398,6 +503,7 @@ impl State {
                             mac: fmt_mac(&slot.mac),
                             packets: c.packets,
                             bytes: c.bytes,
+                            flows: c.flows,
                         })
                     })
                     .collect::<Result<Vec<_>>>()?;
@@ -405,9 +511,11 @@ impl State {
                     vip: *vip,
                     id: s.id,
                     scheduler: s.options.scheduler,
+                    forward: s.options.forward,
                     table_size: s.options.table_size,
                     packets: counter.packets,
                     bytes: counter.bytes,
+                    flows: counter.flows,
                     reals,
                 })
             })
@@ -436,6 +544,9 @@ fn meta(service: &Service, ring: u32) -> VipMeta {
         flags: match service.options.scheduler {
             Scheduler::Maglev => 0,
             Scheduler::MaglevSrc => VIP_F_HASH_SRC_ONLY,
+        } | match service.options.forward {
+            Forward::Dr => 0,
+            Forward::Tun => VIP_F_TUNNEL,
         },
     }
 }

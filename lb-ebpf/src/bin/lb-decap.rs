@@ -1,0 +1,142 @@
+//! The real-server program for TUN mode: strips IPIP, IP6IP6 and IPv4-in-IPv6
+//! headers addressed to one of this host's tunnel endpoints and passes the
+//! inner packet to the kernel, which delivers it to the VIP held on `lo`.
+//! Everything else passes untouched. (This kernel has no ipip/ip6_tunnel
+//! modules; XDP decapsulation is also faster than a tunnel device.)
+//!
+//! A separate object from the balancer so real servers load only this.
+#![cfg_attr(target_arch = "bpf", no_std)]
+#![cfg_attr(target_arch = "bpf", no_main)]
+
+#[cfg(target_arch = "bpf")]
+#[path = "../parse.rs"]
+#[expect(dead_code, reason = "shared with the balancer, which reads more of it")]
+mod parse;
+
+#[cfg(target_arch = "bpf")]
+mod program {
+    use aya_ebpf::{
+        bindings::xdp_action,
+        helpers::bpf_xdp_adjust_head,
+        macros::{map, xdp},
+        maps::{HashMap, PerCpuArray},
+        programs::XdpContext,
+    };
+    use lb_common::{
+        AddrKey, Counter, FAMILY_V4, MAX_DECAP_ADDRS, PROTO_IPIP, PROTO_IPV6, decap_stat,
+    };
+
+    use crate::parse::{self, ETH_P_IP, ETH_P_IPV6, read_at, write_at};
+
+    /// This host's tunnel endpoint addresses, written by `xlb decap`.
+    #[map(name = "XLB_DECAP_ADDRS")]
+    static DECAP_ADDRS: HashMap<AddrKey, u32> = HashMap::with_max_entries(MAX_DECAP_ADDRS, 0);
+
+    /// One counter per outcome, indexed by `lb_common::decap_stat`.
+    #[map(name = "XLB_DECAP_STATS")]
+    static DECAP_STATS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(decap_stat::COUNT, 0);
+
+    /// Decapsulates tunnel packets for this host.
+    #[xdp]
+    pub fn xlb_decap(ctx: XdpContext) -> u32 {
+        let bytes = (ctx.data_end() - ctx.data()) as u64;
+        let (action, stat) = process(&ctx);
+        if let Some(c) = DECAP_STATS.get_ptr_mut(stat) {
+            // SAFETY: this CPU's element of a per-CPU array.
+            unsafe {
+                (*c).packets += 1;
+                (*c).bytes += bytes;
+            }
+        }
+        action
+    }
+
+    #[inline(always)]
+    fn process(ctx: &XdpContext) -> (u32, u32) {
+        let pass = xdp_action::XDP_PASS;
+        let Some(l2) = parse::l2(ctx) else {
+            return (pass, decap_stat::PASS_MALFORMED);
+        };
+        let outer = match l2.ethertype {
+            ETH_P_IP => parse::ipv4(ctx, l2.l3_off),
+            ETH_P_IPV6 => parse::ipv6(ctx, l2.l3_off),
+            _ => return (pass, decap_stat::PASS_NOT_TUNNEL),
+        };
+        let Ok(outer) = outer else {
+            return (pass, decap_stat::PASS_MALFORMED);
+        };
+        let v4_outer = outer.family == FAMILY_V4;
+        let (inner_type, stat) = match outer.proto {
+            PROTO_IPIP if v4_outer => (ETH_P_IP, decap_stat::DECAP_IPIP),
+            PROTO_IPIP => (ETH_P_IP, decap_stat::DECAP_4IN6),
+            PROTO_IPV6 if !v4_outer => (ETH_P_IPV6, decap_stat::DECAP_IP6IP6),
+            _ => return (pass, decap_stat::PASS_NOT_TUNNEL),
+        };
+        let key = AddrKey {
+            addr: outer.dst,
+            family: outer.family,
+            _pad: [0; 3],
+        };
+        // SAFETY: a lookup in a map only this program and the daemon touch.
+        if outer.fragment || unsafe { DECAP_ADDRS.get(&key) }.is_none() {
+            return (pass, decap_stat::PASS_NOT_LOCAL);
+        }
+        // The inner IP header must be there before we commit to stripping.
+        let inner_ok = if inner_type == ETH_P_IP {
+            read_at::<[u8; 20]>(ctx, outer.l4_off).is_some()
+        } else {
+            read_at::<[u8; 40]>(ctx, outer.l4_off).is_some()
+        };
+        if !inner_ok {
+            return (pass, decap_stat::PASS_MALFORMED);
+        }
+        let outer_len = outer.l4_off - l2.l3_off;
+        // Save the L2 header (addresses and VLAN tags) before it is overwritten.
+        let Some(macs) = read_at::<[u8; 12]>(ctx, 0) else {
+            return (pass, decap_stat::PASS_MALFORMED);
+        };
+        let tags: [u8; 8] = match l2.l3_off {
+            18 => match read_at::<[u8; 4]>(ctx, 12) {
+                Some(t) => [t[0], t[1], t[2], t[3], 0, 0, 0, 0],
+                None => return (pass, decap_stat::PASS_MALFORMED),
+            },
+            22 => match read_at(ctx, 12) {
+                Some(t) => t,
+                None => return (pass, decap_stat::PASS_MALFORMED),
+            },
+            _ => [0; 8],
+        };
+        // SAFETY: shrinking the packet this program owns by the outer header,
+        // which the checks above proved is inside it.
+        if unsafe { bpf_xdp_adjust_head(ctx.ctx, outer_len as i32) } != 0 {
+            return (xdp_action::XDP_ABORTED, decap_stat::ABORTED);
+        }
+        let mut ok = write_at(ctx, 0, macs);
+        ok &= match l2.l3_off {
+            18 => write_at(ctx, 12, [tags[0], tags[1], tags[2], tags[3]]),
+            22 => write_at(ctx, 12, tags),
+            _ => true,
+        };
+        ok &= write_at(ctx, l2.l3_off - 2, inner_type);
+        if ok {
+            (pass, stat)
+        } else {
+            (xdp_action::XDP_ABORTED, decap_stat::ABORTED)
+        }
+    }
+
+    #[panic_handler]
+    fn panic(_info: &core::panic::PanicInfo) -> ! {
+        // The verifier rejects any program that could reach this.
+        loop {}
+    }
+
+    #[unsafe(link_section = "license")]
+    #[unsafe(no_mangle)]
+    static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
+}
+
+#[cfg(not(target_arch = "bpf"))]
+fn main() {
+    eprintln!("lb-decap holds an XDP program; it is built for BPF by lb-userspace's build.rs");
+}

@@ -1,0 +1,110 @@
+//! `xlb decap`: the real-server side of TUN mode. Loads the `lb-decap` XDP
+//! object, tells it this host's tunnel endpoint addresses and attaches it.
+
+use std::net::IpAddr;
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{HashMap, MapData, PerCpuArray},
+    programs::{Xdp, XdpMode},
+};
+use lb_common::{AddrKey, Counter, decap_stat, map_names, prog_names};
+
+use crate::{dataplane::DataplaneError, model::addr_bytes};
+
+/// The compiled decapsulator object, built by build.rs with aya-build.
+pub static DECAP_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-decap"));
+
+/// The loaded decapsulator and handles on its maps.
+pub struct Decap {
+    ebpf: Ebpf,
+    addrs: HashMap<MapData, AddrKey, u32>,
+    stats: PerCpuArray<MapData, Counter>,
+}
+
+fn map_err(name: &'static str) -> impl FnOnce(aya::maps::MapError) -> DataplaneError {
+    move |source| DataplaneError::Map { name, source }
+}
+
+impl Decap {
+    /// Loads the object into the kernel, not attached.
+    pub fn load() -> Result<Self, DataplaneError> {
+        let mut ebpf = EbpfLoader::new().load(DECAP_OBJECT)?;
+        let name = prog_names::DECAP;
+        let prog: &mut Xdp = ebpf
+            .program_mut(name)
+            .ok_or(DataplaneError::MissingMap(name))?
+            .try_into()
+            .map_err(|source| DataplaneError::Program { name, source })?;
+        prog.load()
+            .map_err(|source| DataplaneError::Program { name, source })?;
+        let addrs = HashMap::try_from(
+            ebpf.take_map(map_names::DECAP_ADDRS)
+                .ok_or(DataplaneError::MissingMap(map_names::DECAP_ADDRS))?,
+        )
+        .map_err(map_err(map_names::DECAP_ADDRS))?;
+        let stats = PerCpuArray::try_from(
+            ebpf.take_map(map_names::DECAP_STATS)
+                .ok_or(DataplaneError::MissingMap(map_names::DECAP_STATS))?,
+        )
+        .map_err(map_err(map_names::DECAP_STATS))?;
+        Ok(Self { ebpf, addrs, stats })
+    }
+
+    /// The loaded program (for attaching or BPF_PROG_TEST_RUN).
+    pub fn program(&self) -> Result<&Xdp, DataplaneError> {
+        let name = prog_names::DECAP;
+        self.ebpf
+            .program(name)
+            .ok_or(DataplaneError::MissingMap(name))?
+            .try_into()
+            .map_err(|source| DataplaneError::Program { name, source })
+    }
+
+    /// Attaches to `iface` until this value is dropped.
+    pub fn attach(&mut self, iface: &str, mode: XdpMode) -> Result<(), DataplaneError> {
+        let name = prog_names::DECAP;
+        let cname = std::ffi::CString::new(iface)
+            .map_err(|_| DataplaneError::IfaceName(iface.to_owned()))?;
+        let prog: &mut Xdp = self
+            .ebpf
+            .program_mut(name)
+            .ok_or(DataplaneError::MissingMap(name))?
+            .try_into()
+            .map_err(|source| DataplaneError::Program { name, source })?;
+        prog.attach(cname.as_c_str(), mode)
+            .map_err(|source| DataplaneError::Program { name, source })?;
+        Ok(())
+    }
+
+    /// Accepts tunnels addressed to `addr`.
+    pub fn add_addr(&mut self, addr: IpAddr) -> Result<(), DataplaneError> {
+        let (bytes, family) = addr_bytes(addr);
+        let key = AddrKey {
+            addr: bytes,
+            family,
+            _pad: [0; 3],
+        };
+        self.addrs
+            .insert(&key, &1, 0)
+            .map_err(map_err(map_names::DECAP_ADDRS))
+    }
+
+    /// Every counter summed over CPUs, by name.
+    pub fn counters(&self) -> Result<Vec<(&'static str, Counter)>, DataplaneError> {
+        (0..decap_stat::COUNT)
+            .map(|i| {
+                let values = self
+                    .stats
+                    .get(&i, 0)
+                    .map_err(map_err(map_names::DECAP_STATS))?;
+                let c = values.iter().fold(Counter::default(), |acc, c| Counter {
+                    packets: acc.packets + c.packets,
+                    bytes: acc.bytes + c.bytes,
+                    ..acc
+                });
+                Ok((decap_stat::NAMES[i as usize], c))
+            })
+            .collect()
+    }
+}

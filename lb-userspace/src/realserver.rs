@@ -1,0 +1,153 @@
+//! `xlb realserver setup|teardown`: prepares a real server to accept VIP
+//! traffic in DR or TUN mode, the way LVS real servers are set up:
+//!
+//! - each VIP goes on `lo` as a host address (/32 or /128), so the kernel
+//!   accepts packets for it;
+//! - `arp_ignore=1` and `arp_announce=2` (all interfaces), so the real never
+//!   answers ARP for the VIP (the balancer must attract VIP traffic) nor uses
+//!   it as an ARP source;
+//! - `rp_filter=2` (loose) on all interfaces, so decapsulated TUN packets and
+//!   DR packets from clients routed elsewhere are not dropped by reverse-path
+//!   filtering.
+//!
+//! Setup records the sysctl values it replaced in a state file; teardown
+//! removes the VIPs and restores them.
+
+use std::{
+    collections::BTreeMap,
+    net::IpAddr,
+    path::{Path, PathBuf},
+};
+
+use anyhow::{Context as _, bail};
+use serde::{Deserialize, Serialize};
+
+/// Sysctls set by setup, with the value each needs.
+const SYSCTLS: [(&str, &str); 4] = [
+    ("net/ipv4/conf/all/arp_ignore", "1"),
+    ("net/ipv4/conf/all/arp_announce", "2"),
+    ("net/ipv4/conf/all/rp_filter", "2"),
+    ("net/ipv4/conf/lo/rp_filter", "2"),
+];
+
+/// What setup changed, so teardown can undo exactly that.
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct Applied {
+    /// VIPs added to `lo` by setup.
+    pub vips: Vec<IpAddr>,
+    /// Previous values of the sysctls setup changed.
+    pub sysctls: BTreeMap<String, String>,
+}
+
+/// Default state file.
+pub const STATE_FILE: &str = "/run/xlb/realserver.json";
+
+fn sysctl_path(key: &str) -> PathBuf {
+    Path::new("/proc/sys").join(key)
+}
+
+fn read_sysctl(key: &str) -> anyhow::Result<String> {
+    Ok(std::fs::read_to_string(sysctl_path(key))
+        .with_context(|| format!("reading sysctl {key}"))?
+        .trim()
+        .to_owned())
+}
+
+fn write_sysctl(key: &str, value: &str) -> anyhow::Result<()> {
+    std::fs::write(sysctl_path(key), value).with_context(|| format!("setting sysctl {key}={value}"))
+}
+
+async fn lo_index(handle: &rtnetlink::Handle) -> anyhow::Result<u32> {
+    use futures::TryStreamExt as _;
+    let link = handle
+        .link()
+        .get()
+        .match_name("lo".to_owned())
+        .execute()
+        .try_next()
+        .await
+        .context("looking up lo")?
+        .context("no lo interface")?;
+    Ok(link.header.index)
+}
+
+/// Puts `vips` on `lo` and sets the sysctls; records what it changed in `state`.
+pub async fn setup(vips: &[IpAddr], state: &Path) -> anyhow::Result<Applied> {
+    if vips.is_empty() {
+        bail!("give at least one --vip");
+    }
+    let mut applied: Applied = match std::fs::read_to_string(state) {
+        Ok(text) => serde_json::from_str(&text)
+            .with_context(|| format!("{} is not a realserver state file", state.display()))?,
+        Err(_) => Applied::default(),
+    };
+    let (conn, handle, _) = rtnetlink::new_connection().context("opening rtnetlink")?;
+    let task = tokio::spawn(conn);
+    let lo = lo_index(&handle).await?;
+    for vip in vips {
+        let prefix = if vip.is_ipv4() { 32 } else { 128 };
+        match handle.address().add(lo, *vip, prefix).execute().await {
+            Ok(()) => {
+                if !applied.vips.contains(vip) {
+                    applied.vips.push(*vip);
+                }
+            }
+            // Already there (EEXIST): fine, but not ours to remove later.
+            Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::EEXIST => {}
+            Err(e) => bail!("adding {vip}/{prefix} to lo: {e}"),
+        }
+    }
+    task.abort();
+    for (key, value) in SYSCTLS {
+        let old = read_sysctl(key)?;
+        if old != value {
+            applied.sysctls.entry(key.to_owned()).or_insert(old);
+            write_sysctl(key, value)?;
+        }
+    }
+    if let Some(dir) = state.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    std::fs::write(state, serde_json::to_vec_pretty(&applied)?)
+        .with_context(|| format!("writing {}", state.display()))?;
+    Ok(applied)
+}
+
+/// Undoes what setup recorded in `state`.
+pub async fn teardown(state: &Path) -> anyhow::Result<Applied> {
+    let text = std::fs::read_to_string(state).with_context(|| {
+        format!(
+            "no realserver state at {} (nothing was set up, or another --state was used)",
+            state.display()
+        )
+    })?;
+    let applied: Applied = serde_json::from_str(&text)
+        .with_context(|| format!("{} is not a realserver state file", state.display()))?;
+    let (conn, handle, _) = rtnetlink::new_connection().context("opening rtnetlink")?;
+    let task = tokio::spawn(conn);
+    let lo = lo_index(&handle).await?;
+    {
+        use futures::TryStreamExt as _;
+        let mut addrs = handle.address().get().set_link_index_filter(lo).execute();
+        while let Some(msg) = addrs.try_next().await.context("listing lo's addresses")? {
+            let matches = msg.attributes.iter().any(|a| {
+                matches!(a, netlink_packet_route::address::AddressAttribute::Address(ip)
+                    if applied.vips.contains(ip))
+            });
+            if matches {
+                handle
+                    .address()
+                    .del(msg)
+                    .execute()
+                    .await
+                    .context("removing a VIP from lo")?;
+            }
+        }
+    }
+    task.abort();
+    for (key, value) in &applied.sysctls {
+        write_sysctl(key, value)?;
+    }
+    std::fs::remove_file(state).with_context(|| format!("removing {}", state.display()))?;
+    Ok(applied)
+}
