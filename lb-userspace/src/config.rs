@@ -200,7 +200,7 @@ mod tests {
         let cases = [
             (
                 "services:\n  - vip: 203.0.113.10:99999/tcp\n",
-                "x.yaml: services[0].vip: invalid VIP '203.0.113.10:99999/tcp': port 99999 is out of range",
+                "x.yaml: services[0]: invalid VIP '203.0.113.10:99999/tcp': port 99999 is out of range (1-65535) at line 2",
             ),
             (
                 "services:\n  - vip: 203.0.113.10:80/tcp\n    table_size: 65536\n",

@@ -1,5 +1,14 @@
-//! Integration-test support for xlb: network-namespace topologies, packet fixtures and
-//! the test real server (`xlb-testsrv`).
+//! Integration-test support for xlb: network-namespace topologies, packet fixtures,
+//! the test real server (`xlb-testsrv`) and the demo (`xlb-demo`).
+//!
+//! # Layout
+//!
+//! - [`netns`]: namespaces and the client / balancer / reals topology;
+//! - [`packet`]: crafted packets for the BPF_PROG_TEST_RUN fixtures;
+//! - [`harness`]: the processes of an end-to-end run (daemon, real servers, CLI);
+//! - [`capture`]: an AF_PACKET tap that shows which MAC really sent a frame.
 
+pub mod capture;
+pub mod harness;
 pub mod netns;
 pub mod packet;

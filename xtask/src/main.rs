@@ -1,1 +1,246 @@
-fn main() {}
+//! `cargo xtask`: the workspace's orchestration, reached through `./x` (which first
+//! makes sure the toolchains and tools are installed).
+//!
+//! - `test`: fmt check, clippy, build of every target, then every test, one at a time
+//!   (the root tests of `xlb-tests`, BPF_PROG_TEST_RUN and netns end-to-end, must not
+//!   run in parallel), with `XLB_BIN` and `XLB_TESTSRV_BIN` naming the binaries.
+//! - `lint`: fmt check and clippy only.
+//! - `demo`: builds the binaries and runs `xlb-demo` as root.
+//!
+//! Nothing is built here by hand: every step is a plain cargo command, printed before it
+//! runs, so any of them can be repeated alone.
+
+use std::{
+    ffi::{OsStr, OsString},
+    os::unix::process::CommandExt as _,
+    path::{Path, PathBuf},
+    process::{Command, ExitCode},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand};
+
+/// The integration-test package: its tests need root and run one at a time.
+const ROOT_TESTS_PACKAGE: &str = "xlb-tests";
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "cargo xtask",
+    about = "xlb workspace tasks (usually run as ./x TASK)"
+)]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Debug, Subcommand)]
+enum Task {
+    /// fmt check, clippy, build, then every test (root tests one at a time).
+    Test {
+        /// Only run tests whose name contains this (passed to the test binaries).
+        filter: Option<String>,
+    },
+    /// fmt check and clippy with warnings denied.
+    Lint,
+    /// build the binaries and run the demo as root (arguments go to xlb-demo).
+    Demo {
+        /// Arguments for xlb-demo, e.g. `--requests 1000`.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<OsString>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("xtask: error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    let root = workspace_root();
+    std::env::set_current_dir(&root)
+        .with_context(|| format!("cannot enter the workspace root {}", root.display()))?;
+    match cli.task {
+        Task::Test { filter } => test(filter.as_deref()),
+        Task::Lint => {
+            let mut steps = Steps::default();
+            lint(&mut steps)?;
+            steps.summary("lint");
+            Ok(())
+        }
+        Task::Demo { args } => demo(&args),
+    }
+}
+
+/// The workspace root: this crate's parent directory.
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives one level below the workspace root")
+        .to_owned()
+}
+
+/// Timings of the steps run so far, for a one-line summary.
+#[derive(Default)]
+struct Steps {
+    done: Vec<(&'static str, Duration)>,
+}
+
+impl Steps {
+    /// Runs `cmd`, echoing it first, and fails naming the step if it fails.
+    fn run(&mut self, name: &'static str, cmd: &mut Command) -> anyhow::Result<()> {
+        eprintln!("xtask: {name}: {}", describe(cmd));
+        let start = Instant::now();
+        let status = cmd
+            .status()
+            .with_context(|| format!("cannot start `{}`", describe(cmd)))?;
+        if !status.success() {
+            bail!("{name} failed ({status}): `{}`", describe(cmd));
+        }
+        self.done.push((name, start.elapsed()));
+        Ok(())
+    }
+
+    fn summary(&self, task: &str) {
+        let parts: Vec<String> = self
+            .done
+            .iter()
+            .map(|(name, took)| format!("{name} {:.1}s", took.as_secs_f64()))
+            .collect();
+        let total: Duration = self.done.iter().map(|(_, took)| *took).sum();
+        eprintln!(
+            "xtask: {task} ok in {:.1}s ({})",
+            total.as_secs_f64(),
+            parts.join(", ")
+        );
+    }
+}
+
+/// The command line of `cmd`, with cargo's full path shortened to `cargo`.
+fn describe(cmd: &Command) -> String {
+    let program = if std::env::var_os("CARGO").as_deref() == Some(cmd.get_program()) {
+        OsStr::new("cargo")
+    } else {
+        cmd.get_program()
+    };
+    std::iter::once(program)
+        .chain(cmd.get_args())
+        .map(|s| s.to_string_lossy().into_owned())
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn cargo(args: &[&str]) -> Command {
+    let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    cmd.args(args);
+    cmd
+}
+
+fn lint(steps: &mut Steps) -> anyhow::Result<()> {
+    steps.run("fmt", &mut cargo(&["fmt", "--all", "--check"]))?;
+    steps.run(
+        "clippy",
+        &mut cargo(&[
+            "clippy",
+            "--workspace",
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ]),
+    )
+}
+
+/// Builds every target and returns the environment that points tests and the demo at
+/// them.
+fn build_bins(steps: &mut Steps) -> anyhow::Result<Vec<(&'static str, PathBuf)>> {
+    // All targets, not only the bins: `cargo test --workspace` then has nothing left to
+    // build, and the demo and the tests share one build (with --bins alone, cargo
+    // resolves features without dev-dependencies and builds a second variant).
+    steps.run(
+        "build",
+        &mut cargo(&["build", "--workspace", "--all-targets"]),
+    )?;
+    let bin_dir = target_dir()?.join("debug");
+    let env = vec![
+        ("XLB_BIN", bin_dir.join("xlb")),
+        ("XLB_TESTSRV_BIN", bin_dir.join("xlb-testsrv")),
+    ];
+    for (var, path) in &env {
+        if !path.is_file() {
+            bail!("{var}: {} was not built", path.display());
+        }
+    }
+    Ok(env)
+}
+
+/// Cargo's target directory, as `cargo metadata` reports it (honours CARGO_TARGET_DIR
+/// and build.target-dir).
+fn target_dir() -> anyhow::Result<PathBuf> {
+    let out = cargo(&["metadata", "--format-version", "1", "--no-deps"])
+        .output()
+        .context("cannot run cargo metadata")?;
+    if !out.status.success() {
+        bail!(
+            "cargo metadata failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    let meta: serde_json::Value =
+        serde_json::from_slice(&out.stdout).context("cargo metadata printed invalid JSON")?;
+    meta["target_directory"]
+        .as_str()
+        .map(PathBuf::from)
+        .context("cargo metadata has no target_directory")
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
+fn test(filter: Option<&str>) -> anyhow::Result<()> {
+    let mut steps = Steps::default();
+    lint(&mut steps)?;
+    let env = build_bins(&mut steps)?;
+    if !is_root() {
+        eprintln!(
+            "xtask: warning: not root; the XDP and netns tests of {ROOT_TESTS_PACKAGE} will fail"
+        );
+    }
+    // The root tests of xlb-tests (XDP, namespaces) must run one at a time. The host
+    // tests take well under a second, so one single-threaded run of the whole suite is
+    // the simplest way, and reuses the build above as it is.
+    let mut tests = cargo(&["test", "--workspace", "--", "--test-threads=1"]);
+    tests.args(filter);
+    steps.run("tests", tests.envs(env))?;
+
+    steps.summary("test");
+    Ok(())
+}
+
+fn demo(args: &[OsString]) -> anyhow::Result<()> {
+    let mut steps = Steps::default();
+    let env = build_bins(&mut steps)?;
+    let demo = target_dir()?.join("debug").join("xlb-demo");
+    let mut cmd = if is_root() {
+        Command::new(&demo)
+    } else {
+        eprintln!("xtask: the demo creates namespaces and loads XDP: running it with sudo");
+        let mut sudo = Command::new("sudo");
+        sudo.arg("--preserve-env=XLB_BIN,XLB_TESTSRV_BIN")
+            .arg(&demo);
+        sudo
+    };
+    cmd.args(args).envs(env);
+    eprintln!("xtask: demo: {}", describe(&cmd));
+    // Replace this process: Ctrl-C then reaches the demo alone, which tears down.
+    let err = cmd.exec();
+    Err(err).with_context(|| format!("cannot run {}", demo.display()))
+}
