@@ -100,6 +100,7 @@ impl From<StateError> for ApiError {
             | StateError::TableSize(_)
             | StateError::Family { .. }
             | StateError::Weight(_) => StatusCode::BAD_REQUEST,
+            StateError::NoMac(_) => StatusCode::UNPROCESSABLE_ENTITY,
             StateError::Dataplane(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };
         Self {
@@ -326,9 +327,13 @@ async fn add_real(
         inner.state.check_add_real(&vip, real, weight)?;
         inner.state.forward(&vip).unwrap_or_default()
     };
-    let mac = match forward {
-        Forward::Dr => neighbor::resolve(&shared.iface, real, shared.resolve_timeout).await?,
-        Forward::Tun => {
+    let known = lock(&shared).state.mac(real);
+    let mac = match (known, forward) {
+        // Known from another VIP; a DR VIP still needs the real on the segment.
+        (Some(mac), Forward::Tun) => mac,
+        (Some(mac), Forward::Dr) if shared.iface.on_link(real) => mac,
+        (_, Forward::Dr) => neighbor::resolve(&shared.iface, real, shared.resolve_timeout).await?,
+        (None, Forward::Tun) => {
             neighbor::resolve_next_hop(&shared.iface, real, shared.resolve_timeout).await?
         }
     };

@@ -1,10 +1,26 @@
-//! The services the operator configured and their mapping onto the dataplane.
+//! The desired state of the balancer and the one reconcile step that applies it.
 //!
-//! [`State`] owns id allocation (VIP ids, ring slots, real ids) and applies each
-//! change in an order packets can never observe half-done: a new Maglev table is
-//! written into the VIP's spare ring and published by one VIP-map update; a real
-//! is written before any table names it and cleared only after none does. A
-//! change that fails leaves both the model and the maps as they were.
+//! [`Desired`] is everything the operator asked for: services, their reals,
+//! weights and administrative states. Every change — `xlb apply`, a CLI
+//! command, a config reload, a health verdict — builds a new `Desired` (or new
+//! health facts) and calls [`State::reconcile`], which computes the difference
+//! against what is in the maps and writes only what changes, in an order
+//! packets can never observe half-done:
+//!
+//! - a real's slot in `XLB_REALS` is written before any table names it;
+//! - a VIP's new Maglev table is written into its spare ring and published by
+//!   one `XLB_VIPS` update (a new VIP: its table, counters and address first,
+//!   the `XLB_VIPS` insert last);
+//! - a slot is cleared only after no table names it.
+//!
+//! Every map write records its inverse; if one fails, the writes already made
+//! are undone in reverse order and the model is left as it was.
+//!
+//! Real slots (ids) are per (VIP, real) pair, so counters are per pair and
+//! disabling a real in one VIP cannot disturb another VIP's flows. Ids are
+//! handed out round robin so a freed id is reused as late as possible
+//! (conntrack entries may still name it; the data path re-hashes those once
+//! the slot is cleared).
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -12,10 +28,10 @@ use std::{
 };
 
 use lb_common::{
-    MAX_REALS, MAX_VIPS, REAL_NONE, RING_SIZE_DEFAULT, RING_SIZE_MAX, RealDef, VIP_F_HASH_SRC_ONLY,
-    VIP_F_TUNNEL, VipMeta,
+    AddrKey, MAX_REALS, MAX_VIPS, REAL_NONE, RING_SIZE_DEFAULT, RING_SIZE_MAX, RealDef,
+    VIP_F_HASH_SRC_ONLY, VIP_F_TUNNEL, VipKey, VipMeta,
 };
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::{
     dataplane::{Dataplane, DataplaneError},
@@ -49,7 +65,7 @@ pub enum StateError {
         real: IpAddr,
     },
     /// A capacity of the maps is reached.
-    #[error("cannot add {what}: the limit of {limit} is reached")]
+    #[error("cannot have more than {limit} {what}")]
     Full {
         /// What could not be added.
         what: &'static str,
@@ -74,7 +90,10 @@ pub enum StateError {
     /// The Maglev table size is not usable.
     #[error("invalid table size {0}: must be a prime between 2 and {RING_SIZE_MAX}")]
     TableSize(u32),
-    /// The map update failed; nothing was changed.
+    /// A real's MAC was not resolved before reconciling (a bug in the caller).
+    #[error("no MAC known for real {0}")]
+    NoMac(IpAddr),
+    /// A map update failed; the writes already made were undone.
     #[error(transparent)]
     Dataplane(#[from] DataplaneError),
 }
@@ -85,7 +104,7 @@ type Result<T, E = StateError> = std::result::Result<T, E>;
 pub const MAX_WEIGHT: u32 = 65535;
 
 /// Options of a VIP beyond its address.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VipOptions {
     /// How flows are hashed.
     pub scheduler: Scheduler,
@@ -105,33 +124,291 @@ impl Default for VipOptions {
     }
 }
 
-/// A real server inside one VIP.
-#[derive(Clone, Copy, Debug)]
-struct Member {
-    weight: u32,
+/// The operator's say over a real, which wins over health checks.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Admin {
+    /// In the table when healthy, with its weight.
+    #[default]
+    Enabled,
+    /// Weight 0: no new flows; its tracked flows stay until they end.
+    Drain,
+    /// Out of the table and its tracked flows are moved to other reals.
+    Disabled,
 }
 
-/// One configured VIP.
-#[derive(Clone, Debug)]
-struct Service {
+impl std::fmt::Display for Admin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Enabled => "enabled",
+            Self::Drain => "drain",
+            Self::Disabled => "disabled",
+        })
+    }
+}
+
+/// One real server of a service, as desired.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RealSpec {
+    /// Relative share of new flows, 0..=65535.
+    pub weight: u32,
+    /// The operator's state.
+    #[serde(default)]
+    pub admin: Admin,
+}
+
+impl Default for RealSpec {
+    fn default() -> Self {
+        Self {
+            weight: 1,
+            admin: Admin::Enabled,
+        }
+    }
+}
+
+/// One service, as desired.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceSpec {
+    /// Its options.
+    pub options: VipOptions,
+    /// Its reals.
+    pub reals: BTreeMap<IpAddr, RealSpec>,
+}
+
+/// Everything the operator asked for.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Desired {
+    /// The services by VIP.
+    pub services: BTreeMap<Vip, ServiceSpec>,
+}
+
+impl Desired {
+    /// Checks the values that do not depend on the running state: weights,
+    /// table sizes, address families, capacities.
+    pub fn validate(&self) -> Result<()> {
+        if self.services.len() > MAX_VIPS as usize {
+            return Err(StateError::Full {
+                what: "VIPs",
+                limit: MAX_VIPS,
+            });
+        }
+        let pairs: usize = self.services.values().map(|s| s.reals.len()).sum();
+        if pairs >= MAX_REALS as usize {
+            return Err(StateError::Full {
+                what: "reals (over all VIPs)",
+                limit: MAX_REALS - 1,
+            });
+        }
+        for (vip, s) in &self.services {
+            let size = s.options.table_size;
+            if !maglev::is_prime(size) || size > RING_SIZE_MAX {
+                return Err(StateError::TableSize(size));
+            }
+            for (real, spec) in &s.reals {
+                if spec.weight > MAX_WEIGHT {
+                    return Err(StateError::Weight(spec.weight));
+                }
+                check_family(vip, s.options.forward, *real)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Whether `real` can serve `vip` in mode `forward`.
+pub fn check_family(vip: &Vip, forward: Forward, real: IpAddr) -> Result<()> {
+    let why = match (forward, vip.addr.is_ipv4(), real.is_ipv4()) {
+        (Forward::Dr, v4, r4) if v4 != r4 => {
+            "direct return forwards the packet unchanged, so the real must be of the VIP's \
+             address family"
+        }
+        (Forward::Tun, false, true) => "an IPv6 VIP needs IPv6 reals (IPv6-in-IPv4 is not offered)",
+        _ => return Ok(()),
+    };
+    Err(StateError::Family {
+        vip: *vip,
+        real,
+        forward,
+        why,
+    })
+}
+
+/// The map writes a reconcile makes. Implemented by [`Dataplane`]; tests use a
+/// recording fake to check that a change writes only what it must.
+pub trait Maps {
+    /// Writes a Maglev table into a ring that no VIP uses yet.
+    fn write_ring(&mut self, ring_id: u32, table: &[u32]) -> Result<(), DataplaneError>;
+    /// Inserts or replaces a VIP.
+    fn put_vip(&mut self, key: &VipKey, meta: &VipMeta) -> Result<(), DataplaneError>;
+    /// Removes a VIP.
+    fn remove_vip(&mut self, key: &VipKey) -> Result<(), DataplaneError>;
+    /// Sets the number of VIPs on an address (0 removes it).
+    fn set_vip_addr(&mut self, key: &AddrKey, count: u32) -> Result<(), DataplaneError>;
+    /// Writes a real slot.
+    fn put_real(&mut self, id: u32, real: &RealDef) -> Result<(), DataplaneError>;
+    /// Zeroes a VIP's counters.
+    fn reset_vip_counter(&mut self, id: u32) -> Result<(), DataplaneError>;
+    /// Zeroes a real slot's counters.
+    fn reset_real_counter(&mut self, id: u32) -> Result<(), DataplaneError>;
+}
+
+impl Maps for Dataplane {
+    fn write_ring(&mut self, ring_id: u32, table: &[u32]) -> Result<(), DataplaneError> {
+        Dataplane::write_ring(self, ring_id, table)
+    }
+    fn put_vip(&mut self, key: &VipKey, meta: &VipMeta) -> Result<(), DataplaneError> {
+        Dataplane::put_vip(self, key, meta)
+    }
+    fn remove_vip(&mut self, key: &VipKey) -> Result<(), DataplaneError> {
+        Dataplane::remove_vip(self, key)
+    }
+    fn set_vip_addr(&mut self, key: &AddrKey, count: u32) -> Result<(), DataplaneError> {
+        Dataplane::set_vip_addr(self, key, count)
+    }
+    fn put_real(&mut self, id: u32, real: &RealDef) -> Result<(), DataplaneError> {
+        Dataplane::put_real(self, id, real)
+    }
+    fn reset_vip_counter(&mut self, id: u32) -> Result<(), DataplaneError> {
+        Dataplane::reset_vip_counter(self, id)
+    }
+    fn reset_real_counter(&mut self, id: u32) -> Result<(), DataplaneError> {
+        Dataplane::reset_real_counter(self, id)
+    }
+}
+
+/// A map write that can be undone.
+#[derive(Clone, Copy, Debug)]
+enum Op {
+    PutVip(VipKey, VipMeta),
+    RemoveVip(VipKey),
+    SetAddr(AddrKey, u32),
+    PutReal(u32, RealDef),
+}
+
+/// Runs map writes, remembering how to undo them.
+struct Writer<'m, M: Maps> {
+    maps: &'m mut M,
+    undo: Vec<Op>,
+    writes: usize,
+}
+
+impl<M: Maps> Writer<'_, M> {
+    fn exec(maps: &mut M, op: Op) -> Result<(), DataplaneError> {
+        match op {
+            Op::PutVip(k, m) => maps.put_vip(&k, &m),
+            Op::RemoveVip(k) => maps.remove_vip(&k),
+            Op::SetAddr(k, n) => maps.set_vip_addr(&k, n),
+            Op::PutReal(id, r) => maps.put_real(id, &r),
+        }
+    }
+
+    /// Performs `op`; `inverse` restores what it replaced.
+    fn write(&mut self, op: Op, inverse: Op) -> Result<(), DataplaneError> {
+        Self::exec(self.maps, op)?;
+        self.undo.push(inverse);
+        self.writes += 1;
+        Ok(())
+    }
+
+    fn ring(&mut self, ring_id: u32, table: &[u32]) -> Result<(), DataplaneError> {
+        // Rings are written only while no VIP points at them: nothing to undo.
+        self.maps.write_ring(ring_id, table)?;
+        self.writes += 1;
+        Ok(())
+    }
+
+    fn rollback(self) {
+        for op in self.undo.into_iter().rev() {
+            if let Err(err) = Self::exec(self.maps, op) {
+                tracing::error!(%err, ?op, "undoing a map write failed; run `xlb apply` again");
+            }
+        }
+    }
+}
+
+/// A service as it is in the maps.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+struct Applied {
     id: u32,
-    /// Which of the VIP's two rings (`id * 2` or `id * 2 + 1`) is live.
+    /// Which of the VIP's rings (`id * 2` or `id * 2 + 1`) is live.
     live_ring: u32,
     options: VipOptions,
-    members: BTreeMap<IpAddr, Member>,
+    /// Real slot id of each real of the service.
+    slots: BTreeMap<IpAddr, u32>,
+    /// Effective weight of each real in the live table (absent: not in it).
+    table: BTreeMap<IpAddr, u32>,
 }
 
-/// A real server known to the dataplane (shared by every VIP that lists it).
-#[derive(Clone, Copy, Debug)]
-struct RealSlot {
-    id: u32,
+/// A real slot as it is in the maps.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+struct Slot {
+    /// The real's address.
+    addr: IpAddr,
+    /// The MAC written into the slot.
     mac: [u8; 6],
-    /// How many VIPs list it.
-    refs: u32,
+    /// Whether the slot is written (false: cleared because the real is disabled).
+    live: bool,
+}
+
+/// What a reconcile did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Changes {
+    /// Map writes made (rings count one each).
+    pub writes: usize,
+    /// Tables rebuilt and published.
+    pub tables: usize,
+}
+
+/// The desired state, health facts, and the ids they occupy in the maps.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct State {
+    desired: Desired,
+    /// Health verdicts: (VIP, real) → up. Absent means up (never probed).
+    #[serde(with = "health_serde")]
+    health: BTreeMap<(Vip, IpAddr), bool>,
+    /// Share of a VIP's reals that must stay in its table; below it health
+    /// verdicts are ignored for that VIP (fail open). 0.0 disables the guard.
+    min_healthy: f64,
+    /// VIPs whose health verdicts are currently ignored by the guard.
+    guarded: BTreeSet<Vip>,
+    services: BTreeMap<Vip, Applied>,
+    /// Slot id → its contents.
+    slots: BTreeMap<u32, Slot>,
+    /// Known MACs by real address (the next hop toward it).
+    macs: BTreeMap<IpAddr, [u8; 6]>,
+    next_real_id: u32,
+}
+
+/// JSON maps need string keys: the health map is stored as a list.
+mod health_serde {
+    use std::{collections::BTreeMap, net::IpAddr};
+
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    use crate::model::Vip;
+
+    pub fn serialize<S: Serializer>(
+        m: &BTreeMap<(Vip, IpAddr), bool>,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        m.iter()
+            .map(|((v, r), up)| (*v, *r, *up))
+            .collect::<Vec<_>>()
+            .serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<BTreeMap<(Vip, IpAddr), bool>, D::Error> {
+        Ok(Vec::<(Vip, IpAddr, bool)>::deserialize(d)?
+            .into_iter()
+            .map(|(v, r, up)| ((v, r), up))
+            .collect())
+    }
 }
 
 /// What `xlb vip list` and the API show of a VIP.
-#[derive(Clone, Debug, Serialize, serde::Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct VipView {
     /// The VIP.
     pub vip: Vip,
@@ -143,6 +420,8 @@ pub struct VipView {
     pub forward: Forward,
     /// Its Maglev table size.
     pub table_size: u32,
+    /// Whether the avalanche guard is holding unhealthy reals in its table.
+    pub guarded: bool,
     /// Packets forwarded for it.
     pub packets: u64,
     /// Bytes forwarded for it.
@@ -154,33 +433,26 @@ pub struct VipView {
 }
 
 /// What the API shows of a real inside a VIP.
-#[derive(Clone, Debug, Serialize, serde::Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct RealView {
     /// The real's address.
     pub addr: IpAddr,
-    /// Its weight in this VIP.
+    /// Its configured weight.
     pub weight: u32,
+    /// The weight it has in the live table (0: no new flows; absent when out of it).
+    pub effective_weight: Option<u32>,
+    /// The operator's state.
+    pub admin: Admin,
+    /// The last health verdict (true when never probed).
+    pub healthy: bool,
     /// MAC of the next hop toward it (itself in DR mode).
     pub mac: String,
-    /// Packets forwarded to it (over all VIPs).
+    /// Packets forwarded to it for this VIP.
     pub packets: u64,
-    /// Bytes forwarded to it (over all VIPs).
+    /// Bytes forwarded to it for this VIP.
     pub bytes: u64,
-    /// New flows sent to it (over all VIPs).
+    /// New flows sent to it for this VIP.
     pub flows: u64,
-}
-
-/// The configured services and the ids they occupy in the maps.
-#[derive(Debug, Default)]
-pub struct State {
-    services: BTreeMap<Vip, Service>,
-    reals: BTreeMap<IpAddr, RealSlot>,
-    /// How many VIPs use each address.
-    addr_refs: BTreeMap<IpAddr, u32>,
-    /// Where the search for a free real id starts: ids are handed out round
-    /// robin so a freed id is reused as late as possible (conntrack entries may
-    /// still name it; the data path re-hashes those once the slot is cleared).
-    next_real_id: u32,
 }
 
 /// Formats a MAC as `02:00:00:00:00:01`.
@@ -197,60 +469,117 @@ impl State {
         Self::default()
     }
 
-    /// Whether `vip` is configured.
-    pub fn has_vip(&self, vip: &Vip) -> bool {
-        self.services.contains_key(vip)
+    /// The desired state now in force.
+    pub fn desired(&self) -> &Desired {
+        &self.desired
     }
 
-    /// The configured VIPs.
-    pub fn vips(&self) -> impl Iterator<Item = &Vip> {
-        self.services.keys()
+    /// Sets the avalanche-guard threshold (share of reals, 0.0..=1.0).
+    pub fn set_min_healthy(&mut self, share: f64) {
+        self.min_healthy = share.clamp(0.0, 1.0);
+    }
+
+    /// The VIPs whose health verdicts the avalanche guard currently ignores.
+    pub fn guarded(&self) -> &BTreeSet<Vip> {
+        &self.guarded
+    }
+
+    /// The health verdict of a real (true when never probed).
+    pub fn healthy(&self, vip: &Vip, real: IpAddr) -> bool {
+        self.health.get(&(*vip, real)).copied().unwrap_or(true)
+    }
+
+    /// Whether `vip` is configured.
+    pub fn has_vip(&self, vip: &Vip) -> bool {
+        self.desired.services.contains_key(vip)
     }
 
     /// The forwarding mode of `vip`.
     pub fn forward(&self, vip: &Vip) -> Option<Forward> {
-        self.services.get(vip).map(|s| s.options.forward)
+        self.desired.services.get(vip).map(|s| s.options.forward)
     }
 
-    /// Checks that `real` could be added to `vip` with `weight`, without
-    /// changing anything (the daemon calls it before spending time resolving
-    /// the real's MAC).
-    pub fn check_add_real(&self, vip: &Vip, real: IpAddr, weight: u32) -> Result<()> {
-        let service = self.services.get(vip).ok_or(StateError::UnknownVip(*vip))?;
-        if service.members.contains_key(&real) {
-            return Err(StateError::RealExists { vip: *vip, real });
+    /// The scheduler of `vip`.
+    pub fn scheduler(&self, vip: &Vip) -> Option<Scheduler> {
+        self.desired.services.get(vip).map(|s| s.options.scheduler)
+    }
+
+    /// The MAC known for a real address, if any.
+    pub fn mac(&self, real: IpAddr) -> Option<[u8; 6]> {
+        self.macs.get(&real).copied()
+    }
+
+    /// Reals of `desired` whose MAC is not known yet, with whether any VIP
+    /// reaches them by direct return (then the real itself must be on the
+    /// segment; otherwise the next hop toward it is resolved).
+    pub fn unresolved(&self, desired: &Desired) -> BTreeMap<IpAddr, Forward> {
+        let mut out = BTreeMap::new();
+        for s in desired.services.values() {
+            for real in s.reals.keys() {
+                if self.macs.contains_key(real) {
+                    continue;
+                }
+                let mode = out.entry(*real).or_insert(s.options.forward);
+                if s.options.forward == Forward::Dr {
+                    *mode = Forward::Dr;
+                }
+            }
         }
-        if weight > MAX_WEIGHT {
-            return Err(StateError::Weight(weight));
+        out
+    }
+
+    /// Applies `desired` (with the MACs of reals not known before) to the maps.
+    pub fn reconcile<M: Maps>(
+        &mut self,
+        maps: &mut M,
+        desired: Desired,
+        macs: &BTreeMap<IpAddr, [u8; 6]>,
+    ) -> Result<Changes> {
+        desired.validate()?;
+        let mut next = self.clone();
+        next.desired = desired;
+        for (addr, mac) in macs {
+            next.macs.insert(*addr, *mac);
         }
-        let forward = service.options.forward;
-        let family_error = |why| StateError::Family {
-            vip: *vip,
-            real,
-            forward,
-            why,
+        for s in next.desired.services.values() {
+            for real in s.reals.keys() {
+                if !next.macs.contains_key(real) {
+                    return Err(StateError::NoMac(*real));
+                }
+            }
+        }
+        let mut w = Writer {
+            maps,
+            undo: Vec::new(),
+            writes: 0,
         };
-        match (forward, vip.addr.is_ipv4(), real.is_ipv4()) {
-            (Forward::Dr, v4, r4) if v4 != r4 => {
-                return Err(family_error(
-                    "direct return forwards the packet unchanged, so the real must be of the \
-                     VIP's address family",
-                ));
+        let mut tables = 0;
+        match next.apply(self, &mut w, &mut tables) {
+            Ok(()) => {
+                let changes = Changes {
+                    writes: w.writes,
+                    tables,
+                };
+                next.forget_unused_macs();
+                *self = next;
+                Ok(changes)
             }
-            (Forward::Tun, false, true) => {
-                return Err(family_error(
-                    "an IPv6 VIP needs IPv6 reals (IPv6-in-IPv4 is not offered)",
-                ));
+            Err(err) => {
+                w.rollback();
+                Err(err.into())
             }
-            _ => {}
         }
-        if !self.reals.contains_key(&real) && self.free_real_id().is_none() {
-            return Err(StateError::Full {
-                what: "real",
-                limit: MAX_REALS - 1,
-            });
-        }
-        Ok(())
+    }
+
+    /// Drops MACs of reals no service lists any more.
+    fn forget_unused_macs(&mut self) {
+        let used: BTreeSet<IpAddr> = self
+            .desired
+            .services
+            .values()
+            .flat_map(|s| s.reals.keys().copied())
+            .collect();
+        self.macs.retain(|a, _| used.contains(a));
     }
 
     fn free_vip_id(&self) -> Option<u32> {
@@ -258,249 +587,454 @@ impl State {
         (0..MAX_VIPS).find(|id| !used.contains(id))
     }
 
-    fn free_real_id(&self) -> Option<u32> {
-        let used: BTreeSet<u32> = self.reals.values().map(|r| r.id).collect();
+    fn alloc_slot(&mut self) -> Option<u32> {
         // Id 0 is REAL_NONE; start after the last id handed out.
         let start = self.next_real_id.clamp(1, MAX_REALS - 1);
-        (start..MAX_REALS)
+        let id = (start..MAX_REALS)
             .chain(1..start)
-            .find(|id| !used.contains(id))
+            .find(|id| !self.slots.contains_key(id))?;
+        self.next_real_id = id + 1;
+        Some(id)
     }
 
-    /// Adds a VIP with no reals (packets to it are dropped and counted until it has one).
-    pub fn add_vip(&mut self, dp: &mut Dataplane, vip: Vip, options: VipOptions) -> Result<()> {
-        if self.services.contains_key(&vip) {
-            return Err(StateError::VipExists(vip));
+    /// Effective weights of a service's reals given health and the guard:
+    /// disabled reals are left out; drained or unhealthy ones get 0.
+    fn effective(&mut self, vip: &Vip) -> BTreeMap<IpAddr, u32> {
+        let spec = &self.desired.services[vip];
+        let enabled: Vec<(&IpAddr, &RealSpec)> = spec
+            .reals
+            .iter()
+            .filter(|(_, r)| r.admin != Admin::Disabled)
+            .collect();
+        let healthy = enabled
+            .iter()
+            .filter(|(a, _)| self.health.get(&(*vip, **a)).copied().unwrap_or(true))
+            .count();
+        // Avalanche guard: never let health take a VIP below min_healthy of its
+        // reals; then ignore health for it altogether (fail open).
+        let guard = !enabled.is_empty()
+            && self.min_healthy > 0.0
+            && (healthy as f64) < self.min_healthy * enabled.len() as f64;
+        if guard {
+            if self.guarded.insert(*vip) {
+                tracing::warn!(
+                    %vip,
+                    healthy,
+                    total = enabled.len(),
+                    "avalanche guard: too few healthy reals, keeping all of them in the table"
+                );
+            }
+        } else if self.guarded.remove(vip) {
+            tracing::info!(%vip, "avalanche guard released");
         }
-        if !maglev::is_prime(options.table_size) || options.table_size > RING_SIZE_MAX {
-            return Err(StateError::TableSize(options.table_size));
+        enabled
+            .into_iter()
+            .map(|(addr, r)| {
+                let up = guard || self.health.get(&(*vip, *addr)).copied().unwrap_or(true);
+                let w = if r.admin == Admin::Drain || !up {
+                    0
+                } else {
+                    r.weight
+                };
+                (*addr, w)
+            })
+            .collect()
+    }
+
+    /// Writes the difference between `old` and `self` (already holding the new
+    /// desired state) through `w`, updating `self`'s applied records.
+    fn apply<M: Maps>(
+        &mut self,
+        old: &State,
+        w: &mut Writer<'_, M>,
+        tables: &mut usize,
+    ) -> Result<(), DataplaneError> {
+        // 1. Services that go away: out of the data path first, then cleanup.
+        let gone: Vec<Vip> = old
+            .services
+            .keys()
+            .filter(|v| !self.desired.services.contains_key(v))
+            .copied()
+            .collect();
+        for vip in &gone {
+            let applied = self.services.remove(vip).expect("applied service");
+            w.write(
+                Op::RemoveVip(vip.key()),
+                Op::PutVip(vip.key(), meta(&applied, applied.live_ring)),
+            )?;
+            self.release_addr(vip, w)?;
+            for id in applied.slots.values() {
+                self.clear_slot(*id, w)?;
+                self.slots.remove(id);
+            }
         }
-        let id = self.free_vip_id().ok_or(StateError::Full {
-            what: "VIP",
-            limit: MAX_VIPS,
-        })?;
-        let service = Service {
-            id,
-            live_ring: id * 2,
-            options,
-            members: BTreeMap::new(),
-        };
-        // Table first, then counters, then the address, then the VIP itself: the
-        // VIP entry is what makes packets use the rest.
-        dp.write_ring(service.live_ring, &self.table(&service))?;
-        dp.reset_vip_counter(id)?;
-        let addr_count = self.addr_refs.get(&vip.addr).copied().unwrap_or(0) + 1;
-        dp.set_vip_addr(&vip.addr_key(), addr_count)?;
-        if let Err(err) = dp.put_vip(&vip.key(), &meta(&service, service.live_ring)) {
-            // Roll the address count back; best effort, the count is only a hint
-            // for fragment handling and is rewritten on the next change.
-            let _ = dp.set_vip_addr(&vip.addr_key(), addr_count - 1);
-            return Err(err.into());
+        // 2. New and changed services.
+        let vips: Vec<Vip> = self.desired.services.keys().copied().collect();
+        for vip in vips {
+            self.apply_service(&vip, w, tables)?;
         }
-        self.addr_refs.insert(vip.addr, addr_count);
-        self.services.insert(vip, service);
-        tracing::info!(%vip, id, "VIP added");
         Ok(())
     }
 
-    /// Removes a VIP and releases its reals.
-    pub fn del_vip(&mut self, dp: &mut Dataplane, vip: &Vip) -> Result<()> {
-        let service = self.services.get(vip).ok_or(StateError::UnknownVip(*vip))?;
-        dp.remove_vip(&vip.key())?;
-        // The VIP is gone from the data path; the rest is cleanup.
-        let members: Vec<IpAddr> = service.members.keys().copied().collect();
-        self.services.remove(vip);
-        let count = self.addr_refs.get(&vip.addr).copied().unwrap_or(1) - 1;
-        if let Err(err) = dp.set_vip_addr(&vip.addr_key(), count) {
-            tracing::warn!(%vip, %err, "could not update the VIP address count");
+    fn apply_service<M: Maps>(
+        &mut self,
+        vip: &Vip,
+        w: &mut Writer<'_, M>,
+        tables: &mut usize,
+    ) -> Result<(), DataplaneError> {
+        let spec = self.desired.services[vip].clone();
+        let is_new = !self.services.contains_key(vip);
+        let mut applied = match self.services.get(vip) {
+            Some(a) => a.clone(),
+            None => {
+                let id = self.free_vip_id().ok_or(DataplaneError::OutOfRange {
+                    what: "VIP id",
+                    index: MAX_VIPS,
+                    capacity: MAX_VIPS,
+                })?;
+                Applied {
+                    id,
+                    live_ring: id * 2,
+                    options: spec.options,
+                    slots: BTreeMap::new(),
+                    table: BTreeMap::new(),
+                }
+            }
+        };
+        // Slots of new reals, and slots whose MAC or liveness changed.
+        for (real, r) in &spec.reals {
+            let mac = self.macs[real];
+            let live = r.admin != Admin::Disabled;
+            let id = match applied.slots.get(real) {
+                Some(id) => *id,
+                None => {
+                    let id = self.alloc_slot().ok_or(DataplaneError::OutOfRange {
+                        what: "real id",
+                        index: MAX_REALS,
+                        capacity: MAX_REALS,
+                    })?;
+                    applied.slots.insert(*real, id);
+                    w.maps.reset_real_counter(id)?;
+                    self.slots.insert(
+                        id,
+                        Slot {
+                            addr: *real,
+                            mac,
+                            live: false,
+                        },
+                    );
+                    id
+                }
+            };
+            let slot = self.slots[&id];
+            if slot.live != live || (live && slot.mac != mac) {
+                let (new, old) = (slot_def(*real, &mac, live), slot_def(*real, &slot.mac, slot.live));
+                w.write(Op::PutReal(id, new), Op::PutReal(id, old))?;
+                self.slots.insert(
+                    id,
+                    Slot {
+                        addr: *real,
+                        mac,
+                        live,
+                    },
+                );
+            }
         }
-        if count == 0 {
-            self.addr_refs.remove(&vip.addr);
-        } else {
-            self.addr_refs.insert(vip.addr, count);
+        // The table, if it changes.
+        let effective = self.effective(vip);
+        if is_new || effective != applied.table || spec.options != applied.options {
+            applied.options = spec.options;
+            applied.table = effective;
+            let table = table_of(&applied);
+            let ring = if is_new {
+                applied.live_ring
+            } else {
+                applied.live_ring ^ 1
+            };
+            w.ring(ring, &table)?;
+            if is_new {
+                w.maps.reset_vip_counter(applied.id)?;
+                let count = self.addr_count(&vip.addr);
+                w.write(
+                    Op::SetAddr(vip.addr_key(), count + 1),
+                    Op::SetAddr(vip.addr_key(), count),
+                )?;
+                w.write(
+                    Op::PutVip(vip.key(), meta(&applied, ring)),
+                    Op::RemoveVip(vip.key()),
+                )?;
+            } else {
+                let before = meta(&applied, applied.live_ring);
+                w.write(
+                    Op::PutVip(vip.key(), meta(&applied, ring)),
+                    Op::PutVip(vip.key(), before),
+                )?;
+            }
+            applied.live_ring = ring;
+            *tables += 1;
+            tracing::debug!(%vip, reals = applied.table.len(), "table published");
         }
-        for real in members {
-            self.release_real(dp, real);
+        // Reals that left the service: clear their slots now no table names them.
+        let leaving: Vec<(IpAddr, u32)> = applied
+            .slots
+            .iter()
+            .filter(|(a, _)| !spec.reals.contains_key(a))
+            .map(|(a, id)| (*a, *id))
+            .collect();
+        for (real, id) in leaving {
+            self.clear_slot(id, w)?;
+            self.slots.remove(&id);
+            applied.slots.remove(&real);
         }
+        self.services.insert(*vip, applied);
+        Ok(())
+    }
+
+    /// How many applied services use `addr`.
+    fn addr_count(&self, addr: &IpAddr) -> u32 {
+        self.services.keys().filter(|v| v.addr == *addr).count() as u32
+    }
+
+    fn release_addr<M: Maps>(&self, vip: &Vip, w: &mut Writer<'_, M>) -> Result<(), DataplaneError> {
+        // `vip` is already out of self.services.
+        let count = self.addr_count(&vip.addr);
+        w.write(
+            Op::SetAddr(vip.addr_key(), count),
+            Op::SetAddr(vip.addr_key(), count + 1),
+        )
+    }
+
+    fn clear_slot<M: Maps>(&self, id: u32, w: &mut Writer<'_, M>) -> Result<(), DataplaneError> {
+        let Some(slot) = self.slots.get(&id) else {
+            return Ok(());
+        };
+        if !slot.live {
+            return Ok(());
+        }
+        w.write(
+            Op::PutReal(id, cleared_real()),
+            Op::PutReal(id, slot_def(slot.addr, &slot.mac, true)),
+        )
+    }
+
+    // --- convenience operations: each is one reconcile of a modified desired state ---
+
+    fn modified(&self, f: impl FnOnce(&mut Desired) -> Result<()>) -> Result<Desired> {
+        let mut d = self.desired.clone();
+        f(&mut d)?;
+        Ok(d)
+    }
+
+    /// Adds a VIP with no reals (packets to it are dropped and counted until it has one).
+    pub fn add_vip<M: Maps>(&mut self, maps: &mut M, vip: Vip, options: VipOptions) -> Result<()> {
+        let d = self.modified(|d| {
+            if d.services.contains_key(&vip) {
+                return Err(StateError::VipExists(vip));
+            }
+            d.services.insert(
+                vip,
+                ServiceSpec {
+                    options,
+                    reals: BTreeMap::new(),
+                },
+            );
+            Ok(())
+        })?;
+        self.reconcile(maps, d, &BTreeMap::new())?;
+        tracing::info!(%vip, forward = %options.forward, "VIP added");
+        Ok(())
+    }
+
+    /// Removes a VIP and its reals.
+    pub fn del_vip<M: Maps>(&mut self, maps: &mut M, vip: &Vip) -> Result<()> {
+        let d = self.modified(|d| {
+            d.services.remove(vip).ok_or(StateError::UnknownVip(*vip))?;
+            Ok(())
+        })?;
+        self.reconcile(maps, d, &BTreeMap::new())?;
         tracing::info!(%vip, "VIP removed");
         Ok(())
     }
 
-    /// Adds `real` (with its MAC already resolved) to `vip`.
-    pub fn add_real(
+    /// Checks that `real` could be added to `vip` with `weight`, without
+    /// changing anything (the daemon calls it before spending time resolving
+    /// the real's MAC).
+    pub fn check_add_real(&self, vip: &Vip, real: IpAddr, weight: u32) -> Result<()> {
+        let s = self
+            .desired
+            .services
+            .get(vip)
+            .ok_or(StateError::UnknownVip(*vip))?;
+        if s.reals.contains_key(&real) {
+            return Err(StateError::RealExists { vip: *vip, real });
+        }
+        if weight > MAX_WEIGHT {
+            return Err(StateError::Weight(weight));
+        }
+        check_family(vip, s.options.forward, real)
+    }
+
+    /// Adds `real` (its MAC already resolved) to `vip`.
+    pub fn add_real<M: Maps>(
         &mut self,
-        dp: &mut Dataplane,
+        maps: &mut M,
         vip: &Vip,
         real: IpAddr,
         mac: [u8; 6],
         weight: u32,
     ) -> Result<()> {
         self.check_add_real(vip, real, weight)?;
-        // Make the real known to the dataplane before any table names it.
-        let (slot, new_slot) = match self.reals.get(&real) {
-            Some(slot) => (*slot, false),
-            None => {
-                let id = self.free_real_id().ok_or(StateError::Full {
-                    what: "real",
-                    limit: MAX_REALS - 1,
-                })?;
-                (RealSlot { id, mac, refs: 0 }, true)
-            }
-        };
-        if new_slot || slot.mac != mac {
-            dp.put_real(slot.id, &real_def(real, &mac))?;
-            if new_slot {
-                dp.reset_real_counter(slot.id)?;
-            }
-        }
-        let mut service = self.services[vip].clone();
-        service.members.insert(real, Member { weight });
-        let mut tracked = self.reals.clone();
-        tracked.insert(
-            real,
-            RealSlot {
-                mac,
-                refs: slot.refs + 1,
-                ..slot
-            },
-        );
-        if let Err(err) = self.publish(dp, vip, &mut service, &tracked) {
-            if new_slot {
-                let _ = dp.put_real(slot.id, &cleared_real());
-            }
-            return Err(err);
-        }
-        self.reals = tracked;
-        self.services.insert(*vip, service);
-        if new_slot {
-            self.next_real_id = slot.id + 1;
-        }
+        let d = self.modified(|d| {
+            let s = d.services.get_mut(vip).ok_or(StateError::UnknownVip(*vip))?;
+            s.reals.insert(
+                real,
+                RealSpec {
+                    weight,
+                    admin: Admin::Enabled,
+                },
+            );
+            Ok(())
+        })?;
+        let macs = BTreeMap::from([(real, mac)]);
+        self.reconcile(maps, d, &macs)?;
         tracing::info!(%vip, %real, mac = %fmt_mac(&mac), weight, "real added");
         Ok(())
     }
 
-    /// Changes `real`'s weight in `vip`. Weight 0 drains it: no new flows, its
-    /// tracked flows stay.
-    pub fn set_weight(
+    /// Changes what the operator says of a real: its weight and/or admin state.
+    pub fn set_real<M: Maps>(
         &mut self,
-        dp: &mut Dataplane,
+        maps: &mut M,
+        vip: &Vip,
+        real: IpAddr,
+        weight: Option<u32>,
+        admin: Option<Admin>,
+    ) -> Result<()> {
+        let d = self.modified(|d| {
+            let s = d.services.get_mut(vip).ok_or(StateError::UnknownVip(*vip))?;
+            let r = s
+                .reals
+                .get_mut(&real)
+                .ok_or(StateError::UnknownReal { vip: *vip, real })?;
+            if let Some(w) = weight {
+                r.weight = w;
+            }
+            if let Some(a) = admin {
+                r.admin = a;
+            }
+            Ok(())
+        })?;
+        self.reconcile(maps, d, &BTreeMap::new())?;
+        tracing::info!(%vip, %real, ?weight, admin = ?admin, "real changed");
+        Ok(())
+    }
+
+    /// Changes `real`'s weight in `vip` (0 drains it).
+    pub fn set_weight<M: Maps>(
+        &mut self,
+        maps: &mut M,
         vip: &Vip,
         real: IpAddr,
         weight: u32,
     ) -> Result<()> {
-        if weight > MAX_WEIGHT {
-            return Err(StateError::Weight(weight));
-        }
-        let service = self.services.get(vip).ok_or(StateError::UnknownVip(*vip))?;
-        let Some(member) = service.members.get(&real) else {
-            return Err(StateError::UnknownReal { vip: *vip, real });
-        };
-        if member.weight == weight {
-            return Ok(());
-        }
-        let mut service = service.clone();
-        service.members.insert(real, Member { weight });
-        let reals = self.reals.clone();
-        self.publish(dp, vip, &mut service, &reals)?;
-        self.services.insert(*vip, service);
-        tracing::info!(%vip, %real, weight, "real weight changed");
-        Ok(())
+        self.set_real(maps, vip, real, Some(weight), None)
     }
 
     /// Removes `real` from `vip`; its slots move to the other reals.
-    pub fn del_real(&mut self, dp: &mut Dataplane, vip: &Vip, real: IpAddr) -> Result<()> {
-        let service = self.services.get(vip).ok_or(StateError::UnknownVip(*vip))?;
-        if !service.members.contains_key(&real) {
-            return Err(StateError::UnknownReal { vip: *vip, real });
-        }
-        let mut service = service.clone();
-        service.members.remove(&real);
-        let reals = self.reals.clone();
-        self.publish(dp, vip, &mut service, &reals)?;
-        self.services.insert(*vip, service);
-        self.release_real(dp, real);
+    pub fn del_real<M: Maps>(&mut self, maps: &mut M, vip: &Vip, real: IpAddr) -> Result<()> {
+        let d = self.modified(|d| {
+            let s = d.services.get_mut(vip).ok_or(StateError::UnknownVip(*vip))?;
+            s.reals
+                .remove(&real)
+                .ok_or(StateError::UnknownReal { vip: *vip, real })?;
+            Ok(())
+        })?;
+        self.reconcile(maps, d, &BTreeMap::new())?;
         tracing::info!(%vip, %real, "real removed");
         Ok(())
     }
 
-    /// Drops one reference to `real`; the last one clears it from the maps.
-    fn release_real(&mut self, dp: &mut Dataplane, real: IpAddr) {
-        let Some(slot) = self.reals.get_mut(&real) else {
-            return;
-        };
-        slot.refs = slot.refs.saturating_sub(1);
-        if slot.refs == 0 {
-            let id = slot.id;
-            self.reals.remove(&real);
-            // No table names it any more; a packet that read an old table slot
-            // just before the swap finds family 0 and is counted as no-real.
-            if let Err(err) = dp.put_real(id, &cleared_real()) {
-                tracing::warn!(%real, %err, "could not clear the real's map entry");
+    /// Records a health verdict and applies it (the table changes only when
+    /// the effective membership does).
+    pub fn set_health<M: Maps>(
+        &mut self,
+        maps: &mut M,
+        vip: &Vip,
+        real: IpAddr,
+        up: bool,
+    ) -> Result<Changes> {
+        if !self
+            .desired
+            .services
+            .get(vip)
+            .is_some_and(|s| s.reals.contains_key(&real))
+        {
+            return Err(StateError::UnknownReal { vip: *vip, real });
+        }
+        let before = self.health.insert((*vip, real), up);
+        let d = self.desired.clone();
+        match self.reconcile(maps, d, &BTreeMap::new()) {
+            Ok(c) => Ok(c),
+            Err(err) => {
+                match before {
+                    Some(b) => self.health.insert((*vip, real), b),
+                    None => self.health.remove(&(*vip, real)),
+                };
+                Err(err)
             }
         }
     }
 
-    /// Builds `service`'s table into its spare ring and makes it live.
-    fn publish(
-        &self,
-        dp: &mut Dataplane,
-        vip: &Vip,
-        service: &mut Service,
-        reals: &BTreeMap<IpAddr, RealSlot>,
-    ) -> Result<()> {
-        let spare = service.live_ring ^ 1;
-        let table = table_with(service, reals);
-        dp.write_ring(spare, &table)?;
-        dp.put_vip(&vip.key(), &meta(service, spare))?;
-        service.live_ring = spare;
-        Ok(())
-    }
-
-    fn table(&self, service: &Service) -> Vec<u32> {
-        table_with(service, &self.reals)
-    }
+    // --- queries ---
 
     /// Which real the live table in the maps gives a flow hash (`xlb simulate`).
     pub fn real_for(&self, dp: &Dataplane, vip: &Vip, hash: u32) -> Result<Option<IpAddr>> {
-        let service = self.services.get(vip).ok_or(StateError::UnknownVip(*vip))?;
-        let size = service.options.table_size;
-        let table = dp.read_ring(service.live_ring, size)?;
+        let applied = self.services.get(vip).ok_or(StateError::UnknownVip(*vip))?;
+        let size = applied.options.table_size;
+        let table = dp.read_ring(applied.live_ring, size)?;
         let id = table[(hash % size) as usize];
         Ok(self.real_by_id(id))
     }
 
-    /// The address of real `id`, if it is one of ours.
+    /// The address of the real in slot `id`, if it is one of ours.
     pub fn real_by_id(&self, id: u32) -> Option<IpAddr> {
         if id == REAL_NONE {
             return None;
         }
-        self.reals
-            .iter()
-            .find(|(_, slot)| slot.id == id)
-            .map(|(addr, _)| *addr)
+        self.services
+            .values()
+            .flat_map(|s| s.slots.iter())
+            .find(|(_, i)| **i == id)
+            .map(|(a, _)| *a)
     }
 
-    /// The scheduler of `vip`.
-    pub fn scheduler(&self, vip: &Vip) -> Option<Scheduler> {
-        self.services.get(vip).map(|s| s.options.scheduler)
+    /// The VIP ids and live rings in the maps, to check pins against on adoption.
+    pub fn applied_vips(&self) -> impl Iterator<Item = (Vip, u32, u32)> + '_ {
+        self.services
+            .iter()
+            .map(|(v, a)| (*v, a.id, a.live_ring))
     }
 
     /// What the operator sees of every VIP, with live counters.
     pub fn view(&self, dp: &Dataplane) -> Result<Vec<VipView>> {
         self.services
             .iter()
-            .map(|(vip, s)| {
-                let counter = dp.vip_counter(s.id)?;
-                let reals = s
-                    .members
+            .map(|(vip, a)| {
+                let counter = dp.vip_counter(a.id)?;
+                let spec = &self.desired.services[vip];
+                let reals = spec
+                    .reals
                     .iter()
-                    .map(|(addr, m)| {
-                        let slot = self.reals[addr];
-                        let c = dp.real_counter(slot.id)?;
+                    .map(|(addr, r)| {
+                        let id = a.slots[addr];
+                        let c = dp.real_counter(id)?;
                         Ok(RealView {
                             addr: *addr,
-                            weight: m.weight,
-                            mac: fmt_mac(&slot.mac),
+                            weight: r.weight,
+                            effective_weight: a.table.get(addr).copied(),
+                            admin: r.admin,
+                            healthy: self.healthy(vip, *addr),
+                            mac: fmt_mac(&self.slots[&id].mac),
                             packets: c.packets,
                             bytes: c.bytes,
                             flows: c.flows,
@@ -509,10 +1043,11 @@ impl State {
                     .collect::<Result<Vec<_>>>()?;
                 Ok(VipView {
                     vip: *vip,
-                    id: s.id,
-                    scheduler: s.options.scheduler,
-                    forward: s.options.forward,
-                    table_size: s.options.table_size,
+                    id: a.id,
+                    scheduler: a.options.scheduler,
+                    forward: a.options.forward,
+                    table_size: a.options.table_size,
+                    guarded: self.guarded.contains(vip),
                     packets: counter.packets,
                     bytes: counter.bytes,
                     flows: counter.flows,
@@ -523,35 +1058,38 @@ impl State {
     }
 }
 
-fn table_with(service: &Service, reals: &BTreeMap<IpAddr, RealSlot>) -> Vec<u32> {
-    let backends: Vec<Backend> = service
-        .members
+fn table_of(applied: &Applied) -> Vec<u32> {
+    let backends: Vec<Backend> = applied
+        .table
         .iter()
-        .map(|(addr, m)| Backend {
+        .map(|(addr, weight)| Backend {
             addr: *addr,
-            weight: m.weight,
-            id: reals.get(addr).map_or(lb_common::REAL_NONE, |r| r.id),
+            weight: *weight,
+            id: applied.slots[addr],
         })
         .collect();
-    maglev::build(&backends, service.options.table_size)
+    maglev::build(&backends, applied.options.table_size)
 }
 
-fn meta(service: &Service, ring: u32) -> VipMeta {
+fn meta(applied: &Applied, ring: u32) -> VipMeta {
     VipMeta {
-        vip_id: service.id,
+        vip_id: applied.id,
         ring_id: ring,
-        ring_size: service.options.table_size,
-        flags: match service.options.scheduler {
+        ring_size: applied.options.table_size,
+        flags: match applied.options.scheduler {
             Scheduler::Maglev => 0,
             Scheduler::MaglevSrc => VIP_F_HASH_SRC_ONLY,
-        } | match service.options.forward {
+        } | match applied.options.forward {
             Forward::Dr => 0,
             Forward::Tun => VIP_F_TUNNEL,
         },
     }
 }
 
-fn real_def(addr: IpAddr, mac: &[u8; 6]) -> RealDef {
+fn slot_def(addr: IpAddr, mac: &[u8; 6], live: bool) -> RealDef {
+    if !live {
+        return cleared_real();
+    }
     let (bytes, family) = addr_bytes(addr);
     RealDef {
         addr: bytes,
@@ -567,5 +1105,244 @@ fn cleared_real() -> RealDef {
         mac: [0; 6],
         family: 0,
         flags: 0,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Records every map write; can be told to fail the n-th write.
+    #[derive(Default)]
+    struct Recorder {
+        log: Vec<String>,
+        fail_at: Option<usize>,
+        vips: BTreeMap<VipKey, VipMeta>,
+        reals: BTreeMap<u32, RealDef>,
+        addrs: BTreeMap<AddrKey, u32>,
+    }
+
+    impl Recorder {
+        fn step(&mut self, what: String) -> Result<(), DataplaneError> {
+            if self.fail_at == Some(self.log.len()) {
+                // Fail once; the undo writes that follow must go through.
+                self.fail_at = None;
+                return Err(DataplaneError::IfaceName("injected failure".into()));
+            }
+            self.log.push(what);
+            Ok(())
+        }
+    }
+
+    impl Maps for Recorder {
+        fn write_ring(&mut self, ring_id: u32, _: &[u32]) -> Result<(), DataplaneError> {
+            self.step(format!("ring {ring_id}"))
+        }
+        fn put_vip(&mut self, key: &VipKey, meta: &VipMeta) -> Result<(), DataplaneError> {
+            self.step(format!("put_vip ring={}", meta.ring_id))?;
+            self.vips.insert(*key, *meta);
+            Ok(())
+        }
+        fn remove_vip(&mut self, key: &VipKey) -> Result<(), DataplaneError> {
+            self.step("remove_vip".into())?;
+            self.vips.remove(key);
+            Ok(())
+        }
+        fn set_vip_addr(&mut self, key: &AddrKey, count: u32) -> Result<(), DataplaneError> {
+            self.step(format!("addr {count}"))?;
+            if count == 0 {
+                self.addrs.remove(key);
+            } else {
+                self.addrs.insert(*key, count);
+            }
+            Ok(())
+        }
+        fn put_real(&mut self, id: u32, real: &RealDef) -> Result<(), DataplaneError> {
+            self.step(format!("real {id} family={}", real.family))?;
+            self.reals.insert(id, *real);
+            Ok(())
+        }
+        fn reset_vip_counter(&mut self, _: u32) -> Result<(), DataplaneError> {
+            Ok(())
+        }
+        fn reset_real_counter(&mut self, _: u32) -> Result<(), DataplaneError> {
+            Ok(())
+        }
+    }
+
+    fn vip(s: &str) -> Vip {
+        s.parse().expect("valid VIP")
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().expect("valid address")
+    }
+
+    fn mac(last: u8) -> [u8; 6] {
+        [2, 0, 0, 0, 0, last]
+    }
+
+    fn two_reals() -> (State, Recorder) {
+        let mut st = State::new();
+        let mut rec = Recorder::default();
+        let v = vip("203.0.113.10:80/tcp");
+        st.add_vip(&mut rec, v, VipOptions::default()).expect("vip");
+        st.add_real(&mut rec, &v, ip("198.51.100.11"), mac(11), 1).expect("real");
+        st.add_real(&mut rec, &v, ip("198.51.100.12"), mac(12), 1).expect("real");
+        rec.log.clear();
+        (st, rec)
+    }
+
+    #[test]
+    fn new_vip_writes_table_address_then_vip() {
+        let mut st = State::new();
+        let mut rec = Recorder::default();
+        st.add_vip(&mut rec, vip("203.0.113.10:80/tcp"), VipOptions::default())
+            .expect("vip");
+        assert_eq!(rec.log, ["ring 0", "addr 1", "put_vip ring=0"]);
+    }
+
+    #[test]
+    fn adding_a_real_writes_its_slot_then_flips_to_the_spare_ring() {
+        let (mut st, mut rec) = two_reals();
+        let v = vip("203.0.113.10:80/tcp");
+        st.add_real(&mut rec, &v, ip("198.51.100.13"), mac(13), 1)
+            .expect("real");
+        // Live ring was 0 after the second real's flip? Rings alternate per change.
+        assert_eq!(rec.log.len(), 3, "{:?}", rec.log);
+        assert!(rec.log[0].starts_with("real ") && rec.log[0].ends_with("family=4"));
+        assert!(rec.log[1].starts_with("ring "));
+        assert!(rec.log[2].starts_with("put_vip ring="));
+    }
+
+    #[test]
+    fn weight_change_rebuilds_only_that_vips_table() {
+        let (mut st, mut rec) = two_reals();
+        let other = vip("203.0.113.11:80/tcp");
+        st.add_vip(&mut rec, other, VipOptions::default()).expect("vip");
+        rec.log.clear();
+        st.set_weight(&mut rec, &vip("203.0.113.10:80/tcp"), ip("198.51.100.11"), 5)
+            .expect("weight");
+        assert_eq!(rec.log.len(), 2, "{:?}", rec.log);
+        assert!(rec.log[0].starts_with("ring "));
+        assert!(rec.log[1].starts_with("put_vip"));
+        // An unchanged weight writes nothing.
+        rec.log.clear();
+        st.set_weight(&mut rec, &vip("203.0.113.10:80/tcp"), ip("198.51.100.11"), 5)
+            .expect("weight");
+        assert!(rec.log.is_empty(), "{:?}", rec.log);
+    }
+
+    #[test]
+    fn removing_a_real_flips_the_table_before_clearing_its_slot() {
+        let (mut st, mut rec) = two_reals();
+        st.del_real(&mut rec, &vip("203.0.113.10:80/tcp"), ip("198.51.100.12"))
+            .expect("del");
+        assert_eq!(rec.log.len(), 3, "{:?}", rec.log);
+        assert!(rec.log[0].starts_with("ring "));
+        assert!(rec.log[1].starts_with("put_vip"));
+        assert!(rec.log[2].ends_with("family=0"), "{:?}", rec.log);
+    }
+
+    #[test]
+    fn removing_a_vip_removes_it_before_cleanup() {
+        let (mut st, mut rec) = two_reals();
+        st.del_vip(&mut rec, &vip("203.0.113.10:80/tcp")).expect("del");
+        assert_eq!(rec.log[0], "remove_vip");
+        assert_eq!(rec.log[1], "addr 0");
+        assert!(rec.log[2..].iter().all(|l| l.ends_with("family=0")));
+        assert!(rec.vips.is_empty() && rec.addrs.is_empty());
+    }
+
+    #[test]
+    fn failed_write_is_undone_and_the_model_unchanged() {
+        let (mut st, mut rec) = two_reals();
+        let before_vips = rec.vips.clone();
+        let before_reals = rec.reals.clone();
+        let before_desired = st.desired.clone();
+        // Fail the VIP flip (third write: slot, ring, put_vip).
+        rec.fail_at = Some(2);
+        let err = st
+            .add_real(&mut rec, &vip("203.0.113.10:80/tcp"), ip("198.51.100.13"), mac(13), 1)
+            .expect_err("injected failure");
+        assert!(err.to_string().contains("injected"), "{err}");
+        assert_eq!(st.desired, before_desired, "model changed");
+        assert_eq!(rec.vips, before_vips, "VIP map not restored");
+        // The new slot was written, then cleared by the undo.
+        let changed: Vec<_> = rec
+            .reals
+            .iter()
+            .filter(|(id, r)| before_reals.get(id) != Some(r) && r.family != 0)
+            .collect();
+        assert!(changed.is_empty(), "real slot left behind: {changed:?}");
+    }
+
+    #[test]
+    fn invalid_desired_state_writes_nothing() {
+        let (mut st, mut rec) = two_reals();
+        let mut d = st.desired.clone();
+        d.services
+            .get_mut(&vip("203.0.113.10:80/tcp"))
+            .expect("vip")
+            .reals
+            .insert(ip("2001:db8::1"), RealSpec::default());
+        let err = st
+            .reconcile(&mut rec, d, &BTreeMap::from([(ip("2001:db8::1"), mac(1))]))
+            .expect_err("family mismatch");
+        assert!(err.to_string().contains("address family"), "{err}");
+        assert!(rec.log.is_empty());
+    }
+
+    #[test]
+    fn drain_keeps_the_slot_and_disable_clears_it() {
+        let (mut st, mut rec) = two_reals();
+        let v = vip("203.0.113.10:80/tcp");
+        st.set_real(&mut rec, &v, ip("198.51.100.11"), None, Some(Admin::Drain))
+            .expect("drain");
+        assert!(rec.log.iter().all(|l| !l.starts_with("real ")), "{:?}", rec.log);
+        rec.log.clear();
+        st.set_real(&mut rec, &v, ip("198.51.100.11"), None, Some(Admin::Disabled))
+            .expect("disable");
+        assert!(rec.log.iter().any(|l| l.ends_with("family=0")), "{:?}", rec.log);
+        rec.log.clear();
+        st.set_real(&mut rec, &v, ip("198.51.100.11"), None, Some(Admin::Enabled))
+            .expect("enable");
+        assert!(rec.log.iter().any(|l| l.ends_with("family=4")), "{:?}", rec.log);
+    }
+
+    #[test]
+    fn avalanche_guard_keeps_unhealthy_reals_below_the_threshold() {
+        let mut st = State::new();
+        st.set_min_healthy(0.5);
+        let mut rec = Recorder::default();
+        let v = vip("203.0.113.10:80/tcp");
+        st.add_vip(&mut rec, v, VipOptions::default()).expect("vip");
+        for last in 11..15u8 {
+            st.add_real(&mut rec, &v, ip(&format!("198.51.100.{last}")), mac(last), 1)
+                .expect("real");
+        }
+        st.set_health(&mut rec, &v, ip("198.51.100.11"), false).expect("health");
+        st.set_health(&mut rec, &v, ip("198.51.100.12"), false).expect("health");
+        let eff = |st: &State| st.services[&v].table.clone();
+        // 2 of 4 healthy: exactly at the threshold, still honoured.
+        assert_eq!(eff(&st)[&ip("198.51.100.11")], 0);
+        assert!(st.guarded().is_empty());
+        // A third failure would leave 1 of 4: the guard keeps everyone in.
+        st.set_health(&mut rec, &v, ip("198.51.100.13"), false).expect("health");
+        assert!(st.guarded().contains(&v));
+        assert!(eff(&st).values().all(|w| *w == 1), "{:?}", eff(&st));
+        // Recovery releases the guard.
+        st.set_health(&mut rec, &v, ip("198.51.100.13"), true).expect("health");
+        assert!(st.guarded().is_empty());
+        assert_eq!(eff(&st)[&ip("198.51.100.12")], 0);
+    }
+
+    #[test]
+    fn state_round_trips_through_json() {
+        let (st, _) = two_reals();
+        let json = serde_json::to_string(&st).expect("serialize");
+        let back: State = serde_json::from_str(&json).expect("deserialize");
+        assert_eq!(back.desired, st.desired);
+        assert_eq!(back.services, st.services);
     }
 }
