@@ -1,59 +1,73 @@
-//! The control API: HTTP+JSON on a Unix socket, served by the daemon.
-//!
-//! | method | path | body | answer |
-//! | --- | --- | --- | --- |
-//! | GET | /v1/vips | | `[VipView]` |
-//! | POST | /v1/vips | `{"vip": "203.0.113.10:80/tcp", "scheduler"?, "table_size"?}` | 201 `VipView` |
-//! | GET | /v1/vips/{proto}/{addr}/{port} | | `VipView` |
-//! | DELETE | /v1/vips/{proto}/{addr}/{port} | | 204 |
-//! | POST | /v1/vips/{proto}/{addr}/{port}/reals | `{"addr": "198.51.100.11", "weight"?}` | 201 `VipView` |
-//! | PUT | /v1/vips/{proto}/{addr}/{port}/reals/{real} | `{"weight": N}` | `VipView` |
-//! | DELETE | /v1/vips/{proto}/{addr}/{port}/reals/{real} | | 204 |
-//! | GET | /v1/stats | | `Stats` |
-//! | GET | /v1/simulate?vip=..&src=IP:PORT | | `{"real": ..}` |
-//!
-//! Errors answer `{"error": "..."}` with 400 (bad input), 404 (unknown VIP or
-//! real), 409 (already exists), 422 (real cannot be resolved) or 500.
+//! The control API: HTTP+JSON on a Unix socket, served by the daemon. Every
+//! change goes through [`Shared::change`] or [`Shared::apply`], i.e. through
+//! the one reconcile step. The routes are documented in docs/api.md.
 
 use std::{
     net::{IpAddr, SocketAddr},
+    path::PathBuf,
     sync::{Arc, Mutex},
     time::Duration,
 };
 
 use axum::{
     Json, Router,
-    extract::{Path, Query, State as AxState},
+    extract::{Path, Query, State as AxState, rejection::JsonRejection},
     http::StatusCode,
     response::{IntoResponse, Response},
-    routing::get,
+    routing::{get, put},
 };
 use lb_common::{flow_hash, src_hash, stat};
 use serde::{Deserialize, Serialize};
 
 use crate::{
+    config::Config,
     dataplane::Dataplane,
-    model::{Forward, Proto, Scheduler, Vip, addr_bytes},
-    neighbor::{self, Iface, NeighborError},
-    state::{State, StateError, VipOptions, VipView},
+    health::{Engine, HealthCheck, ProbeStatus},
+    metrics::Metrics,
+    model::{Proto, Scheduler, Vip, addr_bytes},
+    neighbor::{Iface, NeighborError},
+    state::{
+        Admin, Changes, Desired, RealSpec, ServiceSpec, State, StateError, VipOptions, VipView,
+    },
 };
 
-/// Everything the handlers share. The mutex is never held across an await.
+/// Everything the handlers share. The std mutex is never held across an await.
 pub struct Shared {
     /// The dataplane and the model, changed together.
     pub inner: Mutex<Inner>,
+    /// Serialises changes (held across MAC resolution, never with `inner`).
+    pub changes: tokio::sync::Mutex<()>,
     /// The interface the balancer is attached to.
     pub iface: Iface,
     /// How long to wait for a real's ARP/NDP answer.
     pub resolve_timeout: Duration,
+    /// Where the state is saved after every change.
+    pub state_file: PathBuf,
+    /// The configuration file, reloaded on SIGHUP.
+    pub config_path: Option<PathBuf>,
+    /// The daemon's own metrics.
+    pub metrics: Metrics,
+    /// The health checker.
+    pub health: Engine,
 }
 
 /// The state guarded by [`Shared::inner`].
 pub struct Inner {
     /// The maps.
     pub dp: Dataplane,
-    /// The configured services.
+    /// The desired state and what is applied.
     pub state: State,
+}
+
+impl Shared {
+    /// Locks the dataplane and model. A panic while holding the lock cannot
+    /// leave the maps inconsistent with the model (a change is undone unless
+    /// it completes), so a poisoned lock is still safe to use.
+    pub fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
 }
 
 /// An error answer.
@@ -69,6 +83,12 @@ impl ApiError {
             status: StatusCode::BAD_REQUEST,
             message: message.into(),
         }
+    }
+}
+
+impl std::fmt::Display for ApiError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
     }
 }
 
@@ -119,6 +139,18 @@ impl From<NeighborError> for ApiError {
     }
 }
 
+impl From<crate::dataplane::DataplaneError> for ApiError {
+    fn from(err: crate::dataplane::DataplaneError) -> Self {
+        StateError::from(err).into()
+    }
+}
+
+impl From<JsonRejection> for ApiError {
+    fn from(err: JsonRejection) -> Self {
+        Self::bad_request(format!("invalid request body: {}", err.body_text()))
+    }
+}
+
 type ApiResult<T> = Result<T, ApiError>;
 
 /// Body of `POST /v1/vips`.
@@ -136,14 +168,9 @@ pub struct AddVip {
     /// `dr` (default) or `tun`.
     #[serde(default)]
     pub forward: Option<String>,
-}
-
-/// Body of `PUT /v1/vips/{proto}/{addr}/{port}/reals/{real}`.
-#[derive(Debug, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct SetReal {
-    /// The new weight, 0..=65535 (0 drains: no new flows, tracked flows stay).
-    pub weight: u32,
+    /// Health check of its reals (default: none).
+    #[serde(default)]
+    pub health_check: Option<HealthCheck>,
 }
 
 /// Body of `POST /v1/vips/{proto}/{addr}/{port}/reals`.
@@ -155,6 +182,47 @@ pub struct AddReal {
     /// Its weight, 0..=65535 (default 1; 0 takes no new flows).
     #[serde(default)]
     pub weight: Option<u32>,
+}
+
+/// Body of `PUT /v1/vips/{proto}/{addr}/{port}/reals/{real}`.
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SetReal {
+    /// The new weight, 0..=65535.
+    #[serde(default)]
+    pub weight: Option<u32>,
+    /// `enabled`, `drain` or `disabled`.
+    #[serde(default)]
+    pub admin: Option<Admin>,
+}
+
+/// Body of `PUT /v1/desired`: a whole desired state.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApplyBody {
+    /// A configuration document in YAML (the `services:` part is applied).
+    pub yaml: String,
+    /// Its file name, for error messages.
+    #[serde(default)]
+    pub file: Option<String>,
+}
+
+/// Answer of `PUT /v1/desired`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Applied {
+    /// Map writes made.
+    pub writes: usize,
+    /// Tables rebuilt.
+    pub tables: usize,
+}
+
+impl From<Changes> for Applied {
+    fn from(c: Changes) -> Self {
+        Self {
+            writes: c.writes,
+            tables: c.tables,
+        }
+    }
 }
 
 /// Answer of `GET /v1/stats`.
@@ -171,7 +239,7 @@ pub struct Stats {
 /// One verdict counter.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct VerdictStat {
-    /// Its name (`tx`, `pass_not_vip`, ...).
+    /// Its name (`tx_dr`, `pass_not_vip`, ...).
     pub name: String,
     /// Packets.
     pub packets: u64,
@@ -186,6 +254,38 @@ pub struct EventStat {
     pub name: String,
     /// How many times it happened.
     pub count: u64,
+}
+
+/// Answer of `GET /v1/status`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Status {
+    /// The interface the balancer serves.
+    pub iface: String,
+    /// Reconcile steps run since start.
+    pub reconciles: u64,
+    /// Every VIP with its reals, counters and health.
+    pub vips: Vec<VipStatus>,
+}
+
+/// A VIP in `GET /v1/status`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct VipStatus {
+    /// The VIP, its reals and counters.
+    #[serde(flatten)]
+    pub view: VipView,
+    /// Health of each probed real, by address.
+    pub health: Vec<RealHealth>,
+}
+
+/// Health of one real.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct RealHealth {
+    /// The real.
+    pub addr: IpAddr,
+    /// The probe kind, or `none`.
+    pub check: String,
+    /// The engine's status, when probed.
+    pub status: Option<ProbeStatus>,
 }
 
 /// Query of `GET /v1/simulate`.
@@ -218,27 +318,20 @@ pub fn router(shared: Arc<Shared>) -> Router {
             "/v1/vips/{proto}/{addr}/{port}/reals/{real}",
             axum::routing::delete(del_real).put(set_real),
         )
+        .route("/v1/desired", put(apply).get(desired))
+        .route("/v1/status", get(status))
         .route("/v1/stats", get(stats))
         .route("/v1/simulate", get(simulate))
         .with_state(shared)
 }
 
-fn lock(shared: &Shared) -> std::sync::MutexGuard<'_, Inner> {
-    // A panic while holding the lock cannot leave the maps inconsistent with
-    // the model (every change is applied before the model is updated), so a
-    // poisoned lock is still safe to use.
-    shared
-        .inner
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
+fn parse_err(e: impl std::fmt::Display) -> ApiError {
+    ApiError::bad_request(e.to_string())
 }
 
 fn vip_from_path(proto: &str, addr: &str, port: &str) -> ApiResult<Vip> {
-    let proto: Proto = proto
-        .parse()
-        .map_err(|e: crate::model::ParseError| ApiError::bad_request(e.to_string()))?;
-    let addr: IpAddr =
-        crate::model::parse_real(addr).map_err(|e| ApiError::bad_request(e.to_string()))?;
+    let proto: Proto = proto.parse().map_err(parse_err)?;
+    let addr: IpAddr = crate::model::parse_real(addr).map_err(parse_err)?;
     let port = match port.parse::<u16>() {
         Ok(p) if p != 0 => p,
         _ => {
@@ -250,7 +343,8 @@ fn vip_from_path(proto: &str, addr: &str, port: &str) -> ApiResult<Vip> {
     Ok(Vip { addr, port, proto })
 }
 
-fn view_of(inner: &Inner, vip: &Vip) -> ApiResult<VipView> {
+fn view_of(shared: &Shared, vip: &Vip) -> ApiResult<VipView> {
+    let inner = shared.lock();
     inner
         .state
         .view(&inner.dp)?
@@ -260,7 +354,7 @@ fn view_of(inner: &Inner, vip: &Vip) -> ApiResult<VipView> {
 }
 
 async fn list_vips(AxState(shared): AxState<Arc<Shared>>) -> ApiResult<Json<Vec<VipView>>> {
-    let inner = lock(&shared);
+    let inner = shared.lock();
     Ok(Json(inner.state.view(&inner.dp)?))
 }
 
@@ -269,36 +363,47 @@ async fn get_vip(
     Path((proto, addr, port)): Path<(String, String, String)>,
 ) -> ApiResult<Json<VipView>> {
     let vip = vip_from_path(&proto, &addr, &port)?;
-    let inner = lock(&shared);
-    Ok(Json(view_of(&inner, &vip)?))
+    Ok(Json(view_of(&shared, &vip)?))
 }
 
 async fn add_vip(
     AxState(shared): AxState<Arc<Shared>>,
-    Json(body): Json<AddVip>,
+    body: Result<Json<AddVip>, JsonRejection>,
 ) -> ApiResult<(StatusCode, Json<VipView>)> {
-    let vip: Vip = body
-        .vip
-        .parse()
-        .map_err(|e: crate::model::ParseError| ApiError::bad_request(e.to_string()))?;
+    let Json(body) = body?;
+    let vip: Vip = body.vip.parse().map_err(parse_err)?;
     let mut options = VipOptions::default();
     if let Some(s) = &body.scheduler {
-        options.scheduler = s
-            .parse()
-            .map_err(|e: crate::model::ParseError| ApiError::bad_request(e.to_string()))?;
+        options.scheduler = s.parse().map_err(parse_err)?;
     }
     if let Some(size) = body.table_size {
         options.table_size = size;
     }
     if let Some(f) = &body.forward {
-        options.forward = f
-            .parse()
-            .map_err(|e: crate::model::ParseError| ApiError::bad_request(e.to_string()))?;
+        options.forward = f.parse().map_err(parse_err)?;
     }
-    let mut inner = lock(&shared);
-    let Inner { dp, state } = &mut *inner;
-    state.add_vip(dp, vip, options)?;
-    Ok((StatusCode::CREATED, Json(view_of(&inner, &vip)?)))
+    if let Some(hc) = &body.health_check {
+        hc.validate()
+            .map_err(|m| ApiError::bad_request(format!("health_check: {m}")))?;
+    }
+    shared
+        .change(|d| {
+            if d.services.contains_key(&vip) {
+                return Err(StateError::VipExists(vip));
+            }
+            d.services.insert(
+                vip,
+                ServiceSpec {
+                    options,
+                    health: body.health_check,
+                    reals: Default::default(),
+                },
+            );
+            Ok(())
+        })
+        .await?;
+    tracing::info!(%vip, forward = %options.forward, "VIP added");
+    Ok((StatusCode::CREATED, Json(view_of(&shared, &vip)?)))
 }
 
 async fn del_vip(
@@ -306,41 +411,82 @@ async fn del_vip(
     Path((proto, addr, port)): Path<(String, String, String)>,
 ) -> ApiResult<StatusCode> {
     let vip = vip_from_path(&proto, &addr, &port)?;
-    let mut inner = lock(&shared);
-    let Inner { dp, state } = &mut *inner;
-    state.del_vip(dp, &vip)?;
+    shared
+        .change(|d| {
+            d.services.remove(&vip).ok_or(StateError::UnknownVip(vip))?;
+            Ok(())
+        })
+        .await?;
+    tracing::info!(%vip, "VIP removed");
     Ok(StatusCode::NO_CONTENT)
 }
 
 async fn add_real(
     AxState(shared): AxState<Arc<Shared>>,
     Path((proto, addr, port)): Path<(String, String, String)>,
-    Json(body): Json<AddReal>,
+    body: Result<Json<AddReal>, JsonRejection>,
 ) -> ApiResult<(StatusCode, Json<VipView>)> {
+    let Json(body) = body?;
     let vip = vip_from_path(&proto, &addr, &port)?;
-    let real =
-        crate::model::parse_real(&body.addr).map_err(|e| ApiError::bad_request(e.to_string()))?;
+    let real = crate::model::parse_real(&body.addr).map_err(parse_err)?;
     let weight = body.weight.unwrap_or(1);
     // Refuse early what would be refused anyway, before waiting on ARP.
-    let forward = {
-        let inner = lock(&shared);
-        inner.state.check_add_real(&vip, real, weight)?;
-        inner.state.forward(&vip).unwrap_or_default()
-    };
-    let known = lock(&shared).state.mac(real);
-    let mac = match (known, forward) {
-        // Known from another VIP; a DR VIP still needs the real on the segment.
-        (Some(mac), Forward::Tun) => mac,
-        (Some(mac), Forward::Dr) if shared.iface.on_link(real) => mac,
-        (_, Forward::Dr) => neighbor::resolve(&shared.iface, real, shared.resolve_timeout).await?,
-        (None, Forward::Tun) => {
-            neighbor::resolve_next_hop(&shared.iface, real, shared.resolve_timeout).await?
-        }
-    };
-    let mut inner = lock(&shared);
-    let Inner { dp, state } = &mut *inner;
-    state.add_real(dp, &vip, real, mac, weight)?;
-    Ok((StatusCode::CREATED, Json(view_of(&inner, &vip)?)))
+    shared.lock().state.check_add_real(&vip, real, weight)?;
+    shared
+        .change(|d| {
+            let s = d
+                .services
+                .get_mut(&vip)
+                .ok_or(StateError::UnknownVip(vip))?;
+            if s.reals.contains_key(&real) {
+                return Err(StateError::RealExists { vip, real });
+            }
+            s.reals.insert(
+                real,
+                RealSpec {
+                    weight,
+                    ..RealSpec::default()
+                },
+            );
+            Ok(())
+        })
+        .await?;
+    tracing::info!(%vip, %real, weight, "real added");
+    Ok((StatusCode::CREATED, Json(view_of(&shared, &vip)?)))
+}
+
+async fn set_real(
+    AxState(shared): AxState<Arc<Shared>>,
+    Path((proto, addr, port, real)): Path<(String, String, String, String)>,
+    body: Result<Json<SetReal>, JsonRejection>,
+) -> ApiResult<Json<VipView>> {
+    let Json(body) = body?;
+    let vip = vip_from_path(&proto, &addr, &port)?;
+    let real = crate::model::parse_real(&real).map_err(parse_err)?;
+    if body.weight.is_none() && body.admin.is_none() {
+        return Err(ApiError::bad_request("give a weight and/or an admin state"));
+    }
+    shared
+        .change(|d| {
+            let s = d
+                .services
+                .get_mut(&vip)
+                .ok_or(StateError::UnknownVip(vip))?;
+            let r = s
+                .reals
+                .get_mut(&real)
+                .ok_or(StateError::UnknownReal { vip, real })?;
+            if let Some(w) = body.weight {
+                r.weight = w;
+            }
+            if let Some(a) = body.admin {
+                r.admin = a;
+            }
+            Ok(())
+        })
+        .await?;
+    tracing::info!(%vip, %real, weight = ?body.weight, admin = ?body.admin, "real changed");
+    Ok(Json(view_of(&shared, &vip)?))
 }
 
 async fn del_real(
@@ -348,33 +494,86 @@ async fn del_real(
     Path((proto, addr, port, real)): Path<(String, String, String, String)>,
 ) -> ApiResult<StatusCode> {
     let vip = vip_from_path(&proto, &addr, &port)?;
-    let real = crate::model::parse_real(&real).map_err(|e| ApiError::bad_request(e.to_string()))?;
-    let mut inner = lock(&shared);
-    let Inner { dp, state } = &mut *inner;
-    state.del_real(dp, &vip, real)?;
+    let real = crate::model::parse_real(&real).map_err(parse_err)?;
+    shared
+        .change(|d| {
+            let s = d
+                .services
+                .get_mut(&vip)
+                .ok_or(StateError::UnknownVip(vip))?;
+            s.reals
+                .remove(&real)
+                .ok_or(StateError::UnknownReal { vip, real })?;
+            Ok(())
+        })
+        .await?;
+    tracing::info!(%vip, %real, "real removed");
     Ok(StatusCode::NO_CONTENT)
 }
 
-async fn set_real(
+async fn apply(
     AxState(shared): AxState<Arc<Shared>>,
-    Path((proto, addr, port, real)): Path<(String, String, String, String)>,
-    Json(body): Json<SetReal>,
-) -> ApiResult<Json<VipView>> {
-    let vip = vip_from_path(&proto, &addr, &port)?;
-    let real = crate::model::parse_real(&real).map_err(|e| ApiError::bad_request(e.to_string()))?;
-    let mut inner = lock(&shared);
-    let Inner { dp, state } = &mut *inner;
-    state.set_weight(dp, &vip, real, body.weight)?;
-    Ok(Json(view_of(&inner, &vip)?))
+    body: Result<Json<ApplyBody>, JsonRejection>,
+) -> ApiResult<Json<Applied>> {
+    let Json(body) = body?;
+    let file = body.file.as_deref().unwrap_or("request");
+    let config = Config::parse(file, &body.yaml).map_err(parse_err)?;
+    let changes = shared.apply(config.desired).await?;
+    tracing::info!(
+        file,
+        writes = changes.writes,
+        tables = changes.tables,
+        "desired state applied"
+    );
+    Ok(Json(changes.into()))
+}
+
+async fn desired(AxState(shared): AxState<Arc<Shared>>) -> Json<Desired> {
+    Json(shared.lock().state.desired().clone())
+}
+
+async fn status(AxState(shared): AxState<Arc<Shared>>) -> ApiResult<Json<Status>> {
+    let views = {
+        let inner = shared.lock();
+        inner.state.view(&inner.dp)?
+    };
+    let statuses = shared.health.statuses();
+    let desired = shared.lock().state.desired().clone();
+    let vips = views
+        .into_iter()
+        .map(|view| {
+            let health = view
+                .reals
+                .iter()
+                .map(|r| RealHealth {
+                    addr: r.addr,
+                    check: desired
+                        .services
+                        .get(&view.vip)
+                        .and_then(|s| s.check(r.addr))
+                        .map_or_else(
+                            || "none".to_owned(),
+                            |c| format!("{:?}", c.kind).to_lowercase(),
+                        ),
+                    status: statuses.get(&(view.vip, r.addr)).cloned(),
+                })
+                .collect();
+            VipStatus { view, health }
+        })
+        .collect();
+    Ok(Json(Status {
+        iface: shared.iface.name.clone(),
+        reconciles: shared.metrics.reconcile_count(),
+        vips,
+    }))
 }
 
 async fn stats(AxState(shared): AxState<Arc<Shared>>) -> ApiResult<Json<Stats>> {
-    let inner = lock(&shared);
-    let counters = inner.dp.verdicts().map_err(StateError::from)?;
+    let inner = shared.lock();
+    let counters = inner.dp.verdicts()?;
     let events = inner
         .dp
-        .events()
-        .map_err(StateError::from)?
+        .events()?
         .into_iter()
         .map(|(name, count)| EventStat {
             name: name.to_owned(),
@@ -401,14 +600,11 @@ async fn simulate(
     AxState(shared): AxState<Arc<Shared>>,
     Query(q): Query<SimulateQuery>,
 ) -> ApiResult<Json<Simulated>> {
-    let vip: Vip = q
-        .vip
-        .parse()
-        .map_err(|e: crate::model::ParseError| ApiError::bad_request(e.to_string()))?;
+    let vip: Vip = q.vip.parse().map_err(parse_err)?;
     let src: SocketAddr = q.src.parse().map_err(|_| {
         ApiError::bad_request(format!("invalid source '{}': expected IP:PORT", q.src))
     })?;
-    let inner = lock(&shared);
+    let inner = shared.lock();
     let scheduler = inner
         .state
         .scheduler(&vip)

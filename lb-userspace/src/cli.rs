@@ -1,27 +1,32 @@
-//! The `xlb` command line: `xlb run` is the daemon, every other subcommand is a
-//! client of its control API.
+//! The `xlb` command line: `xlb run` is the daemon, `xlb decap` and `xlb
+//! realserver` run on real servers, every other subcommand is a client of the
+//! daemon's control API.
 
 use std::{net::IpAddr, path::PathBuf, time::Duration};
 
-use anyhow::Context as _;
+use anyhow::{Context as _, bail};
 use aya::programs::XdpMode;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use hyper::Method;
 
 use crate::{
-    api::{AddReal, AddVip, SetReal, Simulated, Stats},
+    api::{AddReal, AddVip, Applied, ApplyBody, SetReal, Simulated, Stats, Status},
     client::Client,
+    config::{Config, parse_prefix},
     daemon::{self, DataPathOptions, RunOptions},
     decap::Decap,
+    health::{HealthCheck, ProbeKind},
     model::{Forward, Scheduler, Vip, parse_real},
-    realserver,
-    state::VipView,
+    pin, realserver,
+    state::{Admin, VipView},
 };
 
 /// Default control socket.
 pub const DEFAULT_SOCKET: &str = "/run/xlb/xlb.sock";
+/// Default state file.
+pub const DEFAULT_STATE_FILE: &str = "/run/xlb/state.json";
 
-/// xlb: an XDP layer-4 load balancer (LVS-DR style, Maglev hashing).
+/// xlb: an XDP layer-4 load balancer (LVS-DR / LVS-TUN style, Maglev hashing).
 #[derive(Debug, Parser)]
 #[command(name = "xlb", version, about)]
 pub struct Cli {
@@ -36,8 +41,19 @@ pub struct Cli {
 /// The subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Run the daemon: load and attach the XDP program, serve the control API.
-    Run(RunArgs),
+    /// Run the daemon: load (or adopt) the XDP program, serve the control API.
+    Run(Box<RunArgs>),
+    /// Send a configuration file's services to the running daemon (one reconcile).
+    Apply {
+        /// The YAML file (see docs/config.md).
+        file: PathBuf,
+    },
+    /// Show VIPs, reals, weights, health and counters.
+    Status {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Manage virtual services.
     #[command(subcommand)]
     Vip(VipCommand),
@@ -50,11 +66,6 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Real-server side of TUN mode: decapsulate tunnelled VIP traffic with XDP.
-    Decap(DecapArgs),
-    /// Prepare (or undo) a real server for DR/TUN: VIPs on lo, ARP and rp_filter sysctls.
-    #[command(subcommand)]
-    Realserver(RealserverCommand),
     /// Show which real server a flow goes to.
     Simulate {
         /// The VIP, e.g. 203.0.113.10:80/tcp.
@@ -62,7 +73,24 @@ pub enum Command {
         /// The client's address and port, e.g. 198.51.100.7:40000.
         #[arg(long)]
         src: std::net::SocketAddr,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
     },
+    /// Remove a pinned data path (detaches the program, drops tracked flows).
+    Teardown {
+        /// The pin directory the daemon used.
+        #[arg(long, default_value = pin::DEFAULT_PIN_DIR)]
+        pin_dir: PathBuf,
+        /// The state file the daemon used.
+        #[arg(long, default_value = DEFAULT_STATE_FILE)]
+        state_file: PathBuf,
+    },
+    /// Real-server side of TUN mode: decapsulate tunnelled VIP traffic with XDP.
+    Decap(DecapArgs),
+    /// Prepare (or undo) a real server for DR/TUN: VIPs on lo, ARP and rp_filter sysctls.
+    #[command(subcommand)]
+    Realserver(RealserverCommand),
 }
 
 /// XDP attach modes.
@@ -76,40 +104,69 @@ pub enum Mode {
     Auto,
 }
 
-/// Arguments of `xlb run`.
+impl std::str::FromStr for Mode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        <Self as ValueEnum>::from_str(s, false)
+    }
+}
+
+/// Arguments of `xlb run`. Flags win over the config file's `daemon:` section.
 #[derive(Debug, Args)]
 pub struct RunArgs {
     /// Interface that receives VIP traffic.
     #[arg(long)]
-    pub iface: String,
-    /// XDP attach mode.
-    #[arg(long, value_enum, default_value = "native")]
-    pub xdp_mode: Mode,
-    /// Startup configuration (YAML), applied before the program is attached.
+    pub iface: Option<String>,
+    /// XDP attach mode [default: native].
+    #[arg(long, value_enum)]
+    pub xdp_mode: Option<Mode>,
+    /// Configuration file (desired state and daemon settings), reloaded on SIGHUP.
     #[arg(long)]
     pub config: Option<PathBuf>,
     /// Seconds to wait for a real's ARP/NDP answer.
     #[arg(long, default_value_t = 3)]
     pub resolve_timeout: u64,
-    /// Connection-tracking table size (flows, all CPUs; ~100 bytes each).
-    #[arg(long, default_value_t = lb_common::FLOWS_DEFAULT)]
-    pub conntrack_size: u32,
+    /// Connection-tracking table size (flows, all CPUs; ~100 bytes each) [default: 1048576].
+    #[arg(long)]
+    pub conntrack_size: Option<u32>,
     /// New flows each CPU may add to the conntrack table per second; above it
-    /// flows are forwarded by Maglev alone (0: no limit).
-    #[arg(long, default_value_t = 0)]
-    pub new_flow_limit: u32,
-    /// Seconds after which an idle UDP flow is forgotten.
-    #[arg(long, default_value_t = 30)]
-    pub udp_idle_timeout: u64,
+    /// flows are forwarded by Maglev alone (0: no limit) [default: 0].
+    #[arg(long)]
+    pub new_flow_limit: Option<u32>,
+    /// Seconds after which an idle UDP flow is forgotten [default: 30].
+    #[arg(long)]
+    pub udp_idle_timeout: Option<u64>,
     /// Largest IP packet after encapsulation (default: the interface's MTU).
     #[arg(long)]
     pub mtu: Option<u32>,
     /// IPv4 prefix for tunnel sources, e.g. 192.0.2.0/24 (default: the interface's address).
-    #[arg(long, value_parser = parse_v4_prefix)]
+    #[arg(long, value_parser = |s: &str| parse_prefix::<std::net::Ipv4Addr>(s, 32))]
     pub tunnel_src: Option<(std::net::Ipv4Addr, u8)>,
     /// IPv6 prefix for tunnel sources, e.g. 2001:db8:ff::/96 (default: the interface's address).
-    #[arg(long, value_parser = parse_v6_prefix)]
+    #[arg(long, value_parser = |s: &str| parse_prefix::<std::net::Ipv6Addr>(s, 128))]
     pub tunnel_src6: Option<(std::net::Ipv6Addr, u8)>,
+    /// bpffs directory for pins [default: /sys/fs/bpf/xlb].
+    #[arg(long)]
+    pub pin_dir: Option<PathBuf>,
+    /// Do not pin: the data path stops with the daemon.
+    #[arg(long, conflicts_with_all = ["pin_dir", "replace"])]
+    pub no_pin: bool,
+    /// Atomically replace the program of a running (pinned) data path with this
+    /// binary's, keeping maps, flows and counters.
+    #[arg(long)]
+    pub replace: bool,
+    /// Where the daemon keeps its state for the next daemon.
+    #[arg(long, default_value = DEFAULT_STATE_FILE)]
+    pub state_file: PathBuf,
+    /// Serve Prometheus metrics here, e.g. 127.0.0.1:9814.
+    #[arg(long)]
+    pub metrics_addr: Option<std::net::SocketAddr>,
+    /// Group allowed to use the control socket (default: root only).
+    #[arg(long)]
+    pub socket_group: Option<String>,
+    /// Health checks never take a VIP below this share of its reals (0.0-1.0) [default: 0.5].
+    #[arg(long)]
+    pub min_healthy: Option<f64>,
 }
 
 /// Arguments of `xlb decap`.
@@ -149,27 +206,69 @@ pub enum RealserverCommand {
     },
 }
 
-fn parse_prefix<A: std::str::FromStr>(s: &str, max: u8) -> Result<(A, u8), String> {
-    let (addr, len) = s
-        .split_once('/')
-        .ok_or_else(|| format!("'{s}' is not ADDRESS/PREFIX-LENGTH"))?;
-    let addr = addr
-        .parse()
-        .map_err(|_| format!("'{addr}' is not an address of the right family"))?;
-    let len: u8 = len
-        .parse()
-        .ok()
-        .filter(|l| *l <= max)
-        .ok_or_else(|| format!("prefix length '{len}' is not 0-{max}"))?;
-    Ok((addr, len))
+/// Health-check flags of `xlb vip add`.
+#[derive(Debug, Args)]
+pub struct CheckArgs {
+    /// Probe kind for the VIP's reals: tcp, http, udp or none.
+    #[arg(long = "check", value_parser = parse_kind)]
+    pub kind: Option<ProbeKind>,
+    /// Port to probe (default: the VIP's port).
+    #[arg(long = "check-port")]
+    pub port: Option<u16>,
+    /// HTTP path.
+    #[arg(long = "check-path")]
+    pub path: Option<String>,
+    /// Accepted HTTP statuses, e.g. 200-399.
+    #[arg(long = "check-status")]
+    pub status: Option<String>,
+    /// Milliseconds between probes.
+    #[arg(long = "check-interval")]
+    pub interval_ms: Option<u64>,
+    /// Probe timeout, milliseconds.
+    #[arg(long = "check-timeout")]
+    pub timeout_ms: Option<u64>,
+    /// Successes that bring a real back.
+    #[arg(long = "check-rise")]
+    pub rise: Option<u32>,
+    /// Failures that take a real out.
+    #[arg(long = "check-fall")]
+    pub fall: Option<u32>,
 }
 
-fn parse_v4_prefix(s: &str) -> Result<(std::net::Ipv4Addr, u8), String> {
-    parse_prefix(s, 32)
+fn parse_kind(s: &str) -> Result<ProbeKind, String> {
+    match s {
+        "tcp" => Ok(ProbeKind::Tcp),
+        "http" => Ok(ProbeKind::Http),
+        "udp" => Ok(ProbeKind::Udp),
+        "none" => Ok(ProbeKind::None),
+        _ => Err(format!("'{s}' is not tcp, http, udp or none")),
+    }
 }
 
-fn parse_v6_prefix(s: &str) -> Result<(std::net::Ipv6Addr, u8), String> {
-    parse_prefix(s, 128)
+impl CheckArgs {
+    fn check(&self) -> anyhow::Result<Option<HealthCheck>> {
+        let Some(kind) = self.kind else {
+            if self.port.is_some() || self.path.is_some() || self.interval_ms.is_some() {
+                bail!("the --check-* options need --check KIND");
+            }
+            return Ok(None);
+        };
+        let d = HealthCheck::default();
+        let c = HealthCheck {
+            kind,
+            port: self.port,
+            path: self.path.clone().unwrap_or(d.path),
+            expect_status: self.status.clone().unwrap_or(d.expect_status),
+            interval_ms: self.interval_ms.unwrap_or(d.interval_ms),
+            timeout_ms: self.timeout_ms.unwrap_or(d.timeout_ms),
+            rise: self.rise.unwrap_or(d.rise),
+            fall: self.fall.unwrap_or(d.fall),
+            ..d
+        };
+        c.validate()
+            .map_err(|m| anyhow::anyhow!("health check: {m}"))?;
+        Ok(Some(c))
+    }
 }
 
 /// `xlb vip ...`.
@@ -188,6 +287,9 @@ pub enum VipCommand {
         /// dr (MAC rewrite, reals on this segment) or tun (IPIP/IP6IP6/4in6).
         #[arg(long, default_value = "dr")]
         forward: Forward,
+        /// Health check of the VIP's reals.
+        #[command(flatten)]
+        check: CheckArgs,
     },
     /// Remove a virtual service and forget its reals.
     Del {
@@ -216,7 +318,7 @@ pub enum RealCommand {
         #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(0..=65535))]
         weight: u32,
     },
-    /// Change a real server's weight (0 drains it: no new flows, tracked flows stay).
+    /// Change a real server's weight.
     Set {
         /// The VIP.
         vip: Vip,
@@ -226,6 +328,30 @@ pub enum RealCommand {
         /// New weight, 0-65535.
         #[arg(long, value_parser = clap::value_parser!(u32).range(0..=65535))]
         weight: u32,
+    },
+    /// Drain a real: no new flows, its tracked flows stay until they end.
+    Drain {
+        /// The VIP.
+        vip: Vip,
+        /// The real's address.
+        #[arg(value_parser = parse_real)]
+        real: IpAddr,
+    },
+    /// Disable a real: out of the table, its flows move to other reals.
+    Disable {
+        /// The VIP.
+        vip: Vip,
+        /// The real's address.
+        #[arg(value_parser = parse_real)]
+        real: IpAddr,
+    },
+    /// Enable a drained or disabled real again.
+    Enable {
+        /// The VIP.
+        vip: Vip,
+        /// The real's address.
+        #[arg(value_parser = parse_real)]
+        real: IpAddr,
     },
     /// Remove a real server from a VIP.
     Del {
@@ -245,27 +371,124 @@ pub enum RealCommand {
     },
 }
 
+/// Builds the daemon's options from flags, the config file's `daemon:`
+/// section and defaults, in that order of precedence.
+fn run_options(args: RunArgs, socket: PathBuf) -> anyhow::Result<RunOptions> {
+    let file = match &args.config {
+        Some(path) => {
+            Config::load(path)
+                .context("invalid configuration; nothing was loaded")?
+                .daemon
+        }
+        None => Default::default(),
+    };
+    let iface = args
+        .iface
+        .or(file.interface)
+        .context("no interface: give --iface or daemon.interface in the config file")?;
+    let mode = match (args.xdp_mode, file.xdp_mode.as_deref()) {
+        (Some(m), _) => m,
+        (None, Some(s)) => s.parse().map_err(|e: String| anyhow::anyhow!(e))?,
+        (None, None) => Mode::Native,
+    };
+    let pin_dir = if args.no_pin {
+        None
+    } else {
+        Some(
+            args.pin_dir
+                .or(file.pin_dir)
+                .unwrap_or_else(|| pin::DEFAULT_PIN_DIR.into()),
+        )
+    };
+    Ok(RunOptions {
+        iface,
+        mode: xdp_mode(mode),
+        config: args.config,
+        socket,
+        socket_group: args.socket_group.or(file.socket_group),
+        resolve_timeout: Duration::from_secs(args.resolve_timeout),
+        datapath: DataPathOptions {
+            flows: args
+                .conntrack_size
+                .or(file.conntrack_size)
+                .unwrap_or(lb_common::FLOWS_DEFAULT),
+            new_flow_limit: args.new_flow_limit.or(file.new_flow_limit).unwrap_or(0),
+            udp_idle: Duration::from_secs(
+                args.udp_idle_timeout
+                    .or(file.udp_idle_timeout)
+                    .unwrap_or(30),
+            ),
+            mtu: args.mtu.or(file.mtu),
+            tunnel_src_v4: args.tunnel_src.or(file.tunnel_source),
+            tunnel_src_v6: args.tunnel_src6.or(file.tunnel_source6),
+        },
+        pin_dir,
+        replace: args.replace,
+        state_file: args.state_file,
+        metrics: args.metrics_addr.or(file.metrics_address),
+        min_healthy: args.min_healthy.or(file.min_healthy).unwrap_or(0.5),
+    })
+}
+
+async fn set_real(client: &Client, vip: &Vip, real: IpAddr, body: SetReal) -> anyhow::Result<()> {
+    let _: VipView = client
+        .call(
+            Method::PUT,
+            &format!("/v1/vips/{}/reals/{real}", vip.path()),
+            Some(&body),
+        )
+        .await?;
+    Ok(())
+}
+
 /// Runs the parsed command line.
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     let client = Client::new(&cli.socket);
     match cli.command {
-        Command::Run(args) => {
-            daemon::run(RunOptions {
-                iface: args.iface,
-                mode: xdp_mode(args.xdp_mode),
-                config: args.config,
-                socket: cli.socket,
-                resolve_timeout: Duration::from_secs(args.resolve_timeout),
-                datapath: DataPathOptions {
-                    flows: args.conntrack_size,
-                    new_flow_limit: args.new_flow_limit,
-                    udp_idle: Duration::from_secs(args.udp_idle_timeout),
-                    mtu: args.mtu,
-                    tunnel_src_v4: args.tunnel_src,
-                    tunnel_src_v6: args.tunnel_src6,
-                },
-            })
-            .await
+        Command::Run(args) => daemon::run(run_options(*args, cli.socket)?).await,
+        Command::Apply { file } => {
+            // Validate locally first: errors name the file and place at once.
+            let config = Config::load(&file)?;
+            let body = ApplyBody {
+                yaml: std::fs::read_to_string(&file)
+                    .with_context(|| format!("reading {}", file.display()))?,
+                file: Some(file.display().to_string()),
+            };
+            let applied: Applied = client.call(Method::PUT, "/v1/desired", Some(&body)).await?;
+            println!(
+                "applied {}: {} services, {} map writes, {} tables rebuilt",
+                file.display(),
+                config.desired.services.len(),
+                applied.writes,
+                applied.tables
+            );
+            Ok(())
+        }
+        Command::Status { json } => {
+            let status: Status = client.call(Method::GET, "/v1/status", None::<&()>).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&status)?);
+            } else {
+                print_status(&status);
+            }
+            Ok(())
+        }
+        Command::Teardown {
+            pin_dir,
+            state_file,
+        } => {
+            let removed = pin::teardown(&pin_dir)?;
+            let _ = std::fs::remove_file(&state_file);
+            if removed.is_empty() {
+                println!("nothing pinned at {}", pin_dir.display());
+            } else {
+                println!(
+                    "removed {} pins under {}: the data path is detached",
+                    removed.len(),
+                    pin_dir.display()
+                );
+            }
+            Ok(())
         }
         Command::Decap(args) => run_decap(args).await,
         Command::Realserver(RealserverCommand::Setup { vips, state }) => {
@@ -297,12 +520,14 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             scheduler,
             table_size,
             forward,
+            check,
         }) => {
             let body = AddVip {
                 vip: vip.to_string(),
                 scheduler: Some(scheduler.to_string()),
                 table_size: Some(table_size),
                 forward: Some(forward.to_string()),
+                health_check: check.check()?,
             };
             let _: VipView = client.call(Method::POST, "/v1/vips", Some(&body)).await?;
             println!("added VIP {vip} ({forward}, {scheduler})");
@@ -349,14 +574,54 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Real(RealCommand::Set { vip, real, weight }) => {
-            let _: VipView = client
-                .call(
-                    Method::PUT,
-                    &format!("/v1/vips/{}/reals/{real}", vip.path()),
-                    Some(&SetReal { weight }),
-                )
-                .await?;
+            let body = SetReal {
+                weight: Some(weight),
+                admin: None,
+            };
+            set_real(&client, &vip, real, body).await?;
             println!("real {real} of {vip} now has weight {weight}");
+            Ok(())
+        }
+        Command::Real(RealCommand::Drain { vip, real }) => {
+            set_real(
+                &client,
+                &vip,
+                real,
+                SetReal {
+                    weight: None,
+                    admin: Some(Admin::Drain),
+                },
+            )
+            .await?;
+            println!("real {real} of {vip} drains: no new flows, tracked flows stay");
+            Ok(())
+        }
+        Command::Real(RealCommand::Disable { vip, real }) => {
+            set_real(
+                &client,
+                &vip,
+                real,
+                SetReal {
+                    weight: None,
+                    admin: Some(Admin::Disabled),
+                },
+            )
+            .await?;
+            println!("real {real} of {vip} is disabled: its flows move to the other reals");
+            Ok(())
+        }
+        Command::Real(RealCommand::Enable { vip, real }) => {
+            set_real(
+                &client,
+                &vip,
+                real,
+                SetReal {
+                    weight: None,
+                    admin: Some(Admin::Enabled),
+                },
+            )
+            .await?;
+            println!("real {real} of {vip} is enabled");
             Ok(())
         }
         Command::Real(RealCommand::Del { vip, real }) => {
@@ -394,7 +659,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Simulate { vip, src } => {
+        Command::Simulate { vip, src, json } => {
             let path = format!(
                 "/v1/simulate?vip={}&src={}",
                 urlencode(&vip.to_string()),
@@ -404,6 +669,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 .call(Method::GET, &path, None::<&()>)
                 .await
                 .context("simulate failed")?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&sim)?);
+                return Ok(());
+            }
             match sim.real {
                 Some(real) => println!("{src} -> {vip} goes to real {real}"),
                 None => println!("{src} -> {vip} is dropped: the VIP has no usable real"),
@@ -423,7 +692,7 @@ async fn run_decap(args: DecapArgs) -> anyhow::Result<()> {
         args.addrs.clone()
     };
     if addrs.is_empty() {
-        anyhow::bail!(
+        bail!(
             "{} has no addresses; give the tunnel endpoint with --addr",
             args.iface
         );
@@ -491,8 +760,15 @@ fn print_vips(vips: &[VipView]) {
     }
     for v in vips {
         println!(
-            "{}  forward={} scheduler={} table={}  packets={} bytes={} flows={}",
-            v.vip, v.forward, v.scheduler, v.table_size, v.packets, v.bytes, v.flows
+            "{}  forward={} scheduler={} table={}  packets={} bytes={} flows={}{}",
+            v.vip,
+            v.forward,
+            v.scheduler,
+            v.table_size,
+            v.packets,
+            v.bytes,
+            v.flows,
+            if v.guarded { "  AVALANCHE GUARD" } else { "" }
         );
         if v.reals.is_empty() {
             println!("  (no reals: packets are dropped and counted as drop_no_real)");
@@ -501,6 +777,73 @@ fn print_vips(vips: &[VipView]) {
             println!(
                 "  -> {:<40} weight={:<5} mac={}  packets={} bytes={} flows={}",
                 r.addr, r.weight, r.mac, r.packets, r.bytes, r.flows
+            );
+        }
+    }
+}
+
+fn print_status(status: &Status) {
+    println!(
+        "interface {}   reconciles {}",
+        status.iface, status.reconciles
+    );
+    if status.vips.is_empty() {
+        println!("no virtual services");
+        return;
+    }
+    for v in &status.vips {
+        let view = &v.view;
+        println!();
+        println!(
+            "{}  {} {}{}   packets {}  bytes {}  new flows {}",
+            view.vip,
+            view.forward,
+            view.scheduler,
+            if view.guarded {
+                "  [AVALANCHE GUARD: health ignored]"
+            } else {
+                ""
+            },
+            view.packets,
+            view.bytes,
+            view.flows
+        );
+        println!(
+            "  {:<28} {:>6} {:>6} {:<9} {:<7} {:<26} {:>10} {:>12} {:>9}",
+            "real",
+            "weight",
+            "in use",
+            "admin",
+            "health",
+            "last error",
+            "packets",
+            "bytes",
+            "flows"
+        );
+        for r in &view.reals {
+            let h = v.health.iter().find(|h| h.addr == r.addr);
+            let health = match h.map(|h| (h.check.as_str(), h.status.as_ref())) {
+                Some(("none", _)) | None => "-".to_owned(),
+                Some((_, None)) => "pending".to_owned(),
+                Some((_, Some(s))) if s.up => "up".to_owned(),
+                Some((_, Some(_))) => "DOWN".to_owned(),
+            };
+            let last_error = h
+                .and_then(|h| h.status.as_ref())
+                .and_then(|s| s.last_error.clone())
+                .unwrap_or_default();
+            println!(
+                "  {:<28} {:>6} {:>6} {:<9} {:<7} {:<26.26} {:>10} {:>12} {:>9}",
+                r.addr.to_string(),
+                r.weight,
+                r.effective_weight
+                    .map_or_else(|| "-".to_owned(), |w| w.to_string()),
+                r.admin.to_string(),
+                health,
+                last_error,
+                r.packets,
+                r.bytes,
+                r.flows
             );
         }
     }

@@ -1,26 +1,23 @@
-//! The startup configuration file (`xlb run --config FILE`): the services to
-//! create before the program is attached, so traffic is balanced from the first
-//! packet.
+//! The YAML configuration: the whole desired state (`services`) and the
+//! daemon's settings (`daemon`). `xlb run --config FILE` starts from it,
+//! SIGHUP reloads it, `xlb apply FILE` sends its services to a running daemon.
+//! The schema is documented with a complete example in docs/config.md.
 //!
-//! ```yaml
-//! services:
-//!   - vip: 203.0.113.10:80/tcp
-//!     scheduler: maglev        # or maglev-src; default maglev
-//!     forward: dr              # or tun; default dr
-//!     table_size: 65537        # prime; default 65537
-//!     reals:
-//!       - address: 198.51.100.11
-//!         weight: 1            # 0..=65535; default 1
-//! ```
+//! Every error names the file, the place in the document and what is wrong.
 
-use std::{net::IpAddr, path::Path};
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    path::{Path, PathBuf},
+};
 
 use serde::Deserialize;
 
 use crate::{
+    health::HealthCheck,
     maglev,
     model::{Forward, Scheduler, Vip},
-    state::MAX_WEIGHT,
+    state::{Admin, Desired, MAX_WEIGHT, RealSpec, ServiceSpec, VipOptions, check_family},
 };
 
 /// A configuration that could not be used, naming the file and the place in it.
@@ -39,7 +36,7 @@ pub enum ConfigError {
     Parse {
         /// The file.
         file: String,
-        /// What serde found, with the line and column.
+        /// What serde found, with the place, line and column.
         source: serde_yaml_ng::Error,
     },
     /// A value is out of range or inconsistent.
@@ -55,29 +52,65 @@ pub enum ConfigError {
 }
 
 /// The whole file.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ConfigFile {
+    /// Daemon settings (used by `xlb run`; command-line flags win).
+    #[serde(default)]
+    pub daemon: DaemonConfig,
     /// The virtual services.
     #[serde(default)]
     pub services: Vec<ServiceConfig>,
+}
+
+/// The `daemon:` section. Every field is optional.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DaemonConfig {
+    /// Interface that receives VIP traffic.
+    pub interface: Option<String>,
+    /// `native`, `skb` or `auto`.
+    pub xdp_mode: Option<String>,
+    /// Conntrack table size (flows).
+    pub conntrack_size: Option<u32>,
+    /// New flows tracked per CPU per second (0: no limit).
+    pub new_flow_limit: Option<u32>,
+    /// Seconds before an idle UDP flow is forgotten.
+    pub udp_idle_timeout: Option<u64>,
+    /// Largest L3 packet after encapsulation.
+    pub mtu: Option<u32>,
+    /// IPv4 tunnel source prefix, `192.0.2.0/24`.
+    pub tunnel_source: Option<String>,
+    /// IPv6 tunnel source prefix, `2001:db8:ff::/96`.
+    pub tunnel_source6: Option<String>,
+    /// Address to serve Prometheus metrics on, `127.0.0.1:9814`.
+    pub metrics_address: Option<SocketAddr>,
+    /// Group that may use the control socket.
+    pub socket_group: Option<String>,
+    /// bpffs directory for pins.
+    pub pin_dir: Option<PathBuf>,
+    /// Share of a VIP's reals health checks may never go below (0.0-1.0).
+    pub min_healthy: Option<f64>,
 }
 
 /// One virtual service.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ServiceConfig {
-    /// The VIP.
-    pub vip: Vip,
+    /// The VIP, `203.0.113.10:80/tcp`.
+    pub vip: String,
     /// The scheduler.
     #[serde(default)]
-    pub scheduler: Scheduler,
+    pub scheduler: Option<String>,
     /// The forwarding mode.
     #[serde(default)]
-    pub forward: Forward,
+    pub forward: Option<String>,
     /// The Maglev table size.
-    #[serde(default = "default_table_size")]
-    pub table_size: u32,
+    #[serde(default)]
+    pub table_size: Option<u32>,
+    /// The health check of its reals.
+    #[serde(default)]
+    pub health_check: Option<HealthCheck>,
     /// The real servers.
     #[serde(default)]
     pub reals: Vec<RealConfig>,
@@ -88,21 +121,76 @@ pub struct ServiceConfig {
 #[serde(deny_unknown_fields)]
 pub struct RealConfig {
     /// Its address.
-    pub address: IpAddr,
-    /// Its weight.
-    #[serde(default = "default_weight")]
-    pub weight: u32,
+    pub address: String,
+    /// Its weight (default 1).
+    #[serde(default)]
+    pub weight: Option<u32>,
+    /// false: out of the table, its flows moved elsewhere (default true).
+    #[serde(default)]
+    pub enabled: Option<bool>,
+    /// true: no new flows, tracked flows stay (default false).
+    #[serde(default)]
+    pub drain: Option<bool>,
+    /// This real's own health check (overrides the service's).
+    #[serde(default)]
+    pub health_check: Option<HealthCheck>,
 }
 
-fn default_table_size() -> u32 {
-    lb_common::RING_SIZE_DEFAULT
+/// A validated configuration.
+#[derive(Debug, Default)]
+pub struct Config {
+    /// The daemon settings, checked.
+    pub daemon: DaemonSettings,
+    /// The services, their reals and health checks.
+    pub desired: Desired,
 }
 
-fn default_weight() -> u32 {
-    1
+/// The daemon section, parsed.
+#[derive(Debug, Default, Clone)]
+pub struct DaemonSettings {
+    /// See [`DaemonConfig`].
+    pub interface: Option<String>,
+    /// See [`DaemonConfig`].
+    pub xdp_mode: Option<String>,
+    /// See [`DaemonConfig`].
+    pub conntrack_size: Option<u32>,
+    /// See [`DaemonConfig`].
+    pub new_flow_limit: Option<u32>,
+    /// See [`DaemonConfig`].
+    pub udp_idle_timeout: Option<u64>,
+    /// See [`DaemonConfig`].
+    pub mtu: Option<u32>,
+    /// See [`DaemonConfig`].
+    pub tunnel_source: Option<(Ipv4Addr, u8)>,
+    /// See [`DaemonConfig`].
+    pub tunnel_source6: Option<(Ipv6Addr, u8)>,
+    /// See [`DaemonConfig`].
+    pub metrics_address: Option<SocketAddr>,
+    /// See [`DaemonConfig`].
+    pub socket_group: Option<String>,
+    /// See [`DaemonConfig`].
+    pub pin_dir: Option<PathBuf>,
+    /// See [`DaemonConfig`].
+    pub min_healthy: Option<f64>,
 }
 
-impl ConfigFile {
+/// Parses `ADDRESS/LENGTH`.
+pub fn parse_prefix<A: std::str::FromStr>(s: &str, max: u8) -> Result<(A, u8), String> {
+    let (addr, len) = s
+        .split_once('/')
+        .ok_or_else(|| format!("'{s}' is not ADDRESS/PREFIX-LENGTH"))?;
+    let addr = addr
+        .parse()
+        .map_err(|_| format!("'{addr}' is not an address of the right family"))?;
+    let len: u8 = len
+        .parse()
+        .ok()
+        .filter(|l| *l <= max)
+        .ok_or_else(|| format!("prefix length '{len}' is not 0-{max}"))?;
+    Ok((addr, len))
+}
+
+impl Config {
     /// Reads and validates `path`.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let file = path.display().to_string();
@@ -115,64 +203,148 @@ impl ConfigFile {
 
     /// Parses and validates `text` (named `file` in errors).
     pub fn parse(file: &str, text: &str) -> Result<Self, ConfigError> {
-        let config: Self = serde_yaml_ng::from_str(text).map_err(|source| ConfigError::Parse {
-            file: file.to_owned(),
-            source,
-        })?;
+        let raw: ConfigFile = if text.trim().is_empty() {
+            ConfigFile::default()
+        } else {
+            serde_yaml_ng::from_str(text).map_err(|source| ConfigError::Parse {
+                file: file.to_owned(),
+                source,
+            })?
+        };
         let invalid = |path: String, message: String| ConfigError::Invalid {
             file: file.to_owned(),
             path,
             message,
         };
-        let mut seen = std::collections::BTreeSet::new();
-        for (i, s) in config.services.iter().enumerate() {
-            if !seen.insert(s.vip) {
-                return Err(invalid(
-                    format!("services[{i}].vip"),
-                    format!("VIP {} is listed twice", s.vip),
-                ));
+        let d = &raw.daemon;
+        if let Some(mode) = &d.xdp_mode
+            && !matches!(mode.as_str(), "native" | "skb" | "auto")
+        {
+            return Err(invalid(
+                "daemon.xdp_mode".into(),
+                format!("'{mode}' is not native, skb or auto"),
+            ));
+        }
+        if let Some(share) = d.min_healthy
+            && !(0.0..=1.0).contains(&share)
+        {
+            return Err(invalid(
+                "daemon.min_healthy".into(),
+                format!("{share} is not between 0.0 and 1.0"),
+            ));
+        }
+        let daemon = DaemonSettings {
+            interface: d.interface.clone(),
+            xdp_mode: d.xdp_mode.clone(),
+            conntrack_size: d.conntrack_size,
+            new_flow_limit: d.new_flow_limit,
+            udp_idle_timeout: d.udp_idle_timeout,
+            mtu: d.mtu,
+            tunnel_source: d
+                .tunnel_source
+                .as_deref()
+                .map(|s| parse_prefix(s, 32))
+                .transpose()
+                .map_err(|m| invalid("daemon.tunnel_source".into(), m))?,
+            tunnel_source6: d
+                .tunnel_source6
+                .as_deref()
+                .map(|s| parse_prefix(s, 128))
+                .transpose()
+                .map_err(|m| invalid("daemon.tunnel_source6".into(), m))?,
+            metrics_address: d.metrics_address,
+            socket_group: d.socket_group.clone(),
+            pin_dir: d.pin_dir.clone(),
+            min_healthy: d.min_healthy,
+        };
+
+        let mut desired = Desired::default();
+        for (i, s) in raw.services.iter().enumerate() {
+            let at = |field: &str| format!("services[{i}].{field}");
+            let vip: Vip = s
+                .vip
+                .parse()
+                .map_err(|e| invalid(at("vip"), format!("{e}")))?;
+            if desired.services.contains_key(&vip) {
+                return Err(invalid(at("vip"), format!("VIP {vip} is listed twice")));
             }
-            if !maglev::is_prime(s.table_size) || s.table_size > lb_common::RING_SIZE_MAX {
-                return Err(invalid(
-                    format!("services[{i}].table_size"),
-                    format!(
-                        "{} is not a prime between 2 and {}",
-                        s.table_size,
-                        lb_common::RING_SIZE_MAX
-                    ),
-                ));
+            let mut options = VipOptions::default();
+            if let Some(sch) = &s.scheduler {
+                options.scheduler = sch
+                    .parse::<Scheduler>()
+                    .map_err(|e| invalid(at("scheduler"), e.to_string()))?;
             }
-            let mut reals = std::collections::BTreeSet::new();
-            for (j, r) in s.reals.iter().enumerate() {
-                if r.weight > MAX_WEIGHT {
+            if let Some(f) = &s.forward {
+                options.forward = f
+                    .parse::<Forward>()
+                    .map_err(|e| invalid(at("forward"), e.to_string()))?;
+            }
+            if let Some(size) = s.table_size {
+                if !maglev::is_prime(size) || size > lb_common::RING_SIZE_MAX {
                     return Err(invalid(
-                        format!("services[{i}].reals[{j}].weight"),
-                        format!("{} is out of range (0-{MAX_WEIGHT})", r.weight),
-                    ));
-                }
-                let family_ok = match s.forward {
-                    Forward::Dr => r.address.is_ipv4() == s.vip.addr.is_ipv4(),
-                    // IPv4 VIPs may use IPv6 reals (4in6); not the reverse.
-                    Forward::Tun => s.vip.addr.is_ipv4() || r.address.is_ipv6(),
-                };
-                if !family_ok {
-                    return Err(invalid(
-                        format!("services[{i}].reals[{j}].address"),
+                        at("table_size"),
                         format!(
-                            "{} is not of an IP family the VIP can use in {} mode",
-                            r.address, s.forward
+                            "{size} is not a prime between 2 and {}",
+                            lb_common::RING_SIZE_MAX
                         ),
                     ));
                 }
-                if !reals.insert(r.address) {
+                options.table_size = size;
+            }
+            if let Some(hc) = &s.health_check {
+                hc.validate().map_err(|m| invalid(at("health_check"), m))?;
+            }
+            let mut reals = BTreeMap::new();
+            for (j, r) in s.reals.iter().enumerate() {
+                let at = |field: &str| format!("services[{i}].reals[{j}].{field}");
+                let addr: IpAddr = r.address.parse().map_err(|_| {
+                    invalid(
+                        at("address"),
+                        format!("'{}' is not an IPv4 or IPv6 address", r.address),
+                    )
+                })?;
+                let weight = r.weight.unwrap_or(1);
+                if weight > MAX_WEIGHT {
                     return Err(invalid(
-                        format!("services[{i}].reals[{j}].address"),
-                        format!("{} is listed twice in this service", r.address),
+                        at("weight"),
+                        format!("{weight} is out of range (0-{MAX_WEIGHT})"),
+                    ));
+                }
+                check_family(&vip, options.forward, addr)
+                    .map_err(|e| invalid(at("address"), e.to_string()))?;
+                let admin = match (r.enabled.unwrap_or(true), r.drain.unwrap_or(false)) {
+                    (false, _) => Admin::Disabled,
+                    (true, true) => Admin::Drain,
+                    (true, false) => Admin::Enabled,
+                };
+                if let Some(hc) = &r.health_check {
+                    hc.validate().map_err(|m| invalid(at("health_check"), m))?;
+                }
+                let spec = RealSpec {
+                    weight,
+                    admin,
+                    health: r.health_check.clone(),
+                };
+                if reals.insert(addr, spec).is_some() {
+                    return Err(invalid(
+                        at("address"),
+                        format!("{addr} is listed twice in this service"),
                     ));
                 }
             }
+            desired.services.insert(
+                vip,
+                ServiceSpec {
+                    options,
+                    health: s.health_check.clone(),
+                    reals,
+                },
+            );
         }
-        Ok(config)
+        desired
+            .validate()
+            .map_err(|e| invalid("services".into(), e.to_string()))?;
+        Ok(Self { daemon, desired })
     }
 }
 
@@ -180,19 +352,27 @@ impl ConfigFile {
 mod tests {
     use super::*;
 
+    const EXAMPLE: &str = include_str!("../../docs/examples/xlb.yaml");
+
     #[test]
-    fn full_example_parses_with_defaults() {
-        let c = ConfigFile::parse(
+    fn documented_example_parses() {
+        let c = Config::parse("xlb.yaml", EXAMPLE).expect("docs/examples/xlb.yaml is valid");
+        assert!(!c.desired.services.is_empty());
+        assert_eq!(c.daemon.interface.as_deref(), Some("eth0"));
+    }
+
+    #[test]
+    fn defaults_fill_in() {
+        let c = Config::parse(
             "x.yaml",
-            "services:\n  - vip: 203.0.113.10:80/tcp\n    reals:\n      - address: 198.51.100.11\n      - address: 198.51.100.12\n        weight: 3\n",
+            "services:\n  - vip: 203.0.113.10:80/tcp\n    reals:\n      - address: 198.51.100.11\n      - address: 198.51.100.12\n        weight: 3\n        drain: true\n",
         )
         .expect("valid config");
-        assert_eq!(c.services.len(), 1);
-        let s = &c.services[0];
-        assert_eq!(s.table_size, 65537);
-        assert_eq!(s.scheduler, Scheduler::Maglev);
-        assert_eq!(s.reals[0].weight, 1);
-        assert_eq!(s.reals[1].weight, 3);
+        let s = &c.desired.services[&"203.0.113.10:80/tcp".parse().expect("vip")];
+        assert_eq!(s.options, VipOptions::default());
+        let r: Vec<_> = s.reals.values().collect();
+        assert_eq!((r[0].weight, r[0].admin), (1, Admin::Enabled));
+        assert_eq!((r[1].weight, r[1].admin), (3, Admin::Drain));
     }
 
     #[test]
@@ -200,7 +380,7 @@ mod tests {
         let cases = [
             (
                 "services:\n  - vip: 203.0.113.10:99999/tcp\n",
-                "x.yaml: services[0]: invalid VIP '203.0.113.10:99999/tcp': port 99999 is out of range (1-65535) at line 2",
+                "x.yaml: services[0].vip: invalid VIP '203.0.113.10:99999/tcp': port 99999 is out of range (1-65535)",
             ),
             (
                 "services:\n  - vip: 203.0.113.10:80/tcp\n    table_size: 65536\n",
@@ -212,15 +392,39 @@ mod tests {
             ),
             (
                 "services:\n  - vip: 203.0.113.10:80/tcp\n    reals:\n      - address: 2001:db8::1\n",
-                "x.yaml: services[0].reals[0].address: 2001:db8::1 is not of an IP family the VIP can use in dr mode",
+                "x.yaml: services[0].reals[0].address: real 2001:db8::1 cannot serve 203.0.113.10:80/tcp in dr mode",
+            ),
+            (
+                "services:\n  - vip: 203.0.113.10:80/tcp\n    reals:\n      - address: 198.51.100.300\n",
+                "x.yaml: services[0].reals[0].address: '198.51.100.300' is not an IPv4 or IPv6 address",
+            ),
+            (
+                "services:\n  - vip: 203.0.113.10:80/tcp\n    forward: gre\n",
+                "x.yaml: services[0].forward: invalid forwarding mode 'gre'",
+            ),
+            (
+                "services:\n  - vip: 203.0.113.10:80/tcp\n  - vip: 203.0.113.10:80/tcp\n",
+                "x.yaml: services[1].vip: VIP 203.0.113.10:80/tcp is listed twice",
             ),
             (
                 "services:\n  - vip: 203.0.113.10:80/tcp\n    colour: blue\n",
-                "unknown field `colour`",
+                "x.yaml: services[0]: unknown field `colour`",
+            ),
+            (
+                "daemon:\n  tunnel_source: 192.0.2.0/33\n",
+                "x.yaml: daemon.tunnel_source: prefix length '33' is not 0-32",
+            ),
+            (
+                "daemon:\n  xdp_mode: turbo\n",
+                "x.yaml: daemon.xdp_mode: 'turbo' is not native, skb or auto",
+            ),
+            (
+                "services:\n  - vip: 203.0.113.10:80/tcp\n    health_check:\n      kind: http\n      interval_ms: 0\n",
+                "x.yaml: services[0].health_check: interval_ms must be at least 100",
             ),
         ];
         for (text, want) in cases {
-            let err = ConfigFile::parse("x.yaml", text).unwrap_err().to_string();
+            let err = Config::parse("x.yaml", text).unwrap_err().to_string();
             assert!(err.contains(want), "got {err:?}, want {want:?}");
         }
     }

@@ -1,26 +1,32 @@
-//! `xlb run`: load the program, apply the startup config, attach, serve the API
-//! until SIGINT/SIGTERM, then detach and clean up.
+//! `xlb run`: load (or adopt) the data path, apply the desired state, serve the
+//! control API and metrics, reload on SIGHUP, and on SIGINT/SIGTERM either
+//! leave the pinned data path running (hitless restarts) or detach it.
 
 use std::{
-    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    collections::BTreeMap,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     os::unix::fs::PermissionsExt as _,
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, bail};
 use aya::programs::XdpMode;
-use lb_common::{Config, prog_names};
+use lb_common::{Config as DpConfig, prog_names};
+use serde::{Deserialize, Serialize};
 use tokio::{net::UnixListener, signal::unix::SignalKind};
 
 use crate::{
-    api::{self, Inner, Shared},
-    config::ConfigFile,
+    api::{self, ApiError, Inner, Shared},
+    config::Config,
     dataplane::{Dataplane, LoadOptions},
+    health,
+    metrics::Metrics,
     model::Forward,
-    neighbor::{self, Iface},
-    state::{State, VipOptions},
+    neighbor::{self, Iface, NeighborError},
+    pin::{LAYOUT_VERSION, PinDir},
+    state::{Changes, Desired, State, StateError},
 };
 
 /// Data-path settings of `xlb run`.
@@ -56,7 +62,7 @@ impl Default for DataPathOptions {
 }
 
 /// The config map's contents for `iface` and `opts`.
-pub fn datapath_config(iface: &Iface, opts: &DataPathOptions) -> Config {
+pub fn datapath_config(iface: &Iface, opts: &DataPathOptions) -> DpConfig {
     let mtu = opts.mtu.unwrap_or_else(|| iface_mtu(&iface.name));
     let (v4, v4_len) = opts.tunnel_src_v4.unwrap_or_else(|| {
         let first = iface.nets.iter().find_map(|(a, _)| match a {
@@ -77,7 +83,7 @@ pub fn datapath_config(iface: &Iface, opts: &DataPathOptions) -> Config {
     let host_v6 = u32::MAX
         .checked_shr(u32::from(v6_len.clamp(96, 128) - 96))
         .unwrap_or(0);
-    Config {
+    DpConfig {
         iface_mac: iface.mac,
         _pad: [0; 2],
         mtu,
@@ -111,106 +117,355 @@ pub struct RunOptions {
     pub iface: String,
     /// XDP attach mode.
     pub mode: XdpMode,
-    /// Startup configuration.
+    /// Configuration file (desired state), reloaded on SIGHUP.
     pub config: Option<PathBuf>,
     /// Control socket path.
     pub socket: PathBuf,
+    /// Group given access to the control socket (root only when `None`).
+    pub socket_group: Option<String>,
     /// How long to wait for a real's ARP/NDP answer.
     pub resolve_timeout: Duration,
     /// Data-path settings.
     pub datapath: DataPathOptions,
+    /// bpffs directory for pins; `None`: no pins, the data path stops with the daemon.
+    pub pin_dir: Option<PathBuf>,
+    /// Replace the program of an adopted data path with this binary's.
+    pub replace: bool,
+    /// Where the desired state and ids are kept for the next daemon.
+    pub state_file: PathBuf,
+    /// Prometheus metrics address.
+    pub metrics: Option<SocketAddr>,
+    /// Avalanche-guard threshold (share of reals).
+    pub min_healthy: f64,
+}
+
+/// What the state file holds: enough for a restarted daemon to adopt the maps.
+#[derive(Serialize, Deserialize)]
+struct StateFile {
+    layout: u32,
+    iface: String,
+    state: State,
+}
+
+/// Writes the state file atomically (temp file + rename).
+pub fn save_state(path: &Path, iface: &str, state: &State) -> anyhow::Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let tmp = path.with_extension("tmp");
+    let file = StateFile {
+        layout: LAYOUT_VERSION,
+        iface: iface.to_owned(),
+        state: state.clone(),
+    };
+    std::fs::write(&tmp, serde_json::to_vec(&file)?)
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("renaming {}", tmp.display()))?;
+    Ok(())
+}
+
+/// Reads the state a previous daemon left and checks it against the pinned maps.
+fn adopt_state(path: &Path, iface: &str, dp: &Dataplane) -> anyhow::Result<State> {
+    let text = std::fs::read_to_string(path).with_context(|| {
+        format!(
+            "pinned maps exist but the state file {} cannot be read; `xlb teardown` starts over \
+             (drops tracked flows)",
+            path.display()
+        )
+    })?;
+    let file: StateFile = serde_json::from_str(&text)
+        .with_context(|| format!("{} is not an xlb state file", path.display()))?;
+    if file.layout != LAYOUT_VERSION {
+        bail!(
+            "{} was written for map layout v{}; this xlb uses v{LAYOUT_VERSION}",
+            path.display(),
+            file.layout
+        );
+    }
+    if file.iface != iface {
+        bail!(
+            "the pinned data path is attached to {}, not {iface}; use --iface {} or \
+             `xlb teardown` first",
+            file.iface,
+            file.iface
+        );
+    }
+    for (vip, id, ring) in file.state.applied_vips() {
+        let meta = dp.get_vip(&vip.key())?;
+        if meta.is_none_or(|m| m.vip_id != id || m.ring_id != ring) {
+            bail!(
+                "the state file {} does not match the pinned maps (VIP {vip}); `xlb teardown` \
+                 starts over (drops tracked flows)",
+                path.display()
+            );
+        }
+    }
+    Ok(file.state)
+}
+
+impl Shared {
+    /// Applies a new desired state: resolves the MACs it needs (without any
+    /// lock held), then reconciles and persists. Changes are serialised, so two
+    /// concurrent requests cannot lose each other's update.
+    pub async fn apply(&self, desired: Desired) -> Result<Changes, ApiError> {
+        let _turn = self.changes.lock().await;
+        self.apply_locked(desired).await
+    }
+
+    /// Like [`Shared::apply`] with `f` applied to the current desired state.
+    pub async fn change(
+        &self,
+        f: impl FnOnce(&mut Desired) -> Result<(), StateError>,
+    ) -> Result<Changes, ApiError> {
+        let _turn = self.changes.lock().await;
+        let mut desired = self.lock().state.desired().clone();
+        f(&mut desired)?;
+        self.apply_locked(desired).await
+    }
+
+    async fn apply_locked(&self, desired: Desired) -> Result<Changes, ApiError> {
+        desired.validate()?;
+        let (unresolved, known) = {
+            let inner = self.lock();
+            let unresolved = inner.state.unresolved(&desired);
+            let known: Vec<(IpAddr, bool)> = desired
+                .services
+                .values()
+                .filter(|s| s.options.forward == Forward::Dr)
+                .flat_map(|s| s.reals.keys())
+                .map(|r| (*r, inner.state.mac(*r).is_some()))
+                .collect();
+            (unresolved, known)
+        };
+        // Direct return needs every real on the segment, even when its MAC is
+        // already known from a tunnel VIP.
+        for (real, _) in known {
+            if !self.iface.on_link(real) {
+                return Err(NeighborError::NotOnLink {
+                    real,
+                    iface: self.iface.name.clone(),
+                    nets: self
+                        .iface
+                        .nets
+                        .iter()
+                        .map(|(a, p)| format!("{a}/{p}"))
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                }
+                .into());
+            }
+        }
+        let lookups = unresolved.into_iter().map(|(real, mode)| async move {
+            let mac = match mode {
+                Forward::Dr => neighbor::resolve(&self.iface, real, self.resolve_timeout).await,
+                Forward::Tun => {
+                    neighbor::resolve_next_hop(&self.iface, real, self.resolve_timeout).await
+                }
+            }?;
+            Ok::<_, NeighborError>((real, mac))
+        });
+        let macs: BTreeMap<IpAddr, [u8; 6]> = futures::future::try_join_all(lookups)
+            .await?
+            .into_iter()
+            .collect();
+        let started = Instant::now();
+        let mut inner = self.lock();
+        let Inner { dp, state } = &mut *inner;
+        let result = state.reconcile(dp, desired, &macs);
+        self.metrics.reconciled(started.elapsed(), result.is_ok());
+        let changes = result?;
+        if let Err(err) = save_state(&self.state_file, &self.iface.name, state) {
+            tracing::error!(%err, "could not save the state file; a restarted daemon may not adopt");
+        }
+        drop(inner);
+        self.health.sync(self);
+        Ok(changes)
+    }
+
+    /// Records a health verdict (called by the health engine).
+    pub fn set_health(&self, vip: &crate::model::Vip, real: IpAddr, up: bool) {
+        let started = Instant::now();
+        let mut inner = self.lock();
+        let Inner { dp, state } = &mut *inner;
+        let result = state.set_health(dp, vip, real, up);
+        self.metrics.reconciled(started.elapsed(), result.is_ok());
+        match result {
+            Ok(_) => {
+                if let Err(err) = save_state(&self.state_file, &self.iface.name, state) {
+                    tracing::error!(%err, "could not save the state file");
+                }
+            }
+            Err(err) => tracing::error!(%vip, %real, %err, "applying a health verdict failed"),
+        }
+    }
 }
 
 /// Runs the daemon until a signal arrives.
 pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
-    let file = opts
+    let config = opts
         .config
         .as_deref()
-        .map(ConfigFile::load)
+        .map(Config::load)
         .transpose()
         .context("invalid configuration; nothing was loaded")?;
     let iface = Iface::lookup(&opts.iface)
         .with_context(|| format!("cannot use interface {}", opts.iface))?;
+    if opts.replace && opts.pin_dir.is_none() {
+        bail!("--replace swaps the program of a pinned data path; it needs pins (drop --no-pin)");
+    }
+    let pin = opts.pin_dir.as_deref().map(PinDir::prepare).transpose()?;
+    let adopting = pin.as_ref().is_some_and(PinDir::has_link);
     let mut dp = Dataplane::load_with(&LoadOptions {
         flows: opts.datapath.flows,
+        pin: pin.clone(),
     })
     .context(
-        "loading the XDP program failed (run as root, on a kernel with BPF and BTF support)",
+        "loading the XDP program failed (run as root on a kernel with BPF and BTF; if the pinned \
+         maps differ, keep the running daemon's --conntrack-size or `xlb teardown` first)",
     )?;
-    let config = datapath_config(&iface, &opts.datapath);
-    dp.set_config(&config)?;
+    let dp_config = datapath_config(&iface, &opts.datapath);
+    dp.set_config(&dp_config)?;
+    let mut state = if adopting {
+        adopt_state(&opts.state_file, &opts.iface, &dp)?
+    } else {
+        State::new()
+    };
+    state.set_min_healthy(opts.min_healthy);
     tracing::info!(
-        mtu = config.mtu,
+        mtu = dp_config.mtu,
         flows = opts.datapath.flows,
-        new_flow_limit = config.new_flow_limit,
-        "data path configured"
+        new_flow_limit = dp_config.new_flow_limit,
+        adopting,
+        "data path loaded"
     );
-    let mut state = State::new();
-    if let Some(file) = &file {
-        apply_startup(&mut dp, &mut state, &iface, file, opts.resolve_timeout).await?;
+    let listener = bind_socket(&opts.socket, opts.socket_group.as_deref())?;
+    let metrics = Metrics::new();
+    let shared = Arc::new(Shared {
+        inner: Mutex::new(Inner { dp, state }),
+        changes: tokio::sync::Mutex::new(()),
+        iface,
+        resolve_timeout: opts.resolve_timeout,
+        state_file: opts.state_file.clone(),
+        config_path: opts.config.clone(),
+        metrics,
+        health: health::Engine::new(),
+    });
+    if let Some(config) = config {
+        let changes = shared.apply(config.desired).await.map_err(|e| {
+            anyhow::anyhow!(
+                "applying {}: {e}",
+                opts.config
+                    .as_ref()
+                    .map_or_else(String::new, |p| p.display().to_string())
+            )
+        })?;
+        tracing::info!(
+            writes = changes.writes,
+            tables = changes.tables,
+            "configuration applied"
+        );
+    } else {
+        let inner = shared.lock();
+        save_state(&shared.state_file, &shared.iface.name, &inner.state)?;
     }
-    let listener = bind_socket(&opts.socket)?;
-    dp.attach(prog_names::BALANCER, &opts.iface, opts.mode)
-        .with_context(|| {
+
+    // Attach last: the first packet already meets the configured services.
+    {
+        let mut inner = shared.lock();
+        let dp = &mut inner.dp;
+        let attach_err = || {
             format!(
                 "attaching XDP to {} failed (another XDP program attached? driver without native \
                  XDP? try --xdp-mode skb)",
                 opts.iface
             )
-        })?;
+        };
+        match (&pin, adopting, opts.replace) {
+            (Some(pin), true, true) => {
+                dp.replace_pinned(prog_names::BALANCER, pin)
+                    .context("replacing the program behind the pinned link failed")?;
+                tracing::info!("program replaced in place; maps, flows and counters kept");
+            }
+            (Some(_), true, false) => {
+                tracing::info!("adopted the running data path; maps, flows and counters kept");
+            }
+            (Some(pin), false, _) => {
+                dp.attach_pinned(prog_names::BALANCER, &opts.iface, opts.mode, pin)
+                    .with_context(attach_err)?;
+            }
+            (None, _, _) => {
+                dp.attach(prog_names::BALANCER, &opts.iface, opts.mode)
+                    .with_context(attach_err)?;
+            }
+        }
+    }
     tracing::info!(
         iface = %opts.iface,
         mode = ?opts.mode,
         socket = %opts.socket.display(),
-        "xlb attached and serving"
+        pinned = pin.is_some(),
+        "xlb serving"
     );
 
-    let shared = Arc::new(Shared {
-        inner: Mutex::new(Inner { dp, state }),
-        iface,
-        resolve_timeout: opts.resolve_timeout,
-    });
+    shared.health.start(&shared);
+    let metrics_task = match opts.metrics {
+        Some(addr) => Some(crate::metrics::serve(addr, shared.clone()).await?),
+        None => None,
+    };
+    let reload_task = tokio::spawn(reload_on_sighup(shared.clone()));
     let served = axum::serve(listener, api::router(shared.clone()))
         .with_graceful_shutdown(shutdown_signal())
         .await;
-    // Dropping the dataplane detaches the program and frees the maps.
-    drop(shared);
+    reload_task.abort();
+    shared.health.stop();
+    if let Some(t) = metrics_task {
+        t.abort();
+    }
     let _ = std::fs::remove_file(&opts.socket);
-    tracing::info!("xlb detached and stopped");
+    if pin.is_some() {
+        tracing::info!(
+            "xlb stopped; the data path keeps running from its pins (`xlb teardown` removes it)"
+        );
+    } else {
+        // Dropping the dataplane detaches the program and frees the maps.
+        drop(shared);
+        let _ = std::fs::remove_file(&opts.state_file);
+        tracing::info!("xlb detached and stopped");
+    }
     served.context("the control API failed")
 }
 
-async fn apply_startup(
-    dp: &mut Dataplane,
-    state: &mut State,
-    iface: &Iface,
-    config: &ConfigFile,
-    timeout: Duration,
-) -> anyhow::Result<()> {
-    for s in &config.services {
-        state.add_vip(
-            dp,
-            s.vip,
-            VipOptions {
-                scheduler: s.scheduler,
-                forward: s.forward,
-                table_size: s.table_size,
+/// Re-reads the configuration file on SIGHUP and applies it; a bad file is
+/// logged and changes nothing.
+async fn reload_on_sighup(shared: Arc<Shared>) {
+    let Ok(mut hup) = tokio::signal::unix::signal(SignalKind::hangup()) else {
+        tracing::error!("cannot listen for SIGHUP; reloads need `xlb apply`");
+        return;
+    };
+    while hup.recv().await.is_some() {
+        let Some(path) = shared.config_path.clone() else {
+            tracing::warn!("SIGHUP received but the daemon was started without --config");
+            continue;
+        };
+        match Config::load(&path) {
+            Err(err) => tracing::error!(%err, "reload refused; the running state is unchanged"),
+            Ok(config) => match shared.apply(config.desired).await {
+                Ok(c) => tracing::info!(
+                    file = %path.display(),
+                    writes = c.writes,
+                    tables = c.tables,
+                    "configuration reloaded"
+                ),
+                Err(err) => {
+                    tracing::error!(%err, "reload failed; the running state is unchanged")
+                }
             },
-        )?;
-        for r in &s.reals {
-            let mac = match s.forward {
-                Forward::Dr => neighbor::resolve(iface, r.address, timeout).await,
-                Forward::Tun => neighbor::resolve_next_hop(iface, r.address, timeout).await,
-            }
-            .with_context(|| format!("service {}: real {}", s.vip, r.address))?;
-            state.add_real(dp, &s.vip, r.address, mac, r.weight)?;
         }
     }
-    Ok(())
 }
 
 /// Binds the control socket, refusing to steal one a live daemon still serves.
-fn bind_socket(path: &Path) -> anyhow::Result<UnixListener> {
+fn bind_socket(path: &Path, group: Option<&str>) -> anyhow::Result<UnixListener> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)
             .with_context(|| format!("creating the socket directory {}", dir.display()))?;
@@ -227,6 +482,15 @@ fn bind_socket(path: &Path) -> anyhow::Result<UnixListener> {
     }
     let listener = UnixListener::bind(path)
         .with_context(|| format!("binding the control socket {}", path.display()))?;
+    if let Some(name) = group {
+        let g = nix::unistd::Group::from_name(name)
+            .with_context(|| format!("looking up group {name}"))?
+            .with_context(|| {
+                format!("group {name} does not exist (create it, or drop --socket-group)")
+            })?;
+        nix::unistd::chown(path, None, Some(g.gid))
+            .with_context(|| format!("giving {} to group {name}", path.display()))?;
+    }
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
         .with_context(|| format!("setting permissions on {}", path.display()))?;
     Ok(listener)

@@ -3,7 +3,9 @@
 //! The daemon, the tests and the benchmarks all go through [`Dataplane`], so
 //! what the tests check is exactly what the daemon does.
 
-use std::{ffi::CString, os::fd::AsFd as _, ptr::NonNull};
+use std::{ffi::CString, os::fd::AsFd as _, path::PathBuf, ptr::NonNull};
+
+use crate::pin::PinDir;
 
 use aya::{
     Ebpf, EbpfLoader,
@@ -19,20 +21,37 @@ use lb_common::{
 /// The compiled balancer object, built by build.rs with aya-build.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf"));
 
-/// Sizes chosen when the object is loaded.
-#[derive(Clone, Copy, Debug)]
+/// Sizes and pinning chosen when the object is loaded.
+#[derive(Clone, Debug)]
 pub struct LoadOptions {
     /// Entries of the connection-tracking table (all CPUs together).
     pub flows: u32,
+    /// Pin (or reuse pinned) maps here; `None`: maps live as long as the process.
+    pub pin: Option<PinDir>,
 }
 
 impl Default for LoadOptions {
     fn default() -> Self {
         Self {
             flows: FLOWS_DEFAULT,
+            pin: None,
         }
     }
 }
+
+/// Every map of the balancer object.
+pub const BALANCER_MAPS: [&str; 10] = [
+    map_names::VIPS,
+    map_names::VIP_ADDRS,
+    map_names::RINGS,
+    map_names::REALS,
+    map_names::CONFIG,
+    map_names::FLOWS,
+    map_names::FLOOD,
+    map_names::STATS,
+    map_names::VIP_STATS,
+    map_names::REAL_STATS,
+];
 
 /// Failures loading the program or touching its maps.
 #[derive(Debug, thiserror::Error)]
@@ -70,6 +89,9 @@ pub enum DataplaneError {
     /// The interface name is not valid.
     #[error("invalid interface name '{0}'")]
     IfaceName(String),
+    /// Pinning failed.
+    #[error(transparent)]
+    Pin(#[from] crate::pin::PinError),
     /// An index outside a map's capacity.
     #[error("{what} {index} is out of range (capacity {capacity})")]
     OutOfRange {
@@ -184,9 +206,18 @@ impl Dataplane {
 
     /// Loads the object into the kernel (maps created, programs verified), not attached.
     pub fn load_with(options: &LoadOptions) -> Result<Self> {
-        let mut ebpf = EbpfLoader::new()
-            .map_max_entries(map_names::FLOWS, options.flows.max(1))
-            .load(EBPF_OBJECT)?;
+        let mut loader = EbpfLoader::new();
+        loader.map_max_entries(map_names::FLOWS, options.flows.max(1));
+        let pins: Vec<(&str, PathBuf)> = match &options.pin {
+            Some(dir) => BALANCER_MAPS.iter().map(|n| (*n, dir.map(n))).collect(),
+            None => Vec::new(),
+        };
+        for (name, path) in &pins {
+            // Reuses the pinned map when present (after checking it matches the
+            // object), else creates and pins it.
+            loader.map_pin_path(name, path.as_path());
+        }
+        let mut ebpf = loader.load(EBPF_OBJECT)?;
         for name in [prog_names::BALANCER, prog_names::PASS] {
             let prog: &mut Xdp = ebpf
                 .program_mut(name)
@@ -252,6 +283,66 @@ impl Dataplane {
         prog.attach(cname.as_c_str(), mode)
             .map_err(|source| DataplaneError::Program { name, source })?;
         Ok(())
+    }
+
+    /// Attaches program `name` to `iface` and pins the link at `pin.link()`:
+    /// it stays attached after this process exits.
+    pub fn attach_pinned(
+        &mut self,
+        name: &'static str,
+        iface: &str,
+        mode: XdpMode,
+        pin: &PinDir,
+    ) -> Result<(), DataplaneError> {
+        let cname = CString::new(iface).map_err(|_| DataplaneError::IfaceName(iface.to_owned()))?;
+        let prog = self.xdp_mut(name)?;
+        let id = prog
+            .attach(cname.as_c_str(), mode)
+            .map_err(|source| DataplaneError::Program { name, source })?;
+        let link = prog
+            .take_link(id)
+            .map_err(|source| DataplaneError::Program { name, source })?;
+        crate::pin::pin_link(link, &pin.link()).map_err(DataplaneError::Pin)
+    }
+
+    /// Atomically swaps the program behind the pinned link for this object's
+    /// program `name` (bpf_link_update: no packet sees no program).
+    pub fn replace_pinned(
+        &mut self,
+        name: &'static str,
+        pin: &PinDir,
+    ) -> Result<(), DataplaneError> {
+        let link = crate::pin::open_link(&pin.link()).map_err(DataplaneError::Pin)?;
+        let prog = self.xdp_mut(name)?;
+        let id = prog
+            .attach_to_link(link)
+            .map_err(|source| DataplaneError::Program { name, source })?;
+        // The pin keeps the link; our handle can go.
+        let link = prog
+            .take_link(id)
+            .map_err(|source| DataplaneError::Program { name, source })?;
+        drop(link);
+        Ok(())
+    }
+
+    fn xdp_mut(&mut self, name: &'static str) -> Result<&mut Xdp, DataplaneError> {
+        self.ebpf
+            .program_mut(name)
+            .ok_or(DataplaneError::MissingMap(name))?
+            .try_into()
+            .map_err(|source| DataplaneError::Program { name, source })
+    }
+
+    /// The VIP map's entry for `key`.
+    pub fn get_vip(&self, key: &VipKey) -> Result<Option<VipMeta>> {
+        match self.vips.get(key, 0) {
+            Ok(v) => Ok(Some(v)),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
+            Err(source) => Err(DataplaneError::Map {
+                name: map_names::VIPS,
+                source,
+            }),
+        }
     }
 
     /// Writes the interface settings.

@@ -8,10 +8,13 @@
 //! - [`model`]: operator-facing types (`Vip`, `Proto`, `Scheduler`), parsed at the edge.
 //! - [`state`]: configured services, id allocation, ordered map updates.
 //! - [`neighbor`]: the interface and the real servers' MACs.
-//! - [`config`]: the startup YAML file.
+//! - [`config`]: the YAML configuration (desired state and daemon settings).
+//! - [`health`]: health checks of the reals.
 //! - [`api`] / [`client`]: HTTP+JSON over the control socket, both sides.
+//! - [`pin`]: bpffs pins, adoption by a restarted daemon, teardown.
 //! - [`decap`]: `xlb decap`, the real-server decapsulator for TUN mode.
 //! - [`realserver`]: `xlb realserver setup|teardown`.
+//! - [`metrics`]: Prometheus metrics.
 //! - [`daemon`]: `xlb run`. [`cli`]: the command line.
 
 pub mod api;
@@ -21,8 +24,11 @@ pub mod config;
 pub mod daemon;
 pub mod dataplane;
 pub mod decap;
+pub mod health;
 pub mod maglev;
+pub mod metrics;
 pub mod model;
 pub mod neighbor;
+pub mod pin;
 pub mod realserver;
 pub mod state;

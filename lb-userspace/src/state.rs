@@ -35,6 +35,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     dataplane::{Dataplane, DataplaneError},
+    health::HealthCheck,
     maglev::{self, Backend},
     model::{Forward, Scheduler, Vip, addr_bytes},
 };
@@ -148,13 +149,16 @@ impl std::fmt::Display for Admin {
 }
 
 /// One real server of a service, as desired.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RealSpec {
     /// Relative share of new flows, 0..=65535.
     pub weight: u32,
     /// The operator's state.
     #[serde(default)]
     pub admin: Admin,
+    /// This real's own health check (else the service's).
+    #[serde(default)]
+    pub health: Option<HealthCheck>,
 }
 
 impl Default for RealSpec {
@@ -162,6 +166,7 @@ impl Default for RealSpec {
         Self {
             weight: 1,
             admin: Admin::Enabled,
+            health: None,
         }
     }
 }
@@ -171,8 +176,21 @@ impl Default for RealSpec {
 pub struct ServiceSpec {
     /// Its options.
     pub options: VipOptions,
+    /// The health check of its reals (none: never probed, always healthy).
+    #[serde(default)]
+    pub health: Option<HealthCheck>,
     /// Its reals.
     pub reals: BTreeMap<IpAddr, RealSpec>,
+}
+
+impl ServiceSpec {
+    /// The check that applies to `real`: its own, else the service's.
+    pub fn check(&self, real: IpAddr) -> Option<&HealthCheck> {
+        self.reals
+            .get(&real)
+            .and_then(|r| r.health.as_ref())
+            .or(self.health.as_ref())
+    }
 }
 
 /// Everything the operator asked for.
@@ -728,7 +746,10 @@ impl State {
             };
             let slot = self.slots[&id];
             if slot.live != live || (live && slot.mac != mac) {
-                let (new, old) = (slot_def(*real, &mac, live), slot_def(*real, &slot.mac, slot.live));
+                let (new, old) = (
+                    slot_def(*real, &mac, live),
+                    slot_def(*real, &slot.mac, slot.live),
+                );
                 w.write(Op::PutReal(id, new), Op::PutReal(id, old))?;
                 self.slots.insert(
                     id,
@@ -795,7 +816,11 @@ impl State {
         self.services.keys().filter(|v| v.addr == *addr).count() as u32
     }
 
-    fn release_addr<M: Maps>(&self, vip: &Vip, w: &mut Writer<'_, M>) -> Result<(), DataplaneError> {
+    fn release_addr<M: Maps>(
+        &self,
+        vip: &Vip,
+        w: &mut Writer<'_, M>,
+    ) -> Result<(), DataplaneError> {
         // `vip` is already out of self.services.
         let count = self.addr_count(&vip.addr);
         w.write(
@@ -835,6 +860,7 @@ impl State {
                 vip,
                 ServiceSpec {
                     options,
+                    health: None,
                     reals: BTreeMap::new(),
                 },
             );
@@ -885,12 +911,15 @@ impl State {
     ) -> Result<()> {
         self.check_add_real(vip, real, weight)?;
         let d = self.modified(|d| {
-            let s = d.services.get_mut(vip).ok_or(StateError::UnknownVip(*vip))?;
+            let s = d
+                .services
+                .get_mut(vip)
+                .ok_or(StateError::UnknownVip(*vip))?;
             s.reals.insert(
                 real,
                 RealSpec {
                     weight,
-                    admin: Admin::Enabled,
+                    ..RealSpec::default()
                 },
             );
             Ok(())
@@ -911,7 +940,10 @@ impl State {
         admin: Option<Admin>,
     ) -> Result<()> {
         let d = self.modified(|d| {
-            let s = d.services.get_mut(vip).ok_or(StateError::UnknownVip(*vip))?;
+            let s = d
+                .services
+                .get_mut(vip)
+                .ok_or(StateError::UnknownVip(*vip))?;
             let r = s
                 .reals
                 .get_mut(&real)
@@ -943,7 +975,10 @@ impl State {
     /// Removes `real` from `vip`; its slots move to the other reals.
     pub fn del_real<M: Maps>(&mut self, maps: &mut M, vip: &Vip, real: IpAddr) -> Result<()> {
         let d = self.modified(|d| {
-            let s = d.services.get_mut(vip).ok_or(StateError::UnknownVip(*vip))?;
+            let s = d
+                .services
+                .get_mut(vip)
+                .ok_or(StateError::UnknownVip(*vip))?;
             s.reals
                 .remove(&real)
                 .ok_or(StateError::UnknownReal { vip: *vip, real })?;
@@ -1010,9 +1045,7 @@ impl State {
 
     /// The VIP ids and live rings in the maps, to check pins against on adoption.
     pub fn applied_vips(&self) -> impl Iterator<Item = (Vip, u32, u32)> + '_ {
-        self.services
-            .iter()
-            .map(|(v, a)| (*v, a.id, a.live_ring))
+        self.services.iter().map(|(v, a)| (*v, a.id, a.live_ring))
     }
 
     /// What the operator sees of every VIP, with live counters.
@@ -1187,8 +1220,10 @@ mod tests {
         let mut rec = Recorder::default();
         let v = vip("203.0.113.10:80/tcp");
         st.add_vip(&mut rec, v, VipOptions::default()).expect("vip");
-        st.add_real(&mut rec, &v, ip("198.51.100.11"), mac(11), 1).expect("real");
-        st.add_real(&mut rec, &v, ip("198.51.100.12"), mac(12), 1).expect("real");
+        st.add_real(&mut rec, &v, ip("198.51.100.11"), mac(11), 1)
+            .expect("real");
+        st.add_real(&mut rec, &v, ip("198.51.100.12"), mac(12), 1)
+            .expect("real");
         rec.log.clear();
         (st, rec)
     }
@@ -1219,17 +1254,28 @@ mod tests {
     fn weight_change_rebuilds_only_that_vips_table() {
         let (mut st, mut rec) = two_reals();
         let other = vip("203.0.113.11:80/tcp");
-        st.add_vip(&mut rec, other, VipOptions::default()).expect("vip");
+        st.add_vip(&mut rec, other, VipOptions::default())
+            .expect("vip");
         rec.log.clear();
-        st.set_weight(&mut rec, &vip("203.0.113.10:80/tcp"), ip("198.51.100.11"), 5)
-            .expect("weight");
+        st.set_weight(
+            &mut rec,
+            &vip("203.0.113.10:80/tcp"),
+            ip("198.51.100.11"),
+            5,
+        )
+        .expect("weight");
         assert_eq!(rec.log.len(), 2, "{:?}", rec.log);
         assert!(rec.log[0].starts_with("ring "));
         assert!(rec.log[1].starts_with("put_vip"));
         // An unchanged weight writes nothing.
         rec.log.clear();
-        st.set_weight(&mut rec, &vip("203.0.113.10:80/tcp"), ip("198.51.100.11"), 5)
-            .expect("weight");
+        st.set_weight(
+            &mut rec,
+            &vip("203.0.113.10:80/tcp"),
+            ip("198.51.100.11"),
+            5,
+        )
+        .expect("weight");
         assert!(rec.log.is_empty(), "{:?}", rec.log);
     }
 
@@ -1247,7 +1293,8 @@ mod tests {
     #[test]
     fn removing_a_vip_removes_it_before_cleanup() {
         let (mut st, mut rec) = two_reals();
-        st.del_vip(&mut rec, &vip("203.0.113.10:80/tcp")).expect("del");
+        st.del_vip(&mut rec, &vip("203.0.113.10:80/tcp"))
+            .expect("del");
         assert_eq!(rec.log[0], "remove_vip");
         assert_eq!(rec.log[1], "addr 0");
         assert!(rec.log[2..].iter().all(|l| l.ends_with("family=0")));
@@ -1263,7 +1310,13 @@ mod tests {
         // Fail the VIP flip (third write: slot, ring, put_vip).
         rec.fail_at = Some(2);
         let err = st
-            .add_real(&mut rec, &vip("203.0.113.10:80/tcp"), ip("198.51.100.13"), mac(13), 1)
+            .add_real(
+                &mut rec,
+                &vip("203.0.113.10:80/tcp"),
+                ip("198.51.100.13"),
+                mac(13),
+                1,
+            )
             .expect_err("injected failure");
         assert!(err.to_string().contains("injected"), "{err}");
         assert_eq!(st.desired, before_desired, "model changed");
@@ -1299,15 +1352,39 @@ mod tests {
         let v = vip("203.0.113.10:80/tcp");
         st.set_real(&mut rec, &v, ip("198.51.100.11"), None, Some(Admin::Drain))
             .expect("drain");
-        assert!(rec.log.iter().all(|l| !l.starts_with("real ")), "{:?}", rec.log);
+        assert!(
+            rec.log.iter().all(|l| !l.starts_with("real ")),
+            "{:?}",
+            rec.log
+        );
         rec.log.clear();
-        st.set_real(&mut rec, &v, ip("198.51.100.11"), None, Some(Admin::Disabled))
-            .expect("disable");
-        assert!(rec.log.iter().any(|l| l.ends_with("family=0")), "{:?}", rec.log);
+        st.set_real(
+            &mut rec,
+            &v,
+            ip("198.51.100.11"),
+            None,
+            Some(Admin::Disabled),
+        )
+        .expect("disable");
+        assert!(
+            rec.log.iter().any(|l| l.ends_with("family=0")),
+            "{:?}",
+            rec.log
+        );
         rec.log.clear();
-        st.set_real(&mut rec, &v, ip("198.51.100.11"), None, Some(Admin::Enabled))
-            .expect("enable");
-        assert!(rec.log.iter().any(|l| l.ends_with("family=4")), "{:?}", rec.log);
+        st.set_real(
+            &mut rec,
+            &v,
+            ip("198.51.100.11"),
+            None,
+            Some(Admin::Enabled),
+        )
+        .expect("enable");
+        assert!(
+            rec.log.iter().any(|l| l.ends_with("family=4")),
+            "{:?}",
+            rec.log
+        );
     }
 
     #[test]
@@ -1318,21 +1395,31 @@ mod tests {
         let v = vip("203.0.113.10:80/tcp");
         st.add_vip(&mut rec, v, VipOptions::default()).expect("vip");
         for last in 11..15u8 {
-            st.add_real(&mut rec, &v, ip(&format!("198.51.100.{last}")), mac(last), 1)
-                .expect("real");
+            st.add_real(
+                &mut rec,
+                &v,
+                ip(&format!("198.51.100.{last}")),
+                mac(last),
+                1,
+            )
+            .expect("real");
         }
-        st.set_health(&mut rec, &v, ip("198.51.100.11"), false).expect("health");
-        st.set_health(&mut rec, &v, ip("198.51.100.12"), false).expect("health");
+        st.set_health(&mut rec, &v, ip("198.51.100.11"), false)
+            .expect("health");
+        st.set_health(&mut rec, &v, ip("198.51.100.12"), false)
+            .expect("health");
         let eff = |st: &State| st.services[&v].table.clone();
         // 2 of 4 healthy: exactly at the threshold, still honoured.
         assert_eq!(eff(&st)[&ip("198.51.100.11")], 0);
         assert!(st.guarded().is_empty());
         // A third failure would leave 1 of 4: the guard keeps everyone in.
-        st.set_health(&mut rec, &v, ip("198.51.100.13"), false).expect("health");
+        st.set_health(&mut rec, &v, ip("198.51.100.13"), false)
+            .expect("health");
         assert!(st.guarded().contains(&v));
         assert!(eff(&st).values().all(|w| *w == 1), "{:?}", eff(&st));
         // Recovery releases the guard.
-        st.set_health(&mut rec, &v, ip("198.51.100.13"), true).expect("health");
+        st.set_health(&mut rec, &v, ip("198.51.100.13"), true)
+            .expect("health");
         assert!(st.guarded().is_empty());
         assert_eq!(eff(&st)[&ip("198.51.100.12")], 0);
     }

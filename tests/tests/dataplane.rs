@@ -109,8 +109,11 @@ impl Fixture {
             nix::unistd::Uid::effective().is_root(),
             "the BPF_PROG_TEST_RUN tests load XDP programs and must run as root"
         );
-        let mut dp =
-            Dataplane::load_with(&LoadOptions { flows: 4096 }).expect("loading the XDP object");
+        let mut dp = Dataplane::load_with(&LoadOptions {
+            flows: 4096,
+            pin: None,
+        })
+        .expect("loading the XDP object");
         dp.set_config(&config).expect("writing the config map");
         let mut state = State::new();
         let vips = [

@@ -159,14 +159,19 @@ fn lint(steps: &mut Steps) -> anyhow::Result<()> {
 
 /// Builds every target and returns the environment that points tests and the demo at
 /// them.
-fn build_bins(steps: &mut Steps) -> anyhow::Result<Vec<(&'static str, PathBuf)>> {
+///
+/// `quiet` passes `--quiet`: cargo replays the eBPF build's output (aya-build reports
+/// it as build-script warnings) on every build, which would bury the demo's report.
+fn build_all(steps: &mut Steps, quiet: bool) -> anyhow::Result<Vec<(&'static str, PathBuf)>> {
     // All targets, not only the bins: `cargo test --workspace` then has nothing left to
     // build, and the demo and the tests share one build (with --bins alone, cargo
     // resolves features without dev-dependencies and builds a second variant).
-    steps.run(
-        "build",
-        &mut cargo(&["build", "--workspace", "--all-targets"]),
-    )?;
+    let mut build = cargo(&["build", "--workspace", "--all-targets"]);
+    if quiet {
+        build.arg("--quiet");
+        eprintln!("xtask: (a first build takes a few minutes; --quiet hides its progress)");
+    }
+    steps.run("build", &mut build)?;
     let bin_dir = target_dir()?.join("debug");
     let env = vec![
         ("XLB_BIN", bin_dir.join("xlb")),
@@ -208,7 +213,7 @@ fn is_root() -> bool {
 fn test(filter: Option<&str>) -> anyhow::Result<()> {
     let mut steps = Steps::default();
     lint(&mut steps)?;
-    let env = build_bins(&mut steps)?;
+    let env = build_all(&mut steps, false)?;
     if !is_root() {
         eprintln!(
             "xtask: warning: not root; the XDP and netns tests of {ROOT_TESTS_PACKAGE} will fail"
@@ -216,8 +221,15 @@ fn test(filter: Option<&str>) -> anyhow::Result<()> {
     }
     // The root tests of xlb-tests (XDP, namespaces) must run one at a time. The host
     // tests take well under a second, so one single-threaded run of the whole suite is
-    // the simplest way, and reuses the build above as it is.
-    let mut tests = cargo(&["test", "--workspace", "--", "--test-threads=1"]);
+    // the simplest way, and reuses the build above as it is. --no-fail-fast: CI reports
+    // every failing test binary, not only the first.
+    let mut tests = cargo(&[
+        "test",
+        "--workspace",
+        "--no-fail-fast",
+        "--",
+        "--test-threads=1",
+    ]);
     tests.args(filter);
     steps.run("tests", tests.envs(env))?;
 
@@ -227,7 +239,7 @@ fn test(filter: Option<&str>) -> anyhow::Result<()> {
 
 fn demo(args: &[OsString]) -> anyhow::Result<()> {
     let mut steps = Steps::default();
-    let env = build_bins(&mut steps)?;
+    let env = build_all(&mut steps, true)?;
     let demo = target_dir()?.join("debug").join("xlb-demo");
     let mut cmd = if is_root() {
         Command::new(&demo)

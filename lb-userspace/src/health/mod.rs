@@ -1,0 +1,172 @@
+//! Health checking: probe kinds, their settings, and (in `engine`) the tasks
+//! that run them and feed verdicts into the reconcile step.
+
+pub mod engine;
+pub mod probe;
+
+pub use engine::{Engine, ProbeStatus};
+use serde::{Deserialize, Serialize};
+
+/// What a probe does.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProbeKind {
+    /// A TCP connect.
+    #[default]
+    Tcp,
+    /// An HTTP GET with an expected status (and optional body substring).
+    Http,
+    /// A UDP datagram that must be answered (optionally with a substring).
+    Udp,
+    /// No probing: the real is always healthy.
+    None,
+}
+
+/// Health-check settings of a service (or of one real).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthCheck {
+    /// The probe kind.
+    #[serde(default)]
+    pub kind: ProbeKind,
+    /// Port to probe (default: the service port).
+    #[serde(default)]
+    pub port: Option<u16>,
+    /// Time between probes of one real, milliseconds.
+    #[serde(default = "defaults::interval_ms")]
+    pub interval_ms: u64,
+    /// Time a probe may take, milliseconds.
+    #[serde(default = "defaults::timeout_ms")]
+    pub timeout_ms: u64,
+    /// Consecutive successes that bring a down real back.
+    #[serde(default = "defaults::rise")]
+    pub rise: u32,
+    /// Consecutive failures that take an up real out.
+    #[serde(default = "defaults::fall")]
+    pub fall: u32,
+    /// Random spread of each interval, percent (so reals are not probed in lockstep).
+    #[serde(default = "defaults::jitter_percent")]
+    pub jitter_percent: u32,
+    /// HTTP: the path requested.
+    #[serde(default = "defaults::path")]
+    pub path: String,
+    /// HTTP: the Host header (default: the real's address).
+    #[serde(default)]
+    pub host: Option<String>,
+    /// HTTP: accepted status codes, `200-399` or `200`.
+    #[serde(default = "defaults::expect_status")]
+    pub expect_status: String,
+    /// HTTP: a substring the body must contain.
+    #[serde(default)]
+    pub expect_body: Option<String>,
+    /// UDP: the payload sent.
+    #[serde(default)]
+    pub send: Option<String>,
+    /// UDP: a substring the answer must contain.
+    #[serde(default)]
+    pub expect: Option<String>,
+}
+
+/// Defaults (GLB's: probe every 2 s, 1 s timeout, 3 to flip).
+pub mod defaults {
+    /// Milliseconds between probes.
+    pub fn interval_ms() -> u64 {
+        2000
+    }
+    /// Probe timeout, milliseconds.
+    pub fn timeout_ms() -> u64 {
+        1000
+    }
+    /// Successes to come back.
+    pub fn rise() -> u32 {
+        3
+    }
+    /// Failures to go out.
+    pub fn fall() -> u32 {
+        3
+    }
+    /// Interval jitter, percent.
+    pub fn jitter_percent() -> u32 {
+        10
+    }
+    /// HTTP path.
+    pub fn path() -> String {
+        "/".to_owned()
+    }
+    /// Accepted HTTP statuses.
+    pub fn expect_status() -> String {
+        "200-399".to_owned()
+    }
+}
+
+impl Default for HealthCheck {
+    fn default() -> Self {
+        Self {
+            kind: ProbeKind::Tcp,
+            port: None,
+            interval_ms: defaults::interval_ms(),
+            timeout_ms: defaults::timeout_ms(),
+            rise: defaults::rise(),
+            fall: defaults::fall(),
+            jitter_percent: defaults::jitter_percent(),
+            path: defaults::path(),
+            host: None,
+            expect_status: defaults::expect_status(),
+            expect_body: None,
+            send: None,
+            expect: None,
+        }
+    }
+}
+
+impl HealthCheck {
+    /// Checks the settings; the message names the field.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.interval_ms < 100 {
+            return Err(format!(
+                "interval_ms must be at least 100, not {}",
+                self.interval_ms
+            ));
+        }
+        if self.timeout_ms == 0 || self.timeout_ms > self.interval_ms {
+            return Err(format!(
+                "timeout_ms must be between 1 and interval_ms ({}), not {}",
+                self.interval_ms, self.timeout_ms
+            ));
+        }
+        if self.rise == 0 || self.fall == 0 {
+            return Err("rise and fall must be at least 1".to_owned());
+        }
+        if self.jitter_percent > 50 {
+            return Err(format!(
+                "jitter_percent must be 0-50, not {}",
+                self.jitter_percent
+            ));
+        }
+        if !self.path.starts_with('/') {
+            return Err(format!("path '{}' must start with /", self.path));
+        }
+        self.status_range()?;
+        Ok(())
+    }
+
+    /// The accepted HTTP status range.
+    pub fn status_range(&self) -> Result<(u16, u16), String> {
+        let bad = || {
+            format!(
+                "expect_status '{}' is not a status (200) or a range (200-399)",
+                self.expect_status
+            )
+        };
+        let (lo, hi) = match self.expect_status.split_once('-') {
+            Some((a, b)) => (a.trim(), b.trim()),
+            None => (self.expect_status.trim(), self.expect_status.trim()),
+        };
+        let lo: u16 = lo.parse().map_err(|_| bad())?;
+        let hi: u16 = hi.parse().map_err(|_| bad())?;
+        if !(100..=599).contains(&lo) || !(100..=599).contains(&hi) || lo > hi {
+            return Err(bad());
+        }
+        Ok((lo, hi))
+    }
+}

@@ -1,0 +1,193 @@
+//! Pinning: the program's link and maps live in a bpffs directory so the data
+//! path outlives the daemon. A restarted (or upgraded) daemon adopts them; the
+//! conntrack table, counters and tables survive; `xlb teardown` removes them.
+//!
+//! Layout: `PIN_DIR/v{LAYOUT_VERSION}/{map name}` and `.../link`. A daemon that
+//! finds pins of another layout version refuses to touch them, and aya checks
+//! every reused map's type, key and value sizes, size and flags against the
+//! object (a mismatch is refused, never misread).
+
+use std::{
+    io,
+    path::{Path, PathBuf},
+};
+
+use aya::programs::links::{FdLink, PinnedLink};
+use nix::sys::statfs::{BPF_FS_MAGIC, statfs};
+
+/// Version of the map layout (bump when a map's key, value or size changes).
+pub const LAYOUT_VERSION: u32 = 1;
+
+/// Default pin directory.
+pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/xlb";
+
+/// Pinning failures.
+#[derive(Debug, thiserror::Error)]
+pub enum PinError {
+    /// The directory cannot be made a bpffs directory.
+    #[error(
+        "cannot use {dir} for pins: {why} (pick a directory on a bpffs, or one xlb may mount \
+         bpffs on, with --pin-dir; or run without pins with --no-pin)"
+    )]
+    NotBpffs {
+        /// The directory.
+        dir: PathBuf,
+        /// What went wrong.
+        why: String,
+    },
+    /// Pins of another layout version are present.
+    #[error(
+        "{dir} holds pins of map layout {found}; this xlb uses layout v{LAYOUT_VERSION}. Run the \
+         xlb version that made them, or `xlb teardown --pin-dir {}` (drops tracked flows) first",
+        dir.display()
+    )]
+    OtherLayout {
+        /// The pin directory.
+        dir: PathBuf,
+        /// What was found.
+        found: String,
+    },
+    /// An operation on a pin failed.
+    #[error("{what} {}: {source}", path.display())]
+    Io {
+        /// What was being done.
+        what: &'static str,
+        /// The path.
+        path: PathBuf,
+        /// The error.
+        source: io::Error,
+    },
+    /// Attaching, pinning or replacing the link failed.
+    #[error("{0}")]
+    Link(String),
+}
+
+fn io_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> PinError + 'a {
+    move |source| PinError::Io {
+        what,
+        path: path.to_owned(),
+        source,
+    }
+}
+
+fn is_bpffs(path: &Path) -> bool {
+    statfs(path).is_ok_and(|s| s.filesystem_type() == BPF_FS_MAGIC)
+}
+
+/// The versioned directory holding one instance's pins.
+#[derive(Clone, Debug)]
+pub struct PinDir {
+    /// `PIN_DIR/v{LAYOUT_VERSION}`.
+    pub path: PathBuf,
+}
+
+impl PinDir {
+    /// Makes sure `dir` is on a bpffs (mounting one there when it is not),
+    /// refuses pins of another layout, and returns the versioned directory.
+    pub fn prepare(dir: &Path) -> Result<Self, PinError> {
+        let not_bpffs = |why: String| PinError::NotBpffs {
+            dir: dir.to_owned(),
+            why,
+        };
+        if !dir.exists() {
+            let parent_is_bpffs = dir.parent().is_some_and(is_bpffs);
+            std::fs::create_dir_all(dir).map_err(|e| not_bpffs(format!("mkdir: {e}")))?;
+            if !parent_is_bpffs {
+                mount_bpffs(dir).map_err(not_bpffs)?;
+            }
+        } else if !is_bpffs(dir) {
+            mount_bpffs(dir).map_err(not_bpffs)?;
+        }
+        let mine = format!("v{LAYOUT_VERSION}");
+        for entry in std::fs::read_dir(dir).map_err(io_err("listing", dir))? {
+            let name = entry
+                .map_err(io_err("listing", dir))?
+                .file_name()
+                .to_string_lossy()
+                .into_owned();
+            if name.starts_with('v') && name != mine {
+                return Err(PinError::OtherLayout {
+                    dir: dir.to_owned(),
+                    found: name,
+                });
+            }
+        }
+        let path = dir.join(mine);
+        std::fs::create_dir_all(&path).map_err(io_err("creating", &path))?;
+        Ok(Self { path })
+    }
+
+    /// Where map `name` is pinned.
+    pub fn map(&self, name: &str) -> PathBuf {
+        self.path.join(name)
+    }
+
+    /// Where the XDP link is pinned.
+    pub fn link(&self) -> PathBuf {
+        self.path.join("link")
+    }
+
+    /// Whether a previous instance left its link pinned here.
+    pub fn has_link(&self) -> bool {
+        self.link().exists()
+    }
+}
+
+fn mount_bpffs(dir: &Path) -> Result<(), String> {
+    nix::mount::mount(
+        Some("bpf"),
+        dir,
+        Some("bpf"),
+        nix::mount::MsFlags::empty(),
+        None::<&str>,
+    )
+    .map_err(|e| format!("mounting bpffs failed: {e}"))
+}
+
+/// Turns a freshly made XDP link into a pinned one at `path`.
+pub fn pin_link(link: aya::programs::xdp::XdpLink, path: &Path) -> Result<(), PinError> {
+    let fd = FdLink::try_from(link).map_err(|e| {
+        PinError::Link(format!(
+            "the kernel attached XDP without a bpf_link ({e}); pinning needs kernel >= 5.9"
+        ))
+    })?;
+    fd.pin(path)
+        .map_err(|e| PinError::Link(format!("pinning the link at {}: {e}", path.display())))?;
+    Ok(())
+}
+
+/// Opens the pinned link at `path` as an XDP link (to replace its program).
+pub fn open_link(path: &Path) -> Result<aya::programs::xdp::XdpLink, PinError> {
+    let pinned = PinnedLink::from_pin(path)
+        .map_err(|e| PinError::Link(format!("opening the pinned link {}: {e}", path.display())))?;
+    let fd: FdLink = pinned.into();
+    aya::programs::xdp::XdpLink::try_from(fd)
+        .map_err(|e| PinError::Link(format!("the pinned link is not an XDP link: {e}")))
+}
+
+/// Removes the pins of `dir` (all layout versions): the link first, which
+/// detaches the program, then the maps.
+pub fn teardown(dir: &Path) -> Result<Vec<PathBuf>, PinError> {
+    let mut removed = Vec::new();
+    if !dir.exists() {
+        return Ok(removed);
+    }
+    for entry in std::fs::read_dir(dir).map_err(io_err("listing", dir))? {
+        let sub = entry.map_err(io_err("listing", dir))?.path();
+        if !sub.is_dir() {
+            continue;
+        }
+        let link = sub.join("link");
+        if link.exists() {
+            std::fs::remove_file(&link).map_err(io_err("removing", &link))?;
+            removed.push(link);
+        }
+        for pin in std::fs::read_dir(&sub).map_err(io_err("listing", &sub))? {
+            let pin = pin.map_err(io_err("listing", &sub))?.path();
+            std::fs::remove_file(&pin).map_err(io_err("removing", &pin))?;
+            removed.push(pin);
+        }
+        std::fs::remove_dir(&sub).map_err(io_err("removing", &sub))?;
+    }
+    Ok(removed)
+}

@@ -1,0 +1,546 @@
+//! The moving parts of the end-to-end tests and the demo: a [`Topology`] with the
+//! pass-through program the balancer's switch port needs, `xlb-testsrv` on every real,
+//! the `xlb run` daemon on the balancer, and the `xlb` CLI talking to it, all run the
+//! way an operator would run them.
+//!
+//! Everything here panics with a message that says what failed (and quotes the daemon's
+//! log when it is the daemon) and stops what it started when dropped, so a failing test
+//! or an interrupted demo leaves no process and no namespace behind.
+
+use std::fs::File;
+use std::io::{BufRead as _, BufReader, Read as _, Write as _};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use aya::programs::XdpMode;
+use lb_common::prog_names;
+use lb_userspace::dataplane::Dataplane;
+use nix::sys::signal::{self, SaFlags, SigAction, SigHandler, SigSet, Signal};
+use nix::unistd::Pid;
+
+use crate::netns::{Host, Netns, Topology, TopologySpec};
+
+/// The VIP every end-to-end scenario serves.
+pub const VIP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 10);
+
+/// How long a starting server or daemon gets before it counts as broken.
+const START_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// How long a stopping process gets after SIGTERM before SIGKILL.
+const STOP_GRACE: Duration = Duration::from_secs(3);
+
+/// Set by the SIGINT/SIGTERM handler of [`trap_interrupts`].
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_interrupt(_: libc::c_int) {
+    // Only an atomic store: async-signal-safe.
+    INTERRUPTED.store(true, Ordering::Relaxed);
+}
+
+/// Turns SIGINT and SIGTERM into a flag that every wait in this module (and the
+/// caller's own loops, through [`interrupted`]) checks, so the process unwinds and its
+/// guards tear everything down instead of dying with namespaces left behind.
+pub fn trap_interrupts() {
+    // No SA_RESTART: a blocking read returns EINTR, and std retries it, so loops see the
+    // flag no later than their next timeout.
+    let action = SigAction::new(
+        SigHandler::Handler(on_interrupt),
+        SaFlags::empty(),
+        SigSet::empty(),
+    );
+    for sig in [Signal::SIGINT, Signal::SIGTERM] {
+        // SAFETY: the handler only stores to an atomic.
+        unsafe { signal::sigaction(sig, &action) }
+            .unwrap_or_else(|e| panic!("cannot install a {sig} handler: {e}"));
+    }
+}
+
+/// Whether SIGINT or SIGTERM arrived since [`trap_interrupts`].
+pub fn interrupted() -> bool {
+    INTERRUPTED.load(Ordering::Relaxed)
+}
+
+/// Panics (and so unwinds through every guard) if an interrupt arrived.
+pub fn check_interrupted() {
+    if interrupted() {
+        panic!("interrupted");
+    }
+}
+
+/// The `xlb` binary: `$XLB_BIN`, else next to the running executable.
+pub fn xlb_bin() -> PathBuf {
+    locate("XLB_BIN", "xlb")
+}
+
+/// The `xlb-testsrv` binary: `$XLB_TESTSRV_BIN`, else next to the running executable.
+pub fn testsrv_bin() -> PathBuf {
+    locate("XLB_TESTSRV_BIN", "xlb-testsrv")
+}
+
+/// `$var` if set, else `name` in the running executable's directory or its parent
+/// (an integration test runs from `target/debug/deps`, binaries live in `target/debug`).
+fn locate(var: &str, name: &str) -> PathBuf {
+    if let Some(path) = std::env::var_os(var) {
+        let path = PathBuf::from(path);
+        assert!(
+            path.is_file(),
+            "{var}={} is not a file; build it with `cargo build --workspace --bins`",
+            path.display()
+        );
+        return path;
+    }
+    let exe = std::env::current_exe().expect("the running executable's path");
+    exe.ancestors()
+        .skip(1)
+        .take(2)
+        .map(|dir| dir.join(name))
+        .find(|path| path.is_file())
+        .unwrap_or_else(|| {
+            panic!(
+                "cannot find {name} next to {}: set {var} or run `cargo build --workspace \
+                 --bins` first (./x test and ./x demo do both)",
+                exe.display()
+            )
+        })
+}
+
+/// A child process that is stopped (SIGTERM, then SIGKILL) and reaped when dropped.
+#[derive(Debug)]
+pub struct Proc {
+    what: String,
+    child: Child,
+}
+
+impl Proc {
+    /// Spawns `cmd`, naming it `what` in messages.
+    pub fn spawn(what: &str, cmd: &mut Command) -> Proc {
+        let child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {what}: {e}"));
+        Proc {
+            what: what.to_owned(),
+            child,
+        }
+    }
+
+    /// Its exit status, if it has exited.
+    pub fn exited(&mut self) -> Option<ExitStatus> {
+        self.child
+            .try_wait()
+            .unwrap_or_else(|e| panic!("waiting for {}: {e}", self.what))
+    }
+
+    /// Stops it: SIGTERM, up to [`STOP_GRACE`] to exit, then SIGKILL. Returns how it
+    /// ended (`None` if it could not even be reaped).
+    pub fn stop(&mut self) -> Option<ExitStatus> {
+        if let Some(status) = self.exited() {
+            return Some(status);
+        }
+        let pid = Pid::from_raw(i32::try_from(self.child.id()).expect("pids fit i32"));
+        let _ = signal::kill(pid, Signal::SIGTERM);
+        let deadline = Instant::now() + STOP_GRACE;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+        let _ = self.child.kill();
+        self.child.wait().ok()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// A scratch directory under the system temp dir, removed when dropped.
+#[derive(Debug)]
+struct RunDir(PathBuf);
+
+impl RunDir {
+    fn new(name: &str) -> RunDir {
+        let path = std::env::temp_dir().join(name);
+        // A leftover of a crashed run with the same (unique-prefix) name is stale.
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::create_dir_all(&path)
+            .unwrap_or_else(|e| panic!("cannot create {}: {e}", path.display()));
+        RunDir(path)
+    }
+}
+
+impl Drop for RunDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Builds a topology with `reals` real servers holding [`VIP`] and attaches the
+/// pass-through XDP program to the balancer's switch port, without which the balancer's
+/// XDP_TX frames never reach the bridge (see `shared/platform.md`).
+pub fn balanced_topology(prefix: &str, reals: usize) -> Topology {
+    let mut topo = Topology::build(&TopologySpec {
+        prefix: prefix.to_owned(),
+        reals,
+        vip_v4: VIP,
+    });
+    let port = topo.lb.switch_port.clone();
+    let pass = topo.sw.run_in(|| {
+        let mut dp = Dataplane::load().unwrap_or_else(|e| {
+            panic!("loading the XDP object for the switch port: {e} (needs root)")
+        });
+        dp.attach(prog_names::PASS, &port, XdpMode::Driver)
+            .unwrap_or_else(|e| {
+                panic!("attaching {} to switch port {port}: {e}", prog_names::PASS)
+            });
+        dp
+    });
+    topo.guards.push(Box::new(pass));
+    topo
+}
+
+/// Starts `xlb-testsrv --name NAME ARGS...` in `ns` and waits until it says `ready`.
+pub fn start_real(ns: &Netns, name: &str, args: &[&str]) -> Proc {
+    let mut cmd = ns.command(path_str(&testsrv_bin()));
+    cmd.args(["--name", name])
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped());
+    let what = format!("xlb-testsrv {name} in {}", ns.name());
+    let mut proc = Proc::spawn(&what, &mut cmd);
+    let stdout = proc.child.stdout.take().expect("stdout is piped");
+    let (tx, rx) = mpsc::channel();
+    thread::spawn(move || {
+        let mut line = String::new();
+        let got = BufReader::new(stdout).read_line(&mut line).map(|_| line);
+        let _ = tx.send(got);
+    });
+    let deadline = Instant::now() + START_TIMEOUT;
+    loop {
+        check_interrupted();
+        match rx.recv_timeout(Duration::from_millis(50)) {
+            Ok(Ok(line)) if line.trim() == "ready" => return proc,
+            Ok(got) => panic!(
+                "{what} did not say ready (got {got:?}, exit {:?})",
+                proc.exited()
+            ),
+            Err(mpsc::RecvTimeoutError::Timeout) if Instant::now() < deadline => {}
+            Err(e) => panic!("{what} not ready after {START_TIMEOUT:?}: {e}"),
+        }
+    }
+}
+
+/// Starts `xlb-testsrv` on every real of `topo`, named `rs1..rsN` like their namespaces.
+pub fn start_reals(topo: &Topology, args: &[&str]) -> Vec<Proc> {
+    topo.reals
+        .iter()
+        .enumerate()
+        .map(|(i, real)| start_real(&real.ns, &real_name(i), args))
+        .collect()
+}
+
+/// The name of the `i`th real (0-based): `rs1`, `rs2`, ...
+pub fn real_name(i: usize) -> String {
+    format!("rs{}", i + 1)
+}
+
+/// `xlb run` in the balancer's namespace, with its control socket and log in a scratch
+/// directory; stopped with SIGTERM (its clean shutdown) when dropped.
+#[derive(Debug)]
+pub struct Daemon {
+    proc: Proc,
+    ns: String,
+    socket: PathBuf,
+    log: PathBuf,
+    // Last: removed only after the daemon has stopped.
+    _dir: RunDir,
+}
+
+impl Daemon {
+    /// Starts `xlb run --iface IFACE --no-pin` in `ns` (the data path stops
+    /// with the daemon) and waits until its API answers.
+    pub fn start(ns: &Netns, iface: &str) -> Daemon {
+        Self::start_with(ns, iface, &["--no-pin"])
+    }
+
+    /// Starts `xlb run --iface IFACE --socket DIR/xlb.sock --state-file
+    /// DIR/state.json EXTRA...` in `ns` and waits until its API answers; panics
+    /// quoting its log if it exits or stays silent.
+    pub fn start_with(ns: &Netns, iface: &str, extra: &[&str]) -> Daemon {
+        let dir = RunDir::new(&format!("xlb-{}", ns.name()));
+        let state_file = dir.0.join("state.json");
+        let socket = dir.0.join("xlb.sock");
+        let log = dir.0.join("xlb.log");
+        let log_file =
+            File::create(&log).unwrap_or_else(|e| panic!("cannot create {}: {e}", log.display()));
+        let mut cmd = ns.command(path_str(&xlb_bin()));
+        cmd.arg("--socket")
+            .arg(&socket)
+            .args(["run", "--iface", iface])
+            .arg("--state-file")
+            .arg(&state_file)
+            .args(extra)
+            // The log is a file: no colour codes in it.
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log_file);
+        let proc = Proc::spawn(&format!("xlb run in {}", ns.name()), &mut cmd);
+        let mut daemon = Daemon {
+            proc,
+            ns: ns.name().to_owned(),
+            socket,
+            log,
+            _dir: dir,
+        };
+        daemon.wait_for_api();
+        daemon
+    }
+
+    fn wait_for_api(&mut self) {
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            check_interrupted();
+            if let Some(status) = self.proc.exited() {
+                panic!(
+                    "`xlb run` in {} exited ({status}) before its API answered; its log:\n{}",
+                    self.ns,
+                    self.log()
+                );
+            }
+            if api_answers(&self.socket) {
+                return;
+            }
+            if Instant::now() >= deadline {
+                panic!(
+                    "`xlb run` in {} did not answer on {} within {START_TIMEOUT:?}; its log:\n{}",
+                    self.ns,
+                    self.socket.display(),
+                    self.log()
+                );
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The control socket.
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    /// Everything the daemon has logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_else(|e| format!("(no log: {e})"))
+    }
+
+    /// A command running `xlb ARGS` in the balancer's namespace against this daemon
+    /// (through `XLB_SOCKET`, so the arguments read as an operator types them).
+    pub fn command(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.ns])
+            .arg(xlb_bin())
+            .args(args)
+            .env("XLB_SOCKET", &self.socket)
+            .stdin(Stdio::null());
+        cmd
+    }
+
+    /// Runs `xlb ARGS` and returns its output, whatever its exit status.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        self.command(args)
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run xlb {}: {e}", args.join(" ")))
+    }
+
+    /// Runs `xlb ARGS` and returns its stdout; panics with its stderr (and the daemon's
+    /// log) if it fails.
+    pub fn cli_ok(&self, args: &[&str]) -> String {
+        let out = self.cli(args);
+        if !out.status.success() {
+            panic!(
+                "`xlb {}` failed ({}): {}\ndaemon log:\n{}",
+                args.join(" "),
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim(),
+                self.log()
+            );
+        }
+        String::from_utf8(out.stdout).expect("xlb prints UTF-8")
+    }
+
+    /// Stops the daemon with SIGTERM (it detaches and removes its socket) and returns
+    /// how it ended.
+    pub fn stop(&mut self) -> Option<ExitStatus> {
+        self.proc.stop()
+    }
+}
+
+/// Whether a daemon answers `GET /v1/vips` on `socket` (a connect alone succeeds as
+/// soon as the socket is bound, before the program is attached).
+fn api_answers(socket: &Path) -> bool {
+    let Ok(mut stream) = UnixStream::connect(socket) else {
+        return false;
+    };
+    let timeout = Some(Duration::from_secs(1));
+    if stream.set_read_timeout(timeout).is_err() || stream.set_write_timeout(timeout).is_err() {
+        return false;
+    }
+    let request = b"GET /v1/vips HTTP/1.1\r\nHost: xlb\r\nConnection: close\r\n\r\n";
+    let mut answer = String::new();
+    stream.write_all(request).is_ok()
+        && stream.read_to_string(&mut answer).is_ok()
+        && answer.starts_with("HTTP/1.1 200")
+}
+
+fn path_str(path: &Path) -> &str {
+    path.to_str()
+        .unwrap_or_else(|| panic!("{} is not UTF-8", path.display()))
+}
+
+/// A topology with the daemon on the balancer and `xlb-testsrv` on every real: the
+/// starting point of every end-to-end test. Fields drop in order: daemon, servers,
+/// then the namespaces.
+pub struct Lab {
+    /// `xlb run` on the balancer's `eth0`.
+    pub daemon: Daemon,
+    /// `xlb-testsrv` on each real, in order.
+    pub servers: Vec<Proc>,
+    /// The namespaces.
+    pub topo: Topology,
+}
+
+impl Lab {
+    /// Builds the topology (namespace prefix from `tag`, see
+    /// [`crate::netns::unique_prefix`]), starts the servers with `server_args` and the
+    /// daemon, with nothing configured yet.
+    pub fn start(tag: &str, reals: usize, server_args: &[&str]) -> Lab {
+        let topo = balanced_topology(&crate::netns::unique_prefix(tag), reals);
+        let servers = start_reals(&topo, server_args);
+        let daemon = Daemon::start(&topo.lb.ns, "eth0");
+        Lab {
+            daemon,
+            servers,
+            topo,
+        }
+    }
+
+    /// The real whose address is `addr`, as `(index, host)`.
+    pub fn real_by_addr(&self, addr: Ipv4Addr) -> Option<(usize, &Host)> {
+        self.topo
+            .reals
+            .iter()
+            .enumerate()
+            .find(|(_, h)| h.ipv4 == addr)
+    }
+}
+
+/// Packet and byte counters of a host's `eth0`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LinkCounters {
+    /// Packets received.
+    pub rx_packets: u64,
+    /// Bytes received.
+    pub rx_bytes: u64,
+    /// Packets sent.
+    pub tx_packets: u64,
+    /// Bytes sent.
+    pub tx_bytes: u64,
+}
+
+impl LinkCounters {
+    /// Reads `host`'s `eth0` counters (`ip -s link`).
+    pub fn read(host: &Host) -> LinkCounters {
+        let out = host.ns.ip("-j -s link show eth0");
+        let json: serde_json::Value = serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("`ip -j -s link` printed invalid JSON: {e}"));
+        let stats = &json[0]["stats64"];
+        let get = |dir: &str, what: &str| {
+            stats[dir][what]
+                .as_u64()
+                .unwrap_or_else(|| panic!("no stats64.{dir}.{what} in {}: {json}", host.ns.name()))
+        };
+        LinkCounters {
+            rx_packets: get("rx", "packets"),
+            rx_bytes: get("rx", "bytes"),
+            tx_packets: get("tx", "packets"),
+            tx_bytes: get("tx", "bytes"),
+        }
+    }
+
+    /// What changed since `before`.
+    pub fn since(&self, before: &LinkCounters) -> LinkCounters {
+        LinkCounters {
+            rx_packets: self.rx_packets - before.rx_packets,
+            rx_bytes: self.rx_bytes - before.rx_bytes,
+            tx_packets: self.tx_packets - before.tx_packets,
+            tx_bytes: self.tx_bytes - before.tx_bytes,
+        }
+    }
+}
+
+/// One answered HTTP request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpAnswer {
+    /// The real that answered (its `X-Real` header).
+    pub real: String,
+    /// The connection's local (client) port: with the addresses and protocol, the flow's
+    /// 5-tuple.
+    pub local_port: u16,
+    /// Body length.
+    pub body_bytes: usize,
+}
+
+/// `GET /` to `to` on a fresh connection (`Connection: close`), reading the whole
+/// answer. Call it inside the client's namespace (`Netns::run_in`).
+pub fn http_get(to: SocketAddr, timeout: Duration) -> Result<HttpAnswer, String> {
+    let mut stream =
+        TcpStream::connect_timeout(&to, timeout).map_err(|e| format!("connect {to}: {e}"))?;
+    stream
+        .set_read_timeout(Some(timeout))
+        .and_then(|()| stream.set_write_timeout(Some(timeout)))
+        .map_err(|e| format!("socket timeouts: {e}"))?;
+    let local_port = stream
+        .local_addr()
+        .map_err(|e| format!("local address: {e}"))?
+        .port();
+    let request = format!("GET / HTTP/1.1\r\nHost: {to}\r\nConnection: close\r\n\r\n");
+    stream
+        .write_all(request.as_bytes())
+        .map_err(|e| format!("send to {to}: {e}"))?;
+    let mut answer = Vec::new();
+    stream
+        .read_to_end(&mut answer)
+        .map_err(|e| format!("read from {to}: {e}"))?;
+    let head_end = answer
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .ok_or_else(|| format!("no complete answer head from {to} ({} bytes)", answer.len()))?;
+    let head = String::from_utf8_lossy(&answer[..head_end]);
+    if !head.starts_with("HTTP/1.1 200") {
+        return Err(format!(
+            "unexpected status from {to}: {:?}",
+            head.lines().next()
+        ));
+    }
+    let real = head
+        .lines()
+        .find_map(|l| {
+            l.split_once(':')
+                .filter(|(k, _)| k.eq_ignore_ascii_case("x-real"))
+                .map(|(_, v)| v.trim().to_owned())
+        })
+        .ok_or_else(|| format!("no X-Real header from {to}"))?;
+    Ok(HttpAnswer {
+        real,
+        local_port,
+        body_bytes: answer.len() - head_end - 4,
+    })
+}
