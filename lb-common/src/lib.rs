@@ -21,8 +21,8 @@ pub mod map_names {
     pub const VIPS: &str = "XLB_VIPS";
     /// `HashMap<AddrKey, u32>`: addresses carrying VIPs → how many VIPs.
     pub const VIP_ADDRS: &str = "XLB_VIP_ADDRS";
-    /// `Array<[u32; 2]>`: the Maglev lookup tables, `RING_SLOTS` rings of
-    /// `RING_SIZE_MAX` real ids, packed two per entry (see [`super::RING_ENTRIES`]).
+    /// `Array<[u32; 2]>`: the ring pool holding every VIP's Maglev tables,
+    /// `RING_POOL` real-id slots packed two per entry (see [`super::RING_ENTRIES`]).
     pub const RINGS: &str = "XLB_RINGS";
     /// `Array<RealDef>`: real servers by real id (id 0 is never used).
     pub const REALS: &str = "XLB_REALS";
@@ -56,21 +56,23 @@ pub mod prog_names {
 }
 
 /// Most virtual services the maps hold.
-pub const MAX_VIPS: u32 = 64;
+pub const MAX_VIPS: u32 = 1024;
 /// Most real servers (over all VIPs; a real serving several VIPs counts once).
 pub const MAX_REALS: u32 = 4096;
 /// Largest Maglev table. Every table size must be a prime not above this.
-pub const RING_SIZE_MAX: u32 = 65537;
+pub const RING_SIZE_MAX: u32 = 655_373;
 /// Default Maglev table size (prime, as the Maglev paper requires).
 pub const RING_SIZE_DEFAULT: u32 = 65537;
-/// Number of rings: two per VIP, so a new table is written aside and swapped in.
-pub const RING_SLOTS: u32 = MAX_VIPS * 2;
+/// Real-id slots in the ring pool (64 MiB). Each VIP takes two ranges of its
+/// table size from it (the live table and the spare a new table is written
+/// into), so it holds e.g. 128 VIPs at the default size or 1,000 at 8,191.
+pub const RING_POOL: u32 = 1 << 24;
 /// Entries of the ring map. The kernel stores array values in 8-byte strides,
-/// so ring slots are packed two per entry (`[u32; 2]`): slot `i` of the flat
-/// ring space is element `i % 2` of entry `i / 2`, and the memory-mapped map
-/// is then exactly a flat `u32` array.
-pub const RING_ENTRIES: u32 = RING_SLOTS * RING_SIZE_MAX / 2;
-const _: () = assert!((RING_SLOTS * RING_SIZE_MAX).is_multiple_of(2));
+/// so ring slots are packed two per entry (`[u32; 2]`): slot `i` of the pool
+/// is element `i % 2` of entry `i / 2`, and the memory-mapped map is then
+/// exactly a flat `u32` array.
+pub const RING_ENTRIES: u32 = RING_POOL / 2;
+const _: () = assert!(RING_POOL.is_multiple_of(2));
 /// Default size of the connection-tracking table (flows, all CPUs together).
 /// About 100 bytes of kernel memory each.
 pub const FLOWS_DEFAULT: u32 = 1 << 20;
@@ -132,8 +134,9 @@ const _: () = assert!(size_of::<AddrKey>() == 20);
 pub struct VipMeta {
     /// Index into `VIP_STATS`; stable for the VIP's life.
     pub vip_id: u32,
-    /// Which ring in `RINGS` is live. Userspace writes the other one and flips this.
-    pub ring_id: u32,
+    /// Offset (in slots) of the live table in the ring pool. Userspace writes
+    /// a new table into the VIP's other range and flips this.
+    pub ring_off: u32,
     /// Maglev table size of the live ring (prime, <= [`RING_SIZE_MAX`]).
     pub ring_size: u32,
     /// `VIP_F_*` bits.

@@ -20,9 +20,9 @@ pub static VIPS: HashMap<VipKey, VipMeta> = HashMap::with_max_entries(MAX_VIPS, 
 #[map(name = "XLB_VIP_ADDRS")]
 pub static VIP_ADDRS: HashMap<AddrKey, u32> = HashMap::with_max_entries(MAX_VIPS, 0);
 
-/// Maglev lookup tables: ring `r` occupies slots `[r * RING_SIZE_MAX, (r + 1) * RING_SIZE_MAX)`
-/// of a flat slot space packed two slots per entry. Memory-mappable so the
-/// daemon writes a whole table with one copy.
+/// The ring pool: every VIP's Maglev tables, at the offsets `VipMeta.ring_off`
+/// names, packed two slots per entry. Memory-mappable so the daemon writes a
+/// whole table with one copy.
 #[map(name = "XLB_RINGS")]
 pub static RINGS: Array<[u32; 2]> = Array::with_max_entries(RING_ENTRIES, BPF_F_MMAPABLE);
 

@@ -13,8 +13,9 @@ pub fn pick(meta: &VipMeta, hash: u32) -> Option<u32> {
     if size == 0 || size > RING_SIZE_MAX {
         return None;
     }
-    let slot = meta.ring_id.checked_mul(RING_SIZE_MAX)? + hash % size;
-    // Two slots per map entry (see lb_common::RING_ENTRIES).
+    let slot = meta.ring_off.checked_add(hash % size)?;
+    // Two slots per map entry (see lb_common::RING_ENTRIES); a slot past the
+    // pool is refused by the lookup itself.
     let pair = RINGS.get(slot / 2)?;
     let real_id = pair[(slot & 1) as usize];
     if real_id == REAL_NONE {

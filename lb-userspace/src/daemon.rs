@@ -192,7 +192,7 @@ fn adopt_state(path: &Path, iface: &str, dp: &Dataplane) -> anyhow::Result<State
     }
     for (vip, id, ring) in file.state.applied_vips() {
         let meta = dp.get_vip(&vip.key())?;
-        if meta.is_none_or(|m| m.vip_id != id || m.ring_id != ring) {
+        if meta.is_none_or(|m| m.vip_id != id || m.ring_off != ring) {
             bail!(
                 "the state file {} does not match the pinned maps (VIP {vip}); `xlb teardown` \
                  starts over (drops tracked flows)",

@@ -15,7 +15,7 @@ use aya::{
 };
 use lb_common::{
     AddrKey, Config, Counter, FLOWS_DEFAULT, FlowKey, FlowState, MAX_REALS, MAX_VIPS, RING_ENTRIES,
-    RING_SIZE_MAX, RING_SLOTS, RealDef, VipKey, VipMeta, map_names, prog_names, stat,
+    RING_POOL, RING_SIZE_MAX, RealDef, VipKey, VipMeta, map_names, prog_names, stat,
 };
 
 /// The compiled balancer object, built by build.rs with aya-build.
@@ -122,7 +122,7 @@ unsafe impl Send for Rings {}
 
 impl Rings {
     fn new(map: MapData) -> Result<Self> {
-        // RING_ENTRIES entries of [u32; 2]: exactly this many u32 slots, no gaps.
+        // RING_ENTRIES entries of [u32; 2]: exactly RING_POOL u32 slots, no gaps.
         let len = (RING_ENTRIES as usize) * 2;
         let bytes = len * size_of::<u32>();
         let fd = map.fd().as_fd();
@@ -155,19 +155,17 @@ impl Rings {
         })
     }
 
-    fn ring(&self, ring_id: u32) -> &[u32] {
-        let start = ring_id as usize * RING_SIZE_MAX as usize;
-        // SAFETY: ring_id < RING_SLOTS is checked by callers; the slice is inside the mapping.
-        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr().add(start), RING_SIZE_MAX as usize) }
+    /// Slots `[off, off + len)` of the pool; callers check the range.
+    fn range(&self, off: u32, len: u32) -> &[u32] {
+        debug_assert!(off as usize + len as usize <= self.len);
+        // SAFETY: the range is inside the mapping (checked by callers).
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr().add(off as usize), len as usize) }
     }
 
-    fn ring_mut(&mut self, ring_id: u32) -> &mut [u32] {
-        let start = ring_id as usize * RING_SIZE_MAX as usize;
-        debug_assert!(start + RING_SIZE_MAX as usize <= self.len);
+    fn range_mut(&mut self, off: u32, len: u32) -> &mut [u32] {
+        debug_assert!(off as usize + len as usize <= self.len);
         // SAFETY: as above, and &mut self makes this the only writer.
-        unsafe {
-            std::slice::from_raw_parts_mut(self.ptr.as_ptr().add(start), RING_SIZE_MAX as usize)
-        }
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr().add(off as usize), len as usize) }
     }
 }
 
@@ -352,22 +350,31 @@ impl Dataplane {
             .map_err(map_err(map_names::CONFIG))
     }
 
-    /// Writes a Maglev table into ring `ring_id` (not yet live unless a VIP points at it).
-    pub fn write_ring(&mut self, ring_id: u32, table: &[u32]) -> Result<()> {
-        check(ring_id, RING_SLOTS, "ring")?;
+    /// Writes a Maglev table at slot offset `off` of the ring pool (not yet
+    /// live unless a VIP points at it).
+    pub fn write_ring(&mut self, off: u32, table: &[u32]) -> Result<()> {
         let len = u32::try_from(table.len()).unwrap_or(u32::MAX);
         check(len.saturating_sub(1), RING_SIZE_MAX, "ring size")?;
-        self.rings.ring_mut(ring_id)[..table.len()].copy_from_slice(table);
+        check(
+            off.saturating_add(len).saturating_sub(1),
+            RING_POOL,
+            "ring pool slot",
+        )?;
+        self.rings.range_mut(off, len).copy_from_slice(table);
         // Make the table visible before the VIP update (a syscall) that publishes it.
         std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
         Ok(())
     }
 
-    /// Reads back `len` slots of ring `ring_id`.
-    pub fn read_ring(&self, ring_id: u32, len: u32) -> Result<Vec<u32>> {
-        check(ring_id, RING_SLOTS, "ring")?;
+    /// Reads back `len` slots of the ring pool from offset `off`.
+    pub fn read_ring(&self, off: u32, len: u32) -> Result<Vec<u32>> {
         check(len.saturating_sub(1), RING_SIZE_MAX, "ring size")?;
-        Ok(self.rings.ring(ring_id)[..len as usize].to_vec())
+        check(
+            off.saturating_add(len).saturating_sub(1),
+            RING_POOL,
+            "ring pool slot",
+        )?;
+        Ok(self.rings.range(off, len).to_vec())
     }
 
     /// Inserts or replaces a VIP.

@@ -14,6 +14,7 @@ async fn main() -> std::process::ExitCode {
         "warn"
     };
     tracing_subscriber::fmt()
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_env_filter(
             EnvFilter::try_from_env("XLB_LOG").unwrap_or_else(|_| EnvFilter::new(default)),
         )

@@ -28,7 +28,7 @@ use std::{
 };
 
 use lb_common::{
-    AddrKey, MAX_REALS, MAX_VIPS, REAL_NONE, RING_SIZE_DEFAULT, RING_SIZE_MAX, RealDef,
+    AddrKey, MAX_REALS, MAX_VIPS, REAL_NONE, RING_POOL, RING_SIZE_DEFAULT, RING_SIZE_MAX, RealDef,
     VIP_F_HASH_SRC_ONLY, VIP_F_TUNNEL, VipKey, VipMeta,
 };
 use serde::{Deserialize, Serialize};
@@ -217,6 +217,17 @@ impl Desired {
                 limit: MAX_REALS - 1,
             });
         }
+        let slots: u64 = self
+            .services
+            .values()
+            .map(|s| 2 * u64::from(s.options.table_size))
+            .sum();
+        if slots > u64::from(RING_POOL) {
+            return Err(StateError::Full {
+                what: "Maglev table slots (two tables of table_size per VIP)",
+                limit: RING_POOL,
+            });
+        }
         for (vip, s) in &self.services {
             let size = s.options.table_size;
             if !maglev::is_prime(size) || size > RING_SIZE_MAX {
@@ -348,8 +359,10 @@ impl<M: Maps> Writer<'_, M> {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 struct Applied {
     id: u32,
-    /// Which of the VIP's rings (`id * 2` or `id * 2 + 1`) is live.
-    live_ring: u32,
+    /// Offsets in the ring pool of the VIP's two tables (each `table_size` long).
+    rings: [u32; 2],
+    /// Which of `rings` is live.
+    live: usize,
     options: VipOptions,
     /// Real slot id of each real of the service.
     slots: BTreeMap<IpAddr, u32>,
@@ -366,6 +379,34 @@ struct Slot {
     mac: [u8; 6],
     /// Whether the slot is written (false: cleared because the real is disabled).
     live: bool,
+}
+
+/// First-fit allocator of ranges in the ring pool.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+struct RingPool {
+    /// Used ranges: start → length.
+    used: BTreeMap<u32, u32>,
+}
+
+impl RingPool {
+    fn alloc(&mut self, len: u32) -> Option<u32> {
+        let mut start = 0u32;
+        for (&s, &l) in &self.used {
+            if s - start >= len {
+                break;
+            }
+            start = s + l;
+        }
+        if u64::from(start) + u64::from(len) > u64::from(RING_POOL) {
+            return None;
+        }
+        self.used.insert(start, len);
+        Some(start)
+    }
+
+    fn free(&mut self, start: u32) {
+        self.used.remove(&start);
+    }
 }
 
 /// What a reconcile did.
@@ -395,6 +436,7 @@ pub struct State {
     /// Known MACs by real address (the next hop toward it).
     macs: BTreeMap<IpAddr, [u8; 6]>,
     next_real_id: u32,
+    rings: RingPool,
 }
 
 /// JSON maps need string keys: the health map is stored as a list.
@@ -678,8 +720,11 @@ impl State {
             let applied = self.services.remove(vip).expect("applied service");
             w.write(
                 Op::RemoveVip(vip.key()),
-                Op::PutVip(vip.key(), meta(&applied, applied.live_ring)),
+                Op::PutVip(vip.key(), meta(&applied, applied.rings[applied.live])),
             )?;
+            for r in applied.rings {
+                self.rings.free(r);
+            }
             self.release_addr(vip, w)?;
             for id in applied.slots.values() {
                 self.clear_slot(*id, w)?;
@@ -710,9 +755,18 @@ impl State {
                     index: MAX_VIPS,
                     capacity: MAX_VIPS,
                 })?;
+                let size = spec.options.table_size;
+                let pool_full = || DataplaneError::OutOfRange {
+                    what: "Maglev table slots in the ring pool",
+                    index: size,
+                    capacity: RING_POOL,
+                };
+                let a = self.rings.alloc(size).ok_or_else(pool_full)?;
+                let b = self.rings.alloc(size).ok_or_else(pool_full)?;
                 Applied {
                     id,
-                    live_ring: id * 2,
+                    rings: [a, b],
+                    live: 0,
                     options: spec.options,
                     slots: BTreeMap::new(),
                     table: BTreeMap::new(),
@@ -764,13 +818,23 @@ impl State {
         // The table, if it changes.
         let effective = self.effective(vip);
         if is_new || effective != applied.table || spec.options != applied.options {
+            let resized = applied.options.table_size != spec.options.table_size;
             applied.options = spec.options;
             applied.table = effective;
             let table = table_of(&applied);
+            let size = spec.options.table_size;
             let ring = if is_new {
-                applied.live_ring
+                applied.rings[applied.live]
+            } else if resized {
+                // A new size needs new ranges: the new table goes into a fresh
+                // one; the old ones are freed once it is live.
+                self.rings.alloc(size).ok_or(DataplaneError::OutOfRange {
+                    what: "Maglev table slots in the ring pool",
+                    index: size,
+                    capacity: RING_POOL,
+                })?
             } else {
-                applied.live_ring ^ 1
+                applied.rings[applied.live ^ 1]
             };
             w.ring(ring, &table)?;
             if is_new {
@@ -785,13 +849,28 @@ impl State {
                     Op::RemoveVip(vip.key()),
                 )?;
             } else {
-                let before = meta(&applied, applied.live_ring);
+                let mut before_applied = applied.clone();
+                before_applied.options = self.services[vip].options;
+                let before = meta(&before_applied, applied.rings[applied.live]);
                 w.write(
                     Op::PutVip(vip.key(), meta(&applied, ring)),
                     Op::PutVip(vip.key(), before),
                 )?;
             }
-            applied.live_ring = ring;
+            if resized && !is_new {
+                for r in applied.rings {
+                    self.rings.free(r);
+                }
+                let spare = self.rings.alloc(size).ok_or(DataplaneError::OutOfRange {
+                    what: "Maglev table slots in the ring pool",
+                    index: size,
+                    capacity: RING_POOL,
+                })?;
+                applied.rings = [ring, spare];
+                applied.live = 0;
+            } else if !is_new {
+                applied.live ^= 1;
+            }
             *tables += 1;
             tracing::debug!(%vip, reals = applied.table.len(), "table published");
         }
@@ -1026,7 +1105,7 @@ impl State {
     pub fn real_for(&self, dp: &Dataplane, vip: &Vip, hash: u32) -> Result<Option<IpAddr>> {
         let applied = self.services.get(vip).ok_or(StateError::UnknownVip(*vip))?;
         let size = applied.options.table_size;
-        let table = dp.read_ring(applied.live_ring, size)?;
+        let table = dp.read_ring(applied.rings[applied.live], size)?;
         let id = table[(hash % size) as usize];
         Ok(self.real_by_id(id))
     }
@@ -1043,9 +1122,11 @@ impl State {
             .map(|(a, _)| *a)
     }
 
-    /// The VIP ids and live rings in the maps, to check pins against on adoption.
+    /// The VIP ids and live table offsets in the maps, to check pins against on adoption.
     pub fn applied_vips(&self) -> impl Iterator<Item = (Vip, u32, u32)> + '_ {
-        self.services.iter().map(|(v, a)| (*v, a.id, a.live_ring))
+        self.services
+            .iter()
+            .map(|(v, a)| (*v, a.id, a.rings[a.live]))
     }
 
     /// What the operator sees of every VIP, with live counters.
@@ -1107,7 +1188,7 @@ fn table_of(applied: &Applied) -> Vec<u32> {
 fn meta(applied: &Applied, ring: u32) -> VipMeta {
     VipMeta {
         vip_id: applied.id,
-        ring_id: ring,
+        ring_off: ring,
         ring_size: applied.options.table_size,
         flags: match applied.options.scheduler {
             Scheduler::Maglev => 0,
@@ -1172,7 +1253,7 @@ mod tests {
             self.step(format!("ring {ring_id}"))
         }
         fn put_vip(&mut self, key: &VipKey, meta: &VipMeta) -> Result<(), DataplaneError> {
-            self.step(format!("put_vip ring={}", meta.ring_id))?;
+            self.step(format!("put_vip ring={}", meta.ring_off))?;
             self.vips.insert(*key, *meta);
             Ok(())
         }
@@ -1422,6 +1503,40 @@ mod tests {
             .expect("health");
         assert!(st.guarded().is_empty());
         assert_eq!(eff(&st)[&ip("198.51.100.12")], 0);
+    }
+
+    #[test]
+    fn changing_the_table_size_publishes_into_new_ranges_and_frees_the_old() {
+        let (mut st, mut rec) = two_reals();
+        let v = vip("203.0.113.10:80/tcp");
+        let mut d = st.desired.clone();
+        d.services.get_mut(&v).expect("vip").options.table_size = 251;
+        st.reconcile(&mut rec, d, &BTreeMap::new()).expect("resize");
+        let a = &st.services[&v];
+        // The two old 65537-slot ranges are free again: the pool holds only
+        // the two new 251-slot ranges.
+        assert_eq!(
+            st.rings.used.values().copied().collect::<Vec<_>>(),
+            [251, 251]
+        );
+        assert_eq!(rec.vips[&v.key()].ring_off, a.rings[a.live]);
+        assert_eq!(rec.vips[&v.key()].ring_size, 251);
+    }
+
+    #[test]
+    fn ring_pool_is_first_fit_and_refuses_overflow() {
+        let mut pool = RingPool::default();
+        let a = pool.alloc(100).expect("a");
+        let b = pool.alloc(100).expect("b");
+        assert_eq!((a, b), (0, 100));
+        pool.free(a);
+        assert_eq!(pool.alloc(50), Some(0), "reuses the hole");
+        assert_eq!(
+            pool.alloc(60),
+            Some(200),
+            "too big for the rest of the hole"
+        );
+        assert_eq!(pool.alloc(RING_POOL), None);
     }
 
     #[test]

@@ -7,6 +7,7 @@
 //! log when it is the daemon) and stops what it started when dropped, so a failing test
 //! or an interrupted demo leaves no process and no namespace behind.
 
+use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{BufRead as _, BufReader, Read as _, Write as _};
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
@@ -136,14 +137,37 @@ impl Proc {
             .unwrap_or_else(|e| panic!("waiting for {}: {e}", self.what))
     }
 
+    /// Its process id.
+    pub fn pid(&self) -> Pid {
+        Pid::from_raw(i32::try_from(self.child.id()).expect("pids fit i32"))
+    }
+
+    /// Sends `sig` to it; panics if it has already exited (a signal to a reaped pid
+    /// could reach an unrelated process).
+    pub fn signal(&mut self, sig: Signal) {
+        if let Some(status) = self.exited() {
+            panic!("cannot send {sig} to {}: it already exited ({status})", self.what);
+        }
+        signal::kill(self.pid(), sig)
+            .unwrap_or_else(|e| panic!("sending {sig} to {}: {e}", self.what));
+    }
+
+    /// Kills it with SIGKILL, no chance to clean up (a crash), and reaps it.
+    pub fn kill(&mut self) -> Option<ExitStatus> {
+        if let Some(status) = self.exited() {
+            return Some(status);
+        }
+        let _ = self.child.kill();
+        self.child.wait().ok()
+    }
+
     /// Stops it: SIGTERM, up to [`STOP_GRACE`] to exit, then SIGKILL. Returns how it
     /// ended (`None` if it could not even be reaped).
     pub fn stop(&mut self) -> Option<ExitStatus> {
         if let Some(status) = self.exited() {
             return Some(status);
         }
-        let pid = Pid::from_raw(i32::try_from(self.child.id()).expect("pids fit i32"));
-        let _ = signal::kill(pid, Signal::SIGTERM);
+        let _ = signal::kill(self.pid(), Signal::SIGTERM);
         let deadline = Instant::now() + STOP_GRACE;
         while Instant::now() < deadline {
             if let Ok(Some(status)) = self.child.try_wait() {
@@ -164,10 +188,11 @@ impl Drop for Proc {
 
 /// A scratch directory under the system temp dir, removed when dropped.
 #[derive(Debug)]
-struct RunDir(PathBuf);
+pub struct RunDir(PathBuf);
 
 impl RunDir {
-    fn new(name: &str) -> RunDir {
+    /// Creates `$TMPDIR/NAME` afresh (a leftover of that name is removed first).
+    pub fn new(name: &str) -> RunDir {
         let path = std::env::temp_dir().join(name);
         // A leftover of a crashed run with the same (unique-prefix) name is stale.
         let _ = std::fs::remove_dir_all(&path);
@@ -177,9 +202,98 @@ impl RunDir {
     }
 }
 
+impl RunDir {
+    /// The directory.
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
 impl Drop for RunDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A run directory for daemons that pin their data path and outlive each other: the
+/// control socket, the state file and every daemon's log live in it, and `bpffs/` in it
+/// is a bpffs mounted in the ROOT mount namespace, by this process.
+///
+/// `ip netns exec` gives its command a fresh /sys, so /sys/fs/bpf inside it is never the
+/// host's bpffs and a bpffs the daemon mounted from inside would vanish with it; a bpffs
+/// mounted here, outside /sys, before the daemon starts, is shared by every `ip netns
+/// exec` (see `shared/platform.md`). Dropping it unmounts the bpffs, which removes the
+/// pins and so detaches a data path left running; drop it after the daemons.
+#[derive(Debug)]
+pub struct PinnedRun {
+    bpffs: PathBuf,
+    // Last: removed only after the bpffs is unmounted.
+    dir: RunDir,
+}
+
+impl PinnedRun {
+    /// Creates `$TMPDIR/xlb-pin-NAME` with a bpffs on its `bpffs/`.
+    pub fn new(name: &str) -> PinnedRun {
+        let path = std::env::temp_dir().join(format!("xlb-pin-{name}"));
+        // A crashed run may have left its bpffs mounted: a mount point cannot be removed.
+        let _ = nix::mount::umount2(&path.join("bpffs"), nix::mount::MntFlags::MNT_DETACH);
+        let dir = RunDir::new(&format!("xlb-pin-{name}"));
+        let bpffs = dir.path().join("bpffs");
+        std::fs::create_dir(&bpffs)
+            .unwrap_or_else(|e| panic!("cannot create {}: {e}", bpffs.display()));
+        nix::mount::mount(
+            Some("bpf"),
+            &bpffs,
+            Some("bpf"),
+            nix::mount::MsFlags::empty(),
+            None::<&str>,
+        )
+        .unwrap_or_else(|e| panic!("mount -t bpf bpf {}: {e} (needs root)", bpffs.display()));
+        PinnedRun { bpffs, dir }
+    }
+
+    /// The run directory.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// The bpffs to give `xlb run --pin-dir` and `xlb teardown --pin-dir`.
+    pub fn pin_dir(&self) -> &Path {
+        &self.bpffs
+    }
+
+    /// The state file the daemons share (what [`Daemon::start_in`] passes).
+    pub fn state_file(&self) -> PathBuf {
+        self.dir().join("state.json")
+    }
+
+    /// Names of the pins under [`PinnedRun::pin_dir`], recursively, sorted.
+    pub fn pins(&self) -> Vec<String> {
+        fn walk(dir: &Path, base: &Path, out: &mut Vec<String>) {
+            let Ok(entries) = std::fs::read_dir(dir) else {
+                return;
+            };
+            for entry in entries.filter_map(Result::ok) {
+                let path = entry.path();
+                if path.is_dir() {
+                    walk(&path, base, out);
+                } else if let Ok(rel) = path.strip_prefix(base) {
+                    out.push(rel.display().to_string());
+                }
+            }
+        }
+        let mut out = Vec::new();
+        walk(&self.bpffs, &self.bpffs, &mut out);
+        out.sort();
+        out
+    }
+}
+
+impl Drop for PinnedRun {
+    fn drop(&mut self) {
+        if let Err(e) = nix::mount::umount2(&self.bpffs, nix::mount::MntFlags::MNT_DETACH) {
+            eprintln!("umount {}: {e}", self.bpffs.display());
+        }
     }
 }
 
@@ -260,8 +374,8 @@ pub struct Daemon {
     ns: String,
     socket: PathBuf,
     log: PathBuf,
-    // Last: removed only after the daemon has stopped.
-    _dir: RunDir,
+    // Last: removed only after the daemon has stopped (`None`: the caller's directory).
+    _dir: Option<RunDir>,
 }
 
 impl Daemon {
@@ -276,9 +390,34 @@ impl Daemon {
     /// quoting its log if it exits or stays silent.
     pub fn start_with(ns: &Netns, iface: &str, extra: &[&str]) -> Daemon {
         let dir = RunDir::new(&format!("xlb-{}", ns.name()));
-        let state_file = dir.0.join("state.json");
-        let socket = dir.0.join("xlb.sock");
-        let log = dir.0.join("xlb.log");
+        let mut daemon = Self::spawn(ns, iface, dir.path(), extra);
+        daemon._dir = Some(dir);
+        daemon.wait_for_api();
+        daemon
+    }
+
+    /// Like [`Daemon::start_with`] in a directory the caller owns (so that a later daemon
+    /// finds the same socket and state file): `--socket DIR/xlb.sock --state-file
+    /// DIR/state.json`, its log a new `DIR/xlb-N.log`.
+    pub fn start_in(ns: &Netns, iface: &str, dir: &Path, extra: &[&str]) -> Daemon {
+        let mut daemon = Self::spawn(ns, iface, dir, extra);
+        daemon.wait_for_api();
+        daemon
+    }
+
+    /// A pinned daemon of `run`: [`Daemon::start_in`] its directory with `--pin-dir` its
+    /// bpffs, so the data path outlives the daemon and the next one adopts it.
+    pub fn start_pinned(ns: &Netns, iface: &str, run: &PinnedRun, extra: &[&str]) -> Daemon {
+        let mut args = vec!["--pin-dir", path_str(run.pin_dir())];
+        args.extend_from_slice(extra);
+        Self::start_in(ns, iface, run.dir(), &args)
+    }
+
+    fn spawn(ns: &Netns, iface: &str, dir: &Path, extra: &[&str]) -> Daemon {
+        static LOGS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let state_file = dir.join("state.json");
+        let socket = dir.join("xlb.sock");
+        let log = dir.join(format!("xlb-{}.log", LOGS.fetch_add(1, Ordering::Relaxed)));
         let log_file =
             File::create(&log).unwrap_or_else(|e| panic!("cannot create {}: {e}", log.display()));
         let mut cmd = ns.command(path_str(&xlb_bin()));
@@ -294,15 +433,13 @@ impl Daemon {
             .stdout(Stdio::null())
             .stderr(log_file);
         let proc = Proc::spawn(&format!("xlb run in {}", ns.name()), &mut cmd);
-        let mut daemon = Daemon {
+        Daemon {
             proc,
             ns: ns.name().to_owned(),
             socket,
             log,
-            _dir: dir,
-        };
-        daemon.wait_for_api();
-        daemon
+            _dir: None,
+        }
     }
 
     fn wait_for_api(&mut self) {
@@ -381,6 +518,97 @@ impl Daemon {
     pub fn stop(&mut self) -> Option<ExitStatus> {
         self.proc.stop()
     }
+
+    /// Kills the daemon with SIGKILL (a crash: no cleanup at all) and reaps it.
+    pub fn kill(&mut self) -> Option<ExitStatus> {
+        self.proc.kill()
+    }
+
+    /// Sends `sig` (e.g. SIGHUP) to the daemon.
+    pub fn signal(&mut self, sig: Signal) {
+        self.proc.signal(sig);
+    }
+
+    /// Waits (up to [`START_TIMEOUT`]) until the daemon's log contains `needle` and
+    /// returns the log; panics quoting it otherwise.
+    pub fn wait_for_log(&mut self, needle: &str) -> String {
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            check_interrupted();
+            let log = self.log();
+            if log.contains(needle) {
+                return log;
+            }
+            if let Some(status) = self.proc.exited() {
+                panic!("`xlb run` exited ({status}) before logging {needle:?}; its log:\n{log}");
+            }
+            if Instant::now() >= deadline {
+                panic!("`xlb run` did not log {needle:?} within {START_TIMEOUT:?}; its log:\n{log}");
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// `METHOD PATH` with `body` (JSON) on the control socket, as `curl --unix-socket`
+    /// sends it: the status code and the body.
+    pub fn api(&self, method: &str, path: &str, body: Option<&str>) -> (u16, String) {
+        api_request(&self.socket, method, path, body)
+    }
+}
+
+/// One HTTP/1.1 request on a Unix socket (`Connection: close`): the status code and the
+/// body. Panics if the socket does not answer HTTP.
+pub fn api_request(socket: &Path, method: &str, path: &str, body: Option<&str>) -> (u16, String) {
+    let mut stream = UnixStream::connect(socket)
+        .unwrap_or_else(|e| panic!("cannot connect to {}: {e}", socket.display()));
+    let timeout = Some(Duration::from_secs(30));
+    stream
+        .set_read_timeout(timeout)
+        .and_then(|()| stream.set_write_timeout(timeout))
+        .expect("socket timeouts");
+    let body = body.unwrap_or("");
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: xlb\r\nConnection: close\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    stream
+        .write_all(request.as_bytes())
+        .unwrap_or_else(|e| panic!("sending {method} {path}: {e}"));
+    let mut answer = Vec::new();
+    stream
+        .read_to_end(&mut answer)
+        .unwrap_or_else(|e| panic!("reading the answer to {method} {path}: {e}"));
+    let answer = String::from_utf8_lossy(&answer).into_owned();
+    let (head, rest) = answer
+        .split_once("\r\n\r\n")
+        .unwrap_or_else(|| panic!("no HTTP answer head to {method} {path}: {answer:?}"));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no status in the answer to {method} {path}: {head:?}"));
+    let chunked = head
+        .lines()
+        .any(|l| l.to_ascii_lowercase().starts_with("transfer-encoding: chunked"));
+    let body = if chunked { dechunk(rest) } else { rest.to_owned() };
+    (status, body)
+}
+
+/// Decodes a chunked HTTP body.
+fn dechunk(mut rest: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, tail)) = rest.split_once("\r\n") {
+        let Ok(size) = usize::from_str_radix(size.trim(), 16) else {
+            break;
+        };
+        if size == 0 || tail.len() < size {
+            break;
+        }
+        out.push_str(&tail[..size]);
+        rest = tail[size..].trim_start_matches("\r\n");
+    }
+    out
 }
 
 /// Whether a daemon answers `GET /v1/vips` on `socket` (a connect alone succeeds as
@@ -422,9 +650,14 @@ impl Lab {
     /// [`crate::netns::unique_prefix`]), starts the servers with `server_args` and the
     /// daemon, with nothing configured yet.
     pub fn start(tag: &str, reals: usize, server_args: &[&str]) -> Lab {
+        Self::start_with(tag, reals, server_args, &["--no-pin"])
+    }
+
+    /// Like [`Lab::start`] with `xlb run` given `daemon_args` (see [`Daemon::start_with`]).
+    pub fn start_with(tag: &str, reals: usize, server_args: &[&str], daemon_args: &[&str]) -> Lab {
         let topo = balanced_topology(&crate::netns::unique_prefix(tag), reals);
         let servers = start_reals(&topo, server_args);
-        let daemon = Daemon::start(&topo.lb.ns, "eth0");
+        let daemon = Daemon::start_with(&topo.lb.ns, "eth0", daemon_args);
         Lab {
             daemon,
             servers,
@@ -543,4 +776,187 @@ pub fn http_get(to: SocketAddr, timeout: Duration) -> Result<HttpAnswer, String>
         local_port,
         body_bytes: answer.len() - head_end - 4,
     })
+}
+
+/// One keep-alive HTTP/1.1 connection: several requests, one 5-tuple, so a test can
+/// watch a single flow while the balancer's configuration changes under it.
+#[derive(Debug)]
+pub struct HttpConn {
+    stream: BufReader<TcpStream>,
+    to: SocketAddr,
+    local_port: u16,
+}
+
+impl HttpConn {
+    /// Connects to `to` with `timeout` for the connect and for every later read and
+    /// write. Call it inside the client's namespace (`Netns::run_in`); the connection
+    /// stays in that namespace whichever thread uses it afterwards.
+    pub fn connect(to: SocketAddr, timeout: Duration) -> Result<HttpConn, String> {
+        let stream =
+            TcpStream::connect_timeout(&to, timeout).map_err(|e| format!("connect {to}: {e}"))?;
+        stream
+            .set_read_timeout(Some(timeout))
+            .and_then(|()| stream.set_write_timeout(Some(timeout)))
+            .map_err(|e| format!("socket timeouts: {e}"))?;
+        let local_port = stream
+            .local_addr()
+            .map_err(|e| format!("local address: {e}"))?
+            .port();
+        Ok(HttpConn {
+            stream: BufReader::new(stream),
+            to,
+            local_port,
+        })
+    }
+
+    /// The connection's local (client) port.
+    pub fn local_port(&self) -> u16 {
+        self.local_port
+    }
+
+    /// `GET /` on this connection, keeping it open; reads exactly the answer's body
+    /// (its `Content-Length`).
+    pub fn get(&mut self) -> Result<HttpAnswer, String> {
+        let to = self.to;
+        let request = format!("GET / HTTP/1.1\r\nHost: {to}\r\n\r\n");
+        self.stream
+            .get_mut()
+            .write_all(request.as_bytes())
+            .map_err(|e| format!("send to {to} from port {}: {e}", self.local_port))?;
+        let mut status = String::new();
+        let mut real = None;
+        let mut length = None;
+        loop {
+            let mut line = String::new();
+            let n = self
+                .stream
+                .read_line(&mut line)
+                .map_err(|e| format!("read from {to} on port {}: {e}", self.local_port))?;
+            if n == 0 {
+                return Err(format!(
+                    "{to} closed the connection from port {}",
+                    self.local_port
+                ));
+            }
+            let line = line.trim_end();
+            if line.is_empty() {
+                break;
+            }
+            if status.is_empty() {
+                status = line.to_owned();
+            } else if let Some((key, value)) = line.split_once(':') {
+                if key.eq_ignore_ascii_case("x-real") {
+                    real = Some(value.trim().to_owned());
+                } else if key.eq_ignore_ascii_case("content-length") {
+                    length = value.trim().parse::<usize>().ok();
+                }
+            }
+        }
+        if !status.starts_with("HTTP/1.1 200") {
+            return Err(format!("unexpected status from {to}: {status:?}"));
+        }
+        let length = length.ok_or_else(|| format!("no Content-Length from {to}"))?;
+        let mut body = vec![0u8; length];
+        self.stream
+            .read_exact(&mut body)
+            .map_err(|e| format!("read {length} body bytes from {to}: {e}"))?;
+        Ok(HttpAnswer {
+            real: real.ok_or_else(|| format!("no X-Real header from {to}"))?,
+            local_port: self.local_port,
+            body_bytes: length,
+        })
+    }
+}
+
+/// `xlb decap --iface eth0` on a real server, in the foreground as an operator (or a
+/// systemd unit) runs it, with its log in a scratch directory; stopped with SIGTERM,
+/// which makes it log its counters, when [`DecapProc::stop`] is called or it is dropped.
+#[derive(Debug)]
+pub struct DecapProc {
+    proc: Proc,
+    ns: String,
+    log: PathBuf,
+    // Last: removed only after the process has stopped.
+    _dir: RunDir,
+}
+
+impl DecapProc {
+    /// Starts `xlb decap --iface eth0 EXTRA...` in `host`'s namespace and waits until it
+    /// says the program is attached; panics quoting its log if it exits first.
+    pub fn start(host: &Host, extra: &[&str]) -> DecapProc {
+        let ns = host.ns.name().to_owned();
+        let dir = RunDir::new(&format!("xlb-decap-{ns}"));
+        let log = dir.0.join("decap.log");
+        let log_file =
+            File::create(&log).unwrap_or_else(|e| panic!("cannot create {}: {e}", log.display()));
+        let mut cmd = host.ns.command(path_str(&xlb_bin()));
+        cmd.args(["decap", "--iface", "eth0"])
+            .args(extra)
+            .env("NO_COLOR", "1")
+            .env("XLB_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log_file);
+        let mut decap = DecapProc {
+            proc: Proc::spawn(&format!("xlb decap in {ns}"), &mut cmd),
+            ns,
+            log,
+            _dir: dir,
+        };
+        let deadline = Instant::now() + START_TIMEOUT;
+        while !decap.log().contains("decapsulating tunnels") {
+            check_interrupted();
+            if let Some(status) = decap.proc.exited() {
+                panic!(
+                    "`xlb decap` in {} exited ({status}) before attaching; its log:\n{}",
+                    decap.ns,
+                    decap.log()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "`xlb decap` in {} did not attach within {START_TIMEOUT:?}; its log:\n{}",
+                decap.ns,
+                decap.log()
+            );
+            thread::sleep(Duration::from_millis(20));
+        }
+        decap
+    }
+
+    /// Everything it has logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_else(|e| format!("(no log: {e})"))
+    }
+
+    /// Stops it with SIGTERM and returns the packet counters of the report it logs on
+    /// the way out (`decap counters: NAME=PACKETS ...`), by name.
+    pub fn stop(&mut self) -> BTreeMap<String, u64> {
+        let status = self.proc.stop();
+        let log = self.log();
+        assert!(
+            status.is_some_and(|s| s.success()),
+            "`xlb decap` in {} ended with {status:?}; its log:\n{log}",
+            self.ns
+        );
+        parse_decap_counters(&log).unwrap_or_else(|| {
+            panic!(
+                "`xlb decap` in {} logged no counters on exit; its log:\n{log}",
+                self.ns
+            )
+        })
+    }
+}
+
+/// The last `decap counters: NAME=N ...` report in an `xlb decap` log.
+fn parse_decap_counters(log: &str) -> Option<BTreeMap<String, u64>> {
+    let line = log.lines().rev().find(|l| l.contains("decap counters:"))?;
+    let (_, report) = line.split_once("decap counters:")?;
+    report
+        .split_whitespace()
+        .map(|pair| {
+            let (name, value) = pair.split_once('=')?;
+            Some((name.to_owned(), value.parse().ok()?))
+        })
+        .collect()
 }
