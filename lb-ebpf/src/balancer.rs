@@ -45,7 +45,11 @@ pub fn run(ctx: &XdpContext) -> u32 {
         Verdict::Pass(stat) => (xdp_action::XDP_PASS, stat),
         Verdict::Drop(stat) => (xdp_action::XDP_DROP, stat),
         Verdict::Tx(stat) => (xdp_action::XDP_TX, stat),
-        Verdict::Aborted => (xdp_action::XDP_ABORTED, stat::ABORTED),
+        Verdict::Aborted => {
+            // Never on the fast path: only when a helper that cannot fail did.
+            aya_log_ebpf::debug!(ctx, "xlb: aborted a {} byte frame", bytes);
+            (xdp_action::XDP_ABORTED, stat::ABORTED)
+        }
     };
     stats::verdict(stat, bytes);
     action

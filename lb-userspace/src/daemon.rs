@@ -408,6 +408,10 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     );
 
     shared.health.start(&shared);
+    let log_task = {
+        let logger = shared.lock().dp.logger();
+        logger.and_then(|l| forward_ebpf_logs(l).ok())
+    };
     let metrics_task = match opts.metrics {
         Some(addr) => Some(crate::metrics::serve(addr, shared.clone()).await?),
         None => None,
@@ -417,6 +421,9 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         .with_graceful_shutdown(shutdown_signal())
         .await;
     reload_task.abort();
+    if let Some(t) = log_task {
+        t.abort();
+    }
     shared.health.stop();
     if let Some(t) = metrics_task {
         t.abort();
@@ -433,6 +440,27 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         tracing::info!("xlb detached and stopped");
     }
     served.context("the control API failed")
+}
+
+/// Copies the XDP program's aya-log lines (debug level) into the daemon's log.
+fn forward_ebpf_logs(
+    logger: aya_log::EbpfLogger<&'static dyn log::Log>,
+) -> std::io::Result<tokio::task::JoinHandle<()>> {
+    // SAFETY: the logger owns its ring-buffer fd for its whole life and always
+    // returns that same fd; the AsyncFd owns the logger.
+    let mut fd = unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE)
+    }
+    .map_err(|e| e.into_parts().1)?;
+    Ok(tokio::spawn(async move {
+        loop {
+            let Ok(mut guard) = fd.readable_mut().await else {
+                return;
+            };
+            guard.get_inner_mut().flush();
+            guard.clear_ready();
+        }
+    }))
 }
 
 /// Re-reads the configuration file on SIGHUP and applies it; a bad file is

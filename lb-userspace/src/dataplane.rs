@@ -39,8 +39,10 @@ impl Default for LoadOptions {
     }
 }
 
-/// Every map of the balancer object.
-pub const BALANCER_MAPS: [&str; 10] = [
+/// Every map of the balancer object (`AYA_LOGS` carries the program's debug
+/// log lines to the daemon).
+pub const BALANCER_MAPS: [&str; 11] = [
+    "AYA_LOGS",
     map_names::VIPS,
     map_names::VIP_ADDRS,
     map_names::RINGS,
@@ -329,6 +331,12 @@ impl Dataplane {
             .ok_or(DataplaneError::MissingMap(name))?
             .try_into()
             .map_err(|source| DataplaneError::Program { name, source })
+    }
+
+    /// Routes the program's aya-log lines into this process's logs (call once;
+    /// `None` when the object carries no log map).
+    pub fn logger(&mut self) -> Option<aya_log::EbpfLogger<&'static dyn log::Log>> {
+        aya_log::EbpfLogger::init(&mut self.ebpf).ok()
     }
 
     /// The VIP map's entry for `key`.
