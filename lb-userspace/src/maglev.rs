@@ -111,6 +111,8 @@ mod tests {
 
     use super::*;
 
+    const GOLDEN_DIGEST: u64 = 0x8cb8_47eb_2346_a2a7;
+
     fn reals(n: u32) -> Vec<Backend> {
         (0..n)
             .map(|i| Backend {
@@ -205,6 +207,21 @@ mod tests {
                 r.id
             );
         }
+    }
+
+    /// The table for a fixed set of reals is pinned here: two balancers (or two
+    /// builds, or two processes) with the same configuration must build the same
+    /// table, or flows split between them behind ECMP would change reals.
+    #[test]
+    fn table_is_the_same_in_every_process_and_build() {
+        let mut b = reals(5);
+        b[2].weight = 3;
+        let table = build(&b, 4099);
+        // FNV-1a over the table: a stable digest that needs no dependency.
+        let digest = table.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, id| {
+            (h ^ u64::from(*id)).wrapping_mul(0x0000_0100_0000_01b3)
+        });
+        assert_eq!(digest, GOLDEN_DIGEST, "the Maglev table changed: {digest:#x}");
     }
 
     #[test]
