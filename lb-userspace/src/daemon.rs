@@ -29,6 +29,9 @@ use crate::{
     state::{Changes, Desired, State, StateError},
 };
 
+/// How often the reals' MACs are checked against the neighbour table.
+const MAC_REFRESH: Duration = Duration::from_secs(30);
+
 /// Data-path settings of `xlb run`.
 #[derive(Debug, Clone)]
 pub struct DataPathOptions {
@@ -282,6 +285,65 @@ impl Shared {
         Ok(changes)
     }
 
+    /// Re-resolves the MAC of every real (or its next hop) and applies the ones
+    /// that changed: a real server whose NIC was replaced, a gateway that
+    /// failed over. A real that does not answer keeps its last known MAC.
+    pub async fn refresh_macs(&self) {
+        let _turn = self.changes.lock().await;
+        let (desired, known) = {
+            let inner = self.lock();
+            let desired = inner.state.desired().clone();
+            let mut known: BTreeMap<IpAddr, (Forward, [u8; 6])> = BTreeMap::new();
+            for s in desired.services.values() {
+                for real in s.reals.keys() {
+                    if let Some(mac) = inner.state.mac(*real) {
+                        let e = known.entry(*real).or_insert((s.options.forward, mac));
+                        if s.options.forward == Forward::Dr {
+                            e.0 = Forward::Dr;
+                        }
+                    }
+                }
+            }
+            (desired, known)
+        };
+        // One dump of the neighbour table; a route lookup per tunnel real.
+        let Ok(table) = neighbor::table(&self.iface).await else {
+            return;
+        };
+        let mut changed = BTreeMap::new();
+        for (real, (mode, old)) in &known {
+            let hop = match mode {
+                Forward::Dr => *real,
+                Forward::Tun => match neighbor::next_hop(&self.iface, *real).await {
+                    Ok(hop) => hop,
+                    Err(_) => continue,
+                },
+            };
+            // Absent (expired, never refreshed): keep the last known MAC.
+            if let Some(mac) = table.get(&hop)
+                && mac != old
+            {
+                changed.insert(*real, *mac);
+            }
+        }
+        if changed.is_empty() {
+            return;
+        }
+        for (real, mac) in &changed {
+            tracing::info!(%real, mac = %crate::state::fmt_mac(mac), "real's MAC changed");
+        }
+        let mut inner = self.lock();
+        let Inner { dp, state } = &mut *inner;
+        match state.reconcile(dp, desired, &changed) {
+            Ok(_) => {
+                if let Err(err) = save_state(&self.state_file, &self.iface.name, state) {
+                    tracing::error!(%err, "could not save the state file");
+                }
+            }
+            Err(err) => tracing::error!(%err, "applying changed MACs failed"),
+        }
+    }
+
     /// Records a health verdict (called by the health engine).
     pub fn set_health(&self, vip: &crate::model::Vip, real: IpAddr, up: bool) {
         let started = Instant::now();
@@ -417,10 +479,22 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         None => None,
     };
     let reload_task = tokio::spawn(reload_on_sighup(shared.clone()));
+    let refresh_task = {
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(MAC_REFRESH);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                shared.refresh_macs().await;
+            }
+        })
+    };
     let served = axum::serve(listener, api::router(shared.clone()))
         .with_graceful_shutdown(shutdown_signal())
         .await;
     reload_task.abort();
+    refresh_task.abort();
     if let Some(t) = log_task {
         t.abort();
     }

@@ -5,6 +5,7 @@
 //! sending one UDP datagram to the real's discard port, then polls the table.
 
 use std::{
+    collections::BTreeMap,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket},
     time::Duration,
 };
@@ -159,10 +160,15 @@ fn in_prefix(net: IpAddr, prefix: u8, addr: IpAddr) -> bool {
 /// Looks `addr` up in the kernel's neighbour table on `iface`: its MAC if the
 /// entry holds a usable one.
 async fn lookup(iface: &Iface, addr: IpAddr) -> Result<Option<[u8; 6]>, NeighborError> {
+    Ok(table(iface).await?.get(&addr).copied())
+}
+
+/// The usable entries (with a MAC) of the kernel's neighbour table on `iface`.
+pub async fn table(iface: &Iface) -> Result<BTreeMap<IpAddr, [u8; 6]>, NeighborError> {
     let (conn, handle, _) =
         rtnetlink::new_connection().map_err(|e| NeighborError::Netlink(e.to_string()))?;
     let task = tokio::spawn(conn);
-    let mut found = None;
+    let mut found = BTreeMap::new();
     let mut entries = handle.neighbours().get().execute();
     while let Some(msg) = entries
         .try_next()
@@ -199,12 +205,18 @@ async fn lookup(iface: &Iface, addr: IpAddr) -> Result<Option<[u8; 6]>, Neighbor
                 _ => {}
             }
         }
-        if usable && dst == Some(addr) {
-            found = lladdr.filter(|m| *m != [0; 6]);
+        if let (true, Some(dst), Some(mac)) = (usable, dst, lladdr.filter(|m| *m != [0; 6])) {
+            found.insert(dst, mac);
         }
     }
     task.abort();
     Ok(found)
+}
+
+/// The address whose MAC frames toward `addr` carry: the gateway of the
+/// kernel's route to it, or `addr` itself when the route is direct.
+pub async fn next_hop(iface: &Iface, addr: IpAddr) -> Result<IpAddr, NeighborError> {
+    Ok(route_gateway(iface, addr).await?.unwrap_or(addr))
 }
 
 /// Makes the kernel resolve `addr` by sending it one datagram (discard port 9)
