@@ -101,6 +101,7 @@ pub struct ErrorBody {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
+        tracing::warn!(status = self.status.as_u16(), error = %self.message, "request refused");
         (
             self.status,
             Json(ErrorBody {
@@ -518,7 +519,12 @@ async fn apply(
     let Json(body) = body?;
     let file = body.file.as_deref().unwrap_or("request");
     let config = Config::parse(file, &body.yaml).map_err(parse_err)?;
-    let changes = shared.apply(config.desired).await?;
+    // Errors only the daemon can see (a real off the segment, no ARP answer)
+    // name the file too.
+    let changes = shared.apply(config.desired).await.map_err(|e| ApiError {
+        status: e.status,
+        message: format!("{file}: {}", e.message),
+    })?;
     tracing::info!(
         file,
         writes = changes.writes,

@@ -391,6 +391,11 @@ fn run_options(args: RunArgs, socket: PathBuf) -> anyhow::Result<RunOptions> {
         (None, Some(s)) => s.parse().map_err(|e: String| anyhow::anyhow!(e))?,
         (None, None) => Mode::Native,
     };
+    if let Some(share) = args.min_healthy
+        && !(0.0..=1.0).contains(&share)
+    {
+        bail!("--min-healthy {share} is not between 0.0 and 1.0");
+    }
     let pin_dir = if args.no_pin {
         None
     } else {

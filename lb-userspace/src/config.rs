@@ -21,23 +21,26 @@ use crate::{
 };
 
 /// A configuration that could not be used, naming the file and the place in it.
+///
+/// The message carries the whole story: the underlying errors are part of it, not
+/// `source()`s, so an error chain (`{:#}`) prints them once.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     /// The file could not be read.
-    #[error("{file}: {source}")]
+    #[error("{file}: {error}")]
     Read {
         /// The file.
         file: String,
         /// The OS error.
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// The YAML does not match the schema.
-    #[error("{file}: {source}")]
+    #[error("{file}: {error}")]
     Parse {
         /// The file.
         file: String,
         /// What serde found, with the place, line and column.
-        source: serde_yaml_ng::Error,
+        error: serde_yaml_ng::Error,
     },
     /// A value is out of range or inconsistent.
     #[error("{file}: {path}: {message}")]
@@ -194,9 +197,9 @@ impl Config {
     /// Reads and validates `path`.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let file = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
             file: file.clone(),
-            source,
+            error,
         })?;
         Self::parse(&file, &text)
     }
@@ -206,9 +209,9 @@ impl Config {
         let raw: ConfigFile = if text.trim().is_empty() {
             ConfigFile::default()
         } else {
-            serde_yaml_ng::from_str(text).map_err(|source| ConfigError::Parse {
+            serde_yaml_ng::from_str(text).map_err(|error| ConfigError::Parse {
                 file: file.to_owned(),
-                source,
+                error,
             })?
         };
         let invalid = |path: String, message: String| ConfigError::Invalid {
@@ -359,6 +362,26 @@ mod tests {
         let c = Config::parse("xlb.yaml", EXAMPLE).expect("docs/examples/xlb.yaml is valid");
         assert!(!c.desired.services.is_empty());
         assert_eq!(c.daemon.interface.as_deref(), Some("eth0"));
+    }
+
+    #[test]
+    fn config_md_shows_the_example_and_its_yaml_parses() {
+        let doc = include_str!("../../docs/config.md");
+        assert!(
+            doc.contains(EXAMPLE),
+            "docs/config.md must show docs/examples/xlb.yaml verbatim"
+        );
+        let blocks: Vec<&str> = doc
+            .split("```yaml\n")
+            .skip(1)
+            .map(|b| b.split("```").next().unwrap_or(b))
+            .collect();
+        assert!(blocks.len() >= 2, "no YAML examples in docs/config.md");
+        for yaml in blocks {
+            if let Err(e) = Config::parse("docs/config.md", yaml) {
+                panic!("a YAML block of docs/config.md is invalid: {e}\n{yaml}");
+            }
+        }
     }
 
     #[test]

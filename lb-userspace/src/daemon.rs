@@ -274,9 +274,14 @@ impl Shared {
         let started = Instant::now();
         let mut inner = self.lock();
         let Inner { dp, state } = &mut *inner;
+        let before = state.desired().clone();
         let result = state.reconcile(dp, desired, &macs);
         self.metrics.reconciled(started.elapsed(), result.is_ok());
         let changes = result?;
+        // One log line per change, whatever asked for it (CLI, apply, reload).
+        for line in crate::state::describe_changes(&before, state.desired()) {
+            tracing::info!("{line}");
+        }
         if let Err(err) = save_state(&self.state_file, &self.iface.name, state) {
             tracing::error!(%err, "could not save the state file; a restarted daemon may not adopt");
         }
@@ -364,6 +369,11 @@ impl Shared {
 
 /// Runs the daemon until a signal arrives.
 pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
+    // Listen for SIGHUP first: until a handler exists, SIGHUP's default action
+    // kills the process, so a reload sent while the program loads would stop
+    // the daemon. Signals that arrive before the reload task runs are queued.
+    let hup = tokio::signal::unix::signal(SignalKind::hangup())
+        .context("cannot listen for SIGHUP (config reloads)")?;
     let config = opts
         .config
         .as_deref()
@@ -478,7 +488,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         Some(addr) => Some(crate::metrics::serve(addr, shared.clone()).await?),
         None => None,
     };
-    let reload_task = tokio::spawn(reload_on_sighup(shared.clone()));
+    let reload_task = tokio::spawn(reload_on_sighup(shared.clone(), hup));
     let refresh_task = {
         let shared = shared.clone();
         tokio::spawn(async move {
@@ -539,11 +549,7 @@ fn forward_ebpf_logs(
 
 /// Re-reads the configuration file on SIGHUP and applies it; a bad file is
 /// logged and changes nothing.
-async fn reload_on_sighup(shared: Arc<Shared>) {
-    let Ok(mut hup) = tokio::signal::unix::signal(SignalKind::hangup()) else {
-        tracing::error!("cannot listen for SIGHUP; reloads need `xlb apply`");
-        return;
-    };
+async fn reload_on_sighup(shared: Arc<Shared>, mut hup: tokio::signal::unix::Signal) {
     while hup.recv().await.is_some() {
         let Some(path) = shared.config_path.clone() else {
             tracing::warn!("SIGHUP received but the daemon was started without --config");
@@ -558,9 +564,11 @@ async fn reload_on_sighup(shared: Arc<Shared>) {
                     tables = c.tables,
                     "configuration reloaded"
                 ),
-                Err(err) => {
-                    tracing::error!(%err, "reload failed; the running state is unchanged")
-                }
+                Err(err) => tracing::error!(
+                    file = %path.display(),
+                    %err,
+                    "reload failed; the running state is unchanged"
+                ),
             },
         }
     }

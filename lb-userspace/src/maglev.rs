@@ -221,7 +221,10 @@ mod tests {
         let digest = table.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, id| {
             (h ^ u64::from(*id)).wrapping_mul(0x0000_0100_0000_01b3)
         });
-        assert_eq!(digest, GOLDEN_DIGEST, "the Maglev table changed: {digest:#x}");
+        assert_eq!(
+            digest, GOLDEN_DIGEST,
+            "the Maglev table changed: {digest:#x}"
+        );
     }
 
     #[test]

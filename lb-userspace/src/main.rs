@@ -7,8 +7,9 @@ use tracing_subscriber::EnvFilter;
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    // The daemon logs at info by default; client commands only print results.
-    let default = if matches!(cli.command, Command::Run(_)) {
+    // The daemon and the decapsulator (whose counter reports are info lines) log at
+    // info by default; client commands only print results.
+    let default = if matches!(cli.command, Command::Run(_) | Command::Decap(_)) {
         "info"
     } else {
         "warn"

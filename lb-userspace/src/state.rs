@@ -244,6 +244,69 @@ impl Desired {
     }
 }
 
+/// One line per difference between two desired states ("VIP ... added",
+/// "real ... of ... drained", ...), for the log.
+pub fn describe_changes(old: &Desired, new: &Desired) -> Vec<String> {
+    let mut out = Vec::new();
+    for vip in old.services.keys() {
+        if !new.services.contains_key(vip) {
+            out.push(format!("VIP {vip} removed"));
+        }
+    }
+    for (vip, s) in &new.services {
+        let Some(o) = old.services.get(vip) else {
+            out.push(format!(
+                "VIP {vip} added ({}, {}, table {})",
+                s.options.forward, s.options.scheduler, s.options.table_size
+            ));
+            for (real, r) in &s.reals {
+                out.push(format!(
+                    "real {real} of {vip} added (weight {}, {})",
+                    r.weight, r.admin
+                ));
+            }
+            continue;
+        };
+        if o.options != s.options {
+            out.push(format!(
+                "VIP {vip} now {}, {}, table {}",
+                s.options.forward, s.options.scheduler, s.options.table_size
+            ));
+        }
+        if o.health != s.health {
+            out.push(format!("VIP {vip} health check changed"));
+        }
+        for real in o.reals.keys() {
+            if !s.reals.contains_key(real) {
+                out.push(format!("real {real} of {vip} removed"));
+            }
+        }
+        for (real, r) in &s.reals {
+            match o.reals.get(real) {
+                None => out.push(format!(
+                    "real {real} of {vip} added (weight {}, {})",
+                    r.weight, r.admin
+                )),
+                Some(p) => {
+                    if p.weight != r.weight {
+                        out.push(format!(
+                            "real {real} of {vip} weight {} -> {}",
+                            p.weight, r.weight
+                        ));
+                    }
+                    if p.admin != r.admin {
+                        out.push(format!("real {real} of {vip} {} -> {}", p.admin, r.admin));
+                    }
+                    if p.health != r.health {
+                        out.push(format!("real {real} of {vip} health check changed"));
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
 /// Whether `real` can serve `vip` in mode `forward`.
 pub fn check_family(vip: &Vip, forward: Forward, real: IpAddr) -> Result<()> {
     let why = match (forward, vip.addr.is_ipv4(), real.is_ipv4()) {
@@ -598,6 +661,15 @@ impl State {
         desired.validate()?;
         let mut next = self.clone();
         next.desired = desired;
+        // A verdict dies with its real: one removed and added again starts
+        // healthy, like any new real (and is not kept out with no probe to
+        // bring it back).
+        next.health.retain(|(vip, real), _| {
+            next.desired
+                .services
+                .get(vip)
+                .is_some_and(|s| s.reals.contains_key(real))
+        });
         for (addr, mac) in macs {
             next.macs.insert(*addr, *mac);
         }
@@ -1469,6 +1541,19 @@ mod tests {
     }
 
     #[test]
+    fn a_real_removed_while_down_comes_back_healthy() {
+        let (mut st, mut rec) = two_reals();
+        let v = vip("203.0.113.10:80/tcp");
+        let r = ip("198.51.100.12");
+        st.set_health(&mut rec, &v, r, false).expect("health");
+        assert!(!st.healthy(&v, r));
+        st.del_real(&mut rec, &v, r).expect("del");
+        st.add_real(&mut rec, &v, r, mac(12), 1).expect("add");
+        assert!(st.healthy(&v, r), "the old verdict outlived the real");
+        assert_eq!(st.services[&v].table.get(&r), Some(&1));
+    }
+
+    #[test]
     fn avalanche_guard_keeps_unhealthy_reals_below_the_threshold() {
         let mut st = State::new();
         st.set_min_healthy(0.5);
@@ -1537,6 +1622,29 @@ mod tests {
             "too big for the rest of the hole"
         );
         assert_eq!(pool.alloc(RING_POOL), None);
+    }
+
+    #[test]
+    fn changes_are_described_one_per_line() {
+        let (st, _) = two_reals();
+        let old = st.desired.clone();
+        let mut new = old.clone();
+        let v = vip("203.0.113.10:80/tcp");
+        let s = new.services.get_mut(&v).expect("vip");
+        s.reals.get_mut(&ip("198.51.100.11")).expect("real").weight = 7;
+        s.reals.get_mut(&ip("198.51.100.12")).expect("real").admin = Admin::Drain;
+        new.services
+            .insert(vip("203.0.113.11:53/udp"), ServiceSpec::default());
+        let lines = describe_changes(&old, &new);
+        assert_eq!(
+            lines,
+            [
+                "real 198.51.100.11 of 203.0.113.10:80/tcp weight 1 -> 7",
+                "real 198.51.100.12 of 203.0.113.10:80/tcp enabled -> drain",
+                "VIP 203.0.113.11:53/udp added (dr, maglev, table 65537)",
+            ]
+        );
+        assert!(describe_changes(&new, &new).is_empty());
     }
 
     #[test]

@@ -146,7 +146,10 @@ impl Proc {
     /// could reach an unrelated process).
     pub fn signal(&mut self, sig: Signal) {
         if let Some(status) = self.exited() {
-            panic!("cannot send {sig} to {}: it already exited ({status})", self.what);
+            panic!(
+                "cannot send {sig} to {}: it already exited ({status})",
+                self.what
+            );
         }
         signal::kill(self.pid(), sig)
             .unwrap_or_else(|e| panic!("sending {sig} to {}: {e}", self.what));
@@ -267,7 +270,8 @@ impl PinnedRun {
         self.dir().join("state.json")
     }
 
-    /// Names of the pins under [`PinnedRun::pin_dir`], recursively, sorted.
+    /// Names of the pins under [`PinnedRun::pin_dir`], recursively, sorted; without the
+    /// kernel's own `maps.debug` and `progs.debug` iterators of a fresh bpffs.
     pub fn pins(&self) -> Vec<String> {
         fn walk(dir: &Path, base: &Path, out: &mut Vec<String>) {
             let Ok(entries) = std::fs::read_dir(dir) else {
@@ -284,6 +288,7 @@ impl PinnedRun {
         }
         let mut out = Vec::new();
         walk(&self.bpffs, &self.bpffs, &mut out);
+        out.retain(|p| !matches!(p.as_str(), "maps.debug" | "progs.debug"));
         out.sort();
         out
     }
@@ -543,7 +548,9 @@ impl Daemon {
                 panic!("`xlb run` exited ({status}) before logging {needle:?}; its log:\n{log}");
             }
             if Instant::now() >= deadline {
-                panic!("`xlb run` did not log {needle:?} within {START_TIMEOUT:?}; its log:\n{log}");
+                panic!(
+                    "`xlb run` did not log {needle:?} within {START_TIMEOUT:?}; its log:\n{log}"
+                );
             }
             thread::sleep(Duration::from_millis(20));
         }
@@ -588,10 +595,15 @@ pub fn api_request(socket: &Path, method: &str, path: &str, body: Option<&str>) 
         .nth(1)
         .and_then(|s| s.parse().ok())
         .unwrap_or_else(|| panic!("no status in the answer to {method} {path}: {head:?}"));
-    let chunked = head
-        .lines()
-        .any(|l| l.to_ascii_lowercase().starts_with("transfer-encoding: chunked"));
-    let body = if chunked { dechunk(rest) } else { rest.to_owned() };
+    let chunked = head.lines().any(|l| {
+        l.to_ascii_lowercase()
+            .starts_with("transfer-encoding: chunked")
+    });
+    let body = if chunked {
+        dechunk(rest)
+    } else {
+        rest.to_owned()
+    };
     (status, body)
 }
 
@@ -731,6 +743,89 @@ pub struct HttpAnswer {
     pub body_bytes: usize,
 }
 
+/// One kept-alive HTTP/1.1 connection: several `GET /` on the same TCP connection (one
+/// 5-tuple), as a long-lived client does.
+#[derive(Debug)]
+pub struct KeepAlive {
+    to: SocketAddr,
+    local_port: u16,
+    stream: TcpStream,
+    reader: BufReader<TcpStream>,
+}
+
+impl KeepAlive {
+    /// Connects to `to`. Call it inside the client's namespace (`Netns::run_in`); the
+    /// connection can then be used from any thread.
+    pub fn connect(to: SocketAddr, timeout: Duration) -> Result<KeepAlive, String> {
+        let stream =
+            TcpStream::connect_timeout(&to, timeout).map_err(|e| format!("connect {to}: {e}"))?;
+        stream
+            .set_read_timeout(Some(timeout))
+            .and_then(|()| stream.set_write_timeout(Some(timeout)))
+            .map_err(|e| format!("socket timeouts: {e}"))?;
+        let local_port = stream
+            .local_addr()
+            .map_err(|e| format!("local address: {e}"))?
+            .port();
+        let reader = BufReader::new(
+            stream
+                .try_clone()
+                .map_err(|e| format!("cloning the socket: {e}"))?,
+        );
+        Ok(KeepAlive {
+            to,
+            local_port,
+            stream,
+            reader,
+        })
+    }
+
+    /// `GET /` on the open connection, reading exactly one answer (by its
+    /// Content-Length) and leaving the connection open.
+    pub fn get(&mut self) -> Result<HttpAnswer, String> {
+        let to = self.to;
+        let request = format!("GET / HTTP/1.1\r\nHost: {to}\r\n\r\n");
+        self.stream
+            .write_all(request.as_bytes())
+            .map_err(|e| format!("send to {to}: {e}"))?;
+        let mut status = String::new();
+        self.reader
+            .read_line(&mut status)
+            .map_err(|e| format!("read from {to}: {e}"))?;
+        if !status.starts_with("HTTP/1.1 200") {
+            return Err(format!("unexpected status from {to}: {status:?}"));
+        }
+        let (mut real, mut length) = (None, None);
+        loop {
+            let mut line = String::new();
+            self.reader
+                .read_line(&mut line)
+                .map_err(|e| format!("read from {to}: {e}"))?;
+            let line = line.trim_end();
+            if line.is_empty() {
+                break;
+            }
+            if let Some((k, v)) = line.split_once(':') {
+                if k.eq_ignore_ascii_case("x-real") {
+                    real = Some(v.trim().to_owned());
+                } else if k.eq_ignore_ascii_case("content-length") {
+                    length = v.trim().parse::<usize>().ok();
+                }
+            }
+        }
+        let length = length.ok_or_else(|| format!("no Content-Length from {to}"))?;
+        let mut body = vec![0u8; length];
+        self.reader
+            .read_exact(&mut body)
+            .map_err(|e| format!("read body from {to}: {e}"))?;
+        Ok(HttpAnswer {
+            real: real.ok_or_else(|| format!("no X-Real header from {to}"))?,
+            local_port: self.local_port,
+            body_bytes: length,
+        })
+    }
+}
+
 /// `GET /` to `to` on a fresh connection (`Connection: close`), reading the whole
 /// answer. Call it inside the client's namespace (`Netns::run_in`).
 pub fn http_get(to: SocketAddr, timeout: Duration) -> Result<HttpAnswer, String> {
@@ -778,96 +873,6 @@ pub fn http_get(to: SocketAddr, timeout: Duration) -> Result<HttpAnswer, String>
     })
 }
 
-/// One keep-alive HTTP/1.1 connection: several requests, one 5-tuple, so a test can
-/// watch a single flow while the balancer's configuration changes under it.
-#[derive(Debug)]
-pub struct HttpConn {
-    stream: BufReader<TcpStream>,
-    to: SocketAddr,
-    local_port: u16,
-}
-
-impl HttpConn {
-    /// Connects to `to` with `timeout` for the connect and for every later read and
-    /// write. Call it inside the client's namespace (`Netns::run_in`); the connection
-    /// stays in that namespace whichever thread uses it afterwards.
-    pub fn connect(to: SocketAddr, timeout: Duration) -> Result<HttpConn, String> {
-        let stream =
-            TcpStream::connect_timeout(&to, timeout).map_err(|e| format!("connect {to}: {e}"))?;
-        stream
-            .set_read_timeout(Some(timeout))
-            .and_then(|()| stream.set_write_timeout(Some(timeout)))
-            .map_err(|e| format!("socket timeouts: {e}"))?;
-        let local_port = stream
-            .local_addr()
-            .map_err(|e| format!("local address: {e}"))?
-            .port();
-        Ok(HttpConn {
-            stream: BufReader::new(stream),
-            to,
-            local_port,
-        })
-    }
-
-    /// The connection's local (client) port.
-    pub fn local_port(&self) -> u16 {
-        self.local_port
-    }
-
-    /// `GET /` on this connection, keeping it open; reads exactly the answer's body
-    /// (its `Content-Length`).
-    pub fn get(&mut self) -> Result<HttpAnswer, String> {
-        let to = self.to;
-        let request = format!("GET / HTTP/1.1\r\nHost: {to}\r\n\r\n");
-        self.stream
-            .get_mut()
-            .write_all(request.as_bytes())
-            .map_err(|e| format!("send to {to} from port {}: {e}", self.local_port))?;
-        let mut status = String::new();
-        let mut real = None;
-        let mut length = None;
-        loop {
-            let mut line = String::new();
-            let n = self
-                .stream
-                .read_line(&mut line)
-                .map_err(|e| format!("read from {to} on port {}: {e}", self.local_port))?;
-            if n == 0 {
-                return Err(format!(
-                    "{to} closed the connection from port {}",
-                    self.local_port
-                ));
-            }
-            let line = line.trim_end();
-            if line.is_empty() {
-                break;
-            }
-            if status.is_empty() {
-                status = line.to_owned();
-            } else if let Some((key, value)) = line.split_once(':') {
-                if key.eq_ignore_ascii_case("x-real") {
-                    real = Some(value.trim().to_owned());
-                } else if key.eq_ignore_ascii_case("content-length") {
-                    length = value.trim().parse::<usize>().ok();
-                }
-            }
-        }
-        if !status.starts_with("HTTP/1.1 200") {
-            return Err(format!("unexpected status from {to}: {status:?}"));
-        }
-        let length = length.ok_or_else(|| format!("no Content-Length from {to}"))?;
-        let mut body = vec![0u8; length];
-        self.stream
-            .read_exact(&mut body)
-            .map_err(|e| format!("read {length} body bytes from {to}: {e}"))?;
-        Ok(HttpAnswer {
-            real: real.ok_or_else(|| format!("no X-Real header from {to}"))?,
-            local_port: self.local_port,
-            body_bytes: length,
-        })
-    }
-}
-
 /// `xlb decap --iface eth0` on a real server, in the foreground as an operator (or a
 /// systemd unit) runs it, with its log in a scratch directory; stopped with SIGTERM,
 /// which makes it log its counters, when [`DecapProc::stop`] is called or it is dropped.
@@ -886,14 +891,15 @@ impl DecapProc {
     pub fn start(host: &Host, extra: &[&str]) -> DecapProc {
         let ns = host.ns.name().to_owned();
         let dir = RunDir::new(&format!("xlb-decap-{ns}"));
-        let log = dir.0.join("decap.log");
+        let log = dir.path().join("decap.log");
         let log_file =
             File::create(&log).unwrap_or_else(|e| panic!("cannot create {}: {e}", log.display()));
         let mut cmd = host.ns.command(path_str(&xlb_bin()));
         cmd.args(["decap", "--iface", "eth0"])
             .args(extra)
             .env("NO_COLOR", "1")
-            .env("XLB_LOG", "info")
+            // No XLB_LOG: the counter report must show at the default level.
+            .env_remove("XLB_LOG")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log_file);

@@ -5,11 +5,13 @@
 //! or black-holed real only ever delays its own task.
 //!
 //! Reals start healthy: a freshly started daemon never empties a service while
-//! the first probes run. The avalanche guard (in `state`) decides whether a
+//! the first probes run. Only a real the adopted state already holds down
+//! starts down, and comes back after `rise` passing probes. The avalanche guard (in `state`) decides whether a
 //! verdict may actually take a real out.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
+    future::Future,
     net::{IpAddr, SocketAddr},
     sync::{Arc, Mutex, Weak},
     time::{Duration, SystemTime},
@@ -68,6 +70,17 @@ impl ProbeStatus {
     /// A status that starts healthy.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// A status that starts down: a real the state (e.g. the state file a
+    /// restarted daemon adopted) already holds out of its table. It comes back
+    /// after `rise` successes, like any real that went down.
+    pub fn down(reason: &str) -> Self {
+        Self {
+            up: false,
+            last_error: Some(reason.to_owned()),
+            ..Self::default()
+        }
     }
 
     /// Applies one probe result; returns the flip it causes, if any.
@@ -176,7 +189,19 @@ impl Engine {
     /// desired state with a check (other than `none`) are probed. Reals that
     /// leave, or whose check is removed, are reported healthy again.
     pub fn sync(&self, shared: &Shared) {
-        let desired = shared.lock().state.desired().clone();
+        let (desired, down) = {
+            let inner = shared.lock();
+            let desired = inner.state.desired().clone();
+            // Verdicts the state already holds (adopted from a previous daemon):
+            // a new task starts from them, or a real kept out would never flip back.
+            let down: BTreeSet<Key> = desired
+                .services
+                .iter()
+                .flat_map(|(vip, s)| s.reals.keys().map(move |r| (*vip, *r)))
+                .filter(|(vip, real)| !inner.state.healthy(vip, *real))
+                .collect();
+            (desired, down)
+        };
         let mut inner = self.lock();
         if inner.shared.upgrade().is_none() {
             // Not started yet; start() syncs.
@@ -216,6 +241,14 @@ impl Engine {
             if inner.running.contains_key(&k) {
                 continue;
             }
+            if down.contains(&k) {
+                inner
+                    .status
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .entry(k)
+                    .or_insert_with(|| ProbeStatus::down("down when the daemon started"));
+            }
             let task = tokio::spawn(probe_loop(
                 k,
                 check.clone(),
@@ -246,12 +279,46 @@ impl Engine {
 }
 
 async fn probe_loop(
-    (vip, real): Key,
+    key: Key,
     check: HealthCheck,
     target: SocketAddr,
     status: Arc<Mutex<BTreeMap<Key, ProbeStatus>>>,
     shared: Weak<Shared>,
 ) {
+    let (vip, real) = key;
+    let report = |flip: Flip, error: &str| {
+        let Some(shared) = shared.upgrade() else {
+            return false;
+        };
+        let up = flip == Flip::Up;
+        if up {
+            tracing::info!(%vip, %real, "health: real is up again");
+        } else {
+            tracing::warn!(%vip, %real, %error, "health: real is down");
+        }
+        shared.health.flipped();
+        shared.set_health(&vip, real, up);
+        true
+    };
+    schedule(key, &check, &status, || probe::run(&check, target), report).await;
+}
+
+/// One real's probe schedule: the first probe at a random point of the first
+/// interval, then one every `interval_ms` (± jitter) after the previous one
+/// ended; each bounded by `timeout_ms`, so a black-holed real is probed every
+/// interval + timeout. Applies rise/fall and calls `report` with each flip and
+/// the last error; stops when `report` returns false (the daemon is gone).
+/// `probe` is [`probe::run`] in the daemon and a fake in tests.
+async fn schedule<P, F>(
+    key: Key,
+    check: &HealthCheck,
+    status: &Mutex<BTreeMap<Key, ProbeStatus>>,
+    mut probe: P,
+    mut report: impl FnMut(Flip, &str) -> bool,
+) where
+    P: FnMut() -> F,
+    F: Future<Output = Result<(), String>>,
+{
     let interval = Duration::from_millis(check.interval_ms);
     let timeout = Duration::from_millis(check.timeout_ms);
     // Spread the first probes of many reals over one interval.
@@ -260,38 +327,23 @@ async fn probe_loop(
     status
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .entry((vip, real))
+        .entry(key)
         .or_default();
     loop {
-        let result = match tokio::time::timeout(timeout, probe::run(&check, target)).await {
+        let result = match tokio::time::timeout(timeout, probe()).await {
             Ok(r) => r,
             Err(_) => Err(format!("timeout after {} ms", check.timeout_ms)),
         };
-        let flip = {
+        let (flip, error) = {
             let mut s = status
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
-            let st = s.entry((vip, real)).or_default();
-            st.record(result, check.rise, check.fall)
+            let st = s.entry(key).or_default();
+            let flip = st.record(result, check.rise, check.fall);
+            (flip, st.last_error.clone().unwrap_or_default())
         };
-        if flip != Flip::None {
-            let Some(shared) = shared.upgrade() else {
-                return;
-            };
-            let up = flip == Flip::Up;
-            let error = status
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .get(&(vip, real))
-                .and_then(|s| s.last_error.clone())
-                .unwrap_or_default();
-            if up {
-                tracing::info!(%vip, %real, "health: real is up again");
-            } else {
-                tracing::warn!(%vip, %real, %error, "health: real is down");
-            }
-            shared.health.flipped();
-            shared.set_health(&vip, real, up);
+        if flip != Flip::None && !report(flip, &error) {
+            return;
         }
         tokio::time::sleep(jittered(interval, check.jitter_percent)).await;
     }
@@ -321,6 +373,16 @@ mod tests {
     }
 
     #[test]
+    fn a_real_restored_down_comes_back_after_rise_successes() {
+        let mut s = ProbeStatus::down("down when the daemon started");
+        assert!(!s.up);
+        assert_eq!(s.record(Err("timeout".to_owned()), 2, 3), Flip::None);
+        assert_eq!(s.record(Ok(()), 2, 3), Flip::None);
+        assert_eq!(s.record(Ok(()), 2, 3), Flip::Up);
+        assert!(s.up);
+    }
+
+    #[test]
     fn jitter_stays_within_bounds() {
         let base = Duration::from_millis(2000);
         for _ in 0..1000 {
@@ -331,5 +393,232 @@ mod tests {
             );
         }
         assert_eq!(jittered(base, 0), base);
+    }
+
+    // --- the schedule, on tokio's paused clock: sleeps end at once, in order,
+    // and `Instant` reads virtual time, so timing is exact and instant to test.
+
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use tokio::time::Instant;
+
+    /// Flips reported by a schedule, with the virtual time of each.
+    type Flips = Arc<Mutex<Vec<(Instant, Flip)>>>;
+    type Statuses = Arc<Mutex<BTreeMap<Key, ProbeStatus>>>;
+
+    const SECOND: Duration = Duration::from_secs(1);
+    /// Slack for the float arithmetic of `jittered`.
+    const EPSILON: Duration = Duration::from_millis(1);
+
+    fn key(last: u8) -> Key {
+        (
+            "203.0.113.10:80/tcp".parse().expect("VIP"),
+            IpAddr::from([198, 51, 100, last]),
+        )
+    }
+
+    /// The defaults: interval 2 s, timeout 1 s, rise 3, fall 3, jitter 10%.
+    fn defaults() -> HealthCheck {
+        HealthCheck::default()
+    }
+
+    fn ms(d: u64) -> Duration {
+        Duration::from_millis(d)
+    }
+
+    /// Runs `schedule` for `key` in a task, recording its flips.
+    fn spawn<P, F>(key: Key, check: HealthCheck, status: &Statuses, probe: P) -> Flips
+    where
+        P: FnMut() -> F + Send + 'static,
+        F: Future<Output = Result<(), String>> + Send,
+    {
+        let flips = Flips::default();
+        let (status, recorded) = (status.clone(), flips.clone());
+        tokio::spawn(async move {
+            let report = |flip, _: &str| {
+                recorded.lock().expect("flips").push((Instant::now(), flip));
+                true
+            };
+            schedule(key, &check, &status, probe, report).await;
+        });
+        flips
+    }
+
+    /// A probe that passes while `healthy` is set and is refused otherwise.
+    fn switchable(
+        healthy: &Arc<AtomicBool>,
+    ) -> impl FnMut() -> std::future::Ready<Result<(), String>> + Send + 'static {
+        let healthy = healthy.clone();
+        move || {
+            std::future::ready(if healthy.load(Ordering::Relaxed) {
+                Ok(())
+            } else {
+                Err("connection refused".to_owned())
+            })
+        }
+    }
+
+    fn status_of(status: &Statuses, key: Key) -> ProbeStatus {
+        status.lock().expect("status")[&key].clone()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failing_real_goes_down_after_fall_intervals_and_comes_back_after_rise() {
+        let check = defaults();
+        let interval = ms(check.interval_ms);
+        let (lo, hi) = (interval.mul_f64(0.9), interval.mul_f64(1.1));
+        let status = Statuses::default();
+        let healthy = Arc::new(AtomicBool::new(true));
+        let flips = spawn(key(11), check.clone(), &status, switchable(&healthy));
+
+        tokio::time::sleep(30 * SECOND).await;
+        assert!(
+            flips.lock().expect("flips").is_empty(),
+            "a healthy real flipped"
+        );
+        assert!(
+            status_of(&status, key(11)).probes >= 13,
+            "too few probes in 30 s"
+        );
+
+        // The service stops: the next probe fails, fall - 1 intervals later it is out.
+        healthy.store(false, Ordering::Relaxed);
+        let failed = Instant::now();
+        tokio::time::sleep(30 * SECOND).await;
+        let down = {
+            let f = flips.lock().expect("flips");
+            assert_eq!(f.len(), 1, "one flip expected: {f:?}");
+            assert_eq!(f[0].1, Flip::Down);
+            f[0].0 - failed
+        };
+        assert!(
+            down >= lo * (check.fall - 1) && down <= hi * check.fall + EPSILON,
+            "down {down:?} after the failure; expected within fall ({}) intervals",
+            check.fall
+        );
+        let st = status_of(&status, key(11));
+        assert!(!st.up);
+        assert_eq!(st.last_error.as_deref(), Some("connection refused"));
+
+        // It recovers: rise passing probes bring it back.
+        healthy.store(true, Ordering::Relaxed);
+        let recovered = Instant::now();
+        tokio::time::sleep(30 * SECOND).await;
+        let up = {
+            let f = flips.lock().expect("flips");
+            assert_eq!(f.len(), 2, "two flips expected: {f:?}");
+            assert_eq!(f[1].1, Flip::Up);
+            f[1].0 - recovered
+        };
+        assert!(
+            up >= lo * (check.rise - 1) && up <= hi * check.rise + EPSILON,
+            "up {up:?} after recovery; expected within rise ({}) intervals",
+            check.rise
+        );
+        assert!(status_of(&status, key(11)).up);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_black_holed_real_never_delays_the_probes_of_another() {
+        let check = defaults();
+        let interval = ms(check.interval_ms);
+        let timeout = ms(check.timeout_ms);
+        let status = Statuses::default();
+        let start = Instant::now();
+        // A thousand reals whose probes never return (bounded by the timeout)...
+        let holes: Vec<Flips> = (0..1000u16)
+            .map(|i| {
+                let key = (
+                    key(0).0,
+                    IpAddr::from([198, 51, (i / 250) as u8, (i % 250) as u8]),
+                );
+                spawn(key, check.clone(), &status, std::future::pending)
+            })
+            .collect();
+        // ...and one healthy real probed alongside them.
+        let probed = Arc::new(Mutex::new(Vec::new()));
+        let times = probed.clone();
+        let flips = spawn(key(12), check.clone(), &status, move || {
+            times.lock().expect("times").push(Instant::now());
+            std::future::ready(Ok(()))
+        });
+
+        tokio::time::sleep(60 * SECOND).await;
+        let times = probed.lock().expect("times").clone();
+        assert!(
+            times[0] - start <= interval,
+            "first probe at {:?}",
+            times[0] - start
+        );
+        for pair in times.windows(2) {
+            let gap = pair[1] - pair[0];
+            assert!(
+                gap <= interval.mul_f64(1.1) + EPSILON,
+                "the healthy real waited {gap:?} between probes"
+            );
+        }
+        assert!(times.len() >= 26, "only {} probes in 60 s", times.len());
+        assert!(flips.lock().expect("flips").is_empty());
+
+        // Every black-holed real went down once, after fall timeouts; each of
+        // its probes takes interval + timeout.
+        let worst_down = interval + timeout * check.fall + interval.mul_f64(1.1) * (check.fall - 1);
+        for (i, f) in holes.iter().enumerate() {
+            let f = f.lock().expect("flips");
+            assert_eq!(f.len(), 1, "real {i}: {f:?}");
+            assert_eq!(f[0].1, Flip::Down);
+            assert!(
+                f[0].0 - start <= worst_down + EPSILON,
+                "real {i} down at {:?}",
+                f[0].0 - start
+            );
+        }
+        let hole = status_of(&status, (key(0).0, IpAddr::from([198, 51, 0, 0])));
+        assert_eq!(hole.last_error.as_deref(), Some("timeout after 1000 ms"));
+        let cycle_min = timeout + interval.mul_f64(0.9);
+        assert!(
+            hole.probes <= 60_000 / cycle_min.as_millis() as u64 + 1,
+            "{} probes of a black-holed real in 60 s: timeouts do not extend its cycle",
+            hole.probes
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_first_probes_of_many_reals_spread_over_one_interval() {
+        let check = defaults();
+        let status = Statuses::default();
+        let start = Instant::now();
+        let first: Arc<Mutex<BTreeMap<Key, Duration>>> = Arc::default();
+        for i in 0..1000u16 {
+            let key = (
+                key(0).0,
+                IpAddr::from([198, 51, (i / 250) as u8, (i % 250) as u8]),
+            );
+            let first = first.clone();
+            spawn(key, check.clone(), &status, move || {
+                first
+                    .lock()
+                    .expect("first")
+                    .entry(key)
+                    .or_insert_with(|| Instant::now() - start);
+                std::future::ready(Ok(()))
+            });
+        }
+        tokio::time::sleep(ms(check.interval_ms) + EPSILON).await;
+        let first = first.lock().expect("first");
+        assert_eq!(
+            first.len(),
+            1000,
+            "every real is probed within one interval"
+        );
+        // Twenty 100 ms buckets, 5% expected in each; lockstep would put all in one.
+        let mut buckets = [0usize; 21];
+        for d in first.values() {
+            buckets[(d.as_millis() / 100) as usize] += 1;
+        }
+        assert!(
+            buckets.iter().all(|n| *n <= 150),
+            "first probes bunch up: {buckets:?}"
+        );
     }
 }

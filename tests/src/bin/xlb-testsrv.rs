@@ -7,7 +7,8 @@
 //!
 //! - HTTP/1.x on each `--http` address: any path answers 200 with `X-Real: NAME` and a
 //!   body `NAME\nPEER_IP:PEER_PORT\n` padded with `.` to `--body-bytes`; `/health`
-//!   answers `ok\n`. Keep-alive unless the client asks for `Connection: close` (or speaks
+//!   answers `ok\n`, or `503 Service Unavailable` while the `--health-fail-file` exists
+//!   (a health check's failure without stopping the service). Keep-alive unless the client asks for `Connection: close` (or speaks
 //!   HTTP/1.0 without asking for keep-alive).
 //! - UDP echo on each `--udp` address: every datagram is answered with `NAME ` followed by
 //!   the payload.
@@ -47,6 +48,9 @@ struct Args {
     /// Pad HTTP bodies with '.' up to this many bytes (never truncates).
     #[arg(long, default_value_t = 0)]
     body_bytes: usize,
+    /// While this file exists, `/health` answers 503 (every other path still 200).
+    #[arg(long, value_name = "PATH")]
+    health_fail_file: Option<std::path::PathBuf>,
 }
 
 /// What every connection thread needs; shared, never changed.
@@ -54,6 +58,7 @@ struct Args {
 struct Config {
     name: String,
     body_bytes: usize,
+    health_fail_file: Option<std::path::PathBuf>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -64,6 +69,7 @@ fn main() -> anyhow::Result<()> {
     let config = Arc::new(Config {
         name: args.name,
         body_bytes: args.body_bytes,
+        health_fail_file: args.health_fail_file,
     });
 
     // Bind everything before announcing readiness, so a test that waits for `ready`
@@ -169,13 +175,14 @@ fn serve_connection(stream: TcpStream, config: &Config) -> io::Result<()> {
             }
             Err(e) => return Err(e),
         };
-        let body = if request.path == "/health" {
-            b"ok\n".to_vec()
-        } else {
-            identity_body(config, peer)
+        let failing = config.health_fail_file.as_ref().is_some_and(|f| f.exists());
+        let (status, body) = match request.path.as_str() {
+            "/health" if failing => ("503 Service Unavailable", b"failing\n".to_vec()),
+            "/health" => ("200 OK", b"ok\n".to_vec()),
+            _ => ("200 OK", identity_body(config, peer)),
         };
         let body: &[u8] = if request.method == "HEAD" { b"" } else { &body };
-        writer.write_all(&response("200 OK", &config.name, request.keep_alive, body))?;
+        writer.write_all(&response(status, &config.name, request.keep_alive, body))?;
         if !request.keep_alive {
             return Ok(());
         }
@@ -392,6 +399,7 @@ mod tests {
         let config = Config {
             name: "rs1".to_owned(),
             body_bytes: 40,
+            health_fail_file: None,
         };
         let peer = canonical("[::ffff:198.51.100.2]:4000".parse().unwrap());
         let body = identity_body(&config, peer);

@@ -1,0 +1,846 @@
+//! netns end-to-end, health checking: real servers that stop, answer 503 or come back,
+//! the daemon's probes taking them out of the Maglev table and bringing them back, the
+//! avalanche guard, and the operator's overrides, with `xlb run` and the `xlb` CLI as an
+//! operator uses them and real HTTP through the XDP program.
+//!
+//! Needs root (namespaces, XDP, a bpffs mount) and runs one test at a time (`./x test`
+//! does both). The binaries come from `XLB_BIN` / `XLB_TESTSRV_BIN`, or from the target
+//! directory after `cargo build --workspace --bins`.
+//!
+//! Probes use short settings (interval 200 ms, timeout 100 ms, rise 2, fall 2) so a
+//! verdict takes a fraction of a second; every wait is bounded by [`WAIT`], which a
+//! healthy run stays far below.
+
+use std::io::{Read as _, Write as _};
+use std::net::{IpAddr, SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use xlb_tests::harness::{
+    Daemon, KeepAlive, Lab, PinnedRun, Proc, RunDir, VIP, balanced_topology, http_get, real_name,
+    start_real,
+};
+use xlb_tests::netns::{Topology, unique_prefix};
+
+const SERVICE: &str = "203.0.113.10:80/tcp";
+const TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Probe settings of every test: an HTTP GET of /health every 200 ms (±10%), 100 ms to
+/// answer, 2 failures take a real out, 2 successes bring it back.
+const INTERVAL_MS: u64 = 200;
+const TIMEOUT_MS: u64 = 100;
+const RISE: u64 = 2;
+const FALL: u64 = 2;
+const CHECK: [&str; 12] = [
+    "--check",
+    "http",
+    "--check-path",
+    "/health",
+    "--check-interval",
+    "200",
+    "--check-timeout",
+    "100",
+    "--check-rise",
+    "2",
+    "--check-fall",
+    "2",
+];
+
+/// How long a bounded wait for the daemon, a probe verdict or the load may take before
+/// the test fails (never a measure of speed).
+const WAIT: Duration = Duration::from_secs(30);
+
+/// Where the daemon serves Prometheus metrics, inside the balancer's namespace.
+const METRICS_ADDR: &str = "127.0.0.1:9814";
+
+fn require_root() {
+    assert!(
+        nix::unistd::Uid::effective().is_root(),
+        "the netns end-to-end tests create namespaces, mount bpffs and attach XDP: run them \
+         as root"
+    );
+}
+
+fn target() -> SocketAddr {
+    SocketAddr::from((VIP, 80))
+}
+
+/// A scratch directory for the `--health-fail-file` switches and YAML files, removed
+/// when dropped.
+struct Scratch(RunDir);
+
+impl Scratch {
+    fn new(prefix: &str) -> Scratch {
+        Scratch(RunDir::new(&format!("xlb-health-{prefix}")))
+    }
+
+    fn path(&self) -> &Path {
+        self.0.path()
+    }
+
+    /// The file whose existence makes real `i` answer 503 on /health.
+    fn fail_file(&self, i: usize) -> PathBuf {
+        self.path().join(format!("{}.fail", real_name(i)))
+    }
+}
+
+/// Makes real `i`'s /health answer 503 (`true`) or 200 again (`false`).
+fn set_failing(scratch: &Scratch, i: usize, failing: bool) {
+    let file = scratch.fail_file(i);
+    if failing {
+        std::fs::write(&file, b"")
+            .unwrap_or_else(|e| panic!("cannot create {}: {e}", file.display()));
+    } else {
+        std::fs::remove_file(&file)
+            .unwrap_or_else(|e| panic!("cannot remove {}: {e}", file.display()));
+    }
+}
+
+/// What every real serves: HTTP on port 80 and 8080, /health failing while its switch
+/// file exists.
+fn server_args(scratch: &Scratch, i: usize) -> Vec<String> {
+    let file = scratch.fail_file(i);
+    vec![
+        "--http".into(),
+        "0.0.0.0:80".into(),
+        "--http".into(),
+        "0.0.0.0:8080".into(),
+        "--health-fail-file".into(),
+        file.to_str().expect("UTF-8 temp path").into(),
+    ]
+}
+
+/// Starts (or restarts) real `i`'s server.
+fn start_server(lab: &Lab, scratch: &Scratch, i: usize) -> Proc {
+    let args = server_args(scratch, i);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    start_real(&lab.topo.reals[i].ns, &real_name(i), &args)
+}
+
+/// A topology of `reals` reals with their servers and `xlb run --no-pin EXTRA...` on
+/// the balancer; nothing configured yet.
+fn lab(tag: &str, reals: usize, extra: &[&str]) -> (Lab, Scratch) {
+    let mut args = vec!["--no-pin"];
+    args.extend_from_slice(extra);
+    lab_with(&unique_prefix(tag), reals, |topo| {
+        Daemon::start_with(&topo.lb.ns, "eth0", &args)
+    })
+}
+
+/// Like [`lab`] with the daemon `start` starts.
+fn lab_with(prefix: &str, reals: usize, start: impl FnOnce(&Topology) -> Daemon) -> (Lab, Scratch) {
+    require_root();
+    let topo = balanced_topology(prefix, reals);
+    let scratch = Scratch::new(topo.prefix());
+    // One connection per request: let the client reuse TIME_WAIT ports.
+    topo.client.ns.sysctl("net.ipv4.tcp_tw_reuse", "1");
+    topo.client
+        .ns
+        .sysctl("net.ipv4.ip_local_port_range", "1024 65535");
+    let daemon = start(&topo);
+    let mut lab = Lab {
+        daemon,
+        servers: Vec::new(),
+        topo,
+    };
+    lab.servers = (0..reals)
+        .map(|i| start_server(&lab, &scratch, i))
+        .collect();
+    (lab, scratch)
+}
+
+/// `xlb vip add SERVICE` with the HTTP check, then every real.
+fn configure(lab: &Lab, service: &str, check: &[&str]) {
+    let mut args = vec!["vip", "add", service];
+    args.extend_from_slice(check);
+    lab.daemon.cli_ok(&args);
+    for real in &lab.topo.reals {
+        lab.daemon
+            .cli_ok(&["real", "add", service, &real.ipv4.to_string()]);
+    }
+}
+
+fn addr(lab: &Lab, i: usize) -> String {
+    IpAddr::V4(lab.topo.reals[i].ipv4).to_string()
+}
+
+/// `xlb status --json`.
+fn status(daemon: &Daemon) -> serde_json::Value {
+    let out = daemon.cli_ok(&["status", "--json"]);
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("xlb status --json: {e}: {out}"))
+}
+
+/// One real of one VIP as `xlb status --json` shows it.
+#[derive(Debug, Clone)]
+struct RealState {
+    /// In the live table with this weight (`None`: not in it at all, i.e. disabled).
+    in_use: Option<u64>,
+    /// The verdict the state holds (`healthy` in the VIP view).
+    healthy: bool,
+    /// The admin state.
+    admin: String,
+    /// The probe kind, or `none`.
+    check: String,
+    /// The engine's verdict, `None` before the first probe or when not probed.
+    probe_up: Option<bool>,
+    /// Probes run.
+    probes: u64,
+    /// The last probe error.
+    last_error: Option<String>,
+    /// New flows sent to it.
+    flows: u64,
+}
+
+impl RealState {
+    /// In the table with a weight, and healthy.
+    fn serving(&self) -> bool {
+        self.in_use.is_some_and(|w| w > 0) && self.healthy
+    }
+
+    /// Taken out by health: weight 0 in the table, verdict down.
+    fn removed_by_health(&self) -> bool {
+        self.in_use == Some(0) && !self.healthy
+    }
+}
+
+/// The VIP `service` in a status.
+fn vip<'a>(status: &'a serde_json::Value, service: &str) -> &'a serde_json::Value {
+    status["vips"]
+        .as_array()
+        .and_then(|v| v.iter().find(|s| s["vip"] == service))
+        .unwrap_or_else(|| panic!("no VIP {service} in {status}"))
+}
+
+fn real_state(status: &serde_json::Value, service: &str, addr: &str) -> RealState {
+    let v = vip(status, service);
+    let find = |list: &str| {
+        v[list]
+            .as_array()
+            .and_then(|l| l.iter().find(|r| r["addr"] == addr))
+            .unwrap_or_else(|| panic!("no real {addr} in {list} of {service}: {v}"))
+            .clone()
+    };
+    let (r, h) = (find("reals"), find("health"));
+    let s = &h["status"];
+    RealState {
+        in_use: r["effective_weight"].as_u64(),
+        healthy: r["healthy"].as_bool().expect("healthy is a bool"),
+        admin: r["admin"].as_str().expect("admin").to_owned(),
+        check: h["check"].as_str().expect("check").to_owned(),
+        probe_up: s["up"].as_bool(),
+        probes: s["probes"].as_u64().unwrap_or(0),
+        last_error: s["last_error"].as_str().map(str::to_owned),
+        flows: r["flows"].as_u64().expect("flows"),
+    }
+}
+
+/// Polls `xlb status --json` until `ok` holds for it; returns that status and when it
+/// was seen. Panics after [`WAIT`] quoting the last status and the daemon's log.
+fn wait_status(
+    daemon: &Daemon,
+    what: &str,
+    mut ok: impl FnMut(&serde_json::Value) -> bool,
+) -> (serde_json::Value, Instant) {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let s = status(daemon);
+        if ok(&s) {
+            return (s, Instant::now());
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not within {WAIT:?}: {what}; last status: {s:#}\ndaemon log:\n{}",
+            daemon.log()
+        );
+        thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Waits until real `i` of `service` is in its table and healthy after at least one probe.
+fn wait_serving(lab: &Lab, service: &str, i: usize) -> Instant {
+    let a = addr(lab, i);
+    wait_status(&lab.daemon, &format!("{a} serves {service}"), |s| {
+        let r = real_state(s, service, &a);
+        r.serving() && r.probe_up == Some(true)
+    })
+    .1
+}
+
+/// `count` requests to `to` from the client, one connection each; the name of the real
+/// that answered each, or its error.
+fn requests(lab: &Lab, to: SocketAddr, count: usize) -> Vec<Result<String, String>> {
+    lab.topo.client.ns.run_in(|| {
+        (0..count)
+            .map(|_| http_get(to, TIMEOUT).map(|a| a.real))
+            .collect()
+    })
+}
+
+/// `count` requests that must all succeed; the reals that answered.
+fn answered_by(lab: &Lab, to: SocketAddr, count: usize) -> Vec<String> {
+    requests(lab, to, count)
+        .into_iter()
+        .enumerate()
+        .map(|(n, r)| r.unwrap_or_else(|e| panic!("request {n} of {count} to {to}: {e}")))
+        .collect()
+}
+
+/// Sets the flag when dropped, so a failing test stops the load before the thread
+/// scope waits for it.
+struct StopOnDrop<'a>(&'a AtomicBool);
+
+impl Drop for StopOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
+/// The load stops by itself after this many requests or this long, whatever the test does.
+const LOAD_MAX_REQUESTS: usize = 100_000;
+const LOAD_MAX_TIME: Duration = Duration::from_secs(60);
+
+/// A bounded HTTP load to the VIP, one connection per request, each recorded with the
+/// time it started.
+#[derive(Default)]
+struct Load {
+    done: Mutex<Vec<(Instant, Result<String, String>)>>,
+    answered: AtomicUsize,
+    stop: AtomicBool,
+}
+
+impl Load {
+    /// Sends requests until told to stop (or its bounds). Call inside the client's
+    /// namespace.
+    fn run(&self) {
+        let started = Instant::now();
+        for _ in 0..LOAD_MAX_REQUESTS {
+            if self.stop.load(Ordering::Relaxed) || started.elapsed() > LOAD_MAX_TIME {
+                break;
+            }
+            let at = Instant::now();
+            let result = http_get(target(), TIMEOUT).map(|a| a.real);
+            if result.is_ok() {
+                self.answered.fetch_add(1, Ordering::Relaxed);
+            }
+            self.done.lock().expect("not poisoned").push((at, result));
+        }
+        self.stop.store(true, Ordering::Relaxed);
+    }
+
+    /// Waits until `n` more requests than now are answered.
+    fn wait_for_more(&self, n: usize) {
+        let goal = self.answered.load(Ordering::Relaxed) + n;
+        let deadline = Instant::now() + WAIT;
+        while self.answered.load(Ordering::Relaxed) < goal {
+            assert!(
+                !self.stop.load(Ordering::Relaxed),
+                "the load stopped before {goal} answers"
+            );
+            assert!(
+                Instant::now() < deadline,
+                "the load did not reach {goal} answers within {WAIT:?}"
+            );
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+fn ms(d: Duration) -> u128 {
+    d.as_millis()
+}
+
+#[test]
+fn a_stopped_real_leaves_within_fall_intervals_and_no_request_fails_after() {
+    let (mut lab, scratch) = lab("hs", 3, &[]);
+    configure(&lab, SERVICE, &CHECK);
+    for i in 0..3 {
+        wait_serving(&lab, SERVICE, i);
+    }
+    let rs1 = addr(&lab, 0);
+
+    let load = Load::default();
+    let (stopped, removed, down_seen, restarted, back) = thread::scope(|s| {
+        let _stop = StopOnDrop(&load.stop);
+        let client = s.spawn(|| lab.topo.client.ns.run_in(|| load.run()));
+        load.wait_for_more(100);
+
+        lab.servers[0].stop();
+        let stopped = Instant::now();
+        let (down_seen, removed) = wait_status(&lab.daemon, "rs1 removed by health", |s| {
+            real_state(s, SERVICE, &rs1).removed_by_health()
+        });
+        // The other reals take over: enough answers after the removal to hit every
+        // slot rs1 held many times over.
+        load.wait_for_more(300);
+
+        lab.servers[0] = start_server(&lab, &scratch, 0);
+        let restarted = Instant::now();
+        let back = wait_serving(&lab, SERVICE, 0);
+        load.wait_for_more(300);
+        load.stop.store(true, Ordering::Relaxed);
+        client.join().expect("the load thread panicked");
+        (stopped, removed, down_seen, restarted, back)
+    });
+
+    let done = load.done.into_inner().expect("not poisoned");
+    let during: Vec<&String> = done
+        .iter()
+        .filter(|(at, _)| *at >= stopped && *at < removed)
+        .filter_map(|(_, r)| r.as_ref().err())
+        .collect();
+    let after: Vec<&(Instant, Result<String, String>)> =
+        done.iter().filter(|(at, _)| *at >= removed).collect();
+    let failed_after: Vec<&String> = after.iter().filter_map(|(_, r)| r.as_ref().err()).collect();
+    let detection = removed - stopped;
+    let returned = back - restarted;
+    eprintln!(
+        "health e2e: {} requests; rs1 removed {} ms after its server stopped ({} requests \
+         failed in that window), back {} ms after it restarted; {} requests after the \
+         removal, {} failed",
+        done.len(),
+        ms(detection),
+        during.len(),
+        ms(returned),
+        after.len(),
+        failed_after.len()
+    );
+
+    assert!(
+        failed_after.is_empty(),
+        "{} of {} requests started after rs1 left the table failed; first: {:?}",
+        failed_after.len(),
+        after.len(),
+        &failed_after[..failed_after.len().min(5)]
+    );
+    let down = real_state(&down_seen, SERVICE, &rs1);
+    assert_eq!(
+        down.last_error.as_deref(),
+        Some("connection refused"),
+        "rs1's last error: {down:?}"
+    );
+    // Exact timing is the engine's unit tests' business (paused clock); here the bound
+    // fall × interval (+10% jitter) + timeout gets a second of slack for polling the CLI
+    // on a loaded 2-core machine.
+    let bound = Duration::from_millis(FALL * INTERVAL_MS * 11 / 10 + TIMEOUT_MS);
+    assert!(
+        detection <= bound + Duration::from_secs(1),
+        "rs1 left the table {} ms after its server stopped; fall × interval + timeout is {} ms",
+        ms(detection),
+        ms(bound)
+    );
+    let rs1_name = real_name(0);
+    let after_back = done
+        .iter()
+        .filter(|(at, r)| *at >= back && r.as_ref().is_ok_and(|n| *n == rs1_name))
+        .count();
+    assert!(
+        after_back > 0,
+        "rs1 is back in the table but answered none of the requests after it"
+    );
+    // It came back after rise passing probes, not before.
+    assert!(
+        returned >= Duration::from_millis((RISE - 1) * INTERVAL_MS * 9 / 10),
+        "rs1 came back {} ms after its restart, before rise ({RISE}) probes could pass",
+        ms(returned)
+    );
+}
+
+#[test]
+fn an_http_503_takes_a_real_out_for_new_flows_only_while_a_tcp_check_keeps_it() {
+    let (lab, scratch) = lab("hh", 3, &[]);
+    // Two services on the same servers, both probing port 80: one with an HTTP GET of
+    // /health, one with a TCP connect.
+    let tcp_service = "203.0.113.10:8080/tcp";
+    configure(&lab, SERVICE, &CHECK);
+    let mut tcp_check = CHECK.to_vec();
+    tcp_check[1] = "tcp";
+    tcp_check.extend(["--check-port", "80"]);
+    configure(&lab, tcp_service, &tcp_check);
+    for i in 0..3 {
+        wait_serving(&lab, SERVICE, i);
+        wait_serving(&lab, tcp_service, i);
+    }
+    let rs1 = addr(&lab, 0);
+    let rs1_name = real_name(0);
+    let tcp_probes = real_state(&status(&lab.daemon), tcp_service, &rs1).probes;
+    // An established connection on rs1, to see what a health verdict does to it.
+    let mut conn = lab.topo.client.ns.run_in(|| {
+        (0..60)
+            .find_map(|_| {
+                let mut c = KeepAlive::connect(target(), TIMEOUT).expect("connect to the VIP");
+                let first = c.get().expect("first request on a kept-alive connection");
+                (first.real == rs1_name).then_some(c)
+            })
+            .expect("none of 60 connections landed on rs1")
+    });
+
+    set_failing(&scratch, 0, true);
+    let failing = Instant::now();
+    let (down, removed) = wait_status(&lab.daemon, "rs1 removed by the HTTP check", |s| {
+        real_state(s, SERVICE, &rs1).removed_by_health()
+    });
+    eprintln!(
+        "health e2e: rs1 removed {} ms after /health turned 503",
+        ms(removed - failing)
+    );
+    let http = real_state(&down, SERVICE, &rs1);
+    assert_eq!(http.check, "http");
+    assert_eq!(http.last_error.as_deref(), Some("HTTP 503"), "{http:?}");
+    // Meanwhile the TCP check of the same port kept passing.
+    let (later, _) = wait_status(&lab.daemon, "more TCP probes of rs1", |s| {
+        real_state(s, tcp_service, &rs1).probes >= tcp_probes + RISE + FALL
+    });
+    let tcp = real_state(&later, tcp_service, &rs1);
+    assert!(
+        tcp.serving() && tcp.probe_up == Some(true) && tcp.last_error.is_none(),
+        "the TCP check should pass against a server answering 503: {tcp:?}"
+    );
+
+    // The established connection stays on rs1 (conntrack), new ones avoid it.
+    let answer = conn.get().expect("the connection established on rs1 broke");
+    assert_eq!(answer.real, rs1_name, "the established flow moved");
+    let http_answers = answered_by(&lab, target(), 90);
+    assert!(
+        !http_answers.contains(&rs1_name),
+        "rs1 still got new connections on {SERVICE}"
+    );
+    let tcp_answers = answered_by(&lab, SocketAddr::from((VIP, 8080)), 90);
+    assert!(
+        tcp_answers.contains(&rs1_name),
+        "rs1 got no connection on {tcp_service}, whose TCP check passes"
+    );
+
+    // Disabling it moves the established flow: another real resets it.
+    lab.daemon.cli_ok(&["real", "disable", SERVICE, &rs1]);
+    let moved = conn.get();
+    assert!(
+        moved.is_err(),
+        "the flow of a disabled real should move to another real (which resets it): {moved:?}"
+    );
+    lab.daemon.cli_ok(&["real", "enable", SERVICE, &rs1]);
+    let r = real_state(&status(&lab.daemon), SERVICE, &rs1);
+    assert!(
+        r.removed_by_health(),
+        "enabled, but its probes still fail: {r:?}"
+    );
+
+    // Healthy again: back after rise probes.
+    set_failing(&scratch, 0, false);
+    wait_serving(&lab, SERVICE, 0);
+    assert!(
+        answered_by(&lab, target(), 90).contains(&rs1_name),
+        "rs1 is back in {SERVICE}'s table but got no connection"
+    );
+}
+
+/// `GET /metrics` from the daemon's metrics address (inside the balancer's namespace).
+fn scrape(lab: &Lab) -> String {
+    let addr: SocketAddr = METRICS_ADDR.parse().expect("metrics address");
+    lab.topo.lb.ns.run_in(|| {
+        let mut s = TcpStream::connect_timeout(&addr, TIMEOUT)
+            .unwrap_or_else(|e| panic!("connect to the metrics address {addr}: {e}"));
+        s.set_read_timeout(Some(TIMEOUT)).expect("read timeout");
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: xlb\r\nConnection: close\r\n\r\n")
+            .expect("send the scrape");
+        let mut answer = String::new();
+        s.read_to_string(&mut answer).expect("read the scrape");
+        assert!(answer.starts_with("HTTP/1.1 200"), "scrape: {answer}");
+        answer
+    })
+}
+
+/// The value of the sample `name{labels}` in a scrape.
+fn sample(scrape: &str, series: &str) -> Option<f64> {
+    scrape.lines().find_map(|l| {
+        l.strip_prefix(series)
+            .and_then(|rest| rest.strip_prefix(' '))
+            .and_then(|v| v.trim().parse().ok())
+    })
+}
+
+#[test]
+fn the_avalanche_guard_keeps_every_real_when_three_of_four_fail() {
+    let (mut lab, scratch) = lab(
+        "hg",
+        4,
+        &["--metrics-addr", METRICS_ADDR, "--min-healthy", "0.5"],
+    );
+    configure(&lab, SERVICE, &CHECK);
+    for i in 0..4 {
+        wait_serving(&lab, SERVICE, i);
+    }
+    let addrs: Vec<String> = (0..4).map(|i| addr(&lab, i)).collect();
+    let guard_series = format!("xlb_vip_avalanche_guard{{vip=\"{SERVICE}\"}}");
+    assert_eq!(sample(&scrape(&lab), &guard_series), Some(0.0));
+
+    for server in &mut lab.servers[..3] {
+        server.stop();
+    }
+    let stopped = Instant::now();
+    let (guarded, guard_on) = wait_status(&lab.daemon, "three reals down and the guard on", |s| {
+        vip(s, SERVICE)["guarded"] == true
+            && addrs[..3]
+                .iter()
+                .all(|a| real_state(s, SERVICE, a).probe_up == Some(false))
+    });
+    eprintln!(
+        "health e2e: three of four reals stopped, guard on {} ms later",
+        ms(guard_on - stopped)
+    );
+    for a in &addrs[..3] {
+        let r = real_state(&guarded, SERVICE, a);
+        assert!(!r.healthy, "{a} should be unhealthy: {r:?}");
+        assert_eq!(
+            r.in_use,
+            Some(1),
+            "the guard should keep {a} in the table: {r:?}"
+        );
+        assert_eq!(
+            r.last_error.as_deref(),
+            Some("connection refused"),
+            "{a}: {r:?}"
+        );
+    }
+    assert_eq!(real_state(&guarded, SERVICE, &addrs[3]).in_use, Some(1));
+
+    // The operator sees it: the status table, the guard metric, the verdicts.
+    let text = lab.daemon.cli_ok(&["status"]);
+    assert!(text.contains("AVALANCHE GUARD"), "xlb status:\n{text}");
+    assert!(text.contains("connection refused"), "xlb status:\n{text}");
+    assert_eq!(text.matches("DOWN").count(), 3, "xlb status:\n{text}");
+    let metrics = scrape(&lab);
+    assert_eq!(sample(&metrics, &guard_series), Some(1.0), "{metrics}");
+    for (i, a) in addrs.iter().enumerate() {
+        let series = format!("xlb_real_healthy{{vip=\"{SERVICE}\",real=\"{a}\"}}");
+        let want = if i < 3 { 0.0 } else { 1.0 };
+        assert_eq!(sample(&metrics, &series), Some(want), "{series}: {metrics}");
+    }
+    let flips = sample(&metrics, "xlb_health_flips_total").expect("xlb_health_flips_total");
+    assert!(flips >= 3.0, "xlb_health_flips_total {flips}");
+
+    // Fail open: new connections still go to all four (those to the stopped three are
+    // refused by their hosts, which is the price of never emptying the service).
+    let before = guarded;
+    let results = requests(&lab, target(), 120);
+    let after = status(&lab.daemon);
+    eprintln!(
+        "xlb status under the guard, after 120 requests:\n{}",
+        lab.daemon.cli_ok(&["status"])
+    );
+    for a in &addrs {
+        let flows = real_state(&after, SERVICE, a).flows - real_state(&before, SERVICE, a).flows;
+        assert!(
+            flows >= 12,
+            "{a} got {flows} of 120 new flows under the guard; all four should share them"
+        );
+    }
+    let rs4 = real_name(3);
+    assert!(
+        results
+            .iter()
+            .filter_map(|r| r.as_ref().ok())
+            .all(|n| *n == rs4),
+        "only rs4 can answer"
+    );
+
+    // All four down: the table still keeps all of them.
+    lab.servers[3].stop();
+    let (all_down, _) = wait_status(&lab.daemon, "all four reals down", |s| {
+        addrs
+            .iter()
+            .all(|a| real_state(s, SERVICE, a).probe_up == Some(false))
+    });
+    assert_eq!(vip(&all_down, SERVICE)["guarded"], true);
+    for a in &addrs {
+        assert_eq!(real_state(&all_down, SERVICE, a).in_use, Some(1), "{a}");
+    }
+
+    // Two come back: half the reals are healthy, the guard lets go and only they serve.
+    lab.servers[0] = start_server(&lab, &scratch, 0);
+    lab.servers[3] = start_server(&lab, &scratch, 3);
+    let (released, _) = wait_status(&lab.daemon, "guard released", |s| {
+        vip(s, SERVICE)["guarded"] == false
+            && real_state(s, SERVICE, &addrs[0]).serving()
+            && real_state(s, SERVICE, &addrs[3]).serving()
+    });
+    for a in &addrs[1..3] {
+        let r = real_state(&released, SERVICE, a);
+        assert!(r.removed_by_health(), "{a} should be out again: {r:?}");
+    }
+    assert_eq!(sample(&scrape(&lab), &guard_series), Some(0.0));
+    let answers = answered_by(&lab, target(), 60);
+    assert!(
+        answers.iter().all(|n| *n == real_name(0) || *n == rs4),
+        "{answers:?}"
+    );
+}
+
+#[test]
+fn disable_wins_over_a_passing_probe_and_kind_none_keeps_a_failing_real() {
+    let (lab, scratch) = lab("ho", 3, &[]);
+    configure(&lab, SERVICE, &CHECK);
+    for i in 0..3 {
+        wait_serving(&lab, SERVICE, i);
+    }
+    let rs1 = addr(&lab, 0);
+    let rs1_name = real_name(0);
+
+    // Disabled: out of the table although every probe passes.
+    lab.daemon.cli_ok(&["real", "disable", SERVICE, &rs1]);
+    let probes = real_state(&status(&lab.daemon), SERVICE, &rs1).probes;
+    let (s, _) = wait_status(&lab.daemon, "more probes of the disabled rs1", |s| {
+        real_state(s, SERVICE, &rs1).probes >= probes + RISE + FALL
+    });
+    let r = real_state(&s, SERVICE, &rs1);
+    assert_eq!(r.admin, "disabled");
+    assert_eq!(
+        r.probe_up,
+        Some(true),
+        "the probes of rs1 should pass: {r:?}"
+    );
+    assert_eq!(
+        r.in_use, None,
+        "a disabled real stays out of the table: {r:?}"
+    );
+    assert!(
+        !answered_by(&lab, target(), 90).contains(&rs1_name),
+        "the disabled rs1 got new connections"
+    );
+
+    // Enabled: back at once (its probes pass).
+    lab.daemon.cli_ok(&["real", "enable", SERVICE, &rs1]);
+    let r = real_state(&status(&lab.daemon), SERVICE, &rs1);
+    assert!(r.serving(), "enabled rs1 should be in the table: {r:?}");
+    assert!(
+        answered_by(&lab, target(), 90).contains(&rs1_name),
+        "the enabled rs1 got no connection"
+    );
+
+    // Failing /health: the probe takes it out...
+    set_failing(&scratch, 0, true);
+    wait_status(&lab.daemon, "rs1 removed by health", |s| {
+        real_state(s, SERVICE, &rs1).removed_by_health()
+    });
+    // ...and a per-real `health_check: {kind: none}` brings it back and keeps it.
+    let yaml = format!(
+        "services:\n  - vip: {SERVICE}\n    health_check:\n      kind: http\n      \
+         path: /health\n      interval_ms: {INTERVAL_MS}\n      timeout_ms: {TIMEOUT_MS}\n      \
+         rise: {RISE}\n      fall: {FALL}\n    reals:\n      - address: {rs1}\n        \
+         health_check: {{kind: none}}\n      - address: {}\n      - address: {}\n",
+        addr(&lab, 1),
+        addr(&lab, 2)
+    );
+    let file = scratch.path().join("override.yaml");
+    std::fs::write(&file, yaml).expect("write the YAML");
+    lab.daemon
+        .cli_ok(&["apply", file.to_str().expect("UTF-8 temp path")]);
+    let (s, _) = wait_status(&lab.daemon, "rs1 back in with kind none", |s| {
+        real_state(s, SERVICE, &rs1).serving()
+    });
+    let r = real_state(&s, SERVICE, &rs1);
+    assert_eq!(r.check, "none", "{r:?}");
+    // Several probe rounds later (counted on rs2, still probed) it is still in, and serves.
+    let rs2 = addr(&lab, 1);
+    let probes = real_state(&s, SERVICE, &rs2).probes;
+    let (s, _) = wait_status(&lab.daemon, "more probes of rs2", |s| {
+        real_state(s, SERVICE, &rs2).probes >= probes + RISE + FALL
+    });
+    let r = real_state(&s, SERVICE, &rs1);
+    assert!(r.serving(), "rs1 with kind none left the table: {r:?}");
+    assert!(
+        answered_by(&lab, target(), 90).contains(&rs1_name),
+        "rs1 (kind none, /health failing) got no connection"
+    );
+    // The other reals are still probed.
+    for i in 1..3 {
+        let r = real_state(&status(&lab.daemon), SERVICE, &addr(&lab, i));
+        assert_eq!(r.check, "http", "{r:?}");
+    }
+}
+
+#[test]
+fn a_disabled_real_and_a_down_verdict_survive_a_daemon_restart() {
+    let prefix = unique_prefix("hr");
+    // Declared first, dropped last: the bpffs goes after the daemons and namespaces.
+    let run = PinnedRun::new(&prefix);
+    let (mut lab, scratch) = lab_with(&prefix, 3, |topo| {
+        Daemon::start_pinned(&topo.lb.ns, "eth0", &run, &[])
+    });
+    // rise 10 (2 s at least): a restored verdict is visible long enough to be seen.
+    let mut check = CHECK;
+    check[9] = "10";
+    configure(&lab, SERVICE, &check);
+    for i in 0..3 {
+        wait_serving(&lab, SERVICE, i);
+    }
+    let (rs1, rs2) = (addr(&lab, 0), addr(&lab, 1));
+
+    // rs1 disabled by the operator, rs2 taken out by its probes.
+    lab.daemon.cli_ok(&["real", "disable", SERVICE, &rs1]);
+    lab.servers[1].stop();
+    wait_status(&lab.daemon, "rs2 removed by health", |s| {
+        real_state(s, SERVICE, &rs2).removed_by_health()
+    });
+
+    // SIGTERM: the daemon leaves the pinned data path running. rs2 recovers while no
+    // daemon runs; the next daemon adopts the pins and the state file.
+    let stopped = lab.daemon.stop();
+    assert!(
+        stopped.is_some_and(|s| s.success()),
+        "xlb run ended with {stopped:?}; its log:
+{}",
+        lab.daemon.log()
+    );
+    lab.servers[1] = start_server(&lab, &scratch, 1);
+    lab.daemon = Daemon::start_pinned(&lab.topo.lb.ns, "eth0", &run, &[]);
+    let restarted = Instant::now();
+    let log = lab.daemon.log();
+    assert!(
+        log.contains("adopted the running data path"),
+        "the restarted daemon did not adopt the pins; its log:\n{log}"
+    );
+
+    let s = status(&lab.daemon);
+    let r1 = real_state(&s, SERVICE, &rs1);
+    assert_eq!(r1.admin, "disabled", "rs1 after the restart: {r1:?}");
+    assert_eq!(r1.in_use, None, "rs1 after the restart: {r1:?}");
+    let r2 = real_state(&s, SERVICE, &rs2);
+    assert!(
+        r2.removed_by_health(),
+        "rs2 was down when the daemon stopped and must pass rise probes first: {r2:?}"
+    );
+    assert_eq!(
+        r2.last_error.as_deref(),
+        Some("down when the daemon started")
+    );
+
+    // rs2 passes its probes and comes back; rs1 stays out although its probes pass.
+    let back = wait_serving(&lab, SERVICE, 1);
+    eprintln!(
+        "health e2e: rs2 (down before the restart, rise 10) back {} ms after the new daemon \
+         answered",
+        ms(back - restarted)
+    );
+    let s = status(&lab.daemon);
+    let r1 = real_state(&s, SERVICE, &rs1);
+    assert_eq!(r1.probe_up, Some(true), "{r1:?}");
+    assert_eq!(
+        r1.in_use, None,
+        "the disabled rs1 came back by itself: {r1:?}"
+    );
+    let answers = answered_by(&lab, target(), 90);
+    assert!(
+        !answers.contains(&real_name(0)),
+        "the disabled rs1 got connections"
+    );
+    assert!(
+        answers.contains(&real_name(1)),
+        "rs2 is back but got no connection"
+    );
+
+    lab.daemon.cli_ok(&["real", "enable", SERVICE, &rs1]);
+    assert!(real_state(&status(&lab.daemon), SERVICE, &rs1).serving());
+}
