@@ -446,6 +446,14 @@ async fn set_real(client: &Client, vip: &Vip, real: IpAddr, body: SetReal) -> an
     Ok(())
 }
 
+async fn set_admin(client: &Client, vip: &Vip, real: IpAddr, admin: Admin) -> anyhow::Result<()> {
+    let body = SetReal {
+        weight: None,
+        admin: Some(admin),
+    };
+    set_real(client, vip, real, body).await
+}
+
 /// Runs the parsed command line.
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     let client = Client::new(&cli.socket);
@@ -588,44 +596,17 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Real(RealCommand::Drain { vip, real }) => {
-            set_real(
-                &client,
-                &vip,
-                real,
-                SetReal {
-                    weight: None,
-                    admin: Some(Admin::Drain),
-                },
-            )
-            .await?;
+            set_admin(&client, &vip, real, Admin::Drain).await?;
             println!("real {real} of {vip} drains: no new flows, tracked flows stay");
             Ok(())
         }
         Command::Real(RealCommand::Disable { vip, real }) => {
-            set_real(
-                &client,
-                &vip,
-                real,
-                SetReal {
-                    weight: None,
-                    admin: Some(Admin::Disabled),
-                },
-            )
-            .await?;
+            set_admin(&client, &vip, real, Admin::Disabled).await?;
             println!("real {real} of {vip} is disabled: its flows move to the other reals");
             Ok(())
         }
         Command::Real(RealCommand::Enable { vip, real }) => {
-            set_real(
-                &client,
-                &vip,
-                real,
-                SetReal {
-                    weight: None,
-                    admin: Some(Admin::Enabled),
-                },
-            )
-            .await?;
+            set_admin(&client, &vip, real, Admin::Enabled).await?;
             println!("real {real} of {vip} is enabled");
             Ok(())
         }

@@ -69,6 +69,9 @@ pub enum DataplaneError {
         /// What went wrong.
         source: aya::programs::ProgramError,
     },
+    /// A program the daemon needs is not in the object.
+    #[error("program {0} is missing from the XDP object (build mismatch?)")]
+    MissingProgram(&'static str),
     /// A map the daemon needs is not in the object.
     #[error("map {0} is missing from the XDP object (build mismatch?)")]
     MissingMap(&'static str),
@@ -219,13 +222,7 @@ impl Dataplane {
         }
         let mut ebpf = loader.load(EBPF_OBJECT)?;
         for name in [prog_names::BALANCER, prog_names::PASS] {
-            let prog: &mut Xdp = ebpf
-                .program_mut(name)
-                .ok_or(DataplaneError::MissingMap(name))?
-                .try_into()
-                .map_err(|source| DataplaneError::Program { name, source })?;
-            prog.load()
-                .map_err(|source| DataplaneError::Program { name, source })?;
+            load_xdp(&mut ebpf, name)?;
         }
         let vips = HashMap::try_from(take(&mut ebpf, map_names::VIPS)?)
             .map_err(map_err(map_names::VIPS))?;
@@ -263,26 +260,13 @@ impl Dataplane {
 
     /// The loaded balancer program (for attaching or BPF_PROG_TEST_RUN).
     pub fn program(&self, name: &'static str) -> Result<&Xdp> {
-        self.ebpf
-            .program(name)
-            .ok_or(DataplaneError::MissingMap(name))?
-            .try_into()
-            .map_err(|source| DataplaneError::Program { name, source })
+        xdp(&self.ebpf, name)
     }
 
     /// Attaches program `name` to `iface` (resolved in the calling thread's netns).
     /// It stays attached until this value is dropped.
     pub fn attach(&mut self, name: &'static str, iface: &str, mode: XdpMode) -> Result<()> {
-        let cname = CString::new(iface).map_err(|_| DataplaneError::IfaceName(iface.to_owned()))?;
-        let prog: &mut Xdp = self
-            .ebpf
-            .program_mut(name)
-            .ok_or(DataplaneError::MissingMap(name))?
-            .try_into()
-            .map_err(|source| DataplaneError::Program { name, source })?;
-        prog.attach(cname.as_c_str(), mode)
-            .map_err(|source| DataplaneError::Program { name, source })?;
-        Ok(())
+        attach_xdp(&mut self.ebpf, name, iface, mode).map(drop)
     }
 
     /// Attaches program `name` to `iface` and pins the link at `pin.link()`:
@@ -294,12 +278,8 @@ impl Dataplane {
         mode: XdpMode,
         pin: &PinDir,
     ) -> Result<(), DataplaneError> {
-        let cname = CString::new(iface).map_err(|_| DataplaneError::IfaceName(iface.to_owned()))?;
-        let prog = self.xdp_mut(name)?;
-        let id = prog
-            .attach(cname.as_c_str(), mode)
-            .map_err(|source| DataplaneError::Program { name, source })?;
-        let link = prog
+        let id = attach_xdp(&mut self.ebpf, name, iface, mode)?;
+        let link = xdp_mut(&mut self.ebpf, name)?
             .take_link(id)
             .map_err(|source| DataplaneError::Program { name, source })?;
         crate::pin::pin_link(link, &pin.link()).map_err(DataplaneError::Pin)
@@ -313,7 +293,7 @@ impl Dataplane {
         pin: &PinDir,
     ) -> Result<(), DataplaneError> {
         let link = crate::pin::open_link(&pin.link()).map_err(DataplaneError::Pin)?;
-        let prog = self.xdp_mut(name)?;
+        let prog = xdp_mut(&mut self.ebpf, name)?;
         let id = prog
             .attach_to_link(link)
             .map_err(|source| DataplaneError::Program { name, source })?;
@@ -323,14 +303,6 @@ impl Dataplane {
             .map_err(|source| DataplaneError::Program { name, source })?;
         drop(link);
         Ok(())
-    }
-
-    fn xdp_mut(&mut self, name: &'static str) -> Result<&mut Xdp, DataplaneError> {
-        self.ebpf
-            .program_mut(name)
-            .ok_or(DataplaneError::MissingMap(name))?
-            .try_into()
-            .map_err(|source| DataplaneError::Program { name, source })
     }
 
     /// Routes the program's aya-log lines into this process's logs (call once;
@@ -469,6 +441,43 @@ impl Dataplane {
     pub fn reset_real_counter(&mut self, id: u32) -> Result<()> {
         zero(&mut self.real_stats, id, map_names::REAL_STATS)
     }
+}
+
+/// Program `name` of `ebpf`, as an XDP program.
+pub(crate) fn xdp<'e>(ebpf: &'e Ebpf, name: &'static str) -> Result<&'e Xdp> {
+    ebpf.program(name)
+        .ok_or(DataplaneError::MissingProgram(name))?
+        .try_into()
+        .map_err(|source| DataplaneError::Program { name, source })
+}
+
+/// Program `name` of `ebpf`, as an XDP program, mutably.
+pub(crate) fn xdp_mut<'e>(ebpf: &'e mut Ebpf, name: &'static str) -> Result<&'e mut Xdp> {
+    ebpf.program_mut(name)
+        .ok_or(DataplaneError::MissingProgram(name))?
+        .try_into()
+        .map_err(|source| DataplaneError::Program { name, source })
+}
+
+/// Loads program `name` of `ebpf` into the kernel (the verifier runs here).
+pub(crate) fn load_xdp(ebpf: &mut Ebpf, name: &'static str) -> Result<()> {
+    xdp_mut(ebpf, name)?
+        .load()
+        .map_err(|source| DataplaneError::Program { name, source })
+}
+
+/// Attaches program `name` of `ebpf` to `iface` (resolved in the calling
+/// thread's network namespace).
+pub(crate) fn attach_xdp(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+    iface: &str,
+    mode: XdpMode,
+) -> Result<aya::programs::xdp::XdpLinkId> {
+    let cname = CString::new(iface).map_err(|_| DataplaneError::IfaceName(iface.to_owned()))?;
+    xdp_mut(ebpf, name)?
+        .attach(cname.as_c_str(), mode)
+        .map_err(|source| DataplaneError::Program { name, source })
 }
 
 fn check(index: u32, capacity: u32, what: &'static str) -> Result<()> {

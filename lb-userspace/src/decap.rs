@@ -10,7 +10,10 @@ use aya::{
 };
 use lb_common::{AddrKey, Counter, decap_stat, map_names, prog_names};
 
-use crate::{dataplane::DataplaneError, model::addr_bytes};
+use crate::{
+    dataplane::{DataplaneError, attach_xdp, load_xdp, xdp},
+    model::addr_bytes,
+};
 
 /// The compiled decapsulator object, built by build.rs with aya-build.
 pub static DECAP_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-decap"));
@@ -30,14 +33,7 @@ impl Decap {
     /// Loads the object into the kernel, not attached.
     pub fn load() -> Result<Self, DataplaneError> {
         let mut ebpf = EbpfLoader::new().load(DECAP_OBJECT)?;
-        let name = prog_names::DECAP;
-        let prog: &mut Xdp = ebpf
-            .program_mut(name)
-            .ok_or(DataplaneError::MissingMap(name))?
-            .try_into()
-            .map_err(|source| DataplaneError::Program { name, source })?;
-        prog.load()
-            .map_err(|source| DataplaneError::Program { name, source })?;
+        load_xdp(&mut ebpf, prog_names::DECAP)?;
         let addrs = HashMap::try_from(
             ebpf.take_map(map_names::DECAP_ADDRS)
                 .ok_or(DataplaneError::MissingMap(map_names::DECAP_ADDRS))?,
@@ -53,28 +49,12 @@ impl Decap {
 
     /// The loaded program (for attaching or BPF_PROG_TEST_RUN).
     pub fn program(&self) -> Result<&Xdp, DataplaneError> {
-        let name = prog_names::DECAP;
-        self.ebpf
-            .program(name)
-            .ok_or(DataplaneError::MissingMap(name))?
-            .try_into()
-            .map_err(|source| DataplaneError::Program { name, source })
+        xdp(&self.ebpf, prog_names::DECAP)
     }
 
     /// Attaches to `iface` until this value is dropped.
     pub fn attach(&mut self, iface: &str, mode: XdpMode) -> Result<(), DataplaneError> {
-        let name = prog_names::DECAP;
-        let cname = std::ffi::CString::new(iface)
-            .map_err(|_| DataplaneError::IfaceName(iface.to_owned()))?;
-        let prog: &mut Xdp = self
-            .ebpf
-            .program_mut(name)
-            .ok_or(DataplaneError::MissingMap(name))?
-            .try_into()
-            .map_err(|source| DataplaneError::Program { name, source })?;
-        prog.attach(cname.as_c_str(), mode)
-            .map_err(|source| DataplaneError::Program { name, source })?;
-        Ok(())
+        attach_xdp(&mut self.ebpf, prog_names::DECAP, iface, mode).map(drop)
     }
 
     /// Accepts tunnels addressed to `addr`.
