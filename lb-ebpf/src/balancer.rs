@@ -6,7 +6,7 @@
 use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
 use lb_common::{
     AddrKey, Config, FAMILY_V4, FAMILY_V6, FlowKey, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP,
-    VIP_F_HASH_SRC_ONLY, VIP_F_TUNNEL, VipKey, VipMeta, flow_hash, src_hash, stat,
+    VIP_F_TUNNEL, VipKey, VipMeta, flow_hash, stat,
 };
 
 use crate::{
@@ -72,54 +72,83 @@ fn process(ctx: &XdpContext, bytes: u64) -> Verdict {
             return Verdict::Pass(stat::PASS_MALFORMED);
         }
     };
+    // The common case first: a whole TCP/UDP header, not a fragment. One
+    // lookup of the full service key decides; nothing else is needed for a
+    // packet that is not ours.
+    let transport = l3.proto == PROTO_TCP || l3.proto == PROTO_UDP;
+    if transport
+        && !l3.fragment
+        && let Some(ports) = transport_ports(ctx, l3.l4_off, l3.proto == PROTO_TCP)
+    {
+        let vip = VipKey {
+            addr: l3.dst,
+            port_be: u16::from_ne_bytes([ports[2], ports[3]]),
+            proto: l3.proto,
+            family: l3.family,
+        };
+        // SAFETY: a lookup in a map only this program and the daemon touch.
+        let Some(meta) = (unsafe { VIPS.get(&vip) }) else {
+            return Verdict::Pass(stat::PASS_NOT_VIP);
+        };
+        let Some(config) = CONFIG.get(0) else {
+            return Verdict::Aborted;
+        };
+        return service(ctx, &l2, &l3, meta, ports, config, bytes);
+    }
+    // Everything else is ours only when its address carries a VIP.
     let addr_key = AddrKey {
         addr: l3.dst,
         family: l3.family,
         _pad: [0; 3],
     };
-    // SAFETY: a lookup in a map only this program and the daemon touch.
+    // SAFETY: as above.
     if unsafe { VIP_ADDRS.get(&addr_key) }.is_none() {
         return Verdict::Pass(stat::PASS_NOT_VIP);
     }
-    // From here the packet is addressed to one of our VIP addresses.
     if l3.fragment {
         return Verdict::Drop(stat::DROP_FRAGMENT);
+    }
+    if transport {
+        // To a VIP address, but the transport header is cut short.
+        return Verdict::Drop(stat::DROP_MALFORMED);
     }
     let Some(config) = CONFIG.get(0) else {
         return Verdict::Aborted;
     };
     match l3.proto {
-        PROTO_TCP | PROTO_UDP => service(ctx, &l2, &l3, config, bytes),
         PROTO_ICMP if l3.family == FAMILY_V4 => icmp(ctx, &l2, &l3, config, bytes),
         PROTO_ICMPV6 if l3.family == FAMILY_V6 => icmp(ctx, &l2, &l3, config, bytes),
         _ => Verdict::Pass(stat::PASS_NOT_VIP),
     }
 }
 
-/// TCP or UDP to a VIP address.
+/// The source and destination port bytes when the whole fixed transport
+/// header (20 bytes TCP, 8 UDP) is in the packet.
 #[inline(always)]
-fn service(ctx: &XdpContext, l2: &L2, l3: &L3, config: &Config, bytes: u64) -> Verdict {
-    // The whole fixed transport header must be there, not just the ports.
-    let tcp = l3.proto == PROTO_TCP;
+fn transport_ports(ctx: &XdpContext, l4_off: usize, tcp: bool) -> Option<[u8; 4]> {
     let complete = if tcp {
-        read_at::<[u8; 20]>(ctx, l3.l4_off).is_some()
+        read_at::<[u8; 20]>(ctx, l4_off).is_some()
     } else {
-        read_at::<[u8; 8]>(ctx, l3.l4_off).is_some()
+        read_at::<[u8; 8]>(ctx, l4_off).is_some()
     };
-    let Some(ports) = read_at::<[u8; 4]>(ctx, l3.l4_off).filter(|_| complete) else {
-        return Verdict::Drop(stat::DROP_MALFORMED);
-    };
-    let vip = VipKey {
-        addr: l3.dst,
-        port_be: u16::from_ne_bytes([ports[2], ports[3]]),
-        proto: l3.proto,
-        family: l3.family,
-    };
-    // SAFETY: as above.
-    let Some(meta) = (unsafe { VIPS.get(&vip) }) else {
-        return Verdict::Pass(stat::PASS_NOT_VIP);
-    };
-    let syn = tcp
+    if !complete {
+        return None;
+    }
+    read_at::<[u8; 4]>(ctx, l4_off)
+}
+
+/// TCP or UDP to a configured service.
+#[inline(always)]
+fn service(
+    ctx: &XdpContext,
+    l2: &L2,
+    l3: &L3,
+    meta: &VipMeta,
+    ports: [u8; 4],
+    config: &Config,
+    bytes: u64,
+) -> Verdict {
+    let syn = l3.proto == PROTO_TCP
         && read_at::<[u8; 2]>(ctx, l3.l4_off + TCP_FLAGS_OFF)
             .is_some_and(|f| f[1] & (TCP_SYN | TCP_ACK) == TCP_SYN);
     let flow = FlowKey {
@@ -130,21 +159,10 @@ fn service(ctx: &XdpContext, l2: &L2, l3: &L3, config: &Config, bytes: u64) -> V
         family: l3.family,
         _pad: [0; 2],
     };
-    let Some(choice) = conntrack::choose(meta, &flow, hash(meta, &flow), syn, true, config) else {
+    let Some(choice) = conntrack::choose(meta, &flow, syn, true, config) else {
         return Verdict::Drop(stat::DROP_NO_REAL);
     };
-    send(
-        ctx,
-        l2,
-        l3,
-        meta,
-        &flow,
-        choice.real_id,
-        config,
-        bytes,
-        choice.new_flow,
-        None,
-    )
+    send(ctx, l2, l3, meta, &flow, choice.real_id, config, bytes, choice.new_flow, None)
 }
 
 /// ICMP / ICMPv6 to a VIP address.
@@ -160,9 +178,7 @@ fn icmp(ctx: &XdpContext, l2: &L2, l3: &L3, config: &Config, bytes: u64) -> Verd
                 return Verdict::Pass(stat::PASS_ICMP);
             };
             // Never create a flow for an error message: look up, else Maglev.
-            let Some(choice) =
-                conntrack::choose(meta, &flow, hash(meta, &flow), false, false, config)
-            else {
+            let Some(choice) = conntrack::choose(meta, &flow, false, false, config) else {
                 return Verdict::Drop(stat::DROP_NO_REAL);
             };
             send(
@@ -178,15 +194,6 @@ fn icmp(ctx: &XdpContext, l2: &L2, l3: &L3, config: &Config, bytes: u64) -> Verd
                 Some(stat::TX_ICMP_TOO_BIG),
             )
         }
-    }
-}
-
-#[inline(always)]
-fn hash(meta: &VipMeta, flow: &FlowKey) -> u32 {
-    if meta.flags & VIP_F_HASH_SRC_ONLY != 0 {
-        src_hash(&flow.src)
-    } else {
-        flow_hash(&flow.src, &flow.dst, flow.ports, flow.proto)
     }
 }
 

@@ -9,7 +9,9 @@
 //!   while the real set is unchanged.
 
 use aya_ebpf::helpers::bpf_ktime_get_ns;
-use lb_common::{Config, FlowKey, FlowState, PROTO_UDP, VipMeta, stat};
+use lb_common::{
+    Config, FlowKey, FlowState, PROTO_UDP, VIP_F_HASH_SRC_ONLY, VipMeta, flow_hash, src_hash, stat,
+};
 
 use crate::{
     maps::{FLOOD, FLOWS},
@@ -28,13 +30,23 @@ fn now() -> u64 {
     unsafe { bpf_ktime_get_ns() }
 }
 
+/// The Maglev hash of `flow` for this VIP's scheduler.
+#[inline(always)]
+fn hash(meta: &VipMeta, flow: &FlowKey) -> u32 {
+    if meta.flags & VIP_F_HASH_SRC_ONLY != 0 {
+        src_hash(&flow.src)
+    } else {
+        flow_hash(&flow.src, &flow.dst, flow.ports, flow.proto)
+    }
+}
+
 /// The real for `flow`: from the conntrack table, else from the VIP's table
-/// (then recorded when `track`). `None` when the VIP has no usable real.
+/// (then recorded when `track`). `None` when the VIP has no usable real. The
+/// flow hash is only computed when the table is consulted.
 #[inline(always)]
 pub fn choose(
     meta: &VipMeta,
     flow: &FlowKey,
-    hash: u32,
     syn: bool,
     track: bool,
     config: &Config,
@@ -70,7 +82,7 @@ pub fn choose(
             None => stats::event(stat::CT_MISS),
         }
     }
-    let real_id = select::pick(meta, hash)?;
+    let real_id = select::pick(meta, hash(meta, flow))?;
     if track && admit(config) {
         if udp && stamp == 0 {
             stamp = now();

@@ -15,9 +15,11 @@
 //! - [`decap`]: `xlb decap`, the real-server decapsulator for TUN mode.
 //! - [`realserver`]: `xlb realserver setup|teardown`.
 //! - [`metrics`]: Prometheus metrics.
+//! - [`bench`]: the floor programs `./x bench` compares against.
 //! - [`daemon`]: `xlb run`. [`cli`]: the command line.
 
 pub mod api;
+pub mod bench;
 pub mod cli;
 pub mod client;
 pub mod config;

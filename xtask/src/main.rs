@@ -6,6 +6,8 @@
 //!   run in parallel), with `XLB_BIN` and `XLB_TESTSRV_BIN` naming the binaries.
 //! - `lint`: fmt check and clippy only.
 //! - `demo`: builds the binaries and runs `xlb-demo` as root.
+//! - `bench`: installs wrk, HAProxy and nginx if missing, builds in release mode, runs
+//!   `xlb-bench` as root and renders docs/benchmarks.md from its JSON (see issue 6).
 //!
 //! Nothing is built here by hand: every step is a plain cargo command, printed before it
 //! runs, so any of them can be repeated alone.
@@ -49,6 +51,16 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<OsString>,
     },
+    /// run the benchmarks as root and render docs/benchmarks.md (about 7 minutes).
+    Bench {
+        /// A fast smoke run; writes bench-results/quick.{json,md} and leaves docs/ alone.
+        #[arg(long)]
+        quick: bool,
+        /// Only these sections (comma-separated: per-packet,live,e2e,control); the
+        /// others are kept from the last results file.
+        #[arg(long)]
+        only: Option<String>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -75,6 +87,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Task::Demo { args } => demo(&args),
+        Task::Bench { quick, only } => bench(quick, only.as_deref()),
     }
 }
 
@@ -255,4 +268,118 @@ fn demo(args: &[OsString]) -> anyhow::Result<()> {
     // Replace this process: Ctrl-C then reaches the demo alone, which tears down.
     let err = cmd.exec();
     Err(err).with_context(|| format!("cannot run {}", demo.display()))
+}
+
+/// Debian packages the end-to-end benchmark runs (nginx's stream module is separate).
+const BENCH_PACKAGES: [&str; 4] = ["wrk", "haproxy", "nginx", "libnginx-mod-stream"];
+
+/// Whether dpkg has `pkg` installed and configured.
+fn dpkg_installed(pkg: &str) -> bool {
+    Command::new("dpkg-query")
+        .args(["-W", "-f=${db:Status-Abbrev}", pkg])
+        .output()
+        .is_ok_and(|o| o.stdout.starts_with(b"ii "))
+}
+
+/// Installs the benchmark's Debian packages that are missing (idempotent).
+///
+/// Package installs normally start the service (nginx, HAProxy) in the root
+/// namespace; a policy-rc.d that refuses is put in place for the install when the
+/// machine has none, since the bench starts its own instances in namespaces.
+fn bench_packages(steps: &mut Steps) -> anyhow::Result<()> {
+    let missing: Vec<&str> = BENCH_PACKAGES
+        .into_iter()
+        .filter(|p| !dpkg_installed(p))
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    if !is_root() {
+        bail!(
+            "the benchmark needs {}: install them as root (apt-get install {})",
+            missing.join(", "),
+            missing.join(" ")
+        );
+    }
+    let policy = Path::new("/usr/sbin/policy-rc.d");
+    let own_policy = !policy.exists();
+    if own_policy {
+        std::fs::write(
+            policy,
+            "#!/bin/sh\n# xtask bench: no service starts during install\nexit 101\n",
+        )
+        .context("cannot write /usr/sbin/policy-rc.d")?;
+        let mode = <std::fs::Permissions as std::os::unix::fs::PermissionsExt>::from_mode(0o755);
+        std::fs::set_permissions(policy, mode).context("cannot make policy-rc.d executable")?;
+    }
+    let result = (|| {
+        let mut update = Command::new("apt-get");
+        update
+            .args(["update", "-qq"])
+            .env("DEBIAN_FRONTEND", "noninteractive");
+        steps.run("apt-get update", &mut update)?;
+        let mut install = Command::new("apt-get");
+        install
+            .args(["install", "-y", "-qq", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive");
+        steps.run("apt-get install", &mut install)
+    })();
+    if own_policy {
+        let _ = std::fs::remove_file(policy);
+    }
+    result
+}
+
+fn bench(quick: bool, only: Option<&str>) -> anyhow::Result<()> {
+    let mut steps = Steps::default();
+    bench_packages(&mut steps)?;
+    steps.run(
+        "build",
+        &mut cargo(&["build", "--release", "--bin", "xlb", "--bin", "xlb-bench"]),
+    )?;
+    let bin_dir = target_dir()?.join("release");
+    let xlb = bin_dir.join("xlb");
+    let bench_bin = bin_dir.join("xlb-bench");
+    let results = Path::new("bench-results");
+    let json = results.join(if quick { "quick.json" } else { "latest.json" });
+    let mut run = if is_root() {
+        Command::new(&bench_bin)
+    } else {
+        eprintln!("xtask: the benchmarks create namespaces and load XDP: running them with sudo");
+        let mut sudo = Command::new("sudo");
+        sudo.arg("--preserve-env=XLB_BIN").arg(&bench_bin);
+        sudo
+    };
+    run.arg("run").arg("--out").arg(&json).env("XLB_BIN", &xlb);
+    if quick {
+        run.arg("--quick");
+    }
+    if let Some(only) = only {
+        run.args(["--only", only]);
+    }
+    steps.run("bench", &mut run)?;
+    let (markdown, svg_dir) = if quick {
+        (results.join("quick.md"), results.to_owned())
+    } else {
+        (PathBuf::from("docs/benchmarks.md"), PathBuf::from("docs"))
+    };
+    steps.run(
+        "render",
+        Command::new(&bench_bin)
+            .arg("render")
+            .arg("--input")
+            .arg(&json)
+            .arg("--markdown")
+            .arg(&markdown)
+            .arg("--svg-dir")
+            .arg(&svg_dir),
+    )?;
+    steps.summary("bench");
+    eprintln!(
+        "xtask: figures in {}, report in {}",
+        json.display(),
+        markdown.display()
+    );
+    Ok(())
 }
