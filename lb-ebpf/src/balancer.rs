@@ -162,7 +162,18 @@ fn service(
     let Some(choice) = conntrack::choose(meta, &flow, syn, true, config) else {
         return Verdict::Drop(stat::DROP_NO_REAL);
     };
-    send(ctx, l2, l3, meta, &flow, choice.real_id, config, bytes, choice.new_flow, None)
+    send(
+        ctx,
+        l2,
+        l3,
+        meta,
+        &flow,
+        choice.real_id,
+        config,
+        bytes,
+        choice.new_flow,
+        None,
+    )
 }
 
 /// ICMP / ICMPv6 to a VIP address.
