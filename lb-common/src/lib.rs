@@ -58,7 +58,7 @@ pub mod prog_names {
 /// Most virtual services the maps hold.
 pub const MAX_VIPS: u32 = 1024;
 /// Most real servers (over all VIPs; a real serving several VIPs counts once).
-pub const MAX_REALS: u32 = 4096;
+pub const MAX_REALS: u32 = 16384;
 /// Largest Maglev table. Every table size must be a prime not above this.
 pub const RING_SIZE_MAX: u32 = 655_373;
 /// Default Maglev table size (prime, as the Maglev paper requires).

@@ -155,6 +155,9 @@ fn cargo(args: &[&str]) -> Command {
     cmd
 }
 
+/// The nightly that builds the eBPF objects (as in lb-userspace/build.rs and ./x).
+const EBPF_TOOLCHAIN: &str = "nightly-2026-07-01";
+
 fn lint(steps: &mut Steps) -> anyhow::Result<()> {
     steps.run("fmt", &mut cargo(&["fmt", "--all", "--check"]))?;
     steps.run(
@@ -167,7 +170,37 @@ fn lint(steps: &mut Steps) -> anyhow::Result<()> {
             "-D",
             "warnings",
         ]),
-    )
+    )?;
+    steps.run("clippy (XDP programs, bpfel target)", &mut ebpf_clippy())
+}
+
+/// clippy over the XDP programs as they are really built: for the BPF target,
+/// with the eBPF toolchain (the host build of lb-ebpf is an empty stub).
+fn ebpf_clippy() -> Command {
+    let mut cmd = Command::new("rustup");
+    cmd.args([
+        "run",
+        EBPF_TOOLCHAIN,
+        "cargo",
+        "clippy",
+        "--package",
+        "lb-ebpf",
+        "--bins",
+        "--target",
+        "bpfel-unknown-none",
+        "-Z",
+        "build-std=core",
+        "--target-dir",
+        "target/ebpf-clippy",
+        "--",
+        "-D",
+        "warnings",
+    ]);
+    // The outer cargo's toolchain must not leak into the nightly's build.
+    for var in ["CARGO", "RUSTC", "RUSTC_WRAPPER", "RUSTUP_TOOLCHAIN", "RUSTDOC"] {
+        cmd.env_remove(var);
+    }
+    cmd
 }
 
 /// Builds every target and returns the environment that points tests and the demo at

@@ -558,7 +558,7 @@ fn summary(w: &mut String, r: &Report) {
                 c.ratio_tx_floor.median <= 1.3,
                 &format!(
                     "{:.0} ns against {floor:.0} ns: the parse to the IP header, one hash lookup \
-                     (VIP addresses, 20-byte key) and a verdict counter",
+                     (the service key: address, port, protocol; 20 bytes) and a verdict counter",
                     c.median_ns
                 ),
             );
