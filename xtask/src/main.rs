@@ -197,7 +197,13 @@ fn ebpf_clippy() -> Command {
         "warnings",
     ]);
     // The outer cargo's toolchain must not leak into the nightly's build.
-    for var in ["CARGO", "RUSTC", "RUSTC_WRAPPER", "RUSTUP_TOOLCHAIN", "RUSTDOC"] {
+    for var in [
+        "CARGO",
+        "RUSTC",
+        "RUSTC_WRAPPER",
+        "RUSTUP_TOOLCHAIN",
+        "RUSTDOC",
+    ] {
         cmd.env_remove(var);
     }
     cmd
