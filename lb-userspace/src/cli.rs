@@ -23,6 +23,8 @@ use crate::{
 
 /// Default control socket.
 pub const DEFAULT_SOCKET: &str = "/run/xlb/xlb.sock";
+/// Group given the control socket when it exists and no other is named.
+pub const DEFAULT_SOCKET_GROUP: &str = "xlb";
 /// Default state file.
 pub const DEFAULT_STATE_FILE: &str = "/run/xlb/state.json";
 
@@ -161,7 +163,7 @@ pub struct RunArgs {
     /// Serve Prometheus metrics here, e.g. 127.0.0.1:9814.
     #[arg(long)]
     pub metrics_addr: Option<std::net::SocketAddr>,
-    /// Group allowed to use the control socket (default: root only).
+    /// Group allowed to use the control socket (default: `xlb` if that group exists, else root only).
     #[arg(long)]
     pub socket_group: Option<String>,
     /// Health checks never take a VIP below this share of its reals (0.0-1.0) [default: 0.5].
@@ -410,7 +412,13 @@ fn run_options(args: RunArgs, socket: PathBuf) -> anyhow::Result<RunOptions> {
         mode: xdp_mode(mode),
         config: args.config,
         socket,
-        socket_group: args.socket_group.or(file.socket_group),
+        // root:xlb when an `xlb` group exists, else root only.
+        socket_group: args.socket_group.or(file.socket_group).or_else(|| {
+            nix::unistd::Group::from_name(DEFAULT_SOCKET_GROUP)
+                .ok()
+                .flatten()
+                .map(|_| DEFAULT_SOCKET_GROUP.to_owned())
+        }),
         resolve_timeout: Duration::from_secs(args.resolve_timeout),
         datapath: DataPathOptions {
             flows: args

@@ -283,10 +283,52 @@ fn test(filter: Option<&str>) -> anyhow::Result<()> {
         "--test-threads=1",
     ]);
     tests.args(filter);
-    steps.run("tests", tests.envs(env))?;
-
+    let start = Instant::now();
+    let (passed, failed, ok) = run_counting(tests.envs(env))?;
+    steps.done.push(("tests", start.elapsed()));
     steps.summary("test");
+    // One closing line over every test binary (cargo prints one per binary,
+    // the last of which is often an empty doc-test run).
+    println!("tests: {passed} passed, {failed} failed");
+    if !ok || failed > 0 {
+        bail!("tests failed: {failed} failed");
+    }
     Ok(())
+}
+
+/// Runs `cmd` (a `cargo test`), echoing its output, and adds up the
+/// `test result:` lines: (passed, failed, exit status success).
+fn run_counting(cmd: &mut Command) -> anyhow::Result<(u64, u64, bool)> {
+    use std::io::{BufRead as _, Write as _};
+    eprintln!("xtask: tests: {}", describe(cmd));
+    let mut child = cmd
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .with_context(|| format!("cannot start `{}`", describe(cmd)))?;
+    let stdout = child.stdout.take().context("test output")?;
+    let (mut passed, mut failed) = (0u64, 0u64);
+    let mut out = std::io::stdout().lock();
+    for line in std::io::BufReader::new(stdout).lines() {
+        let line = line.context("reading the test output")?;
+        writeln!(out, "{line}").context("echoing the test output")?;
+        if let Some(rest) = line.strip_prefix("test result: ") {
+            // "ok. 9 passed; 0 failed; ..." or "FAILED. 8 passed; 1 failed; ..."
+            for part in rest.split(';') {
+                let mut words = part.split_whitespace().rev();
+                let (Some(kind), Some(n)) = (words.next(), words.next()) else {
+                    continue;
+                };
+                let n: u64 = n.trim_start_matches("ok.").parse().unwrap_or(0);
+                match kind {
+                    "passed" => passed += n,
+                    "failed" => failed += n,
+                    _ => {}
+                }
+            }
+        }
+    }
+    let status = child.wait().context("waiting for cargo test")?;
+    Ok((passed, failed, status.success()))
 }
 
 fn demo(args: &[OsString]) -> anyhow::Result<()> {
