@@ -966,3 +966,19 @@ fn parse_decap_counters(log: &str) -> Option<BTreeMap<String, u64>> {
         })
         .collect()
 }
+
+/// Panics unless the test runs as root: the netns end-to-end tests create
+/// namespaces, mount bpffs and attach XDP programs.
+pub fn require_root() {
+    assert!(
+        nix::unistd::Uid::effective().is_root(),
+        "the netns end-to-end tests create namespaces, mount bpffs and attach XDP: run them as \
+         root"
+    );
+}
+
+/// `xlb stats --json` of the lab's daemon.
+pub fn stats(lab: &Lab) -> serde_json::Value {
+    let out = lab.daemon.cli_ok(&["stats", "--json"]);
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("xlb stats --json: {e}: {out}"))
+}

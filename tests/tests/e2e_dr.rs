@@ -10,6 +10,7 @@ use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};
 use std::process::Output;
 use std::time::Duration;
+use xlb_tests::harness::{require_root, stats};
 
 use lb_userspace::state::fmt_mac;
 use xlb_tests::capture::FrameTap;
@@ -39,13 +40,6 @@ const SERVER_ARGS: [&str; 6] = [
     "65536",
 ];
 
-fn require_root() {
-    assert!(
-        nix::unistd::Uid::effective().is_root(),
-        "the netns end-to-end tests create namespaces and attach XDP: run them as root"
-    );
-}
-
 /// Three reals behind the TCP and the UDP service, configured through the CLI.
 fn configured_lab(tag: &str) -> Lab {
     require_root();
@@ -72,12 +66,6 @@ fn http_requests(lab: &Lab, count: usize) -> Vec<HttpAnswer> {
             })
             .collect()
     })
-}
-
-/// `xlb stats --json`.
-fn stats(lab: &Lab) -> serde_json::Value {
-    let out = lab.daemon.cli_ok(&["stats", "--json"]);
-    serde_json::from_str(&out).unwrap_or_else(|e| panic!("xlb stats --json: {e}: {out}"))
 }
 
 /// Packets of the verdict counters `xlb stats --json` names `name` or `name_*` (e.g.

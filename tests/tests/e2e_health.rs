@@ -18,6 +18,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
+use xlb_tests::harness::require_root;
 
 use xlb_tests::harness::{
     Daemon, KeepAlive, Lab, PinnedRun, Proc, RunDir, VIP, balanced_topology, http_get, real_name,
@@ -55,14 +56,6 @@ const WAIT: Duration = Duration::from_secs(30);
 
 /// Where the daemon serves Prometheus metrics, inside the balancer's namespace.
 const METRICS_ADDR: &str = "127.0.0.1:9814";
-
-fn require_root() {
-    assert!(
-        nix::unistd::Uid::effective().is_root(),
-        "the netns end-to-end tests create namespaces, mount bpffs and attach XDP: run them \
-         as root"
-    );
-}
 
 fn target() -> SocketAddr {
     SocketAddr::from((VIP, 80))

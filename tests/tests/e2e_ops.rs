@@ -16,6 +16,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
+use xlb_tests::harness::require_root;
 
 use nix::sys::signal::Signal;
 use xlb_tests::harness::{
@@ -31,14 +32,6 @@ const SERVER_ARGS: [&str; 2] = ["--http", "0.0.0.0:80"];
 /// How long a bounded wait for something the daemon or the load does may take before
 /// the test fails (never a measure of speed: a healthy run is far below it).
 const WAIT: Duration = Duration::from_secs(30);
-
-fn require_root() {
-    assert!(
-        nix::unistd::Uid::effective().is_root(),
-        "the netns end-to-end tests create namespaces, mount bpffs and attach XDP: run them \
-         as root"
-    );
-}
 
 fn target() -> SocketAddr {
     SocketAddr::from((VIP, 80))

@@ -17,6 +17,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
 use std::time::Duration;
+use xlb_tests::harness::{require_root, stats};
 
 use lb_userspace::state::fmt_mac;
 use xlb_tests::capture::FrameTap;
@@ -53,13 +54,6 @@ const SERVER_ARGS: [&str; 6] = [
     "--body-bytes",
     "65536",
 ];
-
-fn require_root() {
-    assert!(
-        nix::unistd::Uid::effective().is_root(),
-        "the netns end-to-end tests create namespaces and attach XDP: run them as root"
-    );
-}
 
 /// `DIR/NAME` as a string, for a command-line argument.
 fn file_in(dir: &RunDir, name: &str) -> String {
@@ -171,12 +165,6 @@ impl TunLab {
     fn decap_counters(&mut self) -> Vec<BTreeMap<String, u64>> {
         self.decaps.iter_mut().map(DecapProc::stop).collect()
     }
-}
-
-/// `xlb stats --json`.
-fn stats(lab: &Lab) -> serde_json::Value {
-    let out = lab.daemon.cli_ok(&["stats", "--json"]);
-    serde_json::from_str(&out).unwrap_or_else(|e| panic!("xlb stats --json: {e}: {out}"))
 }
 
 /// Packets of the verdict counter named exactly `name` (`tx_tun`, `drop_too_big`, ...).
