@@ -228,36 +228,14 @@ impl Shared {
 
     async fn apply_locked(&self, desired: Desired) -> Result<Changes, ApiError> {
         desired.validate()?;
-        let (unresolved, known) = {
-            let inner = self.lock();
-            let unresolved = inner.state.unresolved(&desired);
-            let known: Vec<(IpAddr, bool)> = desired
-                .services
-                .values()
-                .filter(|s| s.options.forward == Forward::Dr)
-                .flat_map(|s| s.reals.keys())
-                .map(|r| (*r, inner.state.mac(*r).is_some()))
-                .collect();
-            (unresolved, known)
-        };
-        // Direct return needs every real on the segment, even when its MAC is
-        // already known from a tunnel VIP.
-        for (real, _) in known {
-            if !self.iface.on_link(real) {
-                return Err(NeighborError::NotOnLink {
-                    real,
-                    iface: self.iface.name.clone(),
-                    nets: self
-                        .iface
-                        .nets
-                        .iter()
-                        .map(|(a, p)| format!("{a}/{p}"))
-                        .collect::<Vec<_>>()
-                        .join(", "),
-                }
-                .into());
+        // Direct return needs every DR real on the segment, even when its MAC
+        // is already known from a tunnel VIP.
+        for (real, mode) in desired.reach() {
+            if mode == Forward::Dr {
+                self.iface.check_on_link(real)?;
             }
         }
+        let unresolved = self.lock().state.unresolved(&desired);
         let lookups = unresolved.into_iter().map(|(real, mode)| async move {
             let mac = match mode {
                 Forward::Dr => neighbor::resolve(&self.iface, real, self.resolve_timeout).await,
@@ -271,23 +249,37 @@ impl Shared {
             .await?
             .into_iter()
             .collect();
+        let changes = self.commit(|dp, state| {
+            let before = state.desired().clone();
+            let changes = state.reconcile(dp, desired, &macs)?;
+            // One log line per change, whatever asked for it (CLI, apply, reload).
+            for line in crate::state::describe_changes(&before, state.desired()) {
+                tracing::info!("{line}");
+            }
+            Ok(changes)
+        })?;
+        self.health.sync(self);
+        Ok(changes)
+    }
+
+    /// Runs one reconcile step `f` on the maps and the model: times it for
+    /// the metrics and, when it succeeds, saves the state file for the next
+    /// daemon.
+    fn commit<T>(
+        &self,
+        f: impl FnOnce(&mut Dataplane, &mut State) -> Result<T, StateError>,
+    ) -> Result<T, StateError> {
         let started = Instant::now();
         let mut inner = self.lock();
         let Inner { dp, state } = &mut *inner;
-        let before = state.desired().clone();
-        let result = state.reconcile(dp, desired, &macs);
+        let result = f(dp, state);
         self.metrics.reconciled(started.elapsed(), result.is_ok());
-        let changes = result?;
-        // One log line per change, whatever asked for it (CLI, apply, reload).
-        for line in crate::state::describe_changes(&before, state.desired()) {
-            tracing::info!("{line}");
-        }
-        if let Err(err) = save_state(&self.state_file, &self.iface.name, state) {
+        if result.is_ok()
+            && let Err(err) = save_state(&self.state_file, &self.iface.name, state)
+        {
             tracing::error!(%err, "could not save the state file; a restarted daemon may not adopt");
         }
-        drop(inner);
-        self.health.sync(self);
-        Ok(changes)
+        result
     }
 
     /// Re-resolves the MAC of every real (or its next hop) and applies the ones
@@ -298,17 +290,11 @@ impl Shared {
         let (desired, known) = {
             let inner = self.lock();
             let desired = inner.state.desired().clone();
-            let mut known: BTreeMap<IpAddr, (Forward, [u8; 6])> = BTreeMap::new();
-            for s in desired.services.values() {
-                for real in s.reals.keys() {
-                    if let Some(mac) = inner.state.mac(*real) {
-                        let e = known.entry(*real).or_insert((s.options.forward, mac));
-                        if s.options.forward == Forward::Dr {
-                            e.0 = Forward::Dr;
-                        }
-                    }
-                }
-            }
+            let known: BTreeMap<IpAddr, (Forward, [u8; 6])> = desired
+                .reach()
+                .into_iter()
+                .filter_map(|(real, mode)| Some((real, (mode, inner.state.mac(real)?))))
+                .collect();
             (desired, known)
         };
         // One dump of the neighbour table; a route lookup per tunnel real.
@@ -337,32 +323,15 @@ impl Shared {
         for (real, mac) in &changed {
             tracing::info!(%real, mac = %crate::state::fmt_mac(mac), "real's MAC changed");
         }
-        let mut inner = self.lock();
-        let Inner { dp, state } = &mut *inner;
-        match state.reconcile(dp, desired, &changed) {
-            Ok(_) => {
-                if let Err(err) = save_state(&self.state_file, &self.iface.name, state) {
-                    tracing::error!(%err, "could not save the state file");
-                }
-            }
-            Err(err) => tracing::error!(%err, "applying changed MACs failed"),
+        if let Err(err) = self.commit(|dp, state| state.reconcile(dp, desired, &changed)) {
+            tracing::error!(%err, "applying changed MACs failed");
         }
     }
 
     /// Records a health verdict (called by the health engine).
     pub fn set_health(&self, vip: &crate::model::Vip, real: IpAddr, up: bool) {
-        let started = Instant::now();
-        let mut inner = self.lock();
-        let Inner { dp, state } = &mut *inner;
-        let result = state.set_health(dp, vip, real, up);
-        self.metrics.reconciled(started.elapsed(), result.is_ok());
-        match result {
-            Ok(_) => {
-                if let Err(err) = save_state(&self.state_file, &self.iface.name, state) {
-                    tracing::error!(%err, "could not save the state file");
-                }
-            }
-            Err(err) => tracing::error!(%vip, %real, %err, "applying a health verdict failed"),
+        if let Err(err) = self.commit(|dp, state| state.set_health(dp, vip, real, up)) {
+            tracing::error!(%vip, %real, %err, "applying a health verdict failed");
         }
     }
 }

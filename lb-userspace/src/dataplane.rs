@@ -111,7 +111,7 @@ pub enum DataplaneError {
 
 type Result<T, E = DataplaneError> = std::result::Result<T, E>;
 
-fn map_err(name: &'static str) -> impl FnOnce(aya::maps::MapError) -> DataplaneError {
+pub(crate) fn map_err(name: &'static str) -> impl FnOnce(aya::maps::MapError) -> DataplaneError {
     move |source| DataplaneError::Map { name, source }
 }
 
@@ -197,7 +197,7 @@ pub struct Dataplane {
     real_stats: PerCpuArray<MapData, Counter>,
 }
 
-fn take(ebpf: &mut Ebpf, name: &'static str) -> Result<Map> {
+pub(crate) fn take(ebpf: &mut Ebpf, name: &'static str) -> Result<Map> {
     ebpf.take_map(name).ok_or(DataplaneError::MissingMap(name))
 }
 
@@ -492,7 +492,11 @@ fn check(index: u32, capacity: u32, what: &'static str) -> Result<()> {
     }
 }
 
-fn sum(map: &PerCpuArray<MapData, Counter>, index: u32, name: &'static str) -> Result<Counter> {
+pub(crate) fn sum(
+    map: &PerCpuArray<MapData, Counter>,
+    index: u32,
+    name: &'static str,
+) -> Result<Counter> {
     let values = map.get(&index, 0).map_err(map_err(name))?;
     Ok(values.iter().fold(Counter::default(), |acc, c| Counter {
         packets: acc.packets + c.packets,

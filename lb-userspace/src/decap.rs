@@ -11,7 +11,7 @@ use aya::{
 use lb_common::{AddrKey, Counter, decap_stat, map_names, prog_names};
 
 use crate::{
-    dataplane::{DataplaneError, attach_xdp, load_xdp, xdp},
+    dataplane::{DataplaneError, attach_xdp, load_xdp, map_err, sum, take, xdp},
     model::addr_bytes,
 };
 
@@ -25,25 +25,15 @@ pub struct Decap {
     stats: PerCpuArray<MapData, Counter>,
 }
 
-fn map_err(name: &'static str) -> impl FnOnce(aya::maps::MapError) -> DataplaneError {
-    move |source| DataplaneError::Map { name, source }
-}
-
 impl Decap {
     /// Loads the object into the kernel, not attached.
     pub fn load() -> Result<Self, DataplaneError> {
         let mut ebpf = EbpfLoader::new().load(DECAP_OBJECT)?;
         load_xdp(&mut ebpf, prog_names::DECAP)?;
-        let addrs = HashMap::try_from(
-            ebpf.take_map(map_names::DECAP_ADDRS)
-                .ok_or(DataplaneError::MissingMap(map_names::DECAP_ADDRS))?,
-        )
-        .map_err(map_err(map_names::DECAP_ADDRS))?;
-        let stats = PerCpuArray::try_from(
-            ebpf.take_map(map_names::DECAP_STATS)
-                .ok_or(DataplaneError::MissingMap(map_names::DECAP_STATS))?,
-        )
-        .map_err(map_err(map_names::DECAP_STATS))?;
+        let addrs = HashMap::try_from(take(&mut ebpf, map_names::DECAP_ADDRS)?)
+            .map_err(map_err(map_names::DECAP_ADDRS))?;
+        let stats = PerCpuArray::try_from(take(&mut ebpf, map_names::DECAP_STATS)?)
+            .map_err(map_err(map_names::DECAP_STATS))?;
         Ok(Self { ebpf, addrs, stats })
     }
 
@@ -74,15 +64,7 @@ impl Decap {
     pub fn counters(&self) -> Result<Vec<(&'static str, Counter)>, DataplaneError> {
         (0..decap_stat::COUNT)
             .map(|i| {
-                let values = self
-                    .stats
-                    .get(&i, 0)
-                    .map_err(map_err(map_names::DECAP_STATS))?;
-                let c = values.iter().fold(Counter::default(), |acc, c| Counter {
-                    packets: acc.packets + c.packets,
-                    bytes: acc.bytes + c.bytes,
-                    ..acc
-                });
+                let c = sum(&self.stats, i, map_names::DECAP_STATS)?;
                 Ok((decap_stat::NAMES[i as usize], c))
             })
             .collect()

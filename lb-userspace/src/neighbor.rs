@@ -127,6 +127,19 @@ impl Iface {
             .any(|(net, prefix)| in_prefix(*net, *prefix, addr))
     }
 
+    /// Refuses `addr` unless it is on one of the interface's subnets (direct
+    /// return needs the real on the balancer's L2 segment).
+    pub fn check_on_link(&self, addr: IpAddr) -> Result<(), NeighborError> {
+        if self.on_link(addr) {
+            return Ok(());
+        }
+        Err(NeighborError::NotOnLink {
+            real: addr,
+            iface: self.name.clone(),
+            nets: self.nets_text(),
+        })
+    }
+
     fn nets_text(&self) -> String {
         if self.nets.is_empty() {
             return "no addresses".to_owned();
@@ -245,13 +258,7 @@ pub async fn resolve(
     addr: IpAddr,
     timeout: Duration,
 ) -> Result<[u8; 6], NeighborError> {
-    if !iface.on_link(addr) {
-        return Err(NeighborError::NotOnLink {
-            real: addr,
-            iface: iface.name.clone(),
-            nets: iface.nets_text(),
-        });
-    }
+    iface.check_on_link(addr)?;
     resolve_neighbor(iface, addr, timeout).await
 }
 

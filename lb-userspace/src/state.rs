@@ -201,6 +201,22 @@ pub struct Desired {
 }
 
 impl Desired {
+    /// How each real is reached: by direct return when any VIP uses it in DR
+    /// mode (then the real itself must be on the segment), else by tunnel (the
+    /// next hop of the route toward it).
+    pub fn reach(&self) -> BTreeMap<IpAddr, Forward> {
+        let mut out = BTreeMap::new();
+        for s in self.services.values() {
+            for real in s.reals.keys() {
+                let mode = out.entry(*real).or_insert(s.options.forward);
+                if s.options.forward == Forward::Dr {
+                    *mode = Forward::Dr;
+                }
+            }
+        }
+        out
+    }
+
     /// Checks the values that do not depend on the running state: weights,
     /// table sizes, address families, capacities.
     pub fn validate(&self) -> Result<()> {
@@ -636,19 +652,9 @@ impl State {
     /// reaches them by direct return (then the real itself must be on the
     /// segment; otherwise the next hop toward it is resolved).
     pub fn unresolved(&self, desired: &Desired) -> BTreeMap<IpAddr, Forward> {
-        let mut out = BTreeMap::new();
-        for s in desired.services.values() {
-            for real in s.reals.keys() {
-                if self.macs.contains_key(real) {
-                    continue;
-                }
-                let mode = out.entry(*real).or_insert(s.options.forward);
-                if s.options.forward == Forward::Dr {
-                    *mode = Forward::Dr;
-                }
-            }
-        }
-        out
+        let mut reach = desired.reach();
+        reach.retain(|real, _| !self.macs.contains_key(real));
+        reach
     }
 
     /// Applies `desired` (with the MACs of reals not known before) to the maps.
