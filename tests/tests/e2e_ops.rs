@@ -638,47 +638,47 @@ fn sighup_reloads_the_config_file_and_a_bad_edit_changes_nothing() {
     // A schema error: refused before anything is touched.
     let bad = services_yaml(&[(reals[0], 1), (reals[1], 1), (reals[2], 70_000)]);
     write_file(&dir, "xlb.yaml", &bad);
-    daemon.signal(Signal::SIGHUP);
-    let log = daemon.wait_for_log("reload refused");
-    let line = log
-        .lines()
-        .find(|l| l.contains("reload refused"))
-        .expect("the line just waited for");
-    for needle in [config.as_str(), "services[0].reals[2].weight", "70000"] {
-        assert!(
-            line.contains(needle),
-            "the reload error does not name {needle:?}: {line}"
-        );
-    }
-    assert_eq!(
-        daemon.cli_ok(&["vip", "list", "--json"]),
-        before,
-        "a refused reload changed the VIPs"
+    assert_reload_changes_nothing(
+        &mut daemon,
+        "reload refused",
+        &[config.as_str(), "services[0].reals[2].weight", "70000"],
+        &before,
     );
 
     // An error only the daemon can see (a DR real off the segment): nothing changes either.
     let off = format!("{three}      - address: 192.0.2.50\n");
     write_file(&dir, "xlb.yaml", &off);
+    assert_reload_changes_nothing(
+        &mut daemon,
+        "reload failed",
+        &[config.as_str(), "192.0.2.50", "not on"],
+        &before,
+    );
+    // The daemon still serves after both.
+    let answer = topo.client.ns.run_in(|| http_get(target(), TIMEOUT));
+    answer.unwrap_or_else(|e| panic!("a request after the refused reloads: {e}"));
+}
+
+/// Sends SIGHUP, waits for the log line containing `event`, checks it names
+/// every one of `needles`, and that `xlb vip list --json` is still `before`.
+fn assert_reload_changes_nothing(daemon: &mut Daemon, event: &str, needles: &[&str], before: &str) {
     daemon.signal(Signal::SIGHUP);
-    let log = daemon.wait_for_log("reload failed");
+    let log = daemon.wait_for_log(event);
     let line = log
         .lines()
-        .find(|l| l.contains("reload failed"))
+        .find(|l| l.contains(event))
         .expect("the line just waited for");
-    for needle in [config.as_str(), "192.0.2.50", "not on"] {
+    for needle in needles {
         assert!(
             line.contains(needle),
-            "the failed reload does not name {needle:?}: {line}"
+            "the {event} line does not name {needle:?}: {line}"
         );
     }
     assert_eq!(
         daemon.cli_ok(&["vip", "list", "--json"]),
         before,
-        "a failed reload changed the VIPs"
+        "a {event} changed the VIPs"
     );
-    // The daemon still serves after both.
-    let answer = topo.client.ns.run_in(|| http_get(target(), TIMEOUT));
-    answer.unwrap_or_else(|e| panic!("a request after the refused reloads: {e}"));
 }
 
 /// `xlb --socket SOCKET ARGS` as uid 65534 (nobody) with group `gid` and no others.

@@ -360,20 +360,27 @@ fn ipip_tunnel_reaches_every_real_and_replies_bypass_the_balancer() {
     }
 }
 
-#[test]
-fn ip6ip6_tunnel_carries_ipv6_clients_to_ipv6_reals() {
-    let mut tun = TunLab::start("ts", 3, &["--tunnel-src6", "2001:db8:ff::/96"]);
+/// Configures `service` in TUN mode over the reals' IPv6 addresses, sends
+/// CONNECTIONS HTTP requests to `target` and checks what every tunnel test
+/// checks: a fair spread, direct return, no drops, and every tunnelled packet
+/// decapsulated on a real by `decap_counter`. Returns the balancer's stats.
+fn tunnel_to_ipv6_reals(
+    tun: &mut TunLab,
+    service: &str,
+    target: SocketAddr,
+    decap_counter: &str,
+) -> serde_json::Value {
     let lab = &tun.lab;
     lab.daemon
-        .cli_ok(&["vip", "add", TCP6_SERVICE, "--forward", "tun"]);
+        .cli_ok(&["vip", "add", service, "--forward", "tun"]);
     for real in &lab.topo.reals {
         lab.daemon
-            .cli_ok(&["real", "add", TCP6_SERVICE, &real.ipv6.to_string()]);
+            .cli_ok(&["real", "add", service, &real.ipv6.to_string()]);
     }
     let lb_before = LinkCounters::read(&lab.topo.lb);
     let client_before = LinkCounters::read(&lab.topo.client);
 
-    let answers = http_requests(lab, SocketAddr::from((VIP6, 80)), CONNECTIONS);
+    let answers = http_requests(lab, target, CONNECTIONS);
     settle();
     let lb = LinkCounters::read(&lab.topo.lb).since(&lb_before);
     let client = LinkCounters::read(&lab.topo.client).since(&client_before);
@@ -381,20 +388,32 @@ fn ip6ip6_tunnel_carries_ipv6_clients_to_ipv6_reals() {
 
     assert_fair_spread(&answers, lab.topo.reals.len());
     assert_direct_return(&lb, &client, CONNECTIONS);
-    let tunnelled = verdict(&stats, "tx_tun");
-    assert!(
-        tunnelled >= (CONNECTIONS * 4) as u64,
-        "tx_tun is {tunnelled} after {CONNECTIONS} connections: {stats}"
-    );
     assert_no_drops(&stats);
-
+    let tunnelled = verdict(&stats, "tx_tun");
     let answered = per_real(&answers);
     let counters = tun.decap_counters();
-    let decapsulated = assert_decapsulated(&counters, "decap_ip6ip6", &answered);
+    let decapsulated = assert_decapsulated(&counters, decap_counter, &answered);
     assert_eq!(
         decapsulated, tunnelled,
         "the balancer tunnelled {tunnelled} packets, the reals decapsulated {decapsulated}: \
          {counters:?}"
+    );
+    stats
+}
+
+#[test]
+fn ip6ip6_tunnel_carries_ipv6_clients_to_ipv6_reals() {
+    let mut tun = TunLab::start("ts", 3, &["--tunnel-src6", "2001:db8:ff::/96"]);
+    let stats = tunnel_to_ipv6_reals(
+        &mut tun,
+        TCP6_SERVICE,
+        SocketAddr::from((VIP6, 80)),
+        "decap_ip6ip6",
+    );
+    let tunnelled = verdict(&stats, "tx_tun");
+    assert!(
+        tunnelled >= (CONNECTIONS * 4) as u64,
+        "tx_tun is {tunnelled} after {CONNECTIONS} connections: {stats}"
     );
 }
 
@@ -402,33 +421,11 @@ fn ip6ip6_tunnel_carries_ipv6_clients_to_ipv6_reals() {
 fn ipv4_vip_tunnels_to_ipv6_reals_in_4in6() {
     // No --tunnel-src6: the outer source is the balancer's own IPv6 address.
     let mut tun = TunLab::start("tf", 3, &[]);
-    let lab = &tun.lab;
-    lab.daemon
-        .cli_ok(&["vip", "add", TCP_SERVICE, "--forward", "tun"]);
-    for real in &lab.topo.reals {
-        lab.daemon
-            .cli_ok(&["real", "add", TCP_SERVICE, &real.ipv6.to_string()]);
-    }
-    let lb_before = LinkCounters::read(&lab.topo.lb);
-    let client_before = LinkCounters::read(&lab.topo.client);
-
-    let answers = http_requests(lab, SocketAddr::from((VIP, 80)), CONNECTIONS);
-    settle();
-    let lb = LinkCounters::read(&lab.topo.lb).since(&lb_before);
-    let client = LinkCounters::read(&lab.topo.client).since(&client_before);
-    let stats = stats(lab);
-
-    assert_fair_spread(&answers, lab.topo.reals.len());
-    assert_direct_return(&lb, &client, CONNECTIONS);
-    assert_no_drops(&stats);
-    let tunnelled = verdict(&stats, "tx_tun");
-    let answered = per_real(&answers);
-    let counters = tun.decap_counters();
-    let decapsulated = assert_decapsulated(&counters, "decap_4in6", &answered);
-    assert_eq!(
-        decapsulated, tunnelled,
-        "the balancer tunnelled {tunnelled} packets, the reals decapsulated {decapsulated}: \
-         {counters:?}"
+    tunnel_to_ipv6_reals(
+        &mut tun,
+        TCP_SERVICE,
+        SocketAddr::from((VIP, 80)),
+        "decap_4in6",
     );
 }
 
