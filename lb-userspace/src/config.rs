@@ -5,19 +5,18 @@
 //!
 //! Every error names the file, the place in the document and what is wrong.
 
-use std::{
-    collections::BTreeMap,
-    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
-    path::{Path, PathBuf},
-};
+use std::{collections::BTreeMap, net::IpAddr, path::Path};
 
 use serde::Deserialize;
 
 use crate::{
+    desired::{
+        Admin, Desired, MAX_WEIGHT, RealSpec, ServiceSpec, VipOptions, check_family,
+        check_table_size,
+    },
     health::HealthCheck,
-    maglev,
     model::{Forward, Scheduler, Vip},
-    state::{Admin, Desired, MAX_WEIGHT, RealSpec, ServiceSpec, VipOptions, check_family},
+    settings::Settings,
 };
 
 /// A configuration that could not be used, naming the file and the place in it.
@@ -58,42 +57,13 @@ pub enum ConfigError {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ConfigFile {
-    /// Daemon settings (used by `xlb run`; command-line flags win).
+    /// Daemon settings (used by `xlb run`; command-line flags win), read
+    /// into [`Settings`] key by key so that an error names its key.
     #[serde(default)]
-    pub daemon: DaemonConfig,
+    pub daemon: serde_yaml_ng::Value,
     /// The virtual services.
     #[serde(default)]
     pub services: Vec<ServiceConfig>,
-}
-
-/// The `daemon:` section. Every field is optional.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct DaemonConfig {
-    /// Interface that receives VIP traffic.
-    pub interface: Option<String>,
-    /// `native`, `skb` or `auto`.
-    pub xdp_mode: Option<String>,
-    /// Conntrack table size (flows).
-    pub conntrack_size: Option<u32>,
-    /// New flows tracked per CPU per second (0: no limit).
-    pub new_flow_limit: Option<u32>,
-    /// Seconds before an idle UDP flow is forgotten.
-    pub udp_idle_timeout: Option<u64>,
-    /// Largest L3 packet after encapsulation.
-    pub mtu: Option<u32>,
-    /// IPv4 tunnel source prefix, `192.0.2.0/24`.
-    pub tunnel_source: Option<String>,
-    /// IPv6 tunnel source prefix, `2001:db8:ff::/96`.
-    pub tunnel_source6: Option<String>,
-    /// Address to serve Prometheus metrics on, `127.0.0.1:9814`.
-    pub metrics_address: Option<SocketAddr>,
-    /// Group that may use the control socket.
-    pub socket_group: Option<String>,
-    /// bpffs directory for pins.
-    pub pin_dir: Option<PathBuf>,
-    /// Share of a VIP's reals health checks may never go below (0.0-1.0).
-    pub min_healthy: Option<f64>,
 }
 
 /// One virtual service.
@@ -143,54 +113,31 @@ pub struct RealConfig {
 #[derive(Debug, Default)]
 pub struct Config {
     /// The daemon settings, checked.
-    pub daemon: DaemonSettings,
+    pub daemon: Settings,
     /// The services, their reals and health checks.
     pub desired: Desired,
 }
 
-/// The daemon section, parsed.
-#[derive(Debug, Default, Clone)]
-pub struct DaemonSettings {
-    /// See [`DaemonConfig`].
-    pub interface: Option<String>,
-    /// See [`DaemonConfig`].
-    pub xdp_mode: Option<String>,
-    /// See [`DaemonConfig`].
-    pub conntrack_size: Option<u32>,
-    /// See [`DaemonConfig`].
-    pub new_flow_limit: Option<u32>,
-    /// See [`DaemonConfig`].
-    pub udp_idle_timeout: Option<u64>,
-    /// See [`DaemonConfig`].
-    pub mtu: Option<u32>,
-    /// See [`DaemonConfig`].
-    pub tunnel_source: Option<(Ipv4Addr, u8)>,
-    /// See [`DaemonConfig`].
-    pub tunnel_source6: Option<(Ipv6Addr, u8)>,
-    /// See [`DaemonConfig`].
-    pub metrics_address: Option<SocketAddr>,
-    /// See [`DaemonConfig`].
-    pub socket_group: Option<String>,
-    /// See [`DaemonConfig`].
-    pub pin_dir: Option<PathBuf>,
-    /// See [`DaemonConfig`].
-    pub min_healthy: Option<f64>,
-}
-
-/// Parses `ADDRESS/LENGTH`.
-pub fn parse_prefix<A: std::str::FromStr>(s: &str, max: u8) -> Result<(A, u8), String> {
-    let (addr, len) = s
-        .split_once('/')
-        .ok_or_else(|| format!("'{s}' is not ADDRESS/PREFIX-LENGTH"))?;
-    let addr = addr
-        .parse()
-        .map_err(|_| format!("'{addr}' is not an address of the right family"))?;
-    let len: u8 = len
-        .parse()
-        .ok()
-        .filter(|l| *l <= max)
-        .ok_or_else(|| format!("prefix length '{len}' is not 0-{max}"))?;
-    Ok((addr, len))
+/// The `daemon:` section as [`Settings`]; an error names the key: (path, message).
+fn daemon_settings(section: &serde_yaml_ng::Value) -> Result<Settings, (String, String)> {
+    use serde_yaml_ng::{Mapping, Value, from_value};
+    if section.is_null() {
+        return Ok(Settings::default());
+    }
+    from_value::<Settings>(section.clone()).map_err(|whole| {
+        if let Value::Mapping(m) = section {
+            for (key, value) in m {
+                let one = Value::Mapping(Mapping::from_iter([(key.clone(), value.clone())]));
+                if let Err(e) = from_value::<Settings>(one) {
+                    let name = key
+                        .as_str()
+                        .map_or_else(|| format!("{key:?}"), str::to_owned);
+                    return (format!("daemon.{name}"), e.to_string());
+                }
+            }
+        }
+        ("daemon".to_owned(), whole.to_string())
+    })
 }
 
 impl Config {
@@ -219,48 +166,8 @@ impl Config {
             path,
             message,
         };
-        let d = &raw.daemon;
-        if let Some(mode) = &d.xdp_mode
-            && !matches!(mode.as_str(), "native" | "skb" | "auto")
-        {
-            return Err(invalid(
-                "daemon.xdp_mode".into(),
-                format!("'{mode}' is not native, skb or auto"),
-            ));
-        }
-        if let Some(share) = d.min_healthy
-            && !(0.0..=1.0).contains(&share)
-        {
-            return Err(invalid(
-                "daemon.min_healthy".into(),
-                format!("{share} is not between 0.0 and 1.0"),
-            ));
-        }
-        let daemon = DaemonSettings {
-            interface: d.interface.clone(),
-            xdp_mode: d.xdp_mode.clone(),
-            conntrack_size: d.conntrack_size,
-            new_flow_limit: d.new_flow_limit,
-            udp_idle_timeout: d.udp_idle_timeout,
-            mtu: d.mtu,
-            tunnel_source: d
-                .tunnel_source
-                .as_deref()
-                .map(|s| parse_prefix(s, 32))
-                .transpose()
-                .map_err(|m| invalid("daemon.tunnel_source".into(), m))?,
-            tunnel_source6: d
-                .tunnel_source6
-                .as_deref()
-                .map(|s| parse_prefix(s, 128))
-                .transpose()
-                .map_err(|m| invalid("daemon.tunnel_source6".into(), m))?,
-            metrics_address: d.metrics_address,
-            socket_group: d.socket_group.clone(),
-            pin_dir: d.pin_dir.clone(),
-            min_healthy: d.min_healthy,
-        };
-
+        let daemon =
+            daemon_settings(&raw.daemon).map_err(|(path, message)| invalid(path, message))?;
         let mut desired = Desired::default();
         for (i, s) in raw.services.iter().enumerate() {
             let at = |field: &str| format!("services[{i}].{field}");
@@ -283,7 +190,7 @@ impl Config {
                     .map_err(|e| invalid(at("forward"), e.to_string()))?;
             }
             if let Some(size) = s.table_size {
-                if !maglev::is_prime(size) || size > lb_common::RING_SIZE_MAX {
+                if check_table_size(size).is_err() {
                     return Err(invalid(
                         at("table_size"),
                         format!(
@@ -361,7 +268,7 @@ mod tests {
     fn documented_example_parses() {
         let c = Config::parse("xlb.yaml", EXAMPLE).expect("docs/examples/xlb.yaml is valid");
         assert!(!c.desired.services.is_empty());
-        assert_eq!(c.daemon.interface.as_deref(), Some("eth0"));
+        assert_eq!(c.daemon.iface.as_deref(), Some("eth0"));
     }
 
     #[test]
@@ -438,8 +345,16 @@ mod tests {
                 "x.yaml: daemon.tunnel_source: prefix length '33' is not 0-32",
             ),
             (
+                "daemon:\n  min_healthy: 1.5\n",
+                "x.yaml: daemon.min_healthy: 1.5 is not between 0.0 and 1.0",
+            ),
+            (
+                "daemon:\n  colour: blue\n",
+                "x.yaml: daemon.colour: unknown field `colour`",
+            ),
+            (
                 "daemon:\n  xdp_mode: turbo\n",
-                "x.yaml: daemon.xdp_mode: 'turbo' is not native, skb or auto",
+                "x.yaml: daemon.xdp_mode: unknown variant `turbo`, expected one of `native`, `skb`, `auto`",
             ),
             (
                 "services:\n  - vip: 203.0.113.10:80/tcp\n    health_check:\n      kind: http\n      interval_ms: 0\n",

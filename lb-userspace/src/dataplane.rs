@@ -9,7 +9,7 @@ use crate::pin::PinDir;
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, Map, MapData, PerCpuArray, PerCpuValues},
+    maps::{Array, HashMap, IterableMap, Map, MapData, PerCpuArray, PerCpuValues},
     programs::{Xdp, XdpMode},
     util::nr_cpus,
 };
@@ -391,6 +391,46 @@ impl Dataplane {
             .map_err(map_err(map_names::REALS))
     }
 
+    /// Every VIP entry.
+    pub fn vips(&self) -> Result<Vec<(VipKey, VipMeta)>> {
+        self.vips
+            .iter()
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(map_err(map_names::VIPS))
+    }
+
+    /// Every VIP-address entry.
+    pub fn vip_addrs(&self) -> Result<Vec<(AddrKey, u32)>> {
+        self.vip_addrs
+            .iter()
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(map_err(map_names::VIP_ADDRS))
+    }
+
+    /// Every written (non-empty) real slot.
+    pub fn live_reals(&self) -> Result<Vec<(u32, RealDef)>> {
+        let mut out = Vec::new();
+        for id in 0..MAX_REALS {
+            let def = self.reals.get(&id, 0).map_err(map_err(map_names::REALS))?;
+            if def.family != 0 {
+                out.push((id, def));
+            }
+        }
+        Ok(out)
+    }
+
+    /// A read-only handle on the counters and the conntrack table, with its
+    /// own file descriptors: readers (status, metrics, the flow counter)
+    /// never wait on the task that writes the maps.
+    pub fn reader(&self) -> Result<crate::counters::Reader> {
+        crate::counters::Reader::new(
+            clone_map(&self.stats, map_names::STATS)?,
+            clone_map(&self.vip_stats, map_names::VIP_STATS)?,
+            clone_map(&self.real_stats, map_names::REAL_STATS)?,
+            clone_map(&self.flows, map_names::FLOWS)?,
+        )
+    }
+
     /// The verdict counters summed over CPUs, in `lb_common::stat` order.
     pub fn verdicts(&self) -> Result<Vec<Counter>> {
         (0..stat::VERDICTS)
@@ -418,10 +458,6 @@ impl Dataplane {
         }
     }
 
-    /// Number of entries in the conntrack table (walks it: for status, not hot paths).
-    pub fn flow_count(&self) -> usize {
-        self.flows.keys().filter(Result::is_ok).count()
-    }
     /// VIP `id`'s counter summed over CPUs.
     pub fn vip_counter(&self, id: u32) -> Result<Counter> {
         sum(&self.vip_stats, id, map_names::VIP_STATS)
@@ -441,6 +477,20 @@ impl Dataplane {
     pub fn reset_real_counter(&mut self, id: u32) -> Result<()> {
         zero(&mut self.real_stats, id, map_names::REAL_STATS)
     }
+}
+
+/// A second handle on `map`'s kernel object (a duplicated file descriptor).
+fn clone_map<K: aya::Pod, V>(map: &impl IterableMap<K, V>, name: &'static str) -> Result<MapData> {
+    let fd = map
+        .map()
+        .fd()
+        .as_fd()
+        .try_clone_to_owned()
+        .map_err(|e| DataplaneError::Map {
+            name,
+            source: aya::maps::MapError::IoError(e),
+        })?;
+    MapData::from_fd(fd).map_err(map_err(name))
 }
 
 /// Program `name` of `ebpf`, as an XDP program.

@@ -3,18 +3,23 @@
 //!
 //! # Layout
 //!
-//! - [`dataplane`]: loads the XDP object, typed handles on its maps.
-//! - [`maglev`]: the consistent-hashing table builder.
 //! - [`model`]: operator-facing types (`Vip`, `Proto`, `Scheduler`), parsed at the edge.
-//! - [`state`]: configured services, id allocation, ordered map updates.
-//! - [`neighbor`]: the interface and the real servers' MACs.
-//! - [`config`]: the YAML configuration (desired state and daemon settings).
+//! - [`desired`]: the desired state (base + overrides) and its edits.
+//! - [`state`]: the model of the maps and the one reconcile step (plan + commit, undo).
+//! - [`controller`]: the task that owns the state and the maps; everything
+//!   else sends it events and reads its published snapshots.
+//! - [`dataplane`]: loads the XDP object, typed handles on its maps.
+//! - [`counters`]: read-only handles on the counters and the conntrack table.
+//! - [`views`]: what status, lists and metrics show (snapshot + counters).
+//! - [`maglev`]: the consistent-hashing table builder.
+//! - [`neighbor`]: the interface, the reals' MACs, neighbour events.
+//! - [`settings`] / [`config`]: the daemon's settings and the YAML file.
 //! - [`health`]: health checks of the reals.
 //! - [`api`] / [`client`]: HTTP+JSON over the control socket, both sides.
-//! - [`pin`]: bpffs pins, adoption by a restarted daemon, teardown.
+//! - [`metrics`]: Prometheus metrics.
+//! - [`pin`]: bpffs pins, teardown.
 //! - [`decap`]: `xlb decap`, the real-server decapsulator for TUN mode.
 //! - [`realserver`]: `xlb realserver setup|teardown`.
-//! - [`metrics`]: Prometheus metrics.
 //! - [`bench`]: the floor programs `./x bench` compares against.
 //! - [`daemon`]: `xlb run`. [`cli`]: the command line.
 
@@ -23,9 +28,12 @@ pub mod bench;
 pub mod cli;
 pub mod client;
 pub mod config;
+pub mod controller;
+pub mod counters;
 pub mod daemon;
 pub mod dataplane;
 pub mod decap;
+pub mod desired;
 pub mod health;
 pub mod maglev;
 pub mod metrics;
@@ -33,4 +41,6 @@ pub mod model;
 pub mod neighbor;
 pub mod pin;
 pub mod realserver;
+pub mod settings;
 pub mod state;
+pub mod views;

@@ -1,25 +1,30 @@
 //! Prometheus metrics over HTTP (`--metrics-addr`), built at each scrape from
-//! the per-CPU counters, the desired state and the health engine.
+//! the controller's published snapshot, the data path's counters (read on
+//! handles of their own), the last conntrack count and the probe statuses. A
+//! scrape never waits on the controller and never walks the conntrack table.
 
 use std::{
-    net::SocketAddr,
     sync::{
         Arc,
         atomic::{AtomicU64, Ordering},
     },
-    time::{Duration, Instant},
+    time::Duration,
 };
 
-use anyhow::Context as _;
 use axum::{Router, extract::State as AxState, http::header, response::IntoResponse, routing::get};
 use prometheus_client::{
     encoding::text::encode,
     metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
     registry::Registry,
 };
-use tokio::task::JoinHandle;
+use tokio::{net::TcpListener, task::JoinHandle};
 
-use crate::api::Shared;
+use crate::{
+    controller::Handle,
+    counters::{FlowCounter, FlowCounts, Reader},
+    health::engine::Board,
+    views,
+};
 
 type Labels = Vec<(String, String)>;
 
@@ -28,8 +33,7 @@ pub struct Metrics {
     reconciles: AtomicU64,
     reconcile_errors: AtomicU64,
     reconcile_seconds: Histogram,
-    /// Conntrack entry count and when it was taken (walking the table is not free).
-    conntrack: std::sync::Mutex<Option<(Instant, usize)>>,
+    unresolved: AtomicU64,
 }
 
 impl Metrics {
@@ -41,7 +45,7 @@ impl Metrics {
             reconcile_seconds: Histogram::new([
                 0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0,
             ]),
-            conntrack: std::sync::Mutex::new(None),
+            unresolved: AtomicU64::new(0),
         }
     }
 
@@ -58,12 +62,32 @@ impl Metrics {
     pub fn reconcile_count(&self) -> u64 {
         self.reconciles.load(Ordering::Relaxed)
     }
+
+    /// Records how many reals are unresolved.
+    pub fn set_unresolved(&self, n: usize) {
+        self.unresolved.store(n as u64, Ordering::Relaxed);
+    }
 }
 
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()
     }
+}
+
+/// What a scrape reads.
+#[derive(Clone)]
+pub struct Sources {
+    /// The controller (its snapshot only).
+    pub handle: Handle,
+    /// The data path's counters.
+    pub reader: Arc<Reader>,
+    /// The conntrack count.
+    pub flows: Arc<FlowCounter>,
+    /// The probe statuses.
+    pub board: Board,
+    /// The daemon's own counters.
+    pub metrics: Arc<Metrics>,
 }
 
 fn labels(pairs: &[(&str, String)]) -> Labels {
@@ -73,8 +97,9 @@ fn labels(pairs: &[(&str, String)]) -> Labels {
         .collect()
 }
 
-/// Renders every metric in the Prometheus text format.
-pub fn render(shared: &Shared) -> Result<String, String> {
+/// Renders every metric in the Prometheus text format, with `flows` the
+/// conntrack count to report.
+pub fn render(src: &Sources, flows: &FlowCounts) -> Result<String, String> {
     let mut reg = Registry::with_prefix("xlb");
     let packets = Family::<Labels, Counter>::default();
     let bytes = Family::<Labels, Counter>::default();
@@ -85,66 +110,62 @@ pub fn render(shared: &Shared) -> Result<String, String> {
     let real_packets = Family::<Labels, Counter>::default();
     let real_bytes = Family::<Labels, Counter>::default();
     let real_flows = Family::<Labels, Counter>::default();
+    let real_active = Family::<Labels, Gauge>::default();
     let real_healthy = Family::<Labels, Gauge>::default();
+    let real_resolved = Family::<Labels, Gauge>::default();
     let real_weight = Family::<Labels, Gauge>::default();
     let vip_guarded = Family::<Labels, Gauge>::default();
     let conntrack = Gauge::<i64>::default();
+    let conntrack_capacity = Gauge::<i64>::default();
+    let unresolved = Gauge::<i64>::default();
     let reconciles = Counter::<u64>::default();
     let reconcile_errors = Counter::<u64>::default();
     let health_flips = Counter::<u64>::default();
+
+    let snap = src.handle.snapshot();
+    for (c, name) in src
+        .reader
+        .verdicts()
+        .map_err(|e| e.to_string())?
+        .iter()
+        .zip(lb_common::stat::VERDICT_NAMES)
     {
-        let inner = shared.lock();
-        for (c, name) in inner
-            .dp
-            .verdicts()
-            .map_err(|e| e.to_string())?
-            .iter()
-            .zip(lb_common::stat::VERDICT_NAMES)
-        {
-            let l = labels(&[("verdict", name.to_owned())]);
-            packets.get_or_create(&l).inc_by(c.packets);
-            bytes.get_or_create(&l).inc_by(c.bytes);
-        }
-        for (name, n) in inner.dp.events().map_err(|e| e.to_string())? {
-            events
-                .get_or_create(&labels(&[("event", name.to_owned())]))
-                .inc_by(n);
-        }
-        for v in inner.state.view(&inner.dp).map_err(|e| e.to_string())? {
-            let vl = labels(&[("vip", v.vip.to_string())]);
-            vip_packets.get_or_create(&vl).inc_by(v.packets);
-            vip_bytes.get_or_create(&vl).inc_by(v.bytes);
-            vip_flows.get_or_create(&vl).inc_by(v.flows);
-            vip_guarded.get_or_create(&vl).set(i64::from(v.guarded));
-            for r in v.reals {
-                let rl = labels(&[("vip", v.vip.to_string()), ("real", r.addr.to_string())]);
-                real_packets.get_or_create(&rl).inc_by(r.packets);
-                real_bytes.get_or_create(&rl).inc_by(r.bytes);
-                real_flows.get_or_create(&rl).inc_by(r.flows);
-                real_healthy.get_or_create(&rl).set(i64::from(r.healthy));
-                real_weight
-                    .get_or_create(&rl)
-                    .set(i64::from(r.effective_weight.unwrap_or(0)));
-            }
-        }
-        let mut cached = shared
-            .metrics
-            .conntrack
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let count = match *cached {
-            Some((at, n)) if at.elapsed() < Duration::from_secs(10) => n,
-            _ => {
-                let n = inner.dp.flow_count();
-                *cached = Some((Instant::now(), n));
-                n
-            }
-        };
-        conntrack.set(i64::try_from(count).unwrap_or(i64::MAX));
+        let l = labels(&[("verdict", name.to_owned())]);
+        packets.get_or_create(&l).inc_by(c.packets);
+        bytes.get_or_create(&l).inc_by(c.bytes);
     }
-    reconciles.inc_by(shared.metrics.reconciles.load(Ordering::Relaxed));
-    reconcile_errors.inc_by(shared.metrics.reconcile_errors.load(Ordering::Relaxed));
-    health_flips.inc_by(shared.health.flips());
+    for (name, n) in src.reader.events().map_err(|e| e.to_string())? {
+        events
+            .get_or_create(&labels(&[("event", name.to_owned())]))
+            .inc_by(n);
+    }
+    for v in views::vips(&snap, &src.reader, flows).map_err(|e| e.to_string())? {
+        let vl = labels(&[("vip", v.vip.to_string())]);
+        vip_packets.get_or_create(&vl).inc_by(v.packets);
+        vip_bytes.get_or_create(&vl).inc_by(v.bytes);
+        vip_flows.get_or_create(&vl).inc_by(v.flows);
+        vip_guarded.get_or_create(&vl).set(i64::from(v.guarded));
+        for r in v.reals {
+            let rl = labels(&[("vip", v.vip.to_string()), ("real", r.addr.to_string())]);
+            real_packets.get_or_create(&rl).inc_by(r.packets);
+            real_bytes.get_or_create(&rl).inc_by(r.bytes);
+            real_flows.get_or_create(&rl).inc_by(r.flows);
+            real_active
+                .get_or_create(&rl)
+                .set(i64::try_from(r.active_flows).unwrap_or(i64::MAX));
+            real_healthy.get_or_create(&rl).set(i64::from(r.healthy));
+            real_resolved.get_or_create(&rl).set(i64::from(r.resolved));
+            real_weight
+                .get_or_create(&rl)
+                .set(i64::from(r.effective_weight.unwrap_or(0)));
+        }
+    }
+    conntrack.set(i64::try_from(flows.entries).unwrap_or(i64::MAX));
+    conntrack_capacity.set(i64::from(src.reader.flow_capacity()));
+    unresolved.set(i64::try_from(src.metrics.unresolved.load(Ordering::Relaxed)).unwrap_or(0));
+    reconciles.inc_by(src.metrics.reconciles.load(Ordering::Relaxed));
+    reconcile_errors.inc_by(src.metrics.reconcile_errors.load(Ordering::Relaxed));
+    health_flips.inc_by(src.board.flips());
 
     reg.register("packets", "Packets by data-path verdict", packets);
     reg.register("bytes", "Bytes by data-path verdict", bytes);
@@ -164,9 +185,19 @@ pub fn render(shared: &Shared) -> Result<String, String> {
     reg.register("real_bytes", "Bytes forwarded per VIP and real", real_bytes);
     reg.register("real_new_flows", "New flows per VIP and real", real_flows);
     reg.register(
+        "real_active_flows",
+        "Flows of the real active in the conntrack table (counted every 5 s)",
+        real_active,
+    );
+    reg.register(
         "real_healthy",
-        "1 when the real's last health verdict is up",
+        "1 when the real's health verdict in force is up",
         real_healthy,
+    );
+    reg.register(
+        "real_resolved",
+        "1 when the real's MAC (or its next hop's) is known; 0: kept out of the table",
+        real_resolved,
     );
     reg.register(
         "real_weight",
@@ -180,8 +211,18 @@ pub fn render(shared: &Shared) -> Result<String, String> {
     );
     reg.register(
         "conntrack_entries",
-        "Flows in the conntrack table",
+        "Entries in the conntrack table (counted every 5 s)",
         conntrack,
+    );
+    reg.register(
+        "conntrack_capacity",
+        "Capacity of the conntrack table",
+        conntrack_capacity,
+    );
+    reg.register(
+        "unresolved_reals",
+        "Reals whose MAC is not known yet",
+        unresolved,
     );
     reg.register("reconciles", "Reconcile steps run", reconciles);
     reg.register(
@@ -192,7 +233,7 @@ pub fn render(shared: &Shared) -> Result<String, String> {
     reg.register(
         "reconcile_seconds",
         "Time a reconcile step took",
-        shared.metrics.reconcile_seconds.clone(),
+        src.metrics.reconcile_seconds.clone(),
     );
     reg.register("health_flips", "Health verdict changes", health_flips);
     let mut out = String::new();
@@ -200,8 +241,9 @@ pub fn render(shared: &Shared) -> Result<String, String> {
     Ok(out)
 }
 
-async fn scrape(AxState(shared): AxState<Arc<Shared>>) -> impl IntoResponse {
-    match render(&shared) {
+async fn scrape(AxState(src): AxState<Sources>) -> impl IntoResponse {
+    let flows = src.flows.fresh(Duration::ZERO).await;
+    match render(&src, &flows) {
         Ok(body) => (
             axum::http::StatusCode::OK,
             [(
@@ -218,17 +260,13 @@ async fn scrape(AxState(shared): AxState<Arc<Shared>>) -> impl IntoResponse {
     }
 }
 
-/// Serves `/metrics` on `addr`.
-pub async fn serve(addr: SocketAddr, shared: Arc<Shared>) -> anyhow::Result<JoinHandle<()>> {
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("binding the metrics address {addr}"))?;
-    let app = Router::new()
-        .route("/metrics", get(scrape))
-        .with_state(shared);
-    Ok(tokio::spawn(async move {
+/// Serves `/metrics` on `listener` (bound at start-up, before the data path
+/// is touched).
+pub fn serve(listener: TcpListener, src: Sources) -> JoinHandle<()> {
+    let app = Router::new().route("/metrics", get(scrape)).with_state(src);
+    tokio::spawn(async move {
         if let Err(err) = axum::serve(listener, app).await {
             tracing::error!(%err, "metrics server stopped");
         }
-    }))
+    })
 }

@@ -2,7 +2,9 @@
 //!
 //! A real's MAC comes from the kernel's neighbour table (read over rtnetlink).
 //! When the real is not in it yet, the daemon makes the kernel resolve it by
-//! sending one UDP datagram to the real's discard port, then polls the table.
+//! sending one UDP datagram to the real's discard port, then reads the table;
+//! it also follows the table's changes (RTM_NEWNEIGH), so a real that comes up
+//! later, or whose MAC changes, is picked up as soon as the kernel learns it.
 
 use std::{
     collections::BTreeMap,
@@ -12,9 +14,13 @@ use std::{
 
 use futures::TryStreamExt as _;
 use netlink_packet_route::{
-    neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourState},
+    RouteNetlinkMessage,
+    neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourMessage, NeighbourState},
     route::{RouteAddress, RouteAttribute},
 };
+use rtnetlink::packet_core::NetlinkPayload;
+
+use crate::model::Forward;
 use nix::ifaddrs::getifaddrs;
 
 /// Failures finding the interface or a real's MAC.
@@ -50,6 +56,14 @@ pub enum NeighborError {
         iface: String,
         /// How long we waited.
         timeout: Duration,
+    },
+    /// The next hop was asked again and has not answered yet.
+    #[error("no ARP/NDP answer from {hop} on {iface} yet; asking again every second")]
+    NoAnswer {
+        /// The address asked for.
+        hop: IpAddr,
+        /// The interface.
+        iface: String,
     },
     /// No route to the real.
     #[error("no route to {0}")]
@@ -170,10 +184,39 @@ fn in_prefix(net: IpAddr, prefix: u8, addr: IpAddr) -> bool {
     }
 }
 
-/// Looks `addr` up in the kernel's neighbour table on `iface`: its MAC if the
-/// entry holds a usable one.
-async fn lookup(iface: &Iface, addr: IpAddr) -> Result<Option<[u8; 6]>, NeighborError> {
-    Ok(table(iface).await?.get(&addr).copied())
+/// The destination and MAC of a neighbour entry, when it holds a usable MAC.
+fn usable(msg: &NeighbourMessage) -> Option<(IpAddr, [u8; 6])> {
+    let ok = matches!(
+        msg.header.state,
+        NeighbourState::Reachable
+            | NeighbourState::Stale
+            | NeighbourState::Delay
+            | NeighbourState::Probe
+            | NeighbourState::Permanent
+            | NeighbourState::Noarp
+    );
+    if !ok {
+        return None;
+    }
+    let mut dst = None;
+    let mut lladdr = None;
+    for attr in &msg.attributes {
+        match attr {
+            NeighbourAttribute::Destination(NeighbourAddress::Inet(a)) => {
+                dst = Some(IpAddr::V4(*a));
+            }
+            NeighbourAttribute::Destination(NeighbourAddress::Inet6(a)) => {
+                dst = Some(IpAddr::V6(*a));
+            }
+            NeighbourAttribute::LinkLocalAddress(bytes) if bytes.len() == 6 => {
+                let mut mac = [0u8; 6];
+                mac.copy_from_slice(bytes);
+                lladdr = Some(mac);
+            }
+            _ => {}
+        }
+    }
+    Some((dst?, lladdr.filter(|m| *m != [0; 6])?))
 }
 
 /// The usable entries (with a MAC) of the kernel's neighbour table on `iface`.
@@ -191,39 +234,42 @@ pub async fn table(iface: &Iface) -> Result<BTreeMap<IpAddr, [u8; 6]>, NeighborE
         if msg.header.ifindex != iface.index {
             continue;
         }
-        let usable = matches!(
-            msg.header.state,
-            NeighbourState::Reachable
-                | NeighbourState::Stale
-                | NeighbourState::Delay
-                | NeighbourState::Probe
-                | NeighbourState::Permanent
-                | NeighbourState::Noarp
-        );
-        let mut dst = None;
-        let mut lladdr = None;
-        for attr in &msg.attributes {
-            match attr {
-                NeighbourAttribute::Destination(NeighbourAddress::Inet(a)) => {
-                    dst = Some(IpAddr::V4(*a));
-                }
-                NeighbourAttribute::Destination(NeighbourAddress::Inet6(a)) => {
-                    dst = Some(IpAddr::V6(*a));
-                }
-                NeighbourAttribute::LinkLocalAddress(bytes) if bytes.len() == 6 => {
-                    let mut mac = [0u8; 6];
-                    mac.copy_from_slice(bytes);
-                    lladdr = Some(mac);
-                }
-                _ => {}
-            }
-        }
-        if let (true, Some(dst), Some(mac)) = (usable, dst, lladdr.filter(|m| *m != [0; 6])) {
+        if let Some((dst, mac)) = usable(&msg) {
             found.insert(dst, mac);
         }
     }
     task.abort();
     Ok(found)
+}
+
+/// Follows the kernel's neighbour table (RTM_NEWNEIGH events): calls `seen`
+/// with every entry on `iface` that holds a usable MAC, as it appears or changes.
+pub fn watch(
+    iface: &Iface,
+    seen: impl Fn(IpAddr, [u8; 6]) + Send + 'static,
+) -> Result<tokio::task::JoinHandle<()>, NeighborError> {
+    use futures::StreamExt as _;
+    let (mut conn, _handle, mut messages) =
+        rtnetlink::new_connection().map_err(|e| NeighborError::Netlink(e.to_string()))?;
+    let groups = rtnetlink::sys::SocketAddr::new(0, rtnetlink::constants::RTMGRP_NEIGH);
+    use rtnetlink::sys::AsyncSocket as _;
+    conn.socket_mut()
+        .socket_mut()
+        .bind(&groups)
+        .map_err(|e| NeighborError::Netlink(format!("joining the neighbour group: {e}")))?;
+    let conn = tokio::spawn(conn);
+    let index = iface.index;
+    Ok(tokio::spawn(async move {
+        while let Some((msg, _)) = messages.next().await {
+            if let NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewNeighbour(n)) = msg.payload
+                && n.header.ifindex == index
+                && let Some((dst, mac)) = usable(&n)
+            {
+                seen(dst, mac);
+            }
+        }
+        conn.abort();
+    }))
 }
 
 /// The address whose MAC frames toward `addr` carry: the gateway of the
@@ -251,27 +297,104 @@ fn provoke(iface: &Iface, addr: IpAddr) {
     let _ = sock.send_to(&[], SocketAddr::new(addr, 9));
 }
 
-/// The MAC of real `addr` on `iface` for direct return (the real must be on
-/// one of the interface's subnets), resolving it if needed, within `timeout`.
-pub async fn resolve(
-    iface: &Iface,
-    addr: IpAddr,
-    timeout: Duration,
-) -> Result<[u8; 6], NeighborError> {
-    iface.check_on_link(addr)?;
-    resolve_neighbor(iface, addr, timeout).await
+/// The outcome of resolving a set of reals.
+#[derive(Debug, Default)]
+pub struct Resolution {
+    /// MAC of each resolved real (of its next hop in TUN mode).
+    pub found: BTreeMap<IpAddr, [u8; 6]>,
+    /// Why each other real is not resolved.
+    pub failed: BTreeMap<IpAddr, NeighborError>,
+    /// The next hop of each real whose hop is known (itself in DR mode).
+    pub hops: BTreeMap<IpAddr, IpAddr>,
 }
 
-/// The MAC of the next hop toward `addr` (tunnel mode): the gateway of the
-/// kernel's route to it, or the real itself when the route is direct. The
-/// route must leave through `iface`.
-pub async fn resolve_next_hop(
+/// The address whose MAC frames toward `real` carry when reached by `mode`:
+/// the real itself in DR mode (it must be on one of the interface's
+/// subnets), else the gateway of the kernel's route to it (or the real when
+/// the route is direct), which must leave through `iface`.
+pub async fn hop(iface: &Iface, real: IpAddr, mode: Forward) -> Result<IpAddr, NeighborError> {
+    match mode {
+        Forward::Dr => {
+            iface.check_on_link(real)?;
+            Ok(real)
+        }
+        Forward::Tun => next_hop(iface, real).await,
+    }
+}
+
+/// Resolves every real of `reals` at once: finds each one's next hop, asks
+/// the kernel to resolve the hops it does not know (one datagram each, again
+/// every second), and reads the neighbour table until all are known or
+/// `timeout` passed. Never fails as a whole: each real is found or has a reason.
+pub async fn resolve_all(
     iface: &Iface,
-    addr: IpAddr,
+    reals: &BTreeMap<IpAddr, Forward>,
     timeout: Duration,
-) -> Result<[u8; 6], NeighborError> {
-    let hop = route_gateway(iface, addr).await?.unwrap_or(addr);
-    resolve_neighbor(iface, hop, timeout).await
+) -> Resolution {
+    let mut out = Resolution::default();
+    let mut hops: BTreeMap<IpAddr, Vec<IpAddr>> = BTreeMap::new();
+    for (real, mode) in reals {
+        match hop(iface, *real, *mode).await {
+            Ok(h) => {
+                out.hops.insert(*real, h);
+                hops.entry(h).or_default().push(*real);
+            }
+            Err(e) => {
+                out.failed.insert(*real, e);
+            }
+        }
+    }
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut provoked_at: Option<tokio::time::Instant> = None;
+    while !hops.is_empty() {
+        match table(iface).await {
+            Ok(known) => hops.retain(|h, reals| match known.get(h) {
+                Some(mac) => {
+                    for r in reals.iter() {
+                        out.found.insert(*r, *mac);
+                    }
+                    false
+                }
+                None => true,
+            }),
+            Err(e) => {
+                for r in hops.into_values().flatten() {
+                    out.failed.insert(r, NeighborError::Netlink(e.to_string()));
+                }
+                return out;
+            }
+        }
+        let now = tokio::time::Instant::now();
+        if hops.is_empty() || now >= deadline {
+            break;
+        }
+        // Ask again every second: a FAILED entry is retried on the next packet.
+        if provoked_at.is_none_or(|t| now - t >= Duration::from_secs(1)) {
+            for h in hops.keys() {
+                provoke(iface, *h);
+            }
+            provoked_at = Some(now);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for (h, reals) in hops {
+        for r in reals {
+            out.failed.insert(
+                r,
+                NeighborError::Unresolved {
+                    real: h,
+                    iface: iface.name.clone(),
+                    timeout,
+                },
+            );
+        }
+    }
+    out
+}
+
+/// Asks the kernel to resolve `hop` once, without waiting (a retry).
+pub fn nudge(iface: &Iface, hop: IpAddr) {
+    provoke(iface, hop);
 }
 
 /// Asks the kernel for its route to `addr`: the gateway, if any.
@@ -308,35 +431,6 @@ async fn route_gateway(iface: &Iface, addr: IpAddr) -> Result<Option<IpAddr>, Ne
             iface: iface.name.clone(),
         }),
         _ => Ok(gateway),
-    }
-}
-
-/// The MAC of on-link neighbour `addr`, asking the kernel to resolve it if needed.
-async fn resolve_neighbor(
-    iface: &Iface,
-    addr: IpAddr,
-    timeout: Duration,
-) -> Result<[u8; 6], NeighborError> {
-    let deadline = tokio::time::Instant::now() + timeout;
-    let mut provoked_at = None;
-    loop {
-        if let Some(mac) = lookup(iface, addr).await? {
-            return Ok(mac);
-        }
-        let now = tokio::time::Instant::now();
-        if now >= deadline {
-            return Err(NeighborError::Unresolved {
-                real: addr,
-                iface: iface.name.clone(),
-                timeout,
-            });
-        }
-        // Ask again every second: a FAILED entry is retried on the next packet.
-        if provoked_at.is_none_or(|t: tokio::time::Instant| now - t >= Duration::from_secs(1)) {
-            provoke(iface, addr);
-            provoked_at = Some(now);
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 

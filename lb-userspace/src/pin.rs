@@ -127,6 +127,11 @@ impl PinDir {
         self.path.join("link")
     }
 
+    /// Whether a previous instance (or a start that failed) left maps pinned here.
+    pub fn has_maps(&self) -> bool {
+        self.map(lb_common::map_names::VIPS).exists()
+    }
+
     /// Whether a previous instance left its link pinned here.
     pub fn has_link(&self) -> bool {
         self.link().exists()

@@ -395,7 +395,7 @@ impl Daemon {
     /// quoting its log if it exits or stays silent.
     pub fn start_with(ns: &Netns, iface: &str, extra: &[&str]) -> Daemon {
         let dir = RunDir::new(&format!("xlb-{}", ns.name()));
-        let mut daemon = Self::spawn(ns, iface, dir.path(), extra);
+        let mut daemon = Self::spawn(ns, iface, dir.path(), extra, &[]);
         daemon._dir = Some(dir);
         daemon.wait_for_api();
         daemon
@@ -405,9 +405,46 @@ impl Daemon {
     /// finds the same socket and state file): `--socket DIR/xlb.sock --state-file
     /// DIR/state.json`, its log a new `DIR/xlb-N.log`.
     pub fn start_in(ns: &Netns, iface: &str, dir: &Path, extra: &[&str]) -> Daemon {
-        let mut daemon = Self::spawn(ns, iface, dir, extra);
+        Self::start_in_env(ns, iface, dir, extra, &[])
+    }
+
+    /// Like [`Daemon::start_in`] with environment variables `env` set for the daemon
+    /// (e.g. the `XLB_TEST_PAUSE_AFTER_WRITES` hook).
+    pub fn start_in_env(
+        ns: &Netns,
+        iface: &str,
+        dir: &Path,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Daemon {
+        let mut daemon = Self::spawn(ns, iface, dir, extra, env);
         daemon.wait_for_api();
         daemon
+    }
+
+    /// Starts `xlb run` like [`Daemon::start_in`] without waiting for its API: for a
+    /// daemon that is expected to fail. Returns it (use [`Daemon::wait_exit`]).
+    pub fn spawn_in(ns: &Netns, iface: &str, dir: &Path, extra: &[&str]) -> Daemon {
+        Self::spawn(ns, iface, dir, extra, &[])
+    }
+
+    /// Waits (up to the start timeout) for the daemon to exit; its status and log.
+    pub fn wait_exit(&mut self) -> (ExitStatus, String) {
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            check_interrupted();
+            if let Some(status) = self.proc.exited() {
+                return (status, self.log());
+            }
+            if Instant::now() >= deadline {
+                panic!(
+                    "`xlb run` in {} still runs after {START_TIMEOUT:?}; its log:\n{}",
+                    self.ns,
+                    self.log()
+                );
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// A pinned daemon of `run`: [`Daemon::start_in`] its directory with `--pin-dir` its
@@ -418,7 +455,7 @@ impl Daemon {
         Self::start_in(ns, iface, run.dir(), &args)
     }
 
-    fn spawn(ns: &Netns, iface: &str, dir: &Path, extra: &[&str]) -> Daemon {
+    fn spawn(ns: &Netns, iface: &str, dir: &Path, extra: &[&str], env: &[(&str, &str)]) -> Daemon {
         static LOGS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let state_file = dir.join("state.json");
         let socket = dir.join("xlb.sock");
@@ -432,6 +469,7 @@ impl Daemon {
             .arg("--state-file")
             .arg(&state_file)
             .args(extra)
+            .envs(env.iter().copied())
             // The log is a file: no colour codes in it.
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())

@@ -3,7 +3,7 @@
 //! bytes (checksums included) and counters checked. Needs root.
 
 use std::{
-    collections::HashMap,
+    collections::{BTreeMap, HashMap},
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
     time::Duration,
 };
@@ -14,8 +14,9 @@ use lb_common::{Config, FlowKey, decap_stat, flow_hash, prog_names, stat};
 use lb_userspace::{
     dataplane::{Dataplane, LoadOptions},
     decap::Decap,
+    desired::{Edit, VipOptions},
     model::{Forward, Vip, addr_bytes},
-    state::{State, VipOptions},
+    state::{State, writer::PauseHook},
 };
 use xlb_tests::packet::{self, CLIENT_MAC, L2, L4, LB_MAC};
 
@@ -115,7 +116,7 @@ impl Fixture {
         })
         .expect("loading the XDP object");
         dp.set_config(&config).expect("writing the config map");
-        let mut state = State::new();
+        let mut state = State::new(0.5);
         let vips = [
             ("203.0.113.10:80/tcp", Forward::Dr),
             ("203.0.113.10:53/udp", Forward::Dr),
@@ -131,13 +132,29 @@ impl Fixture {
                 forward,
                 ..VipOptions::default()
             };
+            let vip = vip.parse().expect("valid VIP");
+            let add = Edit::AddVip {
+                vip,
+                options,
+                health: None,
+            };
             state
-                .add_vip(&mut dp, vip.parse().expect("valid VIP"), options)
+                .edit(&mut dp, add, &BTreeMap::new(), PauseHook::default())
                 .expect("adding a VIP");
         }
         for (vip, addr, mac) in reals() {
+            let add = Edit::AddReal {
+                vip: vip.parse().expect("valid VIP"),
+                real: addr,
+                weight: 1,
+            };
             state
-                .add_real(&mut dp, &vip.parse().expect("valid VIP"), addr, mac, 1)
+                .edit(
+                    &mut dp,
+                    add,
+                    &BTreeMap::from([(addr, mac)]),
+                    PauseHook::default(),
+                )
                 .expect("adding a real");
         }
         Self { dp, state }
@@ -169,6 +186,14 @@ impl Fixture {
                 .map(|(_, n)| *n),
         );
         out
+    }
+
+    /// Applies one edit of the desired state, as the daemon's controller does.
+    fn edit(&mut self, edit: Edit, macs: &[(IpAddr, [u8; 6])]) {
+        let macs: BTreeMap<IpAddr, [u8; 6]> = macs.iter().copied().collect();
+        self.state
+            .edit(&mut self.dp, edit.clone(), &macs, PauseHook::default())
+            .unwrap_or_else(|e| panic!("{edit:?}: {e}"));
     }
 
     fn vip(&self, vip: &str) -> Vip {
@@ -677,14 +702,16 @@ fn flows_spread_over_every_real_and_stick() {
     for (mac, n) in &seen {
         assert!(*n >= 60, "real {mac:02x?} got only {n} of 300 flows");
     }
-    let views = fx.state.view(&fx.dp).expect("view");
-    let vip = views
-        .iter()
-        .find(|v| v.vip.to_string() == "203.0.113.10:80/tcp")
-        .expect("VIP listed");
-    assert_eq!(vip.packets, 600, "per-VIP packet counter");
-    assert_eq!(vip.flows, 300, "per-VIP new-flow counter");
-    assert_eq!(vip.reals.iter().map(|r| r.packets).sum::<u64>(), 600);
+    let applied = &fx.state.model().services[&fx.vip("203.0.113.10:80/tcp")];
+    let counter = fx.dp.vip_counter(applied.id).expect("VIP counter");
+    assert_eq!(counter.packets, 600, "per-VIP packet counter");
+    assert_eq!(counter.flows, 300, "per-VIP new-flow counter");
+    let real_packets: u64 = applied
+        .slots
+        .values()
+        .map(|id| fx.dp.real_counter(*id).expect("real counter").packets)
+        .sum();
+    assert_eq!(real_packets, 600);
 }
 
 /// The MAC the fixtures give a DR real: its last address byte.
@@ -722,10 +749,14 @@ fn established_flow_keeps_its_real_when_a_real_is_added() {
     }
     let vip = fx.vip("203.0.113.10:80/tcp");
     let new_real: IpAddr = Ipv4Addr::new(198, 51, 100, 14).into();
-    let Fixture { dp, state } = &mut fx;
-    state
-        .add_real(dp, &vip, new_real, mac_of(new_real), 1)
-        .expect("adding a real");
+    fx.edit(
+        Edit::AddReal {
+            vip,
+            real: new_real,
+            weight: 1,
+        },
+        &[(new_real, mac_of(new_real))],
+    );
     let port = port_that_moves(&fx, &before);
     let hits = fx.dp.events().expect("events")[0].1;
     // A data segment of the established flow stays on its original real.
@@ -751,7 +782,7 @@ fn established_flow_keeps_its_real_when_a_real_is_added() {
         .flow(&key)
         .expect("reading conntrack")
         .expect("flow tracked");
-    assert_eq!(fx.state.real_by_id(entry.real_id), Some(now));
+    assert_eq!(fx.state.model().real_by_id(entry.real_id), Some(now));
 }
 
 fn flow_key(src: IpAddr, sport: u16, vip: &Vip) -> FlowKey {
@@ -779,8 +810,15 @@ fn drained_real_keeps_tracked_flows_and_gets_no_new_ones() {
         fx.run(&packet::tcp(CLIENT, *p, VIP_DR, 80, true, &[]));
     }
     let vip = fx.vip("203.0.113.10:80/tcp");
-    let Fixture { dp, state } = &mut fx;
-    state.set_weight(dp, &vip, drained, 0).expect("draining");
+    fx.edit(
+        Edit::SetReal {
+            vip,
+            real: drained,
+            weight: Some(0),
+            admin: None,
+        },
+        &[],
+    );
     for p in &tracked {
         let (_, out) = fx.run(&packet::tcp(CLIENT, *p, VIP_DR, 80, false, b"x"));
         assert_eq!(
@@ -812,9 +850,14 @@ fn removed_real_flows_are_rehashed_to_the_others() {
     let vip = fx.vip("203.0.113.10:80/tcp");
     // The real also serves the UDP VIP; remove it from both so its slot is cleared.
     let udp = fx.vip("203.0.113.10:53/udp");
-    let Fixture { dp, state } = &mut fx;
-    state.del_real(dp, &vip, gone).expect("removing");
-    state.del_real(dp, &udp, gone).expect("removing");
+    fx.edit(Edit::DelReal { vip, real: gone }, &[]);
+    fx.edit(
+        Edit::DelReal {
+            vip: udp,
+            real: gone,
+        },
+        &[],
+    );
     let stale_before = fx.dp.events().expect("events")[4].1;
     for p in &ports {
         let (v, out) = fx.run(&packet::tcp(CLIENT, *p, VIP_DR, 80, false, b"x"));
@@ -847,10 +890,14 @@ fn udp_flow_is_forgotten_after_its_idle_timeout() {
     }
     let vip = fx.vip("203.0.113.10:53/udp");
     let new_real: IpAddr = Ipv4Addr::new(198, 51, 100, 14).into();
-    let Fixture { dp, state } = &mut fx;
-    state
-        .add_real(dp, &vip, new_real, mac_of(new_real), 1)
-        .expect("adding");
+    fx.edit(
+        Edit::AddReal {
+            vip,
+            real: new_real,
+            weight: 1,
+        },
+        &[(new_real, mac_of(new_real))],
+    );
     let after = udp_choices(&fx);
     let port = (35000..35500u16)
         .find(|p| before[p] != after[p])

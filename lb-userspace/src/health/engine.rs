@@ -1,7 +1,7 @@
 //! The probe tasks: one tokio task per (VIP, real) with a health check. Each
 //! probes on its own schedule (interval with jitter, first probe at a random
 //! point of the first interval), applies rise/fall hysteresis and reports
-//! flips to the daemon, which applies them through the reconcile step. A slow
+//! flips to the daemon's controller, which applies them through the reconcile step. A slow
 //! or black-holed real only ever delays its own task.
 //!
 //! Reals start healthy: a freshly started daemon never empties a service while
@@ -13,7 +13,10 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     future::Future,
     net::{IpAddr, SocketAddr},
-    sync::{Arc, Mutex, Weak},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
     time::{Duration, SystemTime},
 };
 
@@ -22,7 +25,7 @@ use serde::{Deserialize, Serialize};
 use tokio::task::JoinHandle;
 
 use super::{HealthCheck, ProbeKind, probe};
-use crate::{api::Shared, model::Vip};
+use crate::{desired::Desired, model::Vip};
 
 /// What the engine knows of one real's health.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -124,89 +127,88 @@ pub fn jittered(interval: Duration, jitter_percent: u32) -> Duration {
     Duration::from_secs_f64((interval.as_secs_f64() + offset).max(0.001))
 }
 
-type Key = (Vip, IpAddr);
+/// A probed real: (VIP, real).
+pub type Key = (Vip, IpAddr);
+
+/// Where verdict flips go (the daemon's controller).
+pub type Report = Arc<dyn Fn(Vip, IpAddr, bool) + Send + Sync>;
 
 struct Running {
     check: HealthCheck,
     task: JoinHandle<()>,
 }
 
-#[derive(Default)]
-struct Inner {
-    running: BTreeMap<Key, Running>,
+/// What the probe tasks know, readable by anyone (status, metrics) without
+/// asking the engine's owner.
+#[derive(Clone, Default)]
+pub struct Board {
     status: Arc<Mutex<BTreeMap<Key, ProbeStatus>>>,
-    shared: Weak<Shared>,
+    flips: Arc<AtomicU64>,
 }
 
-/// Owns the probe tasks.
-#[derive(Default)]
-pub struct Engine {
-    inner: Mutex<Inner>,
-    flips: std::sync::atomic::AtomicU64,
-}
-
-impl Engine {
-    /// An engine with no checks.
-    pub fn new() -> Self {
-        Self::default()
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
-        self.inner
+impl Board {
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<Key, ProbeStatus>> {
+        self.status
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Starts probing (after the daemon is serving).
-    pub fn start(&self, shared: &Arc<Shared>) {
-        self.lock().shared = Arc::downgrade(shared);
-        self.sync(shared);
-    }
-
-    /// Stops every probe task.
-    pub fn stop(&self) {
-        let mut inner = self.lock();
-        for (_, r) in std::mem::take(&mut inner.running) {
-            r.task.abort();
-        }
+    /// The status of every probed real.
+    pub fn statuses(&self) -> BTreeMap<Key, ProbeStatus> {
+        self.lock().clone()
     }
 
     /// Number of verdict flips since start.
     pub fn flips(&self) -> u64 {
-        self.flips.load(std::sync::atomic::Ordering::Relaxed)
+        self.flips.load(Ordering::Relaxed)
     }
+}
 
-    /// The status of every probed real.
-    pub fn statuses(&self) -> BTreeMap<Key, ProbeStatus> {
-        let status = self.lock().status.clone();
-        let s = status
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        s.clone()
-    }
+/// Owns the probe tasks (one per probed real); owned by the daemon's controller.
+pub struct Engine {
+    running: BTreeMap<Key, Running>,
+    board: Board,
+    report: Report,
+}
 
-    /// Starts, restarts or stops tasks so that exactly the reals of the
-    /// desired state with a check (other than `none`) are probed. Reals that
-    /// leave, or whose check is removed, are reported healthy again.
-    pub fn sync(&self, shared: &Shared) {
-        let (desired, down) = {
-            let inner = shared.lock();
-            let desired = inner.state.desired().clone();
-            // Verdicts the state already holds (adopted from a previous daemon):
-            // a new task starts from them, or a real kept out would never flip back.
-            let down: BTreeSet<Key> = desired
-                .services
-                .iter()
-                .flat_map(|(vip, s)| s.reals.keys().map(move |r| (*vip, *r)))
-                .filter(|(vip, real)| !inner.state.healthy(vip, *real))
-                .collect();
-            (desired, down)
-        };
-        let mut inner = self.lock();
-        if inner.shared.upgrade().is_none() {
-            // Not started yet; start() syncs.
-            return;
+impl Engine {
+    /// An engine with no checks that reports flips to `report`.
+    pub fn new(report: Report) -> Self {
+        Self {
+            running: BTreeMap::new(),
+            board: Board::default(),
+            report,
         }
+    }
+
+    /// A handle on the probe statuses.
+    pub fn board(&self) -> Board {
+        self.board.clone()
+    }
+
+    /// Stops every probe task.
+    pub fn stop(&mut self) {
+        for (_, r) in std::mem::take(&mut self.running) {
+            r.task.abort();
+        }
+    }
+
+    /// The verdict of every real being probed (reals probed for less than
+    /// one probe have the verdict they started with).
+    pub fn verdicts(&self) -> BTreeMap<Key, bool> {
+        let status = self.board.lock();
+        self.running
+            .keys()
+            .map(|k| (*k, status.get(k).is_none_or(|s| s.up)))
+            .collect()
+    }
+
+    /// Starts, restarts or stops tasks so that exactly the reals of `desired`
+    /// with a check (other than `none`) are probed. A new task of a real in
+    /// `down` (a verdict the state already holds, e.g. adopted from a previous
+    /// daemon) starts from that verdict, so the real comes back after `rise`
+    /// passing probes instead of staying out with no probe to bring it back.
+    pub fn sync(&mut self, desired: &Desired, down: &BTreeSet<Key>) {
         let mut wanted: BTreeMap<Key, (HealthCheck, u16)> = BTreeMap::new();
         for (vip, s) in &desired.services {
             for real in s.reals.keys() {
@@ -217,35 +219,27 @@ impl Engine {
                 }
             }
         }
-        let stale: Vec<Key> = inner
+        let stale: Vec<Key> = self
             .running
             .iter()
             .filter(|(k, r)| wanted.get(k).is_none_or(|(c, _)| *c != r.check))
             .map(|(k, _)| *k)
             .collect();
-        let mut cleared = Vec::new();
         for k in stale {
-            if let Some(r) = inner.running.remove(&k) {
+            if let Some(r) = self.running.remove(&k) {
                 r.task.abort();
             }
             if !wanted.contains_key(&k) {
-                let status = inner.status.clone();
-                status
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner)
-                    .remove(&k);
-                cleared.push(k);
+                self.board.lock().remove(&k);
             }
         }
         for (k, (check, port)) in wanted {
-            if inner.running.contains_key(&k) {
+            if self.running.contains_key(&k) {
                 continue;
             }
             if down.contains(&k) {
-                inner
-                    .status
+                self.board
                     .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner)
                     .entry(k)
                     .or_insert_with(|| ProbeStatus::down("down when the daemon started"));
             }
@@ -253,28 +247,17 @@ impl Engine {
                 k,
                 check.clone(),
                 SocketAddr::new(k.1, port),
-                inner.status.clone(),
-                inner.shared.clone(),
+                self.board.clone(),
+                self.report.clone(),
             ));
-            inner.running.insert(k, Running { check, task });
-        }
-        drop(inner);
-        // A real no longer probed must not stay out because of an old verdict.
-        for (vip, real) in cleared {
-            if desired
-                .services
-                .get(&vip)
-                .is_some_and(|s| s.reals.contains_key(&real))
-                && !shared.lock().state.healthy(&vip, real)
-            {
-                shared.set_health(&vip, real, true);
-            }
+            self.running.insert(k, Running { check, task });
         }
     }
+}
 
-    fn flipped(&self) {
-        self.flips
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+impl Drop for Engine {
+    fn drop(&mut self) {
+        self.stop();
     }
 }
 
@@ -282,25 +265,30 @@ async fn probe_loop(
     key: Key,
     check: HealthCheck,
     target: SocketAddr,
-    status: Arc<Mutex<BTreeMap<Key, ProbeStatus>>>,
-    shared: Weak<Shared>,
+    board: Board,
+    report: Report,
 ) {
     let (vip, real) = key;
-    let report = |flip: Flip, error: &str| {
-        let Some(shared) = shared.upgrade() else {
-            return false;
-        };
+    let flips = board.flips.clone();
+    let on_flip = |flip: Flip, error: &str| {
         let up = flip == Flip::Up;
         if up {
             tracing::info!(%vip, %real, "health: real is up again");
         } else {
             tracing::warn!(%vip, %real, %error, "health: real is down");
         }
-        shared.health.flipped();
-        shared.set_health(&vip, real, up);
+        flips.fetch_add(1, Ordering::Relaxed);
+        report(vip, real, up);
         true
     };
-    schedule(key, &check, &status, || probe::run(&check, target), report).await;
+    schedule(
+        key,
+        &check,
+        &board.status,
+        || probe::run(&check, target),
+        on_flip,
+    )
+    .await;
 }
 
 /// One real's probe schedule: the first probe at a random point of the first

@@ -12,9 +12,10 @@ use std::time::{Duration, Instant};
 use lb_common::MAX_REALS;
 use lb_userspace::{
     dataplane::{Dataplane, LoadOptions},
+    desired::{Desired, Edit, RealSpec, ServiceSpec, VipOptions},
     maglev::{self, Backend},
     model::{Forward, Scheduler, Vip},
-    state::{Desired, RealSpec, ServiceSpec, State, VipOptions},
+    state::{State, writer::PauseHook},
 };
 use xlb_tests::harness::{self, Daemon, RunDir};
 use xlb_tests::netns::{Netns, unique_prefix};
@@ -137,10 +138,15 @@ fn reconcile(quick: bool) -> Reconcile {
             pin: None,
         })
         .unwrap_or_else(|e| panic!("loading the balancer object: {e}"));
-        let mut state = State::new();
+        let mut state = State::new(0.5);
         let start = Instant::now();
         let ch = state
-            .reconcile(&mut dp, desired.clone(), &macs)
+            .edit(
+                &mut dp,
+                Edit::Replace(desired.clone()),
+                &macs,
+                PauseHook::default(),
+            )
             .unwrap_or_else(|e| panic!("applying {RECONCILE_VIPS} VIPs: {e}"));
         from_empty.push(start.elapsed().as_secs_f64() * 1000.0);
         from_empty_writes = ch.writes;
@@ -168,7 +174,12 @@ fn reconcile(quick: bool) -> Reconcile {
         let next = if i % 2 == 0 { &without } else { &desired };
         let start = Instant::now();
         let ch = state
-            .reconcile(&mut dp, next.clone(), &macs)
+            .edit(
+                &mut dp,
+                Edit::Replace(next.clone()),
+                &macs,
+                PauseHook::default(),
+            )
             .unwrap_or_else(|e| panic!("changing one real: {e}"));
         one.push(start.elapsed().as_secs_f64() * 1000.0);
         if i == 0 {

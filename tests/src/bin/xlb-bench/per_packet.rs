@@ -13,8 +13,9 @@ use lb_common::{Config, RING_SIZE_DEFAULT, prog_names};
 use lb_userspace::{
     dataplane::{Dataplane, LoadOptions},
     decap::Decap,
+    desired::{Desired, Edit, RealSpec, ServiceSpec, VipOptions},
     model::{Forward, Scheduler, Vip},
-    state::{Desired, RealSpec, ServiceSpec, State, VipOptions},
+    state::{State, writer::PauseHook},
 };
 use xlb_tests::packet::{self, L2, L4, LB_MAC};
 
@@ -125,9 +126,9 @@ pub fn configured_balancer() -> (Dataplane, State) {
             },
         );
     }
-    let mut state = State::new();
+    let mut state = State::new(0.5);
     state
-        .reconcile(&mut dp, desired, &macs)
+        .edit(&mut dp, Edit::Replace(desired), &macs, PauseHook::default())
         .unwrap_or_else(|e| panic!("configuring {VIPS} VIPs × {REALS_PER_VIP} reals: {e}"));
     (dp, state)
 }

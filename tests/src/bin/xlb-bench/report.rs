@@ -700,7 +700,7 @@ fn per_packet_md(w: &mut String, p: &PerPacket, svg_dir: &Path) {
         w,
         &format!(
             "Method: the real balancer object (`lb_userspace::dataplane::Dataplane`) configured \
-             through the daemon's own `State::reconcile` with {} VIPs × {} reals (Maglev tables of \
+             through the daemon's own `State::edit` with {} VIPs × {} reals (Maglev tables of \
              {} slots; DR and TUN, IPv4 and IPv6, TCP and UDP), conntrack of {} entries (twice the default, so that the new-flow cases never evict). \
              Every call is one `BPF_PROG_TEST_RUN` with `repeat = 1` and a fresh copy of the \
              packet: with `repeat > 1` the kernel runs the program again on the buffer it already \
@@ -1034,7 +1034,7 @@ fn control_md(w: &mut String, c: &Control) {
         line(
             w,
             &format!(
-                "Method: `State::reconcile` — the step `xlb apply` runs in the daemon — against \
+                "Method: `State::edit` — the step `xlb apply` runs in the daemon — against \
                  the real loaded object, MACs given directly (no ARP). From empty: {} VIPs × {} \
                  reals with {}-slot Maglev tables into a freshly loaded object. Then one real \
                  removed from (or added back to) one VIP on top of that state: only that VIP's \

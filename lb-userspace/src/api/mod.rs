@@ -1,0 +1,116 @@
+//! The control API: HTTP+JSON on a Unix socket, served by the daemon. Changes
+//! go to the controller as [`crate::desired::Edit`]s; reads use the
+//! controller's published snapshot and the data path's counters. The routes
+//! are documented in docs/api.md.
+//!
+//! - [`types`]: request and answer bodies (shared with the CLI).
+//! - [`routes`]: the handlers.
+
+pub mod routes;
+pub mod types;
+
+use std::{sync::Arc, time::Duration};
+
+use axum::{
+    Json,
+    extract::rejection::JsonRejection,
+    http::StatusCode,
+    response::{IntoResponse, Response},
+};
+
+pub use routes::router;
+pub use types::*;
+
+use crate::{controller::ControlError, desired::SpecError, metrics::Sources, neighbor::Iface};
+
+/// What the handlers share: read handles and the controller's handle.
+#[derive(Clone)]
+pub struct Context {
+    /// Snapshot, counters, conntrack count, probe statuses, daemon metrics.
+    pub sources: Sources,
+    /// The interface the balancer serves (for resolving new reals).
+    pub iface: Arc<Iface>,
+    /// How long to wait for a new real's ARP/NDP answer before handing the
+    /// change to the controller with the real unresolved.
+    pub resolve_timeout: Duration,
+}
+
+/// An error answer.
+#[derive(Debug)]
+pub struct ApiError {
+    /// The HTTP status.
+    pub status: StatusCode,
+    /// What went wrong, for the operator.
+    pub message: String,
+}
+
+impl ApiError {
+    /// A 400 with `message`.
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        Self {
+            status: StatusCode::BAD_REQUEST,
+            message: message.into(),
+        }
+    }
+}
+
+impl std::fmt::Display for ApiError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        tracing::warn!(status = self.status.as_u16(), error = %self.message, "request refused");
+        (
+            self.status,
+            Json(ErrorBody {
+                error: self.message,
+            }),
+        )
+            .into_response()
+    }
+}
+
+/// The one mapping from the controller's errors to HTTP statuses.
+impl From<ControlError> for ApiError {
+    fn from(err: ControlError) -> Self {
+        let status = match &err {
+            ControlError::Spec(SpecError::VipExists(_) | SpecError::RealExists { .. }) => {
+                StatusCode::CONFLICT
+            }
+            ControlError::Spec(
+                SpecError::UnknownVip(_)
+                | SpecError::UnknownReal { .. }
+                | SpecError::NoOverride { .. },
+            ) => StatusCode::NOT_FOUND,
+            ControlError::Spec(_) => StatusCode::BAD_REQUEST,
+            ControlError::Neighbor(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            ControlError::Dataplane(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            ControlError::Stopped => StatusCode::SERVICE_UNAVAILABLE,
+        };
+        Self {
+            status,
+            message: err.to_string(),
+        }
+    }
+}
+
+impl From<SpecError> for ApiError {
+    fn from(err: SpecError) -> Self {
+        ControlError::from(err).into()
+    }
+}
+
+impl From<crate::dataplane::DataplaneError> for ApiError {
+    fn from(err: crate::dataplane::DataplaneError) -> Self {
+        ControlError::from(err).into()
+    }
+}
+
+impl From<JsonRejection> for ApiError {
+    fn from(err: JsonRejection) -> Self {
+        Self::bad_request(format!("invalid request body: {}", err.body_text()))
+    }
+}

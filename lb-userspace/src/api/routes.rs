@@ -1,0 +1,360 @@
+//! The API's routes. Each change is one [`Edit`] sent to the controller,
+//! after the MACs of the reals it adds were looked up here (so the
+//! controller never waits on ARP); each read joins the controller's snapshot
+//! with the counters.
+
+use std::{
+    net::{IpAddr, SocketAddr},
+    time::Duration,
+};
+
+use axum::{
+    Json, Router,
+    extract::{Path, Query, State as AxState, rejection::JsonRejection},
+    http::StatusCode,
+    routing::{delete, get, post, put},
+};
+use lb_common::{flow_hash, src_hash, stat};
+use serde::Deserialize;
+
+use super::{
+    AddReal, AddVip, ApiError, Applied, ApplyBody, Conntrack, Context, EventStat, RealHealth,
+    SetReal, Simulated, Stats, Status, VerdictStat, VipStatus,
+};
+use crate::{
+    config::Config,
+    desired::{Desired, Edit, SpecError, VipOptions},
+    model::{Proto, Scheduler, Vip, addr_bytes},
+    neighbor::{self, Resolution},
+    views::{self, VipView},
+};
+
+type ApiResult<T> = Result<T, ApiError>;
+
+/// The API's routes over `ctx`.
+pub fn router(ctx: Context) -> Router {
+    Router::new()
+        .route("/v1/vips", get(list_vips).post(add_vip))
+        .route(
+            "/v1/vips/{proto}/{addr}/{port}",
+            get(get_vip).delete(del_vip),
+        )
+        .route("/v1/vips/{proto}/{addr}/{port}/reals", post(add_real))
+        .route(
+            "/v1/vips/{proto}/{addr}/{port}/reals/{real}",
+            delete(del_real).put(set_real),
+        )
+        .route(
+            "/v1/vips/{proto}/{addr}/{port}/reals/{real}/override",
+            delete(reset_override),
+        )
+        .route("/v1/desired", put(apply).get(desired))
+        .route("/v1/status", get(status))
+        .route("/v1/stats", get(stats))
+        .route("/v1/simulate", get(simulate))
+        .with_state(ctx)
+}
+
+fn parse_err(e: impl std::fmt::Display) -> ApiError {
+    ApiError::bad_request(e.to_string())
+}
+
+fn vip_from_path(proto: &str, addr: &str, port: &str) -> ApiResult<Vip> {
+    let proto: Proto = proto.parse().map_err(parse_err)?;
+    let addr: IpAddr = crate::model::parse_real(addr).map_err(parse_err)?;
+    let port = match port.parse::<u16>() {
+        Ok(p) if p != 0 => p,
+        _ => {
+            return Err(ApiError::bad_request(format!(
+                "invalid port '{port}': out of range (1-65535)"
+            )));
+        }
+    };
+    Ok(Vip { addr, port, proto })
+}
+
+/// Every VIP's view, with the last conntrack count (never waits for a walk).
+fn all_views(ctx: &Context) -> ApiResult<Vec<VipView>> {
+    let flows = ctx.sources.flows.last();
+    Ok(views::vips(
+        &ctx.sources.handle.snapshot(),
+        &ctx.sources.reader,
+        &flows,
+    )?)
+}
+
+fn view_of(ctx: &Context, vip: &Vip) -> ApiResult<VipView> {
+    views::find(all_views(ctx)?, vip).ok_or_else(|| SpecError::UnknownVip(*vip).into())
+}
+
+/// Looks up the MACs of the reals `desired` adds that the controller does
+/// not know yet (waiting at most the resolve timeout). A real that does not
+/// answer is left to the controller, which keeps it unresolved and retries.
+async fn resolve(ctx: &Context, desired: &Desired) -> Resolution {
+    let snap = ctx.sources.handle.snapshot();
+    let mut unknown = desired.reach();
+    unknown.retain(|real, _| !snap.macs.contains_key(real));
+    if unknown.is_empty() {
+        return Resolution::default();
+    }
+    neighbor::resolve_all(&ctx.iface, &unknown, ctx.resolve_timeout).await
+}
+
+async fn edit(ctx: &Context, edit: Edit, adds: Option<&Desired>) -> ApiResult<Applied> {
+    let resolution = match adds {
+        Some(d) => resolve(ctx, d).await,
+        None => Resolution::default(),
+    };
+    Ok(ctx.sources.handle.edit(edit, resolution).await?.into())
+}
+
+async fn list_vips(AxState(ctx): AxState<Context>) -> ApiResult<Json<Vec<VipView>>> {
+    Ok(Json(all_views(&ctx)?))
+}
+
+async fn get_vip(
+    AxState(ctx): AxState<Context>,
+    Path((proto, addr, port)): Path<(String, String, String)>,
+) -> ApiResult<Json<VipView>> {
+    let vip = vip_from_path(&proto, &addr, &port)?;
+    Ok(Json(view_of(&ctx, &vip)?))
+}
+
+async fn add_vip(
+    AxState(ctx): AxState<Context>,
+    body: Result<Json<AddVip>, JsonRejection>,
+) -> ApiResult<(StatusCode, Json<VipView>)> {
+    let Json(body) = body?;
+    let vip: Vip = body.vip.parse().map_err(parse_err)?;
+    let mut options = VipOptions::default();
+    if let Some(s) = &body.scheduler {
+        options.scheduler = s.parse().map_err(parse_err)?;
+    }
+    if let Some(size) = body.table_size {
+        options.table_size = size;
+    }
+    if let Some(f) = &body.forward {
+        options.forward = f.parse().map_err(parse_err)?;
+    }
+    if let Some(hc) = &body.health_check {
+        hc.validate()
+            .map_err(|m| ApiError::bad_request(format!("health_check: {m}")))?;
+    }
+    let e = Edit::AddVip {
+        vip,
+        options,
+        health: body.health_check,
+    };
+    edit(&ctx, e, None).await?;
+    Ok((StatusCode::CREATED, Json(view_of(&ctx, &vip)?)))
+}
+
+async fn del_vip(
+    AxState(ctx): AxState<Context>,
+    Path((proto, addr, port)): Path<(String, String, String)>,
+) -> ApiResult<StatusCode> {
+    let vip = vip_from_path(&proto, &addr, &port)?;
+    edit(&ctx, Edit::DelVip(vip), None).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn add_real(
+    AxState(ctx): AxState<Context>,
+    Path((proto, addr, port)): Path<(String, String, String)>,
+    body: Result<Json<AddReal>, JsonRejection>,
+) -> ApiResult<(StatusCode, Json<VipView>)> {
+    let Json(body) = body?;
+    let vip = vip_from_path(&proto, &addr, &port)?;
+    let real = crate::model::parse_real(&body.addr).map_err(parse_err)?;
+    let weight = body.weight.unwrap_or(1);
+    let e = Edit::AddReal { vip, real, weight };
+    // Refuse early what would be refused anyway, before waiting on ARP.
+    let mut preview = ctx.sources.handle.snapshot().spec.clone();
+    preview.apply(e.clone())?;
+    let desired = preview.effective();
+    crate::controller::check_reach(&ctx.iface, &desired)
+        .map_err(crate::controller::ControlError::from)?;
+    let mut adds = Desired::default();
+    if let Some(s) = desired.services.get(&vip) {
+        let mut s = s.clone();
+        s.reals.retain(|r, _| *r == real);
+        adds.services.insert(vip, s);
+    }
+    edit(&ctx, e, Some(&adds)).await?;
+    Ok((StatusCode::CREATED, Json(view_of(&ctx, &vip)?)))
+}
+
+async fn set_real(
+    AxState(ctx): AxState<Context>,
+    Path((proto, addr, port, real)): Path<(String, String, String, String)>,
+    body: Result<Json<SetReal>, JsonRejection>,
+) -> ApiResult<Json<VipView>> {
+    let Json(body) = body?;
+    let vip = vip_from_path(&proto, &addr, &port)?;
+    let real = crate::model::parse_real(&real).map_err(parse_err)?;
+    let e = Edit::SetReal {
+        vip,
+        real,
+        weight: body.weight,
+        admin: body.admin,
+    };
+    edit(&ctx, e, None).await?;
+    Ok(Json(view_of(&ctx, &vip)?))
+}
+
+async fn reset_override(
+    AxState(ctx): AxState<Context>,
+    Path((proto, addr, port, real)): Path<(String, String, String, String)>,
+) -> ApiResult<Json<VipView>> {
+    let vip = vip_from_path(&proto, &addr, &port)?;
+    let real = crate::model::parse_real(&real).map_err(parse_err)?;
+    edit(&ctx, Edit::ResetOverride { vip, real }, None).await?;
+    Ok(Json(view_of(&ctx, &vip)?))
+}
+
+async fn del_real(
+    AxState(ctx): AxState<Context>,
+    Path((proto, addr, port, real)): Path<(String, String, String, String)>,
+) -> ApiResult<StatusCode> {
+    let vip = vip_from_path(&proto, &addr, &port)?;
+    let real = crate::model::parse_real(&real).map_err(parse_err)?;
+    edit(&ctx, Edit::DelReal { vip, real }, None).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn apply(
+    AxState(ctx): AxState<Context>,
+    body: Result<Json<ApplyBody>, JsonRejection>,
+) -> ApiResult<Json<Applied>> {
+    let Json(body) = body?;
+    let file = body.file.as_deref().unwrap_or("request");
+    let config = Config::parse(file, &body.yaml).map_err(parse_err)?;
+    // Errors only the daemon can see (a real off the segment) name the file too.
+    let named = |e: ApiError| ApiError {
+        status: e.status,
+        message: format!("{file}: {}", e.message),
+    };
+    crate::controller::check_reach(&ctx.iface, &config.desired)
+        .map_err(|e| named(crate::controller::ControlError::from(e).into()))?;
+    let desired = config.desired.clone();
+    let applied = edit(&ctx, Edit::Replace(config.desired), Some(&desired))
+        .await
+        .map_err(named)?;
+    tracing::info!(
+        file,
+        writes = applied.writes,
+        tables = applied.tables,
+        "desired state applied"
+    );
+    Ok(Json(applied))
+}
+
+async fn desired(AxState(ctx): AxState<Context>) -> Json<Desired> {
+    Json(ctx.sources.handle.snapshot().desired.clone())
+}
+
+async fn status(AxState(ctx): AxState<Context>) -> ApiResult<Json<Status>> {
+    let snap = ctx.sources.handle.snapshot();
+    let flows = ctx.sources.flows.fresh(Duration::ZERO).await;
+    let views = views::vips(&snap, &ctx.sources.reader, &flows)?;
+    let statuses = ctx.sources.board.statuses();
+    let vips = views
+        .into_iter()
+        .map(|view| {
+            let model = snap.vips.iter().find(|v| v.vip == view.vip);
+            let health = view
+                .reals
+                .iter()
+                .map(|r| {
+                    let check = model
+                        .and_then(|m| m.reals.iter().find(|x| x.addr == r.addr))
+                        .and_then(|x| x.check);
+                    RealHealth {
+                        addr: r.addr,
+                        check: check
+                            .map_or_else(|| "none".to_owned(), |k| format!("{k:?}").to_lowercase()),
+                        status: statuses.get(&(view.vip, r.addr)).cloned(),
+                    }
+                })
+                .collect();
+            VipStatus { view, health }
+        })
+        .collect();
+    Ok(Json(Status {
+        iface: ctx.iface.name.clone(),
+        reconciles: ctx.sources.metrics.reconcile_count(),
+        conntrack: Conntrack {
+            entries: flows.entries,
+            capacity: ctx.sources.reader.flow_capacity(),
+            counted_ms_ago: flows
+                .at
+                .map(|t| u64::try_from(t.elapsed().as_millis()).unwrap_or(u64::MAX)),
+        },
+        vips,
+    }))
+}
+
+async fn stats(AxState(ctx): AxState<Context>) -> ApiResult<Json<Stats>> {
+    let reader = &ctx.sources.reader;
+    let verdicts = reader
+        .verdicts()?
+        .iter()
+        .zip(stat::VERDICT_NAMES)
+        .map(|(c, name)| VerdictStat {
+            name: name.to_owned(),
+            packets: c.packets,
+            bytes: c.bytes,
+        })
+        .collect();
+    let events = reader
+        .events()?
+        .into_iter()
+        .map(|(name, count)| EventStat {
+            name: name.to_owned(),
+            count,
+        })
+        .collect();
+    let flows = ctx.sources.flows.fresh(Duration::ZERO).await;
+    Ok(Json(Stats {
+        verdicts,
+        events,
+        vips: views::vips(&ctx.sources.handle.snapshot(), reader, &flows)?,
+    }))
+}
+
+/// Query of `GET /v1/simulate`.
+#[derive(Debug, Deserialize)]
+struct SimulateQuery {
+    vip: String,
+    src: String,
+}
+
+async fn simulate(
+    AxState(ctx): AxState<Context>,
+    Query(q): Query<SimulateQuery>,
+) -> ApiResult<Json<Simulated>> {
+    let vip: Vip = q.vip.parse().map_err(parse_err)?;
+    let src: SocketAddr = q.src.parse().map_err(|_| {
+        ApiError::bad_request(format!("invalid source '{}': expected IP:PORT", q.src))
+    })?;
+    let snap = ctx.sources.handle.snapshot();
+    let scheduler = snap
+        .desired
+        .services
+        .get(&vip)
+        .map(|s| s.options.scheduler)
+        .ok_or(SpecError::UnknownVip(vip))?;
+    let (s, _) = addr_bytes(src.ip());
+    let (d, _) = addr_bytes(vip.addr);
+    let hash = match scheduler {
+        Scheduler::Maglev => flow_hash(
+            &s,
+            &d,
+            (u32::from(src.port()) << 16) | u32::from(vip.port),
+            vip.proto.number(),
+        ),
+        Scheduler::MaglevSrc => src_hash(&s),
+    };
+    let real = ctx.sources.handle.simulate(vip, hash).await?;
+    Ok(Json(Simulated { real }))
+}

@@ -1,0 +1,349 @@
+//! The `xlb` command line: `xlb run` is the daemon, `xlb decap` and `xlb
+//! realserver` run on real servers, every other subcommand is a client of the
+//! daemon's control API.
+//!
+//! - [`args`]: the subcommands and flags.
+//! - [`render`]: how answers are printed.
+//! - this module: what each subcommand does.
+
+pub mod args;
+pub mod render;
+
+use std::{net::IpAddr, time::Duration};
+
+use anyhow::{Context as _, bail};
+use hyper::Method;
+
+pub use args::{Cli, Command};
+use args::{DecapArgs, RealCommand, RealRef, RealserverCommand, VipCommand};
+
+use crate::{
+    api::{AddReal, AddVip, Applied, ApplyBody, SetReal, Simulated, Stats, Status},
+    client::Client,
+    config::Config,
+    daemon,
+    decap::Decap,
+    desired::Admin,
+    pin, realserver,
+    views::VipView,
+};
+
+fn real_path(at: &RealRef) -> String {
+    format!("/v1/vips/{}/reals/{}", at.vip.path(), at.real)
+}
+
+async fn set_real(client: &Client, at: &RealRef, body: SetReal) -> anyhow::Result<VipView> {
+    client.call(Method::PUT, &real_path(at), Some(&body)).await
+}
+
+async fn set_admin(client: &Client, at: &RealRef, admin: Admin) -> anyhow::Result<()> {
+    let body = SetReal {
+        weight: None,
+        admin: Some(admin),
+    };
+    set_real(client, at, body).await.map(drop)
+}
+
+/// Runs the parsed command line.
+pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    let client = Client::new(&cli.socket);
+    match cli.command {
+        Command::Run(args) => {
+            let args = *args;
+            daemon::run(args.settings, args.config, cli.socket).await
+        }
+        Command::Apply { file } => {
+            // Validate locally first: errors name the file and place at once.
+            let config = Config::load(&file)?;
+            let body = ApplyBody {
+                yaml: std::fs::read_to_string(&file)
+                    .with_context(|| format!("reading {}", file.display()))?,
+                file: Some(file.display().to_string()),
+            };
+            let applied: Applied = client.call(Method::PUT, "/v1/desired", Some(&body)).await?;
+            println!(
+                "applied {}: {} services, {} map writes, {} tables rebuilt",
+                file.display(),
+                config.desired.services.len(),
+                applied.writes,
+                applied.tables
+            );
+            Ok(())
+        }
+        Command::Status { json } => {
+            let status: Status = client.call(Method::GET, "/v1/status", None::<&()>).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&status)?);
+            } else {
+                render::status(&status);
+            }
+            Ok(())
+        }
+        Command::Teardown {
+            pin_dir,
+            state_file,
+        } => {
+            let removed = pin::teardown(&pin_dir)?;
+            crate::state::persist::remove(&state_file);
+            if removed.is_empty() {
+                println!("nothing pinned at {}", pin_dir.display());
+            } else {
+                println!(
+                    "removed {} pins under {}: the data path is detached",
+                    removed.len(),
+                    pin_dir.display()
+                );
+            }
+            Ok(())
+        }
+        Command::Decap(args) => run_decap(args).await,
+        Command::Realserver(RealserverCommand::Setup { vips, state }) => {
+            let applied = realserver::setup(&vips, &state).await?;
+            for vip in &vips {
+                println!("{vip} is on lo");
+            }
+            for (key, old) in &applied.sysctls {
+                println!("set {} (was {old})", key.replace('/', "."));
+            }
+            println!(
+                "recorded in {} for `xlb realserver teardown`",
+                state.display()
+            );
+            Ok(())
+        }
+        Command::Realserver(RealserverCommand::Teardown { state }) => {
+            let applied = realserver::teardown(&state).await?;
+            for vip in &applied.vips {
+                println!("removed {vip} from lo");
+            }
+            for (key, old) in &applied.sysctls {
+                println!("restored {} = {old}", key.replace('/', "."));
+            }
+            Ok(())
+        }
+        Command::Vip(cmd) => vip(&client, cmd).await,
+        Command::Real(cmd) => real(&client, cmd).await,
+        Command::Stats { json } => {
+            let stats: Stats = client.call(Method::GET, "/v1/stats", None::<&()>).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&stats)?);
+            } else {
+                render::stats(&stats);
+            }
+            Ok(())
+        }
+        Command::Simulate { vip, src, json } => {
+            let query =
+                serde_urlencoded::to_string([("vip", vip.to_string()), ("src", src.to_string())])
+                    .context("encoding the query")?;
+            let sim: Simulated = client
+                .call(Method::GET, &format!("/v1/simulate?{query}"), None::<&()>)
+                .await
+                .context("simulate failed")?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&sim)?);
+                return Ok(());
+            }
+            match sim.real {
+                Some(real) => println!("{src} -> {vip} goes to real {real}"),
+                None => println!("{src} -> {vip} is dropped: the VIP has no usable real"),
+            }
+            Ok(())
+        }
+    }
+}
+
+async fn vip(client: &Client, cmd: VipCommand) -> anyhow::Result<()> {
+    match cmd {
+        VipCommand::Add {
+            vip,
+            scheduler,
+            table_size,
+            forward,
+            check,
+        } => {
+            let body = AddVip {
+                vip: vip.to_string(),
+                scheduler: Some(scheduler.to_string()),
+                table_size: Some(table_size),
+                forward: Some(forward.to_string()),
+                health_check: check.check()?,
+            };
+            let _: VipView = client.call(Method::POST, "/v1/vips", Some(&body)).await?;
+            println!("added VIP {vip} ({forward}, {scheduler})");
+        }
+        VipCommand::Del { vip } => {
+            let () = client
+                .call(
+                    Method::DELETE,
+                    &format!("/v1/vips/{}", vip.path()),
+                    None::<&()>,
+                )
+                .await?;
+            println!("removed VIP {vip}");
+        }
+        VipCommand::List { json } => {
+            let vips: Vec<VipView> = client.call(Method::GET, "/v1/vips", None::<&()>).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&vips)?);
+            } else {
+                render::vips(&vips);
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn real(client: &Client, cmd: RealCommand) -> anyhow::Result<()> {
+    match cmd {
+        RealCommand::Add { at, weight } => {
+            let body = AddReal {
+                addr: at.real.to_string(),
+                weight: Some(weight),
+            };
+            let view: VipView = client
+                .call(
+                    Method::POST,
+                    &format!("/v1/vips/{}/reals", at.vip.path()),
+                    Some(&body),
+                )
+                .await?;
+            let r = view.reals.iter().find(|r| r.addr == at.real);
+            match r {
+                Some(r) if r.resolved => println!(
+                    "added real {} ({}) to {} with weight {weight}",
+                    at.real, r.mac, at.vip
+                ),
+                _ => println!(
+                    "added real {} to {} with weight {weight}; not resolved yet ({}): it joins \
+                     the table when it answers",
+                    at.real,
+                    at.vip,
+                    r.and_then(|r| r.unresolved_reason.clone())
+                        .unwrap_or_else(|| "resolving".to_owned())
+                ),
+            }
+        }
+        RealCommand::Set { at, weight } => {
+            let body = SetReal {
+                weight: Some(weight),
+                admin: None,
+            };
+            set_real(client, &at, body).await?;
+            println!(
+                "real {} of {} now has weight {weight} (override)",
+                at.real, at.vip
+            );
+        }
+        RealCommand::Drain(at) => {
+            set_admin(client, &at, Admin::Drain).await?;
+            println!(
+                "real {} of {} drains: no new flows, tracked flows stay (override)",
+                at.real, at.vip
+            );
+        }
+        RealCommand::Disable(at) => {
+            set_admin(client, &at, Admin::Disabled).await?;
+            println!(
+                "real {} of {} is disabled: its flows move to the other reals (override)",
+                at.real, at.vip
+            );
+        }
+        RealCommand::Enable(at) => {
+            set_admin(client, &at, Admin::Enabled).await?;
+            println!("real {} of {} is enabled (override)", at.real, at.vip);
+        }
+        RealCommand::ResetOverride(at) => {
+            let view: VipView = client
+                .call(
+                    Method::DELETE,
+                    &format!("{}/override", real_path(&at)),
+                    None::<&()>,
+                )
+                .await?;
+            let r = view.reals.iter().find(|r| r.addr == at.real);
+            match r {
+                Some(r) => println!(
+                    "real {} of {}: override removed; weight {}, {} from the configuration",
+                    at.real, at.vip, r.weight, r.admin
+                ),
+                None => println!("real {} of {}: override removed", at.real, at.vip),
+            }
+        }
+        RealCommand::Del(at) => {
+            let () = client
+                .call(Method::DELETE, &real_path(&at), None::<&()>)
+                .await?;
+            println!("removed real {} from {}", at.real, at.vip);
+        }
+        RealCommand::List { vip, json } => {
+            let view: VipView = client
+                .call(
+                    Method::GET,
+                    &format!("/v1/vips/{}", vip.path()),
+                    None::<&()>,
+                )
+                .await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&view.reals)?);
+            } else {
+                render::vips(std::slice::from_ref(&view));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `xlb decap`: attach the decapsulator and run until SIGINT/SIGTERM.
+async fn run_decap(args: DecapArgs) -> anyhow::Result<()> {
+    let iface = crate::neighbor::Iface::lookup(&args.iface)
+        .with_context(|| format!("cannot use interface {}", args.iface))?;
+    let addrs: Vec<IpAddr> = if args.addrs.is_empty() {
+        iface.nets.iter().map(|(a, _)| *a).collect()
+    } else {
+        args.addrs.clone()
+    };
+    if addrs.is_empty() {
+        bail!(
+            "{} has no addresses; give the tunnel endpoint with --addr",
+            args.iface
+        );
+    }
+    let mut decap = Decap::load().context("loading the decap program failed (run as root)")?;
+    for a in &addrs {
+        decap.add_addr(*a)?;
+    }
+    decap
+        .attach(&args.iface, args.xdp_mode.xdp())
+        .with_context(|| {
+            format!(
+                "attaching XDP to {} failed (another XDP program attached? try --xdp-mode skb)",
+                args.iface
+            )
+        })?;
+    tracing::info!(iface = %args.iface, ?addrs, "decapsulating tunnels");
+    let report = |decap: &Decap| {
+        if let Ok(counters) = decap.counters() {
+            let line: Vec<String> = counters
+                .iter()
+                .map(|(name, c)| format!("{name}={}", c.packets))
+                .collect();
+            tracing::info!("decap counters: {}", line.join(" "));
+        }
+    };
+    if args.report_interval == 0 {
+        daemon::shutdown_signal().await;
+    } else {
+        let mut tick = tokio::time::interval(Duration::from_secs(args.report_interval));
+        let stop = daemon::shutdown_signal();
+        tokio::pin!(stop);
+        loop {
+            tokio::select! {
+                _ = &mut stop => break,
+                _ = tick.tick() => report(&decap),
+            }
+        }
+    }
+    report(&decap);
+    Ok(())
+}

@@ -1,0 +1,659 @@
+//! The controller: the one task that owns the balancer's [`State`] and the
+//! maps. Everything that changes them reaches it as an [`Event`] over a
+//! bounded channel:
+//!
+//! - edits from the API (CLI commands, `xlb apply`) and config reloads, each
+//!   with the MACs its sender already resolved;
+//! - health verdicts from the probe tasks;
+//! - neighbour-table changes (RTM_NEWNEIGH) and the results of resolution rounds;
+//! - `xlb simulate` queries, which read the live table.
+//!
+//! After every change it saves the state file, updates the health engine,
+//! and publishes a [`Snapshot`] that readers (status, metrics) use without
+//! ever waiting on it. Once a second it converges: verdicts the state does not
+//! hold yet (a lost event, a failed write) are applied again, verdicts of
+//! reals no longer probed are cleared, and unresolved reals are asked again.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+    path::PathBuf,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::{
+    dataplane::{Dataplane, DataplaneError},
+    desired::{Admin, Desired, Edit, Source, Spec, SpecError, VipOptions},
+    health::{Engine, ProbeKind, engine::Board},
+    metrics::Metrics,
+    model::{Forward, Vip},
+    neighbor::{self, Iface, NeighborError, Resolution},
+    state::{Changes, State, StateError, persist, writer::PauseHook},
+};
+
+/// Capacity of the event channel.
+const EVENTS: usize = 1024;
+
+/// How often the controller converges and retries unresolved reals.
+const TICK: Duration = Duration::from_secs(1);
+
+/// How often every real's MAC is checked against the neighbour table (the
+/// neighbour events catch changes at once; this is the safety net).
+const MAC_REFRESH: Duration = Duration::from_secs(30);
+
+/// Unresolved reals are asked every second this long, then every [`SLOW_RETRY`].
+const FAST_RETRIES: Duration = Duration::from_secs(300);
+
+/// Retry interval of reals unresolved for longer than [`FAST_RETRIES`].
+const SLOW_RETRY: Duration = Duration::from_secs(5);
+
+/// Why the controller refused or failed a request.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    /// The edit is invalid.
+    #[error(transparent)]
+    Spec(#[from] SpecError),
+    /// A real can never be reached the way its VIP needs.
+    #[error(transparent)]
+    Neighbor(#[from] NeighborError),
+    /// Writing the maps failed; nothing changed.
+    #[error(transparent)]
+    Dataplane(#[from] DataplaneError),
+    /// The controller stopped (the daemon is shutting down).
+    #[error("the daemon is shutting down")]
+    Stopped,
+}
+
+impl From<StateError> for ControlError {
+    fn from(e: StateError) -> Self {
+        match e {
+            StateError::Spec(e) => Self::Spec(e),
+            StateError::Dataplane(e) => Self::Dataplane(e),
+        }
+    }
+}
+
+/// What reaches the controller.
+pub enum Event {
+    /// Change the desired state.
+    Edit {
+        /// The change.
+        edit: Edit,
+        /// What the sender found resolving the reals the change adds.
+        resolution: Box<Resolution>,
+        /// Where the result goes.
+        reply: oneshot::Sender<Result<Changes, ControlError>>,
+    },
+    /// A probe task's verdict flipped.
+    Verdict {
+        /// The VIP.
+        vip: Vip,
+        /// The real.
+        real: IpAddr,
+        /// The new verdict.
+        up: bool,
+    },
+    /// The kernel learnt or changed a neighbour's MAC.
+    Neighbour {
+        /// The neighbour's address.
+        addr: IpAddr,
+        /// Its MAC.
+        mac: [u8; 6],
+    },
+    /// A resolution round ended.
+    Resolved(Box<Resolution>),
+    /// Which real the live table gives a flow hash.
+    Simulate {
+        /// The VIP.
+        vip: Vip,
+        /// The flow hash.
+        hash: u32,
+        /// Where the answer goes.
+        reply: oneshot::Sender<Result<Option<IpAddr>, ControlError>>,
+    },
+}
+
+/// What the API and the metrics see of one real.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RealModel {
+    /// The real.
+    pub addr: IpAddr,
+    /// Its weight.
+    pub weight: u32,
+    /// Where the weight comes from.
+    pub weight_source: Source,
+    /// The operator's state.
+    pub admin: Admin,
+    /// Where the admin state comes from.
+    pub admin_source: Source,
+    /// Its weight in the live table (absent: not in it).
+    pub effective_weight: Option<u32>,
+    /// Its slot id (absent: none yet).
+    pub slot: Option<u32>,
+    /// MAC of the real (DR) or of the next hop toward it (TUN), once known.
+    pub mac: Option<[u8; 6]>,
+    /// Why it is not resolved yet.
+    pub unresolved: Option<String>,
+    /// The verdict in force.
+    pub healthy: bool,
+    /// The probe kind that applies, if any.
+    pub check: Option<ProbeKind>,
+}
+
+/// What the API and the metrics see of one VIP.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VipModel {
+    /// The VIP.
+    pub vip: Vip,
+    /// Its id in the maps.
+    pub id: u32,
+    /// Its options.
+    pub options: VipOptions,
+    /// Whether the avalanche guard ignores health for it.
+    pub guarded: bool,
+    /// Its reals.
+    pub reals: Vec<RealModel>,
+}
+
+/// The controller's state as readers see it, published after every change.
+#[derive(Clone, Debug, Default)]
+pub struct Snapshot {
+    /// Both layers of the desired state.
+    pub spec: Spec,
+    /// The effective desired state.
+    pub desired: Desired,
+    /// Every VIP as applied.
+    pub vips: Vec<VipModel>,
+    /// MACs known, by real.
+    pub macs: BTreeMap<IpAddr, [u8; 6]>,
+}
+
+impl Snapshot {
+    fn of(state: &State, pending: &BTreeMap<IpAddr, Pending>) -> Self {
+        let desired = state.desired();
+        let spec = state.spec().clone();
+        let model = state.model();
+        let vips = desired
+            .services
+            .iter()
+            .filter_map(|(vip, s)| {
+                let a = model.services.get(vip)?;
+                let reals =
+                    s.reals
+                        .iter()
+                        .map(|(addr, r)| {
+                            let (weight_source, admin_source) = spec.sources(vip, *addr);
+                            RealModel {
+                                addr: *addr,
+                                weight: r.weight,
+                                weight_source,
+                                admin: r.admin,
+                                admin_source,
+                                effective_weight: a.table.get(addr).copied(),
+                                slot: a.slots.get(addr).copied(),
+                                mac: state.mac(*addr),
+                                unresolved: if state.mac(*addr).is_some() {
+                                    None
+                                } else {
+                                    Some(pending.get(addr).map_or_else(
+                                        || "resolving".to_owned(),
+                                        |p| p.reason.clone(),
+                                    ))
+                                },
+                                healthy: state.healthy(vip, *addr),
+                                check: s
+                                    .check(*addr)
+                                    .map(|c| c.kind)
+                                    .filter(|k| *k != ProbeKind::None),
+                            }
+                        })
+                        .collect();
+                Some(VipModel {
+                    vip: *vip,
+                    id: a.id,
+                    options: a.options,
+                    guarded: state.guarded().contains(vip),
+                    reals,
+                })
+            })
+            .collect();
+        Self {
+            macs: state.macs().clone(),
+            spec,
+            desired,
+            vips,
+        }
+    }
+}
+
+/// How API handlers and other tasks talk to the controller.
+#[derive(Clone)]
+pub struct Handle {
+    tx: mpsc::Sender<Event>,
+    snapshot: watch::Receiver<Arc<Snapshot>>,
+}
+
+impl Handle {
+    /// The last published snapshot.
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.snapshot.borrow().clone()
+    }
+
+    /// Sends an event (waits while the channel is full).
+    pub async fn send(&self, event: Event) -> Result<(), ControlError> {
+        self.tx.send(event).await.map_err(|_| ControlError::Stopped)
+    }
+
+    /// Applies `edit` with what was found resolving the reals it adds.
+    pub async fn edit(&self, edit: Edit, resolution: Resolution) -> Result<Changes, ControlError> {
+        let (reply, answer) = oneshot::channel();
+        self.send(Event::Edit {
+            edit,
+            resolution: Box::new(resolution),
+            reply,
+        })
+        .await?;
+        answer.await.map_err(|_| ControlError::Stopped)?
+    }
+
+    /// Which real the live table gives `hash` for `vip`.
+    pub async fn simulate(&self, vip: Vip, hash: u32) -> Result<Option<IpAddr>, ControlError> {
+        let (reply, answer) = oneshot::channel();
+        self.send(Event::Simulate { vip, hash, reply }).await?;
+        answer.await.map_err(|_| ControlError::Stopped)?
+    }
+
+    /// A sender for tasks that report to the controller (probes, neighbour watch).
+    pub fn sender(&self) -> mpsc::Sender<Event> {
+        self.tx.clone()
+    }
+}
+
+/// An unresolved real.
+#[derive(Clone, Debug)]
+struct Pending {
+    /// Why it is not resolved.
+    reason: String,
+    /// Since when.
+    since: Instant,
+    /// When to ask again.
+    next: Instant,
+}
+
+/// Settings of the controller.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// Where the state is saved after every change.
+    pub state_file: PathBuf,
+    /// Test hook: stop after the n-th map write of an edit.
+    pub pause: PauseHook,
+}
+
+/// The owner of the state and the maps.
+pub struct Controller {
+    state: State,
+    dp: Dataplane,
+    iface: Iface,
+    engine: Engine,
+    options: Options,
+    metrics: Arc<Metrics>,
+    /// Unresolved reals.
+    pending: BTreeMap<IpAddr, Pending>,
+    /// Next hop of each real (itself in DR mode), as last resolved.
+    hops: BTreeMap<IpAddr, IpAddr>,
+    /// Whether a resolution round is running.
+    resolving: bool,
+    tx: mpsc::Sender<Event>,
+    snapshot: watch::Sender<Arc<Snapshot>>,
+}
+
+impl Controller {
+    /// A controller over `state` and `dp` (already adopted and applied, with
+    /// `resolution` what start-up found resolving the reals), and the handle
+    /// to reach it.
+    pub fn new(
+        state: State,
+        dp: Dataplane,
+        iface: Iface,
+        options: Options,
+        metrics: Arc<Metrics>,
+        resolution: &Resolution,
+    ) -> (Self, Handle, mpsc::Receiver<Event>, Board) {
+        let (tx, rx) = mpsc::channel(EVENTS);
+        let verdicts = tx.clone();
+        let engine = Engine::new(Arc::new(move |vip, real, up| {
+            // A full channel loses the event; the next convergence applies it.
+            let _ = verdicts.try_send(Event::Verdict { vip, real, up });
+        }));
+        let board = engine.board();
+        let (snapshot, snapshot_rx) = watch::channel(Arc::new(Snapshot::default()));
+        let mut c = Self {
+            state,
+            dp,
+            iface,
+            engine,
+            options,
+            metrics,
+            pending: BTreeMap::new(),
+            hops: BTreeMap::new(),
+            resolving: false,
+            tx: tx.clone(),
+            snapshot,
+        };
+        c.track_unresolved(&BTreeMap::new());
+        c.note_failures(resolution);
+        c.publish();
+        let handle = Handle {
+            tx,
+            snapshot: snapshot_rx,
+        };
+        (c, handle, rx, board)
+    }
+
+    /// Runs until every handle is dropped.
+    pub async fn run(mut self, mut rx: mpsc::Receiver<Event>) {
+        self.sync_engine();
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut refresh = tokio::time::interval(MAC_REFRESH);
+        refresh.tick().await;
+        loop {
+            tokio::select! {
+                event = rx.recv() => match event {
+                    Some(event) => self.handle(event),
+                    None => break,
+                },
+                _ = tick.tick() => self.converge(),
+                _ = refresh.tick() => self.refresh_macs(),
+            }
+        }
+        self.engine.stop();
+    }
+
+    fn handle(&mut self, event: Event) {
+        match event {
+            Event::Edit {
+                edit,
+                resolution,
+                reply,
+            } => {
+                let result = self.edit(edit, &resolution.found);
+                self.note_failures(&resolution);
+                let _ = reply.send(result);
+            }
+            Event::Verdict { vip, real, up } => {
+                if self.state.desired().has_real(&vip, real) && self.state.healthy(&vip, real) != up
+                {
+                    let r = self.state.set_health(&mut self.dp, &[((vip, real), up)]);
+                    let _ = self.committed(r.map_err(ControlError::from), Instant::now());
+                }
+            }
+            Event::Neighbour { addr, mac } => self.neighbour(addr, mac),
+            Event::Resolved(res) => {
+                self.resolving = false;
+                self.resolved(*res);
+            }
+            Event::Simulate { vip, hash, reply } => {
+                let _ = reply.send(self.simulate(&vip, hash));
+            }
+        }
+    }
+
+    /// Applies an edit, refusing reals that can never be reached.
+    fn edit(
+        &mut self,
+        edit: Edit,
+        macs: &BTreeMap<IpAddr, [u8; 6]>,
+    ) -> Result<Changes, ControlError> {
+        let started = Instant::now();
+        let mut preview = self.state.spec().clone();
+        preview.apply(edit.clone())?;
+        check_reach(&self.iface, &preview.effective())?;
+        let r = self
+            .state
+            .edit(&mut self.dp, edit, macs, self.options.pause)
+            .map_err(ControlError::from);
+        if r.is_ok() {
+            self.track_unresolved(macs);
+        }
+        self.committed(r, started)
+    }
+
+    /// After a reconcile: metrics, state file, health engine, snapshot.
+    fn committed(
+        &mut self,
+        result: Result<Changes, ControlError>,
+        started: Instant,
+    ) -> Result<Changes, ControlError> {
+        self.metrics.reconciled(started.elapsed(), result.is_ok());
+        match &result {
+            Ok(_) => {
+                if let Err(err) =
+                    persist::save(&self.options.state_file, &self.iface.name, &self.state)
+                {
+                    tracing::error!(%err, "could not save the state file; a restarted daemon rebuilds from its config");
+                }
+                self.sync_engine();
+                self.publish();
+            }
+            Err(err) => tracing::warn!(%err, "change refused"),
+        }
+        result
+    }
+
+    fn sync_engine(&mut self) {
+        let down: BTreeSet<(Vip, IpAddr)> = self
+            .state
+            .health()
+            .iter()
+            .filter(|(_, up)| !**up)
+            .map(|(k, _)| *k)
+            .collect();
+        self.engine.sync(&self.state.desired(), &down);
+    }
+
+    fn publish(&mut self) {
+        let snap = Snapshot::of(&self.state, &self.pending);
+        self.metrics.set_unresolved(self.pending.len());
+        self.snapshot.send_replace(Arc::new(snap));
+    }
+
+    /// Keeps `pending` to the reals the state cannot reach yet.
+    fn track_unresolved(&mut self, learnt: &BTreeMap<IpAddr, [u8; 6]>) {
+        let unresolved = self.state.unresolved();
+        self.pending.retain(|r, _| unresolved.contains_key(r));
+        let now = Instant::now();
+        for real in unresolved.keys() {
+            if !self.pending.contains_key(real) {
+                tracing::warn!(%real, "real not resolved yet: kept out of the tables, asking again every second");
+                self.pending.insert(
+                    *real,
+                    Pending {
+                        reason: "resolving".to_owned(),
+                        since: now,
+                        next: now,
+                    },
+                );
+            }
+        }
+        for real in learnt.keys() {
+            self.pending.remove(real);
+        }
+    }
+
+    /// Once a second: verdicts, unresolved reals.
+    fn converge(&mut self) {
+        let probed = self.engine.verdicts();
+        let mut fix = Vec::new();
+        for (key, up) in &probed {
+            if self.state.desired().has_real(&key.0, key.1)
+                && self.state.healthy(&key.0, key.1) != *up
+            {
+                fix.push((*key, *up));
+            }
+        }
+        for (key, up) in self.state.health() {
+            if !*up && !probed.contains_key(key) {
+                // Not probed any more (its check was removed): back in.
+                fix.push((*key, true));
+            }
+        }
+        if !fix.is_empty() {
+            tracing::info!(
+                verdicts = fix.len(),
+                "applying health verdicts the maps do not hold yet"
+            );
+            let r = self.state.set_health(&mut self.dp, &fix);
+            let _ = self.committed(r.map_err(ControlError::from), Instant::now());
+        }
+        self.retry_unresolved();
+    }
+
+    /// Starts a resolution round for the unresolved reals that are due.
+    fn retry_unresolved(&mut self) {
+        if self.resolving || self.pending.is_empty() {
+            return;
+        }
+        let now = Instant::now();
+        let reach = self.state.desired().reach();
+        let due: BTreeMap<IpAddr, Forward> = self
+            .pending
+            .iter()
+            .filter(|(_, p)| p.next <= now)
+            .filter_map(|(r, _)| reach.get(r).map(|m| (*r, *m)))
+            .collect();
+        if due.is_empty() {
+            return;
+        }
+        for real in due.keys() {
+            if let Some(p) = self.pending.get_mut(real) {
+                let wait = if now - p.since < FAST_RETRIES {
+                    TICK
+                } else {
+                    SLOW_RETRY
+                };
+                p.next = now + wait;
+            }
+        }
+        self.resolving = true;
+        let iface = self.iface.clone();
+        let tx = self.tx.clone();
+        tokio::spawn(async move {
+            let mut res = neighbor::resolve_all(&iface, &due, Duration::from_millis(300)).await;
+            for err in res.failed.values_mut() {
+                if let NeighborError::Unresolved { real, iface, .. } = err {
+                    *err = NeighborError::NoAnswer {
+                        hop: *real,
+                        iface: iface.clone(),
+                    };
+                }
+            }
+            let _ = tx.send(Event::Resolved(Box::new(res))).await;
+        });
+    }
+
+    /// Re-reads every real's MAC (a real whose NIC was replaced, a gateway
+    /// that failed over).
+    fn refresh_macs(&mut self) {
+        if self.resolving {
+            return;
+        }
+        let reach = self.state.desired().reach();
+        if reach.is_empty() {
+            return;
+        }
+        self.resolving = true;
+        let iface = self.iface.clone();
+        let tx = self.tx.clone();
+        tokio::spawn(async move {
+            let res = neighbor::resolve_all(&iface, &reach, Duration::ZERO).await;
+            let _ = tx.send(Event::Resolved(Box::new(res))).await;
+        });
+    }
+
+    /// Records why reals of `res` are not resolved (and the hops found).
+    fn note_failures(&mut self, res: &Resolution) {
+        self.hops.extend(res.hops.iter().map(|(r, h)| (*r, *h)));
+        let mut changed = false;
+        for (real, err) in &res.failed {
+            if let Some(p) = self.pending.get_mut(real) {
+                p.reason = err.to_string();
+                changed = true;
+            }
+        }
+        if changed {
+            self.publish();
+        }
+    }
+
+    fn resolved(&mut self, res: Resolution) {
+        self.note_failures(&res);
+        let learnt: BTreeMap<IpAddr, [u8; 6]> = res
+            .found
+            .into_iter()
+            .filter(|(r, mac)| self.state.mac(*r) != Some(*mac))
+            .collect();
+        self.learn(learnt);
+        // The reasons changed even when no MAC did.
+        self.publish();
+    }
+
+    fn neighbour(&mut self, addr: IpAddr, mac: [u8; 6]) {
+        let reach = self.state.desired().reach();
+        let learnt: BTreeMap<IpAddr, [u8; 6]> = reach
+            .iter()
+            .filter(|(real, mode)| {
+                let hop = self.hops.get(*real).copied().or(match mode {
+                    Forward::Dr => Some(**real),
+                    Forward::Tun => None,
+                });
+                hop == Some(addr)
+            })
+            .filter(|(real, _)| self.state.mac(**real) != Some(mac))
+            .map(|(real, _)| (*real, mac))
+            .collect();
+        self.learn(learnt);
+    }
+
+    fn learn(&mut self, learnt: BTreeMap<IpAddr, [u8; 6]>) {
+        if learnt.is_empty() {
+            return;
+        }
+        for (real, mac) in &learnt {
+            match self.state.mac(*real) {
+                None => tracing::info!(%real, mac = %crate::state::fmt_mac(mac), "real resolved"),
+                Some(old) => tracing::info!(
+                    %real,
+                    old = %crate::state::fmt_mac(&old),
+                    mac = %crate::state::fmt_mac(mac),
+                    "real's MAC changed"
+                ),
+            }
+        }
+        let started = Instant::now();
+        let r = self.state.learn_macs(&mut self.dp, &learnt);
+        if r.is_ok() {
+            self.track_unresolved(&learnt);
+        }
+        let _ = self.committed(r.map_err(ControlError::from), started);
+    }
+
+    fn simulate(&self, vip: &Vip, hash: u32) -> Result<Option<IpAddr>, ControlError> {
+        Ok(self.state.real_for(&self.dp, vip, hash)?)
+    }
+}
+
+/// Refuses a desired state with a DR real off the interface's segments: it
+/// could never be reached.
+pub fn check_reach(iface: &Iface, desired: &Desired) -> Result<(), NeighborError> {
+    for (real, mode) in desired.reach() {
+        if mode == Forward::Dr {
+            iface.check_on_link(real)?;
+        }
+    }
+    Ok(())
+}

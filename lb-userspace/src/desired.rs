@@ -1,0 +1,832 @@
+//! The desired state: what the operator asked for, in two layers.
+//!
+//! - The **base** ([`Desired`]): services, their reals, weights, admin states and
+//!   health checks, as given by the configuration file, `xlb apply`, or
+//!   `xlb vip add` / `xlb real add` / `xlb real del`. A reload of `--config`
+//!   replaces it.
+//! - The **overrides** ([`Overrides`]): weights and admin states an operator set by
+//!   hand (`xlb real set|drain|disable|enable`). They win over the base, survive
+//!   reloads and restarts, and are removed one real at a time with
+//!   `xlb real reset-override`, or when their real leaves the base.
+//!
+//! [`Spec`] holds both; [`Spec::effective`] is what the reconcile step applies.
+//! Every change, whoever asks for it, is one [`Edit`] applied by
+//! [`Spec::apply`]: the API, the CLI, the config loader and the tests share it.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+};
+
+use lb_common::{MAX_REALS, MAX_VIPS, RING_POOL, RING_SIZE_DEFAULT, RING_SIZE_MAX};
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    health::HealthCheck,
+    maglev,
+    model::{Forward, Scheduler, Vip},
+};
+
+/// Largest weight a real can have.
+pub const MAX_WEIGHT: u32 = 65535;
+
+/// Why a desired state or an edit of it was refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum SpecError {
+    /// The VIP is already configured.
+    #[error("VIP {0} already exists")]
+    VipExists(Vip),
+    /// No such VIP.
+    #[error("unknown VIP {0}; add it first with `xlb vip add {0}`")]
+    UnknownVip(Vip),
+    /// The real is already in this VIP.
+    #[error("real {real} is already in VIP {vip}")]
+    RealExists {
+        /// The VIP.
+        vip: Vip,
+        /// The real.
+        real: IpAddr,
+    },
+    /// The real is not in this VIP.
+    #[error("real {real} is not in VIP {vip}")]
+    UnknownReal {
+        /// The VIP.
+        vip: Vip,
+        /// The real.
+        real: IpAddr,
+    },
+    /// The real has no override to remove.
+    #[error("real {real} of {vip} has no override; its values come from the configuration")]
+    NoOverride {
+        /// The VIP.
+        vip: Vip,
+        /// The real.
+        real: IpAddr,
+    },
+    /// A capacity of the maps would be exceeded.
+    #[error("cannot have more than {limit} {what}")]
+    Full {
+        /// What could not be added.
+        what: &'static str,
+        /// The limit.
+        limit: u32,
+    },
+    /// The real's address family cannot serve the VIP in its forwarding mode.
+    #[error("real {real} cannot serve {vip} in {forward} mode: {why}")]
+    Family {
+        /// The VIP.
+        vip: Vip,
+        /// The real.
+        real: IpAddr,
+        /// The VIP's mode.
+        forward: Forward,
+        /// Why.
+        why: &'static str,
+    },
+    /// The weight is out of range.
+    #[error("invalid weight {0}: must be 0-{MAX_WEIGHT}")]
+    Weight(u32),
+    /// The Maglev table size is not usable.
+    #[error("invalid table size {0}: must be a prime between 2 and {RING_SIZE_MAX}")]
+    TableSize(u32),
+    /// An edit that changes nothing was asked for with no values.
+    #[error("give a weight and/or an admin state")]
+    NothingToSet,
+}
+
+/// Options of a VIP beyond its address.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VipOptions {
+    /// How flows are hashed.
+    pub scheduler: Scheduler,
+    /// How packets reach the reals.
+    pub forward: Forward,
+    /// Maglev table size (prime).
+    pub table_size: u32,
+}
+
+impl Default for VipOptions {
+    fn default() -> Self {
+        Self {
+            scheduler: Scheduler::Maglev,
+            forward: Forward::Dr,
+            table_size: RING_SIZE_DEFAULT,
+        }
+    }
+}
+
+/// The operator's say over a real, which wins over health checks.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Admin {
+    /// In the table when healthy, with its weight.
+    #[default]
+    Enabled,
+    /// Weight 0: no new flows; its tracked flows stay until they end.
+    Drain,
+    /// Out of the table and its tracked flows are moved to other reals.
+    Disabled,
+}
+
+impl std::fmt::Display for Admin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Enabled => "enabled",
+            Self::Drain => "drain",
+            Self::Disabled => "disabled",
+        })
+    }
+}
+
+/// One real server of a service, as desired.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RealSpec {
+    /// Relative share of new flows, 0..=65535.
+    pub weight: u32,
+    /// The operator's state.
+    #[serde(default)]
+    pub admin: Admin,
+    /// This real's own health check (else the service's).
+    #[serde(default)]
+    pub health: Option<HealthCheck>,
+}
+
+impl Default for RealSpec {
+    fn default() -> Self {
+        Self {
+            weight: 1,
+            admin: Admin::Enabled,
+            health: None,
+        }
+    }
+}
+
+/// One service, as desired.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceSpec {
+    /// Its options.
+    pub options: VipOptions,
+    /// The health check of its reals (none: never probed, always healthy).
+    #[serde(default)]
+    pub health: Option<HealthCheck>,
+    /// Its reals.
+    pub reals: BTreeMap<IpAddr, RealSpec>,
+}
+
+impl ServiceSpec {
+    /// The check that applies to `real`: its own, else the service's.
+    pub fn check(&self, real: IpAddr) -> Option<&HealthCheck> {
+        self.reals
+            .get(&real)
+            .and_then(|r| r.health.as_ref())
+            .or(self.health.as_ref())
+    }
+}
+
+/// Services by VIP: one layer of the desired state (or both, merged).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Desired {
+    /// The services by VIP.
+    pub services: BTreeMap<Vip, ServiceSpec>,
+}
+
+impl Desired {
+    /// How each real is reached: by direct return when any VIP uses it in DR
+    /// mode (then the real itself must be on the segment), else by tunnel (the
+    /// next hop of the route toward it).
+    pub fn reach(&self) -> BTreeMap<IpAddr, Forward> {
+        let mut out = BTreeMap::new();
+        for s in self.services.values() {
+            for real in s.reals.keys() {
+                let mode = out.entry(*real).or_insert(s.options.forward);
+                if s.options.forward == Forward::Dr {
+                    *mode = Forward::Dr;
+                }
+            }
+        }
+        out
+    }
+
+    /// Every (VIP, real) pair.
+    pub fn pairs(&self) -> impl Iterator<Item = (Vip, IpAddr)> + '_ {
+        self.services
+            .iter()
+            .flat_map(|(vip, s)| s.reals.keys().map(move |r| (*vip, *r)))
+    }
+
+    /// Whether `real` is in `vip`.
+    pub fn has_real(&self, vip: &Vip, real: IpAddr) -> bool {
+        self.services
+            .get(vip)
+            .is_some_and(|s| s.reals.contains_key(&real))
+    }
+
+    /// Checks the values that do not depend on the running state: weights,
+    /// table sizes, address families, capacities.
+    pub fn validate(&self) -> Result<(), SpecError> {
+        if self.services.len() > MAX_VIPS as usize {
+            return Err(SpecError::Full {
+                what: "VIPs",
+                limit: MAX_VIPS,
+            });
+        }
+        let pairs: usize = self.services.values().map(|s| s.reals.len()).sum();
+        if pairs >= MAX_REALS as usize {
+            return Err(SpecError::Full {
+                what: "reals (over all VIPs)",
+                limit: MAX_REALS - 1,
+            });
+        }
+        let slots: u64 = self
+            .services
+            .values()
+            .map(|s| 2 * u64::from(s.options.table_size))
+            .sum();
+        if slots > u64::from(RING_POOL) {
+            return Err(SpecError::Full {
+                what: "Maglev table slots (two tables of table_size per VIP)",
+                limit: RING_POOL,
+            });
+        }
+        for (vip, s) in &self.services {
+            check_table_size(s.options.table_size)?;
+            for (real, spec) in &s.reals {
+                check_weight(spec.weight)?;
+                check_family(vip, s.options.forward, *real)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Refuses a weight above [`MAX_WEIGHT`].
+pub fn check_weight(weight: u32) -> Result<(), SpecError> {
+    if weight > MAX_WEIGHT {
+        return Err(SpecError::Weight(weight));
+    }
+    Ok(())
+}
+
+/// Refuses a table size that is not a usable prime.
+pub fn check_table_size(size: u32) -> Result<(), SpecError> {
+    if !maglev::is_prime(size) || size > RING_SIZE_MAX {
+        return Err(SpecError::TableSize(size));
+    }
+    Ok(())
+}
+
+/// Whether `real` can serve `vip` in mode `forward`.
+pub fn check_family(vip: &Vip, forward: Forward, real: IpAddr) -> Result<(), SpecError> {
+    let why = match (forward, vip.addr.is_ipv4(), real.is_ipv4()) {
+        (Forward::Dr, v4, r4) if v4 != r4 => {
+            "direct return forwards the packet unchanged, so the real must be of the VIP's \
+             address family"
+        }
+        (Forward::Tun, false, true) => "an IPv6 VIP needs IPv6 reals (IPv6-in-IPv4 is not offered)",
+        _ => return Ok(()),
+    };
+    Err(SpecError::Family {
+        vip: *vip,
+        real,
+        forward,
+        why,
+    })
+}
+
+/// What an operator set by hand on one real.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Override {
+    /// A weight that wins over the base's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weight: Option<u32>,
+    /// An admin state that wins over the base's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub admin: Option<Admin>,
+}
+
+/// The override layer: (VIP, real) → what was set by hand.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Overrides(pub BTreeMap<(Vip, IpAddr), Override>);
+
+impl Serialize for Overrides {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        // JSON maps need string keys: a list of entries.
+        #[derive(Serialize)]
+        struct Entry<'a> {
+            vip: Vip,
+            real: IpAddr,
+            #[serde(flatten)]
+            set: &'a Override,
+        }
+        s.collect_seq(self.0.iter().map(|((vip, real), set)| Entry {
+            vip: *vip,
+            real: *real,
+            set,
+        }))
+    }
+}
+
+impl<'de> Deserialize<'de> for Overrides {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        struct Entry {
+            vip: Vip,
+            real: IpAddr,
+            #[serde(flatten)]
+            set: Override,
+        }
+        Ok(Self(
+            Vec::<Entry>::deserialize(d)?
+                .into_iter()
+                .map(|e| ((e.vip, e.real), e.set))
+                .collect(),
+        ))
+    }
+}
+
+/// Where a real's value comes from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Source {
+    /// The base: the configuration file, `xlb apply`, `xlb vip|real add`.
+    Config,
+    /// Set by hand with `xlb real set|drain|disable|enable`.
+    Override,
+}
+
+/// The whole desired state: the base and the overrides on top of it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Spec {
+    /// The base layer.
+    pub base: Desired,
+    /// The override layer.
+    #[serde(default)]
+    pub overrides: Overrides,
+}
+
+/// One change of the desired state.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Edit {
+    /// Add a VIP to the base.
+    AddVip {
+        /// The VIP.
+        vip: Vip,
+        /// Its options.
+        options: VipOptions,
+        /// The health check of its reals.
+        health: Option<HealthCheck>,
+    },
+    /// Remove a VIP (and its overrides).
+    DelVip(Vip),
+    /// Add a real to a VIP of the base.
+    AddReal {
+        /// The VIP.
+        vip: Vip,
+        /// The real.
+        real: IpAddr,
+        /// Its weight.
+        weight: u32,
+    },
+    /// Set a real's weight and/or admin state by hand (the override layer).
+    SetReal {
+        /// The VIP.
+        vip: Vip,
+        /// The real.
+        real: IpAddr,
+        /// The weight to force.
+        weight: Option<u32>,
+        /// The admin state to force.
+        admin: Option<Admin>,
+    },
+    /// Remove a real from a VIP (and its override).
+    DelReal {
+        /// The VIP.
+        vip: Vip,
+        /// The real.
+        real: IpAddr,
+    },
+    /// Remove what was set by hand on a real: the base's values apply again.
+    ResetOverride {
+        /// The VIP.
+        vip: Vip,
+        /// The real.
+        real: IpAddr,
+    },
+    /// Replace the base (config file, `xlb apply`, reload); overrides whose
+    /// real is still there are kept.
+    Replace(Desired),
+}
+
+impl Spec {
+    /// The base with the overrides applied: what the maps must say.
+    pub fn effective(&self) -> Desired {
+        let mut out = self.base.clone();
+        for ((vip, real), set) in &self.overrides.0 {
+            if let Some(r) = out
+                .services
+                .get_mut(vip)
+                .and_then(|s| s.reals.get_mut(real))
+            {
+                if let Some(w) = set.weight {
+                    r.weight = w;
+                }
+                if let Some(a) = set.admin {
+                    r.admin = a;
+                }
+            }
+        }
+        out
+    }
+
+    /// Where `real`'s weight and admin state come from.
+    pub fn sources(&self, vip: &Vip, real: IpAddr) -> (Source, Source) {
+        let o = self.overrides.0.get(&(*vip, real));
+        let source = |set: bool| {
+            if set {
+                Source::Override
+            } else {
+                Source::Config
+            }
+        };
+        (
+            source(o.is_some_and(|o| o.weight.is_some())),
+            source(o.is_some_and(|o| o.admin.is_some())),
+        )
+    }
+
+    /// Applies `edit`; on error nothing changed. Returns the overrides the
+    /// edit dropped because their real left (for the log).
+    pub fn apply(&mut self, edit: Edit) -> Result<Vec<(Vip, IpAddr)>, SpecError> {
+        let mut next = self.clone();
+        match edit {
+            Edit::AddVip {
+                vip,
+                options,
+                health,
+            } => {
+                if next.base.services.contains_key(&vip) {
+                    return Err(SpecError::VipExists(vip));
+                }
+                check_table_size(options.table_size)?;
+                next.base.services.insert(
+                    vip,
+                    ServiceSpec {
+                        options,
+                        health,
+                        reals: BTreeMap::new(),
+                    },
+                );
+            }
+            Edit::DelVip(vip) => {
+                next.base
+                    .services
+                    .remove(&vip)
+                    .ok_or(SpecError::UnknownVip(vip))?;
+            }
+            Edit::AddReal { vip, real, weight } => {
+                check_weight(weight)?;
+                let s = next
+                    .base
+                    .services
+                    .get_mut(&vip)
+                    .ok_or(SpecError::UnknownVip(vip))?;
+                if s.reals.contains_key(&real) {
+                    return Err(SpecError::RealExists { vip, real });
+                }
+                check_family(&vip, s.options.forward, real)?;
+                s.reals.insert(
+                    real,
+                    RealSpec {
+                        weight,
+                        ..RealSpec::default()
+                    },
+                );
+            }
+            Edit::SetReal {
+                vip,
+                real,
+                weight,
+                admin,
+            } => {
+                if weight.is_none() && admin.is_none() {
+                    return Err(SpecError::NothingToSet);
+                }
+                if let Some(w) = weight {
+                    check_weight(w)?;
+                }
+                let s = next
+                    .base
+                    .services
+                    .get(&vip)
+                    .ok_or(SpecError::UnknownVip(vip))?;
+                if !s.reals.contains_key(&real) {
+                    return Err(SpecError::UnknownReal { vip, real });
+                }
+                let o = next.overrides.0.entry((vip, real)).or_default();
+                if weight.is_some() {
+                    o.weight = weight;
+                }
+                if admin.is_some() {
+                    o.admin = admin;
+                }
+            }
+            Edit::DelReal { vip, real } => {
+                let s = next
+                    .base
+                    .services
+                    .get_mut(&vip)
+                    .ok_or(SpecError::UnknownVip(vip))?;
+                s.reals
+                    .remove(&real)
+                    .ok_or(SpecError::UnknownReal { vip, real })?;
+            }
+            Edit::ResetOverride { vip, real } => {
+                if !next.base.has_real(&vip, real) {
+                    if next.base.services.contains_key(&vip) {
+                        return Err(SpecError::UnknownReal { vip, real });
+                    }
+                    return Err(SpecError::UnknownVip(vip));
+                }
+                next.overrides
+                    .0
+                    .remove(&(vip, real))
+                    .ok_or(SpecError::NoOverride { vip, real })?;
+            }
+            Edit::Replace(desired) => next.base = desired,
+        }
+        // Overrides die with their real.
+        let dropped: Vec<(Vip, IpAddr)> = next
+            .overrides
+            .0
+            .keys()
+            .filter(|(vip, real)| !next.base.has_real(vip, *real))
+            .copied()
+            .collect();
+        for k in &dropped {
+            next.overrides.0.remove(k);
+        }
+        next.effective().validate()?;
+        *self = next;
+        Ok(dropped)
+    }
+}
+
+/// One line per difference between two desired states ("VIP ... added",
+/// "real ... of ... drained", ...), for the log.
+pub fn describe_changes(old: &Desired, new: &Desired) -> Vec<String> {
+    let mut out = Vec::new();
+    for vip in old.services.keys() {
+        if !new.services.contains_key(vip) {
+            out.push(format!("VIP {vip} removed"));
+        }
+    }
+    for (vip, s) in &new.services {
+        let Some(o) = old.services.get(vip) else {
+            out.push(format!(
+                "VIP {vip} added ({}, {}, table {})",
+                s.options.forward, s.options.scheduler, s.options.table_size
+            ));
+            for (real, r) in &s.reals {
+                out.push(format!(
+                    "real {real} of {vip} added (weight {}, {})",
+                    r.weight, r.admin
+                ));
+            }
+            continue;
+        };
+        if o.options != s.options {
+            out.push(format!(
+                "VIP {vip} now {}, {}, table {}",
+                s.options.forward, s.options.scheduler, s.options.table_size
+            ));
+        }
+        if o.health != s.health {
+            out.push(format!("VIP {vip} health check changed"));
+        }
+        for real in o.reals.keys() {
+            if !s.reals.contains_key(real) {
+                out.push(format!("real {real} of {vip} removed"));
+            }
+        }
+        for (real, r) in &s.reals {
+            match o.reals.get(real) {
+                None => out.push(format!(
+                    "real {real} of {vip} added (weight {}, {})",
+                    r.weight, r.admin
+                )),
+                Some(p) => {
+                    if p.weight != r.weight {
+                        out.push(format!(
+                            "real {real} of {vip} weight {} -> {}",
+                            p.weight, r.weight
+                        ));
+                    }
+                    if p.admin != r.admin {
+                        out.push(format!("real {real} of {vip} {} -> {}", p.admin, r.admin));
+                    }
+                    if p.health != r.health {
+                        out.push(format!("real {real} of {vip} health check changed"));
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+/// The reals `desired` names that `known` has no MAC for.
+pub fn unknown_reals(desired: &Desired, known: &BTreeSet<IpAddr>) -> BTreeMap<IpAddr, Forward> {
+    let mut reach = desired.reach();
+    reach.retain(|real, _| !known.contains(real));
+    reach
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vip(s: &str) -> Vip {
+        s.parse().expect("valid VIP")
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().expect("valid address")
+    }
+
+    fn spec_with_two_reals() -> Spec {
+        let mut spec = Spec::default();
+        let v = vip("203.0.113.10:80/tcp");
+        spec.apply(Edit::AddVip {
+            vip: v,
+            options: VipOptions::default(),
+            health: None,
+        })
+        .expect("vip");
+        for r in ["198.51.100.11", "198.51.100.12"] {
+            spec.apply(Edit::AddReal {
+                vip: v,
+                real: ip(r),
+                weight: 1,
+            })
+            .expect("real");
+        }
+        spec
+    }
+
+    #[test]
+    fn an_override_survives_replacing_the_base_and_reset_restores_the_base() {
+        let mut spec = spec_with_two_reals();
+        let v = vip("203.0.113.10:80/tcp");
+        let r = ip("198.51.100.11");
+        spec.apply(Edit::SetReal {
+            vip: v,
+            real: r,
+            weight: None,
+            admin: Some(Admin::Drain),
+        })
+        .expect("drain");
+        // A reload with the same file: the drain stays.
+        let base = spec.base.clone();
+        spec.apply(Edit::Replace(base)).expect("replace");
+        assert_eq!(spec.effective().services[&v].reals[&r].admin, Admin::Drain);
+        assert_eq!(spec.sources(&v, r), (Source::Config, Source::Override));
+        spec.apply(Edit::ResetOverride { vip: v, real: r })
+            .expect("reset");
+        assert_eq!(
+            spec.effective().services[&v].reals[&r].admin,
+            Admin::Enabled
+        );
+        assert_eq!(
+            spec.apply(Edit::ResetOverride { vip: v, real: r }),
+            Err(SpecError::NoOverride { vip: v, real: r })
+        );
+    }
+
+    #[test]
+    fn an_override_dies_with_its_real() {
+        let mut spec = spec_with_two_reals();
+        let v = vip("203.0.113.10:80/tcp");
+        let r = ip("198.51.100.12");
+        spec.apply(Edit::SetReal {
+            vip: v,
+            real: r,
+            weight: Some(7),
+            admin: None,
+        })
+        .expect("weight");
+        let mut base = spec.base.clone();
+        base.services.get_mut(&v).expect("vip").reals.remove(&r);
+        let dropped = spec.apply(Edit::Replace(base)).expect("replace");
+        assert_eq!(dropped, [(v, r)]);
+        assert!(spec.overrides.0.is_empty());
+        // Added again, it has the base's values.
+        spec.apply(Edit::AddReal {
+            vip: v,
+            real: r,
+            weight: 1,
+        })
+        .expect("add");
+        assert_eq!(spec.effective().services[&v].reals[&r].weight, 1);
+    }
+
+    #[test]
+    fn a_refused_edit_changes_nothing() {
+        let mut spec = spec_with_two_reals();
+        let before = spec.clone();
+        let v = vip("203.0.113.10:80/tcp");
+        let cases = [
+            (
+                Edit::AddReal {
+                    vip: v,
+                    real: ip("2001:db8::1"),
+                    weight: 1,
+                },
+                "address family",
+            ),
+            (
+                Edit::AddReal {
+                    vip: v,
+                    real: ip("198.51.100.11"),
+                    weight: 1,
+                },
+                "already in VIP",
+            ),
+            (
+                Edit::SetReal {
+                    vip: v,
+                    real: ip("198.51.100.11"),
+                    weight: Some(70_000),
+                    admin: None,
+                },
+                "invalid weight 70000",
+            ),
+            (
+                Edit::SetReal {
+                    vip: v,
+                    real: ip("198.51.100.99"),
+                    weight: Some(1),
+                    admin: None,
+                },
+                "is not in VIP",
+            ),
+            (
+                Edit::DelVip(vip("203.0.113.77:80/tcp")),
+                "unknown VIP 203.0.113.77:80/tcp",
+            ),
+            (
+                Edit::AddVip {
+                    vip: vip("203.0.113.11:80/tcp"),
+                    options: VipOptions {
+                        table_size: 65536,
+                        ..VipOptions::default()
+                    },
+                    health: None,
+                },
+                "invalid table size 65536",
+            ),
+        ];
+        for (edit, want) in cases {
+            let err = spec.apply(edit.clone()).expect_err("refused").to_string();
+            assert!(err.contains(want), "{edit:?}: got {err:?}, want {want:?}");
+            assert_eq!(spec, before, "{edit:?} changed the spec");
+        }
+    }
+
+    #[test]
+    fn changes_are_described_one_per_line() {
+        let spec = spec_with_two_reals();
+        let old = spec.effective();
+        let mut new = old.clone();
+        let v = vip("203.0.113.10:80/tcp");
+        let s = new.services.get_mut(&v).expect("vip");
+        s.reals.get_mut(&ip("198.51.100.11")).expect("real").weight = 7;
+        s.reals.get_mut(&ip("198.51.100.12")).expect("real").admin = Admin::Drain;
+        new.services
+            .insert(vip("203.0.113.11:53/udp"), ServiceSpec::default());
+        let lines = describe_changes(&old, &new);
+        assert_eq!(
+            lines,
+            [
+                "real 198.51.100.11 of 203.0.113.10:80/tcp weight 1 -> 7",
+                "real 198.51.100.12 of 203.0.113.10:80/tcp enabled -> drain",
+                "VIP 203.0.113.11:53/udp added (dr, maglev, table 65537)",
+            ]
+        );
+        assert!(describe_changes(&new, &new).is_empty());
+    }
+
+    #[test]
+    fn spec_round_trips_through_json() {
+        let mut spec = spec_with_two_reals();
+        spec.apply(Edit::SetReal {
+            vip: vip("203.0.113.10:80/tcp"),
+            real: ip("198.51.100.11"),
+            weight: Some(3),
+            admin: Some(Admin::Disabled),
+        })
+        .expect("override");
+        let json = serde_json::to_string(&spec).expect("serialize");
+        let back: Spec = serde_json::from_str(&json).expect("deserialize");
+        assert_eq!(back, spec);
+    }
+}

@@ -1,0 +1,294 @@
+//! The daemon's settings: one struct, filled from the config file's
+//! `daemon:` section and from `xlb run`'s flags, flags winning, then defaults.
+//!
+//! Every field is optional so that the two layers can be merged
+//! ([`Settings::over`]); the accessors give the value in force.
+
+use std::{
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr},
+    path::PathBuf,
+    str::FromStr,
+    time::Duration,
+};
+
+use aya::programs::XdpMode;
+use clap::{Args, ValueEnum};
+use serde::{Deserialize, Deserializer};
+
+/// Default control socket.
+pub const DEFAULT_SOCKET: &str = "/run/xlb/xlb.sock";
+/// Group given the control socket when it exists and no other is named.
+pub const DEFAULT_SOCKET_GROUP: &str = "xlb";
+/// Default state file.
+pub const DEFAULT_STATE_FILE: &str = "/run/xlb/state.json";
+
+/// XDP attach modes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Native (driver) mode, the fast one.
+    Native,
+    /// Generic (skb) mode: works on any interface, slower.
+    Skb,
+    /// Let the kernel choose.
+    Auto,
+}
+
+impl Mode {
+    /// aya's attach flags for this mode.
+    pub fn xdp(self) -> XdpMode {
+        match self {
+            Self::Native => XdpMode::Driver,
+            Self::Skb => XdpMode::Skb,
+            Self::Auto => XdpMode::Default,
+        }
+    }
+}
+
+/// An address prefix, `192.0.2.0/24` or `2001:db8:ff::/96`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Prefix<A> {
+    /// The address.
+    pub addr: A,
+    /// The prefix length.
+    pub len: u8,
+}
+
+/// Parses `ADDRESS/LENGTH` with a length of at most `max`.
+pub fn parse_prefix<A: FromStr>(s: &str, max: u8) -> Result<Prefix<A>, String> {
+    let (addr, len) = s
+        .split_once('/')
+        .ok_or_else(|| format!("'{s}' is not ADDRESS/PREFIX-LENGTH"))?;
+    let addr = addr
+        .parse()
+        .map_err(|_| format!("'{addr}' is not an address of the right family"))?;
+    let len: u8 = len
+        .parse()
+        .ok()
+        .filter(|l| *l <= max)
+        .ok_or_else(|| format!("prefix length '{len}' is not 0-{max}"))?;
+    Ok(Prefix { addr, len })
+}
+
+impl FromStr for Prefix<Ipv4Addr> {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        parse_prefix(s, 32)
+    }
+}
+
+impl FromStr for Prefix<Ipv6Addr> {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        parse_prefix(s, 128)
+    }
+}
+
+impl<'de, A> Deserialize<'de> for Prefix<A>
+where
+    Prefix<A>: FromStr<Err = String>,
+{
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+fn share(s: &str) -> Result<f64, String> {
+    let v: f64 = s
+        .parse()
+        .map_err(|_| format!("'{s}' is not a number between 0.0 and 1.0"))?;
+    if !(0.0..=1.0).contains(&v) {
+        return Err(format!("{v} is not between 0.0 and 1.0"));
+    }
+    Ok(v)
+}
+
+fn de_share<'de, D: Deserializer<'de>>(d: D) -> Result<Option<f64>, D::Error> {
+    let v = f64::deserialize(d)?;
+    share(&v.to_string())
+        .map(Some)
+        .map_err(serde::de::Error::custom)
+}
+
+/// Settings of `xlb run`. As flags; in the config file's `daemon:` section
+/// under the names given in docs/config.md.
+#[derive(Debug, Clone, Default, Args, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    /// Interface that receives VIP traffic.
+    #[arg(long)]
+    #[serde(rename = "interface")]
+    pub iface: Option<String>,
+    /// XDP attach mode [default: native].
+    #[arg(long, value_enum)]
+    pub xdp_mode: Option<Mode>,
+    /// Seconds to wait for a real's ARP/NDP answer before it is kept as
+    /// unresolved (and retried) [default: 3].
+    #[arg(long)]
+    pub resolve_timeout: Option<u64>,
+    /// Connection-tracking table size (flows, all CPUs; ~100 bytes each) [default: 1048576].
+    #[arg(long)]
+    pub conntrack_size: Option<u32>,
+    /// New flows each CPU may add to the conntrack table per second; above it
+    /// flows are forwarded by Maglev alone (0: no limit) [default: 0].
+    #[arg(long)]
+    pub new_flow_limit: Option<u32>,
+    /// Seconds after which an idle UDP flow is forgotten [default: 30].
+    #[arg(long)]
+    pub udp_idle_timeout: Option<u64>,
+    /// Largest IP packet after encapsulation (default: the interface's MTU).
+    #[arg(long)]
+    pub mtu: Option<u32>,
+    /// IPv4 prefix for tunnel sources, e.g. 192.0.2.0/24 (default: the interface's address).
+    #[arg(long = "tunnel-src")]
+    #[serde(rename = "tunnel_source")]
+    pub tunnel_src: Option<Prefix<Ipv4Addr>>,
+    /// IPv6 prefix for tunnel sources, e.g. 2001:db8:ff::/96 (default: the interface's address).
+    #[arg(long = "tunnel-src6")]
+    #[serde(rename = "tunnel_source6")]
+    pub tunnel_src6: Option<Prefix<Ipv6Addr>>,
+    /// bpffs directory for pins [default: /sys/fs/bpf/xlb].
+    #[arg(long)]
+    pub pin_dir: Option<PathBuf>,
+    /// Do not pin: the data path stops with the daemon.
+    #[arg(long, conflicts_with_all = ["pin_dir", "replace"])]
+    #[serde(skip)]
+    pub no_pin: bool,
+    /// Atomically replace the program of a running (pinned) data path with this
+    /// binary's, keeping maps, flows and counters.
+    #[arg(long)]
+    #[serde(skip)]
+    pub replace: bool,
+    /// Where the daemon keeps its state for the next daemon [default: /run/xlb/state.json].
+    #[arg(long)]
+    pub state_file: Option<PathBuf>,
+    /// Serve Prometheus metrics here, e.g. 127.0.0.1:9814.
+    #[arg(long = "metrics-addr")]
+    #[serde(rename = "metrics_address")]
+    pub metrics_addr: Option<SocketAddr>,
+    /// Group allowed to use the control socket (default: `xlb` if that group exists, else root only).
+    #[arg(long)]
+    pub socket_group: Option<String>,
+    /// Health checks never take a VIP below this share of the reals that can
+    /// serve (0.0-1.0) [default: 0.5].
+    #[arg(long, value_parser = share)]
+    #[serde(default, deserialize_with = "de_share")]
+    pub min_healthy: Option<f64>,
+}
+
+impl Settings {
+    /// `self` (flags) over `file` (the config file's section).
+    pub fn over(self, file: Settings) -> Settings {
+        Settings {
+            iface: self.iface.or(file.iface),
+            xdp_mode: self.xdp_mode.or(file.xdp_mode),
+            resolve_timeout: self.resolve_timeout.or(file.resolve_timeout),
+            conntrack_size: self.conntrack_size.or(file.conntrack_size),
+            new_flow_limit: self.new_flow_limit.or(file.new_flow_limit),
+            udp_idle_timeout: self.udp_idle_timeout.or(file.udp_idle_timeout),
+            mtu: self.mtu.or(file.mtu),
+            tunnel_src: self.tunnel_src.or(file.tunnel_src),
+            tunnel_src6: self.tunnel_src6.or(file.tunnel_src6),
+            pin_dir: self.pin_dir.or(file.pin_dir),
+            no_pin: self.no_pin,
+            replace: self.replace,
+            state_file: self.state_file.or(file.state_file),
+            metrics_addr: self.metrics_addr.or(file.metrics_addr),
+            socket_group: self.socket_group.or(file.socket_group),
+            min_healthy: self.min_healthy.or(file.min_healthy),
+        }
+    }
+
+    /// The XDP attach mode.
+    pub fn xdp_mode(&self) -> Mode {
+        self.xdp_mode.unwrap_or(Mode::Native)
+    }
+
+    /// How long to wait for a real's ARP/NDP answer.
+    pub fn resolve_timeout(&self) -> Duration {
+        Duration::from_secs(self.resolve_timeout.unwrap_or(3))
+    }
+
+    /// Conntrack table size.
+    pub fn conntrack_size(&self) -> u32 {
+        self.conntrack_size.unwrap_or(lb_common::FLOWS_DEFAULT)
+    }
+
+    /// New flows per CPU per second before the flood guard.
+    pub fn new_flow_limit(&self) -> u32 {
+        self.new_flow_limit.unwrap_or(0)
+    }
+
+    /// Idle time after which a UDP flow is forgotten.
+    pub fn udp_idle(&self) -> Duration {
+        Duration::from_secs(self.udp_idle_timeout.unwrap_or(30))
+    }
+
+    /// The pin directory, `None` without pins.
+    pub fn pin_dir(&self) -> Option<PathBuf> {
+        (!self.no_pin).then(|| {
+            self.pin_dir
+                .clone()
+                .unwrap_or_else(|| crate::pin::DEFAULT_PIN_DIR.into())
+        })
+    }
+
+    /// The state file.
+    pub fn state_file(&self) -> PathBuf {
+        self.state_file
+            .clone()
+            .unwrap_or_else(|| DEFAULT_STATE_FILE.into())
+    }
+
+    /// The group of the control socket: the one named, else `xlb` when it
+    /// exists, else none (root only).
+    pub fn socket_group(&self) -> Option<String> {
+        self.socket_group.clone().or_else(|| {
+            nix::unistd::Group::from_name(DEFAULT_SOCKET_GROUP)
+                .ok()
+                .flatten()
+                .map(|_| DEFAULT_SOCKET_GROUP.to_owned())
+        })
+    }
+
+    /// The avalanche guard's threshold.
+    pub fn min_healthy(&self) -> f64 {
+        self.min_healthy.unwrap_or(0.5)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_win_over_the_file_and_defaults_fill_in() {
+        let file = Settings {
+            iface: Some("eth0".into()),
+            conntrack_size: Some(1000),
+            min_healthy: Some(0.25),
+            ..Settings::default()
+        };
+        let flags = Settings {
+            conntrack_size: Some(2000),
+            ..Settings::default()
+        };
+        let s = flags.over(file);
+        assert_eq!(s.iface.as_deref(), Some("eth0"));
+        assert_eq!(s.conntrack_size(), 2000);
+        assert_eq!(s.min_healthy(), 0.25);
+        assert_eq!(s.udp_idle(), Duration::from_secs(30));
+        assert_eq!(s.xdp_mode(), Mode::Native);
+    }
+
+    #[test]
+    fn prefixes_name_what_is_wrong() {
+        assert_eq!(
+            "192.0.2.0/33".parse::<Prefix<Ipv4Addr>>(),
+            Err("prefix length '33' is not 0-32".to_owned())
+        );
+        assert!("2001:db8::/96".parse::<Prefix<Ipv6Addr>>().is_ok());
+        assert!(share("1.5").unwrap_err().contains("between 0.0 and 1.0"));
+    }
+}

@@ -1,0 +1,507 @@
+//! The balancer's state: the desired state, the facts the daemon learns
+//! (MACs, health verdicts), and the model of the maps, changed only through
+//! one reconcile step.
+//!
+//! # Layout
+//!
+//! - [`model`]: what is in the maps, the plan + commit reconcile, adoption.
+//! - [`plan`]: table membership, health and the avalanche guard.
+//! - [`alloc`]: ring ranges, VIP ids, real-slot ids.
+//! - [`writer`]: the [`writer::Maps`] interface and the undo log.
+//! - [`persist`]: the state file a restarted daemon adopts.
+//!
+//! [`State`] ties them together. The daemon's controller owns one; the tests
+//! and benchmarks drive one the same way, through [`State::edit`].
+
+pub mod alloc;
+pub mod model;
+pub mod persist;
+pub mod plan;
+pub mod writer;
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+};
+
+pub use model::{Applied, Changes, Model, Slot};
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    dataplane::DataplaneError,
+    desired::{Desired, Edit, Spec, SpecError, describe_changes},
+    model::{Forward, Vip},
+};
+use model::{Inputs, Mode, Outcome};
+use writer::{Maps, PauseHook};
+
+/// Why a change was refused or failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    /// The desired state or the edit is invalid.
+    #[error(transparent)]
+    Spec(#[from] SpecError),
+    /// A map update failed; the writes already made were undone.
+    #[error(transparent)]
+    Dataplane(#[from] DataplaneError),
+}
+
+/// Formats a MAC as `02:00:00:00:00:01`.
+pub fn fmt_mac(mac: &[u8; 6]) -> String {
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+/// Known MACs by real address.
+pub type Macs = BTreeMap<IpAddr, [u8; 6]>;
+
+/// Health verdicts by (VIP, real): true is up.
+pub type Verdicts = BTreeMap<(Vip, IpAddr), bool>;
+
+/// The desired state, what the daemon learnt, and the model of the maps.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct State {
+    spec: Spec,
+    /// Health verdicts in force: (VIP, real) → up. Absent: up.
+    #[serde(with = "verdicts")]
+    health: BTreeMap<(Vip, IpAddr), bool>,
+    /// VIPs whose health verdicts the avalanche guard ignores.
+    guarded: BTreeSet<Vip>,
+    /// Known MACs by real address (of the real, or the next hop toward it).
+    macs: BTreeMap<IpAddr, [u8; 6]>,
+    model: Model,
+    /// The avalanche guard's threshold.
+    min_healthy: f64,
+}
+
+/// JSON maps need string keys: the verdicts are stored as a list.
+mod verdicts {
+    use std::{collections::BTreeMap, net::IpAddr};
+
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    use crate::model::Vip;
+
+    pub fn serialize<S: Serializer>(
+        m: &BTreeMap<(Vip, IpAddr), bool>,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        m.iter()
+            .map(|((v, r), up)| (*v, *r, *up))
+            .collect::<Vec<_>>()
+            .serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<BTreeMap<(Vip, IpAddr), bool>, D::Error> {
+        Ok(Vec::<(Vip, IpAddr, bool)>::deserialize(d)?
+            .into_iter()
+            .map(|(v, r, up)| ((v, r), up))
+            .collect())
+    }
+}
+
+impl State {
+    /// An empty state with the guard threshold `min_healthy` (0.0..=1.0).
+    pub fn new(min_healthy: f64) -> Self {
+        Self {
+            min_healthy: min_healthy.clamp(0.0, 1.0),
+            ..Self::default()
+        }
+    }
+
+    /// Sets the avalanche guard's threshold (takes effect at the next reconcile).
+    pub fn set_min_healthy(&mut self, share: f64) {
+        self.min_healthy = share.clamp(0.0, 1.0);
+    }
+
+    /// Both layers of the desired state.
+    pub fn spec(&self) -> &Spec {
+        &self.spec
+    }
+
+    /// The effective desired state (base with overrides).
+    pub fn desired(&self) -> Desired {
+        self.spec.effective()
+    }
+
+    /// The model of the maps.
+    pub fn model(&self) -> &Model {
+        &self.model
+    }
+
+    /// VIPs the avalanche guard holds.
+    pub fn guarded(&self) -> &BTreeSet<Vip> {
+        &self.guarded
+    }
+
+    /// Health verdicts in force (absent: up).
+    pub fn health(&self) -> &BTreeMap<(Vip, IpAddr), bool> {
+        &self.health
+    }
+
+    /// Whether `real` of `vip` is held up (true when never probed down).
+    pub fn healthy(&self, vip: &Vip, real: IpAddr) -> bool {
+        self.health.get(&(*vip, real)).copied().unwrap_or(true)
+    }
+
+    /// The MAC known for a real address, if any.
+    pub fn mac(&self, real: IpAddr) -> Option<[u8; 6]> {
+        self.macs.get(&real).copied()
+    }
+
+    /// Known MACs.
+    pub fn macs(&self) -> &BTreeMap<IpAddr, [u8; 6]> {
+        &self.macs
+    }
+
+    /// Reals of the desired state whose MAC (DR) or next hop's MAC (TUN) is
+    /// not known yet, with how they are reached.
+    pub fn unresolved(&self) -> BTreeMap<IpAddr, Forward> {
+        let mut reach = self.desired().reach();
+        reach.retain(|real, _| !self.macs.contains_key(real));
+        reach
+    }
+
+    /// Which real the live table in the maps gives flow hash `hash` of `vip`
+    /// (`xlb simulate`): what the data path would pick for a new flow.
+    pub fn real_for<M: Maps>(
+        &self,
+        maps: &M,
+        vip: &Vip,
+        hash: u32,
+    ) -> Result<Option<IpAddr>, StateError> {
+        let a = self
+            .model
+            .services
+            .get(vip)
+            .ok_or(SpecError::UnknownVip(*vip))?;
+        let size = a.options.table_size;
+        let slot = maps.read_ring(a.rings[a.live] + hash % size, 1)?;
+        Ok(self.model.real_by_id(slot[0]))
+    }
+
+    /// Applies one edit of the desired state, with the MACs of reals learnt
+    /// for it. On error nothing changed: not the spec, not the maps.
+    pub fn edit<M: Maps>(
+        &mut self,
+        maps: &mut M,
+        edit: Edit,
+        macs: &BTreeMap<IpAddr, [u8; 6]>,
+        pause: PauseHook,
+    ) -> Result<Changes, StateError> {
+        let mut spec = self.spec.clone();
+        let dropped = spec.apply(edit)?;
+        let changes = self.commit(maps, spec, macs, None, pause)?;
+        for (vip, real) in dropped {
+            tracing::info!(%vip, %real, "override of a real that left the configuration dropped");
+        }
+        Ok(changes)
+    }
+
+    /// Records a health verdict and applies it (the table changes only when
+    /// the real's membership does).
+    pub fn set_health<M: Maps>(
+        &mut self,
+        maps: &mut M,
+        verdicts: &[((Vip, IpAddr), bool)],
+    ) -> Result<Changes, StateError> {
+        let spec = self.spec.clone();
+        self.commit(
+            maps,
+            spec,
+            &BTreeMap::new(),
+            Some(verdicts),
+            PauseHook::default(),
+        )
+    }
+
+    /// Applies MACs learnt or changed since the last change.
+    pub fn learn_macs<M: Maps>(
+        &mut self,
+        maps: &mut M,
+        macs: &BTreeMap<IpAddr, [u8; 6]>,
+    ) -> Result<Changes, StateError> {
+        let spec = self.spec.clone();
+        self.commit(maps, spec, macs, None, PauseHook::default())
+    }
+
+    /// Runs the reconcile step again on the current inputs.
+    pub fn reconcile<M: Maps>(&mut self, maps: &mut M) -> Result<Changes, StateError> {
+        let spec = self.spec.clone();
+        self.commit(maps, spec, &BTreeMap::new(), None, PauseHook::default())
+    }
+
+    /// Reconciles to `spec` with the extra MACs and verdicts; commits the new
+    /// state only when the maps took the change.
+    fn commit<M: Maps>(
+        &mut self,
+        maps: &mut M,
+        spec: Spec,
+        macs: &BTreeMap<IpAddr, [u8; 6]>,
+        verdicts: Option<&[((Vip, IpAddr), bool)]>,
+        pause: PauseHook,
+    ) -> Result<Changes, StateError> {
+        let desired = spec.effective();
+        let (macs, health) = self.inputs_for(&desired, macs, verdicts.unwrap_or_default());
+        let inputs = Inputs {
+            desired: &desired,
+            macs: &macs,
+            health: &health,
+            guarded: &self.guarded,
+            min_healthy: self.min_healthy,
+        };
+        let out = self.model.reconcile(maps, &inputs, Mode::Diff, pause)?;
+        let before = self.desired();
+        for line in describe_changes(&before, &desired) {
+            tracing::info!("{line}");
+        }
+        Ok(self.take(spec, macs, health, out))
+    }
+
+    /// The MACs and verdicts of a new desired state: what is known plus what
+    /// was learnt, without entries of reals that left (a real removed and
+    /// added again starts healthy, like any new real).
+    fn inputs_for(
+        &self,
+        desired: &Desired,
+        macs: &BTreeMap<IpAddr, [u8; 6]>,
+        verdicts: &[((Vip, IpAddr), bool)],
+    ) -> (Macs, Verdicts) {
+        let reach = desired.reach();
+        let mut known = self.macs.clone();
+        known.extend(macs.iter().map(|(a, m)| (*a, *m)));
+        known.retain(|a, _| reach.contains_key(a));
+        let mut health = self.health.clone();
+        for (key, up) in verdicts {
+            if *up {
+                health.remove(key);
+            } else {
+                health.insert(*key, false);
+            }
+        }
+        health.retain(|(vip, real), _| desired.has_real(vip, *real));
+        (known, health)
+    }
+
+    fn take(
+        &mut self,
+        spec: Spec,
+        macs: BTreeMap<IpAddr, [u8; 6]>,
+        health: BTreeMap<(Vip, IpAddr), bool>,
+        out: Outcome,
+    ) -> Changes {
+        for (vip, on, healthy, servable) in &out.guard_changes {
+            if *on {
+                tracing::warn!(
+                    %vip,
+                    healthy,
+                    servable,
+                    "avalanche guard on: too few healthy reals, health is ignored for this VIP"
+                );
+            } else {
+                tracing::info!(%vip, healthy, servable, "avalanche guard released");
+            }
+        }
+        self.spec = spec;
+        self.macs = macs;
+        self.health = health;
+        self.model = out.model;
+        self.guarded = out.guarded;
+        out.changes
+    }
+
+    /// Takes over maps a previous daemon left (or that a failed start
+    /// pinned), `self` being the state it saved (or an empty one): makes the
+    /// maps say what `spec` says, with `macs` learnt for it, rewriting every
+    /// slot and table and removing what the model does not know.
+    pub fn adopt<M: Maps>(
+        &mut self,
+        maps: &mut M,
+        spec: Spec,
+        macs: &BTreeMap<IpAddr, [u8; 6]>,
+    ) -> Result<Changes, StateError> {
+        let desired = spec.effective();
+        desired.validate()?;
+        let (macs, health) = self.inputs_for(&desired, macs, &[]);
+        let inputs = Inputs {
+            desired: &desired,
+            macs: &macs,
+            health: &health,
+            guarded: &self.guarded,
+            min_healthy: self.min_healthy,
+        };
+        let out = self.model.clone().adopt(maps, &inputs)?;
+        let before = self.desired();
+        for line in describe_changes(&before, &desired) {
+            tracing::info!("{line}");
+        }
+        Ok(self.take(spec, macs, health, out))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::desired::{Admin, VipOptions};
+
+    #[derive(Default)]
+    struct Nothing;
+
+    impl Maps for Nothing {
+        fn write_ring(&mut self, _: u32, _: &[u32]) -> Result<(), DataplaneError> {
+            Ok(())
+        }
+        fn read_ring(&self, _: u32, len: u32) -> Result<Vec<u32>, DataplaneError> {
+            Ok(vec![0; len as usize])
+        }
+        fn put_vip(
+            &mut self,
+            _: &lb_common::VipKey,
+            _: &lb_common::VipMeta,
+        ) -> Result<(), DataplaneError> {
+            Ok(())
+        }
+        fn remove_vip(&mut self, _: &lb_common::VipKey) -> Result<(), DataplaneError> {
+            Ok(())
+        }
+        fn set_vip_addr(&mut self, _: &lb_common::AddrKey, _: u32) -> Result<(), DataplaneError> {
+            Ok(())
+        }
+        fn put_real(&mut self, _: u32, _: &lb_common::RealDef) -> Result<(), DataplaneError> {
+            Ok(())
+        }
+        fn reset_vip_counter(&mut self, _: u32) -> Result<(), DataplaneError> {
+            Ok(())
+        }
+        fn reset_real_counter(&mut self, _: u32) -> Result<(), DataplaneError> {
+            Ok(())
+        }
+        fn vips(&self) -> Result<Vec<(lb_common::VipKey, lb_common::VipMeta)>, DataplaneError> {
+            Ok(Vec::new())
+        }
+        fn vip_addrs(&self) -> Result<Vec<(lb_common::AddrKey, u32)>, DataplaneError> {
+            Ok(Vec::new())
+        }
+        fn live_reals(&self) -> Result<Vec<(u32, lb_common::RealDef)>, DataplaneError> {
+            Ok(Vec::new())
+        }
+    }
+
+    fn vip() -> Vip {
+        "203.0.113.10:80/tcp".parse().expect("VIP")
+    }
+
+    fn ip(last: u8) -> IpAddr {
+        IpAddr::from([198, 51, 100, last])
+    }
+
+    fn four_reals() -> State {
+        let mut st = State::new(0.5);
+        let mut maps = Nothing;
+        st.edit(
+            &mut maps,
+            Edit::AddVip {
+                vip: vip(),
+                options: VipOptions {
+                    table_size: 13,
+                    ..VipOptions::default()
+                },
+                health: None,
+            },
+            &BTreeMap::new(),
+            PauseHook::default(),
+        )
+        .expect("vip");
+        for l in 11..15 {
+            st.edit(
+                &mut maps,
+                Edit::AddReal {
+                    vip: vip(),
+                    real: ip(l),
+                    weight: 1,
+                },
+                &BTreeMap::from([(ip(l), [2, 0, 0, 0, 0, l])]),
+                PauseHook::default(),
+            )
+            .expect("real");
+        }
+        st
+    }
+
+    #[test]
+    fn a_verdict_dies_with_its_real() {
+        let mut st = four_reals();
+        let mut maps = Nothing;
+        st.set_health(&mut maps, &[((vip(), ip(12)), false)])
+            .expect("down");
+        assert!(!st.healthy(&vip(), ip(12)));
+        st.edit(
+            &mut maps,
+            Edit::DelReal {
+                vip: vip(),
+                real: ip(12),
+            },
+            &BTreeMap::new(),
+            PauseHook::default(),
+        )
+        .expect("del");
+        st.edit(
+            &mut maps,
+            Edit::AddReal {
+                vip: vip(),
+                real: ip(12),
+                weight: 1,
+            },
+            &BTreeMap::new(),
+            PauseHook::default(),
+        )
+        .expect("add");
+        assert!(
+            st.healthy(&vip(), ip(12)),
+            "the old verdict outlived the real"
+        );
+        // Its MAC was forgotten with it too: it waits for resolution again.
+        assert!(st.unresolved().contains_key(&ip(12)));
+    }
+
+    #[test]
+    fn drained_reals_never_let_the_guard_empty_a_service() {
+        let mut st = four_reals();
+        let mut maps = Nothing;
+        for l in [13, 14] {
+            st.edit(
+                &mut maps,
+                Edit::SetReal {
+                    vip: vip(),
+                    real: ip(l),
+                    weight: None,
+                    admin: Some(Admin::Drain),
+                },
+                &BTreeMap::new(),
+                PauseHook::default(),
+            )
+            .expect("drain");
+        }
+        st.set_health(
+            &mut maps,
+            &[((vip(), ip(11)), false), ((vip(), ip(12)), false)],
+        )
+        .expect("down");
+        assert!(st.guarded().contains(&vip()));
+        let table = &st.model().services[&vip()].table;
+        assert_eq!(table[&ip(11)], 1, "{table:?}");
+        assert_eq!(table[&ip(12)], 1, "{table:?}");
+    }
+
+    #[test]
+    fn state_round_trips_through_json() {
+        let st = four_reals();
+        let json = serde_json::to_string(&st).expect("serialize");
+        let back: State = serde_json::from_str(&json).expect("deserialize");
+        assert_eq!(back, st);
+    }
+}

@@ -1,0 +1,111 @@
+//! The state file: what a restarted daemon needs to adopt the pinned maps —
+//! the desired state with its overrides, the verdicts, the MACs and the model
+//! of the maps. Written atomically (temporary file + rename) after every
+//! change that reached the maps.
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use super::State;
+use crate::pin::LAYOUT_VERSION;
+
+/// Why the state file could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum PersistError {
+    /// Reading or writing failed.
+    #[error("{what} {path}: {source}")]
+    Io {
+        /// What was being done.
+        what: &'static str,
+        /// The file.
+        path: String,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// The file is not a state file this xlb can read.
+    #[error("{path} is not an xlb state file of map layout v{LAYOUT_VERSION}: {why}")]
+    Format {
+        /// The file.
+        path: String,
+        /// What is wrong.
+        why: String,
+    },
+    /// The saved data path is attached to another interface.
+    #[error(
+        "the pinned data path serves {saved}, not {iface}; use --iface {saved}, or `xlb \
+         teardown` first"
+    )]
+    OtherIface {
+        /// The interface in the file.
+        saved: String,
+        /// The interface asked for.
+        iface: String,
+    },
+}
+
+#[derive(Serialize, Deserialize)]
+struct StateFile {
+    layout: u32,
+    iface: String,
+    state: State,
+}
+
+/// Writes `state` for interface `iface` to `path`.
+pub fn save(path: &Path, iface: &str, state: &State) -> Result<(), PersistError> {
+    let io = |what| {
+        let path = path.display().to_string();
+        move |source| PersistError::Io { what, path, source }
+    };
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(io("creating the directory of"))?;
+    }
+    let tmp = path.with_extension("tmp");
+    let file = StateFile {
+        layout: LAYOUT_VERSION,
+        iface: iface.to_owned(),
+        state: state.clone(),
+    };
+    let bytes = serde_json::to_vec(&file).map_err(|e| PersistError::Format {
+        path: path.display().to_string(),
+        why: e.to_string(),
+    })?;
+    std::fs::write(&tmp, bytes).map_err(io("writing"))?;
+    std::fs::rename(&tmp, path).map_err(io("renaming into"))?;
+    Ok(())
+}
+
+/// Reads the state saved at `path` for interface `iface`; `None` when there is none.
+pub fn load(path: &Path, iface: &str) -> Result<Option<State>, PersistError> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(source) => {
+            return Err(PersistError::Io {
+                what: "reading",
+                path: path.display().to_string(),
+                source,
+            });
+        }
+    };
+    let format = |why: String| PersistError::Format {
+        path: path.display().to_string(),
+        why,
+    };
+    let file: StateFile = serde_json::from_str(&text).map_err(|e| format(e.to_string()))?;
+    if file.layout != LAYOUT_VERSION {
+        return Err(format(format!("written for layout v{}", file.layout)));
+    }
+    if file.iface != iface {
+        return Err(PersistError::OtherIface {
+            saved: file.iface,
+            iface: iface.to_owned(),
+        });
+    }
+    Ok(Some(file.state))
+}
+
+/// Removes the state file (after `xlb teardown`, or when the data path stops with the daemon).
+pub fn remove(path: &Path) {
+    let _ = std::fs::remove_file(path);
+}
