@@ -18,10 +18,14 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     net::IpAddr,
     path::PathBuf,
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
     time::{Duration, Instant},
 };
 
+use prometheus_client::metrics::histogram::Histogram;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot, watch};
 
@@ -29,7 +33,6 @@ use crate::{
     dataplane::{Dataplane, DataplaneError},
     desired::{Admin, Desired, Edit, Source, Spec, SpecError, VipOptions},
     health::{Engine, ProbeKind, engine::Board},
-    metrics::Metrics,
     model::{Forward, Vip},
     neighbor::{self, Iface, NeighborError, Resolution},
     state::{Changes, State, StateError, persist, writer::PauseHook},
@@ -230,6 +233,69 @@ impl Snapshot {
     }
 }
 
+/// What the controller counts of its own work (the data path's counters live
+/// in maps); read by the metrics and `xlb status`.
+pub struct Activity {
+    reconciles: AtomicU64,
+    reconcile_errors: AtomicU64,
+    reconcile_seconds: Histogram,
+    unresolved: AtomicU64,
+}
+
+impl Activity {
+    /// Empty metrics.
+    pub fn new() -> Self {
+        Self {
+            reconciles: AtomicU64::new(0),
+            reconcile_errors: AtomicU64::new(0),
+            reconcile_seconds: Histogram::new([
+                0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0,
+            ]),
+            unresolved: AtomicU64::new(0),
+        }
+    }
+
+    /// Records one reconcile.
+    pub fn reconciled(&self, took: Duration, ok: bool) {
+        self.reconciles.fetch_add(1, Ordering::Relaxed);
+        if !ok {
+            self.reconcile_errors.fetch_add(1, Ordering::Relaxed);
+        }
+        self.reconcile_seconds.observe(took.as_secs_f64());
+    }
+
+    /// Reconciles so far (for `xlb status`).
+    pub fn reconcile_count(&self) -> u64 {
+        self.reconciles.load(Ordering::Relaxed)
+    }
+
+    /// Reconciles that failed.
+    pub fn reconcile_errors(&self) -> u64 {
+        self.reconcile_errors.load(Ordering::Relaxed)
+    }
+
+    /// How long reconciles took.
+    pub fn reconcile_seconds(&self) -> Histogram {
+        self.reconcile_seconds.clone()
+    }
+
+    /// Records how many reals are unresolved.
+    pub fn set_unresolved(&self, n: usize) {
+        self.unresolved.store(n as u64, Ordering::Relaxed);
+    }
+
+    /// Reals unresolved now.
+    pub fn unresolved(&self) -> u64 {
+        self.unresolved.load(Ordering::Relaxed)
+    }
+}
+
+impl Default for Activity {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 /// How API handlers and other tasks talk to the controller.
 #[derive(Clone)]
 pub struct Handle {
@@ -300,7 +366,7 @@ pub struct Controller {
     iface: Iface,
     engine: Engine,
     options: Options,
-    metrics: Arc<Metrics>,
+    metrics: Arc<Activity>,
     /// Unresolved reals.
     pending: BTreeMap<IpAddr, Pending>,
     /// Next hop of each real (itself in DR mode), as last resolved.
@@ -320,7 +386,7 @@ impl Controller {
         dp: Dataplane,
         iface: Iface,
         options: Options,
-        metrics: Arc<Metrics>,
+        metrics: Arc<Activity>,
         resolution: &Resolution,
     ) -> (Self, Handle, mpsc::Receiver<Event>, Board) {
         let (tx, rx) = mpsc::channel(EVENTS);
@@ -453,7 +519,7 @@ impl Controller {
             .filter(|(_, up)| !**up)
             .map(|(k, _)| *k)
             .collect();
-        self.engine.sync(&self.state.desired(), &down);
+        self.engine.sync(self.state.desired().probes(), &down);
     }
 
     fn publish(&mut self) {
@@ -487,21 +553,7 @@ impl Controller {
 
     /// Once a second: verdicts, unresolved reals.
     fn converge(&mut self) {
-        let probed = self.engine.verdicts();
-        let mut fix = Vec::new();
-        for (key, up) in &probed {
-            if self.state.desired().has_real(&key.0, key.1)
-                && self.state.healthy(&key.0, key.1) != *up
-            {
-                fix.push((*key, *up));
-            }
-        }
-        for (key, up) in self.state.health() {
-            if !*up && !probed.contains_key(key) {
-                // Not probed any more (its check was removed): back in.
-                fix.push((*key, true));
-            }
-        }
+        let fix = verdict_fixes(&self.engine.verdicts(), &self.state);
         if !fix.is_empty() {
             tracing::info!(
                 verdicts = fix.len(),
@@ -647,6 +699,29 @@ impl Controller {
     }
 }
 
+/// The verdicts to apply so that `state` holds what the probes say: every
+/// probed real whose verdict differs, and every real held down that is no
+/// longer probed (its check was removed), back up.
+pub fn verdict_fixes(
+    probed: &BTreeMap<(Vip, IpAddr), bool>,
+    state: &State,
+) -> Vec<((Vip, IpAddr), bool)> {
+    let desired = state.desired();
+    let mut fix: Vec<((Vip, IpAddr), bool)> = probed
+        .iter()
+        .filter(|(key, up)| desired.has_real(&key.0, key.1) && state.healthy(&key.0, key.1) != **up)
+        .map(|(key, up)| (*key, *up))
+        .collect();
+    fix.extend(
+        state
+            .health()
+            .iter()
+            .filter(|(key, up)| !**up && !probed.contains_key(key))
+            .map(|(key, _)| (*key, true)),
+    );
+    fix
+}
+
 /// Refuses a desired state with a DR real off the interface's segments: it
 /// could never be reached.
 pub fn check_reach(iface: &Iface, desired: &Desired) -> Result<(), NeighborError> {
@@ -656,4 +731,59 @@ pub fn check_reach(iface: &Iface, desired: &Desired) -> Result<(), NeighborError
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::writer::PauseHook;
+    use crate::state::writer::fake::FakeMaps;
+
+    #[test]
+    fn verdicts_converge_and_unprobed_reals_come_back() {
+        let vip: Vip = "203.0.113.10:80/tcp".parse().expect("VIP");
+        let ip = |l: u8| IpAddr::from([198, 51, 100, l]);
+        let mut state = State::new(0.0);
+        let mut maps = FakeMaps::default();
+        state
+            .edit(
+                &mut maps,
+                Edit::AddVip {
+                    vip,
+                    options: VipOptions {
+                        table_size: 13,
+                        ..VipOptions::default()
+                    },
+                    health: None,
+                },
+                &BTreeMap::new(),
+                PauseHook::default(),
+            )
+            .expect("vip");
+        for l in [11, 12, 13] {
+            state
+                .edit(
+                    &mut maps,
+                    Edit::AddReal {
+                        vip,
+                        real: ip(l),
+                        weight: 1,
+                    },
+                    &BTreeMap::from([(ip(l), [2, 0, 0, 0, 0, l])]),
+                    PauseHook::default(),
+                )
+                .expect("real");
+        }
+        // 12 was held down, then its check was removed (not probed any more);
+        // 11 is probed down but the verdict never reached the state.
+        state
+            .set_health(&mut maps, &[((vip, ip(12)), false)])
+            .expect("down");
+        let probed = BTreeMap::from([((vip, ip(11)), false), ((vip, ip(13)), true)]);
+        let fix = verdict_fixes(&probed, &state);
+        assert_eq!(fix, [((vip, ip(11)), false), ((vip, ip(12)), true)]);
+        state.set_health(&mut maps, &fix).expect("fix");
+        assert!(verdict_fixes(&probed, &state).is_empty(), "converged");
+        assert!(state.healthy(&vip, ip(12)) && !state.healthy(&vip, ip(11)));
+    }
 }

@@ -18,7 +18,7 @@ use aya::maps::{HashMap, Map, MapData, PerCpuArray};
 use lb_common::{Counter, FlowKey, FlowState, PROTO_UDP, map_names, stat};
 use tokio::sync::watch;
 
-use crate::dataplane::{DataplaneError, map_err, sum};
+use crate::dataplane::{Dataplane, DataplaneError, map_err, sum};
 
 /// A TCP flow whose last packet is older than this does not count as active
 /// (its conntrack entry stays until the LRU evicts it).
@@ -50,13 +50,10 @@ pub struct FlowCounts {
 }
 
 impl Reader {
-    /// A reader over these map handles.
-    pub fn new(
-        stats: MapData,
-        vip_stats: MapData,
-        real_stats: MapData,
-        flows: MapData,
-    ) -> Result<Self, DataplaneError> {
+    /// A reader of `dp`'s counters and conntrack table, on file descriptors
+    /// of its own: readers never wait on the task that writes the maps.
+    pub fn of(dp: &Dataplane) -> Result<Self, DataplaneError> {
+        let [stats, vip_stats, real_stats, flows] = dp.reader_maps()?;
         let capacity = flows
             .info()
             .map_err(map_err(map_names::FLOWS))?

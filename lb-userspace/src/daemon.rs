@@ -28,7 +28,7 @@ use crate::{
     counters,
     dataplane::{Dataplane, LoadOptions},
     desired::Edit,
-    metrics::{Metrics, Sources},
+    metrics::Sources,
     neighbor::{self, Iface},
     pin::PinDir,
     settings::Settings,
@@ -314,9 +314,9 @@ pub async fn run(
         }
     }
 
-    let reader = Arc::new(dp.reader()?);
+    let reader = Arc::new(counters::Reader::of(&dp)?);
     let log_task = dp.logger().and_then(|l| forward_ebpf_logs(l).ok());
-    let metrics = Arc::new(Metrics::new());
+    let activity = Arc::new(controller::Activity::new());
     let iface = Arc::new(iface);
     let (ctl, handle, events, board) = Controller::new(
         state,
@@ -326,7 +326,7 @@ pub async fn run(
             state_file: state_file.clone(),
             pause: PauseHook::from_env(),
         },
-        metrics.clone(),
+        activity.clone(),
         &resolution,
     );
     let controller_task = tokio::spawn(ctl.run(events));
@@ -337,7 +337,7 @@ pub async fn run(
         reader,
         flows,
         board,
-        metrics,
+        activity,
     };
     let metrics_task = metrics_listener.map(|l| crate::metrics::serve(l, sources.clone()));
     let neigh_task = {

@@ -419,16 +419,15 @@ impl Dataplane {
         Ok(out)
     }
 
-    /// A read-only handle on the counters and the conntrack table, with its
-    /// own file descriptors: readers (status, metrics, the flow counter)
-    /// never wait on the task that writes the maps.
-    pub fn reader(&self) -> Result<crate::counters::Reader> {
-        crate::counters::Reader::new(
+    /// Second handles (duplicated file descriptors) on the maps readers use:
+    /// the verdict, VIP and real counters and the conntrack table, in that order.
+    pub fn reader_maps(&self) -> Result<[MapData; 4]> {
+        Ok([
             clone_map(&self.stats, map_names::STATS)?,
             clone_map(&self.vip_stats, map_names::VIP_STATS)?,
             clone_map(&self.real_stats, map_names::REAL_STATS)?,
             clone_map(&self.flows, map_names::FLOWS)?,
-        )
+        ])
     }
 
     /// The verdict counters summed over CPUs, in `lb_common::stat` order.

@@ -3,77 +3,24 @@
 //! handles of their own), the last conntrack count and the probe statuses. A
 //! scrape never waits on the controller and never walks the conntrack table.
 
-use std::{
-    sync::{
-        Arc,
-        atomic::{AtomicU64, Ordering},
-    },
-    time::Duration,
-};
+use std::{sync::Arc, time::Duration};
 
 use axum::{Router, extract::State as AxState, http::header, response::IntoResponse, routing::get};
 use prometheus_client::{
     encoding::text::encode,
-    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
+    metrics::{counter::Counter, family::Family, gauge::Gauge},
     registry::Registry,
 };
 use tokio::{net::TcpListener, task::JoinHandle};
 
 use crate::{
-    controller::Handle,
+    controller::{Activity, Handle},
     counters::{FlowCounter, FlowCounts, Reader},
     health::engine::Board,
     views,
 };
 
 type Labels = Vec<(String, String)>;
-
-/// Counters the daemon itself keeps (the data path's live in maps).
-pub struct Metrics {
-    reconciles: AtomicU64,
-    reconcile_errors: AtomicU64,
-    reconcile_seconds: Histogram,
-    unresolved: AtomicU64,
-}
-
-impl Metrics {
-    /// Empty metrics.
-    pub fn new() -> Self {
-        Self {
-            reconciles: AtomicU64::new(0),
-            reconcile_errors: AtomicU64::new(0),
-            reconcile_seconds: Histogram::new([
-                0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0,
-            ]),
-            unresolved: AtomicU64::new(0),
-        }
-    }
-
-    /// Records one reconcile.
-    pub fn reconciled(&self, took: Duration, ok: bool) {
-        self.reconciles.fetch_add(1, Ordering::Relaxed);
-        if !ok {
-            self.reconcile_errors.fetch_add(1, Ordering::Relaxed);
-        }
-        self.reconcile_seconds.observe(took.as_secs_f64());
-    }
-
-    /// Reconciles so far (for `xlb status`).
-    pub fn reconcile_count(&self) -> u64 {
-        self.reconciles.load(Ordering::Relaxed)
-    }
-
-    /// Records how many reals are unresolved.
-    pub fn set_unresolved(&self, n: usize) {
-        self.unresolved.store(n as u64, Ordering::Relaxed);
-    }
-}
-
-impl Default for Metrics {
-    fn default() -> Self {
-        Self::new()
-    }
-}
 
 /// What a scrape reads.
 #[derive(Clone)]
@@ -86,8 +33,8 @@ pub struct Sources {
     pub flows: Arc<FlowCounter>,
     /// The probe statuses.
     pub board: Board,
-    /// The daemon's own counters.
-    pub metrics: Arc<Metrics>,
+    /// The controller's own counters.
+    pub activity: Arc<Activity>,
 }
 
 fn labels(pairs: &[(&str, String)]) -> Labels {
@@ -162,9 +109,9 @@ pub fn render(src: &Sources, flows: &FlowCounts) -> Result<String, String> {
     }
     conntrack.set(i64::try_from(flows.entries).unwrap_or(i64::MAX));
     conntrack_capacity.set(i64::from(src.reader.flow_capacity()));
-    unresolved.set(i64::try_from(src.metrics.unresolved.load(Ordering::Relaxed)).unwrap_or(0));
-    reconciles.inc_by(src.metrics.reconciles.load(Ordering::Relaxed));
-    reconcile_errors.inc_by(src.metrics.reconcile_errors.load(Ordering::Relaxed));
+    unresolved.set(i64::try_from(src.activity.unresolved()).unwrap_or(0));
+    reconciles.inc_by(src.activity.reconcile_count());
+    reconcile_errors.inc_by(src.activity.reconcile_errors());
     health_flips.inc_by(src.board.flips());
 
     reg.register("packets", "Packets by data-path verdict", packets);
@@ -233,7 +180,7 @@ pub fn render(src: &Sources, flows: &FlowCounts) -> Result<String, String> {
     reg.register(
         "reconcile_seconds",
         "Time a reconcile step took",
-        src.metrics.reconcile_seconds.clone(),
+        src.activity.reconcile_seconds(),
     );
     reg.register("health_flips", "Health verdict changes", health_flips);
     let mut out = String::new();

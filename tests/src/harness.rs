@@ -725,6 +725,26 @@ impl Lab {
     }
 }
 
+/// How long a bounded wait for the daemon or a load may take before a test fails
+/// (never a measure of speed: a healthy run is far below it).
+pub const WAIT: Duration = Duration::from_secs(30);
+
+/// Polls `check` every 20 ms until it holds; panics naming `what` after [`WAIT`].
+pub fn wait_until(what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + WAIT;
+    while !check() {
+        check_interrupted();
+        assert!(Instant::now() < deadline, "{what}: not within {WAIT:?}");
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// `text` as JSON; panics naming `what` (the command that printed it) if it is not.
+pub fn json(text: &str, what: &str) -> serde_json::Value {
+    serde_json::from_str(text)
+        .unwrap_or_else(|e| panic!("{what} printed invalid JSON ({e}): {text}"))
+}
+
 /// Packet and byte counters of a host's `eth0`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct LinkCounters {

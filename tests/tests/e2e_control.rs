@@ -18,8 +18,8 @@ use aya::maps::{Array, HashMap, Map, MapData};
 use lb_common::{Config, FlowKey, FlowState, map_names};
 use nix::sys::signal::Signal;
 use xlb_tests::harness::{
-    Daemon, KeepAlive, Lab, PinnedRun, Proc, RunDir, VIP, api_request, balanced_topology, http_get,
-    real_name, require_root, start_real, start_reals,
+    Daemon, KeepAlive, Lab, PinnedRun, Proc, RunDir, VIP, WAIT, api_request, balanced_topology,
+    http_get, json, real_name, require_root, start_real, start_reals, wait_until,
 };
 use xlb_tests::netns::{Topology, unique_prefix};
 
@@ -27,16 +27,8 @@ const SERVICE: &str = "203.0.113.10:80/tcp";
 const TIMEOUT: Duration = Duration::from_secs(3);
 const SERVER_ARGS: [&str; 2] = ["--http", "0.0.0.0:80"];
 
-/// How long a bounded wait may take before the test fails (never a measure of speed).
-const WAIT: Duration = Duration::from_secs(30);
-
 fn target() -> SocketAddr {
     SocketAddr::from((VIP, 80))
-}
-
-fn json(text: &str, what: &str) -> serde_json::Value {
-    serde_json::from_str(text)
-        .unwrap_or_else(|e| panic!("{what} printed invalid JSON ({e}): {text}"))
 }
 
 fn status(daemon: &Daemon) -> serde_json::Value {
@@ -65,15 +57,6 @@ fn verdict(daemon: &Daemon, name: &str) -> u64 {
         .and_then(|v| v.iter().find(|c| c["name"] == name))
         .and_then(|c| c["packets"].as_u64())
         .unwrap_or_else(|| panic!("no verdict {name} in {stats}"))
-}
-
-/// Polls `check` every 20 ms until it holds; panics with `what` after [`WAIT`].
-fn wait_until(what: &str, mut check: impl FnMut() -> bool) {
-    let deadline = Instant::now() + WAIT;
-    while !check() {
-        assert!(Instant::now() < deadline, "{what}: not within {WAIT:?}");
-        thread::sleep(Duration::from_millis(20));
-    }
 }
 
 /// Writes `text` to `dir/name`; returns the path.
@@ -318,19 +301,23 @@ fn failing_checks_never_empty_a_service_when_the_other_reals_are_drained() {
     for i in [0, 1] {
         std::fs::write(fail(i), b"").expect("fail file");
     }
-    wait_until("both enabled reals checked down", || {
+    // The guard must engage: both reals that can serve are down.
+    let deadline = Instant::now() + WAIT;
+    loop {
         let st = status(&daemon);
         let v = vip_of(&st, SERVICE);
-        v["health"]
-            .as_array()
-            .is_some_and(|h| h.iter().filter(|r| r["status"]["up"] == false).count() == 2)
-    });
-    let st = status(&daemon);
-    assert_eq!(
-        vip_of(&st, SERVICE)["guarded"],
-        true,
-        "the avalanche guard is off with no healthy real that can serve: {st}"
-    );
+        let down = v["health"].as_array().map_or(0, |h| {
+            h.iter().filter(|r| r["status"]["up"] == false).count()
+        });
+        if down == 2 && v["guarded"] == true {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the avalanche guard is not on with both enabled reals down: {st}"
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
     let drops = verdict(&daemon, "drop_no_real");
     let answers = requests(&topo, 40);
     let ok = answers.iter().filter(|a| a.is_ok()).count();

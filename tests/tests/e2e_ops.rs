@@ -20,18 +20,14 @@ use xlb_tests::harness::require_root;
 
 use nix::sys::signal::Signal;
 use xlb_tests::harness::{
-    Daemon, KeepAlive, Lab, PinnedRun, RunDir, VIP, balanced_topology, http_get, start_reals,
-    xlb_bin,
+    Daemon, KeepAlive, Lab, PinnedRun, RunDir, VIP, balanced_topology, http_get, json, start_reals,
+    wait_until, xlb_bin,
 };
 use xlb_tests::netns::{Host, Topology, unique_prefix};
 
 const SERVICE: &str = "203.0.113.10:80/tcp";
 const TIMEOUT: Duration = Duration::from_secs(3);
 const SERVER_ARGS: [&str; 2] = ["--http", "0.0.0.0:80"];
-
-/// How long a bounded wait for something the daemon or the load does may take before
-/// the test fails (never a measure of speed: a healthy run is far below it).
-const WAIT: Duration = Duration::from_secs(30);
 
 fn target() -> SocketAddr {
     SocketAddr::from((VIP, 80))
@@ -43,11 +39,6 @@ fn configure(daemon: &Daemon, topo: &Topology) {
     for real in &topo.reals {
         daemon.cli_ok(&["real", "add", SERVICE, &real.ipv4.to_string()]);
     }
-}
-
-fn json(text: &str, what: &str) -> serde_json::Value {
-    serde_json::from_str(text)
-        .unwrap_or_else(|e| panic!("{what} printed invalid JSON ({e}): {text}"))
 }
 
 /// `xlb status --json`.
@@ -104,15 +95,6 @@ fn real_addrs(daemon: &Daemon, service: &str) -> Vec<String> {
                 .to_owned()
         })
         .collect()
-}
-
-/// Polls `check` every 20 ms until it holds; panics with `what` after [`WAIT`].
-fn wait_until(what: &str, mut check: impl FnMut() -> bool) {
-    let deadline = Instant::now() + WAIT;
-    while !check() {
-        assert!(Instant::now() < deadline, "{what}: not within {WAIT:?}");
-        thread::sleep(Duration::from_millis(20));
-    }
 }
 
 /// The `ip -d link show eth0` of a host.

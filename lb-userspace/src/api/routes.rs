@@ -282,7 +282,7 @@ async fn status(AxState(ctx): AxState<Context>) -> ApiResult<Json<Status>> {
         .collect();
     Ok(Json(Status {
         iface: ctx.iface.name.clone(),
-        reconciles: ctx.sources.metrics.reconcile_count(),
+        reconciles: ctx.sources.activity.reconcile_count(),
         conntrack: Conntrack {
             entries: flows.entries,
             capacity: ctx.sources.reader.flow_capacity(),

@@ -24,8 +24,8 @@ use rand::Rng as _;
 use serde::{Deserialize, Serialize};
 use tokio::task::JoinHandle;
 
-use super::{HealthCheck, ProbeKind, probe};
-use crate::{desired::Desired, model::Vip};
+use super::{HealthCheck, probe};
+use crate::model::Vip;
 
 /// What the engine knows of one real's health.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -203,22 +203,12 @@ impl Engine {
             .collect()
     }
 
-    /// Starts, restarts or stops tasks so that exactly the reals of `desired`
-    /// with a check (other than `none`) are probed. A new task of a real in
+    /// Starts, restarts or stops tasks so that exactly the reals of `wanted`
+    /// are probed, each with its check and port. A new task of a real in
     /// `down` (a verdict the state already holds, e.g. adopted from a previous
     /// daemon) starts from that verdict, so the real comes back after `rise`
     /// passing probes instead of staying out with no probe to bring it back.
-    pub fn sync(&mut self, desired: &Desired, down: &BTreeSet<Key>) {
-        let mut wanted: BTreeMap<Key, (HealthCheck, u16)> = BTreeMap::new();
-        for (vip, s) in &desired.services {
-            for real in s.reals.keys() {
-                if let Some(c) = s.check(*real)
-                    && c.kind != ProbeKind::None
-                {
-                    wanted.insert((*vip, *real), (c.clone(), c.port.unwrap_or(vip.port)));
-                }
-            }
-        }
+    pub fn sync(&mut self, wanted: BTreeMap<Key, (HealthCheck, u16)>, down: &BTreeSet<Key>) {
         let stale: Vec<Key> = self
             .running
             .iter()

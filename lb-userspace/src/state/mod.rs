@@ -347,49 +347,7 @@ impl State {
 mod tests {
     use super::*;
     use crate::desired::{Admin, VipOptions};
-
-    #[derive(Default)]
-    struct Nothing;
-
-    impl Maps for Nothing {
-        fn write_ring(&mut self, _: u32, _: &[u32]) -> Result<(), DataplaneError> {
-            Ok(())
-        }
-        fn read_ring(&self, _: u32, len: u32) -> Result<Vec<u32>, DataplaneError> {
-            Ok(vec![0; len as usize])
-        }
-        fn put_vip(
-            &mut self,
-            _: &lb_common::VipKey,
-            _: &lb_common::VipMeta,
-        ) -> Result<(), DataplaneError> {
-            Ok(())
-        }
-        fn remove_vip(&mut self, _: &lb_common::VipKey) -> Result<(), DataplaneError> {
-            Ok(())
-        }
-        fn set_vip_addr(&mut self, _: &lb_common::AddrKey, _: u32) -> Result<(), DataplaneError> {
-            Ok(())
-        }
-        fn put_real(&mut self, _: u32, _: &lb_common::RealDef) -> Result<(), DataplaneError> {
-            Ok(())
-        }
-        fn reset_vip_counter(&mut self, _: u32) -> Result<(), DataplaneError> {
-            Ok(())
-        }
-        fn reset_real_counter(&mut self, _: u32) -> Result<(), DataplaneError> {
-            Ok(())
-        }
-        fn vips(&self) -> Result<Vec<(lb_common::VipKey, lb_common::VipMeta)>, DataplaneError> {
-            Ok(Vec::new())
-        }
-        fn vip_addrs(&self) -> Result<Vec<(lb_common::AddrKey, u32)>, DataplaneError> {
-            Ok(Vec::new())
-        }
-        fn live_reals(&self) -> Result<Vec<(u32, lb_common::RealDef)>, DataplaneError> {
-            Ok(Vec::new())
-        }
-    }
+    use crate::state::writer::fake::FakeMaps;
 
     fn vip() -> Vip {
         "203.0.113.10:80/tcp".parse().expect("VIP")
@@ -401,7 +359,7 @@ mod tests {
 
     fn four_reals() -> State {
         let mut st = State::new(0.5);
-        let mut maps = Nothing;
+        let mut maps = FakeMaps::default();
         st.edit(
             &mut maps,
             Edit::AddVip {
@@ -435,7 +393,7 @@ mod tests {
     #[test]
     fn a_verdict_dies_with_its_real() {
         let mut st = four_reals();
-        let mut maps = Nothing;
+        let mut maps = FakeMaps::default();
         st.set_health(&mut maps, &[((vip(), ip(12)), false)])
             .expect("down");
         assert!(!st.healthy(&vip(), ip(12)));
@@ -471,7 +429,7 @@ mod tests {
     #[test]
     fn drained_reals_never_let_the_guard_empty_a_service() {
         let mut st = four_reals();
-        let mut maps = Nothing;
+        let mut maps = FakeMaps::default();
         for l in [13, 14] {
             st.edit(
                 &mut maps,

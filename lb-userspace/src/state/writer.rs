@@ -182,3 +182,112 @@ impl<'m, M: Maps> Writer<'m, M> {
         }
     }
 }
+
+/// An in-memory stand-in for the maps, for unit tests.
+#[cfg(test)]
+pub mod fake {
+    use std::collections::BTreeMap;
+
+    use lb_common::{AddrKey, RealDef, VipKey, VipMeta};
+
+    use super::Maps;
+    use crate::dataplane::DataplaneError;
+
+    /// An in-memory copy of the maps that can fail the n-th write.
+    #[derive(Clone, Debug, Default, PartialEq, Eq)]
+    pub struct FakeMaps {
+        pub vips: BTreeMap<VipKey, VipMeta>,
+        pub addrs: BTreeMap<AddrKey, u32>,
+        pub reals: BTreeMap<u32, RealDef>,
+        pub rings: BTreeMap<u32, u32>,
+        pub log: Vec<String>,
+        pub fail_at: Option<usize>,
+        pub writes: usize,
+    }
+
+    impl FakeMaps {
+        fn step(&mut self, what: String) -> Result<(), DataplaneError> {
+            if self.fail_at == Some(self.writes) {
+                // Fail once; the undo writes that follow go through.
+                self.fail_at = None;
+                return Err(DataplaneError::IfaceName("injected failure".into()));
+            }
+            self.writes += 1;
+            self.log.push(what);
+            Ok(())
+        }
+
+        /// The maps' contents, without the write log.
+        pub fn contents(&self) -> Self {
+            Self {
+                log: Vec::new(),
+                fail_at: None,
+                writes: 0,
+                ..self.clone()
+            }
+        }
+    }
+
+    impl Maps for FakeMaps {
+        fn write_ring(&mut self, off: u32, table: &[u32]) -> Result<(), DataplaneError> {
+            self.step(format!("ring {off}"))?;
+            for (i, id) in table.iter().enumerate() {
+                let at = off + i as u32;
+                if *id == 0 {
+                    self.rings.remove(&at);
+                } else {
+                    self.rings.insert(at, *id);
+                }
+            }
+            Ok(())
+        }
+        fn read_ring(&self, off: u32, len: u32) -> Result<Vec<u32>, DataplaneError> {
+            Ok((off..off + len)
+                .map(|i| self.rings.get(&i).copied().unwrap_or(0))
+                .collect())
+        }
+        fn put_vip(&mut self, key: &VipKey, meta: &VipMeta) -> Result<(), DataplaneError> {
+            self.step(format!("put_vip ring={}", meta.ring_off))?;
+            self.vips.insert(*key, *meta);
+            Ok(())
+        }
+        fn remove_vip(&mut self, key: &VipKey) -> Result<(), DataplaneError> {
+            self.step("remove_vip".into())?;
+            self.vips.remove(key);
+            Ok(())
+        }
+        fn set_vip_addr(&mut self, key: &AddrKey, count: u32) -> Result<(), DataplaneError> {
+            self.step(format!("addr {count}"))?;
+            if count == 0 {
+                self.addrs.remove(key);
+            } else {
+                self.addrs.insert(*key, count);
+            }
+            Ok(())
+        }
+        fn put_real(&mut self, id: u32, real: &RealDef) -> Result<(), DataplaneError> {
+            self.step(format!("real {id} family={}", real.family))?;
+            if real.family == 0 {
+                self.reals.remove(&id);
+            } else {
+                self.reals.insert(id, *real);
+            }
+            Ok(())
+        }
+        fn reset_vip_counter(&mut self, _: u32) -> Result<(), DataplaneError> {
+            Ok(())
+        }
+        fn reset_real_counter(&mut self, _: u32) -> Result<(), DataplaneError> {
+            Ok(())
+        }
+        fn vips(&self) -> Result<Vec<(VipKey, VipMeta)>, DataplaneError> {
+            Ok(self.vips.iter().map(|(k, v)| (*k, *v)).collect())
+        }
+        fn vip_addrs(&self) -> Result<Vec<(AddrKey, u32)>, DataplaneError> {
+            Ok(self.addrs.iter().map(|(k, v)| (*k, *v)).collect())
+        }
+        fn live_reals(&self) -> Result<Vec<(u32, RealDef)>, DataplaneError> {
+            Ok(self.reals.iter().map(|(k, v)| (*k, *v)).collect())
+        }
+    }
+}
