@@ -118,6 +118,82 @@ pub struct Config {
     pub desired: Desired,
 }
 
+/// Largest configuration accepted, bytes (a complete 1,024-VIP file is far smaller).
+pub const MAX_CONFIG_BYTES: usize = 1 << 20;
+
+/// Deepest nesting accepted (flow collections, or indentation levels of two spaces).
+const MAX_DEPTH: usize = 32;
+
+/// Refuses, before any deserialising, a document too big or too deep, and
+/// YAML anchors and aliases (`&name`, `*name`: a few hundred bytes of nested
+/// aliases expand into gigabytes). Errors are (place, message).
+fn check_text(text: &str) -> Result<(), (String, String)> {
+    if text.len() > MAX_CONFIG_BYTES {
+        return Err((
+            "(document)".to_owned(),
+            format!(
+                "{} bytes; a configuration holds at most {MAX_CONFIG_BYTES} bytes",
+                text.len()
+            ),
+        ));
+    }
+    let mut flow = 0usize;
+    for (n, line) in text.lines().enumerate() {
+        let at = || format!("line {}", n + 1);
+        let indent = line.len() - line.trim_start_matches(' ').len();
+        if indent / 2 > MAX_DEPTH {
+            return Err((at(), format!("nested deeper than {MAX_DEPTH} levels")));
+        }
+        let (mut single, mut double, mut escaped) = (false, false, false);
+        let mut prev = ' ';
+        let chars: Vec<char> = line.chars().collect();
+        for (i, &c) in chars.iter().enumerate() {
+            let token_start = prev.is_whitespace() || matches!(prev, '[' | '{' | ',');
+            if double {
+                match c {
+                    _ if escaped => escaped = false,
+                    '\\' => escaped = true,
+                    '"' => double = false,
+                    _ => {}
+                }
+            } else if single {
+                if c == '\'' {
+                    single = false;
+                }
+            } else {
+                match c {
+                    '"' if token_start => double = true,
+                    '\'' if token_start => single = true,
+                    '#' if token_start => break,
+                    '&' | '*'
+                        if token_start
+                            && chars
+                                .get(i + 1)
+                                .is_some_and(|n| n.is_alphanumeric() || matches!(n, '_' | '-')) =>
+                    {
+                        return Err((
+                            at(),
+                            "YAML anchors and aliases (&name, *name) are not accepted; write \
+                             each value out"
+                                .to_owned(),
+                        ));
+                    }
+                    '[' | '{' => {
+                        flow += 1;
+                        if flow > MAX_DEPTH {
+                            return Err((at(), format!("nested deeper than {MAX_DEPTH} levels")));
+                        }
+                    }
+                    ']' | '}' => flow = flow.saturating_sub(1),
+                    _ => {}
+                }
+            }
+            prev = c;
+        }
+    }
+    Ok(())
+}
+
 /// The `daemon:` section as [`Settings`]; an error names the key: (path, message).
 fn daemon_settings(section: &serde_yaml_ng::Value) -> Result<Settings, (String, String)> {
     use serde_yaml_ng::{Mapping, Value, from_value};
@@ -153,6 +229,11 @@ impl Config {
 
     /// Parses and validates `text` (named `file` in errors).
     pub fn parse(file: &str, text: &str) -> Result<Self, ConfigError> {
+        check_text(text).map_err(|(path, message)| ConfigError::Invalid {
+            file: file.to_owned(),
+            path,
+            message,
+        })?;
         let raw: ConfigFile = if text.trim().is_empty() {
             ConfigFile::default()
         } else {
@@ -292,6 +373,22 @@ mod tests {
     }
 
     #[test]
+    fn big_or_deep_documents_are_refused_before_parsing() {
+        let big = format!("# {}\n", "x".repeat(MAX_CONFIG_BYTES));
+        let err = Config::parse("x.yaml", &big).unwrap_err().to_string();
+        assert!(err.contains("at most 1048576 bytes"), "{err}");
+        let deep = format!("services: {}{}\n", "[".repeat(40), "]".repeat(40));
+        let err = Config::parse("x.yaml", &deep).unwrap_err().to_string();
+        assert!(err.contains("line 1: nested deeper than 32"), "{err}");
+        // Quoted and commented & and * are text, not anchors.
+        Config::parse(
+            "x.yaml",
+            "# &not an anchor\nservices:\n  - vip: 203.0.113.10:80/tcp # *nor an alias\n    health_check:\n      kind: udp\n      send: \"*ping&\"\n      expect: '&pong*'\n",
+        )
+        .expect("quotes and comments are not anchors");
+    }
+
+    #[test]
     fn defaults_fill_in() {
         let c = Config::parse(
             "x.yaml",
@@ -343,6 +440,18 @@ mod tests {
             (
                 "daemon:\n  tunnel_source: 192.0.2.0/33\n",
                 "x.yaml: daemon.tunnel_source: prefix length '33' is not 0-32",
+            ),
+            (
+                "base: &b\n  vip: 203.0.113.10:80/tcp\nservices:\n  - *b\n",
+                "x.yaml: line 1: YAML anchors and aliases (&name, *name) are not accepted",
+            ),
+            (
+                "services:\n  - vip: 203.0.113.10:80/tcp\n    health_check:\n      kind: http\n      path: \"/a\\r\\nX: y\"\n",
+                "x.yaml: services[0].health_check: path \"/a\\r\\nX: y\" holds a control character",
+            ),
+            (
+                "services:\n  - vip: 0.0.0.0:80/tcp\n",
+                "x.yaml: services: invalid VIP 0.0.0.0:80/tcp: 0.0.0.0 is the unspecified address",
             ),
             (
                 "daemon:\n  min_healthy: 1.5\n",

@@ -655,6 +655,9 @@ impl Controller {
     }
 
     fn neighbour(&mut self, addr: IpAddr, mac: [u8; 6]) {
+        if neighbor::is_group(&mac) {
+            return;
+        }
         let reach = self.state.desired().reach();
         let learnt: BTreeMap<IpAddr, [u8; 6]> = reach
             .iter()
@@ -722,10 +725,26 @@ pub fn verdict_fixes(
     fix
 }
 
-/// Refuses a desired state with a DR real off the interface's segments: it
-/// could never be reached.
+/// Refuses a desired state that could never work on this host: a VIP on one
+/// of the host's own addresses (it would take that port from the host), a
+/// real that is one of them, a DR real off the interface's segments.
 pub fn check_reach(iface: &Iface, desired: &Desired) -> Result<(), NeighborError> {
+    let own = neighbor::host_addrs();
+    for vip in desired.services.keys() {
+        if own.contains(&vip.addr) {
+            return Err(NeighborError::OwnAddress {
+                what: format!("VIP {vip}"),
+                addr: vip.addr,
+            });
+        }
+    }
     for (real, mode) in desired.reach() {
+        if own.contains(&real) {
+            return Err(NeighborError::OwnAddress {
+                what: format!("real {real}"),
+                addr: real,
+            });
+        }
         if mode == Forward::Dr {
             iface.check_on_link(real)?;
         }

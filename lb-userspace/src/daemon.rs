@@ -148,6 +148,15 @@ impl Locks {
     }
 }
 
+/// Lifts RLIMIT_MEMLOCK: kernels before 5.11 charge BPF maps to it (newer
+/// ones account them to the memory cgroup and ignore it).
+fn raise_memlock() {
+    use nix::sys::resource::{RLIM_INFINITY, Resource, setrlimit};
+    if let Err(err) = setrlimit(Resource::RLIMIT_MEMLOCK, RLIM_INFINITY, RLIM_INFINITY) {
+        tracing::debug!(%err, "cannot raise RLIMIT_MEMLOCK (only kernels before 5.11 need it)");
+    }
+}
+
 /// Tells systemd (`Type=notify`) how the daemon is doing, when it runs under it.
 fn sd_notify(state: &str) {
     let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
@@ -201,6 +210,7 @@ pub async fn run(
     let iface =
         Iface::lookup(&iface_name).with_context(|| format!("cannot use interface {iface_name}"))?;
     let mut locks = Locks::take(&socket)?;
+    raise_memlock();
     let listener = bind_socket(&socket, settings.socket_group().as_deref())?;
     let metrics_listener = match settings.metrics_addr {
         Some(addr) => Some(

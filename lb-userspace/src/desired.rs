@@ -89,6 +89,22 @@ pub enum SpecError {
     /// The Maglev table size is not usable.
     #[error("invalid table size {0}: must be a prime between 2 and {RING_SIZE_MAX}")]
     TableSize(u32),
+    /// The VIP's address can never be a service address.
+    #[error("invalid VIP {vip}: {why}")]
+    VipAddress {
+        /// The VIP.
+        vip: Vip,
+        /// What kind of address it is.
+        why: &'static str,
+    },
+    /// The real's address can never be a real server's.
+    #[error("invalid real {real}: {why}")]
+    RealAddress {
+        /// The real.
+        real: IpAddr,
+        /// What kind of address it is.
+        why: &'static str,
+    },
     /// An edit that changes nothing was asked for with no values.
     #[error("give a weight and/or an admin state")]
     NothingToSet,
@@ -265,13 +281,61 @@ impl Desired {
             });
         }
         for (vip, s) in &self.services {
+            check_vip_addr(vip)?;
             check_table_size(s.options.table_size)?;
             for (real, spec) in &s.reals {
+                check_real_addr(*real)?;
                 check_weight(spec.weight)?;
                 check_family(vip, s.options.forward, *real)?;
             }
         }
         Ok(())
+    }
+}
+
+/// Why `addr` can never be a VIP or a real server, if it cannot: the
+/// unspecified address, loopback, multicast, broadcast, link-local.
+pub fn unusable(addr: IpAddr) -> Option<&'static str> {
+    match addr {
+        IpAddr::V4(a) if a.is_unspecified() => Some("0.0.0.0 is the unspecified address"),
+        IpAddr::V4(a) if a.is_loopback() => {
+            Some("a loopback address (127.0.0.0/8) never reaches the wire")
+        }
+        IpAddr::V4(a) if a.is_multicast() => {
+            Some("a multicast address (224.0.0.0/4) is not a unicast service")
+        }
+        IpAddr::V4(a) if a.is_broadcast() => Some("255.255.255.255 is the broadcast address"),
+        IpAddr::V4(a) if a.is_link_local() => {
+            Some("a link-local address (169.254.0.0/16) does not leave its segment's hosts")
+        }
+        IpAddr::V6(a) if a.is_unspecified() => Some(":: is the unspecified address"),
+        IpAddr::V6(a) if a.is_loopback() => Some("::1 is the loopback address"),
+        IpAddr::V6(a) if a.is_multicast() => {
+            Some("a multicast address (ff00::/8) is not a unicast service")
+        }
+        IpAddr::V6(a) if a.is_unicast_link_local() => {
+            Some("a link-local address (fe80::/10) cannot be routed")
+        }
+        IpAddr::V6(a) if a.to_ipv4_mapped().is_some() => {
+            Some("an IPv4-mapped IPv6 address: write the IPv4 address")
+        }
+        _ => None,
+    }
+}
+
+/// Refuses a VIP whose address can never be a service address.
+pub fn check_vip_addr(vip: &Vip) -> Result<(), SpecError> {
+    match unusable(vip.addr) {
+        Some(why) => Err(SpecError::VipAddress { vip: *vip, why }),
+        None => Ok(()),
+    }
+}
+
+/// Refuses a real whose address can never be a real server's.
+pub fn check_real_addr(real: IpAddr) -> Result<(), SpecError> {
+    match unusable(real) {
+        Some(why) => Err(SpecError::RealAddress { real, why }),
+        None => Ok(()),
     }
 }
 
@@ -483,6 +547,7 @@ impl Spec {
                 if next.base.services.contains_key(&vip) {
                     return Err(SpecError::VipExists(vip));
                 }
+                check_vip_addr(&vip)?;
                 check_table_size(options.table_size)?;
                 next.base.services.insert(
                     vip,
@@ -500,6 +565,7 @@ impl Spec {
                     .ok_or(SpecError::UnknownVip(vip))?;
             }
             Edit::AddReal { vip, real, weight } => {
+                check_real_addr(real)?;
                 check_weight(weight)?;
                 let s = next
                     .base
@@ -806,6 +872,53 @@ mod tests {
             assert!(err.contains(want), "{edit:?}: got {err:?}, want {want:?}");
             assert_eq!(spec, before, "{edit:?} changed the spec");
         }
+    }
+
+    #[test]
+    fn addresses_that_can_never_serve_are_refused_with_the_reason() {
+        let mut spec = spec_with_two_reals();
+        let before = spec.clone();
+        for (v, want) in [
+            ("0.0.0.0:80/tcp", "unspecified"),
+            ("127.0.0.1:80/tcp", "loopback"),
+            ("224.0.0.5:80/tcp", "multicast"),
+            ("255.255.255.255:53/udp", "broadcast"),
+            ("[::]:80/tcp", "unspecified"),
+            ("[ff02::1]:80/tcp", "multicast"),
+        ] {
+            let err = spec
+                .apply(Edit::AddVip {
+                    vip: vip(v),
+                    options: VipOptions::default(),
+                    health: None,
+                })
+                .expect_err(v)
+                .to_string();
+            assert!(
+                err.contains(want) && err.contains("invalid VIP"),
+                "{v}: {err}"
+            );
+        }
+        for (r, want) in [
+            ("0.0.0.0", "unspecified"),
+            ("127.0.0.1", "loopback"),
+            ("224.0.0.5", "multicast"),
+            ("169.254.1.1", "link-local"),
+        ] {
+            let err = spec
+                .apply(Edit::AddReal {
+                    vip: vip("203.0.113.10:80/tcp"),
+                    real: ip(r),
+                    weight: 1,
+                })
+                .expect_err(r)
+                .to_string();
+            assert!(
+                err.contains(want) && err.contains("invalid real"),
+                "{r}: {err}"
+            );
+        }
+        assert_eq!(spec, before);
     }
 
     #[test]

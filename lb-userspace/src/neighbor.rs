@@ -57,6 +57,25 @@ pub enum NeighborError {
         /// How long we waited.
         timeout: Duration,
     },
+    /// The address belongs to this host.
+    #[error(
+        "{what} is an address of this host ({addr}): a VIP there would take the port from the \
+         host's own services, a real there is the balancer itself"
+    )]
+    OwnAddress {
+        /// What was refused.
+        what: String,
+        /// The address.
+        addr: IpAddr,
+    },
+    /// The neighbour answered with a multicast or broadcast MAC.
+    #[error("{hop} answered with the group MAC {mac}; a real needs a unicast MAC")]
+    GroupMac {
+        /// The address asked for.
+        hop: IpAddr,
+        /// The MAC.
+        mac: String,
+    },
     /// The next hop was asked again and has not answered yet.
     #[error("no ARP/NDP answer from {hop} on {iface} yet; asking again every second")]
     NoAnswer {
@@ -182,6 +201,28 @@ fn in_prefix(net: IpAddr, prefix: u8, addr: IpAddr) -> bool {
         }
         _ => false,
     }
+}
+
+/// Whether `mac` is a multicast or broadcast (group) address.
+pub fn is_group(mac: &[u8; 6]) -> bool {
+    mac[0] & 1 == 1
+}
+
+/// Every address of every interface of this host (this network namespace).
+pub fn host_addrs() -> std::collections::BTreeSet<IpAddr> {
+    let Ok(addrs) = getifaddrs() else {
+        return Default::default();
+    };
+    addrs
+        .filter_map(|a| {
+            let addr = a.address?;
+            if let Some(v4) = addr.as_sockaddr_in() {
+                Some(IpAddr::V4(v4.ip()))
+            } else {
+                addr.as_sockaddr_in6().map(|v6| IpAddr::V6(v6.ip()))
+            }
+        })
+        .collect()
 }
 
 /// The destination and MAC of a neighbour entry, when it holds a usable MAC.
@@ -349,6 +390,18 @@ pub async fn resolve_all(
     while !hops.is_empty() {
         match table(iface).await {
             Ok(known) => hops.retain(|h, reals| match known.get(h) {
+                Some(mac) if is_group(mac) => {
+                    for r in reals.iter() {
+                        out.failed.insert(
+                            *r,
+                            NeighborError::GroupMac {
+                                hop: *h,
+                                mac: crate::state::fmt_mac(mac),
+                            },
+                        );
+                    }
+                    false
+                }
                 Some(mac) => {
                     for r in reals.iter() {
                         out.found.insert(*r, *mac);

@@ -96,6 +96,16 @@ impl PinDir {
                 mount_bpffs(dir).map_err(not_bpffs)?;
             }
         } else if !is_bpffs(dir) {
+            // Never mount over a directory that holds something: it would hide it.
+            let empty = std::fs::read_dir(dir)
+                .map_err(|e| not_bpffs(format!("cannot list it: {e}")))?
+                .next()
+                .is_none();
+            if !dir.is_dir() || !empty {
+                return Err(not_bpffs(
+                    "it is neither a bpffs nor an empty directory xlb may mount one on".to_owned(),
+                ));
+            }
             mount_bpffs(dir).map_err(not_bpffs)?;
         }
         let mine = format!("v{LAYOUT_VERSION}");
@@ -170,16 +180,34 @@ pub fn open_link(path: &Path) -> Result<aya::programs::xdp::XdpLink, PinError> {
         .map_err(|e| PinError::Link(format!("the pinned link is not an XDP link: {e}")))
 }
 
-/// Removes the pins of `dir` (all layout versions): the link first, which
-/// detaches the program, then the maps.
+/// Whether `name` is a pin xlb makes: its link or one of its maps.
+fn is_our_pin(name: &str) -> bool {
+    name == "link" || crate::dataplane::BALANCER_MAPS.contains(&name)
+}
+
+/// Removes xlb's pins from `dir` (every layout version `vN/`): the link first,
+/// which detaches the program, then the maps, then the emptied version
+/// directories. Anything else is left alone, and a `dir` that is not a bpffs
+/// is refused.
 pub fn teardown(dir: &Path) -> Result<Vec<PathBuf>, PinError> {
     let mut removed = Vec::new();
     if !dir.exists() {
         return Ok(removed);
     }
+    if !is_bpffs(dir) {
+        return Err(PinError::NotBpffs {
+            dir: dir.to_owned(),
+            why: "it is not a bpffs, so it holds no xlb pins; nothing was removed".to_owned(),
+        });
+    }
     for entry in std::fs::read_dir(dir).map_err(io_err("listing", dir))? {
         let sub = entry.map_err(io_err("listing", dir))?.path();
-        if !sub.is_dir() {
+        let versioned = sub
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.strip_prefix('v'))
+            .is_some_and(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()));
+        if !sub.is_dir() || !versioned {
             continue;
         }
         let link = sub.join("link");
@@ -187,12 +215,23 @@ pub fn teardown(dir: &Path) -> Result<Vec<PathBuf>, PinError> {
             std::fs::remove_file(&link).map_err(io_err("removing", &link))?;
             removed.push(link);
         }
+        let mut others = false;
         for pin in std::fs::read_dir(&sub).map_err(io_err("listing", &sub))? {
             let pin = pin.map_err(io_err("listing", &sub))?.path();
-            std::fs::remove_file(&pin).map_err(io_err("removing", &pin))?;
-            removed.push(pin);
+            let ours = pin
+                .file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(is_our_pin);
+            if ours && pin.is_file() {
+                std::fs::remove_file(&pin).map_err(io_err("removing", &pin))?;
+                removed.push(pin);
+            } else {
+                others = true;
+            }
         }
-        std::fs::remove_dir(&sub).map_err(io_err("removing", &sub))?;
+        if !others {
+            std::fs::remove_dir(&sub).map_err(io_err("removing", &sub))?;
+        }
     }
     Ok(removed)
 }

@@ -52,6 +52,11 @@ pub fn router(ctx: Context) -> Router {
         .route("/v1/status", get(status))
         .route("/v1/stats", get(stats))
         .route("/v1/simulate", get(simulate))
+        // A configuration document is at most MAX_CONFIG_BYTES; JSON escaping
+        // can double it.
+        .layer(axum::extract::DefaultBodyLimit::max(
+            2 * crate::config::MAX_CONFIG_BYTES,
+        ))
         .with_state(ctx)
 }
 

@@ -146,6 +146,23 @@ impl HealthCheck {
         if !self.path.starts_with('/') {
             return Err(format!("path '{}' must start with /", self.path));
         }
+        let control = |v: &str| v.chars().any(|c| c.is_control());
+        if control(&self.path) {
+            return Err(format!(
+                "path {:?} holds a control character (CR, LF, ...)",
+                self.path
+            ));
+        }
+        if let Some(host) = &self.host
+            && (host.is_empty() || control(host) || host.contains(' '))
+        {
+            return Err(format!(
+                "host {host:?} must be a host name without spaces or control characters"
+            ));
+        }
+        if self.port == Some(0) {
+            return Err("port must be 1-65535, not 0".to_owned());
+        }
         self.status_range()?;
         Ok(())
     }

@@ -1,0 +1,203 @@
+//! netns end-to-end, hostile or mistaken input: addresses that can never be a
+//! service, health checks that would inject headers, YAML that expands, pin
+//! directories that are not xlb's. Every refusal names what is wrong and changes
+//! nothing. Needs root; runs one test at a time (`./x test` does both).
+
+use std::path::Path;
+
+use xlb_tests::harness::{Lab, RunDir, json, require_root, xlb_bin};
+
+const SERVICE: &str = "203.0.113.10:80/tcp";
+const SERVER_ARGS: [&str; 2] = ["--http", "0.0.0.0:80"];
+
+/// Asserts that `out` failed and its stderr mentions every needle; returns stderr.
+fn refused(out: &std::process::Output, what: &str, needles: &[&str]) -> String {
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "{what} succeeded: {stderr}");
+    for n in needles {
+        assert!(
+            stderr.contains(n),
+            "{what}: stderr does not mention {n:?}: {stderr}"
+        );
+    }
+    stderr
+}
+
+#[test]
+fn addresses_that_can_never_serve_and_injected_headers_are_refused() {
+    require_root();
+    let lab = Lab::start("ia", 1, &SERVER_ARGS);
+    let daemon = &lab.daemon;
+    daemon.cli_ok(&["vip", "add", SERVICE]);
+    let before = daemon.cli_ok(&["vip", "list", "--json"]);
+    let own = lab.topo.lb.ipv4.to_string();
+    let cases: Vec<(Vec<String>, Vec<&str>)> = vec![
+        (
+            vec!["vip".into(), "add".into(), format!("{own}:80/tcp")],
+            vec!["is an address of this host", &own],
+        ),
+        (
+            vec!["vip".into(), "add".into(), "224.0.0.5:80/tcp".into()],
+            vec!["invalid VIP 224.0.0.5:80/tcp", "multicast"],
+        ),
+        (
+            vec!["vip".into(), "add".into(), "0.0.0.0:80/tcp".into()],
+            vec!["invalid VIP 0.0.0.0:80/tcp", "unspecified"],
+        ),
+        (
+            vec!["real".into(), "add".into(), SERVICE.into(), own.clone()],
+            vec!["is an address of this host"],
+        ),
+        (
+            vec![
+                "real".into(),
+                "add".into(),
+                SERVICE.into(),
+                "127.0.0.1".into(),
+            ],
+            vec!["invalid real 127.0.0.1", "loopback"],
+        ),
+        (
+            vec![
+                "vip".into(),
+                "add".into(),
+                "203.0.113.11:80/tcp".into(),
+                "--check".into(),
+                "http".into(),
+                "--check-path".into(),
+                "/a\r\nX-Injected: 1".into(),
+            ],
+            vec!["health check: path", "control character"],
+        ),
+        (
+            vec![
+                "vip".into(),
+                "add".into(),
+                "203.0.113.11:80/tcp".into(),
+                "--check".into(),
+                "tcp".into(),
+                "--check-port".into(),
+                "0".into(),
+            ],
+            vec!["port must be 1-65535"],
+        ),
+        (
+            vec![
+                "vip".into(),
+                "add".into(),
+                "203.0.113.11:80/tcp".into(),
+                "--check-path".into(),
+                "/health".into(),
+            ],
+            vec!["--check-path needs --check KIND"],
+        ),
+    ];
+    for (args, needles) in &cases {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let out = daemon.cli(&args);
+        refused(&out, &format!("xlb {}", args.join(" ")), needles);
+    }
+    assert_eq!(
+        daemon.cli_ok(&["vip", "list", "--json"]),
+        before,
+        "a refused command changed the state"
+    );
+    // The API refuses the same things without the CLI's checks.
+    let (code, body) = daemon.api(
+        "POST",
+        "/v1/vips",
+        Some(r#"{"vip": "203.0.113.12:80/tcp", "health_check": {"kind": "http", "path": "/a\r\nX: y"}}"#),
+    );
+    assert_eq!(code, 400, "{body}");
+    assert!(body.contains("control character"), "{body}");
+}
+
+#[test]
+fn yaml_anchors_and_oversized_documents_are_refused_before_parsing() {
+    require_root();
+    let lab = Lab::start("iy", 1, &SERVER_ARGS);
+    let daemon = &lab.daemon;
+    let dir = RunDir::new(&format!("xlb-{}-yaml", lab.topo.prefix()));
+    let write = |name: &str, text: &str| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, text).expect("write");
+        p.to_str().expect("UTF-8").to_owned()
+    };
+    // A billion-laughs style document: a few hundred bytes of nested aliases.
+    let mut laughs = String::from("a: &a [\"lol\", \"lol\", \"lol\", \"lol\", \"lol\"]\n");
+    for (prev, next) in ["a", "b", "c", "d", "e", "f", "g", "h"]
+        .windows(2)
+        .map(|w| (w[0], w[1]))
+    {
+        laughs.push_str(&format!(
+            "{next}: &{next} [*{prev}, *{prev}, *{prev}, *{prev}, *{prev}]\n"
+        ));
+    }
+    let file = write("laughs.yaml", &laughs);
+    let out = daemon.cli(&["apply", &file]);
+    refused(
+        &out,
+        "apply of nested aliases",
+        &["line 1", "anchors and aliases"],
+    );
+    let body = serde_json::json!({"yaml": laughs, "file": "sent.yaml"}).to_string();
+    let (code, answer) = daemon.api("PUT", "/v1/desired", Some(&body));
+    assert_eq!(code, 400, "{answer}");
+    assert!(answer.contains("sent.yaml: line 1"), "{answer}");
+
+    let big = format!("# {}\n", "x".repeat(2 << 20));
+    let body = serde_json::json!({"yaml": big}).to_string();
+    let (code, answer) = daemon.api("PUT", "/v1/desired", Some(&body));
+    assert!(
+        code == 400 || code == 413,
+        "a 2 MiB document answered {code}: {}",
+        &answer[..answer.len().min(200)]
+    );
+    let list = json(&daemon.cli_ok(&["vip", "list", "--json"]), "vip list");
+    assert_eq!(
+        list,
+        serde_json::json!([]),
+        "a refused document changed the state"
+    );
+}
+
+#[test]
+fn pins_are_never_mounted_over_or_removed_outside_xlb_s_own() {
+    require_root();
+    let dir = RunDir::new("xlb-input-pins");
+    let busy = dir.path().join("busy");
+    std::fs::create_dir(&busy).expect("mkdir");
+    std::fs::write(busy.join("keep.txt"), b"precious").expect("write");
+    // `xlb teardown` on a directory that is not a bpffs removes nothing.
+    let out = std::process::Command::new(xlb_bin())
+        .args(["teardown", "--pin-dir"])
+        .arg(&busy)
+        .arg("--state-file")
+        .arg(dir.path().join("state.json"))
+        .output()
+        .expect("xlb teardown");
+    refused(&out, "teardown of a plain directory", &["not a bpffs"]);
+    assert_eq!(
+        std::fs::read(busy.join("keep.txt")).expect("the file is still there"),
+        b"precious"
+    );
+    // `xlb run --pin-dir` on a directory with files in it refuses to mount over it.
+    let lab = Lab::start("ip", 1, &SERVER_ARGS);
+    let out = lab
+        .daemon
+        .command(&[])
+        .args(["--socket"])
+        .arg(dir.path().join("other.sock"))
+        .args(["run", "--iface", "eth0", "--pin-dir"])
+        .arg(&busy)
+        .arg("--state-file")
+        .arg(dir.path().join("other.json"))
+        .output()
+        .expect("xlb run");
+    refused(
+        &out,
+        "run with a busy pin dir",
+        &["neither a bpffs nor an empty directory"],
+    );
+    assert!(Path::new(&busy.join("keep.txt")).exists());
+}
