@@ -140,6 +140,18 @@ fn check_text(text: &str) -> Result<(), (String, String)> {
     let mut flow = 0usize;
     for (n, line) in text.lines().enumerate() {
         let at = || format!("line {}", n + 1);
+        if let Some(c) = line
+            .chars()
+            .find(|c| c.is_control() && !matches!(c, '\t' | '\r'))
+        {
+            return Err((
+                at(),
+                format!(
+                    "the control character U+{:04X} is not allowed",
+                    u32::from(c)
+                ),
+            ));
+        }
         let indent = line.len() - line.trim_start_matches(' ').len();
         if indent / 2 > MAX_DEPTH {
             return Err((at(), format!("nested deeper than {MAX_DEPTH} levels")));
@@ -368,6 +380,43 @@ mod tests {
         for yaml in blocks {
             if let Err(e) = Config::parse("docs/config.md", yaml) {
                 panic!("a YAML block of docs/config.md is invalid: {e}\n{yaml}");
+            }
+        }
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(512))]
+
+        /// Any edit of the documented example parses or is refused with a
+        /// message that names the file and the place: never a panic.
+        #[test]
+        fn mangled_documents_never_panic_and_errors_name_the_place(
+            cuts in proptest::collection::vec((0usize..4000, 0usize..40, ".{0,12}"), 1..4),
+        ) {
+            let mut text = EXAMPLE.to_owned();
+            for (at, len, with) in cuts {
+                let at = at % (text.len() + 1);
+                let end = (at + len).min(text.len());
+                if text.is_char_boundary(at) && text.is_char_boundary(end) {
+                    text.replace_range(at..end, &with);
+                }
+            }
+            if let Err(e) = Config::parse("x.yaml", &text) {
+                let msg = e.to_string();
+                proptest::prop_assert!(msg.starts_with("x.yaml: "), "{msg}");
+                let placed = ["services", "daemon", "line ", "(document)", "unknown field", "missing field"]
+                    .iter()
+                    .any(|p| msg.contains(p));
+                proptest::prop_assert!(placed, "no place in {msg:?} for:\n{text}");
+            }
+        }
+
+        /// A VIP written any way parses or is refused naming what was given.
+        #[test]
+        fn any_vip_text_parses_or_is_refused_naming_it(text in ".{0,40}") {
+            if let Err(e) = text.parse::<Vip>() {
+                let msg = e.to_string();
+                proptest::prop_assert!(msg.starts_with("invalid"), "{msg}");
             }
         }
     }
