@@ -326,6 +326,14 @@ pub async fn run(
 
     let reader = Arc::new(counters::Reader::of(&dp)?);
     let log_task = dp.logger().and_then(|l| forward_ebpf_logs(l).ok());
+    // Everything that needs more than a running balancer is done.
+    match crate::privileges::drop_to_runtime() {
+        Ok(kept) => tracing::info!(
+            kept = ?crate::privileges::names(kept),
+            "dropped every other capability"
+        ),
+        Err(err) => tracing::error!(%err, "running with more capabilities than it needs"),
+    }
     let activity = Arc::new(controller::Activity::new());
     let iface = Arc::new(iface);
     let (ctl, handle, events, board) = Controller::new(

@@ -40,6 +40,7 @@ pub mod metrics;
 pub mod model;
 pub mod neighbor;
 pub mod pin;
+pub mod privileges;
 pub mod realserver;
 pub mod settings;
 pub mod state;

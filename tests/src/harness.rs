@@ -30,6 +30,11 @@ use crate::netns::{Host, Netns, Topology, TopologySpec};
 /// The VIP every end-to-end scenario serves.
 pub const VIP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 10);
 
+/// The capability bounding set of the shipped `xlb.service`
+/// (`CapabilityBoundingSet=CAP_BPF CAP_PERFMON CAP_NET_ADMIN CAP_CHOWN`), in
+/// setpriv's words: every test daemon runs under it.
+pub const UNIT_BOUNDING_SET: &str = "-all,+bpf,+perfmon,+net_admin,+chown";
+
 /// How long a starting server or daemon gets before it counts as broken.
 const START_TIMEOUT: Duration = Duration::from_secs(15);
 
@@ -462,8 +467,12 @@ impl Daemon {
         let log = dir.join(format!("xlb-{}.log", LOGS.fetch_add(1, Ordering::Relaxed)));
         let log_file =
             File::create(&log).unwrap_or_else(|e| panic!("cannot create {}: {e}", log.display()));
-        let mut cmd = ns.command(path_str(&xlb_bin()));
-        cmd.arg("--socket")
+        // Under the shipped unit's capability bounding set and no-new-privs, as
+        // systemd runs it: every end-to-end test proves the daemon works there.
+        let mut cmd = ns.command("setpriv");
+        cmd.args(["--bounding-set", UNIT_BOUNDING_SET, "--no-new-privs", "--"])
+            .arg(xlb_bin())
+            .arg("--socket")
             .arg(&socket)
             .args(["run", "--iface", iface])
             .arg("--state-file")
@@ -509,6 +518,11 @@ impl Daemon {
             }
             thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// The daemon's process id.
+    pub fn pid(&self) -> Pid {
+        self.proc.pid()
     }
 
     /// The control socket.

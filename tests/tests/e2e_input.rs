@@ -201,3 +201,73 @@ fn pins_are_never_mounted_over_or_removed_outside_xlb_s_own() {
     );
     assert!(Path::new(&busy.join("keep.txt")).exists());
 }
+
+/// A capability mask from a `/proc/PID/status` line.
+fn caps_of(pid: i32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    let line = status
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .unwrap_or_else(|| panic!("no {field} in {status}"));
+    u64::from_str_radix(line.trim(), 16).expect("hex mask")
+}
+
+#[test]
+fn the_daemon_starts_under_the_unit_s_capabilities_and_keeps_only_three() {
+    require_root();
+    let lab = Lab::start("ic", 2, &SERVER_ARGS);
+    let daemon = &lab.daemon;
+    let pid = daemon.pid().as_raw();
+    // CAP_NET_ADMIN (12), CAP_PERFMON (38), CAP_BPF (39), in every thread.
+    let want: u64 = (1 << 12) | (1 << 38) | (1 << 39);
+    for field in ["CapEff:", "CapPrm:"] {
+        assert_eq!(caps_of(pid, field), want, "{field} of the daemon");
+    }
+    // The bounding set shrinks only with CAP_SETPCAP, which the unit does not
+    // give: it stays the unit's (CAP_CHOWN more), never more.
+    assert_eq!(caps_of(pid, "CapBnd:") & !(want | 1), 0, "CapBnd: of the daemon");
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).expect("tasks") {
+        let tid: i32 = task
+            .expect("task")
+            .file_name()
+            .to_str()
+            .and_then(|t| t.parse().ok())
+            .expect("tid");
+        let path = format!("/proc/{pid}/task/{tid}/status");
+        let status = std::fs::read_to_string(&path).expect("task status");
+        let eff = status
+            .lines()
+            .find_map(|l| l.strip_prefix("CapEff:"))
+            .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+            .expect("CapEff");
+        assert_eq!(eff, want, "thread {tid} kept other capabilities");
+    }
+    assert!(
+        daemon.log().contains("dropped every other capability"),
+        "{}",
+        daemon.log()
+    );
+    // And it still does its work: changes, ARP for new reals, traffic.
+    daemon.cli_ok(&["vip", "add", SERVICE]);
+    for real in &lab.topo.reals {
+        daemon.cli_ok(&["real", "add", SERVICE, &real.ipv4.to_string()]);
+    }
+    let list = json(&daemon.cli_ok(&["vip", "list", "--json"]), "vip list");
+    assert!(
+        list[0]["reals"]
+            .as_array()
+            .is_some_and(|r| r.iter().all(|r| r["resolved"] == true)),
+        "{list}"
+    );
+    let answers = lab.topo.client.ns.run_in(|| {
+        (0..20)
+            .map(|_| {
+                xlb_tests::harness::http_get(
+                    std::net::SocketAddr::from((xlb_tests::harness::VIP, 80)),
+                    std::time::Duration::from_secs(3),
+                )
+            })
+            .collect::<Vec<_>>()
+    });
+    assert!(answers.iter().all(Result::is_ok), "{answers:?}");
+}
