@@ -727,7 +727,8 @@ pub fn verdict_fixes(
 
 /// Refuses a desired state that could never work on this host: a VIP on one
 /// of the host's own addresses (it would take that port from the host), a
-/// real that is one of them, a DR real off the interface's segments.
+/// real that is one of them, a DR real off the interface's segments, a
+/// tunnel of a family the balancer has no source address for.
 pub fn check_reach(iface: &Iface, desired: &Desired) -> Result<(), NeighborError> {
     let own = neighbor::host_addrs();
     for vip in desired.services.keys() {
@@ -736,6 +737,26 @@ pub fn check_reach(iface: &Iface, desired: &Desired) -> Result<(), NeighborError
                 what: format!("VIP {vip}"),
                 addr: vip.addr,
             });
+        }
+    }
+    for (vip, s) in &desired.services {
+        if s.options.forward != Forward::Tun {
+            continue;
+        }
+        for real in s.reals.keys() {
+            let (v4, family, flag) = match real {
+                IpAddr::V4(_) => (0, "IPv4", ""),
+                IpAddr::V6(_) => (1, "IPv6", "6"),
+            };
+            if !iface.tunnel_sources[v4] {
+                return Err(NeighborError::NoTunnelSource {
+                    vip: vip.to_string(),
+                    real: *real,
+                    family,
+                    flag,
+                    iface: iface.name.clone(),
+                });
+            }
         }
     }
     for (real, mode) in desired.reach() {
@@ -757,6 +778,46 @@ mod tests {
     use super::*;
     use crate::state::writer::PauseHook;
     use crate::state::writer::fake::FakeMaps;
+
+    #[test]
+    fn a_tunnel_with_no_source_address_of_its_family_is_refused() {
+        let iface = Iface {
+            name: "eth0".into(),
+            index: 2,
+            mac: [2, 0, 0, 0, 0, 1],
+            nets: vec![("198.51.100.1".parse().expect("addr"), 24)],
+            tunnel_sources: [true, false],
+        };
+        let vip: Vip = "[2001:db8:203::10]:80/tcp".parse().expect("VIP");
+        let mut spec = Spec::default();
+        spec.apply(Edit::AddVip {
+            vip,
+            options: VipOptions {
+                forward: Forward::Tun,
+                ..VipOptions::default()
+            },
+            health: None,
+        })
+        .expect("vip");
+        spec.apply(Edit::AddReal {
+            vip,
+            real: "2001:db8:100::11".parse().expect("addr"),
+            weight: 1,
+        })
+        .expect("real");
+        let err = check_reach(&iface, &spec.effective())
+            .expect_err("no IPv6 source")
+            .to_string();
+        assert!(
+            err.contains("no IPv6 address to send tunnels from") && err.contains("--tunnel-src6"),
+            "{err}"
+        );
+        let iface = Iface {
+            tunnel_sources: [true, true],
+            ..iface
+        };
+        check_reach(&iface, &spec.effective()).expect("with a source");
+    }
 
     #[test]
     fn verdicts_converge_and_unprobed_reals_come_back() {

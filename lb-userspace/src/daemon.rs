@@ -207,8 +207,14 @@ pub async fn run(
     if settings.replace && settings.pin_dir().is_none() {
         bail!("--replace swaps the program of a pinned data path; it needs pins (drop --no-pin)");
     }
-    let iface =
+    let mut iface =
         Iface::lookup(&iface_name).with_context(|| format!("cannot use interface {iface_name}"))?;
+    iface.tunnel_sources[0] |= settings
+        .tunnel_src
+        .is_some_and(|p| !p.addr.is_unspecified());
+    iface.tunnel_sources[1] |= settings
+        .tunnel_src6
+        .is_some_and(|p| !p.addr.is_unspecified());
     let mut locks = Locks::take(&socket)?;
     raise_memlock();
     let listener = bind_socket(&socket, settings.socket_group().as_deref())?;

@@ -57,6 +57,23 @@ pub enum NeighborError {
         /// How long we waited.
         timeout: Duration,
     },
+    /// A tunnel VIP has reals of a family the balancer has no tunnel source for.
+    #[error(
+        "{vip} tunnels to {real} over {family}, but {iface} has no {family} address to send \
+         tunnels from; add one, or give --tunnel-src{flag} / daemon.tunnel_source{flag}"
+    )]
+    NoTunnelSource {
+        /// The VIP.
+        vip: String,
+        /// The real.
+        real: IpAddr,
+        /// `IPv4` or `IPv6`.
+        family: &'static str,
+        /// `` or `6`.
+        flag: &'static str,
+        /// The interface.
+        iface: String,
+    },
     /// The address belongs to this host.
     #[error(
         "{what} is an address of this host ({addr}): a VIP there would take the port from the \
@@ -114,6 +131,9 @@ pub struct Iface {
     pub mac: [u8; 6],
     /// Its addresses with prefix lengths.
     pub nets: Vec<(IpAddr, u8)>,
+    /// Whether tunnels of each family (IPv4, IPv6) have an outer source: an
+    /// address of that family on the interface, or a configured prefix.
+    pub tunnel_sources: [bool; 2],
 }
 
 impl Iface {
@@ -145,11 +165,19 @@ impl Iface {
         let mac = mac
             .filter(|m| *m != [0; 6])
             .ok_or_else(|| NeighborError::NoMac(name.to_owned()))?;
+        let tunnel_sources = [
+            nets.iter().any(|(a, _)| a.is_ipv4()),
+            nets.iter().any(|(a, _)| match a {
+                IpAddr::V6(v6) => !v6.is_unicast_link_local(),
+                IpAddr::V4(_) => false,
+            }),
+        ];
         Ok(Self {
             name: name.to_owned(),
             index,
             mac,
             nets,
+            tunnel_sources,
         })
     }
 

@@ -225,7 +225,11 @@ fn the_daemon_starts_under_the_unit_s_capabilities_and_keeps_only_three() {
     }
     // The bounding set shrinks only with CAP_SETPCAP, which the unit does not
     // give: it stays the unit's (CAP_CHOWN more), never more.
-    assert_eq!(caps_of(pid, "CapBnd:") & !(want | 1), 0, "CapBnd: of the daemon");
+    assert_eq!(
+        caps_of(pid, "CapBnd:") & !(want | 1),
+        0,
+        "CapBnd: of the daemon"
+    );
     for task in std::fs::read_dir(format!("/proc/{pid}/task")).expect("tasks") {
         let tid: i32 = task
             .expect("task")
