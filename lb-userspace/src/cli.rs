@@ -93,6 +93,9 @@ pub enum Command {
     /// Prepare (or undo) a real server for DR/TUN: VIPs on lo, ARP and rp_filter sysctls.
     #[command(subcommand)]
     Realserver(RealserverCommand),
+    /// Man pages and shell completions, for packaging (see generate.rs).
+    #[command(hide = true)]
+    Generate(crate::generate::GenerateArgs),
 }
 
 /// XDP attach modes.
@@ -512,6 +515,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Decap(args) => run_decap(args).await,
+        Command::Generate(args) => crate::generate::run(args),
         Command::Realserver(RealserverCommand::Setup { vips, state }) => {
             let applied = realserver::setup(&vips, &state).await?;
             for vip in &vips {

@@ -14,6 +14,7 @@
 //! - [`pin`]: bpffs pins, adoption by a restarted daemon, teardown.
 //! - [`decap`]: `xlb decap`, the real-server decapsulator for TUN mode.
 //! - [`realserver`]: `xlb realserver setup|teardown`.
+//! - [`generate`]: man pages and shell completions for packaging.
 //! - [`metrics`]: Prometheus metrics.
 //! - [`bench`]: the floor programs `./x bench` compares against.
 //! - [`daemon`]: `xlb run`. [`cli`]: the command line.
@@ -26,6 +27,7 @@ pub mod config;
 pub mod daemon;
 pub mod dataplane;
 pub mod decap;
+pub mod generate;
 pub mod health;
 pub mod maglev;
 pub mod metrics;
