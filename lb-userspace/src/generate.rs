@@ -75,7 +75,11 @@ fn visible_command() -> clap::Command {
 pub fn man_pages(dir: &std::path::Path, date: &str) -> anyhow::Result<Vec<PathBuf>> {
     // Built once from the top so that every subcommand knows its full name
     // (`xlb-vip-add`), which is what its page and the SEE ALSO-style list use.
-    let mut top = Cli::command().disable_help_subcommand(true);
+    // The top page's NAME line is `xlb - ABOUT`: the crate description that
+    // `xlb --help` shows would read "xlb - xlb: the daemon, ...".
+    let mut top = Cli::command()
+        .about("XDP layer-4 load balancer (LVS-DR / LVS-TUN style, Maglev hashing)")
+        .disable_help_subcommand(true);
     top.build();
     let mut pages = Vec::new();
     let mut todo = vec![top];

@@ -674,6 +674,15 @@ impl Drop for Netns {
     }
 }
 
+/// A directory, removed with its contents when dropped.
+struct RunDir(PathBuf);
+
+impl Drop for RunDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
 /// A bpffs mounted in the root mount namespace, unmounted (pins and all) when dropped.
 struct Bpffs(PathBuf);
 
@@ -791,7 +800,9 @@ fn check_daemon(t: &mut Tester) -> anyhow::Result<()> {
     for link in ["eth0", "eth1", "lo"] {
         output(Command::new("ip").args(["-n", &ns.0, "link", "set", link, "up"]))?;
     }
-    let dir = std::env::temp_dir().join(&ns.0);
+    // Declared before the bpffs in it, so dropped after it is unmounted.
+    let run_dir = RunDir(std::env::temp_dir().join(&ns.0));
+    let dir = run_dir.0.clone();
     fs::create_dir_all(dir.join("bpf"))?;
     output(
         Command::new("mount")
@@ -867,8 +878,8 @@ fn check_daemon(t: &mut Tester) -> anyhow::Result<()> {
         || format!("exit: {exit:?}"),
     )?;
     drop(bpffs);
+    drop(run_dir);
     drop(ns);
-    let _ = fs::remove_dir_all(&dir);
     Ok(())
 }
 
