@@ -25,8 +25,10 @@ const NAME: &str = "xlb";
 const BIN_PATH: &str = "usr/sbin/xlb";
 /// The Maintainer field (required by dpkg).
 const MAINTAINER: &str = "The xlb developers <xlb@example.org>";
-/// Packages needed by the maintainer scripts (addgroup) beyond what dpkg-shlibdeps finds.
-const SCRIPT_DEPENDS: &str = "adduser";
+/// Packages needed beyond what dpkg-shlibdeps finds: adduser for the postinst's
+/// addgroup, procps for xlb.service's `ExecReload=/bin/kill` (a minimal Debian
+/// has no /bin/kill without it).
+const EXTRA_DEPENDS: &str = "adduser, procps";
 /// The systemd units the package ships (from packaging/root/lib/systemd/system).
 const UNITS: [&str; 3] = ["xlb.service", "xlb-decap.service", "xlb-realserver.service"];
 /// Docs shipped in /usr/share/doc/xlb, from the repository root.
@@ -333,7 +335,7 @@ fn write_control(stage: &Path, version: &str, arch: &str, out_dir: &Path) -> any
          Architecture: {arch}\n\
          Maintainer: {MAINTAINER}\n\
          Installed-Size: {kib}\n\
-         Depends: {SCRIPT_DEPENDS}, {libs}\n\
+         Depends: {EXTRA_DEPENDS}, {libs}\n\
          Section: net\n\
          Priority: optional\n\
          Description: XDP layer-4 load balancer (LVS-DR / LVS-TUN style)\n \
@@ -579,8 +581,10 @@ fn check_archive(t: &mut Tester, deb: &Path) -> anyhow::Result<()> {
             .arg("Depends"),
     )?;
     t.check(
-        depends.contains("adduser") && depends.contains("libc6 (>="),
-        "Depends names adduser and libc6",
+        ["adduser,", "procps,", "libc6 (>="]
+            .iter()
+            .all(|d| depends.contains(d)),
+        "Depends names adduser, procps and libc6",
         || format!("Depends: {depends}"),
     )
 }
