@@ -3,7 +3,7 @@
 use anyhow::{Context as _, anyhow};
 use aya_build::{Package, Toolchain};
 
-/// The nightly whose LLVM matches bpf-linker's (see ../shared/platform.md and ./x).
+/// The nightly whose LLVM matches bpf-linker's (see docs/development.md and ./x).
 const EBPF_TOOLCHAIN: &str = "nightly-2026-07-01";
 
 fn main() -> anyhow::Result<()> {

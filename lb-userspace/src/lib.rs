@@ -20,6 +20,7 @@
 //! - [`pin`]: bpffs pins, teardown.
 //! - [`decap`]: `xlb decap`, the real-server decapsulator for TUN mode.
 //! - [`realserver`]: `xlb realserver setup|teardown`.
+//! - [`generate`]: `xlb generate` (hidden): man pages and completions for packaging.
 //! - [`bench`]: the floor programs `./x bench` compares against.
 //! - [`daemon`]: `xlb run`. [`cli`]: the command line.
 
@@ -34,6 +35,7 @@ pub mod daemon;
 pub mod dataplane;
 pub mod decap;
 pub mod desired;
+pub mod generate;
 pub mod health;
 pub mod maglev;
 pub mod metrics;

@@ -230,7 +230,7 @@ impl Drop for RunDir {
 /// `ip netns exec` gives its command a fresh /sys, so /sys/fs/bpf inside it is never the
 /// host's bpffs and a bpffs the daemon mounted from inside would vanish with it; a bpffs
 /// mounted here, outside /sys, before the daemon starts, is shared by every `ip netns
-/// exec` (see `shared/platform.md`). Dropping it unmounts the bpffs, which removes the
+/// exec` (see docs/development.md). Dropping it unmounts the bpffs, which removes the
 /// pins and so detaches a data path left running; drop it after the daemons.
 #[derive(Debug)]
 pub struct PinnedRun {
@@ -309,7 +309,7 @@ impl Drop for PinnedRun {
 
 /// Builds a topology with `reals` real servers holding [`VIP`] and attaches the
 /// pass-through XDP program to the balancer's switch port, without which the balancer's
-/// XDP_TX frames never reach the bridge (see `shared/platform.md`).
+/// XDP_TX frames never reach the bridge (see docs/development.md).
 pub fn balanced_topology(prefix: &str, reals: usize) -> Topology {
     let mut topo = Topology::build(&TopologySpec {
         prefix: prefix.to_owned(),

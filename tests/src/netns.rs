@@ -1,7 +1,7 @@
 //! Network-namespace topologies for root integration tests and the demo.
 //!
 //! Every test builds its own little network inside namespaces it creates and deletes
-//! (see the network rules in `shared/platform.md`): nothing is configured in the root
+//! (see the rules for test networks in docs/development.md): nothing is configured in the root
 //! namespace, every address comes from a documentation prefix, and every namespace name
 //! starts with a per-test prefix from [`unique_prefix`] so parallel or leftover runs never
 //! collide.
@@ -405,7 +405,7 @@ pub struct Topology {
     ///
     /// XDP_TX frames from the balancer's `eth0` only reach the bridge if the switch-side
     /// peer (`lb.switch_port` in `sw`) has an XDP program attached (see
-    /// `shared/platform.md`). The topology does not attach one itself, so it needs no
+    /// docs/development.md). The topology does not attach one itself, so it needs no
     /// eBPF object: the caller attaches a pass-through (XDP_PASS) program there, e.g.
     /// from `sw.run_in(...)`, and pushes whatever keeps it attached (the loaded `Ebpf`,
     /// a link) onto this vector.
@@ -453,10 +453,10 @@ impl Topology {
 
         let client = Host::attach(&sw, &format!("{p}-client"), "c", lan_v4(2), lan_v6(2));
         // veth otherwise hands out packets with only a partial checksum, which the real
-        // drops once the frame went through XDP (platform.md).
+        // drops once the frame went through XDP (docs/development.md).
         client.ns.exec(&["ethtool", "-K", HOST_IF, "tx", "off"]);
         // Load generators in the client would otherwise spend their time searching for a
-        // free source port (platform.md).
+        // free source port (docs/development.md).
         client.ns.sysctl("net.ipv4.tcp_tw_reuse", "1");
         let range = "1024 65535";
         client.ns.sysctl("net.ipv4.ip_local_port_range", range);

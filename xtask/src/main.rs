@@ -3,11 +3,15 @@
 //!
 //! - `test`: fmt check, clippy, build of every target, then every test, one at a time
 //!   (the root tests of `xlb-tests`, BPF_PROG_TEST_RUN and netns end-to-end, must not
-//!   run in parallel), with `XLB_BIN` and `XLB_TESTSRV_BIN` naming the binaries.
+//!   run in parallel), with `XLB_BIN` and `XLB_TESTSRV_BIN` naming the binaries, and
+//!   last the package test.
 //! - `lint`: fmt check and clippy only.
 //! - `demo`: builds the binaries and runs `xlb-demo` as root.
 //! - `bench`: installs wrk, HAProxy and nginx if missing, builds in release mode, runs
 //!   `xlb-bench` as root and renders docs/benchmarks.md from its JSON (see issue 6).
+//! - `package`: the Debian package of the release build (see package.rs).
+//! - `test-package`: installs the debug build's package on this machine, checks it
+//!   and purges it (see package.rs and docs/development.md).
 //!
 //! Nothing is built here by hand: every step is a plain cargo command, printed before it
 //! runs, so any of them can be repeated alone.
@@ -22,6 +26,8 @@ use std::{
 
 use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
+
+mod package;
 
 /// The integration-test package: its tests need root and run one at a time.
 const ROOT_TESTS_PACKAGE: &str = "xlb-tests";
@@ -38,7 +44,8 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Task {
-    /// fmt check, clippy, build, then every test (root tests one at a time).
+    /// fmt check, clippy, build, then every test (root tests one at a time), then the
+    /// package test (skipped when a filter is given).
     Test {
         /// Only run tests whose name contains this (passed to the test binaries).
         filter: Option<String>,
@@ -61,6 +68,14 @@ enum Task {
         #[arg(long)]
         only: Option<String>,
     },
+    /// build the Debian package (release build) and print its path.
+    Package {
+        /// Package the debug build instead (what the package test installs).
+        #[arg(long)]
+        debug: bool,
+    },
+    /// build, install, check and purge the Debian package of the debug build (root).
+    TestPackage,
 }
 
 fn main() -> ExitCode {
@@ -88,6 +103,26 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Task::Demo { args } => demo(&args),
         Task::Bench { quick, only } => bench(quick, only.as_deref()),
+        Task::Package { debug } => {
+            let mut steps = Steps::default();
+            let profile = if debug {
+                build_all(&mut steps, false)?;
+                package::Profile::Debug
+            } else {
+                package::Profile::Release
+            };
+            let deb = package::package(&mut steps, profile)?;
+            steps.summary("package");
+            println!("{}", deb.display());
+            Ok(())
+        }
+        Task::TestPackage => {
+            let mut steps = Steps::default();
+            build_all(&mut steps, false)?;
+            package::test_package(&mut steps)?;
+            steps.summary("test-package");
+            Ok(())
+        }
     }
 }
 
@@ -286,14 +321,28 @@ fn test(filter: Option<&str>) -> anyhow::Result<()> {
     let start = Instant::now();
     let (passed, failed, ok) = run_counting(tests.envs(env))?;
     steps.done.push(("tests", start.elapsed()));
+    // Last, and only after everything else passed: it installs the package the
+    // build above makes, so it builds nothing new.
+    let package = if ok && failed == 0 && filter.is_none() {
+        Some(package::test_package(&mut steps))
+    } else {
+        None
+    };
     steps.summary("test");
     // One closing line over every test binary (cargo prints one per binary,
     // the last of which is often an empty doc-test run).
-    println!("tests: {passed} passed, {failed} failed");
+    println!(
+        "tests: {passed} passed, {failed} failed; package test: {}",
+        match &package {
+            Some(Ok(())) => "passed",
+            Some(Err(_)) => "FAILED",
+            None => "not run",
+        }
+    );
     if !ok || failed > 0 {
         bail!("tests failed: {failed} failed");
     }
-    Ok(())
+    package.unwrap_or(Ok(()))
 }
 
 /// Runs `cmd` (a `cargo test`), echoing its output, and adds up the
@@ -362,14 +411,16 @@ fn dpkg_installed(pkg: &str) -> bool {
         .is_ok_and(|o| o.stdout.starts_with(b"ii "))
 }
 
-/// Installs the benchmark's Debian packages that are missing (idempotent).
+/// Installs those of `packages` that are missing (idempotent); `user` says who
+/// needs them.
 ///
 /// Package installs normally start the service (nginx, HAProxy) in the root
 /// namespace; a policy-rc.d that refuses is put in place for the install when the
 /// machine has none, since the bench starts its own instances in namespaces.
-fn bench_packages(steps: &mut Steps) -> anyhow::Result<()> {
-    let missing: Vec<&str> = BENCH_PACKAGES
-        .into_iter()
+fn ensure_debian_packages(steps: &mut Steps, packages: &[&str], user: &str) -> anyhow::Result<()> {
+    let missing: Vec<&str> = packages
+        .iter()
+        .copied()
         .filter(|p| !dpkg_installed(p))
         .collect();
     if missing.is_empty() {
@@ -377,7 +428,7 @@ fn bench_packages(steps: &mut Steps) -> anyhow::Result<()> {
     }
     if !is_root() {
         bail!(
-            "the benchmark needs {}: install them as root (apt-get install {})",
+            "{user} needs {}: install them as root (apt-get install {})",
             missing.join(", "),
             missing.join(" ")
         );
@@ -414,7 +465,7 @@ fn bench_packages(steps: &mut Steps) -> anyhow::Result<()> {
 
 fn bench(quick: bool, only: Option<&str>) -> anyhow::Result<()> {
     let mut steps = Steps::default();
-    bench_packages(&mut steps)?;
+    ensure_debian_packages(&mut steps, &BENCH_PACKAGES, "the benchmark")?;
     steps.run(
         "build",
         &mut cargo(&["build", "--release", "--bin", "xlb", "--bin", "xlb-bench"]),

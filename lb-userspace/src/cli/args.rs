@@ -77,6 +77,9 @@ pub enum Command {
     /// Prepare (or undo) a real server for DR/TUN: VIPs on lo, ARP and rp_filter sysctls.
     #[command(subcommand)]
     Realserver(RealserverCommand),
+    /// Man pages and shell completions, for packaging (see generate.rs).
+    #[command(hide = true)]
+    Generate(crate::generate::GenerateArgs),
 }
 
 /// Arguments of `xlb run`. Flags win over the config file's `daemon:` section.

@@ -97,6 +97,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Decap(args) => run_decap(args).await,
+        Command::Generate(args) => crate::generate::run(args),
         Command::Realserver(RealserverCommand::Setup { vips, state }) => {
             let applied = realserver::setup(&vips, &state).await?;
             for vip in &vips {
