@@ -1288,6 +1288,8 @@ fn slot_def(addr: IpAddr, mac: &[u8; 6], live: bool) -> RealDef {
         mac: *mac,
         family,
         flags: 0,
+        // generation: set by the allocator (lead)
+        generation: 0,
     }
 }
 
@@ -1297,6 +1299,8 @@ fn cleared_real() -> RealDef {
         mac: [0; 6],
         family: 0,
         flags: 0,
+        // generation: set by the allocator (lead)
+        generation: 0,
     }
 }
 
