@@ -43,6 +43,9 @@ pub mod map_names {
     pub const DECAP_ADDRS: &str = "XLB_DECAP_ADDRS";
     /// Decap program: `PerCpuArray<Counter>` indexed by [`super::decap_stat`].
     pub const DECAP_STATS: &str = "XLB_DECAP_STATS";
+    /// Decap program: `LpmTrie<SrcPrefix, u32>` of the balancers' tunnel sources
+    /// it accepts (a /0 entry accepts every source).
+    pub const DECAP_SRCS: &str = "XLB_DECAP_SRCS";
 }
 
 /// Program names (the Rust function names of the `#[xdp]` entry points).
@@ -79,6 +82,8 @@ const _: () = assert!(RING_POOL.is_multiple_of(2));
 pub const FLOWS_DEFAULT: u32 = 1 << 20;
 /// Capacity of the decap program's address map.
 pub const MAX_DECAP_ADDRS: u32 = 64;
+/// Capacity of the decap program's allowed-source prefix map.
+pub const MAX_DECAP_SRCS: u32 = 64;
 
 /// Index of the flood guard's window in the `FLOOD` map.
 pub const WINDOW_NEW_FLOWS: u32 = 0;
@@ -400,8 +405,11 @@ pub mod decap_stat {
     pub const DECAP_4IN6: u32 = 5;
     /// adjust_head failed: XDP_ABORTED.
     pub const ABORTED: u32 = 6;
+    /// A tunnel packet for a local address from a source outside the allowed
+    /// balancer prefixes (`xlb decap --allow-src`): dropped.
+    pub const DROP_NOT_ALLOWED_SRC: u32 = 7;
     /// Number of counters.
-    pub const COUNT: u32 = 7;
+    pub const COUNT: u32 = 8;
     /// Names in index order.
     pub const NAMES: [&str; COUNT as usize] = [
         "pass_not_tunnel",
@@ -411,8 +419,25 @@ pub mod decap_stat {
         "decap_ip6ip6",
         "decap_4in6",
         "aborted",
+        "drop_not_allowed_src",
     ];
 }
+
+/// Key data of the decap program's allowed-source trie (`DECAP_SRCS`, an
+/// LPM trie): the family byte, then the address, so a prefix of
+/// `8 + prefix length` bits matches one family's prefix and a prefix of 0
+/// bits matches every source.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SrcPrefix {
+    /// [`FAMILY_V4`] or [`FAMILY_V6`].
+    pub family: u8,
+    /// The address, network order (IPv4 in the first 4 bytes).
+    pub addr: [u8; 16],
+    /// Explicit padding, zero (never inside a prefix).
+    pub _pad: [u8; 3],
+}
+const _: () = assert!(size_of::<SrcPrefix>() == 20);
 
 /// Seed of the flow hash. Changing it moves every untracked flow: keep it fixed.
 pub const FLOW_HASH_SEED: u32 = 0x786c_6231; // "xlb1"
@@ -484,4 +509,5 @@ mod pod {
     unsafe impl aya::Pod for super::FlowKey {}
     unsafe impl aya::Pod for super::FlowState {}
     unsafe impl aya::Pod for super::FloodWindow {}
+    unsafe impl aya::Pod for super::SrcPrefix {}
 }

@@ -173,10 +173,14 @@ pub struct RunArgs {
 
 /// Arguments of `xlb decap`.
 #[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
 pub struct DecapArgs {
+    /// `xlb decap stats`; none: run the decapsulator.
+    #[command(subcommand)]
+    pub command: Option<DecapCommand>,
     /// Interface that receives the balancer's tunnels.
-    #[arg(long)]
-    pub iface: String,
+    #[arg(long, required = true)]
+    pub iface: Option<String>,
     /// XDP attach mode.
     #[arg(long, value_enum, default_value = "native")]
     pub xdp_mode: Mode,
@@ -186,6 +190,47 @@ pub struct DecapArgs {
     /// Log the counters every this many seconds (0: only when stopping).
     #[arg(long, default_value_t = 0)]
     pub report_interval: u64,
+    /// Accept tunnels only from this source prefix, e.g. the balancers'
+    /// --tunnel-src 192.0.2.0/24 (repeat for several). Without it every source
+    /// is accepted (and a warning is logged).
+    #[arg(long = "allow-src", value_parser = parse_src_prefix)]
+    pub allow_srcs: Vec<(IpAddr, u8)>,
+    /// bpffs directory for pins: the decapsulator keeps running from them
+    /// after `xlb decap` stops (`xlb teardown --pin-dir DIR` removes it).
+    #[arg(long, default_value = crate::decap::DEFAULT_PIN_DIR)]
+    pub pin_dir: PathBuf,
+    /// Do not pin: the decapsulator stops with `xlb decap`.
+    #[arg(long)]
+    pub no_pin: bool,
+}
+
+/// `xlb decap ...` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum DecapCommand {
+    /// Print the counters of the decapsulator pinned by a running `xlb decap`.
+    Stats {
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+        /// The pin directory `xlb decap` uses.
+        #[arg(long, default_value = crate::decap::DEFAULT_PIN_DIR)]
+        pin_dir: PathBuf,
+    },
+    /// Detach the pinned decapsulator and remove its pins.
+    Teardown {
+        /// The pin directory `xlb decap` uses.
+        #[arg(long, default_value = crate::decap::DEFAULT_PIN_DIR)]
+        pin_dir: PathBuf,
+    },
+}
+
+/// An IPv4 or IPv6 prefix (ADDRESS/LENGTH) for `--allow-src`.
+fn parse_src_prefix(s: &str) -> Result<(IpAddr, u8), String> {
+    let (addr, len) = crate::config::parse_prefix::<IpAddr>(s, 128)?;
+    if addr.is_ipv4() && len > 32 {
+        return Err(format!("prefix length '{len}' is not 0-32"));
+    }
+    Ok((addr, len))
 }
 
 /// `xlb realserver ...`.
@@ -678,32 +723,72 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
 
 /// `xlb decap`: attach the decapsulator and run until SIGINT/SIGTERM.
 async fn run_decap(args: DecapArgs) -> anyhow::Result<()> {
-    let iface = crate::neighbor::Iface::lookup(&args.iface)
-        .with_context(|| format!("cannot use interface {}", args.iface))?;
+    if let Some(DecapCommand::Stats { json, pin_dir }) = &args.command {
+        let counters = crate::decap::pinned_counters(pin_dir).with_context(|| {
+            format!(
+                "cannot read the decap counters under {} (is `xlb decap` running with this \
+                 --pin-dir? run as root)",
+                pin_dir.display()
+            )
+        })?;
+        if *json {
+            let map: serde_json::Map<String, serde_json::Value> = counters
+                .iter()
+                .map(|(n, c)| {
+                    let v = serde_json::json!({ "packets": c.packets, "bytes": c.bytes });
+                    ((*n).to_owned(), v)
+                })
+                .collect();
+            println!("{}", serde_json::to_string_pretty(&map)?);
+        } else {
+            for (name, c) in &counters {
+                println!("{name:<24} {:>12} packets {:>14} bytes", c.packets, c.bytes);
+            }
+        }
+        return Ok(());
+    }
+    if let Some(DecapCommand::Teardown { pin_dir }) = &args.command {
+        let removed = pin::teardown(pin_dir)?;
+        println!("removed {} pins under {}", removed.len(), pin_dir.display());
+        return Ok(());
+    }
+    let iface_name = args.iface.clone().context("--iface is required")?;
+    let iface = crate::neighbor::Iface::lookup(&iface_name)
+        .with_context(|| format!("cannot use interface {iface_name}"))?;
     let addrs: Vec<IpAddr> = if args.addrs.is_empty() {
         iface.nets.iter().map(|(a, _)| *a).collect()
     } else {
         args.addrs.clone()
     };
     if addrs.is_empty() {
-        bail!(
-            "{} has no addresses; give the tunnel endpoint with --addr",
-            args.iface
+        bail!("{iface_name} has no addresses; give the tunnel endpoint with --addr");
+    }
+    let pin = if args.no_pin {
+        None
+    } else {
+        Some(pin::PinDir::prepare(&args.pin_dir)?)
+    };
+    let mut decap =
+        Decap::load_with(pin.as_ref()).context("loading the decap program failed (run as root)")?;
+    decap.set_addrs(&addrs)?;
+    if args.allow_srcs.is_empty() {
+        tracing::warn!(
+            "no --allow-src: accepting tunnels from any source, so anyone who can reach this \
+             host can inject packets to its VIPs; give the balancers' tunnel source prefixes"
         );
     }
-    let mut decap = Decap::load().context("loading the decap program failed (run as root)")?;
-    for a in &addrs {
-        decap.add_addr(*a)?;
+    decap.set_srcs(&args.allow_srcs)?;
+    let mode = xdp_mode(args.xdp_mode);
+    match &pin {
+        Some(pin) => decap.attach_pinned(&iface_name, mode, pin),
+        None => decap.attach(&iface_name, mode),
     }
-    decap
-        .attach(&args.iface, xdp_mode(args.xdp_mode))
-        .with_context(|| {
-            format!(
-                "attaching XDP to {} failed (another XDP program attached? try --xdp-mode skb)",
-                args.iface
-            )
-        })?;
-    tracing::info!(iface = %args.iface, ?addrs, "decapsulating tunnels");
+    .with_context(|| {
+        format!(
+            "attaching XDP to {iface_name} failed (another XDP program attached? try --xdp-mode skb)"
+        )
+    })?;
+    tracing::info!(iface = %iface_name, ?addrs, allow_src = ?args.allow_srcs, "decapsulating tunnels");
     let report = |decap: &Decap| {
         if let Ok(counters) = decap.counters() {
             let line: Vec<String> = counters
@@ -727,6 +812,13 @@ async fn run_decap(args: DecapArgs) -> anyhow::Result<()> {
         }
     }
     report(&decap);
+    if pin.is_some() {
+        tracing::info!(
+            "xlb decap stopped; the decapsulator keeps running from its pins (`xlb decap \
+             teardown --pin-dir {}` removes it)",
+            args.pin_dir.display()
+        );
+    }
     Ok(())
 }
 

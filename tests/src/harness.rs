@@ -895,7 +895,8 @@ impl DecapProc {
         let log_file =
             File::create(&log).unwrap_or_else(|e| panic!("cannot create {}: {e}", log.display()));
         let mut cmd = host.ns.command(path_str(&xlb_bin()));
-        cmd.args(["decap", "--iface", "eth0"])
+        // No pins: inside `ip netns exec` /sys/fs/bpf is not the host's bpffs.
+        cmd.args(["decap", "--iface", "eth0", "--no-pin"])
             .args(extra)
             .env("NO_COLOR", "1")
             // No XLB_LOG: the counter report must show at the default level.

@@ -1084,6 +1084,7 @@ fn flood_guard_stops_tracking_above_the_limit_but_keeps_forwarding() {
 fn decap() -> Decap {
     assert!(nix::unistd::Uid::effective().is_root(), "must run as root");
     let mut d = Decap::load().expect("loading the decap object");
+    d.set_srcs(&[]).expect("accepting every source");
     d.add_addr("192.0.2.21".parse().expect("v4")).expect("addr");
     d.add_addr("2001:db8:100::21".parse().expect("v6"))
         .expect("addr");
@@ -1483,4 +1484,135 @@ fn tcp_flow_records_last_seen_coarsely() {
         third > first + 1_000_000_000,
         "not refreshed after the grain"
     );
+}
+
+/// A tunnel frame from `src` to the decap fixture's 192.0.2.21 carrying
+/// `inner` (a frame), with the outer ECN field set to `outer_ecn`.
+fn tunnel_with_ecn(src: IpAddr, dst: IpAddr, inner: &[u8], outer_ecn: u8) -> Vec<u8> {
+    let mut t = packet::tunnel(
+        src,
+        dst,
+        L2::default(),
+        [0x02, 0, 0, 0, 2, 0x21],
+        5,
+        &inner[14..],
+    );
+    if src.is_ipv4() {
+        let (mut h, _) = Ipv4Header::from_slice(&t[14..]).expect("outer header");
+        h.ecn = etherparse::IpEcn::try_new(outer_ecn).expect("2 bits");
+        h.header_checksum = h.calc_header_checksum();
+        t[14..34].copy_from_slice(&h.to_bytes());
+    } else {
+        t[15] = (t[15] & 0xcf) | (outer_ecn << 4);
+    }
+    t
+}
+
+#[test]
+fn decap_accepts_only_allowed_sources_and_keeps_ce() {
+    let mut d = decap();
+    d.set_srcs(&[
+        ("192.0.2.0".parse().expect("v4"), 24),
+        ("2001:db8:ff::".parse().expect("v6"), 96),
+    ])
+    .expect("sources");
+    let prog = d.program().expect("decap program");
+    let real4: IpAddr = "192.0.2.21".parse().expect("v4");
+    let real6: IpAddr = "2001:db8:100::21".parse().expect("v6");
+    let ect0 = |e: u8| {
+        packet::client_v4_with(CLIENT, VIP_TUN, tcp(40000, 80, true), move |ip| {
+            ip.ecn = etherparse::IpEcn::try_new(e).expect("2 bits");
+        })
+    };
+    let ect6 = |e: u8| {
+        packet::client_v6_with(CLIENT6, VIP6_TUN, tcp(40000, 80, true), move |ip, _| {
+            ip.traffic_class = e;
+        })
+    };
+    let allowed4: IpAddr = "192.0.2.200".parse().expect("v4");
+    let allowed6: IpAddr = "2001:db8:ff::9".parse().expect("v6");
+    // (name, frame, inner frame expected after decapsulation or None for a drop)
+    type SrcCase = (&'static str, Vec<u8>, Option<Vec<u8>>);
+    let cases: Vec<SrcCase> = vec![
+        (
+            "v4 source outside the allowed prefixes",
+            tunnel_with_ecn("198.51.100.99".parse().expect("v4"), real4, &ect0(0), 0),
+            None,
+        ),
+        (
+            "v6 source outside the allowed prefixes",
+            tunnel_with_ecn("2001:db8:7::1".parse().expect("v6"), real6, &ect6(0), 0),
+            None,
+        ),
+        (
+            "outer CE on an ECT(0) IPv4 inner",
+            tunnel_with_ecn(allowed4, real4, &ect0(2), 3),
+            Some(ect0(3)),
+        ),
+        (
+            "outer CE on a not-ECT IPv4 inner is left",
+            tunnel_with_ecn(allowed4, real4, &ect0(0), 3),
+            Some(ect0(0)),
+        ),
+        (
+            "outer CE on an ECT(1) IPv6 inner",
+            tunnel_with_ecn(allowed6, real6, &ect6(1), 3),
+            Some(ect6(3)),
+        ),
+    ];
+    for (name, input, inner) in cases {
+        let before = d.counters().expect("counters");
+        let (v, out) = run(prog, &input);
+        let after = d.counters().expect("counters");
+        match inner {
+            None => {
+                assert_eq!(v, XDP_DROP, "{name}: verdict");
+                let i = decap_stat::DROP_NOT_ALLOWED_SRC as usize;
+                assert_eq!(
+                    after[i].1.packets,
+                    before[i].1.packets + 1,
+                    "{name}: counter"
+                );
+            }
+            Some(inner) => {
+                assert_eq!(v, XDP_PASS, "{name}: verdict");
+                assert_eq!(out[14..], inner[14..], "{name}: inner packet");
+            }
+        }
+    }
+}
+
+#[test]
+fn decap_stats_are_read_from_the_pins() {
+    let dir = std::env::temp_dir().join(format!("xlb-decap-pins-{}", std::process::id()));
+    let pin = lb_userspace::pin::PinDir::prepare(&dir).expect("bpffs pin dir");
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = lb_userspace::pin::teardown(&self.0);
+            let _ = nix::mount::umount(&self.0);
+            let _ = std::fs::remove_dir(&self.0);
+        }
+    }
+    let _guard = Unmount(dir.clone());
+    let mut d = Decap::load_with(Some(&pin)).expect("loading pinned");
+    d.set_addrs(&["192.0.2.21".parse().expect("v4")])
+        .expect("addrs");
+    d.set_srcs(&[]).expect("sources");
+    let inner = packet::tcp(CLIENT, 40000, VIP_TUN, 80, true, b"x");
+    let frame = packet::tunnel(
+        "192.0.2.200".parse().expect("v4"),
+        "192.0.2.21".parse().expect("v4"),
+        L2::default(),
+        [0x02, 0, 0, 0, 2, 0x21],
+        0,
+        &inner[14..],
+    );
+    assert_eq!(run(d.program().expect("decap"), &frame).0, XDP_PASS);
+    let pinned = lb_userspace::decap::pinned_counters(&dir).expect("reading the pins");
+    let ipip = pinned
+        .iter()
+        .find(|(n, _)| *n == "decap_ipip")
+        .expect("decap_ipip counter");
+    assert_eq!(ipip.1.packets, 1, "pinned decap_ipip");
 }

@@ -367,6 +367,13 @@ fn measure(rounds: usize, per_round: usize, cpu: usize) -> PerPacket {
             .add_addr(a)
             .unwrap_or_else(|e| panic!("decap address {a}: {e}"));
     }
+    // The balancers' tunnel sources, as a deployment gives them (--allow-src).
+    decap
+        .set_srcs(&[
+            (Ipv4Addr::new(192, 0, 2, 0).into(), 24),
+            (Ipv6Addr::new(0x2001, 0xdb8, 0xff, 0, 0, 0, 0, 0).into(), 96),
+        ])
+        .unwrap_or_else(|e| panic!("decap sources: {e}"));
     let vip = |s: &str| -> Vip { s.parse().expect("valid VIP") };
     let new = |v: &str, flow: Flow, base: u64| Gen::New {
         vip: vip(v),
