@@ -22,7 +22,7 @@ use xlb_tests::harness::{require_root, stats};
 use lb_userspace::state::fmt_mac;
 use xlb_tests::capture::FrameTap;
 use xlb_tests::harness::{
-    Daemon, DecapProc, HttpAnswer, KeepAlive, Lab, LinkCounters, Proc, RunDir, VIP,
+    Daemon, DecapProc, HttpAnswer, KeepAlive, Lab, LinkCounters, PinnedRun, Proc, RunDir, VIP,
     balanced_topology, http_get, real_name, start_real, xlb_bin,
 };
 use xlb_tests::netns::{Host, Netns, unique_prefix};
@@ -122,6 +122,11 @@ struct TunLab {
 impl TunLab {
     /// Builds it with `reals` reals; `daemon_args` go to `xlb run` after `--no-pin`.
     fn start(tag: &str, reals: usize, daemon_args: &[&str]) -> TunLab {
+        Self::start_with(tag, reals, daemon_args, &[])
+    }
+
+    /// [`TunLab::start`] with `decap_args` for every real's `xlb decap`.
+    fn start_with(tag: &str, reals: usize, daemon_args: &[&str], decap_args: &[&str]) -> TunLab {
         require_root();
         let topo = balanced_topology(&unique_prefix(tag), reals);
         let scratch = RunDir::new(&format!("xlb-{}-rs", topo.prefix()));
@@ -143,7 +148,7 @@ impl TunLab {
                 &state,
             ];
             xlb_in(&real.ns, &args);
-            decaps.push(DecapProc::start(real, &[]));
+            decaps.push(DecapProc::start(real, decap_args));
             servers.push(start_real(&real.ns, &real_name(i), &SERVER_ARGS));
         }
         let args: Vec<&str> = std::iter::once("--no-pin")
@@ -882,4 +887,88 @@ fn tunnel_uploads_at_full_mss_shrink_by_icmp_too_big_or_fit_the_advertised_mss()
             "packets too big for the tunnel with the advertised MSS ({name}): {after}"
         );
     }
+}
+
+/// `xlb decap stats --json --pin-dir DIR`, run as an operator would on the real
+/// server (the pin directory is a bpffs every namespace shares).
+fn decap_stats(pin_dir: &str) -> serde_json::Value {
+    let out = std::process::Command::new(xlb_bin())
+        .args(["decap", "stats", "--json", "--pin-dir", pin_dir])
+        .output()
+        .expect("running xlb decap stats");
+    assert!(
+        out.status.success(),
+        "xlb decap stats: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("xlb decap stats --json prints JSON")
+}
+
+fn decap_packets(stats: &serde_json::Value, name: &str) -> u64 {
+    stats[name]["packets"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no decap counter {name} in {stats}"))
+}
+
+#[test]
+fn pinned_decap_keeps_running_and_accepts_only_the_balancers_sources() {
+    let pins = PinnedRun::new(&unique_prefix("dk"));
+    let pin_dir = pins.pin_dir().to_str().expect("UTF-8 path").to_owned();
+    let mut tun = TunLab::start_with(
+        "dk",
+        1,
+        &["--tunnel-src", "192.0.2.0/24"],
+        &["--pin-dir", &pin_dir, "--allow-src", "192.0.2.0/24"],
+    );
+    let lab = &tun.lab;
+    lab.daemon
+        .cli_ok(&["vip", "add", TCP_SERVICE, "--forward", "tun"]);
+    let real = &lab.topo.reals[0];
+    lab.daemon
+        .cli_ok(&["real", "add", TCP_SERVICE, &real.ipv4.to_string()]);
+    let target = SocketAddr::from((VIP, 80));
+    http_requests(lab, target, 3);
+    assert!(
+        decap_packets(&decap_stats(&pin_dir), "decap_ipip") >= 3,
+        "xlb decap stats does not show the decapsulated requests"
+    );
+
+    // Stopping `xlb decap` leaves the pinned decapsulator running.
+    tun.decap_counters();
+    let lab = &tun.lab;
+    http_requests(lab, target, 3);
+
+    // A restart swaps the program on the pinned link and replaces the source
+    // list: with a prefix that is not the balancer's, its tunnels are dropped.
+    let real = &lab.topo.reals[0];
+    let restarted = DecapProc::start(
+        real,
+        &["--pin-dir", &pin_dir, "--allow-src", "203.0.113.0/24"],
+    );
+    let before = decap_packets(&decap_stats(&pin_dir), "drop_not_allowed_src");
+    let refused = lab
+        .topo
+        .client
+        .ns
+        .run_in(|| http_get(target, Duration::from_secs(1)));
+    assert!(
+        refused.is_err(),
+        "a tunnel from an unlisted source was decapsulated"
+    );
+    assert!(
+        decap_packets(&decap_stats(&pin_dir), "drop_not_allowed_src") > before,
+        "no drop_not_allowed_src counted"
+    );
+    drop(restarted);
+
+    let out = std::process::Command::new(xlb_bin())
+        .args(["decap", "teardown", "--pin-dir", &pin_dir])
+        .output()
+        .expect("running xlb decap teardown");
+    assert!(out.status.success(), "xlb decap teardown failed");
+    assert!(
+        pins.pins().is_empty(),
+        "pins left after teardown: {:?}",
+        pins.pins()
+    );
 }
