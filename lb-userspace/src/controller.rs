@@ -135,8 +135,8 @@ pub struct RealModel {
     pub admin_source: Source,
     /// Its weight in the live table (absent: not in it).
     pub effective_weight: Option<u32>,
-    /// Its slot id (absent: none yet).
-    pub slot: Option<u32>,
+    /// Its slot id and the slot's generation (absent: none yet).
+    pub slot: Option<(u32, u32)>,
     /// MAC of the real (DR) or of the next hop toward it (TUN), once known.
     pub mac: Option<[u8; 6]>,
     /// Why it is not resolved yet.
@@ -197,7 +197,9 @@ impl Snapshot {
                                 admin: r.admin,
                                 admin_source,
                                 effective_weight: a.table.get(addr).copied(),
-                                slot: a.slots.get(addr).copied(),
+                                slot: a.slots.get(addr).map(|id| {
+                                    (*id, model.slots.get(id).map_or(0, |s| s.generation))
+                                }),
                                 mac: state.mac(*addr),
                                 unresolved: if state.mac(*addr).is_some() {
                                     None

@@ -39,8 +39,10 @@ pub struct Reader {
 /// Conntrack entries counted by one walk.
 #[derive(Clone, Debug, Default)]
 pub struct FlowCounts {
-    /// Active flows by real slot id.
-    pub by_slot: BTreeMap<u32, u64>,
+    /// Active flows by real slot id and the slot's generation when the flow
+    /// was tracked (entries of an earlier owner of the slot id do not count
+    /// for the current one).
+    pub by_slot: BTreeMap<(u32, u32), u64>,
     /// Every entry in the table (active or not).
     pub entries: u64,
     /// When the walk ended (`None`: never counted yet).
@@ -113,7 +115,10 @@ impl Reader {
             };
             let window = u64::try_from(window.as_nanos()).unwrap_or(u64::MAX);
             if state.last_seen_ns == 0 || now.saturating_sub(state.last_seen_ns) <= window {
-                *counts.by_slot.entry(state.real_id).or_default() += 1;
+                *counts
+                    .by_slot
+                    .entry((state.real_id, state.generation))
+                    .or_default() += 1;
             }
         };
         match walk_batched(&self.flows, &mut count) {
@@ -199,7 +204,7 @@ fn walk_batched(
     let mut values = vec![
         FlowState {
             real_id: 0,
-            _pad: 0,
+            generation: 0,
             last_seen_ns: 0,
         };
         BATCH

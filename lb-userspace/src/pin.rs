@@ -16,7 +16,7 @@ use aya::programs::links::{FdLink, PinnedLink};
 use nix::sys::statfs::{BPF_FS_MAGIC, statfs};
 
 /// Version of the map layout (bump when a map's key, value or size changes).
-pub const LAYOUT_VERSION: u32 = 1;
+pub const LAYOUT_VERSION: u32 = 2;
 
 /// Default pin directory.
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/xlb";
@@ -180,9 +180,12 @@ pub fn open_link(path: &Path) -> Result<aya::programs::xdp::XdpLink, PinError> {
         .map_err(|e| PinError::Link(format!("the pinned link is not an XDP link: {e}")))
 }
 
-/// Whether `name` is a pin xlb makes: its link or one of its maps.
+/// Whether `name` is a pin xlb makes: a link, or a map of the balancer or
+/// of the decapsulator.
 fn is_our_pin(name: &str) -> bool {
-    name == "link" || crate::dataplane::BALANCER_MAPS.contains(&name)
+    name == "link"
+        || crate::dataplane::BALANCER_MAPS.contains(&name)
+        || crate::decap::DECAP_MAPS.contains(&name)
 }
 
 /// Removes xlb's pins from `dir` (every layout version `vN/`): the link first,

@@ -131,9 +131,15 @@ pub struct Settings {
     #[arg(long)]
     pub conntrack_size: Option<u32>,
     /// New flows each CPU may add to the conntrack table per second; above it
-    /// flows are forwarded by Maglev alone (0: no limit) [default: 0].
+    /// flows are forwarded by Maglev alone (0: no limit) [default: enough for
+    /// tracked flows to survive 60 s of any flood: conntrack size / (60 × CPUs),
+    /// at least 1000].
     #[arg(long)]
     pub new_flow_limit: Option<u32>,
+    /// ICMP "fragmentation needed" / "packet too big" replies each CPU may send
+    /// per second for tunnel packets over the MTU (0: none, drop only) [default: 100].
+    #[arg(long)]
+    pub icmp_too_big_limit: Option<u32>,
     /// Seconds after which an idle UDP flow is forgotten [default: 30].
     #[arg(long)]
     pub udp_idle_timeout: Option<u64>,
@@ -186,6 +192,7 @@ impl Settings {
             resolve_timeout: self.resolve_timeout.or(file.resolve_timeout),
             conntrack_size: self.conntrack_size.or(file.conntrack_size),
             new_flow_limit: self.new_flow_limit.or(file.new_flow_limit),
+            icmp_too_big_limit: self.icmp_too_big_limit.or(file.icmp_too_big_limit),
             udp_idle_timeout: self.udp_idle_timeout.or(file.udp_idle_timeout),
             mtu: self.mtu.or(file.mtu),
             tunnel_src: self.tunnel_src.or(file.tunnel_src),
@@ -215,9 +222,19 @@ impl Settings {
         self.conntrack_size.unwrap_or(lb_common::FLOWS_DEFAULT)
     }
 
-    /// New flows per CPU per second before the flood guard.
+    /// New flows per CPU per second before the flood guard: as set, else
+    /// what keeps a full table's idle flows for 60 s whatever arrives.
     pub fn new_flow_limit(&self) -> u32 {
-        self.new_flow_limit.unwrap_or(0)
+        self.new_flow_limit.unwrap_or_else(|| {
+            let cpus = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
+            (self.conntrack_size() / (60 * cpus)).max(1000)
+        })
+    }
+
+    /// ICMP too-big replies per CPU per second.
+    pub fn icmp_too_big_limit(&self) -> u32 {
+        self.icmp_too_big_limit
+            .unwrap_or(lb_common::ICMP_TOO_BIG_LIMIT_DEFAULT)
     }
 
     /// Idle time after which a UDP flow is forgotten.

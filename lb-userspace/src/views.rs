@@ -92,9 +92,9 @@ pub fn vips(
                 .iter()
                 .map(|r| {
                     let (c, active) = match r.slot {
-                        Some(id) => (
+                        Some((id, generation)) => (
                             reader.real_counter(id)?,
-                            flows.by_slot.get(&id).copied().unwrap_or(0),
+                            flows.by_slot.get(&(id, generation)).copied().unwrap_or(0),
                         ),
                         None => (Default::default(), 0),
                     };

@@ -967,8 +967,13 @@ impl DecapProc {
         let log_file =
             File::create(&log).unwrap_or_else(|e| panic!("cannot create {}: {e}", log.display()));
         let mut cmd = host.ns.command(path_str(&xlb_bin()));
-        cmd.args(["decap", "--iface", "eth0"])
-            .args(extra)
+        cmd.args(["decap", "--iface", "eth0"]);
+        // No pins unless the test gives a pin directory: inside `ip netns exec`
+        // /sys/fs/bpf is not the host's bpffs.
+        if !extra.contains(&"--pin-dir") {
+            cmd.arg("--no-pin");
+        }
+        cmd.args(extra)
             .env("NO_COLOR", "1")
             // No XLB_LOG: the counter report must show at the default level.
             .env_remove("XLB_LOG")

@@ -22,7 +22,7 @@ use xlb_tests::harness::{require_root, stats};
 use lb_userspace::state::fmt_mac;
 use xlb_tests::capture::FrameTap;
 use xlb_tests::harness::{
-    Daemon, DecapProc, HttpAnswer, KeepAlive, Lab, LinkCounters, Proc, RunDir, VIP,
+    Daemon, DecapProc, HttpAnswer, KeepAlive, Lab, LinkCounters, PinnedRun, Proc, RunDir, VIP,
     balanced_topology, http_get, real_name, start_real, xlb_bin,
 };
 use xlb_tests::netns::{Host, Netns, unique_prefix};
@@ -122,6 +122,11 @@ struct TunLab {
 impl TunLab {
     /// Builds it with `reals` reals; `daemon_args` go to `xlb run` after `--no-pin`.
     fn start(tag: &str, reals: usize, daemon_args: &[&str]) -> TunLab {
+        Self::start_with(tag, reals, daemon_args, &[])
+    }
+
+    /// [`TunLab::start`] with `decap_args` for every real's `xlb decap`.
+    fn start_with(tag: &str, reals: usize, daemon_args: &[&str], decap_args: &[&str]) -> TunLab {
         require_root();
         let topo = balanced_topology(&unique_prefix(tag), reals);
         let scratch = RunDir::new(&format!("xlb-{}-rs", topo.prefix()));
@@ -143,7 +148,7 @@ impl TunLab {
                 &state,
             ];
             xlb_in(&real.ns, &args);
-            decaps.push(DecapProc::start(real, &[]));
+            decaps.push(DecapProc::start(real, decap_args));
             servers.push(start_real(&real.ns, &real_name(i), &SERVER_ARGS));
         }
         let args: Vec<&str> = std::iter::once("--no-pin")
@@ -822,7 +827,7 @@ fn http_post(to: SocketAddr, body: usize, timeout: Duration) -> Result<(), Strin
 }
 
 #[test]
-fn tunnel_uploads_need_an_mss_with_room_for_the_outer_header() {
+fn tunnel_uploads_at_full_mss_shrink_by_icmp_too_big_or_fit_the_advertised_mss() {
     let tun = TunLab::start("tm", 1, &[]);
     let lab = &tun.lab;
     lab.daemon
@@ -838,24 +843,25 @@ fn tunnel_uploads_need_an_mss_with_room_for_the_outer_header() {
     let targets = [SocketAddr::from((VIP, 80)), SocketAddr::from((VIP6, 80))];
 
     // With the stock MSS (MTU - 40 / - 60) the client's full-size segments are 1500 bytes;
-    // with the 20 / 40-byte outer header they no longer fit, and the balancer drops them.
+    // with the 20 / 40-byte outer header they no longer fit. The balancer answers them
+    // with ICMP "fragmentation needed" / "packet too big" from the VIP, the client's
+    // path MTU discovery shrinks its segments, and the upload goes through.
     for target in targets {
-        let before = verdict(&stats(lab), "drop_too_big");
-        let result = lab
-            .topo
+        let before = verdict(&stats(lab), "tx_icmp_too_big_reply");
+        lab.topo
             .client
             .ns
-            .run_in(|| http_post(target, UPLOAD, Duration::from_secs(1)));
+            .run_in(|| http_post(target, UPLOAD, TIMEOUT))
+            .unwrap_or_else(|e| panic!("full-MSS upload through the tunnel: {e}"));
+        let replied = verdict(&stats(lab), "tx_icmp_too_big_reply") - before;
         assert!(
-            result.is_err(),
-            "a {UPLOAD}-byte upload to {target} went through a 1500-byte tunnel at full MSS"
-        );
-        let dropped = verdict(&stats(lab), "drop_too_big") - before;
-        assert!(
-            dropped > 0,
-            "upload to {target} failed but no drop_too_big counted"
+            replied > 0,
+            "upload to {target} went through without a too-big reply: it never was too big?"
         );
     }
+    // Forget the path MTU the client learnt, so the next uploads start at full size.
+    lab.topo.client.ns.ip("route flush cache");
+    lab.topo.client.ns.ip("-6 route flush cache");
 
     // The remedy docs/operations.md gives: the real advertises an MSS with room for the
     // outer header on its route to the clients.
@@ -865,7 +871,7 @@ fn tunnel_uploads_need_an_mss_with_room_for_the_outer_header() {
     ));
     real.ns
         .ip("-6 route change 2001:db8:100::/64 dev eth0 proto kernel metric 256 advmss 1400");
-    let before = verdict(&stats(lab), "drop_too_big");
+    let before = stats(lab);
     for target in targets {
         lab.topo
             .client
@@ -874,9 +880,95 @@ fn tunnel_uploads_need_an_mss_with_room_for_the_outer_header() {
             .unwrap_or_else(|e| panic!("upload with the advertised MSS: {e}"));
     }
     let after = stats(lab);
-    assert_eq!(
-        verdict(&after, "drop_too_big"),
-        before,
-        "packets too big for the tunnel with the advertised MSS: {after}"
+    for name in ["drop_too_big", "tx_icmp_too_big_reply"] {
+        assert_eq!(
+            verdict(&after, name),
+            verdict(&before, name),
+            "packets too big for the tunnel with the advertised MSS ({name}): {after}"
+        );
+    }
+}
+
+/// `xlb decap stats --json --pin-dir DIR`, run as an operator would on the real
+/// server (the pin directory is a bpffs every namespace shares).
+fn decap_stats(pin_dir: &str) -> serde_json::Value {
+    let out = std::process::Command::new(xlb_bin())
+        .args(["decap", "stats", "--json", "--pin-dir", pin_dir])
+        .output()
+        .expect("running xlb decap stats");
+    assert!(
+        out.status.success(),
+        "xlb decap stats: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("xlb decap stats --json prints JSON")
+}
+
+fn decap_packets(stats: &serde_json::Value, name: &str) -> u64 {
+    stats[name]["packets"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no decap counter {name} in {stats}"))
+}
+
+#[test]
+fn pinned_decap_keeps_running_and_accepts_only_the_balancers_sources() {
+    let pins = PinnedRun::new(&unique_prefix("dk"));
+    let pin_dir = pins.pin_dir().to_str().expect("UTF-8 path").to_owned();
+    let mut tun = TunLab::start_with(
+        "dk",
+        1,
+        &["--tunnel-src", "192.0.2.0/24"],
+        &["--pin-dir", &pin_dir, "--allow-src", "192.0.2.0/24"],
+    );
+    let lab = &tun.lab;
+    lab.daemon
+        .cli_ok(&["vip", "add", TCP_SERVICE, "--forward", "tun"]);
+    let real = &lab.topo.reals[0];
+    lab.daemon
+        .cli_ok(&["real", "add", TCP_SERVICE, &real.ipv4.to_string()]);
+    let target = SocketAddr::from((VIP, 80));
+    http_requests(lab, target, 3);
+    assert!(
+        decap_packets(&decap_stats(&pin_dir), "decap_ipip") >= 3,
+        "xlb decap stats does not show the decapsulated requests"
+    );
+
+    // Stopping `xlb decap` leaves the pinned decapsulator running.
+    tun.decap_counters();
+    let lab = &tun.lab;
+    http_requests(lab, target, 3);
+
+    // A restart swaps the program on the pinned link and replaces the source
+    // list: with a prefix that is not the balancer's, its tunnels are dropped.
+    let real = &lab.topo.reals[0];
+    let restarted = DecapProc::start(
+        real,
+        &["--pin-dir", &pin_dir, "--allow-src", "203.0.113.0/24"],
+    );
+    let before = decap_packets(&decap_stats(&pin_dir), "drop_not_allowed_src");
+    let refused = lab
+        .topo
+        .client
+        .ns
+        .run_in(|| http_get(target, Duration::from_secs(1)));
+    assert!(
+        refused.is_err(),
+        "a tunnel from an unlisted source was decapsulated"
+    );
+    assert!(
+        decap_packets(&decap_stats(&pin_dir), "drop_not_allowed_src") > before,
+        "no drop_not_allowed_src counted"
+    );
+    drop(restarted);
+
+    let out = std::process::Command::new(xlb_bin())
+        .args(["decap", "teardown", "--pin-dir", &pin_dir])
+        .output()
+        .expect("running xlb decap teardown");
+    assert!(out.status.success(), "xlb decap teardown failed");
+    assert!(
+        pins.pins().is_empty(),
+        "pins left after teardown: {:?}",
+        pins.pins()
     );
 }

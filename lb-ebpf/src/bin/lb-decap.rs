@@ -4,6 +4,15 @@
 //! Everything else passes untouched. (This kernel has no ipip/ip6_tunnel
 //! modules; XDP decapsulation is also faster than a tunnel device.)
 //!
+//! - Only tunnels from the balancers' source prefixes (`XLB_DECAP_SRCS`) are
+//!   accepted; others to a local endpoint are dropped, so nobody else can
+//!   inject packets with a forged inner source. `xlb decap` without
+//!   `--allow-src` stores a /0 entry (accept all) and warns.
+//! - ECN (RFC 6040, normal mode): an outer CE mark is copied to an ECN-capable
+//!   inner header (IPv4 checksum updated). A Not-ECT inner is left as it is:
+//!   the balancer copies the inner ECN field to the outer header, so a
+//!   compliant path never marks CE on such a packet.
+//!
 //! A separate object from the balancer so real servers load only this.
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
@@ -19,11 +28,12 @@ mod program {
         bindings::xdp_action,
         helpers::bpf_xdp_adjust_head,
         macros::{map, xdp},
-        maps::{HashMap, PerCpuArray},
+        maps::{HashMap, LpmTrie, PerCpuArray, lpm_trie::Key},
         programs::XdpContext,
     };
     use lb_common::{
-        AddrKey, Counter, FAMILY_V4, MAX_DECAP_ADDRS, PROTO_IPIP, PROTO_IPV6, decap_stat,
+        AddrKey, Counter, FAMILY_V4, MAX_DECAP_ADDRS, MAX_DECAP_SRCS, PROTO_IPIP, PROTO_IPV6,
+        SrcPrefix, decap_stat,
     };
 
     use crate::parse::{self, ETH_P_IP, ETH_P_IPV6, read_at, write_at};
@@ -31,6 +41,14 @@ mod program {
     /// This host's tunnel endpoint addresses, written by `xlb decap`.
     #[map(name = "XLB_DECAP_ADDRS")]
     static DECAP_ADDRS: HashMap<AddrKey, u32> = HashMap::with_max_entries(MAX_DECAP_ADDRS, 0);
+
+    /// Tunnel sources accepted (the balancers' prefixes), written by `xlb decap`.
+    #[map(name = "XLB_DECAP_SRCS")]
+    static DECAP_SRCS: LpmTrie<SrcPrefix, u32> = LpmTrie::with_max_entries(MAX_DECAP_SRCS, 0);
+
+    /// ECN field values (the low two bits of the TOS / traffic class).
+    const ECN_MASK: u8 = 0x03;
+    const ECN_CE: u8 = 0x03;
 
     /// One counter per outcome, indexed by `lb_common::decap_stat`.
     #[map(name = "XLB_DECAP_STATS")]
@@ -90,6 +108,20 @@ mod program {
         if !inner_ok {
             return (pass, decap_stat::PASS_MALFORMED);
         }
+        let src = Key::new(
+            8 + if v4_outer { 32 } else { 128 },
+            SrcPrefix {
+                family: outer.family,
+                addr: outer.src,
+                _pad: [0; 3],
+            },
+        );
+        if DECAP_SRCS.get(&src).is_none() {
+            return (xdp_action::XDP_DROP, decap_stat::DROP_NOT_ALLOWED_SRC);
+        }
+        if outer.tos & ECN_MASK == ECN_CE && !mark_ce(ctx, outer.l4_off, inner_type == ETH_P_IP) {
+            return (pass, decap_stat::PASS_MALFORMED);
+        }
         let outer_len = outer.l4_off - l2.l3_off;
         // Save the L2 header (addresses and VLAN tags) before it is overwritten.
         let Some(macs) = read_at::<[u8; 12]>(ctx, 0) else {
@@ -122,6 +154,39 @@ mod program {
             (pass, stat)
         } else {
             (xdp_action::XDP_ABORTED, decap_stat::ABORTED)
+        }
+    }
+
+    /// Sets CE on the inner header at `off` when it is ECN-capable (ECT(0) or
+    /// ECT(1)); false when the header cannot be read or written.
+    #[inline(always)]
+    fn mark_ce(ctx: &XdpContext, off: usize, v4: bool) -> bool {
+        let Some(h) = read_at::<[u8; 2]>(ctx, off) else {
+            return false;
+        };
+        if v4 {
+            // TOS is the second byte; its low two bits are ECN.
+            if h[1] & ECN_MASK == 0 || h[1] & ECN_MASK == ECN_CE {
+                return true;
+            }
+            let Some(c) = read_at::<[u8; 2]>(ctx, off + 10) else {
+                return false;
+            };
+            let new = [h[0], h[1] | ECN_CE];
+            // RFC 1624 incremental update of the header checksum.
+            let sum = u32::from(!u16::from_be_bytes(c))
+                + u32::from(!u16::from_be_bytes(h))
+                + u32::from(u16::from_be_bytes(new));
+            let sum = (sum & 0xffff) + (sum >> 16);
+            let sum = (sum & 0xffff) + (sum >> 16);
+            write_at(ctx, off, new) && write_at(ctx, off + 10, (!(sum as u16)).to_be_bytes())
+        } else {
+            // Traffic class spans the two bytes; ECN is bits 4-5 of the second.
+            let ecn = (h[1] >> 4) & ECN_MASK;
+            if ecn == 0 || ecn == ECN_CE {
+                return true;
+            }
+            write_at(ctx, off, [h[0], h[1] | (ECN_CE << 4)])
         }
     }
 

@@ -95,10 +95,14 @@ pub struct RunArgs {
 
 /// Arguments of `xlb decap`.
 #[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
 pub struct DecapArgs {
+    /// `xlb decap stats|teardown`; none: run the decapsulator.
+    #[command(subcommand)]
+    pub command: Option<DecapCommand>,
     /// Interface that receives the balancer's tunnels.
-    #[arg(long)]
-    pub iface: String,
+    #[arg(long, required = true)]
+    pub iface: Option<String>,
     /// XDP attach mode.
     #[arg(long, value_enum, default_value = "native")]
     pub xdp_mode: Mode,
@@ -108,6 +112,47 @@ pub struct DecapArgs {
     /// Log the counters every this many seconds (0: only when stopping).
     #[arg(long, default_value_t = 0)]
     pub report_interval: u64,
+    /// Accept tunnels only from this source prefix, e.g. the balancers'
+    /// --tunnel-src 192.0.2.0/24 (repeat for several). Without it every source
+    /// is accepted (and a warning is logged).
+    #[arg(long = "allow-src", value_parser = parse_src_prefix)]
+    pub allow_srcs: Vec<(IpAddr, u8)>,
+    /// bpffs directory for pins: the decapsulator keeps running from them
+    /// after `xlb decap` stops (`xlb decap teardown` removes it).
+    #[arg(long, default_value = crate::decap::DEFAULT_PIN_DIR)]
+    pub pin_dir: PathBuf,
+    /// Do not pin: the decapsulator stops with `xlb decap`.
+    #[arg(long)]
+    pub no_pin: bool,
+}
+
+/// `xlb decap ...` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum DecapCommand {
+    /// Print the counters of the decapsulator pinned by a running `xlb decap`.
+    Stats {
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+        /// The pin directory `xlb decap` uses.
+        #[arg(long, default_value = crate::decap::DEFAULT_PIN_DIR)]
+        pin_dir: PathBuf,
+    },
+    /// Detach the pinned decapsulator and remove its pins.
+    Teardown {
+        /// The pin directory `xlb decap` uses.
+        #[arg(long, default_value = crate::decap::DEFAULT_PIN_DIR)]
+        pin_dir: PathBuf,
+    },
+}
+
+/// An IPv4 or IPv6 prefix (ADDRESS/LENGTH) for `--allow-src`.
+fn parse_src_prefix(s: &str) -> Result<(IpAddr, u8), String> {
+    let p = crate::settings::parse_prefix::<IpAddr>(s, 128)?;
+    if p.addr.is_ipv4() && p.len > 32 {
+        return Err(format!("prefix length '{}' is not 0-32", p.len));
+    }
+    Ok((p.addr, p.len))
 }
 
 /// `xlb realserver ...`.

@@ -15,7 +15,7 @@ use anyhow::{Context as _, bail};
 use hyper::Method;
 
 pub use args::{Cli, Command};
-use args::{DecapArgs, RealCommand, RealRef, RealserverCommand, VipCommand};
+use args::{DecapArgs, DecapCommand, RealCommand, RealRef, RealserverCommand, VipCommand};
 
 use crate::{
     api::{AddReal, AddVip, Applied, ApplyBody, SetReal, Simulated, Stats, Status},
@@ -295,34 +295,75 @@ async fn real(client: &Client, cmd: RealCommand) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `xlb decap`: attach the decapsulator and run until SIGINT/SIGTERM.
+/// `xlb decap`: attach the decapsulator and run until SIGINT/SIGTERM; or
+/// `xlb decap stats|teardown` on a pinned one.
 async fn run_decap(args: DecapArgs) -> anyhow::Result<()> {
-    let iface = crate::neighbor::Iface::lookup(&args.iface)
-        .with_context(|| format!("cannot use interface {}", args.iface))?;
+    if let Some(DecapCommand::Stats { json, pin_dir }) = &args.command {
+        let counters = crate::decap::pinned_counters(pin_dir).with_context(|| {
+            format!(
+                "cannot read the decap counters under {} (is `xlb decap` running with this \
+                 --pin-dir? run as root)",
+                pin_dir.display()
+            )
+        })?;
+        if *json {
+            let map: serde_json::Map<String, serde_json::Value> = counters
+                .iter()
+                .map(|(n, c)| {
+                    let v = serde_json::json!({ "packets": c.packets, "bytes": c.bytes });
+                    ((*n).to_owned(), v)
+                })
+                .collect();
+            println!("{}", serde_json::to_string_pretty(&map)?);
+        } else {
+            for (name, c) in &counters {
+                println!("{name:<24} {:>12} packets {:>14} bytes", c.packets, c.bytes);
+            }
+        }
+        return Ok(());
+    }
+    if let Some(DecapCommand::Teardown { pin_dir }) = &args.command {
+        let removed = pin::teardown(pin_dir)?;
+        println!("removed {} pins under {}", removed.len(), pin_dir.display());
+        return Ok(());
+    }
+    let iface_name = args.iface.clone().context("--iface is required")?;
+    let iface = crate::neighbor::Iface::lookup(&iface_name)
+        .with_context(|| format!("cannot use interface {iface_name}"))?;
     let addrs: Vec<IpAddr> = if args.addrs.is_empty() {
         iface.nets.iter().map(|(a, _)| *a).collect()
     } else {
         args.addrs.clone()
     };
     if addrs.is_empty() {
-        bail!(
-            "{} has no addresses; give the tunnel endpoint with --addr",
-            args.iface
+        bail!("{iface_name} has no addresses; give the tunnel endpoint with --addr");
+    }
+    let pin = if args.no_pin {
+        None
+    } else {
+        Some(pin::PinDir::prepare(&args.pin_dir)?)
+    };
+    let mut decap =
+        Decap::load_with(pin.as_ref()).context("loading the decap program failed (run as root)")?;
+    decap.set_addrs(&addrs)?;
+    if args.allow_srcs.is_empty() {
+        tracing::warn!(
+            "no --allow-src: accepting tunnels from any source, so anyone who can reach this \
+             host can inject packets to its VIPs; give the balancers' tunnel source prefixes"
         );
     }
-    let mut decap = Decap::load().context("loading the decap program failed (run as root)")?;
-    for a in &addrs {
-        decap.add_addr(*a)?;
+    decap.set_srcs(&args.allow_srcs)?;
+    let mode = args.xdp_mode.xdp();
+    match &pin {
+        Some(pin) => decap.attach_pinned(&iface_name, mode, pin),
+        None => decap.attach(&iface_name, mode),
     }
-    decap
-        .attach(&args.iface, args.xdp_mode.xdp())
-        .with_context(|| {
-            format!(
-                "attaching XDP to {} failed (another XDP program attached? try --xdp-mode skb)",
-                args.iface
-            )
-        })?;
-    tracing::info!(iface = %args.iface, ?addrs, "decapsulating tunnels");
+    .with_context(|| {
+        format!(
+            "attaching XDP to {iface_name} failed (another XDP program attached? try --xdp-mode skb)"
+        )
+    })?;
+    tracing::info!(iface = %iface_name, ?addrs, allow_src = ?args.allow_srcs, "decapsulating tunnels");
     let report = |decap: &Decap| {
         if let Ok(counters) = decap.counters() {
             let line: Vec<String> = counters
@@ -346,5 +387,12 @@ async fn run_decap(args: DecapArgs) -> anyhow::Result<()> {
         }
     }
     report(&decap);
+    if pin.is_some() {
+        tracing::info!(
+            "xlb decap stopped; the decapsulator keeps running from its pins (`xlb decap \
+             teardown --pin-dir {}` removes it)",
+            args.pin_dir.display()
+        );
+    }
     Ok(())
 }

@@ -108,6 +108,7 @@ impl Slot {
             mac: self.mac,
             family,
             flags: 0,
+            generation: self.generation,
         }
     }
 }
@@ -119,6 +120,7 @@ pub fn cleared_real() -> RealDef {
         mac: [0; 6],
         family: 0,
         flags: 0,
+        generation: 0,
     }
 }
 
@@ -548,6 +550,22 @@ impl Model {
                     reserved.push(meta.ring_off);
                 }
             }
+        }
+        // Generations only grow: never below what the kernel's slots carry,
+        // nor (for a model rebuilt from nothing) below the clock, so a
+        // conntrack entry of an earlier owner of a slot id never matches.
+        let live_max = maps
+            .live_reals()?
+            .iter()
+            .map(|(_, d)| d.generation)
+            .max()
+            .unwrap_or(0);
+        self.next_generation = self.next_generation.max(live_max);
+        if self.services.is_empty() {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| u32::try_from(d.as_secs()).unwrap_or(u32::MAX));
+            self.next_generation = self.next_generation.max(now);
         }
         for (vip, a) in &mut self.services {
             // The next table goes into the ring the kernel does not read.

@@ -54,7 +54,7 @@ pub fn config() -> Config {
         tun_host_v4: 0xff,
         tun_src_v6: Ipv6Addr::new(0x2001, 0xdb8, 0xff, 0, 0, 0, 0, 0).octets(),
         tun_host_v6: u32::MAX,
-        _pad2: 0,
+        icmp_too_big_limit: lb_common::ICMP_TOO_BIG_LIMIT_DEFAULT,
     }
 }
 
@@ -368,6 +368,13 @@ fn measure(rounds: usize, per_round: usize, cpu: usize) -> PerPacket {
             .add_addr(a)
             .unwrap_or_else(|e| panic!("decap address {a}: {e}"));
     }
+    // The balancers' tunnel sources, as a deployment gives them (--allow-src).
+    decap
+        .set_srcs(&[
+            (Ipv4Addr::new(192, 0, 2, 0).into(), 24),
+            (Ipv6Addr::new(0x2001, 0xdb8, 0xff, 0, 0, 0, 0, 0).into(), 96),
+        ])
+        .unwrap_or_else(|e| panic!("decap sources: {e}"));
     let vip = |s: &str| -> Vip { s.parse().expect("valid VIP") };
     let new = |v: &str, flow: Flow, base: u64| Gen::New {
         vip: vip(v),
