@@ -1,7 +1,8 @@
 //! netns end-to-end, chaos under load: a real black-holed, the balancer's link flapped,
-//! a flood of new connections larger than the conntrack table, and `kill -9` of the daemon in the
-//! middle of a change. Each runs under the same bounded HTTP load (kept-alive
-//! connections sending a request every 100 ms, and one-connection-per-request clients),
+//! a flood of new connections larger than the conntrack table, and `kill -9` of the
+//! daemon in the middle of a change. Each runs under the same bounded HTTP load
+//! (kept-alive connections sending a request every 100 ms, and one-connection-per-request
+//! clients),
 //! asserts what must hold (no established connection on a healthy, unchanged real
 //! breaks; new connections are clean again within a bound) and prints what it measured
 //! on one line, `chaos: <scenario>: key=value ...`; docs/reliability.md explains those
