@@ -778,7 +778,6 @@ pub fn check_reach(iface: &Iface, desired: &Desired) -> Result<(), NeighborError
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::state::writer::PauseHook;
     use crate::state::writer::fake::FakeMaps;
 
     #[test]
@@ -825,37 +824,8 @@ mod tests {
     fn verdicts_converge_and_unprobed_reals_come_back() {
         let vip: Vip = "203.0.113.10:80/tcp".parse().expect("VIP");
         let ip = |l: u8| IpAddr::from([198, 51, 100, l]);
-        let mut state = State::new(0.0);
+        let mut state = crate::state::tests::with_reals(0.0, vip, &[11, 12, 13]);
         let mut maps = FakeMaps::default();
-        state
-            .edit(
-                &mut maps,
-                Edit::AddVip {
-                    vip,
-                    options: VipOptions {
-                        table_size: 13,
-                        ..VipOptions::default()
-                    },
-                    health: None,
-                },
-                &BTreeMap::new(),
-                PauseHook::default(),
-            )
-            .expect("vip");
-        for l in [11, 12, 13] {
-            state
-                .edit(
-                    &mut maps,
-                    Edit::AddReal {
-                        vip,
-                        real: ip(l),
-                        weight: 1,
-                    },
-                    &BTreeMap::from([(ip(l), [2, 0, 0, 0, 0, l])]),
-                    PauseHook::default(),
-                )
-                .expect("real");
-        }
         // 12 was held down, then its check was removed (not probed any more);
         // 11 is probed down but the verdict never reached the state.
         state

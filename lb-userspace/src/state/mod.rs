@@ -245,8 +245,23 @@ impl State {
         verdicts: Option<&[((Vip, IpAddr), bool)]>,
         pause: PauseHook,
     ) -> Result<Changes, StateError> {
+        self.step(spec, macs, verdicts.unwrap_or_default(), |model, inputs| {
+            model.reconcile(maps, inputs, Mode::Diff, pause)
+        })
+    }
+
+    /// Runs one reconcile `step` from the current model to `spec` (with the
+    /// MACs and verdicts learnt for it); on success logs what changed and
+    /// takes the new state, on error changes nothing.
+    fn step(
+        &mut self,
+        spec: Spec,
+        macs: &BTreeMap<IpAddr, [u8; 6]>,
+        verdicts: &[((Vip, IpAddr), bool)],
+        step: impl FnOnce(&Model, &Inputs<'_>) -> Result<Outcome, StateError>,
+    ) -> Result<Changes, StateError> {
         let desired = spec.effective();
-        let (macs, health) = self.inputs_for(&desired, macs, verdicts.unwrap_or_default());
+        let (macs, health) = self.inputs_for(&desired, macs, verdicts);
         let inputs = Inputs {
             desired: &desired,
             macs: &macs,
@@ -254,7 +269,7 @@ impl State {
             guarded: &self.guarded,
             min_healthy: self.min_healthy,
         };
-        let out = self.model.reconcile(maps, &inputs, Mode::Diff, pause)?;
+        let out = step(&self.model, &inputs)?;
         let before = self.desired();
         for line in describe_changes(&before, &desired) {
             tracing::info!("{line}");
@@ -324,27 +339,15 @@ impl State {
         spec: Spec,
         macs: &BTreeMap<IpAddr, [u8; 6]>,
     ) -> Result<Changes, StateError> {
-        let desired = spec.effective();
-        desired.validate()?;
-        let (macs, health) = self.inputs_for(&desired, macs, &[]);
-        let inputs = Inputs {
-            desired: &desired,
-            macs: &macs,
-            health: &health,
-            guarded: &self.guarded,
-            min_healthy: self.min_healthy,
-        };
-        let out = self.model.clone().adopt(maps, &inputs)?;
-        let before = self.desired();
-        for line in describe_changes(&before, &desired) {
-            tracing::info!("{line}");
-        }
-        Ok(self.take(spec, macs, health, out))
+        spec.effective().validate()?;
+        self.step(spec, macs, &[], |model, inputs| {
+            model.clone().adopt(maps, inputs)
+        })
     }
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::desired::{Admin, VipOptions};
     use crate::state::writer::fake::FakeMaps;
@@ -358,34 +361,39 @@ mod tests {
     }
 
     fn four_reals() -> State {
-        let mut st = State::new(0.5);
+        with_reals(0.5, vip(), &[11, 12, 13, 14])
+    }
+
+    /// A state with `vip` (a 13-slot table) and reals 198.51.100.`reals`,
+    /// each with weight 1 and a MAC, applied to a fake of the maps.
+    pub(crate) fn with_reals(min_healthy: f64, vip: Vip, reals: &[u8]) -> State {
+        let ip = |l: u8| IpAddr::from([198, 51, 100, l]);
+        let mut st = State::new(min_healthy);
         let mut maps = FakeMaps::default();
+        let options = VipOptions {
+            table_size: 13,
+            ..VipOptions::default()
+        };
         st.edit(
             &mut maps,
             Edit::AddVip {
-                vip: vip(),
-                options: VipOptions {
-                    table_size: 13,
-                    ..VipOptions::default()
-                },
+                vip,
+                options,
                 health: None,
             },
             &BTreeMap::new(),
             PauseHook::default(),
         )
         .expect("vip");
-        for l in 11..15 {
-            st.edit(
-                &mut maps,
-                Edit::AddReal {
-                    vip: vip(),
-                    real: ip(l),
-                    weight: 1,
-                },
-                &BTreeMap::from([(ip(l), [2, 0, 0, 0, 0, l])]),
-                PauseHook::default(),
-            )
-            .expect("real");
+        for l in reals {
+            let add = Edit::AddReal {
+                vip,
+                real: ip(*l),
+                weight: 1,
+            };
+            let mac = BTreeMap::from([(ip(*l), [2, 0, 0, 0, 0, *l])]);
+            st.edit(&mut maps, add, &mac, PauseHook::default())
+                .expect("real");
         }
         st
     }
