@@ -215,6 +215,14 @@ pub async fn run(
     iface.tunnel_sources[1] |= settings
         .tunnel_src6
         .is_some_and(|p| !p.addr.is_unspecified());
+    if neighbor::strips_vlan_tags(&iface_name) == Some(true) {
+        tracing::warn!(
+            iface = %iface_name,
+            "{iface_name} carries VLANs but strips their tags before XDP (rx-vlan offload): \
+             the balancer would see and send untagged frames; turn it off with `ethtool -K \
+             {iface_name} rxvlan off`"
+        );
+    }
     let mut locks = Locks::take(&socket)?;
     raise_memlock();
     let listener = bind_socket(&socket, settings.socket_group().as_deref())?;

@@ -231,6 +231,60 @@ fn in_prefix(net: IpAddr, prefix: u8, addr: IpAddr) -> bool {
     }
 }
 
+/// Whether `iface` strips VLAN tags before XDP sees the frames (rx-vlan
+/// offload on) while it carries VLANs (VLAN devices on top of it): then XDP
+/// sees untagged frames and would send its answers untagged. `None` when the
+/// driver does not say.
+pub fn strips_vlan_tags(iface: &str) -> Option<bool> {
+    let has_vlans = std::fs::read_dir(format!("/sys/class/net/{iface}"))
+        .ok()?
+        .filter_map(Result::ok)
+        .filter_map(|e| {
+            e.file_name()
+                .to_str()?
+                .strip_prefix("upper_")
+                .map(str::to_owned)
+        })
+        .any(|upper| {
+            std::path::Path::new(&format!("/proc/net/vlan/{upper}")).exists()
+                || upper.starts_with(&format!("{iface}."))
+        });
+    if !has_vlans {
+        return Some(false);
+    }
+    // SIOCETHTOOL with ETHTOOL_GFLAGS: the legacy offload flags.
+    const ETHTOOL_GFLAGS: u32 = 0x25;
+    const ETH_FLAG_RXVLAN: u32 = 1 << 8;
+    #[repr(C)]
+    struct EthtoolValue {
+        cmd: u32,
+        data: u32,
+    }
+    let mut value = EthtoolValue {
+        cmd: ETHTOOL_GFLAGS,
+        data: 0,
+    };
+    // SAFETY: a zeroed ifreq with the name and a pointer to `value`, which
+    // outlives the ioctl; the socket is closed on drop.
+    unsafe {
+        let sock = std::net::UdpSocket::bind("0.0.0.0:0").ok()?;
+        let mut req: libc::ifreq = std::mem::zeroed();
+        for (dst, src) in req
+            .ifr_name
+            .iter_mut()
+            .zip(iface.bytes().take(libc::IFNAMSIZ - 1))
+        {
+            *dst = src as libc::c_char;
+        }
+        req.ifr_ifru.ifru_data = (&mut value as *mut EthtoolValue).cast();
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&sock);
+        if libc::ioctl(fd, libc::SIOCETHTOOL, &mut req) != 0 {
+            return None;
+        }
+    }
+    Some(value.data & ETH_FLAG_RXVLAN != 0)
+}
+
 /// Whether `mac` is a multicast or broadcast (group) address.
 pub fn is_group(mac: &[u8; 6]) -> bool {
     mac[0] & 1 == 1
