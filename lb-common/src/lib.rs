@@ -28,9 +28,10 @@ pub mod map_names {
     pub const REALS: &str = "XLB_REALS";
     /// `Array<Config>` with one element: settings of the attached interface.
     pub const CONFIG: &str = "XLB_CONFIG";
-    /// `LruHashMap<FlowKey, FlowState>` (per-CPU LRU lists): connection tracking.
+    /// `LruHashMap<FlowKey, FlowState>` (one LRU shared by all CPUs): connection tracking.
     pub const FLOWS: &str = "XLB_FLOWS";
-    /// `PerCpuArray<FloodWindow>`: new-flow rate per CPU for the flood guard.
+    /// `PerCpuArray<FloodWindow>`: per-CPU rate windows, indexed by
+    /// [`super::WINDOW_NEW_FLOWS`] (flood guard) and [`super::WINDOW_ICMP_TOO_BIG`].
     pub const FLOOD: &str = "XLB_FLOOD";
     /// `PerCpuArray<Counter>`: verdict and event counters, see [`super::stat`].
     pub const STATS: &str = "XLB_STATS";
@@ -78,6 +79,19 @@ const _: () = assert!(RING_POOL.is_multiple_of(2));
 pub const FLOWS_DEFAULT: u32 = 1 << 20;
 /// Capacity of the decap program's address map.
 pub const MAX_DECAP_ADDRS: u32 = 64;
+
+/// Index of the flood guard's window in the `FLOOD` map.
+pub const WINDOW_NEW_FLOWS: u32 = 0;
+/// Index of the ICMP too-big reply limiter's window in the `FLOOD` map.
+pub const WINDOW_ICMP_TOO_BIG: u32 = 1;
+/// Entries of the `FLOOD` map.
+pub const WINDOWS: u32 = 2;
+
+/// Default ICMP too-big replies a CPU may send per second ([`Config::icmp_too_big_limit`]).
+pub const ICMP_TOO_BIG_LIMIT_DEFAULT: u32 = 100;
+/// How often a TCP flow's `last_seen_ns` is refreshed at most: a packet
+/// writes the stamp only when it is older than this (most packets write nothing).
+pub const TCP_STAMP_GRAIN_NS: u64 = 1_000_000_000;
 
 /// Real id that means "no real": a ring slot holding it drops the packet.
 pub const REAL_NONE: u32 = 0;
@@ -162,8 +176,12 @@ pub struct RealDef {
     pub family: u8,
     /// Reserved, zero.
     pub flags: u8,
+    /// Changes whenever the slot is given to another real. Conntrack entries
+    /// record it ([`FlowState::generation`]): an entry whose real slot has
+    /// another generation belongs to a real that is gone, and is re-hashed.
+    pub generation: u32,
 }
-const _: () = assert!(size_of::<RealDef>() == 24);
+const _: () = assert!(size_of::<RealDef>() == 28);
 
 /// The single element of the config map.
 #[repr(C)]
@@ -190,8 +208,10 @@ pub struct Config {
     pub tun_src_v6: [u8; 16],
     /// Host-bit mask applied to the low 32 bits of the IPv6 tunnel source, host order.
     pub tun_host_v6: u32,
-    /// Explicit padding, zero.
-    pub _pad2: u32,
+    /// ICMP "fragmentation needed" / ICMPv6 "packet too big" replies a CPU may
+    /// send per second to clients whose packet would exceed the MTU once
+    /// encapsulated; above it such packets are only dropped. 0: never reply.
+    pub icmp_too_big_limit: u32,
 }
 const _: () = assert!(size_of::<Config>() == 56);
 
@@ -221,9 +241,12 @@ const _: () = assert!(size_of::<FlowKey>() == 40);
 pub struct FlowState {
     /// The real the flow is pinned to.
     pub real_id: u32,
-    /// Explicit padding, zero.
-    pub _pad: u32,
-    /// Last packet seen, `bpf_ktime_get_ns` (only kept for UDP; 0 for TCP).
+    /// [`RealDef::generation`] of that real when the entry was written.
+    pub generation: u32,
+    /// Last packet seen, `bpf_ktime_get_coarse_ns` (CLOCK_MONOTONIC at tick
+    /// resolution). UDP: every packet (the idle
+    /// timeout reads it). TCP: refreshed when older than [`TCP_STAMP_GRAIN_NS`],
+    /// so it tells active from idle flows to that precision.
     pub last_seen_ns: u64,
 }
 const _: () = assert!(size_of::<FlowState>() == 16);
@@ -232,7 +255,7 @@ const _: () = assert!(size_of::<FlowState>() == 16);
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct FloodWindow {
-    /// Start of the current one-second window, `bpf_ktime_get_ns`.
+    /// Start of the current one-second window, `bpf_ktime_get_coarse_ns`.
     pub start_ns: u64,
     /// New flows tracked in the window.
     pub count: u64,
@@ -271,12 +294,13 @@ pub mod stat {
     pub const TX_DR: u32 = 3;
     /// To a VIP with no real server available: dropped.
     pub const DROP_NO_REAL: u32 = 4;
-    /// A fragment to a VIP address: dropped (ports are not in every fragment,
-    /// so fragments cannot be steered consistently).
+    /// A first fragment (the one with the ports) to a service: dropped (ports
+    /// are not in every fragment, so fragments cannot be steered consistently).
     pub const DROP_FRAGMENT: u32 = 5;
     /// A helper that cannot fail did (adjust_head, a fixed map entry): XDP_ABORTED.
     pub const ABORTED: u32 = 6;
-    /// To a VIP address but the TCP/UDP/ICMP header is cut short: dropped.
+    /// To a service (its ports were readable) or ICMP to a VIP address, but the
+    /// TCP/UDP/ICMP header is cut short: dropped.
     pub const DROP_MALFORMED: u32 = 7;
     /// Forwarded to a real by encapsulation (TUN).
     pub const TX_TUN: u32 = 8;
@@ -285,27 +309,43 @@ pub mod stat {
     /// ICMP fragmentation-needed / ICMPv6 packet-too-big about a VIP flow,
     /// forwarded to that flow's real.
     pub const TX_ICMP_TOO_BIG: u32 = 10;
-    /// Would exceed the MTU once encapsulated: dropped.
+    /// Would exceed the MTU once encapsulated and no ICMP reply was sent (the
+    /// per-CPU reply limit was reached, or replies are off): dropped.
     pub const DROP_TOO_BIG: u32 = 11;
     /// Other ICMP to a VIP address: passed to the kernel.
     pub const PASS_ICMP: u32 = 12;
     /// A VIP/real family pair the data path cannot encapsulate (IPv6 VIP to IPv4 real).
     pub const DROP_UNSUPPORTED: u32 = 13;
+    /// An IP frame whose destination MAC is not the interface's (broadcast,
+    /// multicast, or unicast for another station seen in promiscuous mode or
+    /// flooded by a switch): passed untouched, never forwarded or answered.
+    pub const PASS_NOT_OUR_MAC: u32 = 14;
+    /// A fragment to a VIP address that is not a service's first fragment
+    /// (later fragments carry no ports; ICMP fragments): passed to the kernel.
+    pub const PASS_FRAGMENT: u32 = 15;
+    /// A TUN packet whose family has no tunnel source configured (0.0.0.0 or
+    /// ::): dropped rather than sent from an unspecified address.
+    pub const DROP_NO_TUNNEL_SOURCE: u32 = 16;
+    /// Would exceed the MTU once encapsulated: answered with ICMP
+    /// "fragmentation needed" / ICMPv6 "packet too big" from the VIP.
+    pub const TX_ICMP_TOO_BIG_REPLY: u32 = 17;
     /// Number of verdict counters.
-    pub const VERDICTS: u32 = 14;
+    pub const VERDICTS: u32 = 18;
 
     /// Event: a packet of a tracked flow (conntrack hit).
-    pub const CT_HIT: u32 = 16;
+    pub const CT_HIT: u32 = 24;
     /// Event: a non-SYN packet of a flow not in the conntrack table.
-    pub const CT_MISS: u32 = 17;
-    /// Event: a new flow entered the conntrack table.
-    pub const CT_NEW: u32 = 18;
+    pub const CT_MISS: u32 = 25;
+    /// Event: a new flow entered the conntrack table (also counted in the
+    /// per-VIP and per-real `flows` counters).
+    pub const CT_NEW: u32 = 26;
     /// Event: a new flow was not tracked because of the flood guard.
-    pub const CT_FLOOD_BYPASS: u32 = 19;
-    /// Event: a tracked flow's real is gone; the flow was re-hashed.
-    pub const CT_STALE: u32 = 20;
+    pub const CT_FLOOD_BYPASS: u32 = 27;
+    /// Event: a tracked flow's real is gone (slot cleared or given to another
+    /// real, see [`super::RealDef::generation`]); the flow was re-hashed.
+    pub const CT_STALE: u32 = 28;
     /// Event: the conntrack insert failed.
-    pub const CT_INSERT_FAILED: u32 = 21;
+    pub const CT_INSERT_FAILED: u32 = 29;
     /// Capacity of the map (room to add reasons without a layout change).
     pub const CAPACITY: u32 = 32;
 
@@ -325,7 +365,13 @@ pub mod stat {
         "drop_too_big",
         "pass_icmp",
         "drop_unsupported",
+        "pass_not_our_mac",
+        "pass_fragment",
+        "drop_no_tunnel_source",
+        "tx_icmp_too_big_reply",
     ];
+
+    const _: () = assert!(VERDICTS <= CT_HIT && CT_INSERT_FAILED < CAPACITY);
 
     /// Names and indices of the events.
     pub const EVENTS: [(u32, &str); 6] = [

@@ -6,16 +6,16 @@
 use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
 use lb_common::{
     AddrKey, Config, FAMILY_V4, FAMILY_V6, FlowKey, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP,
-    VIP_F_TUNNEL, VipKey, VipMeta, flow_hash, stat,
+    RealDef, VIP_F_TUNNEL, VipKey, VipMeta, WINDOW_ICMP_TOO_BIG, flow_hash, stat,
 };
 
 use crate::{
-    conntrack,
+    conntrack::{self, Choice, Track},
     forward::{self, ForwardError},
     icmp::{self, IcmpAction},
     maps::{CONFIG, VIP_ADDRS, VIPS},
-    parse::{self, ETH_P_IP, ETH_P_IPV6, L2, L3, L3Error, read_at},
-    select, stats,
+    parse::{self, ETH_P_IP, ETH_P_IPV6, L2, L3, L3Error, ptr_at, read_at},
+    stats,
 };
 
 /// How a packet's processing ended.
@@ -30,9 +30,8 @@ enum Verdict {
     Aborted,
 }
 
-/// Offset of the TCP data-offset/flags pair in the TCP header (read as two
-/// bytes: one-byte bounds checks compile to a form the verifier rejects), and
-/// the SYN / ACK bits of the second.
+/// Offset of the TCP data-offset/flags pair in the TCP header, and the SYN /
+/// ACK bits of the second byte.
 const TCP_FLAGS_OFF: usize = 12;
 const TCP_SYN: u8 = 0x02;
 const TCP_ACK: u8 = 0x10;
@@ -60,10 +59,22 @@ fn process(ctx: &XdpContext, bytes: u64) -> Verdict {
     let Some(l2) = parse::l2(ctx) else {
         return Verdict::Pass(stat::PASS_MALFORMED);
     };
-    let l3 = match l2.ethertype {
-        ETH_P_IP => parse::ipv4(ctx, l2.l3_off),
-        ETH_P_IPV6 => parse::ipv6(ctx, l2.l3_off),
-        _ => return Verdict::Pass(stat::PASS_NOT_IP),
+    if l2.ethertype != ETH_P_IP && l2.ethertype != ETH_P_IPV6 {
+        return Verdict::Pass(stat::PASS_NOT_IP);
+    }
+    let Some(config) = CONFIG.get(0) else {
+        return Verdict::Aborted;
+    };
+    // Only frames sent to us: a promiscuous NIC or a flooding switch hands us
+    // frames for other stations, and broadcast/multicast is nobody's service.
+    match read_at::<[u8; 6]>(ctx, 0) {
+        Some(dst) if mac_eq(&dst, &config.iface_mac) => {}
+        _ => return Verdict::Pass(stat::PASS_NOT_OUR_MAC),
+    }
+    let l3 = if l2.ethertype == ETH_P_IP {
+        parse::ipv4(ctx, l2.l3_off)
+    } else {
+        parse::ipv6(ctx, l2.l3_off)
     };
     let l3 = match l3 {
         Ok(l3) => l3,
@@ -72,14 +83,13 @@ fn process(ctx: &XdpContext, bytes: u64) -> Verdict {
             return Verdict::Pass(stat::PASS_MALFORMED);
         }
     };
-    // The common case first: a whole TCP/UDP header, not a fragment. One
-    // lookup of the full service key decides; nothing else is needed for a
-    // packet that is not ours.
-    let transport = l3.proto == PROTO_TCP || l3.proto == PROTO_UDP;
-    if transport
-        && !l3.fragment
-        && let Some(ports) = transport_ports(ctx, l3.l4_off, l3.proto == PROTO_TCP)
-    {
+    // TCP/UDP with its ports (not a later fragment): one lookup of the full
+    // service key decides, and only a service's packets are ever dropped.
+    if (l3.proto == PROTO_TCP || l3.proto == PROTO_UDP) && !l3.later_fragment {
+        // Ports cut off: we cannot tell whose it is; the kernel drops what is broken.
+        let Some(ports) = read_at::<[u8; 4]>(ctx, l3.l4_off) else {
+            return Verdict::Pass(stat::PASS_MALFORMED);
+        };
         let vip = VipKey {
             addr: l3.dst,
             port_be: u16::from_ne_bytes([ports[2], ports[3]]),
@@ -90,10 +100,14 @@ fn process(ctx: &XdpContext, bytes: u64) -> Verdict {
         let Some(meta) = (unsafe { VIPS.get(&vip) }) else {
             return Verdict::Pass(stat::PASS_NOT_VIP);
         };
-        let Some(config) = CONFIG.get(0) else {
-            return Verdict::Aborted;
+        // A service's first fragment: the later ones cannot follow it.
+        if l3.fragment {
+            return Verdict::Drop(stat::DROP_FRAGMENT);
+        }
+        let Some(syn) = whole_transport_header(ctx, l3.l4_off, l3.proto == PROTO_TCP) else {
+            return Verdict::Drop(stat::DROP_MALFORMED);
         };
-        return service(ctx, &l2, &l3, meta, ports, config, bytes);
+        return service(ctx, &l2, &l3, meta, ports, syn, config, bytes);
     }
     // Everything else is ours only when its address carries a VIP.
     let addr_key = AddrKey {
@@ -105,16 +119,14 @@ fn process(ctx: &XdpContext, bytes: u64) -> Verdict {
     if unsafe { VIP_ADDRS.get(&addr_key) }.is_none() {
         return Verdict::Pass(stat::PASS_NOT_VIP);
     }
+    // Later fragments carry no ports, so they cannot be told from the host's
+    // own traffic to this address (e.g. fragmented DNS answers): the kernel
+    // gets them. A service's datagram never reassembles there, because its
+    // first fragment was dropped above; the kernel's reassembly timeout and
+    // memory limit clean up.
     if l3.fragment {
-        return Verdict::Drop(stat::DROP_FRAGMENT);
+        return Verdict::Pass(stat::PASS_FRAGMENT);
     }
-    if transport {
-        // To a VIP address, but the transport header is cut short.
-        return Verdict::Drop(stat::DROP_MALFORMED);
-    }
-    let Some(config) = CONFIG.get(0) else {
-        return Verdict::Aborted;
-    };
     match l3.proto {
         PROTO_ICMP if l3.family == FAMILY_V4 => icmp(ctx, &l2, &l3, config, bytes),
         PROTO_ICMPV6 if l3.family == FAMILY_V6 => icmp(ctx, &l2, &l3, config, bytes),
@@ -122,22 +134,33 @@ fn process(ctx: &XdpContext, bytes: u64) -> Verdict {
     }
 }
 
-/// The source and destination port bytes when the whole fixed transport
-/// header (20 bytes TCP, 8 UDP) is in the packet.
+/// Two MAC addresses are equal (compared as 4 + 2 bytes: no memcmp in BPF).
 #[inline(always)]
-fn transport_ports(ctx: &XdpContext, l4_off: usize, tcp: bool) -> Option<[u8; 4]> {
-    let complete = if tcp {
-        read_at::<[u8; 20]>(ctx, l4_off).is_some()
+fn mac_eq(a: &[u8; 6], b: &[u8; 6]) -> bool {
+    u32::from_ne_bytes([a[0], a[1], a[2], a[3]]) == u32::from_ne_bytes([b[0], b[1], b[2], b[3]])
+        && u16::from_ne_bytes([a[4], a[5]]) == u16::from_ne_bytes([b[4], b[5]])
+}
+
+/// `Some(syn)` when the whole fixed transport header (20 bytes TCP, 8 UDP) is
+/// in the packet: whether it is a TCP SYN (SYN without ACK).
+#[inline(always)]
+fn whole_transport_header(ctx: &XdpContext, l4_off: usize, tcp: bool) -> Option<bool> {
+    if tcp {
+        let h = ptr_at::<[u8; 20]>(ctx, l4_off)?;
+        // SAFETY: ptr_at checked the 20 bytes; the flags are read through the
+        // checked pointer (a separately computed one is not credited).
+        let flags = unsafe { (*h)[TCP_FLAGS_OFF + 1] };
+        Some(flags & (TCP_SYN | TCP_ACK) == TCP_SYN)
     } else {
-        read_at::<[u8; 8]>(ctx, l4_off).is_some()
-    };
-    if !complete {
-        return None;
+        ptr_at::<[u8; 8]>(ctx, l4_off).map(|_| false)
     }
-    read_at::<[u8; 4]>(ctx, l4_off)
 }
 
 /// TCP or UDP to a configured service.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "all inlined into one BPF function"
+)]
 #[inline(always)]
 fn service(
     ctx: &XdpContext,
@@ -145,12 +168,10 @@ fn service(
     l3: &L3,
     meta: &VipMeta,
     ports: [u8; 4],
+    syn: bool,
     config: &Config,
     bytes: u64,
 ) -> Verdict {
-    let syn = l3.proto == PROTO_TCP
-        && read_at::<[u8; 2]>(ctx, l3.l4_off + TCP_FLAGS_OFF)
-            .is_some_and(|f| f[1] & (TCP_SYN | TCP_ACK) == TCP_SYN);
     let flow = FlowKey {
         src: l3.src,
         dst: l3.dst,
@@ -159,37 +180,29 @@ fn service(
         family: l3.family,
         _pad: [0; 2],
     };
-    let Some(choice) = conntrack::choose(meta, &flow, syn, true, config) else {
+    let Some(choice) = conntrack::choose(meta, &flow, syn, Track::Packet, config) else {
         return Verdict::Drop(stat::DROP_NO_REAL);
     };
-    send(
-        ctx,
-        l2,
-        l3,
-        meta,
-        &flow,
-        choice.real_id,
-        config,
-        bytes,
-        choice.new_flow,
-        None,
-    )
+    send(ctx, l2, l3, meta, &flow, &choice, config, bytes, None)
 }
 
 /// ICMP / ICMPv6 to a VIP address.
 #[inline(always)]
 fn icmp(ctx: &XdpContext, l2: &L2, l3: &L3, config: &Config, bytes: u64) -> Verdict {
-    match icmp::handle(ctx, l3, l2.l3_off, &config.iface_mac) {
+    match icmp::handle(ctx, l3, l2, &config.iface_mac) {
         IcmpAction::Echo => Verdict::Tx(stat::TX_ICMP_ECHO),
         IcmpAction::Pass => Verdict::Pass(stat::PASS_ICMP),
         IcmpAction::Malformed => Verdict::Drop(stat::DROP_MALFORMED),
+        IcmpAction::Failed => Verdict::Aborted,
         IcmpAction::Steer { vip, flow } => {
             // SAFETY: as above.
             let Some(meta) = (unsafe { VIPS.get(&vip) }) else {
                 return Verdict::Pass(stat::PASS_ICMP);
             };
-            // Never create a flow for an error message: look up, else Maglev.
-            let Some(choice) = conntrack::choose(meta, &flow, false, false, config) else {
+            // An error message is no packet of the flow: look up, else Maglev;
+            // no new entry, no refresh, no conntrack events.
+            let Some(choice) = conntrack::choose(meta, &flow, false, Track::ErrorAbout, config)
+            else {
                 return Verdict::Drop(stat::DROP_NO_REAL);
             };
             send(
@@ -198,17 +211,16 @@ fn icmp(ctx: &XdpContext, l2: &L2, l3: &L3, config: &Config, bytes: u64) -> Verd
                 l3,
                 meta,
                 &flow,
-                choice.real_id,
+                &choice,
                 config,
                 bytes,
-                false,
                 Some(stat::TX_ICMP_TOO_BIG),
             )
         }
     }
 }
 
-/// Forwards the packet to real `real_id` in the VIP's mode and counts it.
+/// Forwards the packet to the chosen real in the VIP's mode and counts it.
 #[expect(
     clippy::too_many_arguments,
     reason = "all inlined into one BPF function"
@@ -220,15 +232,12 @@ fn send(
     l3: &L3,
     meta: &VipMeta,
     flow: &FlowKey,
-    real_id: u32,
+    choice: &Choice,
     config: &Config,
     bytes: u64,
-    new_flow: bool,
     stat_override: Option<u32>,
 ) -> Verdict {
-    let Some(real) = select::real(real_id) else {
-        return Verdict::Drop(stat::DROP_NO_REAL);
-    };
+    let real = choice.real;
     let result = if meta.flags & VIP_F_TUNNEL == 0 {
         forward::dr(ctx, &real.mac, &config.iface_mac).map(|()| stat::TX_DR)
     } else {
@@ -238,11 +247,32 @@ fn send(
     };
     match result {
         Ok(tx) => {
-            stats::forwarded(meta.vip_id, real_id, bytes, new_flow);
+            stats::forwarded(meta.vip_id, choice.real_id, bytes, choice.new_flow);
             Verdict::Tx(stat_override.unwrap_or(tx))
         }
-        Err(ForwardError::TooBig) => Verdict::Drop(stat::DROP_TOO_BIG),
+        // Never an ICMP error about an ICMP error (RFC 1122 3.2.2, RFC 4443 2.4).
+        Err(ForwardError::TooBig) if stat_override.is_some() => Verdict::Drop(stat::DROP_TOO_BIG),
+        Err(ForwardError::TooBig) => too_big(ctx, l2, l3, real, config),
         Err(ForwardError::Unsupported) => Verdict::Drop(stat::DROP_UNSUPPORTED),
+        Err(ForwardError::NoSource) => Verdict::Drop(stat::DROP_NO_TUNNEL_SOURCE),
         Err(ForwardError::Failed) => Verdict::Aborted,
+    }
+}
+
+/// A packet too big to encapsulate: tell the client the size that fits
+/// (ICMP fragmentation needed / ICMPv6 packet too big from the VIP), within
+/// the per-CPU reply limit; drop it either way.
+#[inline(always)]
+fn too_big(ctx: &XdpContext, l2: &L2, l3: &L3, real: &RealDef, config: &Config) -> Verdict {
+    if config.icmp_too_big_limit == 0
+        || !stats::admit(WINDOW_ICMP_TOO_BIG, config.icmp_too_big_limit)
+    {
+        return Verdict::Drop(stat::DROP_TOO_BIG);
+    }
+    let mtu = config.mtu.saturating_sub(forward::outer_len(real) as u32);
+    if icmp::too_big_reply(ctx, l2, l3, &config.iface_mac, mtu) {
+        Verdict::Tx(stat::TX_ICMP_TOO_BIG_REPLY)
+    } else {
+        Verdict::Aborted
     }
 }

@@ -3,31 +3,52 @@
 //! - A TCP SYN always takes a fresh Maglev choice and (re)writes the entry, so a
 //!   reused 5-tuple never inherits a stale real.
 //! - Any other packet uses its entry when there is one and its real still
-//!   exists; UDP entries idle longer than `Config::udp_idle_ns` are ignored.
+//!   exists: the real's slot is in use and has the generation the entry
+//!   recorded (a slot given to another real has another generation); UDP
+//!   entries idle longer than `Config::udp_idle_ns` are ignored.
 //! - New entries are rate-limited per CPU (flood guard): above the limit the
 //!   flow is forwarded by Maglev alone, which still gives a consistent answer
 //!   while the real set is unchanged.
+//! - Only an entry that did not exist (or had expired) counts as a new flow: a
+//!   SYN retransmit, a flood-guard bypass or an ICMP error is no new flow.
 
-use aya_ebpf::helpers::bpf_ktime_get_ns;
+use aya_ebpf::{
+    bindings::{BPF_ANY, BPF_NOEXIST},
+    helpers::bpf_ktime_get_coarse_ns,
+};
 use lb_common::{
-    Config, FlowKey, FlowState, PROTO_UDP, VIP_F_HASH_SRC_ONLY, VipMeta, flow_hash, src_hash, stat,
+    Config, FlowKey, FlowState, PROTO_UDP, RealDef, TCP_STAMP_GRAIN_NS, VIP_F_HASH_SRC_ONLY,
+    VipMeta, WINDOW_NEW_FLOWS, flow_hash, src_hash, stat,
 };
 
-use crate::{
-    maps::{FLOOD, FLOWS},
-    select, stats,
-};
+use crate::{maps::FLOWS, select, stats};
 
 /// The real chosen for a flow and whether the flow is new.
 pub struct Choice {
     pub real_id: u32,
+    /// The real's definition (looked up once, used to forward).
+    pub real: &'static RealDef,
+    /// A conntrack entry was created for the flow (counted as a new flow).
     pub new_flow: bool,
 }
 
+/// What the caller does with the flow.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Track {
+    /// A packet of the flow: refresh its entry, record it when new, count events.
+    Packet,
+    /// An ICMP error about the flow: read the entry only (no stamp refresh, no
+    /// new entry, no conntrack events).
+    ErrorAbout,
+}
+
+/// Now, CLOCK_MONOTONIC at tick resolution (a few ms): reads the kernel's
+/// cached time instead of the clock source, which every tracked packet can
+/// afford. Stamps, idle timeouts and rate windows need no better.
 #[inline(always)]
-fn now() -> u64 {
+pub fn now() -> u64 {
     // SAFETY: a helper without arguments or side effects.
-    unsafe { bpf_ktime_get_ns() }
+    unsafe { bpf_ktime_get_coarse_ns() }
 }
 
 /// The Maglev hash of `flow` for this VIP's scheduler.
@@ -41,16 +62,17 @@ fn hash(meta: &VipMeta, flow: &FlowKey) -> u32 {
 }
 
 /// The real for `flow`: from the conntrack table, else from the VIP's table
-/// (then recorded when `track`). `None` when the VIP has no usable real. The
-/// flow hash is only computed when the table is consulted.
+/// (then recorded for [`Track::Packet`]). `None` when the VIP has no usable
+/// real. The flow hash is only computed when the table is consulted.
 #[inline(always)]
 pub fn choose(
     meta: &VipMeta,
     flow: &FlowKey,
     syn: bool,
-    track: bool,
+    track: Track,
     config: &Config,
 ) -> Option<Choice> {
+    let packet = track == Track::Packet;
     let udp = flow.proto == PROTO_UDP;
     let mut stamp = 0u64;
     if !syn {
@@ -60,70 +82,77 @@ pub fn choose(
                 // SAFETY: the pointer is a live map value; racing updates from
                 // another CPU only move last_seen, which is advisory.
                 let state = unsafe { &mut *entry };
-                let mut fresh = true;
-                if udp {
-                    stamp = now();
-                    fresh = stamp.saturating_sub(state.last_seen_ns) <= config.udp_idle_ns;
-                    if fresh {
-                        state.last_seen_ns = stamp;
-                    }
-                }
-                if fresh {
-                    if select::real(state.real_id).is_some() {
+                stamp = now();
+                let age = stamp.saturating_sub(state.last_seen_ns);
+                let fresh = !udp || age <= config.udp_idle_ns;
+                if fresh
+                    && let Some(real) = select::real(state.real_id)
+                    && real.generation == state.generation
+                {
+                    if packet {
+                        // UDP: every packet (the idle timeout). TCP: coarsely,
+                        // so that most packets write nothing.
+                        if udp || age >= TCP_STAMP_GRAIN_NS {
+                            state.last_seen_ns = stamp;
+                        }
                         stats::event(stat::CT_HIT);
-                        return Some(Choice {
-                            real_id: state.real_id,
-                            new_flow: false,
-                        });
                     }
+                    return Some(Choice {
+                        real_id: state.real_id,
+                        real,
+                        new_flow: false,
+                    });
+                }
+                // An idle UDP entry is as good as gone: only a live entry
+                // whose real is gone is stale.
+                if fresh && packet {
                     stats::event(stat::CT_STALE);
                 }
             }
-            None => stats::event(stat::CT_MISS),
+            None => {
+                if packet {
+                    stats::event(stat::CT_MISS);
+                }
+            }
         }
     }
     let real_id = select::pick(meta, hash(meta, flow))?;
-    if track && admit(config) {
-        if udp && stamp == 0 {
+    let real = select::real(real_id)?;
+    let mut new_flow = false;
+    if packet && admit_new_flow(config) {
+        if stamp == 0 {
             stamp = now();
         }
         let state = FlowState {
             real_id,
-            _pad: 0,
-            last_seen_ns: if udp { stamp } else { 0 },
+            generation: real.generation,
+            last_seen_ns: stamp,
         };
-        if FLOWS.insert(flow, &state, 0).is_ok() {
+        // A SYN did not look: it inserts only-if-absent, and a SYN whose
+        // tuple has an entry (a retransmit, or a reused tuple) re-pins it
+        // without counting a new flow. Any other packet got here without a
+        // usable entry (none, idle or stale): a new flow for its real.
+        let flags = if syn { BPF_NOEXIST } else { BPF_ANY };
+        if FLOWS.insert(flow, &state, u64::from(flags)).is_ok() {
+            new_flow = true;
             stats::event(stat::CT_NEW);
-        } else {
+        } else if !(syn && FLOWS.insert(flow, &state, u64::from(BPF_ANY)).is_ok()) {
             stats::event(stat::CT_INSERT_FAILED);
         }
     }
     Some(Choice {
         real_id,
-        new_flow: true,
+        real,
+        new_flow,
     })
 }
 
 /// The flood guard: may this CPU track one more new flow in this second?
 #[inline(always)]
-fn admit(config: &Config) -> bool {
-    if config.new_flow_limit == 0 {
-        return true;
-    }
-    let Some(window) = FLOOD.get_ptr_mut(0) else {
-        return true;
-    };
-    // SAFETY: this CPU's element of a per-CPU array.
-    let window = unsafe { &mut *window };
-    let t = now();
-    if t.saturating_sub(window.start_ns) >= 1_000_000_000 {
-        window.start_ns = t;
-        window.count = 0;
-    }
-    if window.count >= u64::from(config.new_flow_limit) {
+fn admit_new_flow(config: &Config) -> bool {
+    let ok = stats::admit(WINDOW_NEW_FLOWS, config.new_flow_limit);
+    if !ok {
         stats::event(stat::CT_FLOOD_BYPASS);
-        return false;
     }
-    window.count += 1;
-    true
+    ok
 }

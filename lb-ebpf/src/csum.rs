@@ -11,15 +11,20 @@ pub fn fold(mut sum: u64) -> u16 {
     sum as u16
 }
 
-/// The checksum of a 20-byte IPv4 header whose checksum field is zero.
+/// The checksum of an IPv4 header given as its first 8 bytes, TTL and
+/// protocol, source and destination (options none, checksum field zero).
 #[inline(always)]
-pub fn ipv4_header(hdr: &[u8; 20]) -> u16 {
-    let mut sum = 0u64;
-    let mut i = 0;
-    while i < 20 {
-        sum += u64::from(u16::from_be_bytes([hdr[i], hdr[i + 1]]));
-        i += 2;
-    }
+pub fn ipv4_parts(head: &[u8; 8], ttl_proto: [u8; 2], src: [u8; 4], dst: [u8; 4]) -> u16 {
+    let w = |a: u8, b: u8| u64::from(u16::from_be_bytes([a, b]));
+    let sum = w(head[0], head[1])
+        + w(head[2], head[3])
+        + w(head[4], head[5])
+        + w(head[6], head[7])
+        + w(ttl_proto[0], ttl_proto[1])
+        + w(src[0], src[1])
+        + w(src[2], src[3])
+        + w(dst[0], dst[1])
+        + w(dst[2], dst[3]);
     !fold(sum)
 }
 

@@ -19,6 +19,8 @@ pub enum ForwardError {
     TooBig,
     /// IPv6 inside IPv4 is not a mode xlb offers.
     Unsupported,
+    /// No tunnel source of the outer family is configured (all-zero prefix).
+    NoSource,
     /// A helper failed (no headroom) or a write fell outside the packet.
     Failed,
 }
@@ -35,6 +37,30 @@ pub fn dr(ctx: &XdpContext, real_mac: &[u8; 6], iface_mac: &[u8; 6]) -> Result<(
 
 const IPV4_LEN: usize = 20;
 const IPV6_LEN: usize = 40;
+
+/// Bytes the outer header adds for a real of this family.
+#[inline(always)]
+pub fn outer_len(real: &RealDef) -> usize {
+    if real.family == FAMILY_V6 {
+        IPV6_LEN
+    } else {
+        IPV4_LEN
+    }
+}
+
+/// Whether the configured tunnel source of the outer family is all-zero
+/// (0.0.0.0 or ::): a packet must not leave from an unspecified address.
+#[inline(always)]
+fn no_source(config: &Config, outer_v6: bool) -> bool {
+    if outer_v6 {
+        let s = &config.tun_src_v6;
+        let hi = u64::from_ne_bytes([s[0], s[1], s[2], s[3], s[4], s[5], s[6], s[7]]);
+        let lo = u64::from_ne_bytes([s[8], s[9], s[10], s[11], s[12], s[13], s[14], s[15]]);
+        hi | lo == 0
+    } else {
+        u32::from_ne_bytes(config.tun_src_v4) == 0
+    }
+}
 const TTL: u8 = 64;
 
 /// Encapsulates the IP packet described by `l3` toward `real`.
@@ -55,19 +81,20 @@ pub fn encap(
     if !outer_v6 && l3.family != FAMILY_V4 {
         return Err(ForwardError::Unsupported);
     }
-    let outer_len = if outer_v6 { IPV6_LEN } else { IPV4_LEN };
+    if no_source(config, outer_v6) {
+        return Err(ForwardError::NoSource);
+    }
+    let outer_len = outer_len(real);
     if config.mtu != 0 && l3.len + outer_len > config.mtu as usize {
         return Err(ForwardError::TooBig);
     }
     // Keep the VLAN tags (bytes 12 .. l3_off - 2); everything before the IP
     // header is rewritten at the new start of the frame.
-    let tags: [u8; 8] = match l2.l3_off {
-        18 => {
-            let t: [u8; 4] = crate::parse::read_at(ctx, 12).ok_or(ForwardError::Failed)?;
-            [t[0], t[1], t[2], t[3], 0, 0, 0, 0]
-        }
-        22 => crate::parse::read_at(ctx, 12).ok_or(ForwardError::Failed)?,
-        _ => [0; 8],
+    // Held as one integer: a byte array is kept (and spilled) byte by byte.
+    let tags: u64 = match l2.l3_off {
+        18 => u64::from(crate::parse::read_at::<u32>(ctx, 12).ok_or(ForwardError::Failed)?),
+        22 => crate::parse::read_at::<u64>(ctx, 12).ok_or(ForwardError::Failed)?,
+        _ => 0,
     };
     // SAFETY: growing the headroom of the packet this program owns.
     if unsafe { bpf_xdp_adjust_head(ctx.ctx, -(outer_len as i32)) } != 0 {
@@ -76,17 +103,19 @@ pub fn encap(
     let l3_off = l2.l3_off;
     let mut ok = write_at(ctx, 0, real.mac) && write_at(ctx, 6, config.iface_mac);
     ok &= match l3_off {
-        18 => write_at(ctx, 12, [tags[0], tags[1], tags[2], tags[3]]),
+        18 => write_at(ctx, 12, tags as u32),
         22 => write_at(ctx, 12, tags),
         _ => true,
     };
     let ethertype = if outer_v6 { ETH_P_IPV6 } else { ETH_P_IP };
     ok &= write_at(ctx, l3_off - 2, ethertype);
-    if outer_v6 {
-        ok &= write_at(ctx, l3_off, outer_v6_header(l3, real, config, hash));
+    // Header fields written piecewise, not as one array: the balancer's stack
+    // frame must leave room for the too-big reply's (512 bytes for both).
+    ok &= if outer_v6 {
+        write_outer_v6(ctx, l3_off, l3, real, config, hash)
     } else {
-        ok &= write_at(ctx, l3_off, outer_v4_header(l3, real, config, hash));
-    }
+        write_outer_v4(ctx, l3_off, l3, real, config, hash)
+    };
     if ok {
         Ok(())
     } else {
@@ -95,79 +124,62 @@ pub fn encap(
 }
 
 #[inline(always)]
-fn outer_v4_header(l3: &L3, real: &RealDef, config: &Config, hash: u32) -> [u8; 20] {
+fn write_outer_v4(
+    ctx: &XdpContext,
+    off: usize,
+    l3: &L3,
+    real: &RealDef,
+    config: &Config,
+    hash: u32,
+) -> bool {
     let src = (u32::from_be_bytes(config.tun_src_v4) | (hash & config.tun_host_v4)).to_be_bytes();
+    let dst = [real.addr[0], real.addr[1], real.addr[2], real.addr[3]];
     let total = ((l3.len + IPV4_LEN) as u16).to_be_bytes();
     // DF is copied from the inner header (RFC 2003, 3.1) so path MTU discovery
     // keeps working through the tunnel.
     let frags = if l3.df { 0x40 } else { 0 };
-    let mut h = [
-        0x45,
-        l3.tos,
-        total[0],
-        total[1],
-        0,
-        0,
-        frags,
-        0,
-        TTL,
-        PROTO_IPIP,
-        0,
-        0,
-        src[0],
-        src[1],
-        src[2],
-        src[3],
-        real.addr[0],
-        real.addr[1],
-        real.addr[2],
-        real.addr[3],
-    ];
-    let c = csum::ipv4_header(&h).to_be_bytes();
-    h[10] = c[0];
-    h[11] = c[1];
-    h
+    let head = [0x45, l3.tos, total[0], total[1], 0, 0, frags, 0];
+    let ttl_proto = [TTL, PROTO_IPIP];
+    let c = csum::ipv4_parts(&head, ttl_proto, src, dst).to_be_bytes();
+    write_at(ctx, off, head)
+        && write_at(ctx, off + 8, [TTL, PROTO_IPIP, c[0], c[1]])
+        && write_at(ctx, off + 12, src)
+        && write_at(ctx, off + 16, dst)
 }
 
 #[inline(always)]
-fn outer_v6_header(l3: &L3, real: &RealDef, config: &Config, hash: u32) -> [u8; 40] {
-    let mut h = [0u8; 40];
+fn write_outer_v6(
+    ctx: &XdpContext,
+    off: usize,
+    l3: &L3,
+    real: &RealDef,
+    config: &Config,
+    hash: u32,
+) -> bool {
     // Version 6, traffic class copied from the inner packet, flow label from
     // the flow hash (ECMP and RSS on the path hash it).
     let label = hash & 0x000f_ffff;
-    h[0] = 0x60 | (l3.tos >> 4);
-    h[1] = (l3.tos << 4) | ((label >> 16) as u8 & 0x0f);
-    h[2] = (label >> 8) as u8;
-    h[3] = label as u8;
+    let vcf = [
+        0x60 | (l3.tos >> 4),
+        (l3.tos << 4) | ((label >> 16) as u8 & 0x0f),
+        (label >> 8) as u8,
+        label as u8,
+    ];
     let payload = (l3.len as u16).to_be_bytes();
-    h[4] = payload[0];
-    h[5] = payload[1];
-    h[6] = if l3.family == FAMILY_V4 {
+    let next = if l3.family == FAMILY_V4 {
         PROTO_IPIP
     } else {
         PROTO_IPV6
     };
-    h[7] = TTL;
-    let mut i = 0;
-    while i < 12 {
-        h[8 + i] = config.tun_src_v6[i];
-        i += 1;
-    }
-    let low = u32::from_be_bytes([
-        config.tun_src_v6[12],
-        config.tun_src_v6[13],
-        config.tun_src_v6[14],
-        config.tun_src_v6[15],
-    ]) | (hash & config.tun_host_v6);
-    let low = low.to_be_bytes();
-    h[20] = low[0];
-    h[21] = low[1];
-    h[22] = low[2];
-    h[23] = low[3];
-    i = 0;
-    while i < 16 {
-        h[24 + i] = real.addr[i];
-        i += 1;
-    }
-    h
+    let s = &config.tun_src_v6;
+    let low = (u32::from_be_bytes([s[12], s[13], s[14], s[15]]) | (hash & config.tun_host_v6))
+        .to_be_bytes();
+    let high = [s[0], s[1], s[2], s[3], s[4], s[5], s[6], s[7]];
+    let mid = [s[8], s[9], s[10], s[11]];
+    write_at(ctx, off, vcf)
+        && write_at(ctx, off + 4, [payload[0], payload[1], next, TTL])
+        && write_at(ctx, off + 8, high)
+        && write_at(ctx, off + 16, mid)
+        && write_at(ctx, off + 20, low)
+        && write_at(ctx, off + 24, real.addr)
 }

@@ -2,13 +2,13 @@
 //! opens exactly these; see docs/architecture.md for who writes each one.
 
 use aya_ebpf::{
-    bindings::{BPF_F_MMAPABLE, BPF_F_NO_COMMON_LRU},
+    bindings::BPF_F_MMAPABLE,
     macros::map,
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
 use lb_common::{
     AddrKey, Config, Counter, FLOWS_DEFAULT, FloodWindow, FlowKey, FlowState, MAX_REALS, MAX_VIPS,
-    RING_ENTRIES, RealDef, VipKey, VipMeta, stat,
+    RING_ENTRIES, RealDef, VipKey, VipMeta, WINDOWS, stat,
 };
 
 /// Virtual services: (address, port, protocol) → VIP metadata.
@@ -35,15 +35,22 @@ pub static REALS: Array<RealDef> = Array::with_max_entries(MAX_REALS, 0);
 pub static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
 
 /// Connection tracking: flow → real. One table for all CPUs (a flow moved to
-/// another queue keeps its real) with per-CPU LRU lists (no cross-CPU lock on
-/// eviction). The daemon sizes it at load time.
+/// another queue keeps its real). The daemon sizes it at load time.
+///
+/// One LRU shared by all CPUs, not per-CPU LRU lists (`BPF_F_NO_COMMON_LRU`):
+/// per-CPU lists split the entries evenly over every *possible* CPU, so a
+/// host with 128 possible and 8 online CPUs would hold 1/128 of the table per
+/// receive queue. With the common LRU the table holds `--conntrack-size`
+/// flows however they spread over queues. Its global lock is taken only when a
+/// CPU's local free list (refilled in batches) runs dry, so a tracked flow's
+/// packets never take it (measurements in docs/architecture.md).
 #[map(name = "XLB_FLOWS")]
-pub static FLOWS: LruHashMap<FlowKey, FlowState> =
-    LruHashMap::with_max_entries(FLOWS_DEFAULT, BPF_F_NO_COMMON_LRU);
+pub static FLOWS: LruHashMap<FlowKey, FlowState> = LruHashMap::with_max_entries(FLOWS_DEFAULT, 0);
 
-/// New-flow rate window per CPU (flood guard).
+/// Per-CPU one-second rate windows: the flood guard's new flows and the ICMP
+/// too-big replies (indices `lb_common::WINDOW_*`).
 #[map(name = "XLB_FLOOD")]
-pub static FLOOD: PerCpuArray<FloodWindow> = PerCpuArray::with_max_entries(1, 0);
+pub static FLOOD: PerCpuArray<FloodWindow> = PerCpuArray::with_max_entries(WINDOWS, 0);
 
 /// Verdict and event counters, indexed by `lb_common::stat`.
 #[map(name = "XLB_STATS")]

@@ -110,6 +110,8 @@ pub struct L3 {
     pub tos: u8,
     /// A fragment (IPv4 MF or offset set; an IPv6 fragment header).
     pub fragment: bool,
+    /// A fragment other than the first (offset set): no transport header.
+    pub later_fragment: bool,
     /// IPv4 "don't fragment" (copied to an outer IPv4 header, RFC 2003).
     pub df: bool,
 }
@@ -149,6 +151,7 @@ pub fn ipv4(ctx: &XdpContext, off: usize) -> Result<L3, L3Error> {
         tos: ip.tos,
         // MF flag or a non-zero offset.
         fragment: u16::from_be_bytes(ip.frags) & 0x3fff != 0,
+        later_fragment: u16::from_be_bytes(ip.frags) & 0x1fff != 0,
         df: u16::from_be_bytes(ip.frags) & 0x4000 != 0,
     })
 }
@@ -164,6 +167,7 @@ pub fn ipv6(ctx: &XdpContext, off: usize) -> Result<L3, L3Error> {
     let mut proto = ip.next_hdr;
     let mut ext = 0usize;
     let mut fragment = false;
+    let mut later_fragment = false;
     for _ in 0..MAX_EXT_HEADERS {
         match proto {
             NH_HOP_BY_HOP | NH_ROUTING | NH_DEST_OPTS => {
@@ -186,6 +190,7 @@ pub fn ipv6(ctx: &XdpContext, off: usize) -> Result<L3, L3Error> {
                 // Offset or M flag set: a real fragment (an atomic fragment
                 // header with both clear carries a whole packet).
                 fragment = (u16::from_be_bytes([h[2], h[3]]) & 0xfff9) != 0;
+                later_fragment = (u16::from_be_bytes([h[2], h[3]]) & 0xfff8) != 0;
             }
             _ => break,
         }
@@ -209,6 +214,7 @@ pub fn ipv6(ctx: &XdpContext, off: usize) -> Result<L3, L3Error> {
         len: Ipv6Hdr::LEN + u16::from_be_bytes(ip.payload_len) as usize,
         tos: (ip.vcf[0] << 4) | (ip.vcf[1] >> 4),
         fragment,
+        later_fragment,
         df: false,
     })
 }

@@ -78,7 +78,7 @@ pub fn datapath_config(iface: &Iface, settings: &Settings) -> DpConfig {
             b
         },
         tun_host_v6: host_v6,
-        _pad2: 0,
+        icmp_too_big_limit: lb_common::ICMP_TOO_BIG_LIMIT_DEFAULT,
     }
 }
 

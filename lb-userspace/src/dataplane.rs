@@ -189,6 +189,7 @@ pub struct Dataplane {
     vips: HashMap<MapData, VipKey, VipMeta>,
     vip_addrs: HashMap<MapData, AddrKey, u32>,
     flows: HashMap<MapData, FlowKey, FlowState>,
+    flow_capacity: u32,
     rings: Rings,
     reals: Array<MapData, RealDef>,
     config: Array<MapData, Config>,
@@ -228,8 +229,16 @@ impl Dataplane {
             .map_err(map_err(map_names::VIPS))?;
         let vip_addrs = HashMap::try_from(take(&mut ebpf, map_names::VIP_ADDRS)?)
             .map_err(map_err(map_names::VIP_ADDRS))?;
-        let flows = HashMap::try_from(take(&mut ebpf, map_names::FLOWS)?)
-            .map_err(map_err(map_names::FLOWS))?;
+        let flows = take(&mut ebpf, map_names::FLOWS)?;
+        // The map as the kernel made it (or as a previous instance pinned it).
+        let flow_capacity = match &flows {
+            Map::LruHashMap(data) => data
+                .info()
+                .map_err(map_err(map_names::FLOWS))?
+                .max_entries(),
+            _ => return Err(DataplaneError::MissingMap(map_names::FLOWS)),
+        };
+        let flows = HashMap::try_from(flows).map_err(map_err(map_names::FLOWS))?;
         let rings = match take(&mut ebpf, map_names::RINGS)? {
             Map::Array(data) => Rings::new(data)?,
             _ => return Err(DataplaneError::MissingMap(map_names::RINGS)),
@@ -249,6 +258,7 @@ impl Dataplane {
             vips,
             vip_addrs,
             flows,
+            flow_capacity,
             rings,
             reals,
             config,
@@ -455,6 +465,12 @@ impl Dataplane {
                 source,
             }),
         }
+    }
+
+    /// Flows the conntrack table holds: its max entries, all usable by every
+    /// CPU (one LRU shared by all CPUs, see docs/architecture.md).
+    pub fn flow_capacity(&self) -> u32 {
+        self.flow_capacity
     }
 
     /// VIP `id`'s counter summed over CPUs.

@@ -302,6 +302,22 @@ pub fn icmp_frag_needed(
     out
 }
 
+/// An ICMP "fragmentation needed" from `router` to `vip` quoting `quoted`
+/// (an IP packet's first bytes, as the fixture needs them).
+pub fn icmp_frag_needed_quoting(router: Ipv4Addr, vip: Ipv4Addr, quoted: &[u8]) -> Vec<u8> {
+    let b = PacketBuilder::ethernet2(CLIENT_MAC, LB_MAC)
+        .ip(IpHeaders::Ipv4(
+            ipv4_header(router, vip, IpNumber::ICMP),
+            Default::default(),
+        ))
+        .icmpv4(etherparse::Icmpv4Type::DestinationUnreachable(
+            etherparse::icmpv4::DestUnreachableHeader::FragmentationNeeded { next_hop_mtu: 1400 },
+        ));
+    let mut out = Vec::new();
+    b.write(&mut out, quoted).expect("building an ICMP error");
+    out
+}
+
 /// An ICMP "port unreachable" from `router` to the VIP (not steered).
 pub fn icmp_port_unreachable(router: Ipv4Addr, vip: Ipv4Addr, client: Ipv4Addr) -> Vec<u8> {
     let quoted = reply_ip(vip.into(), 80, client.into(), 40000);

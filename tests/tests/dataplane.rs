@@ -9,8 +9,10 @@ use std::{
 };
 
 use aya::programs::{TestRun as _, TestRunOptions, Xdp};
-use etherparse::{IpFragOffset, IpNumber, Ipv6FragmentHeader, Ipv6RawExtHeader};
-use lb_common::{Config, FlowKey, decap_stat, flow_hash, prog_names, stat};
+use etherparse::{
+    IpFragOffset, IpHeaders, IpNumber, Ipv4Header, Ipv6FragmentHeader, Ipv6RawExtHeader,
+};
+use lb_common::{Config, FlowKey, RealDef, decap_stat, flow_hash, prog_names, stat};
 use lb_userspace::{
     dataplane::{Dataplane, LoadOptions},
     decap::Decap,
@@ -89,7 +91,7 @@ fn base_config() -> Config {
         tun_host_v4: 0xff,
         tun_src_v6: TUN_SRC_V6.octets(),
         tun_host_v6: u32::MAX,
-        _pad2: 0,
+        icmp_too_big_limit: 1000,
     }
 }
 
@@ -300,6 +302,36 @@ fn cases() -> Vec<Case> {
     let mut truncated_vlan = packet::client(c4, VIP_DR.into(), vlan, tcp(40000, 80, true));
     truncated_vlan.truncate(16);
     let big = [0u8; 1460];
+    let big_v4 = packet::tcp(CLIENT, 40008, VIP_TUN, 80, false, &big);
+    let big_v6 = packet::client(
+        c6,
+        VIP6_TUN.into(),
+        no_l2,
+        L4::Tcp {
+            sport: 40008,
+            dport: 80,
+            syn: false,
+            payload: &big,
+        },
+    );
+    let mut other_mac = packet::tcp(CLIENT, 40000, VIP_DR, 80, true, &[]);
+    other_mac[0..6].copy_from_slice(&[0x02, 0, 0, 0, 0, 0x99]);
+    let mut broadcast = packet::udp(CLIENT, 5353, VIP_DR, 53, b"query");
+    broadcast[0..6].copy_from_slice(&[0xff; 6]);
+    // A first IPv6 fragment (offset 0, M set). etherparse 0.19 writes the M
+    // flag as bit 7 of the header's fourth byte; RFC 8200 has it in bit 0.
+    let mut first_frag6 =
+        packet::client_v6_with(CLIENT6, VIP6_DR, tcp(40000, 80, true), |_, exts| {
+            exts.fragment = Some(Ipv6FragmentHeader::new(
+                IpNumber::TCP,
+                IpFragOffset::ZERO,
+                false,
+                7,
+            ));
+        });
+    first_frag6[14 + 40 + 2..14 + 40 + 4].copy_from_slice(&[0x00, 0x01]);
+    let mut multicast6 = packet::client(c6, VIP6_DR.into(), no_l2, tcp(40000, 80, true));
+    multicast6[0..6].copy_from_slice(&[0x33, 0x33, 0, 0, 0, 1]);
     vec![
         // --- forwarded, DR ---
         Case {
@@ -407,10 +439,35 @@ fn cases() -> Vec<Case> {
             stat: stat::TX_TUN,
         },
         Case {
-            name: "tun_packet_over_the_mtu_is_dropped",
-            packet: packet::tcp(CLIENT, 40008, VIP_TUN, 80, false, &big),
-            expect: Expect::Unchanged(XDP_DROP),
-            stat: stat::DROP_TOO_BIG,
+            name: "tun_packet_over_the_mtu_is_answered_with_frag_needed",
+            expect: Expect::Bytes(too_big_reply(&big_v4, 1500 - 20)),
+            packet: big_v4,
+            stat: stat::TX_ICMP_TOO_BIG_REPLY,
+        },
+        Case {
+            name: "ip6ip6_packet_over_the_mtu_is_answered_with_packet_too_big",
+            expect: Expect::Bytes(too_big_reply(&big_v6, 1500 - 40)),
+            packet: big_v6,
+            stat: stat::TX_ICMP_TOO_BIG_REPLY,
+        },
+        // --- frames for other stations ---
+        Case {
+            name: "frame_for_another_mac_passes_untouched",
+            packet: other_mac,
+            expect: Expect::Unchanged(XDP_PASS),
+            stat: stat::PASS_NOT_OUR_MAC,
+        },
+        Case {
+            name: "broadcast_frame_to_vip_passes_untouched",
+            packet: broadcast,
+            expect: Expect::Unchanged(XDP_PASS),
+            stat: stat::PASS_NOT_OUR_MAC,
+        },
+        Case {
+            name: "multicast_frame_to_v6_vip_passes_untouched",
+            packet: multicast6,
+            expect: Expect::Unchanged(XDP_PASS),
+            stat: stat::PASS_NOT_OUR_MAC,
         },
         // --- ICMP ---
         Case {
@@ -431,6 +488,20 @@ fn cases() -> Vec<Case> {
                 LB_MAC, CLIENT_MAC, VIP6_DR, CLIENT6, true,
             )),
             stat: stat::TX_ICMP_ECHO,
+        },
+        Case {
+            name: "icmpv6_echo_with_extension_headers_is_answered_without_them",
+            packet: icmp6_echo_with_hop_by_hop(),
+            expect: Expect::Bytes(packet::icmp_echo_v6(
+                LB_MAC, CLIENT_MAC, VIP6_DR, CLIENT6, true,
+            )),
+            stat: stat::TX_ICMP_ECHO,
+        },
+        Case {
+            name: "icmp_error_quoting_a_later_fragment_is_not_steered",
+            packet: packet::icmp_frag_needed_quoting(ROUTER, VIP_DR, &quoted_later_fragment()),
+            expect: Expect::Unchanged(XDP_PASS),
+            stat: stat::PASS_ICMP,
         },
         Case {
             name: "icmp_frag_needed_goes_to_the_flows_real",
@@ -557,6 +628,24 @@ fn cases() -> Vec<Case> {
             stat: stat::DROP_MALFORMED,
         },
         Case {
+            name: "truncated_tcp_to_a_vip_address_but_no_service_passes",
+            packet: truncated(
+                packet::tcp(CLIENT, 40000, VIP_DR, 22, true, &[]),
+                14 + 20 + 12,
+            ),
+            expect: Expect::Unchanged(XDP_PASS),
+            stat: stat::PASS_NOT_VIP,
+        },
+        Case {
+            name: "tcp_cut_inside_its_ports_passes_untouched",
+            packet: truncated(
+                packet::tcp(CLIENT, 40000, VIP_DR, 80, true, &[]),
+                14 + 20 + 3,
+            ),
+            expect: Expect::Unchanged(XDP_PASS),
+            stat: stat::PASS_MALFORMED,
+        },
+        Case {
             name: "truncated_tcp_to_v6_vip_is_dropped",
             packet: truncated(
                 packet::client(c6, VIP6_DR.into(), no_l2, tcp(1, 80, true)),
@@ -575,23 +664,44 @@ fn cases() -> Vec<Case> {
             stat: stat::DROP_FRAGMENT,
         },
         Case {
-            name: "later_ipv4_fragment_to_vip_is_dropped",
+            name: "later_ipv4_fragment_to_vip_address_passes_to_the_kernel",
             packet: packet::client_v4_with(CLIENT, VIP_DR, tcp(40000, 80, true), |ip| {
                 ip.fragment_offset = IpFragOffset::try_new(100).expect("offset");
             }),
-            expect: Expect::Unchanged(XDP_DROP),
-            stat: stat::DROP_FRAGMENT,
+            expect: Expect::Unchanged(XDP_PASS),
+            stat: stat::PASS_FRAGMENT,
         },
         Case {
-            name: "ipv6_fragment_to_vip_is_dropped",
+            name: "first_udp_fragment_to_a_vip_address_but_no_service_passes",
+            packet: packet::client_v4_with(
+                CLIENT,
+                VIP_TUN,
+                L4::Udp {
+                    sport: 53,
+                    dport: 33000,
+                    payload: b"a long DNS answer",
+                },
+                |ip| ip.more_fragments = true,
+            ),
+            expect: Expect::Unchanged(XDP_PASS),
+            stat: stat::PASS_NOT_VIP,
+        },
+        Case {
+            name: "later_ipv6_fragment_to_vip_address_passes_to_the_kernel",
             packet: packet::client_v6_with(CLIENT6, VIP6_DR, tcp(40000, 80, true), |_, exts| {
                 exts.fragment = Some(Ipv6FragmentHeader::new(
                     IpNumber::TCP,
-                    IpFragOffset::ZERO,
-                    true,
+                    IpFragOffset::try_new(100).expect("offset"),
+                    false,
                     7,
                 ));
             }),
+            expect: Expect::Unchanged(XDP_PASS),
+            stat: stat::PASS_FRAGMENT,
+        },
+        Case {
+            name: "first_ipv6_fragment_to_vip_is_dropped",
+            packet: first_frag6,
             expect: Expect::Unchanged(XDP_DROP),
             stat: stat::DROP_FRAGMENT,
         },
@@ -611,6 +721,75 @@ fn cases() -> Vec<Case> {
             stat: stat::DROP_NO_REAL,
         },
     ]
+}
+
+/// The ICMP error the balancer answers an over-MTU client packet (`frame`)
+/// with: from the VIP to the client, announcing `mtu`, quoting as much of the
+/// packet as RFC 1812 (IPv4, 576 bytes in all) or RFC 4443 (1280) allow,
+/// rounded down to 4 bytes.
+fn too_big_reply(frame: &[u8], mtu: u16) -> Vec<u8> {
+    let ip = &frame[14..];
+    let eth = etherparse::PacketBuilder::ethernet2(LB_MAC, CLIENT_MAC);
+    let mut out = Vec::new();
+    if ip[0] >> 4 == 4 {
+        let src: [u8; 4] = ip[12..16].try_into().expect("4 bytes");
+        let dst: [u8; 4] = ip[16..20].try_into().expect("4 bytes");
+        let mut h = Ipv4Header::new(0, 64, IpNumber::ICMP, dst, src).expect("header");
+        h.dont_fragment = false;
+        let quote = &ip[..(576 - 28).min(ip.len()) & !3];
+        eth.ip(IpHeaders::Ipv4(h, Default::default()))
+            .icmpv4(etherparse::Icmpv4Type::DestinationUnreachable(
+                etherparse::icmpv4::DestUnreachableHeader::FragmentationNeeded {
+                    next_hop_mtu: mtu,
+                },
+            ))
+            .write(&mut out, quote)
+            .expect("building the reply");
+    } else {
+        let src: [u8; 16] = ip[8..24].try_into().expect("16 bytes");
+        let dst: [u8; 16] = ip[24..40].try_into().expect("16 bytes");
+        let h = packet::ipv6_header(dst.into(), src.into(), IpNumber::IPV6_ICMP);
+        let quote = &ip[..(1280 - 48).min(ip.len()) & !3];
+        eth.ip(IpHeaders::Ipv6(h, Default::default()))
+            .icmpv6(etherparse::Icmpv6Type::PacketTooBig {
+                mtu: u32::from(mtu),
+            })
+            .write(&mut out, quote)
+            .expect("building the reply");
+    }
+    out
+}
+
+/// An ICMPv6 echo request to the v6 VIP carrying a hop-by-hop options header.
+fn icmp6_echo_with_hop_by_hop() -> Vec<u8> {
+    let exts = etherparse::Ipv6Extensions {
+        hop_by_hop_options: Some(
+            Ipv6RawExtHeader::new_raw(IpNumber::IPV6_ICMP, &[0; 6]).expect("ext header"),
+        ),
+        ..Default::default()
+    };
+    let b = etherparse::PacketBuilder::ethernet2(CLIENT_MAC, LB_MAC)
+        .ip(IpHeaders::Ipv6(
+            packet::ipv6_header(CLIENT6, VIP6_DR, IpNumber::IPV6_ICMP),
+            exts,
+        ))
+        .icmpv6_echo_request(0x1234, 7);
+    let mut out = Vec::new();
+    b.write(&mut out, b"xlb-ping")
+        .expect("building the request");
+    out
+}
+
+/// What an ICMP error quotes of a later fragment of the real's reply: the IP
+/// header (offset 100), then payload bytes that would read as ports 80 → 40000.
+fn quoted_later_fragment() -> Vec<u8> {
+    let mut h =
+        Ipv4Header::new(8, 64, IpNumber::TCP, VIP_DR.octets(), CLIENT.octets()).expect("header");
+    h.fragment_offset = IpFragOffset::try_new(100).expect("offset");
+    h.header_checksum = h.calc_header_checksum();
+    let mut out = h.to_bytes().to_vec();
+    out.extend_from_slice(&[0, 80, 0x9c, 0x40, 0, 0, 0, 1]);
+    out
 }
 
 #[test]
@@ -644,8 +823,12 @@ fn fixture_table_verdicts_bytes_and_counters() {
             Expect::Unchanged(v) => (v, case.packet.clone()),
         };
         if verdict != want_verdict {
+            let counted: Vec<&str> = (0..stat::VERDICTS as usize)
+                .filter(|&i| after[i] > before[i])
+                .map(|i| stat::VERDICT_NAMES[i])
+                .collect();
             failures.push(format!(
-                "{}: verdict {verdict}, want {want_verdict}",
+                "{}: verdict {verdict} ({counted:?}), want {want_verdict}",
                 case.name
             ));
             continue;
@@ -1108,4 +1291,243 @@ fn balancer_tunnel_output_decapsulates_to_the_original_packet() {
             "{vip}: inner packet changed on the way"
         );
     }
+}
+
+// --- hardening (issue 10) ---
+
+/// Runs the rest of the test on CPU 0: per-CPU state (rate windows, per-CPU
+/// lists) must see every packet of the test.
+fn on_cpu0() {
+    let mut set = nix::sched::CpuSet::new();
+    set.set(0).expect("cpu 0");
+    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set).expect("pinning to cpu 0");
+}
+
+fn event(fx: &Fixture, name: &str) -> u64 {
+    fx.dp
+        .events()
+        .expect("events")
+        .into_iter()
+        .find(|(n, _)| *n == name)
+        .map(|(_, v)| v)
+        .expect("event exists")
+}
+
+fn verdict(fx: &Fixture, stat: u32) -> u64 {
+    fx.counters()[stat as usize]
+}
+
+#[test]
+fn conntrack_holds_its_configured_size_from_one_cpu() {
+    on_cpu0();
+    let fx = Fixture::new();
+    assert_eq!(fx.dp.flow_capacity(), 4096, "capacity as loaded");
+    // Every flow arrives on one CPU (one receive queue): the table must still
+    // hold (nearly) all of them, not 1/possible-CPUs of them.
+    for i in 0..4096u32 {
+        let src = Ipv4Addr::from(u32::from(CLIENT) + (i >> 12));
+        let sport = 10000 + (i & 0xfff) as u16;
+        let (v, _) = fx.run(&packet::tcp(src, sport, VIP_DR, 80, true, &[]));
+        assert_eq!(v, XDP_TX);
+    }
+    let held = fx.dp.flow_count();
+    assert!(
+        held >= 4096 * 9 / 10,
+        "the 4096-entry table holds only {held} flows inserted from one CPU"
+    );
+}
+
+#[test]
+fn stale_flow_does_not_follow_a_reused_real_id() {
+    let fx = Fixture::new();
+    let vip = fx.vip("203.0.113.10:80/tcp");
+    fx.run(&packet::tcp(CLIENT, 37000, VIP_DR, 80, true, &[]));
+    let key = flow_key(CLIENT.into(), 37000, &vip);
+    let entry = fx.dp.flow(&key).expect("conntrack").expect("tracked");
+    // The allocator gives the flow's real slot to another real (of another
+    // service), with a new generation.
+    let mut dp = fx.dp;
+    let other = RealDef {
+        addr: {
+            let mut a = [0u8; 16];
+            a[..4].copy_from_slice(&[192, 0, 2, 99]);
+            a
+        },
+        mac: [0x02, 0, 0, 0, 9, 9],
+        family: lb_common::FAMILY_V4,
+        flags: 0,
+        generation: entry.generation.wrapping_add(1),
+    };
+    dp.put_real(entry.real_id, &other)
+        .expect("reusing the slot");
+    let fx = Fixture {
+        dp,
+        state: fx.state,
+    };
+    let stale = event(&fx, "conntrack_stale");
+    let hits = event(&fx, "conntrack_hit");
+    fx.run(&packet::tcp(CLIENT, 37000, VIP_DR, 80, false, b"x"));
+    assert_eq!(
+        event(&fx, "conntrack_hit"),
+        hits,
+        "stale entry used as a hit"
+    );
+    assert_eq!(event(&fx, "conntrack_stale"), stale + 1, "conntrack_stale");
+    let now = fx.dp.flow(&key).expect("conntrack").expect("re-tracked");
+    // Maglev may give the slot's new real: the entry then records its generation.
+    let want = if now.real_id == entry.real_id {
+        other.generation
+    } else {
+        0
+    };
+    assert_eq!(now.generation, want, "re-hashed entry's generation");
+}
+
+#[test]
+fn tunnel_without_a_source_of_its_family_is_dropped() {
+    let fx = Fixture::with_config(Config {
+        tun_src_v4: [0; 4],
+        tun_src_v6: [0; 16],
+        ..base_config()
+    });
+    for (name, p) in [
+        ("ipip", packet::tcp(CLIENT, 40000, VIP_TUN, 80, true, &[])),
+        ("4in6", packet::tcp(CLIENT, 40000, VIP_4IN6, 80, true, &[])),
+        (
+            "ip6ip6",
+            packet::client(
+                CLIENT6.into(),
+                VIP6_TUN.into(),
+                L2::default(),
+                tcp(40000, 80, true),
+            ),
+        ),
+    ] {
+        let before = verdict(&fx, stat::DROP_NO_TUNNEL_SOURCE);
+        let (v, out) = fx.run(&p);
+        assert_eq!(v, XDP_DROP, "{name}: verdict");
+        assert_eq!(out, p, "{name}: dropped frame changed");
+        assert_eq!(
+            verdict(&fx, stat::DROP_NO_TUNNEL_SOURCE),
+            before + 1,
+            "{name}: drop_no_tunnel_source"
+        );
+    }
+}
+
+#[test]
+fn too_big_replies_are_rate_limited_per_cpu() {
+    on_cpu0();
+    let fx = Fixture::with_config(Config {
+        icmp_too_big_limit: 3,
+        ..base_config()
+    });
+    let big = [0u8; 1460];
+    let (sent, dropped) = (
+        verdict(&fx, stat::TX_ICMP_TOO_BIG_REPLY),
+        verdict(&fx, stat::DROP_TOO_BIG),
+    );
+    let mut replies = 0;
+    for p in 0..8u16 {
+        let (v, _) = fx.run(&packet::tcp(CLIENT, 41000 + p, VIP_TUN, 80, false, &big));
+        assert!(v == XDP_TX || v == XDP_DROP, "verdict {v}");
+        replies += u64::from(v == XDP_TX);
+    }
+    // One window normally; a second one may start during the loop.
+    assert!(
+        (3..=6).contains(&replies),
+        "{replies} replies with a limit of 3/s"
+    );
+    assert_eq!(verdict(&fx, stat::TX_ICMP_TOO_BIG_REPLY) - sent, replies);
+    assert_eq!(verdict(&fx, stat::DROP_TOO_BIG) - dropped, 8 - replies);
+    let off = Fixture::with_config(Config {
+        icmp_too_big_limit: 0,
+        ..base_config()
+    });
+    let (v, _) = off.run(&packet::tcp(CLIENT, 41000, VIP_TUN, 80, false, &big));
+    assert_eq!(v, XDP_DROP, "limit 0 sends no reply");
+}
+
+#[test]
+fn flows_counters_count_only_new_conntrack_entries() {
+    on_cpu0();
+    let fx = Fixture::with_config(Config {
+        new_flow_limit: 1,
+        ..base_config()
+    });
+    let flows = |fx: &Fixture| {
+        fx.state
+            .view(&fx.dp)
+            .expect("view")
+            .into_iter()
+            .find(|v| v.vip.to_string() == "203.0.113.10:80/tcp")
+            .expect("VIP listed")
+            .flows
+    };
+    let before = flows(&fx);
+    // A SYN, its retransmit, then data: one flow.
+    fx.run(&packet::tcp(CLIENT, 38000, VIP_DR, 80, true, &[]));
+    fx.run(&packet::tcp(CLIENT, 38000, VIP_DR, 80, true, &[]));
+    fx.run(&packet::tcp(CLIENT, 38000, VIP_DR, 80, false, b"x"));
+    // Over the flood guard's limit (1/s): forwarded untracked, no new flow.
+    fx.run(&packet::tcp(CLIENT, 38001, VIP_DR, 80, true, &[]));
+    fx.run(&packet::tcp(CLIENT, 38001, VIP_DR, 80, false, b"y"));
+    assert_eq!(flows(&fx) - before, 1, "per-VIP new flows");
+}
+
+#[test]
+fn icmp_error_does_not_refresh_or_count_the_flow() {
+    let fx = Fixture::new();
+    fx.run(&packet::udp(CLIENT, 35900, VIP_DR, 53, b"q"));
+    let vip = fx.vip("203.0.113.10:53/udp");
+    let key = flow_key(CLIENT.into(), 35900, &vip);
+    let stamp = fx.dp.flow(&key).expect("ct").expect("tracked").last_seen_ns;
+    std::thread::sleep(Duration::from_millis(5));
+    // The real's UDP answer, quoted by a router's "fragmentation needed".
+    let mut reply = Vec::new();
+    etherparse::PacketBuilder::ip(IpHeaders::Ipv4(
+        packet::ipv4_header(VIP_DR, CLIENT, IpNumber::UDP),
+        Default::default(),
+    ))
+    .udp(53, 35900)
+    .write(&mut reply, &[0u8; 64])
+    .expect("reply");
+    let events = fx.dp.events().expect("events");
+    let (v, _) = fx.run(&packet::icmp_frag_needed_quoting(
+        ROUTER,
+        VIP_DR,
+        &reply[..28],
+    ));
+    assert_eq!(v, XDP_TX, "steered to the flow's real");
+    assert_eq!(
+        fx.dp.events().expect("events"),
+        events,
+        "conntrack events counted"
+    );
+    assert_eq!(
+        fx.dp.flow(&key).expect("ct").expect("tracked").last_seen_ns,
+        stamp,
+        "an ICMP error refreshed the UDP flow"
+    );
+}
+
+#[test]
+fn tcp_flow_records_last_seen_coarsely() {
+    let fx = Fixture::new();
+    let vip = fx.vip("203.0.113.10:80/tcp");
+    let key = flow_key(CLIENT.into(), 39000, &vip);
+    fx.run(&packet::tcp(CLIENT, 39000, VIP_DR, 80, true, &[]));
+    let first = fx.dp.flow(&key).expect("ct").expect("tracked").last_seen_ns;
+    assert_ne!(first, 0, "a TCP entry has a last-seen time");
+    std::thread::sleep(Duration::from_millis(20));
+    fx.run(&packet::tcp(CLIENT, 39000, VIP_DR, 80, false, b"x"));
+    let second = fx.dp.flow(&key).expect("ct").expect("tracked").last_seen_ns;
+    assert_eq!(second, first, "refreshed within the 1 s grain");
+    std::thread::sleep(Duration::from_millis(1100));
+    fx.run(&packet::tcp(CLIENT, 39000, VIP_DR, 80, false, b"y"));
+    let third = fx.dp.flow(&key).expect("ct").expect("tracked").last_seen_ns;
+    assert!(
+        third > first + 1_000_000_000,
+        "not refreshed after the grain"
+    );
 }

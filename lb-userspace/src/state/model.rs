@@ -108,6 +108,7 @@ impl Slot {
             mac: self.mac,
             family,
             flags: 0,
+            generation: self.generation,
         }
     }
 }
@@ -119,6 +120,7 @@ pub fn cleared_real() -> RealDef {
         mac: [0; 6],
         family: 0,
         flags: 0,
+        generation: 0,
     }
 }
 

@@ -54,7 +54,7 @@ pub fn config() -> Config {
         tun_host_v4: 0xff,
         tun_src_v6: Ipv6Addr::new(0x2001, 0xdb8, 0xff, 0, 0, 0, 0, 0).octets(),
         tun_host_v6: u32::MAX,
-        _pad2: 0,
+        icmp_too_big_limit: lb_common::ICMP_TOO_BIG_LIMIT_DEFAULT,
     }
 }
 
