@@ -199,7 +199,7 @@ fn walk_batched(
     let mut values = vec![
         FlowState {
             real_id: 0,
-            _pad: 0,
+            generation: 0,
             last_seen_ns: 0,
         };
         BATCH

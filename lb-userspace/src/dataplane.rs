@@ -467,6 +467,12 @@ impl Dataplane {
         }
     }
 
+    /// Number of entries in the conntrack table (walks it: for tests and
+    /// inspection, not hot paths).
+    pub fn flow_count(&self) -> usize {
+        self.flows.keys().filter(Result::is_ok).count()
+    }
+
     /// Flows the conntrack table holds: its max entries, all usable by every
     /// CPU (one LRU shared by all CPUs, see docs/architecture.md).
     pub fn flow_capacity(&self) -> u32 {

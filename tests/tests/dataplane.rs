@@ -1456,13 +1456,8 @@ fn flows_counters_count_only_new_conntrack_entries() {
         ..base_config()
     });
     let flows = |fx: &Fixture| {
-        fx.state
-            .view(&fx.dp)
-            .expect("view")
-            .into_iter()
-            .find(|v| v.vip.to_string() == "203.0.113.10:80/tcp")
-            .expect("VIP listed")
-            .flows
+        let applied = &fx.state.model().services[&fx.vip("203.0.113.10:80/tcp")];
+        fx.dp.vip_counter(applied.id).expect("VIP counter").flows
     };
     let before = flows(&fx);
     // A SYN, its retransmit, then data: one flow.
