@@ -641,7 +641,7 @@ fn icmp_error_to_source(class: &Class<'_>, inp: &[u8], out: &[u8], ip: &Ip) -> C
     let Some(e) = ip_at(out, l3, ip.v6) else {
         return fail(INV, "no IP header");
     };
-    if e.dst != ip.src || !e.sane || e.frag != Frag::No {
+    if e.dst != ip.src || e.src != ip.dst || !e.sane || e.frag != Frag::No {
         return fail(
             INV,
             format!(
