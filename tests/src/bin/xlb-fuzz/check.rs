@@ -632,7 +632,11 @@ fn echo_reply(inp: &[u8], out: &[u8], ip: &Ip) -> Check {
 fn icmp_error_to_source(class: &Class<'_>, inp: &[u8], out: &[u8], ip: &Ip) -> Check {
     const INV: &str = "icmp-error-to-the-source-is-well-formed";
     if !matches!(class, Class::Service(_)) {
-        return fail(INV, "an ICMP error about a frame that is not for a service");
+        return fail_case(
+            INV,
+            twice_fragmented(ip),
+            "an ICMP error about a frame that is not for a service",
+        );
     }
     let l3 = ip.off;
     if out[6..12] != LB_MAC || out.get(12..l3) != inp.get(12..l3) {

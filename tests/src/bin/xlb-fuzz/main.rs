@@ -74,6 +74,10 @@ const KNOWN: &[(&str, &str)] = &[
         "lb-ebpf parse::ipv6 takes the fragment state from the last fragment header of the chain",
     ),
     (
+        "icmp-error-to-the-source-is-well-formed (a fragment with a second fragment header)",
+        "lb-ebpf parse::ipv6 takes the fragment state from the last fragment header of the chain",
+    ),
+    (
         "tunnel-length-matches-the-frame",
         "lb-ebpf forward::encap sizes the outer header from the inner IP length field, not the frame",
     ),
