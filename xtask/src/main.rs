@@ -3,9 +3,11 @@
 //!
 //! - `test`: fmt check, clippy, build of every target, then every test, one at a time
 //!   (the root tests of `xlb-tests`, BPF_PROG_TEST_RUN and netns end-to-end, must not
-//!   run in parallel), with `XLB_BIN` and `XLB_TESTSRV_BIN` naming the binaries, and
-//!   last the package test.
+//!   run in parallel), with `XLB_BIN` and `XLB_TESTSRV_BIN` naming the binaries, then
+//!   a short run of the data-path fuzzer (fixed seed) and last the package test.
 //! - `lint`: fmt check and clippy only.
+//! - `fuzz`: builds and runs `xlb-fuzz` as root, the invariant fuzzer of the
+//!   data path (issue 10).
 //! - `demo`: builds the binaries and runs `xlb-demo` as root.
 //! - `bench`: installs wrk, HAProxy and nginx if missing, builds in release mode, runs
 //!   `xlb-bench` as root and renders docs/benchmarks.md from its JSON (see issue 6).
@@ -57,6 +59,25 @@ enum Task {
         /// Arguments for xlb-demo, e.g. `--requests 1000`.
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<OsString>,
+    },
+    /// run the invariant fuzzer of the data path as root (BPF_PROG_TEST_RUN).
+    Fuzz {
+        /// Frames to generate.
+        #[arg(long, default_value_t = 10_000_000)]
+        frames: u64,
+        /// PRNG seed (default: a random one, printed for replaying).
+        #[arg(long)]
+        seed: Option<u64>,
+        /// Run every frame and report all violations instead of stopping after
+        /// the batch with the first one.
+        #[arg(long)]
+        keep_going: bool,
+        /// Also fail on the known open findings of the data path.
+        #[arg(long)]
+        strict: bool,
+        /// Only run and show frame INDEX of --seed.
+        #[arg(long, value_name = "INDEX")]
+        replay: Option<u64>,
     },
     /// run the benchmarks as root and render docs/benchmarks.md (about 7 minutes).
     Bench {
@@ -123,6 +144,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             steps.summary("test-package");
             Ok(())
         }
+        Task::Fuzz {
+            frames,
+            seed,
+            keep_going,
+            strict,
+            replay,
+        } => fuzz(frames, seed, keep_going, strict, replay),
     }
 }
 
@@ -321,28 +349,97 @@ fn test(filter: Option<&str>) -> anyhow::Result<()> {
     let start = Instant::now();
     let (passed, failed, ok) = run_counting(tests.envs(env))?;
     steps.done.push(("tests", start.elapsed()));
-    // Last, and only after everything else passed: it installs the package the
-    // build above makes, so it builds nothing new.
-    let package = if ok && failed == 0 && filter.is_none() {
-        Some(package::test_package(&mut steps))
-    } else {
-        None
-    };
-    steps.summary("test");
-    // One closing line over every test binary (cargo prints one per binary,
-    // the last of which is often an empty doc-test run).
-    println!(
-        "tests: {passed} passed, {failed} failed; package test: {}",
-        match &package {
-            Some(Ok(())) => "passed",
-            Some(Err(_)) => "FAILED",
-            None => "not run",
+    // After the tests passed: a short fuzz run with a fixed seed (the same
+    // frames every time, so a failure is a regression and replays exactly),
+    // then the package test, which installs the package the build above
+    // makes, so it builds nothing new. Each counts as one more test.
+    let mut extra: Vec<(&str, anyhow::Result<()>)> = Vec::new();
+    if ok && failed == 0 {
+        if filter.is_none_or(|f| "fuzz".contains(f)) {
+            let fuzz = target_dir()?.join("debug").join("xlb-fuzz");
+            let run = steps.run(
+                "fuzz (short run)",
+                Command::new(fuzz).args(["--frames", FUZZ_TEST_FRAMES, "--seed", FUZZ_TEST_SEED]),
+            );
+            extra.push(("fuzz (short run)", run));
         }
+        if filter.is_none() {
+            extra.push(("package test", package::test_package(&mut steps)));
+        }
+    }
+    steps.summary("test");
+    for (name, result) in &extra {
+        match result {
+            Ok(()) => println!("{name}: passed"),
+            Err(err) => println!("{name}: FAILED: {err:#}"),
+        }
+    }
+    let extra_failed = extra.iter().filter(|(_, r)| r.is_err()).count() as u64;
+    let extra_passed = extra.len() as u64 - extra_failed;
+    // One closing line over every test binary and the steps above (cargo
+    // prints one per binary, the last of which is often an empty doc-test run).
+    println!(
+        "tests: {} passed, {} failed",
+        passed + extra_passed,
+        failed + extra_failed
     );
     if !ok || failed > 0 {
         bail!("tests failed: {failed} failed");
     }
-    package.unwrap_or(Ok(()))
+    if extra_failed > 0 {
+        bail!("{extra_failed} of the fuzz run and the package test failed");
+    }
+    Ok(())
+}
+
+/// The short fuzz run of `./x test`: well under a minute in a debug build.
+const FUZZ_TEST_FRAMES: &str = "200000";
+const FUZZ_TEST_SEED: &str = "10";
+
+fn fuzz(
+    frames: u64,
+    seed: Option<u64>,
+    keep_going: bool,
+    strict: bool,
+    replay: Option<u64>,
+) -> anyhow::Result<()> {
+    let mut steps = Steps::default();
+    steps.run(
+        "build",
+        &mut cargo(&[
+            "build",
+            "--release",
+            "--package",
+            ROOT_TESTS_PACKAGE,
+            "--bin",
+            "xlb-fuzz",
+        ]),
+    )?;
+    let bin = target_dir()?.join("release").join("xlb-fuzz");
+    let mut run = if is_root() {
+        Command::new(&bin)
+    } else {
+        eprintln!("xtask: the fuzzer loads XDP programs: running it with sudo");
+        let mut sudo = Command::new("sudo");
+        sudo.arg(&bin);
+        sudo
+    };
+    run.arg("--frames").arg(frames.to_string());
+    if let Some(seed) = seed {
+        run.arg("--seed").arg(seed.to_string());
+    }
+    if keep_going {
+        run.arg("--keep-going");
+    }
+    if strict {
+        run.arg("--strict");
+    }
+    if let Some(index) = replay {
+        run.arg("--replay").arg(index.to_string());
+    }
+    steps.run("fuzz", &mut run)?;
+    steps.summary("fuzz");
+    Ok(())
 }
 
 /// Runs `cmd` (a `cargo test`), echoing its output, and adds up the
