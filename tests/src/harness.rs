@@ -898,6 +898,30 @@ impl KeepAlive {
     }
 }
 
+/// Opens `n` kept-alive connections from the client of `topo` to `to`, each
+/// with the real that answered its first request; panics naming the one that
+/// failed.
+pub fn keep_alive(
+    topo: &crate::netns::Topology,
+    to: SocketAddr,
+    n: usize,
+    timeout: Duration,
+) -> Vec<(KeepAlive, String)> {
+    topo.client.ns.run_in(|| {
+        (0..n)
+            .map(|i| {
+                let mut c = KeepAlive::connect(to, timeout)
+                    .unwrap_or_else(|e| panic!("kept-alive connection {i}: {e}"));
+                let real = c
+                    .get()
+                    .unwrap_or_else(|e| panic!("kept-alive connection {i}: first request: {e}"))
+                    .real;
+                (c, real)
+            })
+            .collect()
+    })
+}
+
 /// `GET /` to `to` on a fresh connection (`Connection: close`), reading the whole
 /// answer. Call it inside the client's namespace (`Netns::run_in`).
 pub fn http_get(to: SocketAddr, timeout: Duration) -> Result<HttpAnswer, String> {

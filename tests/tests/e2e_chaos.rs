@@ -25,6 +25,7 @@ use nix::errno::Errno;
 use nix::sys::socket::{
     AddressFamily, MsgFlags, SockFlag, SockProtocol, SockType, SockaddrIn, sendto, socket,
 };
+use xlb_tests::harness;
 use xlb_tests::harness::{
     Daemon, KeepAlive, Lab, PinnedRun, VIP, WAIT, balanced_topology, http_get, json, real_name,
     require_root, start_reals, wait_until,
@@ -240,29 +241,11 @@ impl Drop for StopOnDrop<'_> {
     }
 }
 
-/// Opens `n` kept-alive connections from the client, each with the real that answered
-/// its first request.
-fn keep_alive(topo: &Topology, n: usize) -> Vec<(KeepAlive, String)> {
-    topo.client.ns.run_in(|| {
-        (0..n)
-            .map(|i| {
-                let mut c = KeepAlive::connect(target(), STALL)
-                    .unwrap_or_else(|e| panic!("kept-alive connection {i}: {e}"));
-                let real = c
-                    .get()
-                    .unwrap_or_else(|e| panic!("kept-alive connection {i}: first request: {e}"))
-                    .real;
-                (c, real)
-            })
-            .collect()
-    })
-}
-
 /// Runs `chaos` under the load: opens [`KEEP_ALIVE`] connections, starts every client,
 /// waits until the load runs, calls `chaos`, stops the load and returns what it saw
 /// with `chaos`'s result.
 fn under_load<T>(topo: &Topology, chaos: impl FnOnce(&Load) -> T) -> (Outcome, T) {
-    let opened = keep_alive(topo, KEEP_ALIVE);
+    let opened = harness::keep_alive(topo, target(), KEEP_ALIVE, STALL);
     let load = Load {
         stop: AtomicBool::new(false),
         requests: Mutex::new(Vec::new()),
@@ -704,7 +687,7 @@ fn flood_then_scale_out(tag: &str, scenario: &str, guard: bool) -> Flooded {
     );
     configure(&lab.daemon, &lab.topo, 3, &[]);
     let rs4 = lab.topo.reals[3].ipv4;
-    let mut idle = keep_alive(&lab.topo, IDLE);
+    let mut idle = harness::keep_alive(&lab.topo, target(), IDLE, STALL);
 
     let (out, (sent, took, before, after)) = under_load(&lab.topo, |load| {
         load.wait_answers(50);

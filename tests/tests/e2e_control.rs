@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use aya::maps::{Array, HashMap, Map, MapData};
 use lb_common::{Config, FlowKey, FlowState, map_names};
 use nix::sys::signal::Signal;
+use xlb_tests::harness;
 use xlb_tests::harness::{
     Daemon, KeepAlive, Lab, PinnedRun, Proc, RunDir, VIP, WAIT, api_request, balanced_topology,
     http_get, json, real_name, require_root, start_real, start_reals, wait_until,
@@ -84,23 +85,6 @@ fn requests(topo: &Topology, n: usize) -> Vec<Result<String, String>> {
     topo.client.ns.run_in(|| {
         (0..n)
             .map(|_| http_get(target(), TIMEOUT).map(|a| a.real))
-            .collect()
-    })
-}
-
-/// Opens `n` kept-alive connections from the client; each with the real that answered.
-fn keep_alive(topo: &Topology, n: usize) -> Vec<(KeepAlive, String)> {
-    topo.client.ns.run_in(|| {
-        (0..n)
-            .map(|i| {
-                let mut c = KeepAlive::connect(target(), TIMEOUT)
-                    .unwrap_or_else(|e| panic!("connection {i}: {e}"));
-                let real = c
-                    .get()
-                    .unwrap_or_else(|e| panic!("connection {i}: first request: {e}"))
-                    .real;
-                (c, real)
-            })
             .collect()
     })
 }
@@ -198,7 +182,7 @@ fn disabling_a_real_under_load_drops_nothing_and_moves_no_other_flow() {
     for real in &lab.topo.reals {
         daemon.cli_ok(&["real", "add", SERVICE, &real.ipv4.to_string()]);
     }
-    let mut conns = keep_alive(&lab.topo, 30);
+    let mut conns = harness::keep_alive(&lab.topo, target(), 30, TIMEOUT);
     assert!(
         conns.iter().any(|(_, r)| r == "rs3") && conns.iter().any(|(_, r)| r != "rs3"),
         "30 connections did not spread over the reals: {:?}",
@@ -397,7 +381,7 @@ fn a_crash_at_any_write_of_a_change_keeps_every_flow_and_the_restart_serves() {
     for real in &reals[..3] {
         daemon.cli_ok(&["real", "add", SERVICE, real]);
     }
-    let mut conns = keep_alive(&topo, 20);
+    let mut conns = harness::keep_alive(&topo, target(), 20, TIMEOUT);
     // Adding the fourth real writes its slot, its table, then the flip: a crash after
     // each of these writes in turn.
     for write in 1..=3 {
