@@ -188,9 +188,16 @@ pub fn ipv6(ctx: &XdpContext, off: usize) -> Result<L3, L3Error> {
                 proto = h[0];
                 ext += 8;
                 // Offset or M flag set: a real fragment (an atomic fragment
-                // header with both clear carries a whole packet).
-                fragment = (u16::from_be_bytes([h[2], h[3]]) & 0xfff9) != 0;
-                later_fragment = (u16::from_be_bytes([h[2], h[3]]) & 0xfff8) != 0;
+                // header with both clear carries a whole packet). A packet
+                // is a fragment if any of its fragment headers says so, and
+                // past a later fragment's header comes fragment data, not
+                // headers.
+                let frag = u16::from_be_bytes([h[2], h[3]]);
+                fragment |= frag & 0xfff9 != 0;
+                if frag & 0xfff8 != 0 {
+                    later_fragment = true;
+                    break;
+                }
             }
             _ => break,
         }
@@ -199,10 +206,12 @@ pub fn ipv6(ctx: &XdpContext, off: usize) -> Result<L3, L3Error> {
             return Err(L3Error::Unsupported);
         }
     }
-    if matches!(
-        proto,
-        NH_HOP_BY_HOP | NH_ROUTING | NH_DEST_OPTS | NH_AH | NH_FRAGMENT
-    ) {
+    if !later_fragment
+        && matches!(
+            proto,
+            NH_HOP_BY_HOP | NH_ROUTING | NH_DEST_OPTS | NH_AH | NH_FRAGMENT
+        )
+    {
         return Err(L3Error::Unsupported);
     }
     Ok(L3 {

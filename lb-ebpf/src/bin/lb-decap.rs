@@ -99,11 +99,12 @@ mod program {
         if outer.fragment || unsafe { DECAP_ADDRS.get(&key) }.is_none() {
             return (pass, decap_stat::PASS_NOT_LOCAL);
         }
-        // The inner IP header must be there before we commit to stripping.
+        // The inner IP header must be there, of the version the outer
+        // protocol names, before we commit to stripping.
         let inner_ok = if inner_type == ETH_P_IP {
-            read_at::<[u8; 20]>(ctx, outer.l4_off).is_some()
+            read_at::<[u8; 20]>(ctx, outer.l4_off).is_some_and(|h| h[0] >> 4 == 4)
         } else {
-            read_at::<[u8; 40]>(ctx, outer.l4_off).is_some()
+            read_at::<[u8; 40]>(ctx, outer.l4_off).is_some_and(|h| h[0] >> 4 == 6)
         };
         if !inner_ok {
             return (pass, decap_stat::PASS_MALFORMED);

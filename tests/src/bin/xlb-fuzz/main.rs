@@ -66,28 +66,12 @@ struct Cli {
 /// `--strict`. Remove an entry when its fix lands.
 const KNOWN: &[(&str, &str)] = &[
     (
-        "forwarded-frame-is-for-a-service (a fragment with a second fragment header)",
-        "lb-ebpf parse::ipv6 takes the fragment state from the last fragment header of the chain",
-    ),
-    (
-        "echo-reply-answers-an-echo-request (a fragment with a second fragment header)",
-        "lb-ebpf parse::ipv6 takes the fragment state from the last fragment header of the chain",
-    ),
-    (
-        "icmp-error-to-the-source-is-well-formed (a fragment with a second fragment header)",
-        "lb-ebpf parse::ipv6 takes the fragment state from the last fragment header of the chain",
-    ),
-    (
         "tunnel-length-matches-the-frame",
         "lb-ebpf forward::encap sizes the outer header from the inner IP length field, not the frame",
     ),
     (
         "tunnel-fits-the-mtu",
         "lb-ebpf forward::encap checks the MTU against the inner IP length field and carries the frame's trailing bytes",
-    ),
-    (
-        "decap-ethertype-matches-the-inner-packet",
-        "lb-decap sets the ethertype from the outer protocol number without checking the inner version",
     ),
 ];
 
