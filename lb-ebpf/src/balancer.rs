@@ -255,6 +255,7 @@ fn send(
         Err(ForwardError::TooBig) => too_big(ctx, l2, l3, real, config),
         Err(ForwardError::Unsupported) => Verdict::Drop(stat::DROP_UNSUPPORTED),
         Err(ForwardError::NoSource) => Verdict::Drop(stat::DROP_NO_TUNNEL_SOURCE),
+        Err(ForwardError::Cut) => Verdict::Drop(stat::DROP_MALFORMED),
         Err(ForwardError::Failed) => Verdict::Aborted,
     }
 }

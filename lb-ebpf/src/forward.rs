@@ -5,7 +5,10 @@
 //! - TUN: an outer IPv4 (IPIP) or IPv6 (IP6IP6, 4in6) header is pushed in front
 //!   of the IP packet; VLAN tags stay in front of the new header.
 
-use aya_ebpf::{helpers::bpf_xdp_adjust_head, programs::XdpContext};
+use aya_ebpf::{
+    helpers::{bpf_xdp_adjust_head, bpf_xdp_adjust_tail},
+    programs::XdpContext,
+};
 use lb_common::{Config, FAMILY_V4, FAMILY_V6, PROTO_IPIP, PROTO_IPV6, RealDef};
 
 use crate::{
@@ -21,6 +24,8 @@ pub enum ForwardError {
     Unsupported,
     /// No tunnel source of the outer family is configured (all-zero prefix).
     NoSource,
+    /// The frame carries less than the IP header's length: a cut packet.
+    Cut,
     /// A helper failed (no headroom) or a write fell outside the packet.
     Failed,
 }
@@ -83,6 +88,20 @@ pub fn encap(
     }
     if no_source(config, outer_v6) {
         return Err(ForwardError::NoSource);
+    }
+    // The tunnel carries exactly the IP packet: a frame cut short of its IP
+    // length is refused, bytes past it (the padding of small Ethernet frames)
+    // are trimmed.
+    let carried = (ctx.data_end() - ctx.data()).saturating_sub(l2.l3_off);
+    if carried < l3.len {
+        return Err(ForwardError::Cut);
+    }
+    if carried > l3.len {
+        let extra = (carried - l3.len) as i32;
+        // SAFETY: shrinking the tail of the packet this program owns.
+        if unsafe { bpf_xdp_adjust_tail(ctx.ctx, -extra) } != 0 {
+            return Err(ForwardError::Failed);
+        }
     }
     let outer_len = outer_len(real);
     if config.mtu != 0 && l3.len + outer_len > config.mtu as usize {

@@ -342,10 +342,12 @@ fn tx(world: &World, class: &Class<'_>, inp: &[u8], out: &[u8]) -> Check {
         }
         return Ok(());
     }
-    // TUN: an outer header pushed in front of the untouched IP packet.
-    if let Some(outer) = out.len().checked_sub(inp.len())
+    // TUN: an outer header pushed in front of the untouched IP packet (bytes
+    // past its IP length, such as Ethernet padding, are not carried).
+    if let Some(packet) = inp.get(l3..l3 + ip.len)
+        && let Some(outer) = out.len().checked_sub(l3 + ip.len)
         && (outer == 20 || outer == 40)
-        && out.get(l3 + outer..) == inp.get(l3..)
+        && out.get(l3 + outer..) == Some(packet)
     {
         let service = steered_service(world, class, inp, &ip)?;
         return tunnel(service, inp, out, l3, outer == 40, &ip);
@@ -751,7 +753,8 @@ pub fn decap(world: &World, inp: &[u8], verdict: u32, out: &[u8]) -> Check {
 /// back into the client's frame (addresses of the tunnel's Ethernet header).
 pub fn roundtrip(client: &[u8], tunnelled: &[u8], verdict: u32, out: &[u8]) -> Check {
     let (l3, _) = l3_offset(client).expect("a forwarded frame has an IP header");
-    if verdict != XDP_PASS || out.get(l3..) != client.get(l3..) {
+    let len = ip_of(client).map_or(0, |ip| ip.len);
+    if verdict != XDP_PASS || out.get(l3..) != client.get(l3..l3 + len) {
         return fail(
             "tunnel-decapsulates-to-the-original-packet",
             format!(

@@ -64,16 +64,7 @@ struct Cli {
 /// Findings of this fuzzer that are open data-path bugs, by report key, with
 /// what the data path does: counted and shown, but they fail a run only with
 /// `--strict`. Remove an entry when its fix lands.
-const KNOWN: &[(&str, &str)] = &[
-    (
-        "tunnel-length-matches-the-frame",
-        "lb-ebpf forward::encap sizes the outer header from the inner IP length field, not the frame",
-    ),
-    (
-        "tunnel-fits-the-mtu",
-        "lb-ebpf forward::encap checks the MTU against the inner IP length field and carries the frame's trailing bytes",
-    ),
-];
+const KNOWN: &[(&str, &str)] = &[];
 
 /// Frames generated before they are run and checked.
 const BATCH: usize = 4096;
