@@ -335,6 +335,11 @@ impl Handle {
         answer.await.map_err(|_| ControlError::Stopped)?
     }
 
+    /// Follows the published snapshots (the node task announces from them).
+    pub fn subscribe(&self) -> watch::Receiver<Arc<Snapshot>> {
+        self.snapshot.clone()
+    }
+
     /// A sender for tasks that report to the controller (probes, neighbour watch).
     pub fn sender(&self) -> mpsc::Sender<Event> {
         self.tx.clone()

@@ -204,6 +204,9 @@ pub async fn run(
         .iface
         .clone()
         .context("no interface: give --iface or daemon.interface in the config file")?;
+    if settings.bird_routes.is_some() && settings.bird_socket.is_none() {
+        bail!("--bird-routes (daemon.bird_routes) needs --bird-socket (daemon.bird_socket)");
+    }
     if settings.replace && settings.pin_dir().is_none() {
         bail!("--replace swaps the program of a pinned data path; it needs pins (drop --no-pin)");
     }
@@ -364,12 +367,16 @@ pub async fn run(
     let controller_task = tokio::spawn(ctl.run(events));
     let flows = counters::FlowCounter::new(reader.clone(), settings.udp_idle());
     let flow_task = flows.spawn();
+    // Started after the attach and the first apply: nothing is announced
+    // before the data path serves it.
+    let (node, node_task) = crate::node::spawn(settings.bird(), handle.subscribe(), reader.clone());
     let sources = Sources {
         handle: handle.clone(),
         reader,
         flows,
         board,
         activity,
+        node: node.clone(),
     };
     let metrics_task = metrics_listener.map(|l| crate::metrics::serve(l, sources.clone()));
     let neigh_task = {
@@ -404,9 +411,17 @@ pub async fn run(
         .with_graceful_shutdown(shutdown_signal())
         .await;
     sd_notify("STOPPING=1");
+    if pin.is_none() {
+        // The program goes with this daemon: the routers must stop sending
+        // VIP traffic here first.
+        if let Err(err) = node.withdraw_all().await {
+            tracing::error!(%err, "could not withdraw the VIPs before detaching");
+        }
+    }
     for task in [
         Some(reload_task),
         Some(flow_task),
+        Some(node_task),
         neigh_task,
         metrics_task,
         log_task,

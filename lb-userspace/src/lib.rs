@@ -17,6 +17,7 @@
 //! - [`health`]: health checks of the reals.
 //! - [`api`] / [`client`]: HTTP+JSON over the control socket, both sides.
 //! - [`metrics`]: Prometheus metrics.
+//! - [`node`]: the node in a cluster: VIP announcement through BIRD, drain, VRRP role.
 //! - [`pin`]: bpffs pins, teardown.
 //! - [`decap`]: `xlb decap`, the real-server decapsulator for TUN mode.
 //! - [`realserver`]: `xlb realserver setup|teardown`.
@@ -41,6 +42,7 @@ pub mod maglev;
 pub mod metrics;
 pub mod model;
 pub mod neighbor;
+pub mod node;
 pub mod pin;
 pub mod privileges;
 pub mod realserver;

@@ -35,6 +35,8 @@ pub struct Sources {
     pub board: Board,
     /// The controller's own counters.
     pub activity: Arc<Activity>,
+    /// Announcement, drain and VRRP role.
+    pub node: crate::node::NodeHandle,
 }
 
 fn labels(pairs: &[(&str, String)]) -> Labels {
@@ -183,6 +185,7 @@ pub fn render(src: &Sources, flows: &FlowCounts) -> Result<String, String> {
         src.activity.reconcile_seconds(),
     );
     reg.register("health_flips", "Health verdict changes", health_flips);
+    crate::node::register_metrics(&mut reg, &src.node.status());
     let mut out = String::new();
     encode(&mut out, &reg).map_err(|e| e.to_string())?;
     Ok(out)

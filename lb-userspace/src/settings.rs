@@ -19,6 +19,8 @@ use serde::{Deserialize, Deserializer};
 pub const DEFAULT_SOCKET: &str = "/run/xlb/xlb.sock";
 /// Group given the control socket when it exists and no other is named.
 pub const DEFAULT_SOCKET_GROUP: &str = "xlb";
+/// Default BIRD fragment (`--bird-routes`).
+pub const DEFAULT_BIRD_ROUTES: &str = "/run/xlb/bird-vips.conf";
 /// Default state file.
 pub const DEFAULT_STATE_FILE: &str = "/run/xlb/state.json";
 
@@ -181,6 +183,14 @@ pub struct Settings {
     #[arg(long, value_parser = share)]
     #[serde(default, deserialize_with = "de_share")]
     pub min_healthy: Option<f64>,
+    /// Announce the VIPs through BIRD: its control socket, e.g.
+    /// /run/bird/bird.ctl (docs/cluster.md).
+    #[arg(long)]
+    pub bird_socket: Option<PathBuf>,
+    /// The BIRD configuration fragment xlb writes, which bird.conf includes
+    /// [default: /run/xlb/bird-vips.conf].
+    #[arg(long)]
+    pub bird_routes: Option<PathBuf>,
 }
 
 impl Settings {
@@ -204,6 +214,8 @@ impl Settings {
             metrics_addr: self.metrics_addr.or(file.metrics_addr),
             socket_group: self.socket_group.or(file.socket_group),
             min_healthy: self.min_healthy.or(file.min_healthy),
+            bird_socket: self.bird_socket.or(file.bird_socket),
+            bird_routes: self.bird_routes.or(file.bird_routes),
         }
     }
 
@@ -266,6 +278,17 @@ impl Settings {
                 .ok()
                 .flatten()
                 .map(|_| DEFAULT_SOCKET_GROUP.to_owned())
+        })
+    }
+
+    /// Where BIRD is, when the VIPs are announced through it.
+    pub fn bird(&self) -> Option<crate::node::Bird> {
+        self.bird_socket.clone().map(|socket| crate::node::Bird {
+            socket,
+            routes: self
+                .bird_routes
+                .clone()
+                .unwrap_or_else(|| DEFAULT_BIRD_ROUTES.into()),
         })
     }
 

@@ -316,19 +316,26 @@ pub fn balanced_topology(prefix: &str, reals: usize) -> Topology {
         reals,
         vip_v4: VIP,
     });
-    let port = topo.lb.switch_port.clone();
-    let pass = topo.sw.run_in(|| {
+    let pass = pass_on_switch_port(&topo.sw, &topo.lb.switch_port);
+    topo.guards.push(pass);
+    topo
+}
+
+/// Attaches the pass-through XDP program to switch port `port` in `sw`, so that a
+/// balancer's XDP_TX frames reach the bridge (see docs/development.md); detached when
+/// the returned guard drops (drop it before the port's namespace).
+pub fn pass_on_switch_port(sw: &Netns, port: &str) -> Box<dyn std::any::Any + Send> {
+    let pass = sw.run_in(|| {
         let mut dp = Dataplane::load().unwrap_or_else(|e| {
             panic!("loading the XDP object for the switch port: {e} (needs root)")
         });
-        dp.attach(prog_names::PASS, &port, XdpMode::Driver)
+        dp.attach(prog_names::PASS, port, XdpMode::Driver)
             .unwrap_or_else(|e| {
                 panic!("attaching {} to switch port {port}: {e}", prog_names::PASS)
             });
         dp
     });
-    topo.guards.push(Box::new(pass));
-    topo
+    Box::new(pass)
 }
 
 /// Starts `xlb-testsrv --name NAME ARGS...` in `ns` and waits until it says `ready`.
@@ -907,7 +914,17 @@ pub fn keep_alive(
     n: usize,
     timeout: Duration,
 ) -> Vec<(KeepAlive, String)> {
-    topo.client.ns.run_in(|| {
+    keep_alive_from(&topo.client.ns, to, n, timeout)
+}
+
+/// Like [`keep_alive`] from namespace `ns`.
+pub fn keep_alive_from(
+    ns: &crate::netns::Netns,
+    to: SocketAddr,
+    n: usize,
+    timeout: Duration,
+) -> Vec<(KeepAlive, String)> {
+    ns.run_in(|| {
         (0..n)
             .map(|i| {
                 let mut c = KeepAlive::connect(to, timeout)

@@ -191,6 +191,15 @@ impl Netns {
         })
     }
 
+    /// Moves the calling thread into namespace `name` for good: for a thread the
+    /// caller spawned that must outlive a [`Netns::run_in`] scope (a load generator).
+    pub fn enter(name: &str) {
+        let path = format!("{NETNS_RUN_DIR}/{name}");
+        let ns = File::open(&path).unwrap_or_else(|e| panic!("cannot open namespace {path}: {e}"));
+        nix::sched::setns(&ns, CloneFlags::CLONE_NEWNET)
+            .unwrap_or_else(|e| panic!("setns into {path}: {e} (needs root)"));
+    }
+
     /// Runs `ip ARGS` inside the namespace, `args` split on whitespace (so no argument
     /// may contain a space), and panics like [`Netns::exec`] on failure. Reads like the
     /// command line it stands for: `ns.ip("link set dev eth0 up")`.
@@ -527,6 +536,22 @@ impl Topology {
         for real in &self.reals {
             real.ns.ip(&args);
         }
+    }
+
+    /// Adds a host `{prefix}-{suffix}` to the segment (another balancer, say) at
+    /// 198.51.100.`host_id` and 2001:db8:100::`host_id`, its `eth0` up; its switch port
+    /// is named `suffix` (at most 15 characters). The caller owns the host: drop it
+    /// before the topology.
+    pub fn add_host(&self, suffix: &str, host_id: u8) -> Host {
+        let host = Host::attach(
+            &self.sw,
+            &format!("{}-{suffix}", self.prefix),
+            suffix,
+            lan_v4(host_id),
+            lan_v6(host_id),
+        );
+        host.link_up();
+        host
     }
 
     /// The host with the given namespace name suffix (`client`, `lb`, `rs1`, ...).

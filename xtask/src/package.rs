@@ -32,7 +32,7 @@ const EXTRA_DEPENDS: &str = "adduser, procps";
 /// The systemd units the package ships (from packaging/root/lib/systemd/system).
 const UNITS: [&str; 3] = ["xlb.service", "xlb-decap.service", "xlb-realserver.service"];
 /// Docs shipped in /usr/share/doc/xlb, from the repository root.
-const DOCS: [&str; 8] = [
+const DOCS: [&str; 11] = [
     "README.md",
     "docs/operations.md",
     "docs/config.md",
@@ -41,6 +41,9 @@ const DOCS: [&str; 8] = [
     "docs/architecture.md",
     "docs/cluster.md",
     "docs/examples/xlb.yaml",
+    "docs/examples/bird-balancer.conf",
+    "docs/examples/bird-router.conf",
+    "docs/examples/keepalived.conf",
 ];
 
 /// Which build goes into the package.
@@ -499,13 +502,14 @@ impl Lock {
 
 /// The files the package must contain (paths without the leading /), besides the
 /// man pages, which are checked by name below.
-const EXPECTED_FILES: [&str; 21] = [
+const EXPECTED_FILES: [&str; 25] = [
     "etc/default/xlb-decap",
     "etc/default/xlb-realserver",
     "etc/xlb/xlb.yaml",
     "lib/systemd/system/xlb-decap.service",
     "lib/systemd/system/xlb-realserver.service",
     "lib/systemd/system/xlb.service",
+    "usr/lib/tmpfiles.d/xlb.conf",
     "usr/sbin/xlb",
     "usr/share/bash-completion/completions/xlb",
     "usr/share/doc/xlb/README.md",
@@ -515,6 +519,9 @@ const EXPECTED_FILES: [&str; 21] = [
     "usr/share/doc/xlb/cluster.md",
     "usr/share/doc/xlb/config.md",
     "usr/share/doc/xlb/copyright",
+    "usr/share/doc/xlb/examples/bird-balancer.conf",
+    "usr/share/doc/xlb/examples/bird-router.conf",
+    "usr/share/doc/xlb/examples/keepalived.conf",
     "usr/share/doc/xlb/examples/xlb.yaml",
     "usr/share/doc/xlb/health.md",
     "usr/share/doc/xlb/operations.md",

@@ -5,7 +5,9 @@
 //!
 //! - [`types`]: request and answer bodies (shared with the CLI).
 //! - [`routes`]: the handlers.
+//! - [`node`]: the node's handlers (drain, VRRP role).
 
+pub mod node;
 pub mod routes;
 pub mod types;
 

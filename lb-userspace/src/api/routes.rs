@@ -52,6 +52,12 @@ pub fn router(ctx: Context) -> Router {
         .route("/v1/status", get(status))
         .route("/v1/stats", get(stats))
         .route("/v1/simulate", get(simulate))
+        .route("/v1/node", get(super::node::status))
+        .route(
+            "/v1/node/drain",
+            post(super::node::drain).delete(super::node::undrain),
+        )
+        .route("/v1/node/role", put(super::node::role))
         // A configuration document is at most MAX_CONFIG_BYTES; JSON escaping
         // can double it.
         .layer(axum::extract::DefaultBodyLimit::max(
@@ -296,6 +302,7 @@ async fn status(AxState(ctx): AxState<Context>) -> ApiResult<Json<Status>> {
                 .map(|t| u64::try_from(t.elapsed().as_millis()).unwrap_or(u64::MAX)),
         },
         vips,
+        node: ctx.sources.node.status(),
     }))
 }
 

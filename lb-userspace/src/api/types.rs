@@ -145,6 +145,9 @@ pub struct Status {
     pub conntrack: Conntrack,
     /// Every VIP with its reals, counters and health.
     pub vips: Vec<VipStatus>,
+    /// The node: announcement through BIRD, drain, VRRP role.
+    #[serde(default)]
+    pub node: crate::node::NodeStatus,
 }
 
 /// A VIP in `GET /v1/status`.

@@ -63,6 +63,13 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Take this balancer out of the routers' choice (withdraw its VIPs),
+    /// keep forwarding what still arrives, and wait until it is safe to stop.
+    Drain(super::node::DrainArgs),
+    /// Exit 0 when this balancer can take traffic (for keepalived's vrrp_script).
+    Ready(super::node::ReadyArgs),
+    /// Record the VRRP role keepalived entered (for its notify_* hooks).
+    Role(super::node::RoleArgs),
     /// Remove a pinned data path (detaches the program, drops tracked flows).
     Teardown {
         /// The pin directory the daemon used.

@@ -7,6 +7,7 @@
 //! - this module: what each subcommand does.
 
 pub mod args;
+pub mod node;
 pub mod render;
 
 use std::{net::IpAddr, time::Duration};
@@ -76,6 +77,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 println!("{}", serde_json::to_string_pretty(&status)?);
             } else {
                 render::status(&status);
+                node::render(&status.node);
             }
             Ok(())
         }
@@ -97,6 +99,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Decap(args) => run_decap(args).await,
+        Command::Drain(args) => node::drain(&client, args).await,
+        Command::Ready(args) => node::ready(&client, args).await,
+        Command::Role(args) => node::role(&client, args).await,
         Command::Generate(args) => crate::generate::run(args),
         Command::Realserver(RealserverCommand::Setup { vips, state }) => {
             let applied = realserver::setup(&vips, &state).await?;

@@ -1,0 +1,192 @@
+//! `xlb drain`, `xlb ready` and `xlb role`: the node in a cluster (see
+//! [`crate::node`]), and the node block of `xlb status`.
+
+use std::{
+    net::IpAddr,
+    time::{Duration, Instant},
+};
+
+use anyhow::bail;
+use clap::Args;
+use hyper::Method;
+
+use crate::{
+    api::node::{DrainBody, RoleBody, Undrained},
+    client::Client,
+    node::{NodeStatus, Role},
+};
+
+/// Arguments of `xlb drain`.
+#[derive(Debug, Args)]
+pub struct DrainArgs {
+    /// Announce the VIPs again (ends a drain).
+    #[arg(long, conflicts_with_all = ["quiet", "timeout", "no_wait"])]
+    pub cancel: bool,
+    /// Seconds without any VIP packet after which the node is safe to stop.
+    #[arg(long, default_value_t = 2.0)]
+    pub quiet: f64,
+    /// Give up waiting after this many seconds (the drain goes on).
+    #[arg(long, default_value_t = 60.0)]
+    pub timeout: f64,
+    /// Start the drain and return at once.
+    #[arg(long)]
+    pub no_wait: bool,
+    /// Print the node's status as JSON at the end.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Arguments of `xlb ready`.
+#[derive(Debug, Args)]
+pub struct ReadyArgs {
+    /// Require a serving real for this VIP address (repeat for several);
+    /// without it, any VIP will do.
+    #[arg(long = "vip")]
+    pub vips: Vec<IpAddr>,
+}
+
+/// Arguments of `xlb role`.
+#[derive(Debug, Args)]
+pub struct RoleArgs {
+    /// The VRRP state keepalived entered.
+    #[arg(value_enum)]
+    pub role: Role,
+}
+
+fn seconds(what: &str, s: f64, max: Duration) -> anyhow::Result<Duration> {
+    if !s.is_finite() || s < 0.0 || s > max.as_secs_f64() {
+        bail!("--{what} {s} is not 0-{} seconds", max.as_secs());
+    }
+    Ok(Duration::from_secs_f64(s))
+}
+
+/// `xlb drain`.
+pub async fn drain(client: &Client, args: DrainArgs) -> anyhow::Result<()> {
+    if args.cancel {
+        let answer: Undrained = client
+            .call(Method::DELETE, "/v1/node/drain", None::<&()>)
+            .await?;
+        println!(
+            "{}",
+            if answer.was_draining {
+                "drain cancelled: the VIPs are announced again"
+            } else {
+                "not draining: nothing to cancel"
+            }
+        );
+        return Ok(());
+    }
+    let quiet = seconds("quiet", args.quiet, crate::node::MAX_QUIET)?;
+    let timeout = seconds("timeout", args.timeout, Duration::from_secs(86_400))?;
+    let body = DrainBody {
+        quiet_ms: Some(quiet.as_millis() as u64),
+    };
+    let mut status: NodeStatus = client
+        .call(Method::POST, "/v1/node/drain", Some(&body))
+        .await?;
+    let withdrawn = |s: &NodeStatus| s.drain.as_ref().is_some_and(|d| d.withdrawn);
+    if !args.json {
+        match &status.bird {
+            Some(b) if withdrawn(&status) => {
+                println!("draining: routes withdrawn from BIRD ({})", b.socket)
+            }
+            Some(b) => println!(
+                "draining: withdrawing from BIRD ({}) failed so far: {}; retrying",
+                b.socket,
+                b.error.as_deref().unwrap_or("not confirmed yet")
+            ),
+            None => println!(
+                "draining: no route announcement configured; `xlb ready` now fails, so \
+                 keepalived moves the VIPs away"
+            ),
+        }
+    }
+    let started = Instant::now();
+    while !args.no_wait && !status.drain.as_ref().is_some_and(|d| d.safe_to_stop) {
+        if started.elapsed() >= timeout {
+            let d = status.drain.unwrap_or_default();
+            bail!(
+                "not safe to stop after {:.0} s: routes withdrawn: {}, {} VIP packets/s still \
+                 arrive (the drain goes on; `xlb drain --cancel` ends it)",
+                timeout.as_secs_f64(),
+                if d.withdrawn { "yes" } else { "no" },
+                d.packets_per_second
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        status = client.call(Method::GET, "/v1/node", None::<&()>).await?;
+        if status.drain.is_none() {
+            bail!("the drain was cancelled (`xlb drain --cancel`) before it completed");
+        }
+    }
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&status)?);
+    } else if let Some(d) = status.drain.as_ref().filter(|d| d.safe_to_stop) {
+        println!(
+            "safe to stop: no VIP packet for {:.1} s since the routes were withdrawn",
+            d.idle_ms as f64 / 1000.0
+        );
+    } else {
+        println!("draining; `xlb status` shows when it is safe to stop");
+    }
+    Ok(())
+}
+
+/// `xlb ready`: exit 0 when the node can take traffic.
+pub async fn ready(client: &Client, args: ReadyArgs) -> anyhow::Result<()> {
+    let status: NodeStatus = client.call(Method::GET, "/v1/node", None::<&()>).await?;
+    match status.not_ready(&args.vips) {
+        Some(why) => bail!("not ready: {why}"),
+        None => {
+            let serving: Vec<String> = status.serving.iter().map(ToString::to_string).collect();
+            println!("ready: serving {}", serving.join(", "));
+            Ok(())
+        }
+    }
+}
+
+/// `xlb role`.
+pub async fn role(client: &Client, args: RoleArgs) -> anyhow::Result<()> {
+    let body = RoleBody { role: args.role };
+    let _: NodeStatus = client
+        .call(Method::PUT, "/v1/node/role", Some(&body))
+        .await?;
+    println!("role recorded: {}", args.role.name());
+    Ok(())
+}
+
+/// The node block of `xlb status` (nothing when there is nothing to say).
+pub fn render(status: &NodeStatus) {
+    if status.bird.is_none() && status.drain.is_none() && status.role.is_none() {
+        return;
+    }
+    println!();
+    if let Some(b) = &status.bird {
+        let announced: Vec<String> = b.announced.iter().map(ToString::to_string).collect();
+        println!(
+            "announced via BIRD ({}): {}",
+            b.socket,
+            if announced.is_empty() {
+                "nothing".to_owned()
+            } else {
+                announced.join(", ")
+            }
+        );
+        if let Some(err) = &b.error {
+            println!("  BIRD NOT IN SYNC: {err}");
+        }
+    }
+    if let Some(d) = &status.drain {
+        println!(
+            "DRAINING: routes withdrawn: {}, last VIP packet {:.1} s ago, {} packets/s, safe to \
+             stop: {}",
+            if d.withdrawn { "yes" } else { "no" },
+            d.idle_ms as f64 / 1000.0,
+            d.packets_per_second,
+            if d.safe_to_stop { "yes" } else { "no" }
+        );
+    }
+    if let Some(r) = &status.role {
+        println!("VRRP role: {}", r.role.name());
+    }
+}

@@ -1,0 +1,552 @@
+//! netns end-to-end, the balancer in a cluster: two balancers announce the VIP through
+//! BIRD over BGP to a router that spreads flows over both by ECMP; `xlb drain` takes one
+//! out under load without breaking a connection; a VIP without a real that can serve is
+//! withdrawn; `xlb ready` and `xlb role` as keepalived's hooks call them.
+//!
+//! ```text
+//!   out (192.0.2.2) ── router (192.0.2.1 | 198.51.100.2, BIRD, ECMP)
+//!                              │ bridge 198.51.100.0/24
+//!          lb1 (.1, xlb + BIRD) ┤ lb2 (.3, xlb + BIRD) ┤ rs1 (.11) ┤ rs2 (.12)
+//! ```
+//!
+//! Needs root, BIRD 2 (`./x setup` installs bird2) and runs one test at a time.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::thread;
+use std::time::Duration;
+
+use xlb_tests::harness::{
+    Daemon, KeepAlive, Proc, RunDir, VIP, balanced_topology, http_get, json, keep_alive_from,
+    pass_on_switch_port, require_root, start_reals, wait_until,
+};
+use xlb_tests::netns::{Host, Netns, Topology, unique_prefix};
+
+const SERVICE: &str = "203.0.113.10:80/tcp";
+const TIMEOUT: Duration = Duration::from_secs(2);
+const ROUTER: &str = "198.51.100.2";
+
+/// A BIRD daemon in `ns`, in the foreground, its socket and log in `dir`.
+fn bird(ns: &Netns, dir: &Path, name: &str, conf: &str) -> Proc {
+    let conf_path = dir.join(format!("{name}.conf"));
+    let conf = conf.replace(
+        "LOG",
+        &dir.join(format!("{name}.log")).display().to_string(),
+    );
+    std::fs::write(&conf_path, conf).expect("writing a BIRD config");
+    let sock = dir.join(format!("{name}.ctl"));
+    let pid = dir.join(format!("{name}.pid"));
+    let mut cmd = ns.command("bird");
+    cmd.arg("-f")
+        .arg("-c")
+        .arg(&conf_path)
+        .arg("-s")
+        .arg(&sock)
+        .arg("-P")
+        .arg(&pid);
+    Proc::spawn(&format!("bird {name}"), &mut cmd)
+}
+
+/// The router's BIRD: BGP with both balancers, multipath routes into the kernel.
+fn router_conf() -> String {
+    let mut conf = format!(
+        "log \"LOG\" all;\nrouter id {ROUTER};\nprotocol device {{ scan time 1; }}\n\
+         protocol kernel {{ ipv4 {{ import none; export all; }}; merge paths on; }}\n"
+    );
+    for (name, addr, asn) in [
+        ("lb1", "198.51.100.1", 64513),
+        ("lb2", "198.51.100.3", 64514),
+    ] {
+        conf.push_str(&format!(
+            "protocol bgp {name} {{\n  local {ROUTER} as 64512;\n  neighbor {addr} as {asn};\n  \
+             hold time 3;\n  connect retry time 1;\n  error wait time 1, 2;\n  \
+             ipv4 {{ import all; export none; }};\n}}\n"
+        ));
+    }
+    conf
+}
+
+/// A balancer's BIRD: the fragment xlb writes, exported to the router (the example of
+/// docs/cluster.md, with short timers).
+fn balancer_conf(addr: &str, asn: u32, fragment_dir: &Path) -> String {
+    format!(
+        "log \"LOG\" all;\nrouter id {addr};\nprotocol device {{ scan time 1; }}\n\
+         include \"{}/bird-vips*.conf\";\n\
+         protocol bgp edge {{\n  local {addr} as {asn};\n  neighbor {ROUTER} as 64512;\n  \
+         hold time 3;\n  connect retry time 1;\n  error wait time 1, 2;\n  \
+         ipv4 {{ import none; export where proto = \"xlb_vips4\"; }};\n}}\n",
+        fragment_dir.display()
+    )
+}
+
+/// Two balancers behind a BGP router, two reals; everything dropped in a safe order.
+struct Cluster {
+    daemons: Vec<Daemon>,
+    birds: Vec<Proc>,
+    _servers: Vec<Proc>,
+    out: Netns,
+    _lb2_pass: Box<dyn std::any::Any + Send>,
+    _lb2: Host,
+    topo: Topology,
+    dirs: Vec<RunDir>,
+}
+
+impl Cluster {
+    fn start(tag: &str) -> Cluster {
+        let topo = balanced_topology(&unique_prefix(tag), 2);
+        let servers = start_reals(&topo, &["--http", "0.0.0.0:80"]);
+        let lb2 = topo.add_host("lb2", 3);
+        let lb2_pass = pass_on_switch_port(&topo.sw, &lb2.switch_port);
+
+        // The router: the topology's client, with a second link to the outside client.
+        let router = &topo.client.ns;
+        let out = Netns::new(&format!("{}-out", topo.prefix()));
+        router.ip(&format!(
+            "link add name eth1 type veth peer name eth0 netns {}",
+            out.name()
+        ));
+        router.ip("addr add 192.0.2.1/24 dev eth1");
+        router.ip("link set dev eth1 up");
+        router.ip("route del 203.0.113.0/24");
+        router.sysctl("net.ipv4.ip_forward", "1");
+        router.sysctl("net.ipv4.fib_multipath_hash_policy", "1");
+        router.sysctl("net.ipv4.conf.all.rp_filter", "0");
+        out.ip("link set dev lo up");
+        out.ip("addr add 192.0.2.2/24 dev eth0");
+        out.ip("link set dev eth0 up");
+        out.ip("route add default via 192.0.2.1");
+        // Complete checksums: the balancers' XDP forwards the frames as they are.
+        out.exec(&["ethtool", "-K", "eth0", "tx", "off"]);
+        out.sysctl("net.ipv4.tcp_tw_reuse", "1");
+        for real in &topo.reals {
+            real.ns.ip(&format!("route add 192.0.2.0/24 via {ROUTER}"));
+        }
+
+        let mut dirs = Vec::new();
+        let mut daemons = Vec::new();
+        let mut birds = Vec::new();
+        for (name, host, asn) in [("lb1", &topo.lb, 64513), ("lb2", &lb2, 64514)] {
+            let dir = RunDir::new(&format!("xlb-{}-{name}", topo.prefix()));
+            let sock = dir.path().join("bird.ctl");
+            let routes = dir.path().join("bird-vips.conf");
+            let daemon = Daemon::start_in(
+                &host.ns,
+                "eth0",
+                dir.path(),
+                &[
+                    "--no-pin",
+                    "--bird-socket",
+                    sock.to_str().expect("utf-8 path"),
+                    "--bird-routes",
+                    routes.to_str().expect("utf-8 path"),
+                ],
+            );
+            daemon.cli_ok(&["vip", "add", SERVICE]);
+            for real in &topo.reals {
+                daemon.cli_ok(&["real", "add", SERVICE, &real.ipv4.to_string()]);
+            }
+            let conf = balancer_conf(&host.ipv4.to_string(), asn, dir.path());
+            birds.push(bird(&host.ns, dir.path(), "bird", &conf));
+            daemons.push(daemon);
+            dirs.push(dir);
+        }
+        let router_dir = RunDir::new(&format!("xlb-{}-router", topo.prefix()));
+        birds.push(bird(router, router_dir.path(), "bird", &router_conf()));
+        dirs.push(router_dir);
+        Cluster {
+            daemons,
+            birds,
+            _servers: servers,
+            out,
+            _lb2_pass: lb2_pass,
+            _lb2: lb2,
+            topo,
+            dirs,
+        }
+    }
+
+    /// The next hops the router's kernel has for the VIP, sorted.
+    fn hops(&self) -> Vec<String> {
+        let out = self.topo.client.ns.ip(&format!("-j route show {VIP}/32"));
+        let routes = json(&String::from_utf8_lossy(&out.stdout), "ip -j route show");
+        let mut hops: Vec<String> = routes
+            .as_array()
+            .into_iter()
+            .flatten()
+            .flat_map(|r| match r["nexthops"].as_array() {
+                Some(n) => n.iter().map(|h| h["gateway"].clone()).collect(),
+                None => vec![r["gateway"].clone()],
+            })
+            .filter_map(|g| g.as_str().map(str::to_owned))
+            .collect();
+        hops.sort();
+        hops
+    }
+
+    fn wait_hops(&self, want: &[&str]) {
+        wait_until(
+            &format!("the router's next hops for {VIP} are {want:?}"),
+            || self.hops() == want,
+        );
+    }
+
+    fn vip_packets(&self, i: usize) -> u64 {
+        stats_packets(&self.daemons[i])
+    }
+
+    fn node(&self, i: usize) -> serde_json::Value {
+        json(
+            &self.daemons[i].cli_ok(&["status", "--json"]),
+            "xlb status --json",
+        )["node"]
+            .clone()
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            for dir in &self.dirs {
+                let path = dir.path().join("bird.log");
+                if let Ok(log) = std::fs::read_to_string(&path) {
+                    eprintln!("--- {} ---\n{log}", path.display());
+                }
+            }
+        }
+        self.daemons.clear();
+        self.birds.clear();
+    }
+}
+
+/// Load from the outside client: `conns` kept-alive connections asking every 100 ms
+/// (broken: an error, or an answer from another real) and a new connection every 50 ms
+/// (failed: no answer). Runs until `stop`; returns (broken, failed, answered).
+struct Load {
+    stop: Arc<AtomicBool>,
+    broken: Arc<AtomicUsize>,
+    failed: Arc<AtomicUsize>,
+    answered: Arc<AtomicUsize>,
+    threads: Vec<thread::JoinHandle<()>>,
+}
+
+impl Load {
+    fn start(out: &Netns, conns: usize) -> Load {
+        let to = SocketAddr::from((VIP, 80));
+        let opened = keep_alive_from(out, to, conns, TIMEOUT);
+        let stop = Arc::new(AtomicBool::new(false));
+        let broken = Arc::new(AtomicUsize::new(0));
+        let failed = Arc::new(AtomicUsize::new(0));
+        let answered = Arc::new(AtomicUsize::new(0));
+        let mut threads = Vec::new();
+        {
+            let (stop, broken) = (stop.clone(), broken.clone());
+            threads.push(thread::spawn(move || {
+                let mut conns: Vec<Option<(KeepAlive, String)>> =
+                    opened.into_iter().map(Some).collect();
+                while !stop.load(Ordering::Relaxed) {
+                    for slot in &mut conns {
+                        let Some((c, real)) = slot else { continue };
+                        match c.get() {
+                            Ok(a) if a.real == *real => {}
+                            Ok(a) => {
+                                eprintln!("connection moved from {real} to {}", a.real);
+                                broken.fetch_add(1, Ordering::Relaxed);
+                                *slot = None;
+                            }
+                            Err(e) => {
+                                eprintln!("connection broken: {e}");
+                                broken.fetch_add(1, Ordering::Relaxed);
+                                *slot = None;
+                            }
+                        }
+                    }
+                    thread::sleep(Duration::from_millis(100));
+                }
+            }));
+        }
+        {
+            let (stop, failed, answered) = (stop.clone(), failed.clone(), answered.clone());
+            let out_name = out.name().to_owned();
+            threads.push(thread::spawn(move || {
+                // This thread joins the outside namespace: its sockets are made there.
+                Netns::enter(&out_name);
+                while !stop.load(Ordering::Relaxed) {
+                    match http_get(to, TIMEOUT) {
+                        Ok(_) => answered.fetch_add(1, Ordering::Relaxed),
+                        Err(e) => {
+                            eprintln!("new connection failed: {e}");
+                            failed.fetch_add(1, Ordering::Relaxed)
+                        }
+                    };
+                    thread::sleep(Duration::from_millis(50));
+                }
+            }));
+        }
+        Load {
+            stop,
+            broken,
+            failed,
+            answered,
+            threads,
+        }
+    }
+
+    fn finish(self) -> (usize, usize, usize) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads {
+            t.join().expect("load thread panicked");
+        }
+        (
+            self.broken.load(Ordering::Relaxed),
+            self.failed.load(Ordering::Relaxed),
+            self.answered.load(Ordering::Relaxed),
+        )
+    }
+}
+
+#[test]
+fn bird_announces_serving_vips_and_drain_withdraws_without_breaking_connections() {
+    require_root();
+    let cluster = Cluster::start("cbg");
+    let (lb1, lb2) = ("198.51.100.1", "198.51.100.3");
+    cluster.wait_hops(&[lb1, lb2]);
+    let node = cluster.node(0);
+    assert_eq!(
+        node["bird"]["announced"],
+        serde_json::json!([VIP.to_string()]),
+        "{node}"
+    );
+    assert_eq!(node["bird"]["in_sync"], true, "{node}");
+
+    let load = Load::start(&cluster.out, 24);
+    // ECMP spreads the flows: both balancers carry VIP traffic before the drain.
+    let before = [cluster.vip_packets(0), cluster.vip_packets(1)];
+    wait_until("both balancers forward VIP packets", || {
+        cluster.vip_packets(0) > before[0] && cluster.vip_packets(1) > before[1]
+    });
+
+    let drained = cluster.daemons[0].cli_ok(&["drain", "--quiet", "1", "--timeout", "25"]);
+    assert!(drained.contains("routes withdrawn from BIRD"), "{drained}");
+    assert!(drained.contains("safe to stop"), "{drained}");
+    assert_eq!(
+        cluster.hops(),
+        [lb2],
+        "the router still sends VIP traffic to lb1"
+    );
+    let node = cluster.node(0);
+    assert_eq!(node["drain"]["safe_to_stop"], true, "{node}");
+    assert_eq!(node["bird"]["announced"], serde_json::json!([]), "{node}");
+    // keepalived's check fails on a draining node, not on the other.
+    let ready = cluster.daemons[0].cli(&["ready"]);
+    assert!(
+        !ready.status.success(),
+        "xlb ready succeeded on a draining node"
+    );
+    assert!(
+        String::from_utf8_lossy(&ready.stderr).contains("draining"),
+        "{ready:?}"
+    );
+    assert!(
+        cluster.daemons[1]
+            .cli_ok(&["ready"])
+            .contains("ready: serving 203.0.113.10")
+    );
+
+    // Nothing reaches lb1 any more, and the load goes on through lb2 alone.
+    let after_drain = cluster.vip_packets(0);
+    thread::sleep(Duration::from_millis(500));
+    let (broken, failed, answered) = load.finish();
+    assert_eq!(
+        cluster.vip_packets(0),
+        after_drain,
+        "lb1 still receives VIP packets"
+    );
+    assert_eq!(broken, 0, "kept-alive connections broken by the drain");
+    assert_eq!(failed, 0, "new connections failed during the drain");
+    assert!(
+        answered > 10,
+        "the load hardly ran: {answered} new connections"
+    );
+
+    let cancelled = cluster.daemons[0].cli_ok(&["drain", "--cancel"]);
+    assert!(cancelled.contains("announced again"), "{cancelled}");
+    cluster.wait_hops(&[lb1, lb2]);
+
+    // A VIP without a real that can serve is withdrawn; one real back announces it.
+    for real in &cluster.topo.reals {
+        cluster.daemons[1].cli_ok(&["real", "disable", SERVICE, &real.ipv4.to_string()]);
+    }
+    cluster.wait_hops(&[lb1]);
+    let ready = cluster.daemons[1].cli(&["ready"]);
+    assert!(
+        !ready.status.success(),
+        "xlb ready succeeded without a serving real"
+    );
+    assert!(
+        String::from_utf8_lossy(&ready.stderr).contains("no VIP has a real that can serve"),
+        "{ready:?}"
+    );
+    let rs1 = cluster.topo.reals[0].ipv4.to_string();
+    cluster.daemons[1].cli_ok(&["real", "enable", SERVICE, &rs1]);
+    cluster.wait_hops(&[lb1, lb2]);
+}
+
+#[test]
+fn bird_down_is_reported_and_retried_and_role_is_recorded() {
+    require_root();
+    let mut cluster = Cluster::start("cbr");
+    cluster.wait_hops(&["198.51.100.1", "198.51.100.3"]);
+    // lb1's BIRD stops: announcing fails and says so, forwarding goes on.
+    cluster.birds.remove(0);
+    cluster.daemons[0].cli_ok(&[
+        "real",
+        "disable",
+        SERVICE,
+        &cluster.topo.reals[0].ipv4.to_string(),
+    ]);
+    cluster.daemons[0].cli_ok(&[
+        "real",
+        "disable",
+        SERVICE,
+        &cluster.topo.reals[1].ipv4.to_string(),
+    ]);
+    wait_until("lb1 reports BIRD out of sync", || {
+        cluster.node(0)["bird"]["in_sync"] == false
+    });
+    let status = cluster.daemons[0].cli_ok(&["status"]);
+    assert!(
+        status.contains("BIRD NOT IN SYNC: BIRD's control socket"),
+        "{status}"
+    );
+    let metrics_free = cluster.node(0);
+    assert!(
+        metrics_free["bird"]["error_since"].as_u64().is_some(),
+        "{metrics_free}"
+    );
+
+    // `xlb role` as keepalived's notify hooks call it.
+    cluster.daemons[1].cli_ok(&["role", "backup"]);
+    assert_eq!(cluster.node(1)["role"]["role"], "backup");
+    cluster.daemons[1].cli_ok(&["role", "master"]);
+    assert_eq!(cluster.node(1)["role"]["role"], "master");
+    let bad = cluster.daemons[1].cli(&["role", "primary"]);
+    assert_eq!(bad.status.code(), Some(2), "{bad:?}");
+    assert!(
+        String::from_utf8_lossy(&bad.stderr).contains("invalid value 'primary'"),
+        "{bad:?}"
+    );
+}
+
+/// keepalived (VRRPv3, 100 ms adverts) for a pair: `xlb ready` as its `vrrp_script`,
+/// `xlb role` as its notify hooks.
+fn keepalived(ns: &Netns, dir: &Path, socket: &Path, priority: u8) -> Proc {
+    let xlb = xlb_tests::harness::xlb_bin();
+    let xlb = format!("{} --socket {}", xlb.display(), socket.display());
+    let conf = format!(
+        "global_defs {{\n  enable_script_security\n  script_user root\n}}\n\
+         vrrp_script xlb_ready {{\n  script \"{xlb} ready\"\n  interval 1\n  timeout 2\n  \
+         fall 2\n  rise 1\n}}\n\
+         vrrp_instance edge {{\n  state BACKUP\n  nopreempt\n  interface eth0\n  \
+         virtual_router_id 51\n  priority {priority}\n  version 3\n  advert_int 0.1\n  \
+         virtual_ipaddress {{\n    {VIP}/32 dev eth0\n  }}\n  track_script {{\n    xlb_ready\n  }}\n  \
+         notify_master \"{xlb} role master\"\n  notify_backup \"{xlb} role backup\"\n  \
+         notify_fault \"{xlb} role fault\"\n}}\n"
+    );
+    let conf_path = dir.join("keepalived.conf");
+    std::fs::write(&conf_path, conf).expect("writing keepalived.conf");
+    let mut cmd = ns.command("keepalived");
+    cmd.args(["--dont-fork", "--log-console", "--vrrp", "-f"])
+        .arg(&conf_path)
+        .arg("-p")
+        .arg(dir.join("keepalived.pid"))
+        .arg("-r")
+        .arg(dir.join("vrrp.pid"))
+        .stdout(std::fs::File::create(dir.join("keepalived.log")).expect("log file"))
+        .stderr(std::process::Stdio::null());
+    Proc::spawn("keepalived", &mut cmd)
+}
+
+#[test]
+fn keepalived_pair_fails_over_without_breaking_connections() {
+    require_root();
+    let topo = balanced_topology(&unique_prefix("cvr"), 2);
+    let _servers = start_reals(&topo, &["--http", "0.0.0.0:80"]);
+    let lb2 = topo.add_host("lb2", 3);
+    let _lb2_pass = pass_on_switch_port(&topo.sw, &lb2.switch_port);
+    // The client reaches the VIP on the segment: whoever answers ARP for it gets it.
+    topo.client.ns.ip("route del 203.0.113.0/24");
+    topo.client.ns.ip(&format!("route add {VIP}/32 dev eth0"));
+
+    let mut dirs = Vec::new();
+    let mut daemons = Vec::new();
+    let mut vrrp = Vec::new();
+    for (host, priority) in [(&topo.lb, 100), (&lb2, 90)] {
+        let dir = RunDir::new(&format!("xlb-{}-vrrp{priority}", topo.prefix()));
+        let daemon = Daemon::start_in(&host.ns, "eth0", dir.path(), &["--no-pin"]);
+        daemon.cli_ok(&["vip", "add", SERVICE]);
+        for real in &topo.reals {
+            daemon.cli_ok(&["real", "add", SERVICE, &real.ipv4.to_string()]);
+        }
+        vrrp.push(keepalived(&host.ns, dir.path(), daemon.socket(), priority));
+        daemons.push(daemon);
+        dirs.push(dir);
+    }
+    let role = |i: usize| {
+        json(
+            &daemons[i].cli_ok(&["status", "--json"]),
+            "xlb status --json",
+        )["node"]["role"]["role"]
+            .clone()
+    };
+    wait_until("lb1 becomes VRRP master and lb2 backup (xlb role)", || {
+        role(0) == "master" && role(1) == "backup"
+    });
+
+    let load = Load::start(&topo.client.ns, 24);
+    thread::sleep(Duration::from_millis(500));
+    // The master's link goes: its adverts stop, lb2 takes the VIP.
+    let cut = std::time::Instant::now();
+    topo.lb.ns.ip("link set dev eth0 down");
+    wait_until("lb2 becomes VRRP master", || role(1) == "master");
+    let took = cut.elapsed();
+    let before = stats_packets(&daemons[1]);
+    wait_until("lb2 forwards the VIP's traffic", || {
+        stats_packets(&daemons[1]) > before
+    });
+    thread::sleep(Duration::from_millis(1000));
+    let (broken, failed, answered) = load.finish();
+    eprintln!(
+        "VRRP failover: lb2 master {:.2} s after the cut; {broken} connections broken, \
+         {failed} new connections failed, {answered} answered",
+        took.as_secs_f64()
+    );
+    assert_eq!(broken, 0, "kept-alive connections broken by the failover");
+    assert_eq!(failed, 0, "new connections failed during the failover");
+    assert!(
+        answered > 10,
+        "the load hardly ran: {answered} new connections"
+    );
+    // keepalived's check: a draining node is not ready, so it would give the VIP up.
+    let ready = daemons[1].cli(&["ready"]);
+    assert!(ready.status.success(), "{ready:?}");
+    daemons[1].cli_ok(&["drain", "--no-wait"]);
+    let ready = daemons[1].cli(&["ready"]);
+    assert!(
+        !ready.status.success(),
+        "xlb ready succeeded on a draining node"
+    );
+    drop(vrrp);
+    drop(daemons);
+    drop(dirs);
+}
+
+fn stats_packets(daemon: &Daemon) -> u64 {
+    let stats = json(&daemon.cli_ok(&["stats", "--json"]), "xlb stats --json");
+    stats["vips"]
+        .as_array()
+        .and_then(|v| v.iter().find(|s| s["vip"] == SERVICE))
+        .and_then(|v| v["packets"].as_u64())
+        .unwrap_or_else(|| panic!("no packets for {SERVICE} in {stats}"))
+}
