@@ -193,6 +193,7 @@ impl Snapshot {
         let desired = state.desired();
         let spec = state.spec().clone();
         let model = state.model();
+        let prev_vips: BTreeMap<&Vip, &VipModel> = prev.vips.iter().map(|v| (&v.vip, v)).collect();
         let vips = desired
             .services
             .iter()
@@ -205,8 +206,9 @@ impl Snapshot {
                             let (weight_source, admin_source) = spec.sources(vip, *addr);
                             let effective_weight = a.table.get(addr).copied();
                             let serving = effective_weight.is_some_and(|w| w > 0);
-                            let table_changes = prev
-                                .real(vip, *addr)
+                            let table_changes = prev_vips
+                                .get(vip)
+                                .and_then(|v| v.reals.iter().find(|p| p.addr == *addr))
                                 .map_or(0, |p| p.table_changes + u64::from(p.serving() != serving));
                             RealModel {
                                 addr: *addr,
@@ -251,16 +253,6 @@ impl Snapshot {
             desired,
             vips,
         }
-    }
-
-    /// Real `addr` of `vip`, if both are configured.
-    pub fn real(&self, vip: &Vip, addr: IpAddr) -> Option<&RealModel> {
-        self.vips
-            .iter()
-            .find(|v| v.vip == *vip)?
-            .reals
-            .iter()
-            .find(|r| r.addr == addr)
     }
 }
 

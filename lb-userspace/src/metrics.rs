@@ -12,7 +12,6 @@
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use anyhow::Context as _;
-
 use axum::{
     Router,
     extract::State as AxState,
