@@ -145,6 +145,17 @@ pub struct RealModel {
     pub healthy: bool,
     /// The probe kind that applies, if any.
     pub check: Option<ProbeKind>,
+    /// How many times it entered or left the set of reals the VIP's live
+    /// table sends new flows to (effective weight above 0), since it was added.
+    #[serde(default)]
+    pub table_changes: u64,
+}
+
+impl RealModel {
+    /// Whether the live table sends it new flows.
+    pub fn serving(&self) -> bool {
+        self.effective_weight.is_some_and(|w| w > 0)
+    }
 }
 
 /// What the API and the metrics see of one VIP.
@@ -176,10 +187,13 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
-    fn of(state: &State, pending: &BTreeMap<IpAddr, Pending>) -> Self {
+    /// The state as published, `prev` the snapshot before it (the table
+    /// changes of each real carry on from it).
+    fn of(state: &State, pending: &BTreeMap<IpAddr, Pending>, prev: &Snapshot) -> Self {
         let desired = state.desired();
         let spec = state.spec().clone();
         let model = state.model();
+        let prev_vips: BTreeMap<&Vip, &VipModel> = prev.vips.iter().map(|v| (&v.vip, v)).collect();
         let vips = desired
             .services
             .iter()
@@ -190,13 +204,19 @@ impl Snapshot {
                         .iter()
                         .map(|(addr, r)| {
                             let (weight_source, admin_source) = spec.sources(vip, *addr);
+                            let effective_weight = a.table.get(addr).copied();
+                            let serving = effective_weight.is_some_and(|w| w > 0);
+                            let table_changes = prev_vips
+                                .get(vip)
+                                .and_then(|v| v.reals.iter().find(|p| p.addr == *addr))
+                                .map_or(0, |p| p.table_changes + u64::from(p.serving() != serving));
                             RealModel {
                                 addr: *addr,
                                 weight: r.weight,
                                 weight_source,
                                 admin: r.admin,
                                 admin_source,
-                                effective_weight: a.table.get(addr).copied(),
+                                effective_weight,
                                 slot: a.slots.get(addr).map(|id| {
                                     (*id, model.slots.get(id).map_or(0, |s| s.generation))
                                 }),
@@ -214,6 +234,7 @@ impl Snapshot {
                                     .check(*addr)
                                     .map(|c| c.kind)
                                     .filter(|k| *k != ProbeKind::None),
+                                table_changes,
                             }
                         })
                         .collect();
@@ -530,7 +551,7 @@ impl Controller {
     }
 
     fn publish(&mut self) {
-        let snap = Snapshot::of(&self.state, &self.pending);
+        let snap = Snapshot::of(&self.state, &self.pending, &self.snapshot.borrow());
         self.metrics.set_unresolved(self.pending.len());
         self.snapshot.send_replace(Arc::new(snap));
     }

@@ -229,14 +229,7 @@ pub async fn run(
     let mut locks = Locks::take(&socket)?;
     raise_memlock();
     let listener = bind_socket(&socket, settings.socket_group().as_deref())?;
-    let metrics_listener = match settings.metrics_addr {
-        Some(addr) => Some(
-            tokio::net::TcpListener::bind(addr)
-                .await
-                .with_context(|| format!("binding the metrics address {addr}"))?,
-        ),
-        None => None,
-    };
+    let metrics_listener = crate::metrics::bind(settings.metrics_addr).await?;
     let pin = settings
         .pin_dir()
         .as_deref()

@@ -501,7 +501,10 @@ impl Dataplane {
 }
 
 /// A second handle on `map`'s kernel object (a duplicated file descriptor).
-fn clone_map<K: aya::Pod, V>(map: &impl IterableMap<K, V>, name: &'static str) -> Result<MapData> {
+pub(crate) fn clone_map<K: aya::Pod, V>(
+    map: &impl IterableMap<K, V>,
+    name: &'static str,
+) -> Result<MapData> {
     let fd = map
         .map()
         .fd()

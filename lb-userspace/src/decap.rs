@@ -18,7 +18,9 @@ use aya::{
 use lb_common::{AddrKey, Counter, SrcPrefix, decap_stat, map_names, prog_names};
 
 use crate::{
-    dataplane::{DataplaneError, attach_xdp, load_xdp, map_err, sum, take, xdp, xdp_mut},
+    dataplane::{
+        DataplaneError, attach_xdp, clone_map, load_xdp, map_err, sum, take, xdp, xdp_mut,
+    },
     model::addr_bytes,
     pin::{LAYOUT_VERSION, PinDir},
 };
@@ -181,6 +183,27 @@ impl Decap {
 
     /// Every counter summed over CPUs, by name.
     pub fn counters(&self) -> Result<Vec<(&'static str, Counter)>, DataplaneError> {
+        counters(&self.stats)
+    }
+
+    /// A reader of the counters on a file descriptor of its own (for the
+    /// metrics server's task).
+    pub fn counter_reader(&self) -> Result<DecapCounters, DataplaneError> {
+        let data = clone_map(&self.stats, map_names::DECAP_STATS)?;
+        let stats = PerCpuArray::try_from(Map::PerCpuArray(data))
+            .map_err(map_err(map_names::DECAP_STATS))?;
+        Ok(DecapCounters { stats })
+    }
+}
+
+/// A second handle on the decapsulator's counters.
+pub struct DecapCounters {
+    stats: PerCpuArray<MapData, Counter>,
+}
+
+impl DecapCounters {
+    /// Every counter summed over CPUs, by name.
+    pub fn read(&self) -> Result<Vec<(&'static str, Counter)>, DataplaneError> {
         counters(&self.stats)
     }
 }

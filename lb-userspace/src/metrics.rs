@@ -2,10 +2,23 @@
 //! the controller's published snapshot, the data path's counters (read on
 //! handles of their own), the last conntrack count and the probe statuses. A
 //! scrape never waits on the controller and never walks the conntrack table.
+//! `xlb decap --metrics-addr` serves the decapsulator's counters the same way.
+//!
+//! Names follow the Prometheus conventions: counters end in `_total`, units
+//! are base units named in the metric (`_bytes`, `_seconds`), and a VIP is
+//! the labels `address`, `port`, `protocol` (a real adds `real`). Every
+//! metric is listed in docs/operations.md.
 
-use std::{sync::Arc, time::Duration};
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 
-use axum::{Router, extract::State as AxState, http::header, response::IntoResponse, routing::get};
+use anyhow::Context as _;
+use axum::{
+    Router,
+    extract::State as AxState,
+    http::{StatusCode, header},
+    response::IntoResponse,
+    routing::get,
+};
 use prometheus_client::{
     encoding::text::encode,
     metrics::{counter::Counter, family::Family, gauge::Gauge},
@@ -16,7 +29,9 @@ use tokio::{net::TcpListener, task::JoinHandle};
 use crate::{
     controller::{Activity, Handle},
     counters::{FlowCounter, FlowCounts, Reader},
+    decap::DecapCounters,
     health::engine::Board,
+    model::Vip,
     views,
 };
 
@@ -46,16 +61,61 @@ fn labels(pairs: &[(&str, String)]) -> Labels {
         .collect()
 }
 
-/// Renders every metric in the Prometheus text format, with `flows` the
+/// The labels naming a VIP: `address`, `port`, `protocol`.
+fn vip_labels(vip: &Vip) -> Labels {
+    labels(&[
+        ("address", vip.addr.to_string()),
+        ("port", vip.port.to_string()),
+        ("protocol", vip.proto.to_string()),
+    ])
+}
+
+/// A gauge's value from a count.
+fn gauge(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+/// `xlb_build_info{version} 1`, in both the daemon's and `xlb decap`'s metrics.
+fn register_build_info(reg: &mut Registry) {
+    let info = Family::<Labels, Gauge>::default();
+    info.get_or_create(&labels(&[(
+        "version",
+        env!("CARGO_PKG_VERSION").to_owned(),
+    )]))
+    .set(1);
+    reg.register(
+        "build_info",
+        "Always 1; the labels say which xlb build is running",
+        info,
+    );
+}
+
+/// The reason label of a verdict that drops the packet (`drop_*`, and
+/// `aborted`: XDP_ABORTED drops it too), or `None` for the others.
+fn drop_reason(verdict: &'static str) -> Option<&'static str> {
+    match verdict {
+        "aborted" => Some("aborted"),
+        v => v.strip_prefix("drop_"),
+    }
+}
+
+/// Renders every metric in the OpenMetrics text format, with `flows` the
 /// conntrack count to report.
 pub fn render(src: &Sources, flows: &FlowCounts) -> Result<String, String> {
     let mut reg = Registry::with_prefix("xlb");
+    register_build_info(&mut reg);
     let packets = Family::<Labels, Counter>::default();
     let bytes = Family::<Labels, Counter>::default();
-    let events = Family::<Labels, Counter>::default();
+    let dropped = Family::<Labels, Counter>::default();
+    let conntrack_events = Family::<Labels, Counter>::default();
+    let bypassed = Counter::<u64>::default();
     let vip_packets = Family::<Labels, Counter>::default();
     let vip_bytes = Family::<Labels, Counter>::default();
     let vip_flows = Family::<Labels, Counter>::default();
+    let vip_active = Family::<Labels, Gauge>::default();
+    let vip_reals = Family::<Labels, Gauge>::default();
+    let vip_serving = Family::<Labels, Gauge>::default();
+    let vip_guarded = Family::<Labels, Gauge>::default();
     let real_packets = Family::<Labels, Counter>::default();
     let real_bytes = Family::<Labels, Counter>::default();
     let real_flows = Family::<Labels, Counter>::default();
@@ -63,9 +123,10 @@ pub fn render(src: &Sources, flows: &FlowCounts) -> Result<String, String> {
     let real_healthy = Family::<Labels, Gauge>::default();
     let real_resolved = Family::<Labels, Gauge>::default();
     let real_weight = Family::<Labels, Gauge>::default();
-    let vip_guarded = Family::<Labels, Gauge>::default();
+    let real_effective = Family::<Labels, Gauge>::default();
+    let real_changes = Family::<Labels, Counter>::default();
     let conntrack = Gauge::<i64>::default();
-    let conntrack_capacity = Gauge::<i64>::default();
+    let conntrack_limit = Gauge::<i64>::default();
     let unresolved = Gauge::<i64>::default();
     let reconciles = Counter::<u64>::default();
     let reconcile_errors = Counter::<u64>::default();
@@ -82,50 +143,99 @@ pub fn render(src: &Sources, flows: &FlowCounts) -> Result<String, String> {
         let l = labels(&[("verdict", name.to_owned())]);
         packets.get_or_create(&l).inc_by(c.packets);
         bytes.get_or_create(&l).inc_by(c.bytes);
+        if let Some(reason) = drop_reason(name) {
+            dropped
+                .get_or_create(&labels(&[("reason", reason.to_owned())]))
+                .inc_by(c.packets);
+        }
     }
     for (name, n) in src.reader.events().map_err(|e| e.to_string())? {
-        events
-            .get_or_create(&labels(&[("event", name.to_owned())]))
-            .inc_by(n);
+        match name.strip_prefix("conntrack_") {
+            Some(event) => conntrack_events
+                .get_or_create(&labels(&[("event", event.to_owned())]))
+                .inc_by(n),
+            None => bypassed.inc_by(n),
+        };
     }
     for v in views::vips(&snap, &src.reader, flows).map_err(|e| e.to_string())? {
-        let vl = labels(&[("vip", v.vip.to_string())]);
+        let vl = vip_labels(&v.vip);
         vip_packets.get_or_create(&vl).inc_by(v.packets);
         vip_bytes.get_or_create(&vl).inc_by(v.bytes);
         vip_flows.get_or_create(&vl).inc_by(v.flows);
+        vip_active.get_or_create(&vl).set(gauge(v.active_flows));
+        vip_reals
+            .get_or_create(&vl)
+            .set(gauge(v.reals.len() as u64));
+        let serving = v
+            .reals
+            .iter()
+            .filter(|r| r.effective_weight.is_some_and(|w| w > 0))
+            .count();
+        vip_serving.get_or_create(&vl).set(gauge(serving as u64));
         vip_guarded.get_or_create(&vl).set(i64::from(v.guarded));
         for r in v.reals {
-            let rl = labels(&[("vip", v.vip.to_string()), ("real", r.addr.to_string())]);
+            let mut rl = vl.clone();
+            rl.push(("real".to_owned(), r.addr.to_string()));
             real_packets.get_or_create(&rl).inc_by(r.packets);
             real_bytes.get_or_create(&rl).inc_by(r.bytes);
             real_flows.get_or_create(&rl).inc_by(r.flows);
-            real_active
-                .get_or_create(&rl)
-                .set(i64::try_from(r.active_flows).unwrap_or(i64::MAX));
+            real_active.get_or_create(&rl).set(gauge(r.active_flows));
             real_healthy.get_or_create(&rl).set(i64::from(r.healthy));
             real_resolved.get_or_create(&rl).set(i64::from(r.resolved));
-            real_weight
+            real_weight.get_or_create(&rl).set(i64::from(r.weight));
+            real_effective
                 .get_or_create(&rl)
                 .set(i64::from(r.effective_weight.unwrap_or(0)));
+            real_changes.get_or_create(&rl).inc_by(r.table_changes);
         }
     }
-    conntrack.set(i64::try_from(flows.entries).unwrap_or(i64::MAX));
-    conntrack_capacity.set(i64::from(src.reader.flow_capacity()));
-    unresolved.set(i64::try_from(src.activity.unresolved()).unwrap_or(0));
+    conntrack.set(gauge(flows.entries));
+    conntrack_limit.set(i64::from(src.reader.flow_capacity()));
+    unresolved.set(gauge(src.activity.unresolved()));
     reconciles.inc_by(src.activity.reconcile_count());
     reconcile_errors.inc_by(src.activity.reconcile_errors());
     health_flips.inc_by(src.board.flips());
 
-    reg.register("packets", "Packets by data-path verdict", packets);
-    reg.register("bytes", "Bytes by data-path verdict", bytes);
     reg.register(
-        "events",
-        "Data-path events (conntrack, flood guard)",
-        events,
+        "packets",
+        "Packets seen by the data path, by verdict",
+        packets,
+    );
+    reg.register("bytes", "Bytes seen by the data path, by verdict", bytes);
+    reg.register(
+        "dropped_packets",
+        "Packets the data path dropped, by reason (the drop_* verdicts and aborted)",
+        dropped,
+    );
+    reg.register(
+        "conntrack_events",
+        "Conntrack lookups and updates (hit, miss, new, stale, insert_failed)",
+        conntrack_events,
+    );
+    reg.register(
+        "flood_guard_bypassed_flows",
+        "New flows not tracked because of the flood guard (forwarded by Maglev alone)",
+        bypassed,
     );
     reg.register("vip_packets", "Packets forwarded per VIP", vip_packets);
     reg.register("vip_bytes", "Bytes forwarded per VIP", vip_bytes);
     reg.register("vip_new_flows", "New flows per VIP", vip_flows);
+    reg.register(
+        "vip_active_flows",
+        "Flows of the VIP's reals active in the conntrack table (counted every 5 s)",
+        vip_active,
+    );
+    reg.register("vip_reals", "Reals configured for the VIP", vip_reals);
+    reg.register(
+        "vip_serving_reals",
+        "Reals the VIP's live table sends new flows to (effective weight above 0)",
+        vip_serving,
+    );
+    reg.register(
+        "vip_avalanche_guard_active",
+        "1 while the avalanche guard keeps unhealthy reals of the VIP in its table",
+        vip_guarded,
+    );
     reg.register(
         "real_packets",
         "Packets forwarded per VIP and real",
@@ -140,7 +250,7 @@ pub fn render(src: &Sources, flows: &FlowCounts) -> Result<String, String> {
     );
     reg.register(
         "real_healthy",
-        "1 when the real's health verdict in force is up",
+        "1 when the real's health verdict in force is up (or it is not probed)",
         real_healthy,
     );
     reg.register(
@@ -150,13 +260,18 @@ pub fn render(src: &Sources, flows: &FlowCounts) -> Result<String, String> {
     );
     reg.register(
         "real_weight",
-        "Weight of the real in the live Maglev table",
+        "Configured weight of the real (override or config)",
         real_weight,
     );
     reg.register(
-        "vip_avalanche_guard",
-        "1 while the avalanche guard keeps unhealthy reals of the VIP in its table",
-        vip_guarded,
+        "real_effective_weight",
+        "Weight of the real in the live Maglev table (0: no new flows, or out of it)",
+        real_effective,
+    );
+    reg.register(
+        "real_table_changes",
+        "Times the real entered or left the set of reals the live table sends new flows to",
+        real_changes,
     );
     reg.register(
         "conntrack_entries",
@@ -164,9 +279,9 @@ pub fn render(src: &Sources, flows: &FlowCounts) -> Result<String, String> {
         conntrack,
     );
     reg.register(
-        "conntrack_capacity",
-        "Capacity of the conntrack table",
-        conntrack_capacity,
+        "conntrack_entries_limit",
+        "Capacity of the conntrack table (entries)",
+        conntrack_limit,
     );
     reg.register(
         "unresolved_reals",
@@ -176,11 +291,11 @@ pub fn render(src: &Sources, flows: &FlowCounts) -> Result<String, String> {
     reg.register("reconciles", "Reconcile steps run", reconciles);
     reg.register(
         "reconcile_errors",
-        "Reconcile steps that failed",
+        "Reconcile steps that failed (and were undone)",
         reconcile_errors,
     );
     reg.register(
-        "reconcile_seconds",
+        "reconcile_duration_seconds",
         "Time a reconcile step took",
         src.activity.reconcile_seconds(),
     );
@@ -191,11 +306,63 @@ pub fn render(src: &Sources, flows: &FlowCounts) -> Result<String, String> {
     Ok(out)
 }
 
-async fn scrape(AxState(src): AxState<Sources>) -> impl IntoResponse {
-    let flows = src.flows.fresh(Duration::ZERO).await;
-    match render(&src, &flows) {
+/// Renders `xlb decap`'s metrics from its counters (as
+/// [`DecapCounters::read`] gives them).
+pub fn render_decap(counters: &[(&'static str, lb_common::Counter)]) -> Result<String, String> {
+    let mut root = Registry::with_prefix("xlb");
+    register_build_info(&mut root);
+    let reg = root.sub_registry_with_prefix("decap");
+    let decap_packets = Family::<Labels, Counter>::default();
+    let decap_bytes = Family::<Labels, Counter>::default();
+    let passed = Family::<Labels, Counter>::default();
+    let dropped = Family::<Labels, Counter>::default();
+    for (name, c) in counters {
+        if let Some(encap) = name.strip_prefix("decap_") {
+            let l = labels(&[("encapsulation", encap.to_owned())]);
+            decap_packets.get_or_create(&l).inc_by(c.packets);
+            decap_bytes.get_or_create(&l).inc_by(c.bytes);
+        } else if let Some(reason) = name.strip_prefix("pass_") {
+            passed
+                .get_or_create(&labels(&[("reason", reason.to_owned())]))
+                .inc_by(c.packets);
+        } else {
+            let reason =
+                drop_reason(name).ok_or_else(|| format!("unknown decap counter {name}"))?;
+            dropped
+                .get_or_create(&labels(&[("reason", reason.to_owned())]))
+                .inc_by(c.packets);
+        }
+    }
+    reg.register(
+        "decapsulated_packets",
+        "Tunnel packets decapsulated, by encapsulation (ipip, ip6ip6, 4in6)",
+        decap_packets,
+    );
+    reg.register(
+        "decapsulated_bytes",
+        "Bytes of the tunnel packets decapsulated (outer headers included), by encapsulation",
+        decap_bytes,
+    );
+    reg.register(
+        "passed_packets",
+        "Packets passed to the kernel untouched, by reason (not_tunnel, not_local, malformed)",
+        passed,
+    );
+    reg.register(
+        "dropped_packets",
+        "Packets dropped, by reason (not_allowed_src, aborted)",
+        dropped,
+    );
+    let mut out = String::new();
+    encode(&mut out, &root).map_err(|e| e.to_string())?;
+    Ok(out)
+}
+
+/// The HTTP answer to a scrape.
+fn exposition(rendered: Result<String, String>) -> impl IntoResponse {
+    match rendered {
         Ok(body) => (
-            axum::http::StatusCode::OK,
+            StatusCode::OK,
             [(
                 header::CONTENT_TYPE,
                 "application/openmetrics-text; version=1.0.0; charset=utf-8",
@@ -203,20 +370,64 @@ async fn scrape(AxState(src): AxState<Sources>) -> impl IntoResponse {
             body,
         ),
         Err(e) => (
-            axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+            StatusCode::INTERNAL_SERVER_ERROR,
             [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
             e,
         ),
     }
 }
 
-/// Serves `/metrics` on `listener` (bound at start-up, before the data path
-/// is touched).
-pub fn serve(listener: TcpListener, src: Sources) -> JoinHandle<()> {
-    let app = Router::new().route("/metrics", get(scrape)).with_state(src);
+async fn scrape(AxState(src): AxState<Sources>) -> impl IntoResponse {
+    let flows = src.flows.fresh(Duration::ZERO).await;
+    exposition(render(&src, &flows))
+}
+
+async fn scrape_decap(AxState(counters): AxState<Arc<DecapCounters>>) -> impl IntoResponse {
+    exposition(
+        counters
+            .read()
+            .map_err(|e| e.to_string())
+            .and_then(|c| render_decap(&c)),
+    )
+}
+
+/// Binds the metrics address, if one is given: at start-up, before the data
+/// path is touched, so that an address in use stops the program early.
+pub async fn bind(addr: Option<SocketAddr>) -> anyhow::Result<Option<TcpListener>> {
+    match addr {
+        Some(addr) => {
+            Ok(Some(TcpListener::bind(addr).await.with_context(|| {
+                format!("binding the metrics address {addr}")
+            })?))
+        }
+        None => Ok(None),
+    }
+}
+
+/// Serves `app` on `listener` until the process ends.
+fn spawn_server(listener: TcpListener, app: Router) -> JoinHandle<()> {
     tokio::spawn(async move {
         if let Err(err) = axum::serve(listener, app).await {
             tracing::error!(%err, "metrics server stopped");
         }
     })
+}
+
+/// Serves `/metrics` on `listener` (bound at start-up, before the data path
+/// is touched).
+pub fn serve(listener: TcpListener, src: Sources) -> JoinHandle<()> {
+    spawn_server(
+        listener,
+        Router::new().route("/metrics", get(scrape)).with_state(src),
+    )
+}
+
+/// Serves `xlb decap`'s `/metrics` on `listener`.
+pub fn serve_decap(listener: TcpListener, counters: DecapCounters) -> JoinHandle<()> {
+    spawn_server(
+        listener,
+        Router::new()
+            .route("/metrics", get(scrape_decap))
+            .with_state(Arc::new(counters)),
+    )
 }

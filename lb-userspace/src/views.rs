@@ -75,6 +75,10 @@ pub struct RealView {
     pub flows: u64,
     /// Its flows active in the conntrack table (last count): 0 once a drain is done.
     pub active_flows: u64,
+    /// How many times it entered or left the set of reals the live table
+    /// sends new flows to, since it was added.
+    #[serde(default)]
+    pub table_changes: u64,
 }
 
 /// Every VIP of `snap` with its counters.
@@ -113,6 +117,7 @@ pub fn vips(
                         bytes: c.bytes,
                         flows: c.flows,
                         active_flows: active,
+                        table_changes: r.table_changes,
                     })
                 })
                 .collect::<Result<Vec<_>, DataplaneError>>()?;

@@ -1100,3 +1100,57 @@ pub fn stats(lab: &Lab) -> serde_json::Value {
     let out = lab.daemon.cli_ok(&["stats", "--json"]);
     serde_json::from_str(&out).unwrap_or_else(|e| panic!("xlb stats --json: {e}: {out}"))
 }
+
+/// `GET /metrics` at `addr` from inside `host`'s namespace (the daemon's `--metrics-addr`,
+/// or `xlb decap --metrics-addr` on a real): the body of a `200` answer that is an
+/// OpenMetrics exposition, not chunked.
+pub fn scrape_metrics(host: &Host, addr: SocketAddr) -> String {
+    const TIMEOUT: Duration = Duration::from_secs(3);
+    host.ns.run_in(|| {
+        let mut stream = TcpStream::connect_timeout(&addr, TIMEOUT)
+            .unwrap_or_else(|e| panic!("connect to the metrics address {addr}: {e}"));
+        stream
+            .set_read_timeout(Some(TIMEOUT))
+            .expect("read timeout");
+        let request = format!("GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+        stream
+            .write_all(request.as_bytes())
+            .expect("send the scrape");
+        let mut answer = String::new();
+        stream.read_to_string(&mut answer).expect("read the scrape");
+        let (head, body) = answer
+            .split_once("\r\n\r\n")
+            .unwrap_or_else(|| panic!("no HTTP answer from {addr}: {answer:?}"));
+        let head = head.to_ascii_lowercase();
+        assert!(
+            head.starts_with("http/1.1 200"),
+            "/metrics answered {head:?}"
+        );
+        assert!(
+            !head.contains("chunked"),
+            "unexpected chunked /metrics answer"
+        );
+        assert!(
+            head.contains("content-type: application/openmetrics-text; version=1.0.0"),
+            "/metrics answered {head:?}"
+        );
+        assert!(body.ends_with("# EOF\n"), "unterminated exposition: {body}");
+        body.to_owned()
+    })
+}
+
+/// The samples of a metrics exposition: `name{labels}` to value.
+pub fn metric_samples(text: &str) -> BTreeMap<String, f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .map(|l| {
+            let (series, value) = l
+                .rsplit_once(' ')
+                .unwrap_or_else(|| panic!("odd metrics line {l:?}"));
+            let value = value
+                .parse()
+                .unwrap_or_else(|_| panic!("odd metrics value in {l:?}"));
+            (series.to_owned(), value)
+        })
+        .collect()
+}

@@ -11,8 +11,7 @@
 //! verdict takes a fraction of a second; every wait is bounded by [`WAIT`], which a
 //! healthy run stays far below.
 
-use std::io::{Read as _, Write as _};
-use std::net::{IpAddr, SocketAddr, TcpStream};
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -532,17 +531,7 @@ fn an_http_503_takes_a_real_out_for_new_flows_only_while_a_tcp_check_keeps_it() 
 /// `GET /metrics` from the daemon's metrics address (inside the balancer's namespace).
 fn scrape(lab: &Lab) -> String {
     let addr: SocketAddr = METRICS_ADDR.parse().expect("metrics address");
-    lab.topo.lb.ns.run_in(|| {
-        let mut s = TcpStream::connect_timeout(&addr, TIMEOUT)
-            .unwrap_or_else(|e| panic!("connect to the metrics address {addr}: {e}"));
-        s.set_read_timeout(Some(TIMEOUT)).expect("read timeout");
-        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: xlb\r\nConnection: close\r\n\r\n")
-            .expect("send the scrape");
-        let mut answer = String::new();
-        s.read_to_string(&mut answer).expect("read the scrape");
-        assert!(answer.starts_with("HTTP/1.1 200"), "scrape: {answer}");
-        answer
-    })
+    xlb_tests::harness::scrape_metrics(&lab.topo.lb, addr)
 }
 
 /// The value of the sample `name{labels}` in a scrape.
@@ -566,7 +555,9 @@ fn the_avalanche_guard_keeps_every_real_when_three_of_four_fail() {
         wait_serving(&lab, SERVICE, i);
     }
     let addrs: Vec<String> = (0..4).map(|i| addr(&lab, i)).collect();
-    let guard_series = format!("xlb_vip_avalanche_guard{{vip=\"{SERVICE}\"}}");
+    // SERVICE as the labels of its series.
+    let vip_labels = r#"address="203.0.113.10",port="80",protocol="tcp""#;
+    let guard_series = format!("xlb_vip_avalanche_guard_active{{{vip_labels}}}");
     assert_eq!(sample(&scrape(&lab), &guard_series), Some(0.0));
 
     for server in &mut lab.servers[..3] {
@@ -607,7 +598,7 @@ fn the_avalanche_guard_keeps_every_real_when_three_of_four_fail() {
     let metrics = scrape(&lab);
     assert_eq!(sample(&metrics, &guard_series), Some(1.0), "{metrics}");
     for (i, a) in addrs.iter().enumerate() {
-        let series = format!("xlb_real_healthy{{vip=\"{SERVICE}\",real=\"{a}\"}}");
+        let series = format!("xlb_real_healthy{{{vip_labels},real=\"{a}\"}}");
         let want = if i < 3 { 0.0 } else { 1.0 };
         assert_eq!(sample(&metrics, &series), Some(want), "{series}: {metrics}");
     }

@@ -8,8 +8,7 @@
 //! directory after `cargo build --workspace --bins`.
 
 use std::collections::BTreeMap;
-use std::io::{Read as _, Write as _};
-use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::net::{Ipv4Addr, SocketAddr};
 use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
 use std::process::{Command, Output, Stdio};
 use std::sync::Mutex;
@@ -20,8 +19,8 @@ use xlb_tests::harness::require_root;
 
 use nix::sys::signal::Signal;
 use xlb_tests::harness::{
-    Daemon, KeepAlive, Lab, PinnedRun, RunDir, VIP, balanced_topology, http_get, json, start_reals,
-    wait_until, xlb_bin,
+    Daemon, KeepAlive, Lab, PinnedRun, RunDir, VIP, balanced_topology, http_get, json,
+    metric_samples, scrape_metrics, start_reals, wait_until, xlb_bin,
 };
 use xlb_tests::netns::{Host, Topology, unique_prefix};
 
@@ -734,51 +733,6 @@ fn only_root_and_the_socket_group_may_use_the_control_socket() {
     );
 }
 
-/// `GET /metrics` from inside the balancer's namespace: the body.
-fn scrape(host: &Host, addr: SocketAddr) -> String {
-    host.ns.run_in(|| {
-        let mut stream = TcpStream::connect_timeout(&addr, TIMEOUT)
-            .unwrap_or_else(|e| panic!("connect to the metrics endpoint {addr}: {e}"));
-        stream
-            .set_read_timeout(Some(TIMEOUT))
-            .expect("read timeout");
-        let request = format!("GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-        stream
-            .write_all(request.as_bytes())
-            .expect("send the scrape");
-        let mut answer = String::new();
-        stream.read_to_string(&mut answer).expect("read the scrape");
-        let (head, body) = answer
-            .split_once("\r\n\r\n")
-            .unwrap_or_else(|| panic!("no HTTP answer from {addr}: {answer:?}"));
-        assert!(
-            head.starts_with("HTTP/1.1 200"),
-            "/metrics answered {head:?}"
-        );
-        assert!(
-            !head.to_ascii_lowercase().contains("chunked"),
-            "unexpected chunked /metrics answer"
-        );
-        body.to_owned()
-    })
-}
-
-/// The samples of a Prometheus text exposition: `name{labels}` to value.
-fn samples(text: &str) -> BTreeMap<String, f64> {
-    text.lines()
-        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
-        .map(|l| {
-            let (series, value) = l
-                .rsplit_once(' ')
-                .unwrap_or_else(|| panic!("odd metrics line {l:?}"));
-            let value = value
-                .parse()
-                .unwrap_or_else(|_| panic!("odd metrics value in {l:?}"));
-            (series.to_owned(), value)
-        })
-        .collect()
-}
-
 fn sample(samples: &BTreeMap<String, f64>, series: &str, text: &str) -> f64 {
     *samples
         .get(series)
@@ -814,7 +768,7 @@ fn metrics_endpoint_reports_the_real_counters() {
     let mut attempts = 0;
     let (counts, text) = loop {
         let before = vip_counts();
-        let text = scrape(&lab.topo.lb, addr);
+        let text = scrape_metrics(&lab.topo.lb, addr);
         if vip_counts() == before {
             break (before, text);
         }
@@ -822,8 +776,9 @@ fn metrics_endpoint_reports_the_real_counters() {
         assert!(attempts < 50, "the VIP counters never settled");
         thread::sleep(Duration::from_millis(100));
     };
-    let m = samples(&text);
-    let vip_label = format!("vip=\"{SERVICE}\"");
+    let m = metric_samples(&text);
+    // SERVICE as the labels every per-VIP series carries.
+    let vip_label = r#"address="203.0.113.10",port="80",protocol="tcp""#;
     let vip_packets = sample(&m, &format!("xlb_vip_packets_total{{{vip_label}}}"), &text);
     let vip_bytes = sample(&m, &format!("xlb_vip_bytes_total{{{vip_label}}}"), &text);
     assert!(vip_packets > 0.0, "no VIP packets counted:\n{text}");
@@ -858,8 +813,10 @@ fn metrics_endpoint_reports_the_real_counters() {
             "real {} is not healthy in the metrics",
             real.ipv4
         );
-        let weight = sample(&m, &format!("xlb_real_weight{{{labels}}}"), &text);
-        assert_eq!(weight, 1.0, "real {} has weight {weight}", real.ipv4);
+        for name in ["xlb_real_weight", "xlb_real_effective_weight"] {
+            let weight = sample(&m, &format!("{name}{{{labels}}}"), &text);
+            assert_eq!(weight, 1.0, "real {}: {name} {weight}", real.ipv4);
+        }
     }
     assert_eq!(
         real_sum, vip_packets,

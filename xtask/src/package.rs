@@ -46,6 +46,15 @@ const DOCS: [&str; 11] = [
     "docs/examples/keepalived.conf",
 ];
 
+/// The Grafana dashboard and Prometheus alert rules (and their unit tests),
+/// shipped in /usr/share/xlb from packaging/monitoring (docs/operations.md,
+/// Monitoring).
+const MONITORING: [&str; 3] = [
+    "xlb-alerts.test.yml",
+    "xlb-alerts.yml",
+    "xlb-dashboard.json",
+];
+
 /// Which build goes into the package.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Profile {
@@ -277,6 +286,14 @@ fn stage_tree(stage: &Path, bin: &Path, version: &str) -> anyhow::Result<()> {
         let name = file.strip_prefix("docs/").unwrap_or(file);
         install(Path::new(file), &doc.join(name), 0o644)?;
     }
+    let share = stage.join("usr/share").join(NAME);
+    for file in MONITORING {
+        install(
+            &Path::new("packaging/monitoring").join(file),
+            &share.join(file),
+            0o644,
+        )?;
+    }
     Ok(())
 }
 
@@ -502,7 +519,7 @@ impl Lock {
 
 /// The files the package must contain (paths without the leading /), besides the
 /// man pages, which are checked by name below.
-const EXPECTED_FILES: [&str; 25] = [
+const EXPECTED_FILES: [&str; 28] = [
     "etc/default/xlb-decap",
     "etc/default/xlb-realserver",
     "etc/xlb/xlb.yaml",
@@ -527,6 +544,9 @@ const EXPECTED_FILES: [&str; 25] = [
     "usr/share/doc/xlb/operations.md",
     "usr/share/fish/vendor_completions.d/xlb.fish",
     "usr/share/lintian/overrides/xlb",
+    "usr/share/xlb/xlb-alerts.test.yml",
+    "usr/share/xlb/xlb-alerts.yml",
+    "usr/share/xlb/xlb-dashboard.json",
     "usr/share/zsh/vendor-completions/_xlb",
 ];
 

@@ -119,6 +119,9 @@ pub struct DecapArgs {
     /// Log the counters every this many seconds (0: only when stopping).
     #[arg(long, default_value_t = 0)]
     pub report_interval: u64,
+    /// Serve the counters as Prometheus metrics here, e.g. 127.0.0.1:9815.
+    #[arg(long = "metrics-addr")]
+    pub metrics_addr: Option<std::net::SocketAddr>,
     /// Accept tunnels only from this source prefix, e.g. the balancers'
     /// --tunnel-src 192.0.2.0/24 (repeat for several). Without it every source
     /// is accepted (and a warning is logged).

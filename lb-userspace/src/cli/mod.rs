@@ -343,6 +343,7 @@ async fn run_decap(args: DecapArgs) -> anyhow::Result<()> {
     if addrs.is_empty() {
         bail!("{iface_name} has no addresses; give the tunnel endpoint with --addr");
     }
+    let metrics_listener = crate::metrics::bind(args.metrics_addr).await?;
     let pin = if args.no_pin {
         None
     } else {
@@ -368,6 +369,10 @@ async fn run_decap(args: DecapArgs) -> anyhow::Result<()> {
             "attaching XDP to {iface_name} failed (another XDP program attached? try --xdp-mode skb)"
         )
     })?;
+    let metrics_task = match metrics_listener {
+        Some(l) => Some(crate::metrics::serve_decap(l, decap.counter_reader()?)),
+        None => None,
+    };
     tracing::info!(iface = %iface_name, ?addrs, allow_src = ?args.allow_srcs, "decapsulating tunnels");
     let report = |decap: &Decap| {
         if let Ok(counters) = decap.counters() {
@@ -392,6 +397,9 @@ async fn run_decap(args: DecapArgs) -> anyhow::Result<()> {
         }
     }
     report(&decap);
+    if let Some(task) = metrics_task {
+        task.abort();
+    }
     if pin.is_some() {
         tracing::info!(
             "xlb decap stopped; the decapsulator keeps running from its pins (`xlb decap \
