@@ -45,6 +45,17 @@ impl Mode {
     }
 }
 
+/// How the daemon logs (to stderr).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Text lines; without timestamps and colours when stderr is not a
+    /// terminal or under systemd (JOURNAL_STREAM), where journald adds its own.
+    Plain,
+    /// One JSON object a line (tracing-subscriber's JSON formatter).
+    Json,
+}
+
 /// An address prefix, `192.0.2.0/24` or `2001:db8:ff::/96`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Prefix<A> {
@@ -181,6 +192,9 @@ pub struct Settings {
     #[arg(long, value_parser = share)]
     #[serde(default, deserialize_with = "de_share")]
     pub min_healthy: Option<f64>,
+    /// Log format: plain or json [default: plain].
+    #[arg(long, value_enum)]
+    pub log_format: Option<LogFormat>,
 }
 
 impl Settings {
@@ -204,6 +218,7 @@ impl Settings {
             metrics_addr: self.metrics_addr.or(file.metrics_addr),
             socket_group: self.socket_group.or(file.socket_group),
             min_healthy: self.min_healthy.or(file.min_healthy),
+            log_format: self.log_format.or(file.log_format),
         }
     }
 
