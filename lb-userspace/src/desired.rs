@@ -852,12 +852,63 @@ mod tests {
                 },
                 "invalid table size 65536",
             ),
+            (
+                Edit::SetVip {
+                    vip: v,
+                    scheduler: Some(Scheduler::MaglevSrc),
+                    table_size: Some(100),
+                    health: None,
+                },
+                "invalid table size 100",
+            ),
+            (
+                Edit::SetVip {
+                    vip: v,
+                    scheduler: None,
+                    table_size: None,
+                    health: None,
+                },
+                "give a scheduler, a table size and/or a health check",
+            ),
+            (
+                Edit::SetVip {
+                    vip: vip("203.0.113.77:80/tcp"),
+                    scheduler: Some(Scheduler::MaglevSrc),
+                    table_size: None,
+                    health: None,
+                },
+                "unknown VIP 203.0.113.77:80/tcp",
+            ),
         ];
         for (edit, want) in cases {
             let err = spec.apply(edit.clone()).expect_err("refused").to_string();
             assert!(err.contains(want), "{edit:?}: got {err:?}, want {want:?}");
             assert_eq!(spec, before, "{edit:?} changed the spec");
         }
+    }
+
+    #[test]
+    fn set_vip_changes_only_what_it_is_given_and_keeps_the_reals_and_overrides() {
+        let mut spec = spec_with_two_reals();
+        let v = vip("203.0.113.10:80/tcp");
+        spec.apply(Edit::SetReal {
+            vip: v,
+            real: ip("198.51.100.11"),
+            weight: Some(5),
+            admin: None,
+        })
+        .expect("override");
+        let mut want = spec.clone();
+        spec.apply(Edit::SetVip {
+            vip: v,
+            scheduler: None,
+            table_size: Some(251),
+            health: None,
+        })
+        .expect("set vip");
+        let s = want.base.services.get_mut(&v).expect("vip");
+        s.options.table_size = 251;
+        assert_eq!(spec, want);
     }
 
     #[test]
