@@ -2,14 +2,33 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context as _, anyhow};
+use anyhow::Context as _;
 use http_body_util::{BodyExt as _, Full};
 use hyper::{Method, Request, body::Bytes};
 use hyper_util::rt::TokioIo;
 use serde::{Serialize, de::DeserializeOwned};
 use tokio::net::UnixStream;
 
-use crate::api::ErrorBody;
+use crate::{
+    api::ErrorBody,
+    cli::error::{CliError, ErrorKind},
+};
+
+fn unreachable(message: String) -> anyhow::Error {
+    CliError::new(ErrorKind::Unreachable, message).into()
+}
+
+/// The kind of failure an error answer is: 400 the request is invalid (bad
+/// input), 503 the daemon is going away (unreachable), other 4xx refused,
+/// the rest (a map write failed) other.
+fn answer_kind(status: hyper::StatusCode) -> ErrorKind {
+    match status.as_u16() {
+        400 => ErrorKind::BadInput,
+        503 => ErrorKind::Unreachable,
+        401..=499 => ErrorKind::Refused,
+        _ => ErrorKind::Other,
+    }
+}
 
 /// How long the CLI waits for the daemon (adding a real may wait for ARP).
 const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
@@ -27,7 +46,9 @@ impl Client {
         }
     }
 
-    /// Sends one request; a non-2xx answer becomes an error carrying the daemon's message.
+    /// Sends one request; a non-2xx answer becomes an error carrying the
+    /// daemon's message, of the kind its status says (see `answer_kind`); not
+    /// reaching the daemon is an `Unreachable` error.
     pub async fn call<B: Serialize, R: DeserializeOwned>(
         &self,
         method: Method,
@@ -36,7 +57,11 @@ impl Client {
     ) -> anyhow::Result<R> {
         tokio::time::timeout(REQUEST_TIMEOUT, self.call_inner(method, path, body))
             .await
-            .map_err(|_| anyhow!("the xlb daemon did not answer within {REQUEST_TIMEOUT:?}"))?
+            .map_err(|_| {
+                unreachable(format!(
+                    "the xlb daemon did not answer within {REQUEST_TIMEOUT:?}"
+                ))
+            })?
     }
 
     async fn call_inner<B: Serialize, R: DeserializeOwned>(
@@ -45,16 +70,16 @@ impl Client {
         path: &str,
         body: Option<&B>,
     ) -> anyhow::Result<R> {
-        let stream = UnixStream::connect(&self.socket).await.with_context(|| {
-            format!(
-                "cannot reach the xlb daemon at {} (is `xlb run` running? pick another socket \
-                 with --socket or XLB_SOCKET)",
+        let stream = UnixStream::connect(&self.socket).await.map_err(|e| {
+            unreachable(format!(
+                "cannot reach the xlb daemon at {}: {e} (is `xlb run` running? pick another \
+                 socket with --socket or XLB_SOCKET)",
                 self.socket.display()
-            )
+            ))
         })?;
         let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
-            .context("HTTP handshake with the daemon failed")?;
+            .map_err(|e| unreachable(format!("HTTP handshake with the daemon failed: {e}")))?;
         let conn = tokio::spawn(conn);
         let payload = match body {
             Some(b) => serde_json::to_vec(b).context("encoding the request")?,
@@ -70,20 +95,20 @@ impl Client {
         let resp = sender
             .send_request(req)
             .await
-            .context("sending the request to the daemon")?;
+            .map_err(|e| unreachable(format!("sending the request to the daemon: {e}")))?;
         let status = resp.status();
         let bytes = resp
             .into_body()
             .collect()
             .await
-            .context("reading the daemon's answer")?
+            .map_err(|e| unreachable(format!("reading the daemon's answer: {e}")))?
             .to_bytes();
         conn.abort();
         if !status.is_success() {
             let msg = serde_json::from_slice::<ErrorBody>(&bytes)
                 .map(|e| e.error)
                 .unwrap_or_else(|_| String::from_utf8_lossy(&bytes).into_owned());
-            return Err(anyhow!("{msg}"));
+            return Err(CliError::new(answer_kind(status), msg).into());
         }
         let bytes = if bytes.is_empty() {
             Bytes::from_static(b"null")

@@ -7,7 +7,7 @@
 
 use std::{collections::BTreeMap, net::IpAddr, path::Path};
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::{
     desired::{
@@ -67,22 +67,22 @@ pub struct ConfigFile {
 }
 
 /// One virtual service.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ServiceConfig {
     /// The VIP, `203.0.113.10:80/tcp`.
     pub vip: String,
     /// The scheduler.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub scheduler: Option<String>,
     /// The forwarding mode.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub forward: Option<String>,
     /// The Maglev table size.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub table_size: Option<u32>,
     /// The health check of its reals.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub health_check: Option<HealthCheck>,
     /// The real servers.
     #[serde(default)]
@@ -90,23 +90,86 @@ pub struct ServiceConfig {
 }
 
 /// One real server of a service.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RealConfig {
     /// Its address.
     pub address: String,
     /// Its weight (default 1).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub weight: Option<u32>,
     /// false: out of the table, its flows moved elsewhere (default true).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub enabled: Option<bool>,
     /// true: no new flows, tracked flows stay (default false).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub drain: Option<bool>,
     /// This real's own health check (overrides the service's).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub health_check: Option<HealthCheck>,
+}
+
+/// A saved desired state: the `services:` part of a configuration file.
+#[derive(Debug, Serialize)]
+pub struct Saved {
+    /// The services, in VIP order, every setting written out.
+    pub services: Vec<ServiceConfig>,
+}
+
+/// `desired` as a configuration document (`xlb save`): [`Config::parse`]
+/// reads it back as the same desired state.
+pub fn document(desired: &Desired) -> Saved {
+    let services = desired
+        .services
+        .iter()
+        .map(|(vip, s)| ServiceConfig {
+            vip: vip.to_string(),
+            scheduler: Some(s.options.scheduler.to_string()),
+            forward: Some(s.options.forward.to_string()),
+            table_size: Some(s.options.table_size),
+            health_check: s.health.clone(),
+            reals: s
+                .reals
+                .iter()
+                .map(|(addr, r)| RealConfig {
+                    address: addr.to_string(),
+                    weight: Some(r.weight),
+                    enabled: (r.admin == Admin::Disabled).then_some(false),
+                    drain: (r.admin == Admin::Drain).then_some(true),
+                    health_check: r.health.clone(),
+                })
+                .collect(),
+        })
+        .collect();
+    Saved { services }
+}
+
+/// The first lines of `xlb save`'s output.
+const SAVED_HEADER: &str = "\
+# The desired state of an xlb daemon (its base), written by `xlb save`; `xlb apply` takes it back.
+# Not in it: the daemon: section, and values set by hand (xlb real set, drain, disable, enable),
+# which stay in the daemon and keep winning over these until `xlb real reset-override`.
+";
+
+/// `desired` as the YAML `xlb save` prints: a header comment, then the
+/// document of [`document`] without empty values.
+pub fn to_yaml(desired: &Desired) -> Result<String, serde_yaml_ng::Error> {
+    fn strip_nulls(v: &mut serde_yaml_ng::Value) {
+        match v {
+            serde_yaml_ng::Value::Mapping(m) => {
+                m.retain(|_, v| !v.is_null());
+                m.values_mut().for_each(strip_nulls);
+            }
+            serde_yaml_ng::Value::Sequence(s) => s.iter_mut().for_each(strip_nulls),
+            _ => {}
+        }
+    }
+    let mut value = serde_yaml_ng::to_value(document(desired))?;
+    strip_nulls(&mut value);
+    Ok(format!(
+        "{SAVED_HEADER}{}",
+        serde_yaml_ng::to_string(&value)?
+    ))
 }
 
 /// A validated configuration.
@@ -419,6 +482,20 @@ mod tests {
                 proptest::prop_assert!(msg.starts_with("invalid"), "{msg}");
             }
         }
+    }
+
+    #[test]
+    fn a_saved_state_parses_back_to_the_same_state_and_the_same_text() {
+        let c = Config::parse("xlb.yaml", EXAMPLE).expect("docs/examples/xlb.yaml is valid");
+        let saved = to_yaml(&c.desired).expect("yaml");
+        let back = Config::parse("saved.yaml", &saved)
+            .unwrap_or_else(|e| panic!("the saved state does not parse: {e}\n{saved}"));
+        assert_eq!(back.desired, c.desired, "{saved}");
+        assert_eq!(to_yaml(&back.desired).expect("yaml"), saved);
+        assert!(
+            saved.starts_with("# The desired state of an xlb daemon"),
+            "{saved}"
+        );
     }
 
     #[test]

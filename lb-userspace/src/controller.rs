@@ -256,6 +256,31 @@ impl Snapshot {
     }
 }
 
+/// The result of the last load of a whole configuration: at start-up, on
+/// SIGHUP, or by `xlb apply` (what `systemctl reload` runs).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReloadOutcome {
+    /// Whether it was applied.
+    pub successful: bool,
+    /// When it ended, Unix seconds.
+    pub at: u64,
+    /// What asked for it: `start-up`, `SIGHUP` or `xlb apply`, and the file.
+    pub source: String,
+    /// Why it was refused, in full.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// When a load last succeeded, Unix seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_success_at: Option<u64>,
+}
+
+/// Now, Unix seconds.
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
 /// What the controller counts of its own work (the data path's counters live
 /// in maps); read by the metrics and `xlb status`.
 pub struct Activity {
@@ -263,6 +288,7 @@ pub struct Activity {
     reconcile_errors: AtomicU64,
     reconcile_seconds: Histogram,
     unresolved: AtomicU64,
+    reload: watch::Sender<Option<ReloadOutcome>>,
 }
 
 impl Activity {
@@ -275,7 +301,29 @@ impl Activity {
                 0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0,
             ]),
             unresolved: AtomicU64::new(0),
+            reload: watch::channel(None).0,
         }
+    }
+
+    /// Records the result of loading a whole configuration (`source`: what
+    /// asked for it).
+    pub fn record_reload(&self, source: String, result: Result<(), String>) {
+        let at = unix_now();
+        self.reload.send_modify(|last| {
+            let before = last.as_ref().and_then(|l| l.last_success_at);
+            *last = Some(ReloadOutcome {
+                successful: result.is_ok(),
+                at,
+                source,
+                last_success_at: if result.is_ok() { Some(at) } else { before },
+                error: result.err(),
+            });
+        });
+    }
+
+    /// The last configuration load, if any.
+    pub fn last_reload(&self) -> Option<ReloadOutcome> {
+        self.reload.borrow().clone()
     }
 
     /// Records one reconcile.

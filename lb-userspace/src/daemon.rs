@@ -345,6 +345,13 @@ pub async fn run(
         Err(err) => tracing::error!(%err, "running with more capabilities than it needs"),
     }
     let activity = Arc::new(controller::Activity::new());
+    activity.record_reload(
+        config_path.as_ref().map_or_else(
+            || "start-up (no --config)".to_owned(),
+            |p| format!("start-up {}", p.display()),
+        ),
+        Ok(()),
+    );
     let iface = Arc::new(iface);
     let (ctl, handle, events, board) = Controller::new(
         state,
@@ -368,7 +375,7 @@ pub async fn run(
         reader,
         flows,
         board,
-        activity,
+        activity: activity.clone(),
         node: node.clone(),
     };
     let metrics_task = metrics_listener.map(|l| crate::metrics::serve(l, sources.clone()));
@@ -382,6 +389,7 @@ pub async fn run(
     };
     let reload_task = tokio::spawn(reload_on_sighup(
         handle.clone(),
+        activity.clone(),
         iface.clone(),
         config_path.clone(),
         settings.resolve_timeout(),
@@ -399,6 +407,7 @@ pub async fn run(
         sources,
         iface,
         resolve_timeout: settings.resolve_timeout(),
+        baseline: api::zero::Baseline::default(),
     };
     let served = axum::serve(listener, api::router(ctx))
         .with_graceful_shutdown(shutdown_signal())
@@ -463,10 +472,11 @@ fn forward_ebpf_logs(
 }
 
 /// Re-reads the configuration file on SIGHUP and sends its services to the
-/// controller (overrides set by hand stay); a bad file is logged and changes
-/// nothing.
+/// controller (overrides set by hand stay); a bad file is logged, recorded as
+/// a failed reload and changes nothing.
 async fn reload_on_sighup(
     handle: Handle,
+    activity: Arc<controller::Activity>,
     iface: Arc<Iface>,
     config: Option<PathBuf>,
     resolve_timeout: std::time::Duration,
@@ -477,10 +487,12 @@ async fn reload_on_sighup(
             tracing::warn!("SIGHUP received but the daemon was started without --config");
             continue;
         };
+        let source = format!("SIGHUP {}", path.display());
         let config = match Config::load(&path) {
             Ok(c) => c,
             Err(err) => {
                 tracing::error!(%err, "reload refused; the running state is unchanged");
+                activity.record_reload(source, Err(err.to_string()));
                 continue;
             }
         };
@@ -493,17 +505,23 @@ async fn reload_on_sighup(
             neighbor::resolve_all(&iface, &unknown, resolve_timeout).await
         };
         match handle.edit(Edit::Replace(config.desired), resolution).await {
-            Ok(c) => tracing::info!(
-                file = %path.display(),
-                writes = c.writes,
-                tables = c.tables,
-                "configuration reloaded"
-            ),
-            Err(err) => tracing::error!(
-                file = %path.display(),
-                %err,
-                "reload failed; the running state is unchanged"
-            ),
+            Ok(c) => {
+                activity.record_reload(source, Ok(()));
+                tracing::info!(
+                    file = %path.display(),
+                    writes = c.writes,
+                    tables = c.tables,
+                    "configuration reloaded"
+                );
+            }
+            Err(err) => {
+                activity.record_reload(source, Err(format!("{}: {err}", path.display())));
+                tracing::error!(
+                    file = %path.display(),
+                    %err,
+                    "reload failed; the running state is unchanged"
+                );
+            }
         }
     }
 }

@@ -108,6 +108,9 @@ pub enum SpecError {
     /// An edit that changes nothing was asked for with no values.
     #[error("give a weight and/or an admin state")]
     NothingToSet,
+    /// A VIP edit was asked for with no values.
+    #[error("give a scheduler, a table size and/or a health check")]
+    NothingToSetVip,
 }
 
 /// Options of a VIP beyond its address.
@@ -456,6 +459,18 @@ pub enum Edit {
         /// The health check of its reals.
         health: Option<HealthCheck>,
     },
+    /// Change a VIP's settings in the base, in place: its VIP id, reals and
+    /// tracked flows stay (`xlb vip set`).
+    SetVip {
+        /// The VIP.
+        vip: Vip,
+        /// A new scheduler.
+        scheduler: Option<Scheduler>,
+        /// A new Maglev table size.
+        table_size: Option<u32>,
+        /// A new health check of its reals (kind `none`: not probed).
+        health: Option<HealthCheck>,
+    },
     /// Remove a VIP (and its overrides).
     DelVip(Vip),
     /// Add a real to a VIP of the base.
@@ -558,6 +573,31 @@ impl Spec {
                     },
                 );
             }
+            Edit::SetVip {
+                vip,
+                scheduler,
+                table_size,
+                health,
+            } => {
+                if scheduler.is_none() && table_size.is_none() && health.is_none() {
+                    return Err(SpecError::NothingToSetVip);
+                }
+                let s = next
+                    .base
+                    .services
+                    .get_mut(&vip)
+                    .ok_or(SpecError::UnknownVip(vip))?;
+                if let Some(size) = table_size {
+                    check_table_size(size)?;
+                    s.options.table_size = size;
+                }
+                if let Some(scheduler) = scheduler {
+                    s.options.scheduler = scheduler;
+                }
+                if health.is_some() {
+                    s.health = health;
+                }
+            }
             Edit::DelVip(vip) => {
                 next.base
                     .services
@@ -653,67 +693,13 @@ impl Spec {
     }
 }
 
-/// One line per difference between two desired states ("VIP ... added",
-/// "real ... of ... drained", ...), for the log.
+/// One line per difference between two desired states ("+ VIP ...",
+/// "~ real ... of ...: weight 1 -> 3", ...), for the log.
 pub fn describe_changes(old: &Desired, new: &Desired) -> Vec<String> {
-    let mut out = Vec::new();
-    for vip in old.services.keys() {
-        if !new.services.contains_key(vip) {
-            out.push(format!("VIP {vip} removed"));
-        }
-    }
-    for (vip, s) in &new.services {
-        let Some(o) = old.services.get(vip) else {
-            out.push(format!(
-                "VIP {vip} added ({}, {}, table {})",
-                s.options.forward, s.options.scheduler, s.options.table_size
-            ));
-            for (real, r) in &s.reals {
-                out.push(format!(
-                    "real {real} of {vip} added (weight {}, {})",
-                    r.weight, r.admin
-                ));
-            }
-            continue;
-        };
-        if o.options != s.options {
-            out.push(format!(
-                "VIP {vip} now {}, {}, table {}",
-                s.options.forward, s.options.scheduler, s.options.table_size
-            ));
-        }
-        if o.health != s.health {
-            out.push(format!("VIP {vip} health check changed"));
-        }
-        for real in o.reals.keys() {
-            if !s.reals.contains_key(real) {
-                out.push(format!("real {real} of {vip} removed"));
-            }
-        }
-        for (real, r) in &s.reals {
-            match o.reals.get(real) {
-                None => out.push(format!(
-                    "real {real} of {vip} added (weight {}, {})",
-                    r.weight, r.admin
-                )),
-                Some(p) => {
-                    if p.weight != r.weight {
-                        out.push(format!(
-                            "real {real} of {vip} weight {} -> {}",
-                            p.weight, r.weight
-                        ));
-                    }
-                    if p.admin != r.admin {
-                        out.push(format!("real {real} of {vip} {} -> {}", p.admin, r.admin));
-                    }
-                    if p.health != r.health {
-                        out.push(format!("real {real} of {vip} health check changed"));
-                    }
-                }
-            }
-        }
-    }
-    out
+    crate::diff::diff(old, new)
+        .iter()
+        .map(ToString::to_string)
+        .collect()
 }
 
 /// The reals `desired` names that `known` has no MAC for.
@@ -866,12 +852,63 @@ mod tests {
                 },
                 "invalid table size 65536",
             ),
+            (
+                Edit::SetVip {
+                    vip: v,
+                    scheduler: Some(Scheduler::MaglevSrc),
+                    table_size: Some(100),
+                    health: None,
+                },
+                "invalid table size 100",
+            ),
+            (
+                Edit::SetVip {
+                    vip: v,
+                    scheduler: None,
+                    table_size: None,
+                    health: None,
+                },
+                "give a scheduler, a table size and/or a health check",
+            ),
+            (
+                Edit::SetVip {
+                    vip: vip("203.0.113.77:80/tcp"),
+                    scheduler: Some(Scheduler::MaglevSrc),
+                    table_size: None,
+                    health: None,
+                },
+                "unknown VIP 203.0.113.77:80/tcp",
+            ),
         ];
         for (edit, want) in cases {
             let err = spec.apply(edit.clone()).expect_err("refused").to_string();
             assert!(err.contains(want), "{edit:?}: got {err:?}, want {want:?}");
             assert_eq!(spec, before, "{edit:?} changed the spec");
         }
+    }
+
+    #[test]
+    fn set_vip_changes_only_what_it_is_given_and_keeps_the_reals_and_overrides() {
+        let mut spec = spec_with_two_reals();
+        let v = vip("203.0.113.10:80/tcp");
+        spec.apply(Edit::SetReal {
+            vip: v,
+            real: ip("198.51.100.11"),
+            weight: Some(5),
+            admin: None,
+        })
+        .expect("override");
+        let mut want = spec.clone();
+        spec.apply(Edit::SetVip {
+            vip: v,
+            scheduler: None,
+            table_size: Some(251),
+            health: None,
+        })
+        .expect("set vip");
+        let s = want.base.services.get_mut(&v).expect("vip");
+        s.options.table_size = 251;
+        assert_eq!(spec, want);
     }
 
     #[test]
@@ -936,9 +973,10 @@ mod tests {
         assert_eq!(
             lines,
             [
-                "real 198.51.100.11 of 203.0.113.10:80/tcp weight 1 -> 7",
-                "real 198.51.100.12 of 203.0.113.10:80/tcp enabled -> drain",
-                "VIP 203.0.113.11:53/udp added (dr, maglev, table 65537)",
+                "~ real 198.51.100.11 of 203.0.113.10:80/tcp: weight 1 -> 7",
+                "~ real 198.51.100.12 of 203.0.113.10:80/tcp: admin enabled -> drain",
+                "+ VIP 203.0.113.11:53/udp (forward dr, scheduler maglev, table_size 65537, \
+                 health_check none)",
             ]
         );
         assert!(describe_changes(&new, &new).is_empty());

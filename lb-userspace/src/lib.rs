@@ -5,6 +5,7 @@
 //!
 //! - [`model`]: operator-facing types (`Vip`, `Proto`, `Scheduler`), parsed at the edge.
 //! - [`desired`]: the desired state (base + overrides) and its edits.
+//! - [`diff`]: what differs between two desired states (`xlb apply --dry-run`, the log).
 //! - [`state`]: the model of the maps and the one reconcile step (plan + commit, undo).
 //! - [`controller`]: the task that owns the state and the maps; everything
 //!   else sends it events and reads its published snapshots.
@@ -36,6 +37,7 @@ pub mod daemon;
 pub mod dataplane;
 pub mod decap;
 pub mod desired;
+pub mod diff;
 pub mod generate;
 pub mod health;
 pub mod maglev;

@@ -1,12 +1,36 @@
 //! The `xlb` binary: parse arguments, set up logging, hand over to the library.
 
+use std::io::IsTerminal as _;
+
 use clap::Parser as _;
-use lb_userspace::cli::{Cli, Command};
+use lb_userspace::{
+    cli::{Cli, Command, error},
+    config::Config,
+    settings::LogFormat,
+};
 use tracing_subscriber::EnvFilter;
+
+/// The daemon's log format: `--log-format`, else the config file's
+/// `daemon.log_format` (a file that does not load is reported by the daemon).
+fn log_format(cli: &Cli) -> LogFormat {
+    let Command::Run(args) = &cli.command else {
+        return LogFormat::Plain;
+    };
+    args.settings
+        .log_format
+        .or_else(|| {
+            let config = Config::load(args.config.as_deref()?).ok()?;
+            config.daemon.log_format
+        })
+        .unwrap_or(LogFormat::Plain)
+}
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(err) => return error::usage(&err),
+    };
     // The daemon and the decapsulator (whose counter reports are info lines) log at
     // info by default; client commands only print results.
     let default = if matches!(cli.command, Command::Run(_) | Command::Decap(_)) {
@@ -14,18 +38,27 @@ async fn main() -> std::process::ExitCode {
     } else {
         "warn"
     };
-    tracing_subscriber::fmt()
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_env_filter(
-            EnvFilter::try_from_env("XLB_LOG").unwrap_or_else(|_| EnvFilter::new(default)),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    let filter = EnvFilter::try_from_env("XLB_LOG").unwrap_or_else(|_| EnvFilter::new(default));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match log_format(&cli) {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Plain => {
+            // journald (and any log collector) stamps lines itself.
+            let terminal =
+                std::io::stderr().is_terminal() && std::env::var_os("JOURNAL_STREAM").is_none();
+            let builder = builder.with_ansi(terminal);
+            if terminal {
+                builder.init();
+            } else {
+                builder.without_time().init();
+            }
+        }
+    }
+    let json = cli.json;
     match lb_userspace::cli::run(cli).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(err) => {
-            eprintln!("error: {err:#}");
-            std::process::ExitCode::FAILURE
-        }
+        Err(err) => error::exit(&err, json),
     }
 }

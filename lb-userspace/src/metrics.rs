@@ -301,6 +301,7 @@ pub fn render(src: &Sources, flows: &FlowCounts) -> Result<String, String> {
     );
     reg.register("health_flips", "Health verdict changes", health_flips);
     crate::node::register_metrics(&mut reg, &src.node.status());
+    register_reload(&mut reg, &src.activity);
     let mut out = String::new();
     encode(&mut out, &reg).map_err(|e| e.to_string())?;
     Ok(out)
@@ -361,6 +362,33 @@ pub fn render_decap(counters: &[(&'static str, lb_common::Counter)]) -> Result<S
 /// The HTTP answer to a scrape.
 fn exposition(rendered: Result<String, String>) -> impl IntoResponse {
     match rendered {
+/// The last configuration load (start-up, SIGHUP, `xlb apply`), under
+/// Prometheus's own names: `xlb_config_last_reload_successful` (0 or 1) and
+/// `xlb_config_last_reload_success_timestamp_seconds`.
+fn register_reload(reg: &mut Registry, activity: &Activity) {
+    let last = activity.last_reload();
+    let successful = Gauge::<i64>::default();
+    successful.set(i64::from(last.as_ref().is_none_or(|r| r.successful)));
+    let success_at = Gauge::<i64>::default();
+    success_at.set(
+        last.and_then(|r| r.last_success_at)
+            .map_or(0, |t| i64::try_from(t).unwrap_or(i64::MAX)),
+    );
+    reg.register(
+        "config_last_reload_successful",
+        "Whether the last configuration load (start-up, SIGHUP, xlb apply) succeeded",
+        successful,
+    );
+    reg.register(
+        "config_last_reload_success_timestamp_seconds",
+        "When a configuration load last succeeded, Unix seconds",
+        success_at,
+    );
+}
+
+async fn scrape(AxState(src): AxState<Sources>) -> impl IntoResponse {
+    let flows = src.flows.fresh(Duration::ZERO).await;
+    match render(&src, &flows) {
         Ok(body) => (
             StatusCode::OK,
             [(

@@ -47,6 +47,17 @@ impl Mode {
     }
 }
 
+/// How the daemon logs (to stderr).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Text lines; without timestamps and colours when stderr is not a
+    /// terminal or under systemd (JOURNAL_STREAM), where journald adds its own.
+    Plain,
+    /// One JSON object a line (tracing-subscriber's JSON formatter).
+    Json,
+}
+
 /// An address prefix, `192.0.2.0/24` or `2001:db8:ff::/96`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Prefix<A> {
@@ -191,6 +202,9 @@ pub struct Settings {
     /// [default: /run/xlb/bird-vips.conf].
     #[arg(long)]
     pub bird_routes: Option<PathBuf>,
+    /// Log format: plain or json [default: plain].
+    #[arg(long, value_enum)]
+    pub log_format: Option<LogFormat>,
 }
 
 impl Settings {
@@ -216,6 +230,7 @@ impl Settings {
             min_healthy: self.min_healthy.or(file.min_healthy),
             bird_socket: self.bird_socket.or(file.bird_socket),
             bird_routes: self.bird_routes.or(file.bird_routes),
+            log_format: self.log_format.or(file.log_format),
         }
     }
 

@@ -614,6 +614,15 @@ fn sighup_reloads_the_config_file_and_a_bad_edit_changes_nothing() {
     });
     assert_eq!(real_addrs(&daemon, SERVICE), names(&reals));
     daemon.wait_for_log("configuration reloaded");
+    let last = &status(&daemon)["last_reload"];
+    assert_eq!(
+        (&last["successful"], &last["source"]),
+        (
+            &serde_json::json!(true),
+            &serde_json::json!(format!("SIGHUP {config}"))
+        ),
+        "{last}"
+    );
     let before = daemon.cli_ok(&["vip", "list", "--json"]);
 
     // A schema error: refused before anything is touched.
@@ -634,6 +643,16 @@ fn sighup_reloads_the_config_file_and_a_bad_edit_changes_nothing() {
         "reload failed",
         &[config.as_str(), "192.0.2.50", "not on"],
         &before,
+    );
+    // Both are recorded as the last reload, failed, with the reason in full.
+    let last = &status(&daemon)["last_reload"];
+    assert_eq!(last["successful"], false, "{last}");
+    assert_eq!(last["source"], format!("SIGHUP {config}"), "{last}");
+    assert!(
+        last["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("192.0.2.50") && e.contains(config.as_str())),
+        "{last}"
     );
     // The daemon still serves after both.
     let answer = topo.client.ns.run_in(|| http_get(target(), TIMEOUT));

@@ -10,6 +10,7 @@
 pub mod node;
 pub mod routes;
 pub mod types;
+pub mod zero;
 
 use std::{sync::Arc, time::Duration};
 
@@ -35,6 +36,8 @@ pub struct Context {
     /// How long to wait for a new real's ARP/NDP answer before handing the
     /// change to the controller with the real unresolved.
     pub resolve_timeout: Duration,
+    /// The counters' values at the last `xlb stats --zero`.
+    pub baseline: zero::Baseline,
 }
 
 /// An error answer.

@@ -18,11 +18,13 @@ use lb_common::{flow_hash, src_hash, stat};
 use serde::Deserialize;
 
 use super::{
-    AddReal, AddVip, ApiError, Applied, ApplyBody, Conntrack, Context, EventStat, RealHealth,
-    SetReal, Simulated, Stats, Status, VerdictStat, VipStatus,
+    AddReal, AddVip, ApiError, Applied, ApplyBody, Conntrack, Context, DesiredQuery, EventStat,
+    Planned, RealHealth, SetReal, SetVip, Simulated, Stats, Status, VerdictStat, VipStatus,
+    zero::Zeroed,
 };
 use crate::{
     config::Config,
+    controller::unix_now,
     desired::{Desired, Edit, SpecError, VipOptions},
     model::{Proto, Scheduler, Vip, addr_bytes},
     neighbor::{self, Resolution},
@@ -37,7 +39,7 @@ pub fn router(ctx: Context) -> Router {
         .route("/v1/vips", get(list_vips).post(add_vip))
         .route(
             "/v1/vips/{proto}/{addr}/{port}",
-            get(get_vip).delete(del_vip),
+            get(get_vip).delete(del_vip).put(set_vip),
         )
         .route("/v1/vips/{proto}/{addr}/{port}/reals", post(add_real))
         .route(
@@ -49,8 +51,10 @@ pub fn router(ctx: Context) -> Router {
             delete(reset_override),
         )
         .route("/v1/desired", put(apply).get(desired))
+        .route("/v1/desired/plan", post(plan))
         .route("/v1/status", get(status))
         .route("/v1/stats", get(stats))
+        .route("/v1/stats/zero", post(zero))
         .route("/v1/simulate", get(simulate))
         .route("/v1/node", get(super::node::status))
         .route(
@@ -84,14 +88,13 @@ fn vip_from_path(proto: &str, addr: &str, port: &str) -> ApiResult<Vip> {
     Ok(Vip { addr, port, proto })
 }
 
-/// Every VIP's view, with the last conntrack count (never waits for a walk).
+/// Every VIP's view, with the last conntrack count (never waits for a walk),
+/// counted from the last zero.
 fn all_views(ctx: &Context) -> ApiResult<Vec<VipView>> {
     let flows = ctx.sources.flows.last();
-    Ok(views::vips(
-        &ctx.sources.handle.snapshot(),
-        &ctx.sources.reader,
-        &flows,
-    )?)
+    let mut views = views::vips(&ctx.sources.handle.snapshot(), &ctx.sources.reader, &flows)?;
+    ctx.baseline.views(&mut views);
+    Ok(views)
 }
 
 fn view_of(ctx: &Context, vip: &Vip) -> ApiResult<VipView> {
@@ -158,6 +161,33 @@ async fn add_vip(
     };
     edit(&ctx, e, None).await?;
     Ok((StatusCode::CREATED, Json(view_of(&ctx, &vip)?)))
+}
+
+async fn set_vip(
+    AxState(ctx): AxState<Context>,
+    Path((proto, addr, port)): Path<(String, String, String)>,
+    body: Result<Json<SetVip>, JsonRejection>,
+) -> ApiResult<Json<VipView>> {
+    let Json(body) = body?;
+    let vip = vip_from_path(&proto, &addr, &port)?;
+    let scheduler = body
+        .scheduler
+        .as_deref()
+        .map(str::parse::<Scheduler>)
+        .transpose()
+        .map_err(parse_err)?;
+    if let Some(hc) = &body.health_check {
+        hc.validate()
+            .map_err(|m| ApiError::bad_request(format!("health_check: {m}")))?;
+    }
+    let e = Edit::SetVip {
+        vip,
+        scheduler,
+        table_size: body.table_size,
+        health: body.health_check,
+    };
+    edit(&ctx, e, None).await?;
+    Ok(Json(view_of(&ctx, &vip)?))
 }
 
 async fn del_vip(
@@ -233,41 +263,84 @@ async fn del_real(
     Ok(StatusCode::NO_CONTENT)
 }
 
+/// An apply body parsed and checked the way `PUT /v1/desired` applies it:
+/// the file's name and its services. Errors name the file.
+fn checked(ctx: &Context, body: &ApplyBody) -> ApiResult<(String, Desired)> {
+    let file = body.file.clone().unwrap_or_else(|| "request".to_owned());
+    let config = Config::parse(&file, &body.yaml).map_err(parse_err)?;
+    crate::controller::check_reach(&ctx.iface, &config.desired)
+        .map_err(|e| named(&file, crate::controller::ControlError::from(e).into()))?;
+    Ok((file, config.desired))
+}
+
+/// `e` with its message prefixed by `file` (errors only the daemon can see).
+fn named(file: &str, e: ApiError) -> ApiError {
+    ApiError {
+        status: e.status,
+        message: format!("{file}: {}", e.message),
+    }
+}
+
 async fn apply(
     AxState(ctx): AxState<Context>,
     body: Result<Json<ApplyBody>, JsonRejection>,
 ) -> ApiResult<Json<Applied>> {
     let Json(body) = body?;
-    let file = body.file.as_deref().unwrap_or("request");
-    let config = Config::parse(file, &body.yaml).map_err(parse_err)?;
-    // Errors only the daemon can see (a real off the segment) name the file too.
-    let named = |e: ApiError| ApiError {
-        status: e.status,
-        message: format!("{file}: {}", e.message),
-    };
-    crate::controller::check_reach(&ctx.iface, &config.desired)
-        .map_err(|e| named(crate::controller::ControlError::from(e).into()))?;
-    let desired = config.desired.clone();
-    let applied = edit(&ctx, Edit::Replace(config.desired), Some(&desired))
+    let source = format!("xlb apply {}", body.file.as_deref().unwrap_or("(request)"));
+    let result = apply_checked(&ctx, &body).await;
+    let outcome = result.as_ref().map(drop).map_err(ToString::to_string);
+    ctx.sources.activity.record_reload(source, outcome);
+    result.map(Json)
+}
+
+async fn apply_checked(ctx: &Context, body: &ApplyBody) -> ApiResult<Applied> {
+    let (file, desired) = checked(ctx, body)?;
+    let applied = edit(ctx, Edit::Replace(desired.clone()), Some(&desired))
         .await
-        .map_err(named)?;
+        .map_err(|e| named(&file, e))?;
     tracing::info!(
         file,
         writes = applied.writes,
         tables = applied.tables,
         "desired state applied"
     );
-    Ok(Json(applied))
+    Ok(applied)
 }
 
-async fn desired(AxState(ctx): AxState<Context>) -> Json<Desired> {
-    Json(ctx.sources.handle.snapshot().desired.clone())
+async fn plan(
+    AxState(ctx): AxState<Context>,
+    body: Result<Json<ApplyBody>, JsonRejection>,
+) -> ApiResult<Json<Planned>> {
+    let Json(body) = body?;
+    let (file, desired) = checked(&ctx, &body)?;
+    let snap = ctx.sources.handle.snapshot();
+    let mut next = snap.spec.clone();
+    next.apply(Edit::Replace(desired))
+        .map_err(|e| named(&file, e.into()))?;
+    Ok(Json(Planned {
+        changes: crate::diff::diff(&snap.desired, &next.effective()),
+    }))
+}
+
+async fn desired(
+    AxState(ctx): AxState<Context>,
+    Query(q): Query<DesiredQuery>,
+) -> ApiResult<Json<Desired>> {
+    let snap = ctx.sources.handle.snapshot();
+    match q.layer.as_deref() {
+        None | Some("effective") => Ok(Json(snap.desired.clone())),
+        Some("base") => Ok(Json(snap.spec.base.clone())),
+        Some(other) => Err(ApiError::bad_request(format!(
+            "invalid layer '{other}': expected base or effective"
+        ))),
+    }
 }
 
 async fn status(AxState(ctx): AxState<Context>) -> ApiResult<Json<Status>> {
     let snap = ctx.sources.handle.snapshot();
     let flows = ctx.sources.flows.fresh(Duration::ZERO).await;
-    let views = views::vips(&snap, &ctx.sources.reader, &flows)?;
+    let mut views = views::vips(&snap, &ctx.sources.reader, &flows)?;
+    ctx.baseline.views(&mut views);
     let statuses = ctx.sources.board.statuses();
     let vips = views
         .into_iter()
@@ -301,12 +374,28 @@ async fn status(AxState(ctx): AxState<Context>) -> ApiResult<Json<Status>> {
                 .at
                 .map(|t| u64::try_from(t.elapsed().as_millis()).unwrap_or(u64::MAX)),
         },
+        last_reload: ctx.sources.activity.last_reload(),
+        zeroed_at: ctx.baseline.zeroed_at(),
         vips,
         node: ctx.sources.node.status(),
     }))
 }
 
 async fn stats(AxState(ctx): AxState<Context>) -> ApiResult<Json<Stats>> {
+    let mut stats = raw_stats(&ctx).await?;
+    ctx.baseline.stats(&mut stats);
+    Ok(Json(stats))
+}
+
+async fn zero(AxState(ctx): AxState<Context>) -> ApiResult<Json<Zeroed>> {
+    let zeroed_at = unix_now();
+    ctx.baseline.zero(&raw_stats(&ctx).await?, zeroed_at);
+    tracing::info!("counters shown by the CLI zeroed (metrics keep counting)");
+    Ok(Json(Zeroed { zeroed_at }))
+}
+
+/// Every counter as the data path holds it (not zeroed).
+async fn raw_stats(ctx: &Context) -> ApiResult<Stats> {
     let reader = &ctx.sources.reader;
     let verdicts = reader
         .verdicts()?
@@ -327,11 +416,12 @@ async fn stats(AxState(ctx): AxState<Context>) -> ApiResult<Json<Stats>> {
         })
         .collect();
     let flows = ctx.sources.flows.fresh(Duration::ZERO).await;
-    Ok(Json(Stats {
+    Ok(Stats {
         verdicts,
         events,
         vips: views::vips(&ctx.sources.handle.snapshot(), reader, &flows)?,
-    }))
+        zeroed_at: None,
+    })
 }
 
 /// Query of `GET /v1/simulate`.

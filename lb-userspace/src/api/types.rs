@@ -6,7 +6,9 @@ use std::net::IpAddr;
 use serde::{Deserialize, Serialize};
 
 use crate::{
+    controller::ReloadOutcome,
     desired::Admin,
+    diff::Change,
     health::{HealthCheck, ProbeStatus},
     state::Changes,
     views::VipView,
@@ -35,6 +37,22 @@ pub struct AddVip {
     #[serde(default)]
     pub forward: Option<String>,
     /// Health check of its reals (default: none).
+    #[serde(default)]
+    pub health_check: Option<HealthCheck>,
+}
+
+/// Body of `PUT /v1/vips/{proto}/{addr}/{port}`: settings changed in place
+/// (absent: unchanged).
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SetVip {
+    /// `maglev` or `maglev-src`.
+    #[serde(default)]
+    pub scheduler: Option<String>,
+    /// Maglev table size, a prime.
+    #[serde(default)]
+    pub table_size: Option<u32>,
+    /// Health check of its reals (kind `none`: not probed).
     #[serde(default)]
     pub health_check: Option<HealthCheck>,
 }
@@ -92,6 +110,24 @@ impl From<Changes> for Applied {
     }
 }
 
+/// Answer of `POST /v1/desired/plan`: what `PUT /v1/desired` with the same
+/// body would change, nothing applied.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Planned {
+    /// Each VIP and real added, removed or changed (effective values:
+    /// overrides set by hand stay and win).
+    pub changes: Vec<Change>,
+}
+
+/// Query of `GET /v1/desired`.
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct DesiredQuery {
+    /// `effective` (default: the base with the overrides applied) or `base`
+    /// (what the configuration and `xlb apply` set, as `xlb save` prints it).
+    #[serde(default)]
+    pub layer: Option<String>,
+}
+
 /// Answer of `GET /v1/stats`.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct Stats {
@@ -101,6 +137,10 @@ pub struct Stats {
     pub events: Vec<EventStat>,
     /// Every VIP with its counters.
     pub vips: Vec<VipView>,
+    /// When `xlb stats --zero` last zeroed the counters shown, Unix seconds
+    /// (absent: counted since the data path was loaded).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub zeroed_at: Option<u64>,
 }
 
 /// One verdict counter.
@@ -143,6 +183,12 @@ pub struct Status {
     pub reconciles: u64,
     /// The conntrack table.
     pub conntrack: Conntrack,
+    /// The last load of a whole configuration (start-up, SIGHUP, `xlb apply`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_reload: Option<ReloadOutcome>,
+    /// When `xlb stats --zero` last zeroed the counters shown, Unix seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub zeroed_at: Option<u64>,
     /// Every VIP with its reals, counters and health.
     pub vips: Vec<VipStatus>,
     /// The node: announcement through BIRD, drain, VRRP role.

@@ -12,13 +12,30 @@ use crate::{
     settings::{DEFAULT_SOCKET, DEFAULT_STATE_FILE, Mode, Settings},
 };
 
+/// The exit codes, as `xlb --help` shows them (docs/operations.md has the same table).
+pub const EXIT_CODES: &str = "\
+Exit status:
+  0  done
+  1  any other failure (the daemon could not write its maps, a system call failed, ...)
+  2  bad input: an argument, flag or file is invalid (what `xlb check` refuses; clap's usage
+     errors too)
+  3  the daemon is unreachable: no socket, nothing answering, no answer in time, shutting down
+  4  refused by the daemon: valid on paper, not in the running state (unknown or existing VIP
+     or real, a real not on the segment, ...)
+
+With --json, stdout holds one JSON document: the answer, or on failure
+{\"error\": {\"kind\": \"bad_input|unreachable|refused|other\", \"message\": \"...\"}}.";
+
 /// xlb: an XDP layer-4 load balancer (LVS-DR / LVS-TUN style, Maglev hashing).
 #[derive(Debug, Parser)]
-#[command(name = "xlb", version, about)]
+#[command(name = "xlb", version, about, after_help = EXIT_CODES)]
 pub struct Cli {
     /// Control socket of the daemon.
     #[arg(long, global = true, env = "XLB_SOCKET", default_value = DEFAULT_SOCKET)]
     pub socket: PathBuf,
+    /// Print JSON on stdout: the answer, or an error as {"error": {"kind", "message"}}.
+    #[arg(long, global = true)]
+    pub json: bool,
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
@@ -33,24 +50,44 @@ pub enum Command {
     Apply {
         /// The YAML file (see docs/config.md).
         file: PathBuf,
-    },
-    /// Show VIPs, reals, weights, health, where values come from, and counters.
-    Status {
-        /// Print JSON.
+        /// Print what would change (VIPs and reals added, removed, changed) and apply nothing.
         #[arg(long)]
-        json: bool,
+        dry_run: bool,
     },
+    /// Validate a configuration file without a daemon (what the daemon's load checks).
+    Check {
+        /// The YAML file.
+        file: PathBuf,
+    },
+    /// Print the running desired state as a configuration file `xlb apply` takes back
+    /// (the base: overrides set by hand are not in it and stay in the daemon).
+    Save,
+    /// Show VIPs, reals, weights, health, where values come from, the last reload, and counters.
+    Status,
     /// Manage virtual services.
     #[command(subcommand)]
     Vip(VipCommand),
     /// Manage the real servers of a virtual service.
     #[command(subcommand)]
     Real(RealCommand),
-    /// Show the balancer's counters.
+    /// Show the balancer's counters (since the last `--zero`).
     Stats {
-        /// Print JSON.
+        /// Zero the counters `xlb stats`, `status` and `vip list` show (the metrics keep counting).
+        #[arg(long, conflicts_with = "rate")]
+        zero: bool,
+        /// Show rates (packets/s, bytes/s, new flows/s) per VIP and real over --interval.
         #[arg(long)]
-        json: bool,
+        rate: bool,
+        /// Seconds over which --rate measures.
+        #[arg(long, default_value = "1", requires = "rate", value_parser = parse_interval)]
+        interval: f64,
+    },
+    /// A live view of every VIP and real: rates, active flows, health, weight
+    /// (keys: p b f a n sort, r reverses, q quits).
+    Top {
+        /// Seconds between refreshes.
+        #[arg(long, default_value = "1", value_parser = parse_interval)]
+        interval: f64,
     },
     /// Show which real server a flow goes to.
     Simulate {
@@ -59,9 +96,6 @@ pub enum Command {
         /// The client's address and port, e.g. 198.51.100.7:40000.
         #[arg(long)]
         src: std::net::SocketAddr,
-        /// Print JSON.
-        #[arg(long)]
-        json: bool,
     },
     /// Take this balancer out of the routers' choice (withdraw its VIPs),
     /// keep forwarding what still arrives, and wait until it is safe to stop.
@@ -87,6 +121,14 @@ pub enum Command {
     /// Man pages and shell completions, for packaging (see generate.rs).
     #[command(hide = true)]
     Generate(crate::generate::GenerateArgs),
+}
+
+/// A measuring interval in seconds: 0.1 to 3600.
+fn parse_interval(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if (0.1..=3600.0).contains(&v) => Ok(v),
+        _ => Err(format!("'{s}' is not a number of seconds from 0.1 to 3600")),
+    }
 }
 
 /// Arguments of `xlb run`. Flags win over the config file's `daemon:` section.
@@ -141,9 +183,6 @@ pub struct DecapArgs {
 pub enum DecapCommand {
     /// Print the counters of the decapsulator pinned by a running `xlb decap`.
     Stats {
-        /// JSON output.
-        #[arg(long)]
-        json: bool,
         /// The pin directory `xlb decap` uses.
         #[arg(long, default_value = crate::decap::DEFAULT_PIN_DIR)]
         pin_dir: PathBuf,
@@ -280,17 +319,28 @@ pub enum VipCommand {
         #[command(flatten)]
         check: CheckArgs,
     },
+    /// Change a virtual service's scheduler, table size or health check in place:
+    /// its reals and established flows stay.
+    Set {
+        /// The VIP.
+        vip: Vip,
+        /// maglev (5-tuple) or maglev-src (source address only).
+        #[arg(long)]
+        scheduler: Option<Scheduler>,
+        /// Maglev table size (a prime).
+        #[arg(long)]
+        table_size: Option<u32>,
+        /// Health check of the VIP's reals (replaces the one it has; --check none: no probes).
+        #[command(flatten)]
+        check: CheckArgs,
+    },
     /// Remove a virtual service and forget its reals.
     Del {
         /// The VIP.
         vip: Vip,
     },
     /// List virtual services.
-    List {
-        /// Print JSON.
-        #[arg(long)]
-        json: bool,
-    },
+    List,
 }
 
 /// A VIP and one of its reals.
@@ -335,12 +385,10 @@ pub enum RealCommand {
     ResetOverride(RealRef),
     /// Remove a real server from a VIP.
     Del(RealRef),
-    /// List the real servers of a VIP.
+    /// List the real servers of a VIP: weight, admin state, health, last error,
+    /// active flows, and where each value comes from.
     List {
         /// The VIP.
         vip: Vip,
-        /// Print JSON.
-        #[arg(long)]
-        json: bool,
     },
 }

@@ -3,31 +3,184 @@
 //! daemon's control API.
 //!
 //! - [`args`]: the subcommands and flags.
+//! - [`error`]: exit codes and error output, the same for every command.
 //! - [`render`]: how answers are printed.
+//! - [`rate`]: rates from two readings of the counters (`stats --rate`, `top`).
+//! - [`top`]: `xlb top`, the live terminal view.
 //! - this module: what each subcommand does.
+//!
+//! With `--json` every command prints one JSON document on stdout: its answer,
+//! or the error document of [`error::report`].
 
 pub mod args;
+pub mod error;
 pub mod node;
+pub mod rate;
 pub mod render;
+pub mod top;
 
 use std::{net::IpAddr, time::Duration};
 
 use anyhow::{Context as _, bail};
 use hyper::Method;
+use serde::Serialize;
 
 pub use args::{Cli, Command};
 use args::{DecapArgs, DecapCommand, RealCommand, RealRef, RealserverCommand, VipCommand};
+use error::{CliError, ErrorKind, bad_input};
 
 use crate::{
-    api::{AddReal, AddVip, Applied, ApplyBody, SetReal, Simulated, Stats, Status},
+    api::{
+        AddReal, AddVip, Applied, ApplyBody, Planned, SetReal, SetVip, Simulated, Stats, Status,
+        zero::Zeroed,
+    },
     client::Client,
     config::Config,
     daemon,
     decap::Decap,
-    desired::Admin,
+    desired::{Admin, Desired},
     pin, realserver,
     views::VipView,
 };
+
+/// Where a command's answer goes: JSON (`--json`) or text.
+#[derive(Clone, Copy)]
+struct Out {
+    json: bool,
+}
+
+impl Out {
+    /// Prints `value` as JSON with `--json`, else runs `text`.
+    fn emit<T: Serialize>(self, value: &T, text: impl FnOnce()) -> anyhow::Result<()> {
+        if self.json {
+            println!("{}", serde_json::to_string_pretty(value)?);
+        } else {
+            text();
+        }
+        Ok(())
+    }
+
+    /// Prints `line` as text, or `value` as JSON.
+    fn line<T: Serialize>(self, value: &T, line: &str) -> anyhow::Result<()> {
+        self.emit(value, || println!("{line}"))
+    }
+}
+
+/// Reads a configuration file's text; an unreadable file is bad input.
+fn read_config(file: &std::path::Path) -> anyhow::Result<String> {
+    std::fs::read_to_string(file).map_err(|e| bad_input(format!("{}: {e}", file.display())))
+}
+
+/// Validates `text` (of `file`) as the daemon's load does; errors are bad input.
+fn validate(file: &std::path::Path, text: &str) -> anyhow::Result<Config> {
+    Config::parse(&file.display().to_string(), text).map_err(|e| bad_input(e.to_string()))
+}
+
+/// `xlb apply [--dry-run] FILE`: the daemon validates the file (as `xlb check`
+/// does, plus what only it can see) and records the result as a reload.
+async fn apply(
+    client: &Client,
+    out: Out,
+    file: &std::path::Path,
+    dry_run: bool,
+) -> anyhow::Result<()> {
+    let text = read_config(file)?;
+    let body = ApplyBody {
+        yaml: text.clone(),
+        file: Some(file.display().to_string()),
+    };
+    let (method, path) = if dry_run {
+        (Method::POST, "/v1/desired/plan")
+    } else {
+        (Method::PUT, "/v1/desired")
+    };
+    let answer = client
+        .call::<_, serde_json::Value>(method, path, Some(&body))
+        .await;
+    // The daemon's error names the file too; but a file too big for a request,
+    // or a daemon out of reach, still gets the file's own error (bad input).
+    let answer = match answer {
+        Err(e) => {
+            validate(file, &text)?;
+            return Err(e);
+        }
+        Ok(answer) => answer,
+    };
+    if dry_run {
+        let planned: Planned = serde_json::from_value(answer)?;
+        return out.emit(&planned, || {
+            if planned.changes.is_empty() {
+                println!("dry run: applying {} changes nothing", file.display());
+                return;
+            }
+            println!(
+                "dry run: applying {} would make {} changes (nothing applied):",
+                file.display(),
+                planned.changes.len()
+            );
+            for change in &planned.changes {
+                println!("{change}");
+            }
+        });
+    }
+    let applied: Applied = serde_json::from_value(answer)?;
+    let services = validate(file, &text)?.desired.services.len();
+    out.emit(&applied, || {
+        println!(
+            "applied {}: {services} services, {} map writes, {} tables rebuilt",
+            file.display(),
+            applied.writes,
+            applied.tables
+        );
+    })
+}
+
+/// Answer of `xlb check --json`.
+#[derive(Serialize)]
+struct Checked {
+    file: String,
+    valid: bool,
+    services: usize,
+    reals: usize,
+}
+
+/// `xlb check FILE`: the daemon's validation of a file, without a daemon.
+fn check(out: Out, file: &std::path::Path) -> anyhow::Result<()> {
+    let config = validate(file, &read_config(file)?)?;
+    let checked = Checked {
+        file: file.display().to_string(),
+        valid: true,
+        services: config.desired.services.len(),
+        reals: config.desired.pairs().count(),
+    };
+    out.line(
+        &checked,
+        &format!(
+            "{}: valid ({} services, {} reals)",
+            checked.file, checked.services, checked.reals
+        ),
+    )
+}
+
+/// `xlb stats [--zero | --rate]`.
+async fn stats(client: &Client, out: Out, zero: bool, rate: Option<f64>) -> anyhow::Result<()> {
+    if zero {
+        let z: Zeroed = client
+            .call(Method::POST, "/v1/stats/zero", None::<&()>)
+            .await?;
+        return out.line(
+            &z,
+            "counters zeroed: xlb stats, status and vip/real list count from now; the \
+             Prometheus metrics keep counting",
+        );
+    }
+    if let Some(secs) = rate {
+        let rates = rate::measure(client, Duration::from_secs_f64(secs)).await?;
+        return out.emit(&rates, || render::rates(&rates));
+    }
+    let stats: Stats = client.call(Method::GET, "/v1/stats", None::<&()>).await?;
+    out.emit(&stats, || render::stats(&stats))
+}
 
 fn real_path(at: &RealRef) -> String {
     format!("/v1/vips/{}/reals/{}", at.vip.path(), at.real)
@@ -37,49 +190,45 @@ async fn set_real(client: &Client, at: &RealRef, body: SetReal) -> anyhow::Resul
     client.call(Method::PUT, &real_path(at), Some(&body)).await
 }
 
-async fn set_admin(client: &Client, at: &RealRef, admin: Admin) -> anyhow::Result<()> {
+async fn set_admin(client: &Client, at: &RealRef, admin: Admin) -> anyhow::Result<VipView> {
     let body = SetReal {
         weight: None,
         admin: Some(admin),
     };
-    set_real(client, at, body).await.map(drop)
+    set_real(client, at, body).await
 }
 
 /// Runs the parsed command line.
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     let client = Client::new(&cli.socket);
+    let out = Out { json: cli.json };
     match cli.command {
         Command::Run(args) => {
             let args = *args;
             daemon::run(args.settings, args.config, cli.socket).await
         }
-        Command::Apply { file } => {
-            // Validate locally first: errors name the file and place at once.
-            let config = Config::load(&file)?;
-            let body = ApplyBody {
-                yaml: std::fs::read_to_string(&file)
-                    .with_context(|| format!("reading {}", file.display()))?,
-                file: Some(file.display().to_string()),
-            };
-            let applied: Applied = client.call(Method::PUT, "/v1/desired", Some(&body)).await?;
-            println!(
-                "applied {}: {} services, {} map writes, {} tables rebuilt",
-                file.display(),
-                config.desired.services.len(),
-                applied.writes,
-                applied.tables
-            );
-            Ok(())
-        }
-        Command::Status { json } => {
-            let status: Status = client.call(Method::GET, "/v1/status", None::<&()>).await?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&status)?);
+        Command::Apply { file, dry_run } => apply(&client, out, &file, dry_run).await,
+        Command::Check { file } => check(out, &file),
+        Command::Save => {
+            let base: Desired = client
+                .call(Method::GET, "/v1/desired?layer=base", None::<&()>)
+                .await?;
+            if out.json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&crate::config::document(&base))?
+                );
             } else {
-                render::status(&status);
-                node::render(&status.node);
+                print!("{}", crate::config::to_yaml(&base)?);
             }
             Ok(())
+        }
+        Command::Status => {
+            let status: Status = client.call(Method::GET, "/v1/status", None::<&()>).await?;
+            out.emit(&status, || {
+                render::status(&status, None);
+                node::render(&status.node);
+            })
         }
         Command::Teardown {
             pin_dir,
@@ -87,58 +236,64 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         } => {
             let removed = pin::teardown(&pin_dir)?;
             crate::state::persist::remove(&state_file);
-            if removed.is_empty() {
-                println!("nothing pinned at {}", pin_dir.display());
+            let line = if removed.is_empty() {
+                format!("nothing pinned at {}", pin_dir.display())
             } else {
-                println!(
+                format!(
                     "removed {} pins under {}: the data path is detached",
                     removed.len(),
                     pin_dir.display()
-                );
-            }
-            Ok(())
+                )
+            };
+            out.line(&serde_json::json!({ "removed_pins": removed }), &line)
         }
-        Command::Decap(args) => run_decap(args).await,
-        Command::Drain(args) => node::drain(&client, args).await,
-        Command::Ready(args) => node::ready(&client, args).await,
-        Command::Role(args) => node::role(&client, args).await,
+        Command::Decap(args) => run_decap(out, args).await,
+        Command::Drain(args) => node::drain(&client, out, args).await,
+        Command::Ready(args) => node::ready(&client, out, args).await,
+        Command::Role(args) => node::role(&client, out, args).await,
         Command::Generate(args) => crate::generate::run(args),
         Command::Realserver(RealserverCommand::Setup { vips, state }) => {
             let applied = realserver::setup(&vips, &state).await?;
-            for vip in &vips {
-                println!("{vip} is on lo");
-            }
-            for (key, old) in &applied.sysctls {
-                println!("set {} (was {old})", key.replace('/', "."));
-            }
-            println!(
-                "recorded in {} for `xlb realserver teardown`",
-                state.display()
-            );
-            Ok(())
+            out.emit(&applied, || {
+                for vip in &vips {
+                    println!("{vip} is on lo");
+                }
+                for (key, old) in &applied.sysctls {
+                    println!("set {} (was {old})", key.replace('/', "."));
+                }
+                println!(
+                    "recorded in {} for `xlb realserver teardown`",
+                    state.display()
+                );
+            })
         }
         Command::Realserver(RealserverCommand::Teardown { state }) => {
             let applied = realserver::teardown(&state).await?;
-            for vip in &applied.vips {
-                println!("removed {vip} from lo");
-            }
-            for (key, old) in &applied.sysctls {
-                println!("restored {} = {old}", key.replace('/', "."));
-            }
-            Ok(())
+            out.emit(&applied, || {
+                for vip in &applied.vips {
+                    println!("removed {vip} from lo");
+                }
+                for (key, old) in &applied.sysctls {
+                    println!("restored {} = {old}", key.replace('/', "."));
+                }
+            })
         }
-        Command::Vip(cmd) => vip(&client, cmd).await,
-        Command::Real(cmd) => real(&client, cmd).await,
-        Command::Stats { json } => {
-            let stats: Stats = client.call(Method::GET, "/v1/stats", None::<&()>).await?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&stats)?);
-            } else {
-                render::stats(&stats);
+        Command::Vip(cmd) => vip(&client, out, cmd).await,
+        Command::Real(cmd) => real(&client, out, cmd).await,
+        Command::Stats {
+            zero,
+            rate,
+            interval,
+        } => stats(&client, out, zero, rate.then_some(interval)).await,
+        Command::Top { interval } => {
+            if out.json {
+                return Err(bad_input(
+                    "xlb top is interactive and has no --json; use `xlb stats --rate --json`",
+                ));
             }
-            Ok(())
+            top::run(&client, &cli.socket, Duration::from_secs_f64(interval)).await
         }
-        Command::Simulate { vip, src, json } => {
+        Command::Simulate { vip, src } => {
             let query =
                 serde_urlencoded::to_string([("vip", vip.to_string()), ("src", src.to_string())])
                     .context("encoding the query")?;
@@ -146,20 +301,16 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 .call(Method::GET, &format!("/v1/simulate?{query}"), None::<&()>)
                 .await
                 .context("simulate failed")?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&sim)?);
-                return Ok(());
-            }
-            match sim.real {
-                Some(real) => println!("{src} -> {vip} goes to real {real}"),
-                None => println!("{src} -> {vip} is dropped: the VIP has no usable real"),
-            }
-            Ok(())
+            let line = match sim.real {
+                Some(real) => format!("{src} -> {vip} goes to real {real}"),
+                None => format!("{src} -> {vip} is dropped: the VIP has no usable real"),
+            };
+            out.line(&sim, &line)
         }
     }
 }
 
-async fn vip(client: &Client, cmd: VipCommand) -> anyhow::Result<()> {
+async fn vip(client: &Client, out: Out, cmd: VipCommand) -> anyhow::Result<()> {
     match cmd {
         VipCommand::Add {
             vip,
@@ -173,10 +324,48 @@ async fn vip(client: &Client, cmd: VipCommand) -> anyhow::Result<()> {
                 scheduler: Some(scheduler.to_string()),
                 table_size: Some(table_size),
                 forward: Some(forward.to_string()),
-                health_check: check.check()?,
+                health_check: check.check().map_err(|e| bad_input(e.to_string()))?,
             };
-            let _: VipView = client.call(Method::POST, "/v1/vips", Some(&body)).await?;
-            println!("added VIP {vip} ({forward}, {scheduler})");
+            let view: VipView = client.call(Method::POST, "/v1/vips", Some(&body)).await?;
+            out.line(&view, &format!("added VIP {vip} ({forward}, {scheduler})"))
+        }
+        VipCommand::Set {
+            vip,
+            scheduler,
+            table_size,
+            check,
+        } => {
+            let body = SetVip {
+                scheduler: scheduler.map(|s| s.to_string()),
+                table_size,
+                health_check: check.check().map_err(|e| bad_input(e.to_string()))?,
+            };
+            if body.scheduler.is_none() && body.table_size.is_none() && body.health_check.is_none()
+            {
+                return Err(bad_input(
+                    "nothing to set: give --scheduler, --table-size and/or --check",
+                ));
+            }
+            let view: VipView = client
+                .call(
+                    Method::PUT,
+                    &format!("/v1/vips/{}", vip.path()),
+                    Some(&body),
+                )
+                .await?;
+            out.line(
+                &view,
+                &format!(
+                    "VIP {vip} now {}, table {}{}: established flows stay on their reals",
+                    view.scheduler,
+                    view.table_size,
+                    if body.health_check.is_some() {
+                        ", new health check"
+                    } else {
+                        ""
+                    }
+                ),
+            )
         }
         VipCommand::Del { vip } => {
             let () = client
@@ -186,21 +375,19 @@ async fn vip(client: &Client, cmd: VipCommand) -> anyhow::Result<()> {
                     None::<&()>,
                 )
                 .await?;
-            println!("removed VIP {vip}");
+            out.line(
+                &serde_json::json!({ "removed": vip }),
+                &format!("removed VIP {vip}"),
+            )
         }
-        VipCommand::List { json } => {
+        VipCommand::List => {
             let vips: Vec<VipView> = client.call(Method::GET, "/v1/vips", None::<&()>).await?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&vips)?);
-            } else {
-                render::vips(&vips);
-            }
+            out.emit(&vips, || render::vips(&vips))
         }
     }
-    Ok(())
 }
 
-async fn real(client: &Client, cmd: RealCommand) -> anyhow::Result<()> {
+async fn real(client: &Client, out: Out, cmd: RealCommand) -> anyhow::Result<()> {
     match cmd {
         RealCommand::Add { at, weight } => {
             let body = AddReal {
@@ -215,12 +402,12 @@ async fn real(client: &Client, cmd: RealCommand) -> anyhow::Result<()> {
                 )
                 .await?;
             let r = view.reals.iter().find(|r| r.addr == at.real);
-            match r {
-                Some(r) if r.resolved => println!(
+            let line = match r {
+                Some(r) if r.resolved => format!(
                     "added real {} ({}) to {} with weight {weight}",
                     at.real, r.mac, at.vip
                 ),
-                _ => println!(
+                _ => format!(
                     "added real {} to {} with weight {weight}; not resolved yet ({}): it joins \
                      the table when it answers",
                     at.real,
@@ -228,36 +415,49 @@ async fn real(client: &Client, cmd: RealCommand) -> anyhow::Result<()> {
                     r.and_then(|r| r.unresolved_reason.clone())
                         .unwrap_or_else(|| "resolving".to_owned())
                 ),
-            }
+            };
+            out.line(&view, &line)
         }
         RealCommand::Set { at, weight } => {
             let body = SetReal {
                 weight: Some(weight),
                 admin: None,
             };
-            set_real(client, &at, body).await?;
-            println!(
-                "real {} of {} now has weight {weight} (override)",
-                at.real, at.vip
-            );
+            let view = set_real(client, &at, body).await?;
+            out.line(
+                &view,
+                &format!(
+                    "real {} of {} now has weight {weight} (override)",
+                    at.real, at.vip
+                ),
+            )
         }
         RealCommand::Drain(at) => {
-            set_admin(client, &at, Admin::Drain).await?;
-            println!(
-                "real {} of {} drains: no new flows, tracked flows stay (override)",
-                at.real, at.vip
-            );
+            let view = set_admin(client, &at, Admin::Drain).await?;
+            out.line(
+                &view,
+                &format!(
+                    "real {} of {} drains: no new flows, tracked flows stay (override)",
+                    at.real, at.vip
+                ),
+            )
         }
         RealCommand::Disable(at) => {
-            set_admin(client, &at, Admin::Disabled).await?;
-            println!(
-                "real {} of {} is disabled: its flows move to the other reals (override)",
-                at.real, at.vip
-            );
+            let view = set_admin(client, &at, Admin::Disabled).await?;
+            out.line(
+                &view,
+                &format!(
+                    "real {} of {} is disabled: its flows move to the other reals (override)",
+                    at.real, at.vip
+                ),
+            )
         }
         RealCommand::Enable(at) => {
-            set_admin(client, &at, Admin::Enabled).await?;
-            println!("real {} of {} is enabled (override)", at.real, at.vip);
+            let view = set_admin(client, &at, Admin::Enabled).await?;
+            out.line(
+                &view,
+                &format!("real {} of {} is enabled (override)", at.real, at.vip),
+            )
         }
         RealCommand::ResetOverride(at) => {
             let view: VipView = client
@@ -268,42 +468,44 @@ async fn real(client: &Client, cmd: RealCommand) -> anyhow::Result<()> {
                 )
                 .await?;
             let r = view.reals.iter().find(|r| r.addr == at.real);
-            match r {
-                Some(r) => println!(
+            let line = match r {
+                Some(r) => format!(
                     "real {} of {}: override removed; weight {}, {} from the configuration",
                     at.real, at.vip, r.weight, r.admin
                 ),
-                None => println!("real {} of {}: override removed", at.real, at.vip),
-            }
+                None => format!("real {} of {}: override removed", at.real, at.vip),
+            };
+            out.line(&view, &line)
         }
         RealCommand::Del(at) => {
             let () = client
                 .call(Method::DELETE, &real_path(&at), None::<&()>)
                 .await?;
-            println!("removed real {} from {}", at.real, at.vip);
+            out.line(
+                &serde_json::json!({ "removed": at.real, "vip": at.vip }),
+                &format!("removed real {} from {}", at.real, at.vip),
+            )
         }
-        RealCommand::List { vip, json } => {
-            let view: VipView = client
-                .call(
-                    Method::GET,
-                    &format!("/v1/vips/{}", vip.path()),
-                    None::<&()>,
+        RealCommand::List { vip } => {
+            let status: Status = client.call(Method::GET, "/v1/status", None::<&()>).await?;
+            let Some(one) = status.vips.iter().find(|v| v.view.vip == vip) else {
+                return Err(CliError::new(
+                    ErrorKind::Refused,
+                    crate::desired::SpecError::UnknownVip(vip).to_string(),
                 )
-                .await?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&view.reals)?);
-            } else {
-                render::vips(std::slice::from_ref(&view));
-            }
+                .into());
+            };
+            out.emit(&render::real_list(one), || {
+                render::status(&status, Some(vip))
+            })
         }
     }
-    Ok(())
 }
 
 /// `xlb decap`: attach the decapsulator and run until SIGINT/SIGTERM; or
 /// `xlb decap stats|teardown` on a pinned one.
-async fn run_decap(args: DecapArgs) -> anyhow::Result<()> {
-    if let Some(DecapCommand::Stats { json, pin_dir }) = &args.command {
+async fn run_decap(out: Out, args: DecapArgs) -> anyhow::Result<()> {
+    if let Some(DecapCommand::Stats { pin_dir }) = &args.command {
         let counters = crate::decap::pinned_counters(pin_dir).with_context(|| {
             format!(
                 "cannot read the decap counters under {} (is `xlb decap` running with this \
@@ -311,7 +513,7 @@ async fn run_decap(args: DecapArgs) -> anyhow::Result<()> {
                 pin_dir.display()
             )
         })?;
-        if *json {
+        if out.json {
             let map: serde_json::Map<String, serde_json::Value> = counters
                 .iter()
                 .map(|(n, c)| {
@@ -329,8 +531,10 @@ async fn run_decap(args: DecapArgs) -> anyhow::Result<()> {
     }
     if let Some(DecapCommand::Teardown { pin_dir }) = &args.command {
         let removed = pin::teardown(pin_dir)?;
-        println!("removed {} pins under {}", removed.len(), pin_dir.display());
-        return Ok(());
+        return out.line(
+            &serde_json::json!({ "removed_pins": removed }),
+            &format!("removed {} pins under {}", removed.len(), pin_dir.display()),
+        );
     }
     let iface_name = args.iface.clone().context("--iface is required")?;
     let iface = crate::neighbor::Iface::lookup(&iface_name)

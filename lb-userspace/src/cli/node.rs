@@ -10,6 +10,7 @@ use anyhow::bail;
 use clap::Args;
 use hyper::Method;
 
+use super::{Out, error::bad_input};
 use crate::{
     api::node::{DrainBody, RoleBody, Undrained},
     client::Client,
@@ -31,9 +32,6 @@ pub struct DrainArgs {
     /// Start the drain and return at once.
     #[arg(long)]
     pub no_wait: bool,
-    /// Print the node's status as JSON at the end.
-    #[arg(long)]
-    pub json: bool,
 }
 
 /// Arguments of `xlb ready`.
@@ -55,26 +53,26 @@ pub struct RoleArgs {
 
 fn seconds(what: &str, s: f64, max: Duration) -> anyhow::Result<Duration> {
     if !s.is_finite() || s < 0.0 || s > max.as_secs_f64() {
-        bail!("--{what} {s} is not 0-{} seconds", max.as_secs());
+        return Err(bad_input(format!(
+            "--{what} {s} is not 0-{} seconds",
+            max.as_secs()
+        )));
     }
     Ok(Duration::from_secs_f64(s))
 }
 
 /// `xlb drain`.
-pub async fn drain(client: &Client, args: DrainArgs) -> anyhow::Result<()> {
+pub async fn drain(client: &Client, out: Out, args: DrainArgs) -> anyhow::Result<()> {
     if args.cancel {
         let answer: Undrained = client
             .call(Method::DELETE, "/v1/node/drain", None::<&()>)
             .await?;
-        println!(
-            "{}",
-            if answer.was_draining {
-                "drain cancelled: the VIPs are announced again"
-            } else {
-                "not draining: nothing to cancel"
-            }
-        );
-        return Ok(());
+        let line = if answer.was_draining {
+            "drain cancelled: the VIPs are announced again"
+        } else {
+            "not draining: nothing to cancel"
+        };
+        return out.line(&answer, line);
     }
     let quiet = seconds("quiet", args.quiet, crate::node::MAX_QUIET)?;
     let timeout = seconds("timeout", args.timeout, Duration::from_secs(86_400))?;
@@ -85,7 +83,7 @@ pub async fn drain(client: &Client, args: DrainArgs) -> anyhow::Result<()> {
         .call(Method::POST, "/v1/node/drain", Some(&body))
         .await?;
     let withdrawn = |s: &NodeStatus| s.drain.as_ref().is_some_and(|d| d.withdrawn);
-    if !args.json {
+    if !out.json {
         match &status.bird {
             Some(b) if withdrawn(&status) => {
                 println!("draining: routes withdrawn from BIRD ({})", b.socket)
@@ -119,40 +117,34 @@ pub async fn drain(client: &Client, args: DrainArgs) -> anyhow::Result<()> {
             bail!("the drain was cancelled (`xlb drain --cancel`) before it completed");
         }
     }
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&status)?);
-    } else if let Some(d) = status.drain.as_ref().filter(|d| d.safe_to_stop) {
-        println!(
+    out.emit(&status, || match status.drain.as_ref().filter(|d| d.safe_to_stop) {
+        Some(d) => println!(
             "safe to stop: no VIP packet for {:.1} s since the routes were withdrawn",
             d.idle_ms as f64 / 1000.0
-        );
-    } else {
-        println!("draining; `xlb status` shows when it is safe to stop");
-    }
-    Ok(())
+        ),
+        None => println!("draining; `xlb status` shows when it is safe to stop"),
+    })
 }
 
 /// `xlb ready`: exit 0 when the node can take traffic.
-pub async fn ready(client: &Client, args: ReadyArgs) -> anyhow::Result<()> {
+pub async fn ready(client: &Client, out: Out, args: ReadyArgs) -> anyhow::Result<()> {
     let status: NodeStatus = client.call(Method::GET, "/v1/node", None::<&()>).await?;
     match status.not_ready(&args.vips) {
         Some(why) => bail!("not ready: {why}"),
         None => {
             let serving: Vec<String> = status.serving.iter().map(ToString::to_string).collect();
-            println!("ready: serving {}", serving.join(", "));
-            Ok(())
+            out.line(&status, &format!("ready: serving {}", serving.join(", ")))
         }
     }
 }
 
 /// `xlb role`.
-pub async fn role(client: &Client, args: RoleArgs) -> anyhow::Result<()> {
+pub async fn role(client: &Client, out: Out, args: RoleArgs) -> anyhow::Result<()> {
     let body = RoleBody { role: args.role };
-    let _: NodeStatus = client
+    let status: NodeStatus = client
         .call(Method::PUT, "/v1/node/role", Some(&body))
         .await?;
-    println!("role recorded: {}", args.role.name());
-    Ok(())
+    out.line(&status, &format!("role recorded: {}", args.role.name()))
 }
 
 /// The node block of `xlb status` (nothing when there is nothing to say).

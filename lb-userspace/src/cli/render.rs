@@ -1,10 +1,31 @@
 //! How the CLI prints what the daemon answers.
 
+use serde::Serialize;
+
 use crate::{
-    api::{Stats, Status},
+    api::{RealHealth, Stats, Status, VipStatus},
+    controller::ReloadOutcome,
     desired::Source,
-    views::VipView,
+    model::Vip,
+    views::{RealView, VipView},
 };
+
+use super::rate::Rates;
+
+/// `secs` (Unix time) as an HTTP date, e.g. `Mon, 30 Nov 2026 07:08:18 GMT`.
+fn date(secs: u64) -> String {
+    httpdate::fmt_http_date(std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs))
+}
+
+/// The health word of a real: `-` (not probed), `pending`, `up` or `DOWN`.
+fn health_word(h: Option<&RealHealth>) -> &'static str {
+    match h.map(|h| (h.check.as_str(), h.status.as_ref())) {
+        Some(("none", _)) | None => "-",
+        Some((_, None)) => "pending",
+        Some((_, Some(s))) if s.up => "up",
+        Some((_, Some(_))) => "DOWN",
+    }
+}
 
 fn marked(value: String, source: Source) -> String {
     match source {
@@ -56,26 +77,55 @@ pub fn vips(vips: &[VipView]) {
     }
 }
 
-/// `xlb status`.
-pub fn status(status: &Status) {
-    println!(
-        "interface {}   reconciles {}   conntrack {}/{}",
-        status.iface, status.reconciles, status.conntrack.entries, status.conntrack.capacity
-    );
-    if status.vips.is_empty() {
-        println!("no virtual services");
-        return;
+/// The last reload as one line.
+fn reload_line(r: &ReloadOutcome) -> String {
+    if r.successful {
+        return format!("last reload: ok at {} ({})", date(r.at), r.source);
+    }
+    let success = r.last_success_at.map_or_else(|| "never".to_owned(), date);
+    format!(
+        "last reload: FAILED at {} ({}): {}; the running state is the one loaded at {success}",
+        date(r.at),
+        r.source,
+        r.error.as_deref().unwrap_or("unknown error")
+    )
+}
+
+/// `xlb status` (every VIP), `xlb real list VIP` (`only` that VIP).
+pub fn status(status: &Status, only: Option<Vip>) {
+    if only.is_none() {
+        println!(
+            "interface {}   reconciles {}   conntrack {}/{}",
+            status.iface, status.reconciles, status.conntrack.entries, status.conntrack.capacity
+        );
+        if let Some(r) = &status.last_reload {
+            println!("{}", reload_line(r));
+        }
+        if let Some(at) = status.zeroed_at {
+            println!("counters since {} (xlb stats --zero)", date(at));
+        }
+        if status.vips.is_empty() {
+            println!("no virtual services");
+            return;
+        }
     }
     let mut overrides = false;
     let mut unresolved = Vec::new();
-    for v in &status.vips {
+    for v in status
+        .vips
+        .iter()
+        .filter(|v| only.is_none_or(|o| o == v.view.vip))
+    {
         let view = &v.view;
-        println!();
+        if only.is_none() {
+            println!();
+        }
         println!(
-            "{}  {} {}{}   packets {}  bytes {}  new flows {}  active {}",
+            "{}  {} {} table {}{}   packets {}  bytes {}  new flows {}  active {}",
             view.vip,
             view.forward,
             view.scheduler,
+            view.table_size,
             if view.guarded {
                 "  [AVALANCHE GUARD: health ignored]"
             } else {
@@ -87,50 +137,51 @@ pub fn status(status: &Status) {
             view.active_flows
         );
         println!(
-            "  {:<28} {:>7} {:>6} {:<10} {:<10} {:<7} {:<30} {:>10} {:>12} {:>9} {:>7}",
+            "  {:<28} {:>7} {:>6} {:<10} {:<8} {:<7} {:>10} {:>12} {:>9} {:>7}",
             "real",
             "weight",
             "in use",
             "admin",
             "resolved",
             "health",
-            "last error",
             "packets",
             "bytes",
             "flows",
             "active"
         );
+        let mut errors = Vec::new();
         for r in &view.reals {
             overrides |= r.weight_source == Source::Override || r.admin_source == Source::Override;
             let h = v.health.iter().find(|h| h.addr == r.addr);
-            let health = match h.map(|h| (h.check.as_str(), h.status.as_ref())) {
-                Some(("none", _)) | None => "-".to_owned(),
-                Some((_, None)) => "pending".to_owned(),
-                Some((_, Some(s))) if s.up => "up".to_owned(),
-                Some((_, Some(_))) => "DOWN".to_owned(),
-            };
-            let last_error = h
+            if let Some(e) = h
                 .and_then(|h| h.status.as_ref())
-                .and_then(|s| s.last_error.clone())
-                .unwrap_or_default();
+                .and_then(|s| s.last_error.as_ref())
+            {
+                errors.push(format!("{}: {e}", r.addr));
+            }
             if let Some(why) = &r.unresolved_reason {
                 unresolved.push(format!("{} of {}: {why}", r.addr, view.vip));
             }
             println!(
-                "  {:<28} {:>7} {:>6} {:<10} {:<10} {:<7} {:<30} {:>10} {:>12} {:>9} {:>7}",
+                "  {:<28} {:>7} {:>6} {:<10} {:<8} {:<7} {:>10} {:>12} {:>9} {:>7}",
                 r.addr.to_string(),
                 marked(r.weight.to_string(), r.weight_source),
                 r.effective_weight
                     .map_or_else(|| "-".to_owned(), |w| w.to_string()),
                 marked(r.admin.to_string(), r.admin_source),
                 if r.resolved { "yes" } else { "NO" },
-                health,
-                last_error,
+                health_word(h),
                 r.packets,
                 r.bytes,
                 r.flows,
                 r.active_flows
             );
+        }
+        if !errors.is_empty() {
+            println!("  last probe errors:");
+            for e in errors {
+                println!("    {e}");
+            }
         }
     }
     if overrides {
@@ -148,8 +199,93 @@ pub fn status(status: &Status) {
     }
 }
 
+/// The health word of every (VIP, real) of `status` (`xlb top`).
+pub fn real_health(status: &Status) -> std::collections::BTreeMap<(Vip, std::net::IpAddr), String> {
+    status
+        .vips
+        .iter()
+        .flat_map(|v| {
+            v.health
+                .iter()
+                .map(move |h| ((v.view.vip, h.addr), health_word(Some(h)).to_owned()))
+        })
+        .collect()
+}
+
+/// One real of `xlb real list --json`: its view and its health.
+#[derive(Serialize)]
+pub struct RealListed<'a> {
+    /// The real, its weights, admin state, sources and counters.
+    #[serde(flatten)]
+    pub view: &'a RealView,
+    /// `up`, `DOWN`, `pending` or `-` (not probed).
+    pub health: &'static str,
+    /// The probe kind, or `none`.
+    pub check: &'a str,
+    /// The last probe failure, in full.
+    pub last_error: Option<&'a str>,
+}
+
+/// The reals of `v` for `xlb real list --json`.
+pub fn real_list(v: &VipStatus) -> Vec<RealListed<'_>> {
+    v.view
+        .reals
+        .iter()
+        .map(|r| {
+            let h = v.health.iter().find(|h| h.addr == r.addr);
+            RealListed {
+                view: r,
+                health: health_word(h),
+                check: h.map_or("none", |h| h.check.as_str()),
+                last_error: h
+                    .and_then(|h| h.status.as_ref())
+                    .and_then(|s| s.last_error.as_deref()),
+            }
+        })
+        .collect()
+}
+
+/// `xlb stats --rate`.
+pub fn rates(rates: &Rates) {
+    println!(
+        "{:<44} {:>10} {:>12} {:>9} {:>8}",
+        format!("rates over {:.1} s", rates.interval_s),
+        "pkt/s",
+        "bytes/s",
+        "flows/s",
+        "active"
+    );
+    if rates.vips.is_empty() {
+        println!("no virtual services");
+    }
+    for v in &rates.vips {
+        println!(
+            "{:<44} {:>10.0} {:>12.0} {:>9.0} {:>8}",
+            v.vip.to_string(),
+            v.packets_per_s,
+            v.bytes_per_s,
+            v.flows_per_s,
+            v.active_flows
+        );
+        for r in &v.reals {
+            println!(
+                "  -> {:<39} {:>10.0} {:>12.0} {:>9.0} {:>8}",
+                r.addr.to_string(),
+                r.packets_per_s,
+                r.bytes_per_s,
+                r.flows_per_s,
+                r.active_flows
+            );
+        }
+    }
+}
+
 /// `xlb stats`.
 pub fn stats(stats: &Stats) {
+    if let Some(at) = stats.zeroed_at {
+        println!("counters since {} (xlb stats --zero)", date(at));
+        println!();
+    }
     println!("{:<16} {:>12} {:>14}", "verdict", "packets", "bytes");
     for v in &stats.verdicts {
         println!("{:<16} {:>12} {:>14}", v.name, v.packets, v.bytes);
