@@ -183,9 +183,37 @@ pub fn render(src: &Sources, flows: &FlowCounts) -> Result<String, String> {
         src.activity.reconcile_seconds(),
     );
     reg.register("health_flips", "Health verdict changes", health_flips);
+    register_probe_metrics(&mut reg, &src.board);
     let mut out = String::new();
     encode(&mut out, &reg).map_err(|e| e.to_string())?;
     Ok(out)
+}
+
+/// Per-real probe metrics, labelled with the VIP as `address`, `port`,
+/// `protocol` and the `real`: `xlb_real_flaps_total` (verdict changes) and
+/// `xlb_probe_duration_seconds` (a histogram of probe durations, timeouts
+/// included).
+fn register_probe_metrics(reg: &mut Registry, board: &Board) {
+    let flaps = Family::<Labels, Counter>::default();
+    for ((vip, real), st) in board.statuses() {
+        let l = labels(&[
+            ("address", vip.addr.to_string()),
+            ("port", vip.port.to_string()),
+            ("protocol", vip.proto.to_string()),
+            ("real", real.to_string()),
+        ]);
+        flaps.get_or_create(&l).inc_by(st.flaps);
+    }
+    reg.register(
+        "real_flaps",
+        "Health verdict changes of the real (up to down and back)",
+        flaps,
+    );
+    reg.register(
+        "probe_duration_seconds",
+        "Time health probes of the real took (a timed-out probe counts its timeout)",
+        board.durations(),
+    );
 }
 
 async fn scrape(AxState(src): AxState<Sources>) -> impl IntoResponse {

@@ -87,13 +87,14 @@ pub fn status(status: &Status) {
             view.active_flows
         );
         println!(
-            "  {:<28} {:>7} {:>6} {:<10} {:<10} {:<7} {:<30} {:>10} {:>12} {:>9} {:>7}",
+            "  {:<28} {:>7} {:>6} {:<10} {:<10} {:<7} {:>5} {:<30} {:>10} {:>12} {:>9} {:>7}",
             "real",
             "weight",
             "in use",
             "admin",
             "resolved",
             "health",
+            "flaps",
             "last error",
             "packets",
             "bytes",
@@ -106,9 +107,15 @@ pub fn status(status: &Status) {
             let health = match h.map(|h| (h.check.as_str(), h.status.as_ref())) {
                 Some(("none", _)) | None => "-".to_owned(),
                 Some((_, None)) => "pending".to_owned(),
-                Some((_, Some(s))) if s.up => "up".to_owned(),
+                Some((_, Some(s))) if s.up => match h.and_then(|h| h.slow_start) {
+                    Some(percent) => format!("up {percent}%"),
+                    None => "up".to_owned(),
+                },
                 Some((_, Some(_))) => "DOWN".to_owned(),
             };
+            let flaps = h
+                .and_then(|h| h.status.as_ref())
+                .map_or_else(|| "-".to_owned(), |s| s.flaps.to_string());
             let last_error = h
                 .and_then(|h| h.status.as_ref())
                 .and_then(|s| s.last_error.clone())
@@ -117,7 +124,7 @@ pub fn status(status: &Status) {
                 unresolved.push(format!("{} of {}: {why}", r.addr, view.vip));
             }
             println!(
-                "  {:<28} {:>7} {:>6} {:<10} {:<10} {:<7} {:<30} {:>10} {:>12} {:>9} {:>7}",
+                "  {:<28} {:>7} {:>6} {:<10} {:<10} {:<7} {:>5} {:<30} {:>10} {:>12} {:>9} {:>7}",
                 r.addr.to_string(),
                 marked(r.weight.to_string(), r.weight_source),
                 r.effective_weight
@@ -125,6 +132,7 @@ pub fn status(status: &Status) {
                 marked(r.admin.to_string(), r.admin_source),
                 if r.resolved { "yes" } else { "NO" },
                 health,
+                flaps,
                 last_error,
                 r.packets,
                 r.bytes,
