@@ -198,13 +198,16 @@ fn accept_loop(
     }
 }
 
-/// Clients resetting or vanishing mid-request is normal under load; anything else is
-/// worth a line on stderr.
+/// Clients resetting or vanishing mid-request is normal under load (and what a health
+/// check's connect-and-reset does: gone before its peer address is read); anything else
+/// is worth a line on stderr.
 fn report_connection_error(e: &io::Error) {
-    use io::ErrorKind::{BrokenPipe, ConnectionAborted, ConnectionReset, UnexpectedEof};
+    use io::ErrorKind::{
+        BrokenPipe, ConnectionAborted, ConnectionReset, NotConnected, UnexpectedEof,
+    };
     if !matches!(
         e.kind(),
-        BrokenPipe | ConnectionAborted | ConnectionReset | UnexpectedEof
+        BrokenPipe | ConnectionAborted | ConnectionReset | NotConnected | UnexpectedEof
     ) {
         eprintln!("connection: {e}");
     }
