@@ -81,6 +81,10 @@ impl From<StateError> for ControlError {
 }
 
 /// What reaches the controller.
+#[expect(
+    clippy::large_enum_variant,
+    reason = "edits are rare; verdicts, the frequent events, are small anyway"
+)]
 pub enum Event {
     /// Change the desired state.
     Edit {
@@ -149,6 +153,9 @@ pub struct RealModel {
     /// table sends new flows to (effective weight above 0), since it was added.
     #[serde(default)]
     pub table_changes: u64,
+    /// Slow start: the percent of its weight it has now (absent: all).
+    #[serde(default)]
+    pub ramp: Option<u32>,
 }
 
 impl RealModel {
@@ -235,6 +242,7 @@ impl Snapshot {
                                     .map(|c| c.kind)
                                     .filter(|k| *k != ProbeKind::None),
                                 table_changes,
+                                ramp: state.ramp().get(&(*vip, *addr)).copied(),
                             }
                         })
                         .collect();
@@ -449,6 +457,8 @@ pub struct Controller {
     hops: BTreeMap<IpAddr, IpAddr>,
     /// Whether a resolution round is running.
     resolving: bool,
+    /// Reals in slow start: since when, and for how long.
+    ramps: BTreeMap<(Vip, IpAddr), (Instant, Duration)>,
     tx: mpsc::Sender<Event>,
     snapshot: watch::Sender<Arc<Snapshot>>,
 }
@@ -483,6 +493,7 @@ impl Controller {
             pending: BTreeMap::new(),
             hops: BTreeMap::new(),
             resolving: false,
+            ramps: BTreeMap::new(),
             tx: tx.clone(),
             snapshot,
         };
@@ -530,6 +541,13 @@ impl Controller {
             Event::Verdict { vip, real, up } => {
                 if self.state.desired().has_real(&vip, real) && self.state.healthy(&vip, real) != up
                 {
+                    if up {
+                        // The ramp is in place before the real enters the table.
+                        self.start_ramp(vip, real);
+                        self.apply_ramps();
+                    } else {
+                        self.ramps.remove(&(vip, real));
+                    }
                     let r = self.state.set_health(&mut self.dp, &[((vip, real), up)]);
                     let _ = self.committed(r.map_err(ControlError::from), Instant::now());
                 }
@@ -555,6 +573,7 @@ impl Controller {
         let mut preview = self.state.spec().clone();
         preview.apply(edit.clone())?;
         check_reach(&self.iface, &preview.effective())?;
+        let before = self.state.desired();
         let r = self
             .state
             .edit(&mut self.dp, edit, macs, self.options.pause)
@@ -562,7 +581,56 @@ impl Controller {
         if r.is_ok() {
             self.track_unresolved(macs);
         }
-        self.committed(r, started)
+        let r = self.committed(r, started);
+        if r.is_ok() {
+            // A real added to a VIP that already serves ramps up from now
+            // (one that starts down ramps when it comes up).
+            for (vip, real) in self.state.desired().probes().keys() {
+                let serving = before
+                    .services
+                    .get(vip)
+                    .is_some_and(|s| !s.reals.is_empty());
+                if serving && !before.has_real(vip, *real) && self.state.healthy(vip, *real) {
+                    self.start_ramp(*vip, *real);
+                }
+            }
+            self.apply_ramps();
+        }
+        r
+    }
+
+    /// Starts the slow start of a real, if its check has one.
+    fn start_ramp(&mut self, vip: Vip, real: IpAddr) {
+        let ms = self
+            .state
+            .desired()
+            .services
+            .get(&vip)
+            .and_then(|s| s.check(real))
+            .map_or(0, |c| c.slow_start_ms);
+        if ms > 0 {
+            self.ramps
+                .insert((vip, real), (Instant::now(), Duration::from_millis(ms)));
+        }
+    }
+
+    /// Puts the slow-start percents of now into the table when they changed
+    /// (called once a second: the table is rebuilt at most that often).
+    fn apply_ramps(&mut self) {
+        let now = Instant::now();
+        let desired = self.state.desired();
+        self.ramps.retain(|(vip, real), (since, total)| {
+            now - *since < *total && desired.has_real(vip, *real)
+        });
+        let want: BTreeMap<(Vip, IpAddr), u32> = self
+            .ramps
+            .iter()
+            .map(|(k, (since, total))| (*k, ramp_percent(now - *since, *total)))
+            .collect();
+        if &want != self.state.ramp() {
+            let r = self.state.set_ramp(&mut self.dp, want);
+            let _ = self.committed(r.map_err(ControlError::from), now);
+        }
     }
 
     /// After a reconcile: metrics, state file, health engine, snapshot.
@@ -638,6 +706,7 @@ impl Controller {
             let r = self.state.set_health(&mut self.dp, &fix);
             let _ = self.committed(r.map_err(ControlError::from), Instant::now());
         }
+        self.apply_ramps();
         self.retry_unresolved();
     }
 
@@ -776,6 +845,13 @@ impl Controller {
     fn simulate(&self, vip: &Vip, hash: u32) -> Result<Option<IpAddr>, ControlError> {
         Ok(self.state.real_for(&self.dp, vip, hash)?)
     }
+}
+
+/// The share of its weight a real in slow start has after `elapsed` of
+/// `total`, in percent: linear, rounded up, at least 1.
+pub fn ramp_percent(elapsed: Duration, total: Duration) -> u32 {
+    let share = elapsed.as_secs_f64() / total.as_secs_f64().max(f64::EPSILON);
+    ((share * 100.0).ceil() as u32).clamp(1, 100)
 }
 
 /// The verdicts to apply so that `state` holds what the probes say: every

@@ -233,6 +233,21 @@ mod tests {
         assert!(!is_prime(65536) && !is_prime(1) && !is_prime(0) && !is_prime(65535));
     }
 
+    #[test]
+    fn weights_scaled_alike_build_the_same_table() {
+        // Slow start puts a VIP's weights in hundredths while a real ramps;
+        // when it ends, the plain weights must give back the same table.
+        let mut b = reals(7);
+        for (i, r) in b.iter_mut().enumerate() {
+            r.weight = 1 + i as u32 % 3;
+        }
+        let plain = build(&b, 4099);
+        for r in &mut b {
+            r.weight *= 100;
+        }
+        assert_eq!(build(&b, 4099), plain);
+    }
+
     proptest! {
         #[test]
         fn any_backend_set_fills_every_slot_with_a_member(n in 1u32..40, size_idx in 0usize..3) {

@@ -302,6 +302,7 @@ pub fn render(src: &Sources, flows: &FlowCounts) -> Result<String, String> {
     reg.register("health_flips", "Health verdict changes", health_flips);
     crate::node::register_metrics(&mut reg, &src.node.status());
     register_reload(&mut reg, &src.activity);
+    register_probe_metrics(&mut reg, &src.board);
     let mut out = String::new();
     encode(&mut out, &reg).map_err(|e| e.to_string())?;
     Ok(out)
@@ -383,6 +384,30 @@ fn register_reload(reg: &mut Registry, activity: &Activity) {
         "config_last_reload_success_timestamp_seconds",
         "When a configuration load last succeeded, Unix seconds",
         success_at,
+/// Per-real probe metrics, labelled with the VIP as `address`, `port`,
+/// `protocol` and the `real`: `xlb_real_flaps_total` (verdict changes) and
+/// `xlb_probe_duration_seconds` (a histogram of probe durations, timeouts
+/// included).
+fn register_probe_metrics(reg: &mut Registry, board: &Board) {
+    let flaps = Family::<Labels, Counter>::default();
+    for ((vip, real), st) in board.statuses() {
+        let l = labels(&[
+            ("address", vip.addr.to_string()),
+            ("port", vip.port.to_string()),
+            ("protocol", vip.proto.to_string()),
+            ("real", real.to_string()),
+        ]);
+        flaps.get_or_create(&l).inc_by(st.flaps);
+    }
+    reg.register(
+        "real_flaps",
+        "Health verdict changes of the real (up to down and back)",
+        flaps,
+    );
+    reg.register(
+        "probe_duration_seconds",
+        "Time health probes of the real took (a timed-out probe counts its timeout)",
+        board.durations(),
     );
 }
 

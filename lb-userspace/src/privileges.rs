@@ -201,3 +201,39 @@ pub fn names(mask: u64) -> Vec<&'static str> {
     .map(|(_, n)| *n)
     .collect()
 }
+
+/// Run in a child between `fork` and `exec` (health-check commands, notify
+/// hooks): sets `no_new_privs` and drops every capability of every set, so
+/// the command runs with none, whatever the daemon keeps and whatever the
+/// program file grants (`no_new_privs` keeps `exec` from adding any back).
+/// Async-signal-safe: raw system calls on stack data only.
+pub fn shed_for_exec() -> std::io::Result<()> {
+    // SAFETY: prctl with integer arguments.
+    if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: as above; clearing the ambient set needs no capability.
+    unsafe {
+        libc::prctl(
+            libc::PR_CAP_AMBIENT,
+            libc::PR_CAP_AMBIENT_CLEAR_ALL as libc::c_ulong,
+            0,
+            0,
+            0,
+        );
+    }
+    let header = CapHeader {
+        version: CAP_V3,
+        pid: 0,
+    };
+    let none = [CapData {
+        effective: 0,
+        permitted: 0,
+        inheritable: 0,
+    }; 2];
+    // SAFETY: capset reads two CapData for version 3; dropping is always allowed.
+    if unsafe { libc::syscall(libc::SYS_capset, &header, none.as_ptr()) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}

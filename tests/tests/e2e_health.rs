@@ -21,7 +21,7 @@ use xlb_tests::harness::require_root;
 
 use xlb_tests::harness::{
     Daemon, KeepAlive, Lab, PinnedRun, Proc, RunDir, VIP, balanced_topology, http_get, real_name,
-    start_real,
+    start_real, wait_until,
 };
 use xlb_tests::netns::{Topology, unique_prefix};
 
@@ -845,4 +845,340 @@ fn a_disabled_real_and_a_down_verdict_survive_a_daemon_restart() {
 
     lab.daemon.cli_ok(&["real", "enable", SERVICE, &rs1]);
     assert!(real_state(&status(&lab.daemon), SERVICE, &rs1).serving());
+}
+
+/// The short timing of every test's checks, as YAML lines of a `health_check`.
+fn short_timing() -> String {
+    timing(INTERVAL_MS, TIMEOUT_MS)
+}
+
+/// Check timing with rise and fall of every test, as YAML lines of a `health_check`.
+fn timing(interval_ms: u64, timeout_ms: u64) -> String {
+    format!(
+        "      interval_ms: {interval_ms}\n      timeout_ms: {timeout_ms}\n      rise: {RISE}\n      \
+         fall: {FALL}\n"
+    )
+}
+
+/// `services:` with `SERVICE`, the reals `reals` (by index) and a health check of
+/// `check` (YAML lines indented by six spaces).
+fn service_yaml(lab: &Lab, reals: &[usize], check: &str) -> String {
+    let mut yaml = format!("services:\n  - vip: {SERVICE}\n    health_check:\n{check}    reals:\n");
+    for i in reals {
+        yaml.push_str(&format!("      - address: {}\n", addr(lab, *i)));
+    }
+    yaml
+}
+
+/// Writes `yaml` to the scratch directory and `xlb apply`s it.
+fn apply(lab: &Lab, scratch: &Scratch, yaml: &str) {
+    let file = scratch.path().join("apply.yaml");
+    std::fs::write(&file, yaml).expect("write the YAML");
+    lab.daemon
+        .cli_ok(&["apply", file.to_str().expect("UTF-8 temp path")]);
+}
+
+/// `xlb status --json`'s view of one real's probe status field `field`.
+fn probe_field(
+    status: &serde_json::Value,
+    service: &str,
+    addr: &str,
+    field: &str,
+) -> serde_json::Value {
+    let v = vip(status, service);
+    v["health"]
+        .as_array()
+        .and_then(|l| l.iter().find(|r| r["addr"] == addr))
+        .map(|h| {
+            if field == "slow_start" {
+                h["slow_start"].clone()
+            } else {
+                h["status"][field].clone()
+            }
+        })
+        .unwrap_or_else(|| panic!("no health of {addr} in {v}"))
+}
+
+/// The lines of `file`, or none while it does not exist.
+fn lines(file: &Path) -> Vec<String> {
+    std::fs::read_to_string(file)
+        .map(|t| t.lines().map(str::to_owned).collect())
+        .unwrap_or_default()
+}
+
+#[test]
+fn https_checks_verify_against_the_ca_given_or_not_at_all_and_http_checks_read_the_body() {
+    let (mut lab, scratch) = lab(
+        "hs",
+        3,
+        &["--min-healthy", "0", "--metrics-addr", METRICS_ADDR],
+    );
+    // A self-signed certificate for rs.test, made here; every real serves HTTPS with it.
+    let key = rcgen::KeyPair::generate().expect("key");
+    let cert = rcgen::CertificateParams::new(vec!["rs.test".to_owned()])
+        .expect("certificate parameters")
+        .self_signed(&key)
+        .expect("self-signed certificate");
+    let (cert_file, key_file) = (scratch.path().join("rs.pem"), scratch.path().join("rs.key"));
+    std::fs::write(&cert_file, cert.pem()).expect("write the certificate");
+    std::fs::write(&key_file, key.serialize_pem()).expect("write the key");
+    lab.servers.clear();
+    lab.servers = (0..3)
+        .map(|i| {
+            let mut args = server_args(&scratch, i);
+            args.extend(
+                [
+                    "--https",
+                    "0.0.0.0:443",
+                    "--tls-cert",
+                    cert_file.to_str().expect("UTF-8"),
+                    "--tls-key",
+                    key_file.to_str().expect("UTF-8"),
+                ]
+                .map(str::to_owned),
+            );
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            start_real(&lab.topo.reals[i].ns, &real_name(i), &args)
+        })
+        .collect();
+    let notes = scratch.path().join("notify.log");
+    let notify = |state: &str| {
+        format!(
+            "      notify_{state}: [/bin/sh, -c, 'echo \"$XLB_STATE $XLB_REAL_ADDRESS $XLB_VIP $XLB_REASON\" >> {}']\n",
+            notes.display()
+        )
+    };
+    let https = |tls: &str| {
+        format!(
+            "      kind: https\n      port: 443\n      path: /health\n{tls}{}{}{}",
+            notify("up"),
+            notify("down"),
+            short_timing()
+        )
+    };
+    let all = [0, 1, 2];
+    let rs1 = addr(&lab, 0);
+
+    // Verified against the certificate as the CA, with its name as SNI: all up.
+    let ca = format!(
+        "      sni: rs.test\n      tls_ca: {}\n",
+        cert_file.display()
+    );
+    apply(&lab, &scratch, &service_yaml(&lab, &all, &https(&ca)));
+    for i in all {
+        wait_serving(&lab, SERVICE, i);
+    }
+    // /health answering 503 over TLS takes rs1 out, and back when it answers 200.
+    set_failing(&scratch, 0, true);
+    let (s, _) = wait_status(&lab.daemon, "rs1 out on HTTPS 503", |s| {
+        real_state(s, SERVICE, &rs1).removed_by_health()
+    });
+    assert_eq!(
+        real_state(&s, SERVICE, &rs1).last_error.as_deref(),
+        Some("HTTP 503")
+    );
+    set_failing(&scratch, 0, false);
+    wait_serving(&lab, SERVICE, 0);
+    // Both flips ran their notify command, with the real, the VIP and the reason.
+    wait_until("two notify lines", || lines(&notes).len() >= 2);
+    assert_eq!(
+        lines(&notes),
+        [
+            format!("down {rs1} {SERVICE} HTTP 503"),
+            // Up has no reason: an empty last word.
+            format!("up {rs1} {SERVICE} "),
+        ],
+        "notify lines"
+    );
+    // Counted per real: in status and as a metric with the VIP's three labels.
+    let s = status(&lab.daemon);
+    assert_eq!(probe_field(&s, SERVICE, &rs1, "flaps"), 2);
+    assert_eq!(probe_field(&s, SERVICE, &addr(&lab, 1), "flaps"), 0);
+    let labels =
+        format!("{{address=\"203.0.113.10\",port=\"80\",protocol=\"tcp\",real=\"{rs1}\"}}");
+    let scraped = scrape(&lab);
+    assert_eq!(
+        sample(&scraped, &format!("xlb_real_flaps_total{labels}")),
+        Some(2.0),
+        "{scraped}"
+    );
+    let probes = sample(
+        &scraped,
+        &format!("xlb_probe_duration_seconds_count{labels}"),
+    )
+    .unwrap_or_else(|| panic!("no probe durations of {rs1}: {scraped}"));
+    assert!(probes >= 4.0, "{probes} probe durations of {rs1}");
+
+    // Verified against the system's CA store: the self-signed certificate fails.
+    apply(
+        &lab,
+        &scratch,
+        &service_yaml(&lab, &all, &https("      sni: rs.test\n")),
+    );
+    let (s, _) = wait_status(&lab.daemon, "every HTTPS probe refused", |s| {
+        all.iter().all(|i| {
+            let r = real_state(s, SERVICE, &addr(&lab, *i));
+            r.probe_up == Some(false)
+                && r.last_error
+                    .as_deref()
+                    .is_some_and(|e| e.contains("UnknownIssuer"))
+        })
+    });
+    assert!(vip(&s, SERVICE)["guarded"].as_bool().expect("guarded"));
+    // Not verified: the same certificate is accepted, every real comes back.
+    apply(
+        &lab,
+        &scratch,
+        &service_yaml(&lab, &all, &https("      tls_verify: false\n")),
+    );
+    for i in all {
+        wait_serving(&lab, SERVICE, i);
+    }
+
+    // HTTP on the body: `/` answers 200 with the real's name, so a check for rs1's
+    // name passes on rs1 only.
+    let body = format!(
+        "      kind: http\n      port: 80\n      path: /\n      expect_body: {}\n{}",
+        real_name(0),
+        short_timing()
+    );
+    apply(&lab, &scratch, &service_yaml(&lab, &all, &body));
+    let (s, _) = wait_status(&lab.daemon, "rs2 and rs3 out on the body", |s| {
+        (1..3).all(|i| real_state(s, SERVICE, &addr(&lab, i)).removed_by_health())
+    });
+    assert!(real_state(&s, SERVICE, &rs1).serving());
+    assert_eq!(
+        real_state(&s, SERVICE, &addr(&lab, 1))
+            .last_error
+            .as_deref(),
+        Some(format!("HTTP 200 without '{}' in the body", real_name(0)).as_str())
+    );
+}
+
+#[test]
+fn exec_checks_start_down_ramp_up_slowly_and_tcp_probes_leave_no_time_wait() {
+    let (lab, scratch) = lab("hx", 3, &["--min-healthy", "0"]);
+    let dir = scratch.path().display().to_string();
+    // Down while DIR/ADDRESS.down exists; hangs while DIR/ADDRESS.slow exists. A
+    // command takes longer than a connect: a longer timeout, so a busy machine is no
+    // failure.
+    let exec_timeout_ms = 400;
+    let exec = format!(
+        "      kind: exec\n      command: [/bin/sh, -c, 'if [ -e {dir}/$XLB_REAL_ADDRESS.slow ]; \
+         then exec sleep 30; fi; test ! -e {dir}/$XLB_REAL_ADDRESS.down || {{ echo not ready >&2; \
+         exit 1; }}']\n      start: down\n      slow_start_ms: 3000\n{}",
+        timing(500, exec_timeout_ms)
+    );
+    let switch = |i: usize, what: &str, on: bool| {
+        let file = scratch.path().join(format!("{}.{what}", addr(&lab, i)));
+        if on {
+            std::fs::write(&file, b"").expect("create the switch");
+        } else {
+            std::fs::remove_file(&file).expect("remove the switch");
+        }
+    };
+    let (rs1, rs2, rs3) = (addr(&lab, 0), addr(&lab, 1), addr(&lab, 2));
+    apply(&lab, &scratch, &service_yaml(&lab, &[0, 1], &exec));
+    for i in 0..2 {
+        wait_serving(&lab, SERVICE, i);
+    }
+    wait_status(&lab.daemon, "the first ramps end", |s| {
+        [&rs1, &rs2].iter().all(|a| {
+            real_state(s, SERVICE, a).in_use == Some(1)
+                && probe_field(s, SERVICE, a, "slow_start").is_null()
+        })
+    });
+
+    // The command's exit code decides, its stderr is the reason.
+    switch(1, "down", true);
+    let (s, _) = wait_status(&lab.daemon, "rs2 out on exit code 1", |s| {
+        real_state(s, SERVICE, &rs2).removed_by_health()
+    });
+    assert_eq!(
+        real_state(&s, SERVICE, &rs2).last_error.as_deref(),
+        Some("exit code 1: not ready")
+    );
+    switch(1, "down", false);
+    wait_serving(&lab, SERVICE, 1);
+    // A command that does not end in time fails the probe.
+    switch(1, "slow", true);
+    let (s, _) = wait_status(&lab.daemon, "rs2 out on a hanging command", |s| {
+        real_state(s, SERVICE, &rs2).removed_by_health()
+    });
+    assert_eq!(
+        real_state(&s, SERVICE, &rs2).last_error.as_deref(),
+        Some(format!("timeout after {exec_timeout_ms} ms").as_str())
+    );
+    switch(1, "slow", false);
+    wait_serving(&lab, SERVICE, 1);
+    wait_status(&lab.daemon, "rs2's ramp ends", |s| {
+        real_state(s, SERVICE, &rs2).in_use == Some(1)
+            && probe_field(s, SERVICE, &rs2, "slow_start").is_null()
+    });
+
+    // rs3 joins under `start: down` while its command fails: out from the start...
+    switch(2, "down", true);
+    apply(&lab, &scratch, &service_yaml(&lab, &[0, 1, 2], &exec));
+    let s = status(&lab.daemon);
+    let r = real_state(&s, SERVICE, &rs3);
+    assert!(r.removed_by_health(), "a new real under start: down: {r:?}");
+    let want = if r.probes == 0 {
+        "start: down, not proven up yet"
+    } else {
+        // Its first probe (at a random point of the first interval) came already.
+        "exit code 1: not ready"
+    };
+    assert_eq!(r.last_error.as_deref(), Some(want), "{r:?}");
+    let (s, _) = wait_status(&lab.daemon, "rs3 probed several times", |s| {
+        real_state(s, SERVICE, &rs3).probes >= RISE + FALL
+    });
+    assert!(real_state(&s, SERVICE, &rs3).removed_by_health());
+    // ...and, once its command passes, ramps up: its share of the table in hundredths
+    // of the others' steps up, then the weights are plain again.
+    switch(2, "down", false);
+    let mut seen = Vec::new();
+    wait_status(&lab.daemon, "rs3's ramp ends", |s| {
+        let (r1, r3) = (real_state(s, SERVICE, &rs1), real_state(s, SERVICE, &rs3));
+        if let (Some(w1), Some(w3)) = (r1.in_use, r3.in_use)
+            && w1 == 100
+            && w3 > 0
+            && seen.last() != Some(&w3)
+        {
+            assert_eq!(
+                probe_field(s, SERVICE, &rs3, "slow_start"),
+                w3,
+                "the percent shown is the share in the table"
+            );
+            seen.push(w3);
+        }
+        r3.serving() && r3.in_use == Some(1) && r1.in_use == Some(1)
+    });
+    assert!(
+        seen.len() >= 3 && seen.windows(2).all(|w| w[0] < w[1]) && seen.iter().all(|w| *w < 100),
+        "rs3's weight in hundredths during its ramp: {seen:?}"
+    );
+
+    // TCP probes close with a reset: after many of them the balancer holds no TIME_WAIT
+    // socket toward the reals.
+    apply(
+        &lab,
+        &scratch,
+        &service_yaml(
+            &lab,
+            &[0, 1, 2],
+            &format!("      kind: tcp\n{}", short_timing()),
+        ),
+    );
+    let probes = real_state(&status(&lab.daemon), SERVICE, &rs1).probes;
+    wait_status(&lab.daemon, "ten more TCP probes of rs1", |s| {
+        real_state(s, SERVICE, &rs1).probes >= probes + 10
+    });
+    let out = lab.topo.lb.ns.exec(&["ss", "-tanH", "state", "time-wait"]);
+    let waiting = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        [&rs1, &rs2, &rs3]
+            .iter()
+            .all(|a| !waiting.contains(&format!("{a}:80"))),
+        "TIME_WAIT sockets toward the reals on the balancer:\n{waiting}"
+    );
 }

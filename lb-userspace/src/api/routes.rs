@@ -350,14 +350,14 @@ async fn status(AxState(ctx): AxState<Context>) -> ApiResult<Json<Status>> {
                 .reals
                 .iter()
                 .map(|r| {
-                    let check = model
-                        .and_then(|m| m.reals.iter().find(|x| x.addr == r.addr))
-                        .and_then(|x| x.check);
+                    let real = model.and_then(|m| m.reals.iter().find(|x| x.addr == r.addr));
+                    let check = real.and_then(|x| x.check);
                     RealHealth {
                         addr: r.addr,
                         check: check
                             .map_or_else(|| "none".to_owned(), |k| format!("{k:?}").to_lowercase()),
                         status: statuses.get(&(view.vip, r.addr)).cloned(),
+                        slow_start: real.and_then(|x| x.ramp),
                     }
                 })
                 .collect();

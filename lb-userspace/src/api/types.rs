@@ -213,8 +213,11 @@ pub struct RealHealth {
     pub addr: IpAddr,
     /// The probe kind, or `none`.
     pub check: String,
-    /// The probe task's status, when probed.
+    /// The probe status, when probed (with `flaps`, its verdict changes).
     pub status: Option<ProbeStatus>,
+    /// Slow start: the percent of its weight the real has now (absent: all).
+    #[serde(default)]
+    pub slow_start: Option<u32>,
 }
 
 /// Answer of `GET /v1/simulate`.

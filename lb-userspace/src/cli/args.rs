@@ -227,7 +227,7 @@ pub enum RealserverCommand {
 /// Health-check flags of `xlb vip add`.
 #[derive(Debug, Args)]
 pub struct CheckArgs {
-    /// Probe kind for the VIP's reals: tcp, http, udp or none.
+    /// Probe kind for the VIP's reals: tcp, http, https, udp or none.
     #[arg(long = "check", value_parser = parse_kind)]
     pub kind: Option<ProbeKind>,
     /// Port to probe (default: the VIP's port).
@@ -257,9 +257,12 @@ fn parse_kind(s: &str) -> Result<ProbeKind, String> {
     match s {
         "tcp" => Ok(ProbeKind::Tcp),
         "http" => Ok(ProbeKind::Http),
+        "https" => Ok(ProbeKind::Https),
         "udp" => Ok(ProbeKind::Udp),
         "none" => Ok(ProbeKind::None),
-        _ => Err(format!("'{s}' is not tcp, http, udp or none")),
+        _ => Err(format!(
+            "'{s}' is not tcp, http, https, udp or none (exec checks are set in the configuration file or the API)"
+        )),
     }
 }
 
@@ -277,7 +280,7 @@ impl CheckArgs {
                 ("--check-fall", self.fall.is_some()),
             ];
             if let Some((flag, _)) = given.iter().find(|(_, set)| *set) {
-                bail!("{flag} needs --check KIND (tcp, http, udp or none)");
+                bail!("{flag} needs --check KIND (tcp, http, https, udp or none)");
             }
             return Ok(None);
         };

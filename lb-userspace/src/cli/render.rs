@@ -18,12 +18,16 @@ fn date(secs: u64) -> String {
 }
 
 /// The health word of a real: `-` (not probed), `pending`, `up` or `DOWN`.
-fn health_word(h: Option<&RealHealth>) -> &'static str {
+fn health_word(h: Option<&RealHealth>) -> String {
     match h.map(|h| (h.check.as_str(), h.status.as_ref())) {
-        Some(("none", _)) | None => "-",
-        Some((_, None)) => "pending",
-        Some((_, Some(s))) if s.up => "up",
-        Some((_, Some(_))) => "DOWN",
+        Some(("none", _)) | None => "-".to_owned(),
+        Some((_, None)) => "pending".to_owned(),
+        // Slow start: the share of its weight the real has so far.
+        Some((_, Some(s))) if s.up => match h.and_then(|h| h.slow_start) {
+            Some(percent) => format!("up {percent}%"),
+            None => "up".to_owned(),
+        },
+        Some((_, Some(_))) => "DOWN".to_owned(),
     }
 }
 
@@ -137,13 +141,14 @@ pub fn status(status: &Status, only: Option<Vip>) {
             view.active_flows
         );
         println!(
-            "  {:<28} {:>7} {:>6} {:<10} {:<8} {:<7} {:>10} {:>12} {:>9} {:>7}",
+            "  {:<28} {:>7} {:>6} {:<10} {:<8} {:<8} {:>5} {:>10} {:>12} {:>9} {:>7}",
             "real",
             "weight",
             "in use",
             "admin",
             "resolved",
             "health",
+            "flaps",
             "packets",
             "bytes",
             "flows",
@@ -153,6 +158,9 @@ pub fn status(status: &Status, only: Option<Vip>) {
         for r in &view.reals {
             overrides |= r.weight_source == Source::Override || r.admin_source == Source::Override;
             let h = v.health.iter().find(|h| h.addr == r.addr);
+            let flaps = h
+                .and_then(|h| h.status.as_ref())
+                .map_or_else(|| "-".to_owned(), |s| s.flaps.to_string());
             if let Some(e) = h
                 .and_then(|h| h.status.as_ref())
                 .and_then(|s| s.last_error.as_ref())
@@ -163,7 +171,7 @@ pub fn status(status: &Status, only: Option<Vip>) {
                 unresolved.push(format!("{} of {}: {why}", r.addr, view.vip));
             }
             println!(
-                "  {:<28} {:>7} {:>6} {:<10} {:<8} {:<7} {:>10} {:>12} {:>9} {:>7}",
+                "  {:<28} {:>7} {:>6} {:<10} {:<8} {:<8} {:>5} {:>10} {:>12} {:>9} {:>7}",
                 r.addr.to_string(),
                 marked(r.weight.to_string(), r.weight_source),
                 r.effective_weight
@@ -171,6 +179,7 @@ pub fn status(status: &Status, only: Option<Vip>) {
                 marked(r.admin.to_string(), r.admin_source),
                 if r.resolved { "yes" } else { "NO" },
                 health_word(h),
+                flaps,
                 r.packets,
                 r.bytes,
                 r.flows,
@@ -207,7 +216,7 @@ pub fn real_health(status: &Status) -> std::collections::BTreeMap<(Vip, std::net
         .flat_map(|v| {
             v.health
                 .iter()
-                .map(move |h| ((v.view.vip, h.addr), health_word(Some(h)).to_owned()))
+                .map(move |h| ((v.view.vip, h.addr), health_word(Some(h))))
         })
         .collect()
 }
@@ -218,8 +227,8 @@ pub struct RealListed<'a> {
     /// The real, its weights, admin state, sources and counters.
     #[serde(flatten)]
     pub view: &'a RealView,
-    /// `up`, `DOWN`, `pending` or `-` (not probed).
-    pub health: &'static str,
+    /// `up` (`up N%` during slow start), `DOWN`, `pending` or `-` (not probed).
+    pub health: String,
     /// The probe kind, or `none`.
     pub check: &'a str,
     /// The last probe failure, in full.

@@ -1,18 +1,25 @@
-//! The probe tasks: one tokio task per (VIP, real) with a health check. Each
-//! probes on its own schedule (interval with jitter, first probe at a random
-//! point of the first interval), applies rise/fall hysteresis and reports
-//! flips to the daemon's controller, which applies them through the reconcile step. A slow
-//! or black-holed real only ever delays its own task.
+//! The probe scheduler: one task drives every probe of every (VIP, real)
+//! pair, no task per real. Probes are due on a timer (a heap of deadlines:
+//! the next probe of a real is scheduled when its previous one ends), start
+//! when due, and run concurrently, at most [`MAX_IN_FLIGHT`] at once; each is
+//! bounded by its check's timeout, so a slow or black-holed real only delays
+//! its own next probe. Results go through rise/fall hysteresis; flips are
+//! reported to the daemon's controller, which applies them through the
+//! reconcile step, and run the check's notify hooks.
 //!
-//! Reals start healthy: a freshly started daemon never empties a service while
-//! the first probes run. Only a real the adopted state already holds down
-//! starts down, and comes back after `rise` passing probes. The avalanche guard (in `state`) decides whether a
-//! verdict may actually take a real out.
+//! Reals start healthy (`start: up`, the default): a freshly started daemon
+//! never empties a service while the first probes run. With `start: down`
+//! a real new to the state starts down and comes in after `rise` passing
+//! probes; so does a real the adopted state already holds down. The
+//! avalanche guard (in `state`) decides whether a verdict may actually take
+//! a real out.
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    cmp::Reverse,
+    collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap},
     future::Future,
     net::{IpAddr, SocketAddr},
+    pin::Pin,
     sync::{
         Arc, Mutex,
         atomic::{AtomicU64, Ordering},
@@ -20,12 +27,26 @@ use std::{
     time::{Duration, SystemTime},
 };
 
+use futures::{StreamExt as _, stream::FuturesUnordered};
+use prometheus_client::metrics::{family::Family, histogram::Histogram};
 use rand::Rng as _;
 use serde::{Deserialize, Serialize};
-use tokio::task::JoinHandle;
+use tokio::{sync::mpsc, time::Instant};
 
-use super::{HealthCheck, probe};
+use super::{
+    HealthCheck, Start, command,
+    probe::{Prober, Target},
+};
 use crate::model::Vip;
+
+/// Probes running at once, at most. Due probes beyond it wait for a free
+/// place (their real is probed late, never skipped).
+pub const MAX_IN_FLIGHT: usize = 4096;
+
+/// Buckets of `xlb_probe_duration_seconds`.
+const DURATION_BUCKETS: [f64; 13] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+];
 
 /// What the engine knows of one real's health.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -42,6 +63,9 @@ pub struct ProbeStatus {
     pub since: u64,
     /// Probes run.
     pub probes: u64,
+    /// Verdict changes (up to down and down to up) since probing began.
+    #[serde(default)]
+    pub flaps: u64,
 }
 
 /// The outcome of one probe step under rise/fall hysteresis.
@@ -65,6 +89,7 @@ impl Default for ProbeStatus {
             last_error: None,
             since: now_secs(),
             probes: 0,
+            flaps: 0,
         }
     }
 }
@@ -76,8 +101,9 @@ impl ProbeStatus {
     }
 
     /// A status that starts down: a real the state (e.g. the state file a
-    /// restarted daemon adopted) already holds out of its table. It comes back
-    /// after `rise` successes, like any real that went down.
+    /// restarted daemon adopted) already holds out of its table, or a new
+    /// real of a check with `start: down`. It comes back after `rise`
+    /// successes, like any real that went down.
     pub fn down(reason: &str) -> Self {
         Self {
             up: false,
@@ -96,6 +122,7 @@ impl ProbeStatus {
                 if !self.up && self.successes >= rise {
                     self.up = true;
                     self.since = now_secs();
+                    self.flaps += 1;
                     return Flip::Up;
                 }
             }
@@ -106,6 +133,7 @@ impl ProbeStatus {
                 if self.up && self.failures >= fall {
                     self.up = false;
                     self.since = now_secs();
+                    self.flaps += 1;
                     return Flip::Down;
                 }
             }
@@ -133,17 +161,51 @@ pub type Key = (Vip, IpAddr);
 /// Where verdict flips go (the daemon's controller).
 pub type Report = Arc<dyn Fn(Vip, IpAddr, bool) + Send + Sync>;
 
-struct Running {
-    check: HealthCheck,
-    task: JoinHandle<()>,
+/// One probe, boxed.
+pub type ProbeFuture = Pin<Box<dyn Future<Output = Result<(), String>> + Send>>;
+
+/// Starts one probe of a real.
+pub type ProbeFn = Arc<dyn Fn() -> ProbeFuture + Send + Sync>;
+
+/// The labels of a real's probe-duration series.
+type Labels = Vec<(String, String)>;
+
+/// The family of `xlb_probe_duration_seconds`.
+pub type Durations = Family<Labels, Histogram, fn() -> Histogram>;
+
+fn duration_histogram() -> Histogram {
+    Histogram::new(DURATION_BUCKETS)
 }
 
-/// What the probe tasks know, readable by anyone (status, metrics) without
+fn duration_labels((vip, real): &Key) -> Labels {
+    [
+        ("address", vip.addr.to_string()),
+        ("port", vip.port.to_string()),
+        ("protocol", vip.proto.to_string()),
+        ("real", real.to_string()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
+    .collect()
+}
+
+/// What the scheduler knows, readable by anyone (status, metrics) without
 /// asking the engine's owner.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct Board {
     status: Arc<Mutex<BTreeMap<Key, ProbeStatus>>>,
     flips: Arc<AtomicU64>,
+    durations: Durations,
+}
+
+impl Default for Board {
+    fn default() -> Self {
+        Self {
+            status: Arc::default(),
+            flips: Arc::default(),
+            durations: Family::new_with_constructor(duration_histogram as fn() -> Histogram),
+        }
+    }
 }
 
 impl Board {
@@ -162,22 +224,63 @@ impl Board {
     pub fn flips(&self) -> u64 {
         self.flips.load(Ordering::Relaxed)
     }
+
+    /// Probe durations by VIP and real.
+    pub fn durations(&self) -> Durations {
+        self.durations.clone()
+    }
 }
 
-/// Owns the probe tasks (one per probed real); owned by the daemon's controller.
+/// What the engine tells its scheduler.
+enum Command {
+    /// Probe `key` (again, from scratch) with `probe` under `check`'s timing.
+    Start {
+        key: Key,
+        check: Box<HealthCheck>,
+        probe: ProbeFn,
+    },
+    /// Stop probing `key`.
+    Stop(Key),
+}
+
+/// Owns the probe scheduler; owned by the daemon's controller.
 pub struct Engine {
-    running: BTreeMap<Key, Running>,
+    running: BTreeMap<Key, HealthCheck>,
     board: Board,
-    report: Report,
+    tx: mpsc::UnboundedSender<Command>,
+    task: tokio::task::JoinHandle<()>,
 }
 
 impl Engine {
-    /// An engine with no checks that reports flips to `report`.
+    /// An engine with no checks that reports flips to `report` (and runs
+    /// the checks' notify hooks). Needs a tokio runtime.
     pub fn new(report: Report) -> Self {
+        let board = Board::default();
+        let flips = board.flips.clone();
+        let on_flip: OnFlip = Arc::new(
+            move |(vip, real): Key, check: &HealthCheck, st: &ProbeStatus| {
+                let error = st.last_error.clone().unwrap_or_default();
+                if st.up {
+                    tracing::info!(%vip, %real, "health: real is up again");
+                } else {
+                    tracing::warn!(%vip, %real, %error, "health: real is down");
+                }
+                flips.fetch_add(1, Ordering::Relaxed);
+                report(vip, real, st.up);
+                notify(vip, real, check, st.up, error);
+            },
+        );
+        Self::with_hook(board, on_flip)
+    }
+
+    fn with_hook(board: Board, on_flip: OnFlip) -> Self {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let task = tokio::spawn(Scheduler::new(board.clone(), on_flip).run(rx));
         Self {
             running: BTreeMap::new(),
-            board: Board::default(),
-            report,
+            board,
+            tx,
+            task,
         }
     }
 
@@ -186,11 +289,10 @@ impl Engine {
         self.board.clone()
     }
 
-    /// Stops every probe task.
+    /// Stops every probe.
     pub fn stop(&mut self) {
-        for (_, r) in std::mem::take(&mut self.running) {
-            r.task.abort();
-        }
+        self.running.clear();
+        self.task.abort();
     }
 
     /// The verdict of every real being probed (reals probed for less than
@@ -203,24 +305,24 @@ impl Engine {
             .collect()
     }
 
-    /// Starts, restarts or stops tasks so that exactly the reals of `wanted`
-    /// are probed, each with its check and port. A new task of a real in
-    /// `down` (a verdict the state already holds, e.g. adopted from a previous
-    /// daemon) starts from that verdict, so the real comes back after `rise`
-    /// passing probes instead of staying out with no probe to bring it back.
+    /// Starts, restarts or stops probes so that exactly the reals of
+    /// `wanted` are probed, each with its check and port. A real in `down`
+    /// (a verdict the state already holds, e.g. adopted from a previous
+    /// daemon) or new under `start: down` starts from a down verdict, so it
+    /// comes in after `rise` passing probes.
     pub fn sync(&mut self, wanted: BTreeMap<Key, (HealthCheck, u16)>, down: &BTreeSet<Key>) {
         let stale: Vec<Key> = self
             .running
             .iter()
-            .filter(|(k, r)| wanted.get(k).is_none_or(|(c, _)| *c != r.check))
+            .filter(|(k, c)| wanted.get(k).is_none_or(|(w, _)| w != *c))
             .map(|(k, _)| *k)
             .collect();
         for k in stale {
-            if let Some(r) = self.running.remove(&k) {
-                r.task.abort();
-            }
+            self.running.remove(&k);
+            let _ = self.tx.send(Command::Stop(k));
             if !wanted.contains_key(&k) {
                 self.board.lock().remove(&k);
+                self.board.durations.remove(&duration_labels(&k));
             }
         }
         for (k, (check, port)) in wanted {
@@ -228,19 +330,30 @@ impl Engine {
                 continue;
             }
             if down.contains(&k) {
+                let reason = match check.start {
+                    Start::Down => "start: down, not proven up yet",
+                    Start::Up => "down when the daemon started",
+                };
                 self.board
                     .lock()
                     .entry(k)
-                    .or_insert_with(|| ProbeStatus::down("down when the daemon started"));
+                    .or_insert_with(|| ProbeStatus::down(reason));
             }
-            let task = tokio::spawn(probe_loop(
-                k,
-                check.clone(),
-                SocketAddr::new(k.1, port),
-                self.board.clone(),
-                self.report.clone(),
-            ));
-            self.running.insert(k, Running { check, task });
+            let prober = Arc::new(Prober::new(check.clone()));
+            let target = Target {
+                vip: k.0,
+                addr: SocketAddr::new(k.1, port),
+            };
+            let probe: ProbeFn = Arc::new(move || {
+                let prober = prober.clone();
+                Box::pin(async move { prober.run(&target).await })
+            });
+            let _ = self.tx.send(Command::Start {
+                key: k,
+                check: Box::new(check.clone()),
+                probe,
+            });
+            self.running.insert(k, check);
         }
     }
 }
@@ -251,79 +364,190 @@ impl Drop for Engine {
     }
 }
 
-async fn probe_loop(
-    key: Key,
-    check: HealthCheck,
-    target: SocketAddr,
-    board: Board,
-    report: Report,
-) {
-    let (vip, real) = key;
-    let flips = board.flips.clone();
-    let on_flip = |flip: Flip, error: &str| {
-        let up = flip == Flip::Up;
-        if up {
-            tracing::info!(%vip, %real, "health: real is up again");
-        } else {
-            tracing::warn!(%vip, %real, %error, "health: real is down");
-        }
-        flips.fetch_add(1, Ordering::Relaxed);
-        report(vip, real, up);
-        true
+/// Runs the notify hook of a flip, if the check has one, in a task of its own.
+fn notify(vip: Vip, real: IpAddr, check: &HealthCheck, up: bool, error: String) {
+    let argv = if up {
+        &check.notify_up
+    } else {
+        &check.notify_down
     };
-    schedule(
-        key,
-        &check,
-        &board.status,
-        || probe::run(&check, target),
-        on_flip,
-    )
-    .await;
+    if argv.is_empty() {
+        return;
+    }
+    let argv = argv.clone();
+    let limit = Duration::from_millis(check.notify_timeout_ms);
+    let port = check.port.unwrap_or(vip.port);
+    tokio::spawn(async move {
+        let mut env = Target {
+            vip,
+            addr: SocketAddr::new(real, port),
+        }
+        .env();
+        env.push(("XLB_STATE", if up { "up" } else { "down" }.to_owned()));
+        env.push(("XLB_REASON", if up { String::new() } else { error }));
+        if let Err(err) = command::run(&argv, &env, Some(limit)).await {
+            tracing::warn!(%vip, %real, program = %argv[0], %err, "health: notify command failed");
+        }
+    });
 }
 
-/// One real's probe schedule: the first probe at a random point of the first
-/// interval, then one every `interval_ms` (± jitter) after the previous one
-/// ended; each bounded by `timeout_ms`, so a black-holed real is probed every
-/// interval + timeout. Applies rise/fall and calls `report` with each flip and
-/// the last error; stops when `report` returns false (the daemon is gone).
-/// `probe` is [`probe::run`] in the daemon and a fake in tests.
-async fn schedule<P, F>(
-    key: Key,
-    check: &HealthCheck,
-    status: &Mutex<BTreeMap<Key, ProbeStatus>>,
-    mut probe: P,
-    mut report: impl FnMut(Flip, &str) -> bool,
-) where
-    P: FnMut() -> F,
-    F: Future<Output = Result<(), String>>,
-{
-    let interval = Duration::from_millis(check.interval_ms);
-    let timeout = Duration::from_millis(check.timeout_ms);
-    // Spread the first probes of many reals over one interval.
-    let first = rand::rng().random_range(0.0..=interval.as_secs_f64());
-    tokio::time::sleep(Duration::from_secs_f64(first)).await;
-    status
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .entry(key)
-        .or_default();
-    loop {
-        let result = match tokio::time::timeout(timeout, probe()).await {
-            Ok(r) => r,
-            Err(_) => Err(format!("timeout after {} ms", check.timeout_ms)),
-        };
-        let (flip, error) = {
-            let mut s = status
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            let st = s.entry(key).or_default();
-            let flip = st.record(result, check.rise, check.fall);
-            (flip, st.last_error.clone().unwrap_or_default())
-        };
-        if flip != Flip::None && !report(flip, &error) {
-            return;
+/// Called with each flip: the key, its check and its new status.
+type OnFlip = Arc<dyn Fn(Key, &HealthCheck, &ProbeStatus) + Send + Sync>;
+
+/// A real under probing.
+struct Entry {
+    check: HealthCheck,
+    probe: ProbeFn,
+    /// Bumped at each (re)start: results and deadlines of an older
+    /// generation are ignored.
+    generation: u64,
+    duration: Histogram,
+}
+
+/// A probe that ended: which, its generation, result and duration.
+type Done = (Key, u64, Result<(), String>, Duration);
+
+/// The one task that runs every probe.
+struct Scheduler {
+    board: Board,
+    on_flip: OnFlip,
+    entries: HashMap<Key, Entry>,
+    /// Deadlines: (when, key, generation), earliest first.
+    due: BinaryHeap<Reverse<(Instant, Key, u64)>>,
+    in_flight: FuturesUnordered<Pin<Box<dyn Future<Output = Done> + Send>>>,
+    generations: u64,
+}
+
+impl Scheduler {
+    fn new(board: Board, on_flip: OnFlip) -> Self {
+        Self {
+            board,
+            on_flip,
+            entries: HashMap::new(),
+            due: BinaryHeap::new(),
+            in_flight: FuturesUnordered::new(),
+            generations: 0,
         }
-        tokio::time::sleep(jittered(interval, check.jitter_percent)).await;
+    }
+
+    async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Command>) {
+        loop {
+            self.start_due();
+            let next = self
+                .due
+                .peek()
+                .map(|Reverse((at, _, _))| *at)
+                .filter(|_| self.in_flight.len() < MAX_IN_FLIGHT);
+            tokio::select! {
+                cmd = rx.recv() => match cmd {
+                    Some(cmd) => self.command(cmd),
+                    None => return,
+                },
+                Some(done) = self.in_flight.next(), if !self.in_flight.is_empty() => self.finished(done),
+                () = sleep_until(next), if next.is_some() => {}
+            }
+        }
+    }
+
+    fn command(&mut self, cmd: Command) {
+        match cmd {
+            Command::Start { key, check, probe } => {
+                self.generations += 1;
+                let generation = self.generations;
+                // Spread the first probes of many reals over one interval.
+                let interval = Duration::from_millis(check.interval_ms);
+                let first = rand::rng().random_range(0.0..=interval.as_secs_f64());
+                self.due.push(Reverse((
+                    Instant::now() + Duration::from_secs_f64(first),
+                    key,
+                    generation,
+                )));
+                let duration = self
+                    .board
+                    .durations
+                    .get_or_create(&duration_labels(&key))
+                    .clone();
+                self.entries.insert(
+                    key,
+                    Entry {
+                        check: *check,
+                        probe,
+                        generation,
+                        duration,
+                    },
+                );
+            }
+            Command::Stop(key) => {
+                self.entries.remove(&key);
+            }
+        }
+    }
+
+    /// Starts every probe that is due, while there is room.
+    fn start_due(&mut self) {
+        let now = Instant::now();
+        while self.in_flight.len() < MAX_IN_FLIGHT {
+            match self.due.peek() {
+                Some(Reverse((at, _, _))) if *at <= now => {}
+                _ => return,
+            }
+            let Some(Reverse((_, key, generation))) = self.due.pop() else {
+                return;
+            };
+            let Some(e) = self
+                .entries
+                .get(&key)
+                .filter(|e| e.generation == generation)
+            else {
+                continue;
+            };
+            self.board.lock().entry(key).or_default();
+            let timeout = Duration::from_millis(e.check.timeout_ms);
+            let probe = (e.probe)();
+            self.in_flight.push(Box::pin(async move {
+                let started = Instant::now();
+                let result = match tokio::time::timeout(timeout, probe).await {
+                    Ok(r) => r,
+                    Err(_) => Err(format!("timeout after {} ms", timeout.as_millis())),
+                };
+                (key, generation, result, started.elapsed())
+            }));
+        }
+    }
+
+    /// Records a probe's result and schedules the real's next probe.
+    fn finished(&mut self, (key, generation, result, took): Done) {
+        let Some(e) = self
+            .entries
+            .get(&key)
+            .filter(|e| e.generation == generation)
+        else {
+            return;
+        };
+        e.duration.observe(took.as_secs_f64());
+        let status = {
+            let mut s = self.board.lock();
+            let st = s.entry(key).or_default();
+            let flip = st.record(result, e.check.rise, e.check.fall);
+            (flip != Flip::None).then(|| st.clone())
+        };
+        if let Some(status) = status {
+            (self.on_flip)(key, &e.check, &status);
+        }
+        let wait = jittered(
+            Duration::from_millis(e.check.interval_ms),
+            e.check.jitter_percent,
+        );
+        self.due
+            .push(Reverse((Instant::now() + wait, key, generation)));
+    }
+}
+
+/// Sleeps until `at` (forever when none).
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
 
@@ -373,16 +597,14 @@ mod tests {
         assert_eq!(jittered(base, 0), base);
     }
 
-    // --- the schedule, on tokio's paused clock: sleeps end at once, in order,
-    // and `Instant` reads virtual time, so timing is exact and instant to test.
+    // --- the scheduler, on tokio's paused clock: sleeps end at once, in
+    // order, and `Instant` reads virtual time, so timing is exact and
+    // instant to test.
 
-    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::atomic::AtomicBool;
 
-    use tokio::time::Instant;
-
-    /// Flips reported by a schedule, with the virtual time of each.
-    type Flips = Arc<Mutex<Vec<(Instant, Flip)>>>;
-    type Statuses = Arc<Mutex<BTreeMap<Key, ProbeStatus>>>;
+    /// Flips reported, with the virtual time and the real of each.
+    type Flips = Arc<Mutex<Vec<(Instant, Key, Flip)>>>;
 
     const SECOND: Duration = Duration::from_secs(1);
     /// Slack for the float arithmetic of `jittered`.
@@ -395,6 +617,13 @@ mod tests {
         )
     }
 
+    fn many(i: u16) -> Key {
+        (
+            key(0).0,
+            IpAddr::from([198, 51, (i / 250) as u8, (i % 250) as u8]),
+        )
+    }
+
     /// The defaults: interval 2 s, timeout 1 s, rise 3, fall 3, jitter 10%.
     fn defaults() -> HealthCheck {
         HealthCheck::default()
@@ -404,28 +633,51 @@ mod tests {
         Duration::from_millis(d)
     }
 
-    /// Runs `schedule` for `key` in a task, recording its flips.
-    fn spawn<P, F>(key: Key, check: HealthCheck, status: &Statuses, probe: P) -> Flips
-    where
-        P: FnMut() -> F + Send + 'static,
-        F: Future<Output = Result<(), String>> + Send,
-    {
+    /// An engine whose flips are recorded instead of reported.
+    fn engine() -> (Engine, Flips) {
         let flips = Flips::default();
-        let (status, recorded) = (status.clone(), flips.clone());
-        tokio::spawn(async move {
-            let report = |flip, _: &str| {
-                recorded.lock().expect("flips").push((Instant::now(), flip));
-                true
-            };
-            schedule(key, &check, &status, probe, report).await;
+        let seen = flips.clone();
+        let on_flip: OnFlip = Arc::new(move |key, _: &HealthCheck, st: &ProbeStatus| {
+            let flip = if st.up { Flip::Up } else { Flip::Down };
+            seen.lock()
+                .expect("flips")
+                .push((Instant::now(), key, flip));
         });
+        (Engine::with_hook(Board::default(), on_flip), flips)
+    }
+
+    /// Probes `key` with `probe` (a fake) under `check`.
+    fn start<P, F>(engine: &mut Engine, key: Key, check: HealthCheck, probe: P)
+    where
+        P: Fn() -> F + Send + Sync + 'static,
+        F: Future<Output = Result<(), String>> + Send + 'static,
+    {
+        let probe: ProbeFn = Arc::new(move || Box::pin(probe()));
+        engine.running.insert(key, check.clone());
+        engine
+            .tx
+            .send(Command::Start {
+                key,
+                check: Box::new(check),
+                probe,
+            })
+            .expect("scheduler");
+    }
+
+    fn flips_of(flips: &Flips, key: Key) -> Vec<(Instant, Flip)> {
         flips
+            .lock()
+            .expect("flips")
+            .iter()
+            .filter(|(_, k, _)| *k == key)
+            .map(|(t, _, f)| (*t, *f))
+            .collect()
     }
 
     /// A probe that passes while `healthy` is set and is refused otherwise.
     fn switchable(
         healthy: &Arc<AtomicBool>,
-    ) -> impl FnMut() -> std::future::Ready<Result<(), String>> + Send + 'static {
+    ) -> impl Fn() -> std::future::Ready<Result<(), String>> + Send + Sync + 'static {
         let healthy = healthy.clone();
         move || {
             std::future::ready(if healthy.load(Ordering::Relaxed) {
@@ -436,8 +688,8 @@ mod tests {
         }
     }
 
-    fn status_of(status: &Statuses, key: Key) -> ProbeStatus {
-        status.lock().expect("status")[&key].clone()
+    fn status_of(engine: &Engine, key: Key) -> ProbeStatus {
+        engine.board.statuses()[&key].clone()
     }
 
     #[tokio::test(start_paused = true)]
@@ -445,17 +697,17 @@ mod tests {
         let check = defaults();
         let interval = ms(check.interval_ms);
         let (lo, hi) = (interval.mul_f64(0.9), interval.mul_f64(1.1));
-        let status = Statuses::default();
+        let (mut engine, flips) = engine();
         let healthy = Arc::new(AtomicBool::new(true));
-        let flips = spawn(key(11), check.clone(), &status, switchable(&healthy));
+        start(&mut engine, key(11), check.clone(), switchable(&healthy));
 
         tokio::time::sleep(30 * SECOND).await;
         assert!(
-            flips.lock().expect("flips").is_empty(),
+            flips_of(&flips, key(11)).is_empty(),
             "a healthy real flipped"
         );
         assert!(
-            status_of(&status, key(11)).probes >= 13,
+            status_of(&engine, key(11)).probes >= 13,
             "too few probes in 30 s"
         );
 
@@ -464,7 +716,7 @@ mod tests {
         let failed = Instant::now();
         tokio::time::sleep(30 * SECOND).await;
         let down = {
-            let f = flips.lock().expect("flips");
+            let f = flips_of(&flips, key(11));
             assert_eq!(f.len(), 1, "one flip expected: {f:?}");
             assert_eq!(f[0].1, Flip::Down);
             f[0].0 - failed
@@ -474,16 +726,17 @@ mod tests {
             "down {down:?} after the failure; expected within fall ({}) intervals",
             check.fall
         );
-        let st = status_of(&status, key(11));
+        let st = status_of(&engine, key(11));
         assert!(!st.up);
         assert_eq!(st.last_error.as_deref(), Some("connection refused"));
+        assert_eq!(st.flaps, 1);
 
         // It recovers: rise passing probes bring it back.
         healthy.store(true, Ordering::Relaxed);
         let recovered = Instant::now();
         tokio::time::sleep(30 * SECOND).await;
         let up = {
-            let f = flips.lock().expect("flips");
+            let f = flips_of(&flips, key(11));
             assert_eq!(f.len(), 2, "two flips expected: {f:?}");
             assert_eq!(f[1].1, Flip::Up);
             f[1].0 - recovered
@@ -493,7 +746,19 @@ mod tests {
             "up {up:?} after recovery; expected within rise ({}) intervals",
             check.rise
         );
-        assert!(status_of(&status, key(11)).up);
+        let st = status_of(&engine, key(11));
+        assert!(st.up);
+        assert_eq!(st.flaps, 2);
+        // Every probe's duration was observed under the real's labels.
+        let mut text = String::new();
+        let mut reg = prometheus_client::registry::Registry::default();
+        reg.register("probe_duration_seconds", "", engine.board.durations());
+        prometheus_client::encoding::text::encode(&mut text, &reg).expect("encode");
+        let count = format!(
+            "probe_duration_seconds_count{{address=\"203.0.113.10\",port=\"80\",protocol=\"tcp\",real=\"198.51.100.11\"}} {}",
+            st.probes
+        );
+        assert!(text.contains(&count), "{count} not in\n{text}");
     }
 
     #[tokio::test(start_paused = true)]
@@ -501,22 +766,16 @@ mod tests {
         let check = defaults();
         let interval = ms(check.interval_ms);
         let timeout = ms(check.timeout_ms);
-        let status = Statuses::default();
-        let start = Instant::now();
+        let (mut engine, flips) = engine();
+        let start_at = Instant::now();
         // A thousand reals whose probes never return (bounded by the timeout)...
-        let holes: Vec<Flips> = (0..1000u16)
-            .map(|i| {
-                let key = (
-                    key(0).0,
-                    IpAddr::from([198, 51, (i / 250) as u8, (i % 250) as u8]),
-                );
-                spawn(key, check.clone(), &status, std::future::pending)
-            })
-            .collect();
+        for i in 0..1000u16 {
+            start(&mut engine, many(i), check.clone(), std::future::pending);
+        }
         // ...and one healthy real probed alongside them.
         let probed = Arc::new(Mutex::new(Vec::new()));
         let times = probed.clone();
-        let flips = spawn(key(12), check.clone(), &status, move || {
+        start(&mut engine, key(12), check.clone(), move || {
             times.lock().expect("times").push(Instant::now());
             std::future::ready(Ok(()))
         });
@@ -524,9 +783,9 @@ mod tests {
         tokio::time::sleep(60 * SECOND).await;
         let times = probed.lock().expect("times").clone();
         assert!(
-            times[0] - start <= interval,
+            times[0] - start_at <= interval,
             "first probe at {:?}",
-            times[0] - start
+            times[0] - start_at
         );
         for pair in times.windows(2) {
             let gap = pair[1] - pair[0];
@@ -536,22 +795,22 @@ mod tests {
             );
         }
         assert!(times.len() >= 26, "only {} probes in 60 s", times.len());
-        assert!(flips.lock().expect("flips").is_empty());
+        assert!(flips_of(&flips, key(12)).is_empty());
 
         // Every black-holed real went down once, after fall timeouts; each of
         // its probes takes interval + timeout.
         let worst_down = interval + timeout * check.fall + interval.mul_f64(1.1) * (check.fall - 1);
-        for (i, f) in holes.iter().enumerate() {
-            let f = f.lock().expect("flips");
+        for i in 0..1000u16 {
+            let f = flips_of(&flips, many(i));
             assert_eq!(f.len(), 1, "real {i}: {f:?}");
             assert_eq!(f[0].1, Flip::Down);
             assert!(
-                f[0].0 - start <= worst_down + EPSILON,
+                f[0].0 - start_at <= worst_down + EPSILON,
                 "real {i} down at {:?}",
-                f[0].0 - start
+                f[0].0 - start_at
             );
         }
-        let hole = status_of(&status, (key(0).0, IpAddr::from([198, 51, 0, 0])));
+        let hole = status_of(&engine, many(0));
         assert_eq!(hole.last_error.as_deref(), Some("timeout after 1000 ms"));
         let cycle_min = timeout + interval.mul_f64(0.9);
         assert!(
@@ -564,21 +823,18 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn the_first_probes_of_many_reals_spread_over_one_interval() {
         let check = defaults();
-        let status = Statuses::default();
-        let start = Instant::now();
+        let (mut engine, _) = engine();
+        let start_at = Instant::now();
         let first: Arc<Mutex<BTreeMap<Key, Duration>>> = Arc::default();
         for i in 0..1000u16 {
-            let key = (
-                key(0).0,
-                IpAddr::from([198, 51, (i / 250) as u8, (i % 250) as u8]),
-            );
+            let key = many(i);
             let first = first.clone();
-            spawn(key, check.clone(), &status, move || {
+            start(&mut engine, key, check.clone(), move || {
                 first
                     .lock()
                     .expect("first")
                     .entry(key)
-                    .or_insert_with(|| Instant::now() - start);
+                    .or_insert_with(|| Instant::now() - start_at);
                 std::future::ready(Ok(()))
             });
         }
@@ -598,5 +854,69 @@ mod tests {
             buckets.iter().all(|n| *n <= 150),
             "first probes bunch up: {buckets:?}"
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn no_more_than_the_bound_of_probes_run_at_once_and_none_is_skipped() {
+        let check = HealthCheck {
+            interval_ms: 1000,
+            timeout_ms: 1000,
+            ..defaults()
+        };
+        let (mut engine, _) = engine();
+        let running = Arc::new(AtomicU64::new(0));
+        let most = Arc::new(AtomicU64::new(0));
+        let n = MAX_IN_FLIGHT as u16 + 1000;
+        for i in 0..n {
+            let (running, most) = (running.clone(), most.clone());
+            start(&mut engine, many(i), check.clone(), move || {
+                let (running, most) = (running.clone(), most.clone());
+                async move {
+                    let now = running.fetch_add(1, Ordering::SeqCst) + 1;
+                    most.fetch_max(now, Ordering::SeqCst);
+                    tokio::time::sleep(ms(900)).await;
+                    running.fetch_sub(1, Ordering::SeqCst);
+                    Ok(())
+                }
+            });
+        }
+        tokio::time::sleep(10 * SECOND).await;
+        assert_eq!(most.load(Ordering::SeqCst), MAX_IN_FLIGHT as u64);
+        let statuses = engine.board.statuses();
+        assert_eq!(statuses.len(), usize::from(n));
+        assert!(
+            statuses.values().all(|s| s.probes >= 3 && s.up),
+            "a real was starved"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_changed_check_restarts_the_real_and_a_removed_one_is_forgotten() {
+        let (mut engine, _) = engine();
+        let vip = key(0).0;
+        let c = HealthCheck {
+            interval_ms: 200,
+            timeout_ms: 100,
+            rise: 1,
+            fall: 1,
+            start: Start::Down,
+            ..defaults()
+        };
+        let mut wanted = BTreeMap::from([((vip, key(11).1), (c.clone(), 1))]);
+        // start: down and in the down set: starts down with the reason.
+        engine.sync(wanted.clone(), &BTreeSet::from([key(11)]));
+        assert_eq!(
+            engine.verdicts(),
+            BTreeMap::from([(key(11), false)]),
+            "down until proven up"
+        );
+        assert_eq!(
+            status_of(&engine, key(11)).last_error.as_deref(),
+            Some("start: down, not proven up yet")
+        );
+        wanted.clear();
+        engine.sync(wanted, &BTreeSet::new());
+        assert!(engine.verdicts().is_empty());
+        assert!(engine.board.statuses().is_empty());
     }
 }

@@ -1,10 +1,13 @@
-//! Health checking: probe kinds, their settings, and (in `engine`) the tasks
-//! that run them and feed verdicts into the reconcile step.
+//! Health checking: probe kinds, their settings, and (in `engine`) the
+//! scheduler that runs them and feeds verdicts into the reconcile step.
 
+pub mod command;
 pub mod engine;
 pub mod probe;
 
 pub use engine::{Engine, ProbeStatus};
+use std::path::PathBuf;
+
 use serde::{Deserialize, Serialize};
 
 /// What a probe does.
@@ -16,8 +19,12 @@ pub enum ProbeKind {
     Tcp,
     /// An HTTP GET with an expected status (and optional body substring).
     Http,
+    /// The HTTP check over TLS (rustls), with SNI and optional verification.
+    Https,
     /// A UDP datagram that must be answered (optionally with a substring).
     Udp,
+    /// A command (keepalived's `MISC_CHECK`): exit code 0 passes.
+    Exec,
     /// No probing: the real is always healthy.
     None,
 }
@@ -59,6 +66,35 @@ pub struct HealthCheck {
     /// HTTP: a substring the body must contain.
     #[serde(default)]
     pub expect_body: Option<String>,
+    /// HTTPS: the server name sent (SNI) and verified (default: `host`
+    /// when it is a name, else none and the certificate must name the real's address).
+    #[serde(default)]
+    pub sni: Option<String>,
+    /// HTTPS: whether the server's certificate is verified.
+    #[serde(default = "defaults::tls_verify")]
+    pub tls_verify: bool,
+    /// HTTPS: a PEM file of the CA certificates to trust instead of the system's.
+    #[serde(default)]
+    pub tls_ca: Option<PathBuf>,
+    /// Exec: the program (an absolute path) and its arguments; no shell.
+    #[serde(default)]
+    pub command: Vec<String>,
+    /// Whether a real starts up or down until its first verdict (keepalived's `alpha`).
+    #[serde(default)]
+    pub start: Start,
+    /// Slow start: a real that comes up (or is added) ramps from a small
+    /// share of its weight to all of it over this many milliseconds (0: off).
+    #[serde(default)]
+    pub slow_start_ms: u64,
+    /// A command run when a real's verdict turns up.
+    #[serde(default)]
+    pub notify_up: Vec<String>,
+    /// A command run when a real's verdict turns down.
+    #[serde(default)]
+    pub notify_down: Vec<String>,
+    /// Time a notify command may take, milliseconds.
+    #[serde(default = "defaults::notify_timeout_ms")]
+    pub notify_timeout_ms: u64,
     /// UDP: the payload sent.
     #[serde(default)]
     pub send: Option<String>,
@@ -97,6 +133,25 @@ pub mod defaults {
     pub fn expect_status() -> String {
         "200-399".to_owned()
     }
+    /// HTTPS certificates are verified.
+    pub fn tls_verify() -> bool {
+        true
+    }
+    /// Notify commands get 5 s.
+    pub fn notify_timeout_ms() -> u64 {
+        5000
+    }
+}
+
+/// The verdict of a real before its first probes (keepalived's `alpha`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Start {
+    /// In the table at once; out after `fall` failures.
+    #[default]
+    Up,
+    /// Out of the table until `rise` probes pass.
+    Down,
 }
 
 impl Default for HealthCheck {
@@ -113,6 +168,15 @@ impl Default for HealthCheck {
             host: None,
             expect_status: defaults::expect_status(),
             expect_body: None,
+            sni: None,
+            tls_verify: defaults::tls_verify(),
+            tls_ca: None,
+            command: Vec::new(),
+            start: Start::Up,
+            slow_start_ms: 0,
+            notify_up: Vec::new(),
+            notify_down: Vec::new(),
+            notify_timeout_ms: defaults::notify_timeout_ms(),
             send: None,
             expect: None,
         }
@@ -164,7 +228,57 @@ impl HealthCheck {
             return Err("port must be 1-65535, not 0".to_owned());
         }
         self.status_range()?;
+        let name = match self.kind {
+            ProbeKind::Https => self.server_name(),
+            _ => self.sni.as_deref(),
+        };
+        if let Some(name) = name
+            && rustls::pki_types::ServerName::try_from(name).is_err()
+        {
+            return Err(format!("sni {name:?} is not a host name"));
+        }
+        if self.kind == ProbeKind::Exec && self.command.is_empty() {
+            return Err("kind exec needs a command: [/path/to/program, args...]".to_owned());
+        }
+        for (field, argv) in [
+            ("command", &self.command),
+            ("notify_up", &self.notify_up),
+            ("notify_down", &self.notify_down),
+        ] {
+            if let Some(program) = argv.first()
+                && !program.starts_with('/')
+            {
+                return Err(format!(
+                    "{field}: the program {program:?} must be an absolute path (no shell, no PATH lookup)"
+                ));
+            }
+            if argv.iter().any(|a| a.contains('\0')) {
+                return Err(format!("{field}: an argument holds a NUL byte"));
+            }
+        }
+        if self.notify_timeout_ms == 0 || self.notify_timeout_ms > 600_000 {
+            return Err(format!(
+                "notify_timeout_ms must be 1-600000, not {}",
+                self.notify_timeout_ms
+            ));
+        }
+        if self.slow_start_ms > 3_600_000 {
+            return Err(format!(
+                "slow_start_ms must be at most 3600000 (an hour), not {}",
+                self.slow_start_ms
+            ));
+        }
         Ok(())
+    }
+
+    /// The server name of an HTTPS check: `sni`, else `host` when it is a
+    /// DNS name (not an address), else none.
+    pub fn server_name(&self) -> Option<&str> {
+        self.sni.as_deref().or_else(|| {
+            self.host
+                .as_deref()
+                .filter(|h| !h.starts_with('[') && h.parse::<std::net::IpAddr>().is_err())
+        })
     }
 
     /// The accepted HTTP status range.

@@ -30,6 +30,7 @@ use serde::{Deserialize, Serialize};
 use crate::{
     dataplane::DataplaneError,
     desired::{Desired, Edit, Spec, SpecError, describe_changes},
+    health::{ProbeKind, Start},
     model::{Forward, Vip},
 };
 use model::{Inputs, Mode, Outcome};
@@ -74,6 +75,10 @@ pub struct State {
     model: Model,
     /// The avalanche guard's threshold.
     min_healthy: f64,
+    /// Reals in slow start and the percent of their weight they have (not
+    /// saved: a restarted daemon gives every real its whole weight).
+    #[serde(skip)]
+    ramp: BTreeMap<(Vip, IpAddr), u32>,
 }
 
 /// JSON maps need string keys: the verdicts are stored as a list.
@@ -141,6 +146,26 @@ impl State {
     /// Health verdicts in force (absent: up).
     pub fn health(&self) -> &BTreeMap<(Vip, IpAddr), bool> {
         &self.health
+    }
+
+    /// Reals in slow start and the percent of their weight they have.
+    pub fn ramp(&self) -> &BTreeMap<(Vip, IpAddr), u32> {
+        &self.ramp
+    }
+
+    /// Sets the slow-start percents (absent: whole weight) and applies them;
+    /// on error the previous ones stay.
+    pub fn set_ramp<M: Maps>(
+        &mut self,
+        maps: &mut M,
+        ramp: BTreeMap<(Vip, IpAddr), u32>,
+    ) -> Result<Changes, StateError> {
+        let before = std::mem::replace(&mut self.ramp, ramp);
+        let r = self.reconcile(maps);
+        if r.is_err() {
+            self.ramp = before;
+        }
+        r
     }
 
     /// Whether `real` of `vip` is held up (true when never probed down).
@@ -268,6 +293,7 @@ impl State {
             health: &health,
             guarded: &self.guarded,
             min_healthy: self.min_healthy,
+            ramp: &self.ramp,
         };
         let out = step(&self.model, &inputs)?;
         let before = self.desired();
@@ -279,7 +305,8 @@ impl State {
 
     /// The MACs and verdicts of a new desired state: what is known plus what
     /// was learnt, without entries of reals that left (a real removed and
-    /// added again starts healthy, like any new real).
+    /// added again starts afresh, like any new real). A real new to the
+    /// state whose check says `start: down` starts down.
     fn inputs_for(
         &self,
         desired: &Desired,
@@ -291,6 +318,17 @@ impl State {
         known.extend(macs.iter().map(|(a, m)| (*a, *m)));
         known.retain(|a, _| reach.contains_key(a));
         let mut health = self.health.clone();
+        let before = self.desired();
+        for (vip, s) in &desired.services {
+            for real in s.reals.keys() {
+                let starts_down = s
+                    .check(*real)
+                    .is_some_and(|c| c.kind != ProbeKind::None && c.start == Start::Down);
+                if starts_down && !before.has_real(vip, *real) {
+                    health.insert((*vip, *real), false);
+                }
+            }
+        }
         for (key, up) in verdicts {
             if *up {
                 health.remove(key);
@@ -323,6 +361,9 @@ impl State {
         }
         self.spec = spec;
         self.macs = macs;
+        let desired = self.spec.effective();
+        self.ramp
+            .retain(|(vip, real), _| desired.has_real(vip, *real));
         self.health = health;
         self.model = out.model;
         self.guarded = out.guarded;

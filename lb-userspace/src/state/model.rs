@@ -150,6 +150,8 @@ pub struct Inputs<'a> {
     pub guarded: &'a BTreeSet<Vip>,
     /// The guard's threshold.
     pub min_healthy: f64,
+    /// Reals in slow start: the percent of their weight they have (absent: all).
+    pub ramp: &'a BTreeMap<(Vip, IpAddr), u32>,
 }
 
 /// What a reconcile did.
@@ -321,6 +323,7 @@ impl Model {
                     admin: r.admin,
                     resolved: mac.is_some(),
                     healthy: inputs.health.get(&(*vip, *addr)).copied().unwrap_or(true),
+                    ramp: inputs.ramp.get(&(*vip, *addr)).copied().unwrap_or(100),
                 };
                 reals.push(input);
                 match (a.slots.get(addr).copied(), mac.filter(|_| input.live())) {
@@ -705,6 +708,7 @@ mod tests {
                 health: &self.health,
                 guarded: &self.guarded,
                 min_healthy: 0.5,
+                ramp: &BTreeMap::new(),
             };
             let out =
                 self.model
@@ -980,6 +984,7 @@ mod tests {
                 health: &no_health,
                 guarded: &no_guard,
                 min_healthy: 0.5,
+                ramp: &BTreeMap::new(),
             };
             let mut next = saved.clone();
             let plan = next
@@ -1004,6 +1009,7 @@ mod tests {
                 health: &restarted.health,
                 guarded: &restarted.guarded,
                 min_healthy: 0.5,
+                ramp: &BTreeMap::new(),
             };
             let out = saved
                 .clone()

@@ -12,6 +12,12 @@
 //!   health is ignored for that VIP and every real that can serve stays in.
 //!   Once on, it stays on until `min(needed + 1, servable)` reals are healthy
 //!   (hysteresis: a real that flaps at the threshold does not flip the table).
+//! - **Slow start**: a real in slow start has a percent of its weight. While
+//!   one real of a VIP ramps, every weight of the VIP's table is in
+//!   hundredths (weight × 100, the ramping real's weight × percent), so a
+//!   weight-1 real can take 1% of a weight-1 real's share. Maglev shares
+//!   depend only on weight ratios: once the ramp ends and the weights are
+//!   plain again, the table is the one it was before.
 
 use std::{collections::BTreeMap, net::IpAddr};
 
@@ -30,6 +36,8 @@ pub struct RealInput {
     pub resolved: bool,
     /// Its health verdict (true when not probed).
     pub healthy: bool,
+    /// Percent of its weight it has (slow start), 1..=100.
+    pub ramp: u32,
 }
 
 impl RealInput {
@@ -71,14 +79,16 @@ pub fn weights(reals: &[RealInput], min_healthy: f64, was_guarded: bool) -> Weig
             healthy < needed
         }
     };
+    let serving = |r: &RealInput| r.servable() && (r.healthy || guarded);
+    let ramping = reals.iter().any(|r| serving(r) && r.ramp < 100);
     let table = reals
         .iter()
         .filter(|r| r.live())
         .map(|r| {
-            let w = if r.servable() && (r.healthy || guarded) {
-                r.weight
-            } else {
-                0
+            let w = match (serving(r), ramping) {
+                (false, _) => 0,
+                (true, false) => r.weight,
+                (true, true) => (r.weight * r.ramp.clamp(1, 100)).max(1),
             };
             (r.addr, w)
         })
@@ -102,6 +112,7 @@ mod tests {
             admin,
             resolved: true,
             healthy,
+            ramp: 100,
         }
     }
 
@@ -172,5 +183,29 @@ mod tests {
         .into();
         assert_eq!(w.table, want);
         assert!(!w.guarded);
+    }
+
+    #[test]
+    fn a_ramping_real_gets_its_percent_in_hundredths_and_plain_weights_come_back() {
+        let mut reals = [
+            real(11, Admin::Enabled, 1, true),
+            real(12, Admin::Enabled, 2, true),
+            real(13, Admin::Enabled, 1, true),
+            real(14, Admin::Drain, 1, true),
+        ];
+        reals[2].ramp = 10;
+        let w = weights(&reals, 0.5, false);
+        let at = |l: u8| w.table[&IpAddr::from([198, 51, 100, l])];
+        assert_eq!((at(11), at(12), at(13), at(14)), (100, 200, 10, 0));
+        // A ramp of a real that does not serve (down) scales nothing.
+        reals[2].healthy = false;
+        let w = weights(&reals, 0.5, false);
+        let at = |l: u8| w.table[&IpAddr::from([198, 51, 100, l])];
+        assert_eq!((at(11), at(12), at(13)), (1, 2, 0));
+        reals[2].healthy = true;
+        reals[2].ramp = 100;
+        let w = weights(&reals, 0.5, false);
+        let at = |l: u8| w.table[&IpAddr::from([198, 51, 100, l])];
+        assert_eq!((at(11), at(12), at(13)), (1, 2, 1));
     }
 }

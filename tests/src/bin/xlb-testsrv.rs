@@ -10,6 +10,8 @@
 //!   answers `ok\n`, or `503 Service Unavailable` while the `--health-fail-file` exists
 //!   (a health check's failure without stopping the service). Keep-alive unless the client asks for `Connection: close` (or speaks
 //!   HTTP/1.0 without asking for keep-alive).
+//! - HTTPS on each `--https` address: the same answers over TLS (rustls), with the
+//!   certificate chain `--tls-cert` and key `--tls-key` (PEM files).
 //! - UDP echo on each `--udp` address: every datagram is answered with `NAME ` followed by
 //!   the payload.
 //!
@@ -42,6 +44,15 @@ struct Args {
     /// host sets net.ipv6.bindv6only, so do not combine it with `0.0.0.0:PORT`.
     #[arg(long, value_name = "ADDR:PORT")]
     http: Vec<SocketAddr>,
+    /// Serve HTTPS on this address (repeatable); needs --tls-cert and --tls-key.
+    #[arg(long, value_name = "ADDR:PORT")]
+    https: Vec<SocketAddr>,
+    /// PEM certificate chain of the HTTPS listeners.
+    #[arg(long, value_name = "PATH")]
+    tls_cert: Option<std::path::PathBuf>,
+    /// PEM private key of the HTTPS listeners.
+    #[arg(long, value_name = "PATH")]
+    tls_key: Option<std::path::PathBuf>,
     /// Serve UDP echo on this address (repeatable).
     #[arg(long, value_name = "ADDR:PORT")]
     udp: Vec<SocketAddr>,
@@ -63,9 +74,17 @@ struct Config {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    if args.http.is_empty() && args.udp.is_empty() {
-        bail!("nothing to serve: give at least one --http or --udp address");
+    if args.http.is_empty() && args.https.is_empty() && args.udp.is_empty() {
+        bail!("nothing to serve: give at least one --http, --https or --udp address");
     }
+    let tls = if args.https.is_empty() {
+        None
+    } else {
+        Some(tls_config(
+            args.tls_cert.as_deref(),
+            args.tls_key.as_deref(),
+        )?)
+    };
     let config = Arc::new(Config {
         name: args.name,
         body_bytes: args.body_bytes,
@@ -79,6 +98,11 @@ fn main() -> anyhow::Result<()> {
         .iter()
         .map(|addr| TcpListener::bind(addr).with_context(|| format!("bind HTTP {addr}")))
         .collect::<anyhow::Result<Vec<_>>>()?;
+    let tls_listeners = args
+        .https
+        .iter()
+        .map(|addr| TcpListener::bind(addr).with_context(|| format!("bind HTTPS {addr}")))
+        .collect::<anyhow::Result<Vec<_>>>()?;
     let udp_sockets = args
         .udp
         .iter()
@@ -88,7 +112,12 @@ fn main() -> anyhow::Result<()> {
     let mut workers = Vec::new();
     for listener in listeners {
         let config = Arc::clone(&config);
-        workers.push(thread::spawn(move || accept_loop(&listener, &config)));
+        workers.push(thread::spawn(move || accept_loop(&listener, &config, None)));
+    }
+    for listener in tls_listeners {
+        let config = Arc::clone(&config);
+        let tls = tls.clone();
+        workers.push(thread::spawn(move || accept_loop(&listener, &config, tls)));
     }
     for socket in udp_sockets {
         let config = Arc::clone(&config);
@@ -109,8 +138,37 @@ fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Accepts connections forever, one thread each.
-fn accept_loop(listener: &TcpListener, config: &Arc<Config>) {
+/// The TLS settings of the HTTPS listeners, from PEM files.
+fn tls_config(
+    cert: Option<&std::path::Path>,
+    key: Option<&std::path::Path>,
+) -> anyhow::Result<Arc<rustls::ServerConfig>> {
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject as _};
+    let (Some(cert), Some(key)) = (cert, key) else {
+        bail!("--https needs --tls-cert and --tls-key");
+    };
+    let chain = CertificateDer::pem_file_iter(cert)
+        .and_then(Iterator::collect::<Result<Vec<_>, _>>)
+        .with_context(|| format!("read certificates from {}", cert.display()))?;
+    let key = PrivateKeyDer::from_pem_file(key)
+        .with_context(|| format!("read the key from {}", key.display()))?;
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .context("TLS versions")?
+    .with_no_client_auth()
+    .with_single_cert(chain, key)
+    .context("TLS certificate and key")?;
+    Ok(Arc::new(config))
+}
+
+/// Accepts connections forever, one thread each; over TLS with `tls`.
+fn accept_loop(
+    listener: &TcpListener,
+    config: &Arc<Config>,
+    tls: Option<Arc<rustls::ServerConfig>>,
+) {
     loop {
         let stream = match listener.accept() {
             Ok((stream, _)) => stream,
@@ -122,10 +180,15 @@ fn accept_loop(listener: &TcpListener, config: &Arc<Config>) {
             }
         };
         let config = Arc::clone(config);
+        let tls = tls.clone();
         let spawned = thread::Builder::new()
             .stack_size(CONN_STACK_BYTES)
             .spawn(move || {
-                if let Err(e) = serve_connection(stream, &config) {
+                let served = match tls {
+                    None => serve_connection(stream, &config),
+                    Some(tls) => serve_tls(stream, tls, &config),
+                };
+                if let Err(e) = served {
                     report_connection_error(&e);
                 }
             });
@@ -135,13 +198,16 @@ fn accept_loop(listener: &TcpListener, config: &Arc<Config>) {
     }
 }
 
-/// Clients resetting or vanishing mid-request is normal under load; anything else is
-/// worth a line on stderr.
+/// Clients resetting or vanishing mid-request is normal under load (and what a health
+/// check's connect-and-reset does: gone before its peer address is read); anything else
+/// is worth a line on stderr.
 fn report_connection_error(e: &io::Error) {
-    use io::ErrorKind::{BrokenPipe, ConnectionAborted, ConnectionReset, UnexpectedEof};
+    use io::ErrorKind::{
+        BrokenPipe, ConnectionAborted, ConnectionReset, NotConnected, UnexpectedEof,
+    };
     if !matches!(
         e.kind(),
-        BrokenPipe | ConnectionAborted | ConnectionReset | UnexpectedEof
+        BrokenPipe | ConnectionAborted | ConnectionReset | NotConnected | UnexpectedEof
     ) {
         eprintln!("connection: {e}");
     }
@@ -161,8 +227,23 @@ fn serve_connection(stream: TcpStream, config: &Config) -> io::Result<()> {
     // One write per response, but keep-alive clients wait for each answer: don't let
     // Nagle hold a response back for the client's delayed ACK.
     stream.set_nodelay(true)?;
-    let mut reader = BufReader::new(stream.try_clone()?);
-    let mut writer = stream;
+    serve(stream, peer, config)
+}
+
+/// Serves requests over TLS on one connection.
+fn serve_tls(stream: TcpStream, tls: Arc<rustls::ServerConfig>, config: &Config) -> io::Result<()> {
+    let peer = canonical(stream.peer_addr()?);
+    stream.set_nodelay(true)?;
+    let session = rustls::ServerConnection::new(tls).map_err(io::Error::other)?;
+    let mut stream = rustls::StreamOwned::new(session, stream);
+    serve(&mut stream, peer, config)?;
+    stream.conn.send_close_notify();
+    stream.flush()
+}
+
+/// Serves requests on `stream` (plain or TLS) until the client closes it or asks to.
+fn serve<S: Read + Write>(stream: S, peer: SocketAddr, config: &Config) -> io::Result<()> {
+    let mut reader = BufReader::new(stream);
     loop {
         let request = match read_request(&mut reader) {
             Ok(Some(request)) => request,
@@ -170,7 +251,7 @@ fn serve_connection(stream: TcpStream, config: &Config) -> io::Result<()> {
             Err(e) if e.kind() == io::ErrorKind::InvalidData => {
                 let body = format!("{e}\n");
                 let response = response("400 Bad Request", &config.name, false, body.as_bytes());
-                writer.write_all(&response)?;
+                reader.get_mut().write_all(&response)?;
                 return Ok(());
             }
             Err(e) => return Err(e),
@@ -182,7 +263,9 @@ fn serve_connection(stream: TcpStream, config: &Config) -> io::Result<()> {
             _ => ("200 OK", identity_body(config, peer)),
         };
         let body: &[u8] = if request.method == "HEAD" { b"" } else { &body };
-        writer.write_all(&response(status, &config.name, request.keep_alive, body))?;
+        reader
+            .get_mut()
+            .write_all(&response(status, &config.name, request.keep_alive, body))?;
         if !request.keep_alive {
             return Ok(());
         }
