@@ -515,6 +515,19 @@ mod tests {
     }
 
     #[test]
+    fn the_log_format_is_a_daemon_setting() {
+        let c = Config::parse("x.yaml", "daemon:\n  log_format: json\n").expect("valid");
+        assert_eq!(c.daemon.log_format, Some(crate::settings::LogFormat::Json));
+        let err = Config::parse("x.yaml", "daemon:\n  log_format: xml\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("daemon.log_format: unknown variant `xml`, expected `plain` or `json`"),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn defaults_fill_in() {
         let c = Config::parse(
             "x.yaml",

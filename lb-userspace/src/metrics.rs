@@ -484,3 +484,72 @@ pub fn serve_decap(listener: TcpListener, counters: DecapCounters) -> JoinHandle
             .with_state(Arc::new(counters)),
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use lb_common::{Counter, decap_stat, stat};
+
+    use super::{drop_reason, render_decap};
+
+    #[test]
+    fn every_dropping_verdict_has_a_reason_and_no_other_does() {
+        let reasons: Vec<_> = stat::VERDICT_NAMES
+            .iter()
+            .filter_map(|v| drop_reason(v))
+            .collect();
+        assert_eq!(
+            reasons,
+            [
+                "no_real",
+                "fragment",
+                "aborted",
+                "malformed",
+                "too_big",
+                "unsupported",
+                "no_tunnel_source"
+            ]
+        );
+    }
+
+    #[test]
+    fn every_decap_counter_is_one_series() {
+        let counters: Vec<_> = decap_stat::NAMES
+            .iter()
+            .zip(1..)
+            .map(|(name, n)| {
+                let c = Counter {
+                    packets: n,
+                    bytes: 100 * n,
+                    flows: 0,
+                    _pad: 0,
+                };
+                (*name, c)
+            })
+            .collect();
+        let text = render_decap(&counters).expect("every decap counter has a series");
+        let mut got: Vec<&str> = text.lines().filter(|l| l.starts_with("xlb_")).collect();
+        let version = env!("CARGO_PKG_VERSION");
+        let build = format!("xlb_build_info{{version=\"{version}\"}} 1");
+        let mut want = vec![
+            build.as_str(),
+            "xlb_decap_decapsulated_packets_total{encapsulation=\"ipip\"} 4",
+            "xlb_decap_decapsulated_packets_total{encapsulation=\"ip6ip6\"} 5",
+            "xlb_decap_decapsulated_packets_total{encapsulation=\"4in6\"} 6",
+            "xlb_decap_decapsulated_bytes_total{encapsulation=\"ipip\"} 400",
+            "xlb_decap_decapsulated_bytes_total{encapsulation=\"ip6ip6\"} 500",
+            "xlb_decap_decapsulated_bytes_total{encapsulation=\"4in6\"} 600",
+            "xlb_decap_passed_packets_total{reason=\"not_tunnel\"} 1",
+            "xlb_decap_passed_packets_total{reason=\"not_local\"} 2",
+            "xlb_decap_passed_packets_total{reason=\"malformed\"} 3",
+            "xlb_decap_dropped_packets_total{reason=\"aborted\"} 7",
+            "xlb_decap_dropped_packets_total{reason=\"not_allowed_src\"} 8",
+        ];
+        want.sort_unstable();
+        got.sort_unstable();
+        assert_eq!(got, want, "{text}");
+        assert_eq!(
+            render_decap(&[("bogus", Counter::default())]),
+            Err("unknown decap counter bogus".to_owned())
+        );
+    }
+}

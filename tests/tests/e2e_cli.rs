@@ -356,6 +356,20 @@ fn exit_codes_json_errors_check_dry_run_save_and_the_last_reload() {
     );
     assert_eq!(list[0]["admin"], "drain", "the override went away: {list}");
     assert_eq!(list[0]["admin_source"], "override", "{list}");
+
+    // The default log format, to a file (as to journald): no timestamps, no colours.
+    let log = d.log();
+    let serving = log
+        .lines()
+        .find(|l| l.contains("xlb serving"))
+        .unwrap_or_else(|| panic!("no `xlb serving` line in the log:\n{log}"));
+    assert!(
+        serving
+            .trim_start()
+            .starts_with("INFO lb_userspace::daemon: xlb serving"),
+        "a plain log line starts with its level: {serving:?}"
+    );
+    assert!(!log.contains('\u{1b}'), "colour codes in the log:\n{log}");
 }
 
 /// `n` reals' names and addresses of the lab, `rsN` -> address.

@@ -19,7 +19,8 @@ Exit status:
   1  any other failure (the daemon could not write its maps, a system call failed, ...)
   2  bad input: an argument, flag or file is invalid (what `xlb check` refuses; clap's usage
      errors too)
-  3  the daemon is unreachable: no socket, nothing answering, no answer in time, shutting down
+  3  the daemon is unreachable: no socket, no permission on it, nothing answering, no answer in
+     time, shutting down
   4  refused by the daemon: valid on paper, not in the running state (unknown or existing VIP
      or real, a real not on the segment, ...)
 
