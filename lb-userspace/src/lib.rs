@@ -17,6 +17,7 @@
 //! - [`health`]: health checks of the reals.
 //! - [`api`] / [`client`]: HTTP+JSON over the control socket, both sides.
 //! - [`metrics`]: Prometheus metrics.
+//! - [`store`]: store mode, a fleet of balancers sharing one desired state in etcd.
 //! - [`pin`]: bpffs pins, teardown.
 //! - [`decap`]: `xlb decap`, the real-server decapsulator for TUN mode.
 //! - [`realserver`]: `xlb realserver setup|teardown`.
@@ -46,4 +47,5 @@ pub mod privileges;
 pub mod realserver;
 pub mod settings;
 pub mod state;
+pub mod store;
 pub mod views;

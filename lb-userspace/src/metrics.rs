@@ -35,6 +35,8 @@ pub struct Sources {
     pub board: Board,
     /// The controller's own counters.
     pub activity: Arc<Activity>,
+    /// The fleet's store, in store mode.
+    pub store: Option<crate::store::Store>,
 }
 
 fn labels(pairs: &[(&str, String)]) -> Labels {
@@ -183,6 +185,9 @@ pub fn render(src: &Sources, flows: &FlowCounts) -> Result<String, String> {
         src.activity.reconcile_seconds(),
     );
     reg.register("health_flips", "Health verdict changes", health_flips);
+    if let Some(store) = &src.store {
+        crate::store::metrics::register(&mut reg, store);
+    }
     let mut out = String::new();
     encode(&mut out, &reg).map_err(|e| e.to_string())?;
     Ok(out)

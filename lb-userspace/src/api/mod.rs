@@ -33,6 +33,8 @@ pub struct Context {
     /// How long to wait for a new real's ARP/NDP answer before handing the
     /// change to the controller with the real unresolved.
     pub resolve_timeout: Duration,
+    /// The fleet's store: in store mode, changes are written there.
+    pub store: Option<crate::store::Store>,
 }
 
 /// An error answer.
@@ -93,6 +95,29 @@ impl From<ControlError> for ApiError {
         Self {
             status,
             message: err.to_string(),
+        }
+    }
+}
+
+impl From<crate::store::api::ChangeError> for ApiError {
+    fn from(err: crate::store::api::ChangeError) -> Self {
+        use crate::store::{StoreError, api::ChangeError};
+        let status = match &err {
+            ChangeError::Control(_) => None,
+            ChangeError::Store(StoreError::Conflict { .. }) => Some(StatusCode::CONFLICT),
+            ChangeError::Store(StoreError::Unreachable(_) | StoreError::Timeout(_)) => {
+                Some(StatusCode::SERVICE_UNAVAILABLE)
+            }
+            ChangeError::Store(_) | ChangeError::NotApplied { .. } => {
+                Some(StatusCode::INTERNAL_SERVER_ERROR)
+            }
+        };
+        match (status, err) {
+            (_, ChangeError::Control(e)) => e.into(),
+            (status, err) => Self {
+                status: status.unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+                message: err.to_string(),
+            },
         }
     }
 }

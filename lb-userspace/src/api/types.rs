@@ -72,6 +72,10 @@ pub struct ApplyBody {
     /// Its file name, for error messages.
     #[serde(default)]
     pub file: Option<String>,
+    /// Store mode: write only if the store's desired state is still at this
+    /// revision (default: the newest one this node has seen).
+    #[serde(default)]
+    pub revision: Option<i64>,
 }
 
 /// Answer of `PUT /v1/desired`.
@@ -81,6 +85,9 @@ pub struct Applied {
     pub writes: usize,
     /// Tables rebuilt.
     pub tables: usize,
+    /// Store mode: the revision written.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revision: Option<i64>,
 }
 
 impl From<Changes> for Applied {
@@ -88,6 +95,7 @@ impl From<Changes> for Applied {
         Self {
             writes: c.writes,
             tables: c.tables,
+            revision: None,
         }
     }
 }
@@ -145,6 +153,9 @@ pub struct Status {
     pub conntrack: Conntrack,
     /// Every VIP with its reals, counters and health.
     pub vips: Vec<VipStatus>,
+    /// Store mode: the store and the revision applied.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub store: Option<crate::store::Status>,
 }
 
 /// A VIP in `GET /v1/status`.
@@ -166,6 +177,31 @@ pub struct RealHealth {
     pub check: String,
     /// The probe task's status, when probed.
     pub status: Option<ProbeStatus>,
+}
+
+/// Body of `POST /v1/simulate`: many flows at once.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SimulateBatch {
+    /// The flows.
+    pub flows: Vec<SimulateFlow>,
+}
+
+/// One flow of [`SimulateBatch`].
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SimulateFlow {
+    /// The VIP, `203.0.113.10:80/tcp`.
+    pub vip: String,
+    /// The client's address and port.
+    pub src: String,
+}
+
+/// Answer of `POST /v1/simulate`: the real of each flow, in order.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct SimulatedBatch {
+    /// One entry per flow: its real, or none when the VIP has no usable real.
+    pub reals: Vec<Option<IpAddr>>,
 }
 
 /// Answer of `GET /v1/simulate`.

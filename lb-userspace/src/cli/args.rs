@@ -33,6 +33,17 @@ pub enum Command {
     Apply {
         /// The YAML file (see docs/config.md).
         file: PathBuf,
+        /// Store mode: write only if the fleet's desired state is still at
+        /// this revision (`xlb status` shows it); else a conflict, nothing written.
+        #[arg(long)]
+        if_revision: Option<i64>,
+    },
+    /// Store mode: the fleet's nodes, their revisions, tables and verdicts;
+    /// nodes that differ from the majority are flagged.
+    Fleet {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Show VIPs, reals, weights, health, where values come from, and counters.
     Status {
@@ -55,10 +66,15 @@ pub enum Command {
     /// Show which real server a flow goes to.
     Simulate {
         /// The VIP, e.g. 203.0.113.10:80/tcp.
-        vip: Vip,
+        #[arg(required_unless_present = "batch")]
+        vip: Option<Vip>,
         /// The client's address and port, e.g. 198.51.100.7:40000.
-        #[arg(long)]
-        src: std::net::SocketAddr,
+        #[arg(long, required_unless_present = "batch")]
+        src: Option<std::net::SocketAddr>,
+        /// Many flows at once: a file with one `VIP SRC` per line (`-`: stdin);
+        /// prints `VIP SRC REAL` per line (`-` for no real), in order.
+        #[arg(long, conflicts_with_all = ["vip", "src"])]
+        batch: Option<PathBuf>,
         /// Print JSON.
         #[arg(long)]
         json: bool,

@@ -52,22 +52,36 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             let args = *args;
             daemon::run(args.settings, args.config, cli.socket).await
         }
-        Command::Apply { file } => {
+        Command::Apply { file, if_revision } => {
             // Validate locally first: errors name the file and place at once.
             let config = Config::load(&file)?;
             let body = ApplyBody {
                 yaml: std::fs::read_to_string(&file)
                     .with_context(|| format!("reading {}", file.display()))?,
                 file: Some(file.display().to_string()),
+                revision: if_revision,
             };
             let applied: Applied = client.call(Method::PUT, "/v1/desired", Some(&body)).await?;
+            let revision = applied
+                .revision
+                .map_or_else(String::new, |r| format!(" (store revision {r})"));
             println!(
-                "applied {}: {} services, {} map writes, {} tables rebuilt",
+                "applied {}: {} services, {} map writes, {} tables rebuilt{revision}",
                 file.display(),
                 config.desired.services.len(),
                 applied.writes,
                 applied.tables
             );
+            Ok(())
+        }
+        Command::Fleet { json } => {
+            let fleet: crate::store::api::Fleet =
+                client.call(Method::GET, "/v1/fleet", None::<&()>).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&fleet)?);
+            } else {
+                render::fleet(&fleet);
+            }
             Ok(())
         }
         Command::Status { json } => {
@@ -133,7 +147,17 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Simulate { vip, src, json } => {
+        Command::Simulate {
+            batch: Some(file),
+            json,
+            ..
+        } => simulate_batch(&client, &file, json).await,
+        Command::Simulate {
+            vip: Some(vip),
+            src: Some(src),
+            json,
+            ..
+        } => {
             let query =
                 serde_urlencoded::to_string([("vip", vip.to_string()), ("src", src.to_string())])
                     .context("encoding the query")?;
@@ -151,7 +175,53 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Simulate { .. } => bail!("give a VIP and --src, or --batch FILE"),
     }
+}
+
+/// `xlb simulate --batch FILE`: one request for every `VIP SRC` line.
+async fn simulate_batch(client: &Client, file: &std::path::Path, json: bool) -> anyhow::Result<()> {
+    use crate::api::{SimulateBatch, SimulateFlow, SimulatedBatch};
+    let text = if file.as_os_str() == "-" {
+        std::io::read_to_string(std::io::stdin()).context("reading the flows from stdin")?
+    } else {
+        std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?
+    };
+    let mut flows = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let mut words = line.split_whitespace();
+        let (Some(vip), Some(src), None) = (words.next(), words.next(), words.next()) else {
+            bail!(
+                "{}:{}: expected `VIP SRC`, e.g. `203.0.113.10:80/tcp 198.51.100.7:40000`",
+                file.display(),
+                n + 1
+            );
+        };
+        flows.push(SimulateFlow {
+            vip: vip.to_owned(),
+            src: src.to_owned(),
+        });
+    }
+    let body = SimulateBatch { flows };
+    let answer: SimulatedBatch = client
+        .call(Method::POST, "/v1/simulate", Some(&body))
+        .await
+        .context("simulate failed")?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&answer)?);
+        return Ok(());
+    }
+    let mut out = String::new();
+    for (flow, real) in body.flows.iter().zip(&answer.reals) {
+        let real = real.map_or_else(|| "-".to_owned(), |r| r.to_string());
+        out.push_str(&format!("{} {} {real}\n", flow.vip, flow.src));
+    }
+    print!("{out}");
+    Ok(())
 }
 
 async fn vip(client: &Client, cmd: VipCommand) -> anyhow::Result<()> {
