@@ -317,6 +317,14 @@ pub fn balanced_topology(prefix: &str, reals: usize) -> Topology {
         vip_v4: VIP,
     });
     let port = topo.lb.switch_port.clone();
+    pass_on_switch_port(&mut topo, &port);
+    topo
+}
+
+/// Attaches the pass-through XDP program to switch port `port` of `topo` (kept
+/// until the topology is dropped), so a balancer behind it can send XDP_TX frames.
+pub fn pass_on_switch_port(topo: &mut Topology, port: &str) {
+    let port = port.to_owned();
     let pass = topo.sw.run_in(|| {
         let mut dp = Dataplane::load().unwrap_or_else(|e| {
             panic!("loading the XDP object for the switch port: {e} (needs root)")
@@ -328,7 +336,6 @@ pub fn balanced_topology(prefix: &str, reals: usize) -> Topology {
         dp
     });
     topo.guards.push(Box::new(pass));
-    topo
 }
 
 /// Starts `xlb-testsrv --name NAME ARGS...` in `ns` and waits until it says `ready`.

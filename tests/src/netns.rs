@@ -529,6 +529,22 @@ impl Topology {
         }
     }
 
+    /// Attaches one more host to the segment (e.g. another balancer, an etcd
+    /// server) as namespace `{prefix}-{suffix}`, at 198.51.100.HOST_ID and
+    /// 2001:db8:100::HOST_ID (11 and up are the reals': pick another), link up.
+    /// The caller owns it; dropping it deletes its namespace.
+    pub fn add_host(&self, suffix: &str, switch_port: &str, host_id: u8) -> Host {
+        let host = Host::attach(
+            &self.sw,
+            &format!("{}-{suffix}", self.prefix),
+            switch_port,
+            lan_v4(host_id),
+            lan_v6(host_id),
+        );
+        host.link_up();
+        host
+    }
+
     /// The host with the given namespace name suffix (`client`, `lb`, `rs1`, ...).
     pub fn host(&self, suffix: &str) -> Option<&Host> {
         let name = format!("{}-{suffix}", self.prefix);
