@@ -217,6 +217,8 @@ impl Fleet {
             "1000",
             "--resolve-timeout",
             "1",
+            "--metrics-addr",
+            "127.0.0.1:9814",
         ];
         Daemon::start_in(&self.host(i).ns, "eth0", self.dirs[i].path(), &args)
     }
@@ -224,6 +226,28 @@ impl Fleet {
     /// The revision of the desired state: the config version.
     fn desired_revision(&self) -> i64 {
         self.etcd.mod_revision(&format!("{}/desired", self.prefix))
+    }
+
+    /// The store's metrics of node `i` (`xlb_store_*` lines).
+    fn store_metrics(&self, i: usize) -> String {
+        let out = self
+            .host(i)
+            .ns
+            .exec(&["curl", "-s", "http://127.0.0.1:9814/metrics"]);
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| l.starts_with("xlb_store_"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    /// The value of metric `name` of node `i`.
+    fn metric(&self, i: usize, name: &str) -> f64 {
+        let text = self.store_metrics(i);
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no metric {name} on node {i}: {text}"))
     }
 
     /// `xlb fleet --json` on node `i`.
@@ -527,6 +551,9 @@ fn the_fleet_forwards_through_a_store_outage_and_catches_up_after_compaction() {
         })
     };
 
+    assert_eq!(fleet.metric(0, "xlb_store_connected"), 1.0);
+    assert_eq!(fleet.metric(0, "xlb_store_unreachable_seconds"), 0.0);
+
     // (3) etcd stops for 30 s.
     fleet.etcd.stop();
     wait_until("node a says the store is unreachable", || {
@@ -537,6 +564,9 @@ fn the_fleet_forwards_through_a_store_outage_and_catches_up_after_compaction() {
     let status = fleet.status(0);
     assert_eq!(status["store"]["connected"], false, "{status}");
     assert_eq!(status["store"]["revision"], rev, "{status}");
+    assert_eq!(fleet.metric(0, "xlb_store_connected"), 0.0);
+    assert_eq!(fleet.metric(0, "xlb_store_revision"), rev as f64);
+    assert!(fleet.metric(0, "xlb_store_unreachable_seconds") > 0.0);
     let log = fleet.nodes[0].log();
     assert_eq!(
         log.matches("store unreachable:").count(),
