@@ -441,6 +441,43 @@ fn one_apply_reaches_the_fleet_which_agrees_on_every_flow_health_and_conflicts()
         (0..3).all(|i| fleet.healthy(i).get(blocked) == Some(&true))
     });
 
+    // A state that one node cannot apply (a VIP on node B's own address, written
+    // with etcdctl past the CLI's checks) is reported by that node and does not stop
+    // the others.
+    let own_vip = format!("{}:80/tcp", fleet.extra[0].ipv4);
+    let bad = format!(
+        "{}  - vip: {own_vip}\n    reals:\n      - {{address: {}}}\n",
+        config([1, 1, 1]),
+        REALS[1]
+    );
+    let put = fleet
+        .etcd
+        .ctl(&["put", &format!("{}/desired", fleet.prefix), &bad]);
+    assert!(put.status.success(), "{put:?}");
+    let bad_rev = fleet.desired_revision();
+    wait_until("nodes a and c apply it, node b says why not", || {
+        let b = fleet.status(1);
+        fleet.status(0)["store"]["revision"] == bad_rev
+            && fleet.status(2)["store"]["revision"] == bad_rev
+            && b["store"]["revision"] == rev
+            && b["store"]["error"].as_str().is_some_and(|e| {
+                e.contains(&format!("revision {bad_rev} not applied")) && e.contains(&own_vip)
+            })
+    });
+    wait_until("xlb fleet flags node b", || {
+        fleet.fleet(0)["nodes"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|n| n["name"] == "b" && n["differs"]["revision"] == true && n["error"].is_string())
+    });
+    // Any node fixes it with the CLI, based on the revision it saw.
+    let out = fleet.nodes[1].cli_ok(&["apply", file.to_str().expect("UTF-8")]);
+    let rev = fleet.desired_revision();
+    assert!(out.contains(&format!("(store revision {rev})")), "{out}");
+    fleet.wait_converged(rev);
+    assert!(fleet.status(1)["store"]["error"].is_null());
+
     // (4) Two operators apply at once, both from revision `rev`: one wins, the other
     // gets a conflict, and every node ends with the winner's state, never a mix.
     let files = [
