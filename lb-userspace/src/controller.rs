@@ -2,9 +2,11 @@
 //! maps. Everything that changes them reaches it as an [`Event`] over a
 //! bounded channel:
 //!
-//! - edits from the API (CLI commands, `xlb apply`) and config reloads, each
-//!   with the MACs its sender already resolved;
-//! - health verdicts from the probe tasks;
+//! - edits from the API (CLI commands, `xlb apply`), config reloads and, in a
+//!   fleet, each new revision of the store's document, each with the MACs its
+//!   sender already resolved;
+//! - health verdicts from the probe tasks, or in a fleet (`--store`) the
+//!   fleet's health view from the store task, which then decides;
 //! - neighbour-table changes (RTM_NEWNEIGH) and the results of resolution rounds;
 //! - `xlb simulate` queries, which read the live table.
 //!
@@ -113,6 +115,9 @@ pub enum Event {
     },
     /// A resolution round ended.
     Resolved(Box<Resolution>),
+    /// The fleet's health view (store mode), or `None`: this node's own
+    /// probes decide (no store, or the store is unreachable).
+    FleetHealth(Option<BTreeMap<(Vip, IpAddr), bool>>),
     /// Which real the live table gives a flow hash.
     Simulate {
         /// The VIP.
@@ -459,6 +464,8 @@ pub struct Controller {
     resolving: bool,
     /// Reals in slow start: since when, and for how long.
     ramps: BTreeMap<(Vip, IpAddr), (Instant, Duration)>,
+    /// The fleet's verdicts, when they decide instead of the local probes'.
+    fleet: Option<BTreeMap<(Vip, IpAddr), bool>>,
     tx: mpsc::Sender<Event>,
     snapshot: watch::Sender<Arc<Snapshot>>,
 }
@@ -494,6 +501,7 @@ impl Controller {
             hops: BTreeMap::new(),
             resolving: false,
             ramps: BTreeMap::new(),
+            fleet: None,
             tx: tx.clone(),
             snapshot,
         };
@@ -539,7 +547,9 @@ impl Controller {
                 let _ = reply.send(result);
             }
             Event::Verdict { vip, real, up } => {
-                if self.state.desired().has_real(&vip, real) && self.state.healthy(&vip, real) != up
+                if self.fleet.is_none()
+                    && self.state.desired().has_real(&vip, real)
+                    && self.state.healthy(&vip, real) != up
                 {
                     if up {
                         // The ramp is in place before the real enters the table.
@@ -551,6 +561,10 @@ impl Controller {
                     let r = self.state.set_health(&mut self.dp, &[((vip, real), up)]);
                     let _ = self.committed(r.map_err(ControlError::from), Instant::now());
                 }
+            }
+            Event::FleetHealth(view) => {
+                self.fleet = view;
+                self.converge_health();
             }
             Event::Neighbour { addr, mac } => self.neighbour(addr, mac),
             Event::Resolved(res) => {
@@ -697,7 +711,23 @@ impl Controller {
 
     /// Once a second: verdicts, unresolved reals.
     fn converge(&mut self) {
-        let fix = verdict_fixes(&self.engine.verdicts(), &self.state);
+        self.converge_health();
+        self.apply_ramps();
+        self.retry_unresolved();
+    }
+
+    /// Applies the verdicts in force that the state does not hold yet: the
+    /// local probes', or, in a fleet, the fleet's where it has one.
+    fn converge_health(&mut self) {
+        let mut verdicts = self.engine.verdicts();
+        if let Some(fleet) = &self.fleet {
+            for (key, up) in &mut verdicts {
+                if let Some(f) = fleet.get(key) {
+                    *up = *f;
+                }
+            }
+        }
+        let fix = verdict_fixes(&verdicts, &self.state);
         if !fix.is_empty() {
             tracing::info!(
                 verdicts = fix.len(),
@@ -706,8 +736,6 @@ impl Controller {
             let r = self.state.set_health(&mut self.dp, &fix);
             let _ = self.committed(r.map_err(ControlError::from), Instant::now());
         }
-        self.apply_ramps();
-        self.retry_unresolved();
     }
 
     /// Starts a resolution round for the unresolved reals that are due.

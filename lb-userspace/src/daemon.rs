@@ -207,6 +207,20 @@ pub async fn run(
     if settings.bird_routes.is_some() && settings.bird_socket.is_none() {
         bail!("--bird-routes (daemon.bird_routes) needs --bird-socket (daemon.bird_socket)");
     }
+    let store_options = settings
+        .store()
+        .map_err(anyhow::Error::msg)
+        .context("invalid store settings")?;
+    if store_options.is_some()
+        && let (Some(config), Some(path)) = (&config, &config_path)
+        && !config.desired.services.is_empty()
+    {
+        bail!(
+            "{}: services are given, but with a store (daemon.store / --store) the desired state \
+             comes from the store only; remove them from the file and load them with `xlb apply`",
+            path.display()
+        );
+    }
     if settings.replace && settings.pin_dir().is_none() {
         bail!("--replace swaps the program of a pinned data path; it needs pins (drop --no-pin)");
     }
@@ -272,6 +286,12 @@ pub async fn run(
                 )
             })?;
     }
+    // In a fleet, start from the store's document this node last applied:
+    // forwarding goes on as before even while the store is down.
+    let cached = match &store_options {
+        Some(opts) => cached_document(opts, &mut spec, &iface),
+        None => None,
+    };
     let mut dp = Dataplane::load_with(&LoadOptions {
         flows: settings.conntrack_size(),
         pin: pin.clone(),
@@ -365,6 +385,21 @@ pub async fn run(
         &resolution,
     );
     let controller_task = tokio::spawn(ctl.run(events));
+    let (store, store_task) = match store_options {
+        Some(opts) => {
+            let (sync, store) = crate::store::sync::Sync::new(
+                opts,
+                handle.clone(),
+                iface.clone(),
+                board.clone(),
+                settings.resolve_timeout(),
+                cached,
+            );
+            tracing::info!(store = %store.options.url, node = %store.options.node, "store mode: the desired state comes from the store");
+            (Some(store), Some(tokio::spawn(sync.run())))
+        }
+        None => (None, None),
+    };
     let flows = counters::FlowCounter::new(reader.clone(), settings.udp_idle());
     let flow_task = flows.spawn();
     // Started after the attach and the first apply: nothing is announced
@@ -377,6 +412,7 @@ pub async fn run(
         board,
         activity: activity.clone(),
         node: node.clone(),
+        store: store.clone(),
     };
     let metrics_task = metrics_listener.map(|l| crate::metrics::serve(l, sources.clone()));
     let neigh_task = {
@@ -394,6 +430,7 @@ pub async fn run(
         config_path.clone(),
         settings.resolve_timeout(),
         hup,
+        store.is_some(),
     ));
     tracing::info!(
         iface = %iface_name,
@@ -408,6 +445,7 @@ pub async fn run(
         iface,
         resolve_timeout: settings.resolve_timeout(),
         baseline: api::zero::Baseline::default(),
+        store,
     };
     let served = axum::serve(listener, api::router(ctx))
         .with_graceful_shutdown(shutdown_signal())
@@ -427,6 +465,7 @@ pub async fn run(
         neigh_task,
         metrics_task,
         log_task,
+        store_task,
     ]
     .into_iter()
     .flatten()
@@ -451,6 +490,41 @@ pub async fn run(
 }
 
 /// Copies the XDP program's aya-log lines (debug level) into the daemon's log.
+/// The store's document this node saved last, loaded into `spec` (its
+/// revision and contents, for the store task), if there is a usable one.
+fn cached_document(
+    opts: &crate::store::Options,
+    spec: &mut crate::desired::Spec,
+    iface: &Iface,
+) -> Option<(i64, crate::desired::Spec)> {
+    let (revision, text) = match persist::load_store(&opts.cache) {
+        Ok(Some(saved)) => saved,
+        Ok(None) => return None,
+        Err(err) => {
+            tracing::warn!(%err, "ignoring the saved store document");
+            return None;
+        }
+    };
+    let name = format!("{} (revision {revision})", opts.cache.display());
+    let loaded = crate::store::document::parse(&name, &text)
+        .map_err(anyhow::Error::from)
+        .and_then(|doc| {
+            controller::check_reach(iface, &doc.effective())?;
+            Ok(doc)
+        });
+    match loaded {
+        Ok(doc) => {
+            tracing::info!(revision, file = %opts.cache.display(), "starting from the store's document saved last");
+            *spec = doc.clone();
+            Some((revision, doc))
+        }
+        Err(err) => {
+            tracing::warn!(%err, "ignoring the saved store document");
+            None
+        }
+    }
+}
+
 fn forward_ebpf_logs(
     logger: aya_log::EbpfLogger<&'static dyn log::Log>,
 ) -> std::io::Result<tokio::task::JoinHandle<()>> {
@@ -481,8 +555,16 @@ async fn reload_on_sighup(
     config: Option<PathBuf>,
     resolve_timeout: std::time::Duration,
     mut hup: tokio::signal::unix::Signal,
+    store_mode: bool,
 ) {
     while hup.recv().await.is_some() {
+        if store_mode {
+            tracing::warn!(
+                "SIGHUP received: in store mode the desired state comes from the store; nothing \
+                 to reload (daemon settings need a restart)"
+            );
+            continue;
+        }
         let Some(path) = config.clone() else {
             tracing::warn!("SIGHUP received but the daemon was started without --config");
             continue;

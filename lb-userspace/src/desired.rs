@@ -514,6 +514,8 @@ pub enum Edit {
     /// Replace the base (config file, `xlb apply`, reload); overrides whose
     /// real is still there are kept.
     Replace(Desired),
+    /// Replace both layers: a node of a fleet taking the store's document.
+    Load(Spec),
 }
 
 impl Spec {
@@ -679,6 +681,7 @@ impl Spec {
                     .ok_or(SpecError::NoOverride { vip, real })?;
             }
             Edit::Replace(desired) => next.base = desired,
+            Edit::Load(spec) => next = spec,
         }
         // Overrides die with their real.
         let dropped: Vec<(Vip, IpAddr)> = next

@@ -19,6 +19,7 @@
 //! - [`api`] / [`client`]: HTTP+JSON over the control socket, both sides.
 //! - [`metrics`]: Prometheus metrics.
 //! - [`node`]: the node in a cluster: VIP announcement through BIRD, drain, VRRP role.
+//! - [`store`]: store mode, a fleet of balancers sharing one desired state in etcd.
 //! - [`pin`]: bpffs pins, teardown.
 //! - [`decap`]: `xlb decap`, the real-server decapsulator for TUN mode.
 //! - [`realserver`]: `xlb realserver setup|teardown`.
@@ -50,4 +51,5 @@ pub mod privileges;
 pub mod realserver;
 pub mod settings;
 pub mod state;
+pub mod store;
 pub mod views;

@@ -52,6 +52,8 @@ pub struct Sources {
     pub activity: Arc<Activity>,
     /// Announcement, drain and VRRP role.
     pub node: crate::node::NodeHandle,
+    /// The fleet's store, in store mode.
+    pub store: Option<crate::store::Store>,
 }
 
 fn labels(pairs: &[(&str, String)]) -> Labels {
@@ -303,6 +305,9 @@ pub fn render(src: &Sources, flows: &FlowCounts) -> Result<String, String> {
     crate::node::register_metrics(&mut reg, &src.node.status());
     register_reload(&mut reg, &src.activity);
     register_probe_metrics(&mut reg, &src.board);
+    if let Some(store) = &src.store {
+        crate::store::metrics::register(&mut reg, store);
+    }
     let mut out = String::new();
     encode(&mut out, &reg).map_err(|e| e.to_string())?;
     Ok(out)
@@ -363,6 +368,22 @@ pub fn render_decap(counters: &[(&'static str, lb_common::Counter)]) -> Result<S
 /// The HTTP answer to a scrape.
 fn exposition(rendered: Result<String, String>) -> impl IntoResponse {
     match rendered {
+        Ok(body) => (
+            StatusCode::OK,
+            [(
+                header::CONTENT_TYPE,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
+            body,
+        ),
+        Err(e) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+            e,
+        ),
+    }
+}
+
 /// The last configuration load (start-up, SIGHUP, `xlb apply`), under
 /// Prometheus's own names: `xlb_config_last_reload_successful` (0 or 1) and
 /// `xlb_config_last_reload_success_timestamp_seconds`.
@@ -384,6 +405,9 @@ fn register_reload(reg: &mut Registry, activity: &Activity) {
         "config_last_reload_success_timestamp_seconds",
         "When a configuration load last succeeded, Unix seconds",
         success_at,
+    );
+}
+
 /// Per-real probe metrics, labelled with the VIP as `address`, `port`,
 /// `protocol` and the `real`: `xlb_real_flaps_total` (verdict changes) and
 /// `xlb_probe_duration_seconds` (a histogram of probe durations, timeouts
@@ -409,25 +433,6 @@ fn register_probe_metrics(reg: &mut Registry, board: &Board) {
         "Time health probes of the real took (a timed-out probe counts its timeout)",
         board.durations(),
     );
-}
-
-async fn scrape(AxState(src): AxState<Sources>) -> impl IntoResponse {
-    let flows = src.flows.fresh(Duration::ZERO).await;
-    match render(&src, &flows) {
-        Ok(body) => (
-            StatusCode::OK,
-            [(
-                header::CONTENT_TYPE,
-                "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            )],
-            body,
-        ),
-        Err(e) => (
-            StatusCode::INTERNAL_SERVER_ERROR,
-            [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
-            e,
-        ),
-    }
 }
 
 async fn scrape(AxState(src): AxState<Sources>) -> impl IntoResponse {

@@ -205,6 +205,38 @@ pub struct Settings {
     /// Log format: plain or json [default: plain].
     #[arg(long, value_enum)]
     pub log_format: Option<LogFormat>,
+    /// Take the desired state from a fleet's store:
+    /// etcd://HOST:PORT[,HOST:PORT]/PREFIX (docs/cluster.md).
+    #[arg(long, value_parser = crate::store::parse_url)]
+    pub store: Option<crate::store::StoreUrl>,
+    /// CA certificate (PEM) of the etcd servers: talk TLS to them.
+    #[arg(long)]
+    pub store_ca: Option<PathBuf>,
+    /// Client certificate (PEM) for etcd, with --store-key.
+    #[arg(long)]
+    pub store_cert: Option<PathBuf>,
+    /// Client key (PEM) for etcd, with --store-cert.
+    #[arg(long)]
+    pub store_key: Option<PathBuf>,
+    /// etcd user name, with --store-password-file.
+    #[arg(long)]
+    pub store_user: Option<String>,
+    /// File holding the etcd user's password.
+    #[arg(long)]
+    pub store_password_file: Option<PathBuf>,
+    /// This node's name in the fleet [default: the host name].
+    #[arg(long)]
+    pub node_name: Option<String>,
+    /// Seconds the node's key outlives its last lease renewal [default: 10].
+    #[arg(long)]
+    pub store_lease_ttl: Option<u64>,
+    /// Milliseconds between lease renewals, node reports, health views and
+    /// watch progress checks [default: 1000].
+    #[arg(long)]
+    pub store_interval_ms: Option<u64>,
+    /// Milliseconds any one etcd call may take [default: 2000].
+    #[arg(long)]
+    pub store_timeout_ms: Option<u64>,
 }
 
 impl Settings {
@@ -231,6 +263,16 @@ impl Settings {
             bird_socket: self.bird_socket.or(file.bird_socket),
             bird_routes: self.bird_routes.or(file.bird_routes),
             log_format: self.log_format.or(file.log_format),
+            store: self.store.or(file.store),
+            store_ca: self.store_ca.or(file.store_ca),
+            store_cert: self.store_cert.or(file.store_cert),
+            store_key: self.store_key.or(file.store_key),
+            store_user: self.store_user.or(file.store_user),
+            store_password_file: self.store_password_file.or(file.store_password_file),
+            node_name: self.node_name.or(file.node_name),
+            store_lease_ttl: self.store_lease_ttl.or(file.store_lease_ttl),
+            store_interval_ms: self.store_interval_ms.or(file.store_interval_ms),
+            store_timeout_ms: self.store_timeout_ms.or(file.store_timeout_ms),
         }
     }
 
@@ -305,6 +347,56 @@ impl Settings {
                 .clone()
                 .unwrap_or_else(|| DEFAULT_BIRD_ROUTES.into()),
         })
+    }
+
+    /// Store mode's options (`None`: no store), or what is missing or wrong.
+    pub fn store(&self) -> Result<Option<crate::store::Options>, String> {
+        let Some(url) = self.store.clone() else {
+            return Ok(None);
+        };
+        let cert_key = match (&self.store_cert, &self.store_key) {
+            (Some(c), Some(k)) => Some((c.clone(), k.clone())),
+            (None, None) => None,
+            _ => return Err("--store-cert and --store-key go together".to_owned()),
+        };
+        let user = match (&self.store_user, &self.store_password_file) {
+            (Some(u), Some(p)) => Some((u.clone(), p.clone())),
+            (None, None) => None,
+            _ => return Err("--store-user and --store-password-file go together".to_owned()),
+        };
+        let node = self
+            .node_name
+            .clone()
+            .unwrap_or_else(crate::store::hostname);
+        if node.is_empty() || node.contains('/') || node.chars().any(char::is_control) {
+            return Err(format!(
+                "invalid node name '{node}': it must be non-empty, without '/' or control characters"
+            ));
+        }
+        let ttl = self.store_lease_ttl.unwrap_or(10);
+        let interval = Duration::from_millis(self.store_interval_ms.unwrap_or(1000));
+        let timeout = Duration::from_millis(self.store_timeout_ms.unwrap_or(2000));
+        if ttl < 2 || interval.is_zero() || interval * 2 > Duration::from_secs(ttl) {
+            return Err(format!(
+                "--store-lease-ttl ({ttl} s) must be at least 2 s and twice --store-interval-ms \
+                 ({} ms) or more, so the lease is renewed in time",
+                interval.as_millis()
+            ));
+        }
+        if timeout.is_zero() {
+            return Err("--store-timeout-ms must be above 0".to_owned());
+        }
+        Ok(Some(crate::store::Options {
+            url,
+            node,
+            ca: self.store_ca.clone(),
+            cert_key,
+            user,
+            lease_ttl: Duration::from_secs(ttl),
+            interval,
+            timeout,
+            cache: self.state_file().with_file_name("store.json"),
+        }))
     }
 
     /// The avalanche guard's threshold.

@@ -316,16 +316,16 @@ pub fn balanced_topology(prefix: &str, reals: usize) -> Topology {
         reals,
         vip_v4: VIP,
     });
-    let pass = pass_on_switch_port(&topo.sw, &topo.lb.switch_port);
-    topo.guards.push(pass);
+    let port = topo.lb.switch_port.clone();
+    pass_on_switch_port(&mut topo, &port);
     topo
 }
 
-/// Attaches the pass-through XDP program to switch port `port` in `sw`, so that a
-/// balancer's XDP_TX frames reach the bridge (see docs/development.md); detached when
-/// the returned guard drops (drop it before the port's namespace).
-pub fn pass_on_switch_port(sw: &Netns, port: &str) -> Box<dyn std::any::Any + Send> {
-    let pass = sw.run_in(|| {
+/// Attaches the pass-through XDP program to switch port `port` of `topo` (kept
+/// until the topology is dropped), so a balancer behind it can send XDP_TX frames.
+pub fn pass_on_switch_port(topo: &mut Topology, port: &str) {
+    let port = port.to_owned();
+    let pass = topo.sw.run_in(|| {
         let mut dp = Dataplane::load().unwrap_or_else(|e| {
             panic!("loading the XDP object for the switch port: {e} (needs root)")
         });
@@ -335,7 +335,7 @@ pub fn pass_on_switch_port(sw: &Netns, port: &str) -> Box<dyn std::any::Any + Se
             });
         dp
     });
-    Box::new(pass)
+    topo.guards.push(Box::new(pass));
 }
 
 /// Starts `xlb-testsrv --name NAME ARGS...` in `ns` and waits until it says `ready`.

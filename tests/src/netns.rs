@@ -538,15 +538,15 @@ impl Topology {
         }
     }
 
-    /// Adds a host `{prefix}-{suffix}` to the segment (another balancer, say) at
-    /// 198.51.100.`host_id` and 2001:db8:100::`host_id`, its `eth0` up; its switch port
-    /// is named `suffix` (at most 15 characters). The caller owns the host: drop it
-    /// before the topology.
-    pub fn add_host(&self, suffix: &str, host_id: u8) -> Host {
+    /// Attaches one more host to the segment (e.g. another balancer, an etcd
+    /// server) as namespace `{prefix}-{suffix}`, at 198.51.100.HOST_ID and
+    /// 2001:db8:100::HOST_ID (11 and up are the reals': pick another), link up.
+    /// The caller owns it; dropping it deletes its namespace.
+    pub fn add_host(&self, suffix: &str, switch_port: &str, host_id: u8) -> Host {
         let host = Host::attach(
             &self.sw,
             &format!("{}-{suffix}", self.prefix),
-            suffix,
+            switch_port,
             lan_v4(host_id),
             lan_v6(host_id),
         );

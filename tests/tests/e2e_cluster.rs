@@ -87,7 +87,6 @@ struct Cluster {
     birds: Vec<Proc>,
     _servers: Vec<Proc>,
     out: Netns,
-    _lb2_pass: Box<dyn std::any::Any + Send>,
     _lb2: Host,
     topo: Topology,
     dirs: Vec<RunDir>,
@@ -95,10 +94,10 @@ struct Cluster {
 
 impl Cluster {
     fn start(tag: &str) -> Cluster {
-        let topo = balanced_topology(&unique_prefix(tag), 2);
+        let mut topo = balanced_topology(&unique_prefix(tag), 2);
         let servers = start_reals(&topo, &["--http", "0.0.0.0:80"]);
-        let lb2 = topo.add_host("lb2", 3);
-        let lb2_pass = pass_on_switch_port(&topo.sw, &lb2.switch_port);
+        let lb2 = topo.add_host("lb2", "lb2", 3);
+        pass_on_switch_port(&mut topo, "lb2");
 
         // The router: the topology's client, with a second link to the outside client.
         let router = &topo.client.ns;
@@ -160,7 +159,6 @@ impl Cluster {
             birds,
             _servers: servers,
             out,
-            _lb2_pass: lb2_pass,
             _lb2: lb2,
             topo,
             dirs,
@@ -471,10 +469,10 @@ fn keepalived(ns: &Netns, dir: &Path, socket: &Path, priority: u8) -> Proc {
 #[test]
 fn keepalived_pair_fails_over_without_breaking_connections() {
     require_root();
-    let topo = balanced_topology(&unique_prefix("cvr"), 2);
+    let mut topo = balanced_topology(&unique_prefix("cvr"), 2);
     let _servers = start_reals(&topo, &["--http", "0.0.0.0:80"]);
-    let lb2 = topo.add_host("lb2", 3);
-    let _lb2_pass = pass_on_switch_port(&topo.sw, &lb2.switch_port);
+    let lb2 = topo.add_host("lb2", "lb2", 3);
+    pass_on_switch_port(&mut topo, "lb2");
     // The client reaches the VIP on the segment: whoever answers ARP for it gets it.
     topo.client.ns.ip("route del 203.0.113.0/24");
     topo.client.ns.ip(&format!("route add {VIP}/32 dev eth0"));

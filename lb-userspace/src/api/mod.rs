@@ -38,6 +38,8 @@ pub struct Context {
     pub resolve_timeout: Duration,
     /// The counters' values at the last `xlb stats --zero`.
     pub baseline: zero::Baseline,
+    /// The fleet's store: in store mode, changes are written there.
+    pub store: Option<crate::store::Store>,
 }
 
 /// An error answer.
@@ -98,6 +100,29 @@ impl From<ControlError> for ApiError {
         Self {
             status,
             message: err.to_string(),
+        }
+    }
+}
+
+impl From<crate::store::api::ChangeError> for ApiError {
+    fn from(err: crate::store::api::ChangeError) -> Self {
+        use crate::store::{StoreError, api::ChangeError};
+        let status = match &err {
+            ChangeError::Control(_) => None,
+            ChangeError::Store(StoreError::Conflict { .. }) => Some(StatusCode::CONFLICT),
+            ChangeError::Store(StoreError::Unreachable(_) | StoreError::Timeout(_)) => {
+                Some(StatusCode::SERVICE_UNAVAILABLE)
+            }
+            ChangeError::Store(_) | ChangeError::NotApplied { .. } => {
+                Some(StatusCode::INTERNAL_SERVER_ERROR)
+            }
+        };
+        match (status, err) {
+            (_, ChangeError::Control(e)) => e.into(),
+            (status, err) => Self {
+                status: status.unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+                message: err.to_string(),
+            },
         }
     }
 }

@@ -19,8 +19,8 @@ use serde::Deserialize;
 
 use super::{
     AddReal, AddVip, ApiError, Applied, ApplyBody, Conntrack, Context, DesiredQuery, EventStat,
-    Planned, RealHealth, SetReal, SetVip, Simulated, Stats, Status, VerdictStat, VipStatus,
-    zero::Zeroed,
+    Planned, RealHealth, SetReal, SetVip, SimulateBatch, Simulated, SimulatedBatch, Stats, Status,
+    VerdictStat, VipStatus, zero::Zeroed,
 };
 use crate::{
     config::Config,
@@ -55,7 +55,8 @@ pub fn router(ctx: Context) -> Router {
         .route("/v1/status", get(status))
         .route("/v1/stats", get(stats))
         .route("/v1/stats/zero", post(zero))
-        .route("/v1/simulate", get(simulate))
+        .route("/v1/simulate", get(simulate).post(simulate_batch))
+        .route("/v1/fleet", get(fleet))
         .route("/v1/node", get(super::node::status))
         .route(
             "/v1/node/drain",
@@ -115,6 +116,30 @@ async fn resolve(ctx: &Context, desired: &Desired) -> Resolution {
 }
 
 async fn edit(ctx: &Context, edit: Edit, adds: Option<&Desired>) -> ApiResult<Applied> {
+    edit_at(ctx, edit, adds, None).await
+}
+
+/// Applies `edit`: through the controller, or in store mode by writing the
+/// store (only if its desired state is still at `if_revision`, when given).
+async fn edit_at(
+    ctx: &Context,
+    edit: Edit,
+    adds: Option<&Desired>,
+    if_revision: Option<i64>,
+) -> ApiResult<Applied> {
+    if let Some(store) = &ctx.store {
+        let w = store.change(&ctx.iface, edit, if_revision).await?;
+        return Ok(Applied {
+            writes: w.writes,
+            tables: w.tables,
+            revision: Some(w.revision),
+        });
+    }
+    if if_revision.is_some() {
+        return Err(ApiError::bad_request(
+            "a revision is only checked in store mode (xlb run --store)",
+        ));
+    }
     let resolution = match adds {
         Some(d) => resolve(ctx, d).await,
         None => Resolution::default(),
@@ -295,8 +320,13 @@ async fn apply(
 
 async fn apply_checked(ctx: &Context, body: &ApplyBody) -> ApiResult<Applied> {
     let (file, desired) = checked(ctx, body)?;
-    let applied = edit(ctx, Edit::Replace(desired.clone()), Some(&desired))
-        .await
+    let applied = edit_at(
+        ctx,
+        Edit::Replace(desired.clone()),
+        Some(&desired),
+        body.revision,
+    )
+    .await
         .map_err(|e| named(&file, e))?;
     tracing::info!(
         file,
@@ -378,7 +408,16 @@ async fn status(AxState(ctx): AxState<Context>) -> ApiResult<Json<Status>> {
         zeroed_at: ctx.baseline.zeroed_at(),
         vips,
         node: ctx.sources.node.status(),
+        store: ctx.store.as_ref().map(crate::store::Store::status),
     }))
+}
+
+async fn fleet(AxState(ctx): AxState<Context>) -> ApiResult<Json<crate::store::api::Fleet>> {
+    let store = ctx.store.as_ref().ok_or_else(|| ApiError {
+        status: StatusCode::NOT_FOUND,
+        message: "this daemon is not in a fleet: start it with --store (docs/cluster.md)".into(),
+    })?;
+    Ok(Json(store.fleet()))
 }
 
 async fn stats(AxState(ctx): AxState<Context>) -> ApiResult<Json<Stats>> {
@@ -435,10 +474,17 @@ async fn simulate(
     AxState(ctx): AxState<Context>,
     Query(q): Query<SimulateQuery>,
 ) -> ApiResult<Json<Simulated>> {
-    let vip: Vip = q.vip.parse().map_err(parse_err)?;
-    let src: SocketAddr = q.src.parse().map_err(|_| {
-        ApiError::bad_request(format!("invalid source '{}': expected IP:PORT", q.src))
-    })?;
+    let (vip, hash) = flow_of(&ctx, &q.vip, &q.src)?;
+    let real = ctx.sources.handle.simulate(vip, hash).await?;
+    Ok(Json(Simulated { real }))
+}
+
+/// The VIP and the data path's hash of the flow from `src` to `vip`.
+fn flow_of(ctx: &Context, vip: &str, src: &str) -> ApiResult<(Vip, u32)> {
+    let vip: Vip = vip.parse().map_err(parse_err)?;
+    let src: SocketAddr = src
+        .parse()
+        .map_err(|_| ApiError::bad_request(format!("invalid source '{src}': expected IP:PORT")))?;
     let snap = ctx.sources.handle.snapshot();
     let scheduler = snap
         .desired
@@ -457,6 +503,33 @@ async fn simulate(
         ),
         Scheduler::MaglevSrc => src_hash(&s),
     };
-    let real = ctx.sources.handle.simulate(vip, hash).await?;
-    Ok(Json(Simulated { real }))
+    Ok((vip, hash))
+}
+
+/// Most flows one `POST /v1/simulate` may ask about (its body stays under the
+/// API's body limit).
+const MAX_SIMULATE_FLOWS: usize = 20_000;
+
+async fn simulate_batch(
+    AxState(ctx): AxState<Context>,
+    body: Result<Json<SimulateBatch>, JsonRejection>,
+) -> ApiResult<Json<SimulatedBatch>> {
+    let Json(body) = body?;
+    if body.flows.len() > MAX_SIMULATE_FLOWS {
+        return Err(ApiError::bad_request(format!(
+            "{} flows: at most {MAX_SIMULATE_FLOWS} per request",
+            body.flows.len()
+        )));
+    }
+    let mut flows = Vec::with_capacity(body.flows.len());
+    for (i, f) in body.flows.iter().enumerate() {
+        let flow = flow_of(&ctx, &f.vip, &f.src)
+            .map_err(|e| ApiError::bad_request(format!("flows[{i}]: {}", e.message)))?;
+        flows.push(flow);
+    }
+    let mut reals = Vec::with_capacity(flows.len());
+    for (vip, hash) in flows {
+        reals.push(ctx.sources.handle.simulate(vip, hash).await?);
+    }
+    Ok(Json(SimulatedBatch { reals }))
 }

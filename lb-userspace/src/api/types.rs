@@ -90,6 +90,10 @@ pub struct ApplyBody {
     /// Its file name, for error messages.
     #[serde(default)]
     pub file: Option<String>,
+    /// Store mode: write only if the store's desired state is still at this
+    /// revision (default: the newest one this node has seen).
+    #[serde(default)]
+    pub revision: Option<i64>,
 }
 
 /// Answer of `PUT /v1/desired`.
@@ -99,6 +103,9 @@ pub struct Applied {
     pub writes: usize,
     /// Tables rebuilt.
     pub tables: usize,
+    /// Store mode: the revision written.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revision: Option<i64>,
 }
 
 impl From<Changes> for Applied {
@@ -106,6 +113,7 @@ impl From<Changes> for Applied {
         Self {
             writes: c.writes,
             tables: c.tables,
+            revision: None,
         }
     }
 }
@@ -194,6 +202,9 @@ pub struct Status {
     /// The node: announcement through BIRD, drain, VRRP role.
     #[serde(default)]
     pub node: crate::node::NodeStatus,
+    /// Store mode: the store and the revision applied.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub store: Option<crate::store::Status>,
 }
 
 /// A VIP in `GET /v1/status`.
@@ -218,6 +229,31 @@ pub struct RealHealth {
     /// Slow start: the percent of its weight the real has now (absent: all).
     #[serde(default)]
     pub slow_start: Option<u32>,
+}
+
+/// Body of `POST /v1/simulate`: many flows at once.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SimulateBatch {
+    /// The flows.
+    pub flows: Vec<SimulateFlow>,
+}
+
+/// One flow of [`SimulateBatch`].
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SimulateFlow {
+    /// The VIP, `203.0.113.10:80/tcp`.
+    pub vip: String,
+    /// The client's address and port.
+    pub src: String,
+}
+
+/// Answer of `POST /v1/simulate`: the real of each flow, in order.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct SimulatedBatch {
+    /// One entry per flow: its real, or none when the VIP has no usable real.
+    pub reals: Vec<Option<IpAddr>>,
 }
 
 /// Answer of `GET /v1/simulate`.

@@ -51,6 +51,10 @@ pub enum Command {
     Apply {
         /// The YAML file (see docs/config.md).
         file: PathBuf,
+        /// Store mode: write only if the fleet's desired state is still at
+        /// this revision (`xlb status` shows it); else a conflict, nothing written.
+        #[arg(long)]
+        if_revision: Option<i64>,
         /// Print what would change (VIPs and reals added, removed, changed) and apply nothing.
         #[arg(long)]
         dry_run: bool,
@@ -60,6 +64,9 @@ pub enum Command {
         /// The YAML file.
         file: PathBuf,
     },
+    /// Store mode: the fleet's nodes, their revisions, tables and verdicts;
+    /// nodes that differ from the majority are flagged.
+    Fleet,
     /// Print the running desired state as a configuration file `xlb apply` takes back
     /// (the base: overrides set by hand are not in it and stay in the daemon).
     Save,
@@ -93,10 +100,15 @@ pub enum Command {
     /// Show which real server a flow goes to.
     Simulate {
         /// The VIP, e.g. 203.0.113.10:80/tcp.
-        vip: Vip,
+        #[arg(required_unless_present = "batch")]
+        vip: Option<Vip>,
         /// The client's address and port, e.g. 198.51.100.7:40000.
-        #[arg(long)]
-        src: std::net::SocketAddr,
+        #[arg(long, required_unless_present = "batch")]
+        src: Option<std::net::SocketAddr>,
+        /// Many flows at once: a file with one `VIP SRC` per line (`-`: stdin);
+        /// prints `VIP SRC REAL` per line (`-` for no real), in order.
+        #[arg(long, conflicts_with_all = ["vip", "src"])]
+        batch: Option<PathBuf>,
     },
     /// Take this balancer out of the routers' choice (withdraw its VIPs),
     /// keep forwarding what still arrives, and wait until it is safe to stop.

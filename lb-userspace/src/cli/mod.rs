@@ -83,11 +83,13 @@ async fn apply(
     out: Out,
     file: &std::path::Path,
     dry_run: bool,
+    if_revision: Option<i64>,
 ) -> anyhow::Result<()> {
     let text = read_config(file)?;
     let body = ApplyBody {
         yaml: text.clone(),
         file: Some(file.display().to_string()),
+        revision: if_revision,
     };
     let (method, path) = if dry_run {
         (Method::POST, "/v1/desired/plan")
@@ -125,9 +127,12 @@ async fn apply(
     }
     let applied: Applied = serde_json::from_value(answer)?;
     let services = validate(file, &text)?.desired.services.len();
+    let revision = applied
+        .revision
+        .map_or_else(String::new, |r| format!(" (store revision {r})"));
     out.emit(&applied, || {
         println!(
-            "applied {}: {services} services, {} map writes, {} tables rebuilt",
+            "applied {}: {services} services, {} map writes, {} tables rebuilt{revision}",
             file.display(),
             applied.writes,
             applied.tables
@@ -207,7 +212,16 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             let args = *args;
             daemon::run(args.settings, args.config, cli.socket).await
         }
-        Command::Apply { file, dry_run } => apply(&client, out, &file, dry_run).await,
+        Command::Apply {
+            file,
+            dry_run,
+            if_revision,
+        } => apply(&client, out, &file, dry_run, if_revision).await,
+        Command::Fleet => {
+            let fleet: crate::store::api::Fleet =
+                client.call(Method::GET, "/v1/fleet", None::<&()>).await?;
+            out.emit(&fleet, || render::fleet(&fleet))
+        }
         Command::Check { file } => check(out, &file),
         Command::Save => {
             let base: Desired = client
@@ -293,7 +307,14 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             top::run(&client, &cli.socket, Duration::from_secs_f64(interval)).await
         }
-        Command::Simulate { vip, src } => {
+        Command::Simulate {
+            batch: Some(file), ..
+        } => simulate_batch(&client, out, &file).await,
+        Command::Simulate {
+            vip: Some(vip),
+            src: Some(src),
+            ..
+        } => {
             let query =
                 serde_urlencoded::to_string([("vip", vip.to_string()), ("src", src.to_string())])
                     .context("encoding the query")?;
@@ -307,7 +328,53 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             };
             out.line(&sim, &line)
         }
+        Command::Simulate { .. } => Err(bad_input("give a VIP and --src, or --batch FILE")),
     }
+}
+
+/// `xlb simulate --batch FILE`: one request for every `VIP SRC` line.
+async fn simulate_batch(client: &Client, out: Out, file: &std::path::Path) -> anyhow::Result<()> {
+    use crate::api::{SimulateBatch, SimulateFlow, SimulatedBatch};
+    let text = if file.as_os_str() == "-" {
+        std::io::read_to_string(std::io::stdin()).context("reading the flows from stdin")?
+    } else {
+        std::fs::read_to_string(file).map_err(|e| bad_input(format!("{}: {e}", file.display())))?
+    };
+    let mut flows = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let mut words = line.split_whitespace();
+        let (Some(vip), Some(src), None) = (words.next(), words.next(), words.next()) else {
+            return Err(bad_input(format!(
+                "{}:{}: expected `VIP SRC`, e.g. `203.0.113.10:80/tcp 198.51.100.7:40000`",
+                file.display(),
+                n + 1
+            )));
+        };
+        flows.push(SimulateFlow {
+            vip: vip.to_owned(),
+            src: src.to_owned(),
+        });
+    }
+    let body = SimulateBatch { flows };
+    let answer: SimulatedBatch = client
+        .call(Method::POST, "/v1/simulate", Some(&body))
+        .await
+        .context("simulate failed")?;
+    if out.json {
+        println!("{}", serde_json::to_string_pretty(&answer)?);
+        return Ok(());
+    }
+    let mut out = String::new();
+    for (flow, real) in body.flows.iter().zip(&answer.reals) {
+        let real = real.map_or_else(|| "-".to_owned(), |r| r.to_string());
+        out.push_str(&format!("{} {} {real}\n", flow.vip, flow.src));
+    }
+    print!("{out}");
+    Ok(())
 }
 
 async fn vip(client: &Client, out: Out, cmd: VipCommand) -> anyhow::Result<()> {

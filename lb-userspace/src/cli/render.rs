@@ -102,6 +102,9 @@ pub fn status(status: &Status, only: Option<Vip>) {
             "interface {}   reconciles {}   conntrack {}/{}",
             status.iface, status.reconciles, status.conntrack.entries, status.conntrack.capacity
         );
+        if let Some(store) = &status.store {
+            println!("{}", store_line(store));
+        }
         if let Some(r) = &status.last_reload {
             println!("{}", reload_line(r));
         }
@@ -306,4 +309,79 @@ pub fn stats(stats: &Stats) {
     }
     println!();
     vips(&stats.vips);
+}
+
+/// The store line of `xlb status` and `xlb fleet`.
+fn store_line(s: &crate::store::Status) -> String {
+    let state = match s.unreachable_since {
+        Some(since) => {
+            let at = std::time::UNIX_EPOCH + std::time::Duration::from_secs(since);
+            let ago = std::time::SystemTime::now()
+                .duration_since(at)
+                .map_or(0, |d| d.as_secs());
+            format!(
+                "store unreachable since {} ({ago} s): forwarding with revision {}, own health verdicts",
+                httpdate::fmt_http_date(at),
+                s.revision
+            )
+        }
+        None if s.connected => format!("connected, revision {}", s.revision),
+        None => format!("connecting, revision {}", s.revision),
+    };
+    let mut line = format!("store {}   node {}   {state}", s.url, s.node);
+    if let Some(e) = &s.error {
+        line.push_str(&format!("\n  NOT APPLIED: {e}"));
+    }
+    line
+}
+
+/// `xlb fleet`.
+pub fn fleet(fleet: &crate::store::api::Fleet) {
+    println!("{}", store_line(&fleet.store));
+    if fleet.nodes.is_empty() {
+        println!("no live nodes in the store");
+        return;
+    }
+    for n in &fleet.nodes {
+        let r = &n.report;
+        let addrs: Vec<String> = r.addresses.iter().map(ToString::to_string).collect();
+        let mut flags = Vec::new();
+        if n.differs.revision {
+            flags.push("REVISION DIFFERS".to_owned());
+        }
+        if !n.differs.tables.is_empty() {
+            let vips: Vec<String> = n.differs.tables.iter().map(ToString::to_string).collect();
+            flags.push(format!("TABLES DIFFER: {}", vips.join(" ")));
+        }
+        println!();
+        println!(
+            "{}  revision {}  addresses {}{}{}",
+            r.name,
+            r.revision,
+            addrs.join(","),
+            if flags.is_empty() { "" } else { "  " },
+            flags.join("  ")
+        );
+        if let Some(e) = &r.error {
+            println!("  error: {e}");
+        }
+        for (vip, fp) in &r.tables {
+            println!("  table {vip} {fp}");
+        }
+        let down: Vec<String> = r
+            .verdicts
+            .iter()
+            .filter(|v| !v.up)
+            .map(|v| format!("{} of {}", v.real, v.vip))
+            .collect();
+        println!(
+            "  probes {} reals, sees down: {}",
+            r.verdicts.len(),
+            if down.is_empty() {
+                "none".to_owned()
+            } else {
+                down.join(", ")
+            }
+        );
+    }
 }

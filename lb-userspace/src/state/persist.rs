@@ -31,6 +31,14 @@ pub enum PersistError {
         /// What is wrong.
         why: String,
     },
+    /// The store's saved document is unreadable.
+    #[error("{path} is not a saved store document: {why}")]
+    StoreFormat {
+        /// The file.
+        path: String,
+        /// What is wrong.
+        why: String,
+    },
     /// The saved data path is attached to another interface.
     #[error(
         "the pinned data path serves {saved}, not {iface}; use --iface {saved}, or `xlb \
@@ -51,8 +59,8 @@ struct StateFile {
     state: State,
 }
 
-/// Writes `state` for interface `iface` to `path`.
-pub fn save(path: &Path, iface: &str, state: &State) -> Result<(), PersistError> {
+/// Writes `bytes` to `path` atomically (temporary file + rename).
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), PersistError> {
     let io = |what| {
         let path = path.display().to_string();
         move |source| PersistError::Io { what, path, source }
@@ -61,6 +69,26 @@ pub fn save(path: &Path, iface: &str, state: &State) -> Result<(), PersistError>
         std::fs::create_dir_all(dir).map_err(io("creating the directory of"))?;
     }
     let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, bytes).map_err(io("writing"))?;
+    std::fs::rename(&tmp, path).map_err(io("renaming into"))?;
+    Ok(())
+}
+
+/// The text of `path`; `None` when there is no such file.
+fn read_optional(path: &Path) -> Result<Option<String>, PersistError> {
+    match std::fs::read_to_string(path) {
+        Ok(t) => Ok(Some(t)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(source) => Err(PersistError::Io {
+            what: "reading",
+            path: path.display().to_string(),
+            source,
+        }),
+    }
+}
+
+/// Writes `state` for interface `iface` to `path`.
+pub fn save(path: &Path, iface: &str, state: &State) -> Result<(), PersistError> {
     let file = StateFile {
         layout: LAYOUT_VERSION,
         iface: iface.to_owned(),
@@ -70,23 +98,13 @@ pub fn save(path: &Path, iface: &str, state: &State) -> Result<(), PersistError>
         path: path.display().to_string(),
         why: e.to_string(),
     })?;
-    std::fs::write(&tmp, bytes).map_err(io("writing"))?;
-    std::fs::rename(&tmp, path).map_err(io("renaming into"))?;
-    Ok(())
+    write_atomic(path, &bytes)
 }
 
 /// Reads the state saved at `path` for interface `iface`; `None` when there is none.
 pub fn load(path: &Path, iface: &str) -> Result<Option<State>, PersistError> {
-    let text = match std::fs::read_to_string(path) {
-        Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(source) => {
-            return Err(PersistError::Io {
-                what: "reading",
-                path: path.display().to_string(),
-                source,
-            });
-        }
+    let Some(text) = read_optional(path)? else {
+        return Ok(None);
     };
     let format = |why: String| PersistError::Format {
         path: path.display().to_string(),
@@ -108,4 +126,37 @@ pub fn load(path: &Path, iface: &str) -> Result<Option<State>, PersistError> {
 /// Removes the state file (after `xlb teardown`, or when the data path stops with the daemon).
 pub fn remove(path: &Path) {
     let _ = std::fs::remove_file(path);
+}
+
+/// The store's document last applied, kept for a restart while the store is
+/// down (store mode).
+#[derive(Serialize, Deserialize)]
+struct StoreFile {
+    revision: i64,
+    document: String,
+}
+
+/// Saves revision `revision`'s `document` to `path` (atomically).
+pub fn save_store(path: &Path, revision: i64, document: &str) -> Result<(), PersistError> {
+    let bytes = serde_json::to_vec(&StoreFile {
+        revision,
+        document: document.to_owned(),
+    })
+    .map_err(|e| PersistError::StoreFormat {
+        path: path.display().to_string(),
+        why: e.to_string(),
+    })?;
+    write_atomic(path, &bytes)
+}
+
+/// The revision and document saved at `path`; `None` when there is none.
+pub fn load_store(path: &Path) -> Result<Option<(i64, String)>, PersistError> {
+    let Some(text) = read_optional(path)? else {
+        return Ok(None);
+    };
+    let file: StoreFile = serde_json::from_str(&text).map_err(|e| PersistError::StoreFormat {
+        path: path.display().to_string(),
+        why: e.to_string(),
+    })?;
+    Ok(Some((file.revision, file.document)))
 }

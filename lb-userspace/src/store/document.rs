@@ -1,0 +1,235 @@
+//! The fleet's desired state as one YAML document in the store: the
+//! `services:` list that `xlb apply` takes (docs/config.md), plus the
+//! `overrides:` set by hand (`xlb real set|drain|disable|enable`), which are
+//! fleet-wide in store mode. An operator reads it with `etcdctl get`.
+//!
+//! Parsing reuses [`Config::parse`] for the services and [`Spec::apply`] for
+//! the overrides, so the document is validated exactly like a configuration
+//! file and an `xlb real set`.
+
+use std::net::IpAddr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    config::{Config, ConfigError},
+    desired::{Admin, Edit, Override, Spec},
+    health::HealthCheck,
+    model::Vip,
+};
+
+/// Why a stored document is not a desired state.
+#[derive(Debug, thiserror::Error)]
+pub enum DocumentError {
+    /// The services part is not a valid configuration.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The document is not YAML of the right shape.
+    #[error("{key}: {message}")]
+    Shape {
+        /// The key (or `(document)`).
+        key: String,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+/// One override as stored.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct OverrideDoc {
+    vip: String,
+    real: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    weight: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    admin: Option<Admin>,
+}
+
+/// One real as stored (the configuration file's shape).
+#[derive(Serialize)]
+struct RealDoc<'a> {
+    address: IpAddr,
+    weight: u32,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    drain: bool,
+    #[serde(skip_serializing_if = "is_true")]
+    enabled: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    health_check: Option<&'a HealthCheck>,
+}
+
+fn is_true(b: &bool) -> bool {
+    *b
+}
+
+/// One service as stored (the configuration file's shape).
+#[derive(Serialize)]
+struct ServiceDoc<'a> {
+    vip: String,
+    scheduler: String,
+    forward: String,
+    table_size: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    health_check: Option<&'a HealthCheck>,
+    reals: Vec<RealDoc<'a>>,
+}
+
+#[derive(Serialize)]
+struct DocumentOut<'a> {
+    services: Vec<ServiceDoc<'a>>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    overrides: Vec<OverrideDoc>,
+}
+
+/// Parses and validates a stored document (`name` names it in errors).
+pub fn parse(name: &str, text: &str) -> Result<Spec, DocumentError> {
+    let shape = |key: &str, message: String| DocumentError::Shape {
+        key: format!("{name}: {key}"),
+        message,
+    };
+    let mut value: serde_yaml_ng::Value = if text.trim().is_empty() {
+        serde_yaml_ng::Value::Null
+    } else {
+        serde_yaml_ng::from_str(text).map_err(|e| shape("(document)", e.to_string()))?
+    };
+    let mut overrides = Vec::new();
+    if let serde_yaml_ng::Value::Mapping(m) = &mut value {
+        if m.contains_key("daemon") {
+            return Err(shape(
+                "daemon",
+                "daemon settings are per node: set them in each node's configuration file, not \
+                 in the store"
+                    .to_owned(),
+            ));
+        }
+        if let Some(o) = m.remove("overrides") {
+            overrides = serde_yaml_ng::from_value::<Vec<OverrideDoc>>(o)
+                .map_err(|e| shape("overrides", e.to_string()))?;
+        }
+    }
+    // The rest is a configuration document: the same checks as `xlb apply`.
+    let rest = serde_yaml_ng::to_string(&value).map_err(|e| shape("(document)", e.to_string()))?;
+    let rest = if value.is_null() { String::new() } else { rest };
+    let config = Config::parse(name, &rest)?;
+    let mut spec = Spec::default();
+    spec.apply(Edit::Replace(config.desired))
+        .map_err(|e| shape("services", e.to_string()))?;
+    for (i, o) in overrides.into_iter().enumerate() {
+        let at = format!("overrides[{i}]");
+        let vip: Vip = o
+            .vip
+            .parse()
+            .map_err(|e| shape(&format!("{at}.vip"), format!("{e}")))?;
+        let real = crate::model::parse_real(&o.real)
+            .map_err(|e| shape(&format!("{at}.real"), format!("{e}")))?;
+        spec.apply(Edit::SetReal {
+            vip,
+            real,
+            weight: o.weight,
+            admin: o.admin,
+        })
+        .map_err(|e| shape(&at, e.to_string()))?;
+    }
+    Ok(spec)
+}
+
+/// The document of `spec`, in the shape [`parse`] reads.
+pub fn render(spec: &Spec) -> String {
+    let services = spec
+        .base
+        .services
+        .iter()
+        .map(|(vip, s)| ServiceDoc {
+            vip: vip.to_string(),
+            scheduler: s.options.scheduler.to_string(),
+            forward: s.options.forward.to_string(),
+            table_size: s.options.table_size,
+            health_check: s.health.as_ref(),
+            reals: s
+                .reals
+                .iter()
+                .map(|(addr, r)| RealDoc {
+                    address: *addr,
+                    weight: r.weight,
+                    drain: r.admin == Admin::Drain,
+                    enabled: r.admin != Admin::Disabled,
+                    health_check: r.health.as_ref(),
+                })
+                .collect(),
+        })
+        .collect();
+    let overrides = spec
+        .overrides
+        .0
+        .iter()
+        .map(|((vip, real), Override { weight, admin })| OverrideDoc {
+            vip: vip.to_string(),
+            real: real.to_string(),
+            weight: *weight,
+            admin: *admin,
+        })
+        .collect();
+    serde_yaml_ng::to_string(&DocumentOut {
+        services,
+        overrides,
+    })
+    .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DOC: &str = "\
+services:
+  - vip: 203.0.113.10:80/tcp
+    health_check: { kind: http, path: /healthz, interval_ms: 500, timeout_ms: 200 }
+    reals:
+      - { address: 198.51.100.11, weight: 2 }
+      - { address: 198.51.100.12, drain: true }
+      - { address: 198.51.100.13, enabled: false }
+  - vip: '[2001:db8::10]:53/udp'
+    forward: tun
+    table_size: 251
+    reals:
+      - { address: '2001:db8:1::11' }
+overrides:
+  - { vip: 203.0.113.10:80/tcp, real: 198.51.100.11, weight: 0, admin: drain }
+";
+
+    #[test]
+    fn a_document_round_trips_through_render() {
+        let spec = parse("store", DOC).expect("valid");
+        assert_eq!(spec.base.services.len(), 2);
+        assert_eq!(spec.overrides.0.len(), 1);
+        let again = parse("store", &render(&spec)).expect("rendered is valid");
+        assert_eq!(again, spec);
+    }
+
+    #[test]
+    fn an_empty_document_is_an_empty_state() {
+        assert_eq!(parse("store", "").expect("empty"), Spec::default());
+        assert_eq!(
+            parse("store", &render(&Spec::default())).expect("rendered"),
+            Spec::default()
+        );
+    }
+
+    #[test]
+    fn errors_name_the_place() {
+        let bad_weight = DOC.replace("weight: 2", "weight: 70000");
+        let err = parse("store", &bad_weight).expect_err("weight").to_string();
+        assert!(err.contains("services[0].reals[0].weight"), "{err}");
+        let bad_override = DOC.replace("real: 198.51.100.11", "real: 198.51.100.99");
+        let err = parse("store", &bad_override).expect_err("real").to_string();
+        assert!(
+            err.contains("overrides[0]") && err.contains("198.51.100.99 is not in VIP"),
+            "{err}"
+        );
+        let err = parse("store", "daemon: {}\n")
+            .expect_err("daemon")
+            .to_string();
+        assert!(err.contains("daemon settings are per node"), "{err}");
+    }
+}
