@@ -324,7 +324,6 @@ pub fn balanced_topology(prefix: &str, reals: usize) -> Topology {
 /// Attaches the pass-through XDP program to switch port `port` of `topo` (kept
 /// until the topology is dropped), so a balancer behind it can send XDP_TX frames.
 pub fn pass_on_switch_port(topo: &mut Topology, port: &str) {
-    let port = port.to_owned();
     let pass = topo.sw.run_in(|| {
         let mut dp = Dataplane::load().unwrap_or_else(|e| {
             panic!("loading the XDP object for the switch port: {e} (needs root)")

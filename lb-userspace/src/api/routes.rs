@@ -327,7 +327,7 @@ async fn apply_checked(ctx: &Context, body: &ApplyBody) -> ApiResult<Applied> {
         body.revision,
     )
     .await
-        .map_err(|e| named(&file, e))?;
+    .map_err(|e| named(&file, e))?;
     tracing::info!(
         file,
         writes = applied.writes,

@@ -62,7 +62,7 @@ fn seconds(what: &str, s: f64, max: Duration) -> anyhow::Result<Duration> {
 }
 
 /// `xlb drain`.
-pub async fn drain(client: &Client, out: Out, args: DrainArgs) -> anyhow::Result<()> {
+pub(super) async fn drain(client: &Client, out: Out, args: DrainArgs) -> anyhow::Result<()> {
     if args.cancel {
         let answer: Undrained = client
             .call(Method::DELETE, "/v1/node/drain", None::<&()>)
@@ -117,17 +117,19 @@ pub async fn drain(client: &Client, out: Out, args: DrainArgs) -> anyhow::Result
             bail!("the drain was cancelled (`xlb drain --cancel`) before it completed");
         }
     }
-    out.emit(&status, || match status.drain.as_ref().filter(|d| d.safe_to_stop) {
-        Some(d) => println!(
-            "safe to stop: no VIP packet for {:.1} s since the routes were withdrawn",
-            d.idle_ms as f64 / 1000.0
-        ),
-        None => println!("draining; `xlb status` shows when it is safe to stop"),
+    out.emit(&status, || {
+        match status.drain.as_ref().filter(|d| d.safe_to_stop) {
+            Some(d) => println!(
+                "safe to stop: no VIP packet for {:.1} s since the routes were withdrawn",
+                d.idle_ms as f64 / 1000.0
+            ),
+            None => println!("draining; `xlb status` shows when it is safe to stop"),
+        }
     })
 }
 
 /// `xlb ready`: exit 0 when the node can take traffic.
-pub async fn ready(client: &Client, out: Out, args: ReadyArgs) -> anyhow::Result<()> {
+pub(super) async fn ready(client: &Client, out: Out, args: ReadyArgs) -> anyhow::Result<()> {
     let status: NodeStatus = client.call(Method::GET, "/v1/node", None::<&()>).await?;
     match status.not_ready(&args.vips) {
         Some(why) => bail!("not ready: {why}"),
@@ -139,7 +141,7 @@ pub async fn ready(client: &Client, out: Out, args: ReadyArgs) -> anyhow::Result
 }
 
 /// `xlb role`.
-pub async fn role(client: &Client, out: Out, args: RoleArgs) -> anyhow::Result<()> {
+pub(super) async fn role(client: &Client, out: Out, args: RoleArgs) -> anyhow::Result<()> {
     let body = RoleBody { role: args.role };
     let status: NodeStatus = client
         .call(Method::PUT, "/v1/node/role", Some(&body))

@@ -138,6 +138,7 @@ mod tests {
             bytes: packets * 100,
             flows: packets / 10,
             active_flows: 3,
+            table_changes: 0,
         };
         VipView {
             vip: "203.0.113.10:80/tcp".parse().expect("vip"),
