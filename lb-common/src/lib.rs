@@ -249,12 +249,33 @@ pub struct FlowState {
     /// [`RealDef::generation`] of that real when the entry was written.
     pub generation: u32,
     /// Last packet seen, `bpf_ktime_get_coarse_ns` (CLOCK_MONOTONIC at tick
-    /// resolution). UDP: every packet (the idle
-    /// timeout reads it). TCP: refreshed when older than [`TCP_STAMP_GRAIN_NS`],
-    /// so it tells active from idle flows to that precision.
+    /// resolution), refreshed only when older than the protocol's grain, so
+    /// that most packets write nothing: TCP [`TCP_STAMP_GRAIN_NS`] (it tells
+    /// active from idle flows to that precision), UDP [`udp_stamp_grain_ns`]
+    /// (the idle timeout reads it, and allows for the grain).
     pub last_seen_ns: u64,
+    /// The flow's [`flow_hash`], computed when the entry was written: a
+    /// tracked tunnel packet takes its outer source from it without hashing.
+    pub hash: u32,
+    /// Explicit padding, zero.
+    pub _pad: u32,
 }
-const _: () = assert!(size_of::<FlowState>() == 16);
+const _: () = assert!(size_of::<FlowState>() == 24);
+
+/// How stale a UDP flow's `last_seen_ns` may get before a packet refreshes
+/// it: an eighth of the idle timeout, at most [`TCP_STAMP_GRAIN_NS`]. A UDP
+/// flow counts as idle once `now - last_seen_ns` exceeds the idle timeout plus
+/// this grain, so a flow is never forgotten before it was idle for the whole
+/// timeout, and at most one grain after.
+#[inline(always)]
+pub const fn udp_stamp_grain_ns(udp_idle_ns: u64) -> u64 {
+    let eighth = udp_idle_ns / 8;
+    if eighth < TCP_STAMP_GRAIN_NS {
+        eighth
+    } else {
+        TCP_STAMP_GRAIN_NS
+    }
+}
 
 /// Per-CPU state of the new-flow flood guard.
 #[repr(C)]

@@ -6,7 +6,7 @@
 use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
 use lb_common::{
     AddrKey, Config, FAMILY_V4, FAMILY_V6, FlowKey, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP,
-    RealDef, VIP_F_TUNNEL, VipKey, VipMeta, WINDOW_ICMP_TOO_BIG, flow_hash, stat,
+    RealDef, VIP_F_TUNNEL, VipKey, VipMeta, WINDOW_ICMP_TOO_BIG, stat,
 };
 
 use crate::{
@@ -183,7 +183,7 @@ fn service(
     let Some(choice) = conntrack::choose(meta, &flow, syn, Track::Packet, config) else {
         return Verdict::Drop(stat::DROP_NO_REAL);
     };
-    send(ctx, l2, l3, meta, &flow, &choice, config, bytes, None)
+    send(ctx, l2, l3, meta, &choice, config, bytes, None)
 }
 
 /// ICMP / ICMPv6 to a VIP address.
@@ -210,7 +210,6 @@ fn icmp(ctx: &XdpContext, l2: &L2, l3: &L3, config: &Config, bytes: u64) -> Verd
                 l2,
                 l3,
                 meta,
-                &flow,
                 &choice,
                 config,
                 bytes,
@@ -231,7 +230,6 @@ fn send(
     l2: &L2,
     l3: &L3,
     meta: &VipMeta,
-    flow: &FlowKey,
     choice: &Choice,
     config: &Config,
     bytes: u64,
@@ -241,9 +239,9 @@ fn send(
     let result = if meta.flags & VIP_F_TUNNEL == 0 {
         forward::dr(ctx, &real.mac, &config.iface_mac).map(|()| stat::TX_DR)
     } else {
-        // The outer source spreads by the 5-tuple even for maglev-src VIPs.
-        let spread = flow_hash(&flow.src, &flow.dst, flow.ports, flow.proto);
-        forward::encap(ctx, l2, l3, real, config, spread).map(|()| stat::TX_TUN)
+        // The outer source spreads by the 5-tuple even for maglev-src VIPs
+        // (the hash comes from the conntrack entry of a tracked flow).
+        forward::encap(ctx, l2, l3, real, config, choice.hash).map(|()| stat::TX_TUN)
     };
     match result {
         Ok(tx) => {

@@ -5,7 +5,10 @@
 //! - Any other packet uses its entry when there is one and its real still
 //!   exists: the real's slot is in use and has the generation the entry
 //!   recorded (a slot given to another real has another generation); UDP
-//!   entries idle longer than `Config::udp_idle_ns` are ignored.
+//!   entries idle longer than `Config::udp_idle_ns` (plus the stamp's grain,
+//!   `lb_common::udp_stamp_grain_ns`) are ignored.
+//! - A hit writes nothing but a `last_seen_ns` older than its grain, and
+//!   takes the flow hash from the entry (a tunnel's outer source needs it).
 //! - New entries are rate-limited per CPU (flood guard): above the limit the
 //!   flow is forwarded by Maglev alone, which still gives a consistent answer
 //!   while the real set is unchanged.
@@ -18,7 +21,7 @@ use aya_ebpf::{
 };
 use lb_common::{
     Config, FlowKey, FlowState, PROTO_UDP, RealDef, TCP_STAMP_GRAIN_NS, VIP_F_HASH_SRC_ONLY,
-    VipMeta, WINDOW_NEW_FLOWS, flow_hash, src_hash, stat,
+    VipMeta, WINDOW_NEW_FLOWS, flow_hash, src_hash, stat, udp_stamp_grain_ns,
 };
 
 use crate::{maps::FLOWS, select, stats};
@@ -30,6 +33,8 @@ pub struct Choice {
     pub real: &'static RealDef,
     /// A conntrack entry was created for the flow (counted as a new flow).
     pub new_flow: bool,
+    /// The flow's 5-tuple [`flow_hash`] (from the entry on a hit).
+    pub hash: u32,
 }
 
 /// What the caller does with the flow.
@@ -49,16 +54,6 @@ pub enum Track {
 pub fn now() -> u64 {
     // SAFETY: a helper without arguments or side effects.
     unsafe { bpf_ktime_get_coarse_ns() }
-}
-
-/// The Maglev hash of `flow` for this VIP's scheduler.
-#[inline(always)]
-fn hash(meta: &VipMeta, flow: &FlowKey) -> u32 {
-    if meta.flags & VIP_F_HASH_SRC_ONLY != 0 {
-        src_hash(&flow.src)
-    } else {
-        flow_hash(&flow.src, &flow.dst, flow.ports, flow.proto)
-    }
 }
 
 /// The real for `flow`: from the conntrack table, else from the VIP's table
@@ -84,15 +79,20 @@ pub fn choose(
                 let state = unsafe { &mut *entry };
                 stamp = now();
                 let age = stamp.saturating_sub(state.last_seen_ns);
-                let fresh = !udp || age <= config.udp_idle_ns;
+                let grain = if udp {
+                    udp_stamp_grain_ns(config.udp_idle_ns)
+                } else {
+                    TCP_STAMP_GRAIN_NS
+                };
+                let fresh = !udp || age <= config.udp_idle_ns.saturating_add(grain);
                 if fresh
                     && let Some(real) = select::real(state.real_id)
                     && real.generation == state.generation
                 {
                     if packet {
-                        // UDP: every packet (the idle timeout). TCP: coarsely,
-                        // so that most packets write nothing.
-                        if udp || age >= TCP_STAMP_GRAIN_NS {
+                        // Coarsely, so that most packets write nothing (a
+                        // written line must leave every other CPU's cache).
+                        if age >= grain {
                             state.last_seen_ns = stamp;
                         }
                         stats::event(stat::CT_HIT);
@@ -101,6 +101,7 @@ pub fn choose(
                         real_id: state.real_id,
                         real,
                         new_flow: false,
+                        hash: state.hash,
                     });
                 }
                 // An idle UDP entry is as good as gone: only a live entry
@@ -116,7 +117,13 @@ pub fn choose(
             }
         }
     }
-    let real_id = select::pick(meta, hash(meta, flow))?;
+    let hash = flow_hash(&flow.src, &flow.dst, flow.ports, flow.proto);
+    let maglev = if meta.flags & VIP_F_HASH_SRC_ONLY != 0 {
+        src_hash(&flow.src)
+    } else {
+        hash
+    };
+    let real_id = select::pick(meta, maglev)?;
     let real = select::real(real_id)?;
     let mut new_flow = false;
     if packet && admit_new_flow(config) {
@@ -127,6 +134,8 @@ pub fn choose(
             real_id,
             generation: real.generation,
             last_seen_ns: stamp,
+            hash,
+            _pad: 0,
         };
         // A SYN did not look: it inserts only-if-absent, and a SYN whose
         // tuple has an entry (a retransmit, or a reused tuple) re-pins it
@@ -144,6 +153,7 @@ pub fn choose(
         real_id,
         real,
         new_flow,
+        hash,
     })
 }
 

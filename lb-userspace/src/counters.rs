@@ -15,7 +15,7 @@ use std::{
 };
 
 use aya::maps::{HashMap, Map, MapData, PerCpuArray};
-use lb_common::{Counter, FlowKey, FlowState, PROTO_UDP, map_names, stat};
+use lb_common::{Counter, FlowKey, FlowState, PROTO_UDP, map_names, stat, udp_stamp_grain_ns};
 use tokio::sync::watch;
 
 use crate::dataplane::{Dataplane, DataplaneError, map_err, sum};
@@ -100,20 +100,22 @@ impl Reader {
     }
 
     /// Counts the conntrack table: every entry, and per real slot the active
-    /// ones (UDP: seen within `udp_idle`; TCP: within [`TCP_ACTIVE`], or never
-    /// stamped).
+    /// ones (UDP: seen within `udp_idle` plus the stamp's grain, as the data
+    /// path decides; TCP: within [`TCP_ACTIVE`], or never stamped).
     pub fn flows_by_slot(&self, udp_idle: Duration) -> Result<FlowCounts, DataplaneError> {
         let started = Instant::now();
         let now = monotonic_ns();
         let mut counts = FlowCounts::default();
+        let udp_idle_ns = u64::try_from(udp_idle.as_nanos()).unwrap_or(u64::MAX);
+        let udp_window = udp_idle_ns.saturating_add(udp_stamp_grain_ns(udp_idle_ns));
+        let tcp_window = u64::try_from(TCP_ACTIVE.as_nanos()).unwrap_or(u64::MAX);
         let mut count = |key: &FlowKey, state: &FlowState| {
             counts.entries += 1;
             let window = if key.proto == PROTO_UDP {
-                udp_idle
+                udp_window
             } else {
-                TCP_ACTIVE
+                tcp_window
             };
-            let window = u64::try_from(window.as_nanos()).unwrap_or(u64::MAX);
             if state.last_seen_ns == 0 || now.saturating_sub(state.last_seen_ns) <= window {
                 *counts
                     .by_slot
@@ -201,14 +203,7 @@ fn walk_batched(
         };
         BATCH
     ];
-    let mut values = vec![
-        FlowState {
-            real_id: 0,
-            generation: 0,
-            last_seen_ns: 0,
-        };
-        BATCH
-    ];
+    let mut values = vec![FlowState::default(); BATCH];
     // The hash map's cursor is a bucket index (u32); room for a u64 to be safe.
     let mut cursor = [0u64; 1];
     let mut next = [0u64; 1];

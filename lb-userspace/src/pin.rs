@@ -16,7 +16,7 @@ use aya::programs::links::{FdLink, PinnedLink};
 use nix::sys::statfs::{BPF_FS_MAGIC, statfs};
 
 /// Version of the map layout (bump when a map's key, value or size changes).
-pub const LAYOUT_VERSION: u32 = 2;
+pub const LAYOUT_VERSION: u32 = 3;
 
 /// Default pin directory.
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/xlb";

@@ -1528,6 +1528,64 @@ fn tcp_flow_records_last_seen_coarsely() {
     );
 }
 
+#[test]
+fn udp_flow_records_last_seen_coarsely() {
+    // The default 30 s idle timeout: a grain of 1 s.
+    let fx = Fixture::new();
+    let vip = fx.vip("203.0.113.10:53/udp");
+    let key = flow_key(CLIENT.into(), 39100, &vip);
+    fx.run(&packet::udp(CLIENT, 39100, VIP_DR, 53, b"a"));
+    let first = fx.dp.flow(&key).expect("ct").expect("tracked").last_seen_ns;
+    assert_ne!(first, 0, "a UDP entry has a last-seen time");
+    std::thread::sleep(Duration::from_millis(20));
+    let (v, _) = fx.run(&packet::udp(CLIENT, 39100, VIP_DR, 53, b"b"));
+    assert_eq!(v, XDP_TX, "the tracked datagram is forwarded");
+    let second = fx.dp.flow(&key).expect("ct").expect("tracked").last_seen_ns;
+    assert_eq!(second, first, "refreshed within the 1 s grain");
+    std::thread::sleep(Duration::from_millis(1100));
+    fx.run(&packet::udp(CLIENT, 39100, VIP_DR, 53, b"c"));
+    let third = fx.dp.flow(&key).expect("ct").expect("tracked").last_seen_ns;
+    assert!(
+        third > first + 1_000_000_000,
+        "not refreshed after the grain"
+    );
+}
+
+#[test]
+fn tracked_tunnel_packet_takes_its_outer_source_from_the_entry() {
+    let fx = Fixture::new();
+    let vip = fx.vip("203.0.113.11:80/tcp");
+    let (real, _) = fx.maglev("203.0.113.11:80/tcp", CLIENT.into(), 39200);
+    let h = hash(CLIENT.into(), 39200, &vip);
+    let (v, syn_out) = fx.run(&packet::tcp(CLIENT, 39200, VIP_TUN, 80, true, &[]));
+    assert_eq!(v, XDP_TX, "SYN tunnelled");
+    let entry = fx
+        .dp
+        .flow(&flow_key(CLIENT.into(), 39200, &vip))
+        .expect("ct")
+        .expect("tracked");
+    assert_eq!(entry.hash, h, "the entry records the flow's hash");
+    let hits = event(&fx, "conntrack_hit");
+    let (v, out) = fx.run(&packet::tcp(CLIENT, 39200, VIP_TUN, 80, false, b"x"));
+    assert_eq!(v, XDP_TX, "tracked segment tunnelled");
+    assert_eq!(event(&fx, "conntrack_hit"), hits + 1, "a conntrack hit");
+    let outer_src =
+        |frame: &[u8]| IpAddr::V4(Ipv4Addr::new(frame[26], frame[27], frame[28], frame[29]));
+    let outer_dst =
+        |frame: &[u8]| IpAddr::V4(Ipv4Addr::new(frame[30], frame[31], frame[32], frame[33]));
+    assert_eq!(outer_dst(&out), real, "to the flow's real");
+    assert_eq!(
+        outer_src(&out),
+        tunnel_source(real, h),
+        "outer source from the flow hash"
+    );
+    assert_eq!(
+        outer_src(&out),
+        outer_src(&syn_out),
+        "same source as the SYN's"
+    );
+}
+
 /// A tunnel frame from `src` to the decap fixture's 192.0.2.21 carrying
 /// `inner` (a frame), with the outer ECN field set to `outer_ecn`.
 fn tunnel_with_ecn(src: IpAddr, dst: IpAddr, inner: &[u8], outer_ecn: u8) -> Vec<u8> {

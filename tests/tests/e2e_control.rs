@@ -478,8 +478,7 @@ fn scraping_a_million_tracked_flows_never_delays_a_change() {
         };
         let state = FlowState {
             real_id: 1,
-            generation: 0,
-            last_seen_ns: 0,
+            ..FlowState::default()
         };
         flows.insert(&key, &state, 0).expect("inserting a flow");
     }

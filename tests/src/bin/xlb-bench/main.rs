@@ -123,7 +123,7 @@ fn run(quick: bool, only: &[Section], out: &std::path::Path, cpu: usize) {
     let load_before = report::load_average();
     if wanted(Section::PerPacket) {
         eprintln!("xlb-bench: 1/4 per-packet cost (BPF_PROG_TEST_RUN)");
-        report.per_packet = Some(per_packet::run(quick, cpu));
+        report.per_packet = per_packet::run(quick, cpu);
         save(&report, out);
     }
     if wanted(Section::Live) {

@@ -20,16 +20,46 @@ use lb_userspace::{
 use xlb_tests::packet::{self, L2, L4, LB_MAC};
 
 use crate::report::{
-    FLOOR_TX as FLOOR_TX_NAME, HOT_TRACKED, NON_VIP, PacketCase, PerPacket, Spread, median_sorted,
-    percentile,
+    DECAP_IP6IP6, DECAP_IPIP, FLOOR_TX as FLOOR_TX_NAME, HOT_TRACKED, NON_VIP, PacketCase,
+    PerPacket, Spread, median_sorted, percentile,
 };
 
 pub const XDP_PASS: u32 = 2;
 pub const XDP_TX: u32 = 3;
 
-/// VIPs and reals of the configured state.
-pub const VIPS: usize = 16;
-pub const REALS_PER_VIP: usize = 100;
+/// A configuration the per-packet cases run against.
+#[derive(Clone, Copy)]
+pub struct Scale {
+    /// Short name in the report.
+    pub name: &'static str,
+    pub vips: usize,
+    pub reals_per_vip: usize,
+    /// Maglev table size of every VIP.
+    pub table_size: u32,
+}
+
+/// The heavy configuration: 16 VIPs × 100 reals, 65,537-slot tables.
+pub const HEAVY: Scale = Scale {
+    name: "16 VIPs × 100 reals",
+    vips: 16,
+    reals_per_vip: 100,
+    table_size: RING_SIZE_DEFAULT,
+};
+
+/// Many VIPs: 1,000 VIPs × 10 reals, 8,191-slot tables (the ring pool holds
+/// 1,000 VIPs at that size, two ranges each).
+pub const MANY: Scale = Scale {
+    name: "1,000 VIPs × 10 reals",
+    vips: 1000,
+    reals_per_vip: 10,
+    table_size: 8191,
+};
+
+/// VIPs of each kind in [`MANY`] (TCP DR, UDP DR, IPv6 TCP DR, TCP TUN, IPv6
+/// TCP TUN), 1,000 in all.
+const MANY_KINDS: [usize; 5] = [400, 150, 150, 150, 150];
+const _: () =
+    assert!(MANY_KINDS[0] + MANY_KINDS[1] + MANY_KINDS[2] + MANY_KINDS[3] + MANY_KINDS[4] == 1000);
 /// Flows the tracked cases cycle through.
 const TRACKED_FLOWS: usize = 4096;
 /// Conntrack entries: twice the default, so that the new-flow cases (5 × 100k
@@ -58,26 +88,93 @@ pub fn config() -> Config {
     }
 }
 
-/// The 16 services: (VIP, mode).
-fn services() -> Vec<(&'static str, Forward)> {
-    vec![
-        ("203.0.113.10:80/tcp", Forward::Dr),
-        ("203.0.113.11:80/tcp", Forward::Dr),
-        ("203.0.113.12:80/tcp", Forward::Dr),
-        ("203.0.113.13:80/tcp", Forward::Dr),
-        ("203.0.113.10:53/udp", Forward::Dr),
-        ("203.0.113.11:53/udp", Forward::Dr),
-        ("[2001:db8:203::10]:80/tcp", Forward::Dr),
-        ("[2001:db8:203::11]:80/tcp", Forward::Dr),
-        ("[2001:db8:203::10]:53/udp", Forward::Dr),
-        ("203.0.113.20:80/tcp", Forward::Tun),
-        ("203.0.113.21:80/tcp", Forward::Tun),
-        ("203.0.113.22:80/tcp", Forward::Tun),
-        ("203.0.113.23:80/tcp", Forward::Tun),
-        ("[2001:db8:203::20]:80/tcp", Forward::Tun),
-        ("[2001:db8:203::21]:80/tcp", Forward::Tun),
-        ("[2001:db8:203::22]:80/tcp", Forward::Tun),
-    ]
+/// The VIPs of each kind a configuration's cases send to: tracked flows and
+/// new flows go to these, flow `n` to VIP `n % len`.
+#[derive(Clone, Default)]
+struct Kinds {
+    tcp: Vec<Vip>,
+    udp: Vec<Vip>,
+    tcp6: Vec<Vip>,
+    tun: Vec<Vip>,
+    tun6: Vec<Vip>,
+}
+
+/// The services of `scale` (VIP, mode), the VIPs the tracked cases use and
+/// those the new-flow cases use.
+fn services(scale: Scale) -> (Vec<(Vip, Forward)>, Kinds, Kinds) {
+    let vip = |s: &str| -> Vip { s.parse().expect("valid VIP") };
+    if scale.vips == HEAVY.vips {
+        let list: Vec<(Vip, Forward)> = [
+            ("203.0.113.10:80/tcp", Forward::Dr),
+            ("203.0.113.11:80/tcp", Forward::Dr),
+            ("203.0.113.12:80/tcp", Forward::Dr),
+            ("203.0.113.13:80/tcp", Forward::Dr),
+            ("203.0.113.10:53/udp", Forward::Dr),
+            ("203.0.113.11:53/udp", Forward::Dr),
+            ("[2001:db8:203::10]:80/tcp", Forward::Dr),
+            ("[2001:db8:203::11]:80/tcp", Forward::Dr),
+            ("[2001:db8:203::10]:53/udp", Forward::Dr),
+            ("203.0.113.20:80/tcp", Forward::Tun),
+            ("203.0.113.21:80/tcp", Forward::Tun),
+            ("203.0.113.22:80/tcp", Forward::Tun),
+            ("203.0.113.23:80/tcp", Forward::Tun),
+            ("[2001:db8:203::20]:80/tcp", Forward::Tun),
+            ("[2001:db8:203::21]:80/tcp", Forward::Tun),
+            ("[2001:db8:203::22]:80/tcp", Forward::Tun),
+        ]
+        .into_iter()
+        .map(|(v, f)| (vip(v), f))
+        .collect();
+        let kinds = |last: u8| Kinds {
+            tcp: vec![vip(&format!("203.0.113.1{last}:80/tcp"))],
+            udp: vec![vip(&format!("203.0.113.1{last}:53/udp"))],
+            tcp6: vec![vip(&format!("[2001:db8:203::1{last}]:80/tcp"))],
+            tun: vec![vip(&format!("203.0.113.2{last}:80/tcp"))],
+            tun6: vec![vip(&format!("[2001:db8:203::2{last}]:80/tcp"))],
+        };
+        return (list, kinds(0), kinds(1));
+    }
+    // Many VIPs: IPv4 ones on 250 addresses, several ports each; IPv6 ones
+    // one address each.
+    let mut list = Vec::new();
+    let mut kinds = Kinds::default();
+    for (k, &count) in MANY_KINDS.iter().enumerate() {
+        for j in 0..count {
+            let host = j % 250 + 1;
+            let port = 10_000 + k * 100 + j / 250;
+            let (text, forward, bucket) = match k {
+                0 => (
+                    format!("203.0.113.{host}:{port}/tcp"),
+                    Forward::Dr,
+                    &mut kinds.tcp,
+                ),
+                1 => (
+                    format!("203.0.113.{host}:{port}/udp"),
+                    Forward::Dr,
+                    &mut kinds.udp,
+                ),
+                2 => (
+                    format!("[2001:db8:203::{:x}]:80/tcp", k * 1000 + j),
+                    Forward::Dr,
+                    &mut kinds.tcp6,
+                ),
+                3 => (
+                    format!("203.0.113.{host}:{port}/tcp"),
+                    Forward::Tun,
+                    &mut kinds.tun,
+                ),
+                _ => (
+                    format!("[2001:db8:203::{:x}]:80/tcp", k * 1000 + j),
+                    Forward::Tun,
+                    &mut kinds.tun6,
+                ),
+            };
+            let v = vip(&text);
+            bucket.push(v);
+            list.push((v, forward));
+        }
+    }
+    (list, kinds.clone(), kinds)
 }
 
 /// Real `i` of a family: 198.51.100.(i+1) or 2001:db8:100::(i+1).
@@ -90,8 +187,15 @@ fn real(v4: bool, i: usize) -> IpAddr {
     }
 }
 
-/// Loads the balancer and configures the 16 × 100 state through `State::reconcile`.
+/// Loads the balancer and configures the heavy 16 × 100 state through `State::edit`.
 pub fn configured_balancer() -> (Dataplane, State) {
+    let (dp, state, _, _) = configured(HEAVY);
+    (dp, state)
+}
+
+/// Loads the balancer and configures `scale` through `State::edit`; also
+/// returns the VIPs of the tracked and of the new-flow cases.
+fn configured(scale: Scale) -> (Dataplane, State, Kinds, Kinds) {
     let mut dp = Dataplane::load_with(&LoadOptions {
         flows: FLOWS,
         pin: None,
@@ -101,11 +205,11 @@ pub fn configured_balancer() -> (Dataplane, State) {
         .unwrap_or_else(|e| panic!("writing the config map: {e}"));
     let mut desired = Desired::default();
     let mut macs = BTreeMap::new();
-    assert_eq!(services().len(), VIPS);
-    for (vip, forward) in services() {
-        let vip: Vip = vip.parse().expect("valid VIP");
+    let (list, tracked, new) = services(scale);
+    assert_eq!(list.len(), scale.vips);
+    for (vip, forward) in list {
         let v4 = vip.addr.is_ipv4();
-        let reals = (0..REALS_PER_VIP)
+        let reals = (0..scale.reals_per_vip)
             .map(|i| {
                 let addr = real(v4, i);
                 let b = u8::try_from(i).expect("< 256");
@@ -119,7 +223,7 @@ pub fn configured_balancer() -> (Dataplane, State) {
                 options: VipOptions {
                     scheduler: Scheduler::Maglev,
                     forward,
-                    table_size: RING_SIZE_DEFAULT,
+                    table_size: scale.table_size,
                 },
                 health: None,
                 reals,
@@ -129,8 +233,8 @@ pub fn configured_balancer() -> (Dataplane, State) {
     let mut state = State::new(0.5);
     state
         .edit(&mut dp, Edit::Replace(desired), &macs, PauseHook::default())
-        .unwrap_or_else(|e| panic!("configuring {VIPS} VIPs × {REALS_PER_VIP} reals: {e}"));
-    (dp, state)
+        .unwrap_or_else(|e| panic!("configuring {}: {e}", scale.name));
+    (dp, state, tracked, new)
 }
 
 /// Loads the floor programs.
@@ -227,8 +331,12 @@ fn frame(vip: &Vip, n: u64, flow: Flow) -> Vec<u8> {
 enum Gen {
     /// The same frame every call.
     Fixed(Vec<u8>),
-    /// A new flow per call: frame(vip, base + n).
-    New { vip: Vip, flow: Flow, next: u64 },
+    /// A new flow per call: frame(vips[k % len], base + k) for the k-th call.
+    New {
+        vips: Vec<Vip>,
+        flow: Flow,
+        next: u64,
+    },
     /// Cycles through `frames`.
     Cycle(Vec<Vec<u8>>),
 }
@@ -237,8 +345,9 @@ impl Gen {
     fn next(&mut self, i: usize) -> std::borrow::Cow<'_, [u8]> {
         match self {
             Gen::Fixed(f) => std::borrow::Cow::Borrowed(f),
-            Gen::New { vip, flow, next } => {
+            Gen::New { vips, flow, next } => {
                 *next += 1;
+                let vip = &vips[(*next % vips.len() as u64) as usize];
                 std::borrow::Cow::Owned(frame(vip, *next, *flow))
             }
             Gen::Cycle(frames) => std::borrow::Cow::Borrowed(&frames[i % frames.len()]),
@@ -264,13 +373,14 @@ struct Case {
     frame_bytes: usize,
     samples: Vec<u64>,
     round_medians: Vec<f64>,
+    round_means: Vec<f64>,
 }
 
 impl Case {
     fn new(name: &str, kind: &'static str, prog: Prog, action: u32, frames: Gen) -> Case {
         let mut frames = frames;
         let frame_bytes = match &mut frames {
-            Gen::New { vip, flow, .. } => frame(vip, 0, *flow).len(),
+            Gen::New { vips, flow, .. } => frame(&vips[0], 0, *flow).len(),
             other => other.next(0).len(),
         };
         Case {
@@ -282,15 +392,15 @@ impl Case {
             frame_bytes,
             samples: Vec::new(),
             round_medians: Vec::new(),
+            round_means: Vec::new(),
         }
     }
 }
 
-/// Runs the first packet of each of `TRACKED_FLOWS` flows to `vip` (a SYN, or
-/// the first datagram) so the program tracks them, and returns the frames of
-/// the flows' next packets.
-fn warm(dp: &Dataplane, vip: &str, udp: bool, base: u64) -> Vec<Vec<u8>> {
-    let vip: Vip = vip.parse().expect("valid VIP");
+/// Runs the first packet of each of `TRACKED_FLOWS` flows (flow `n` to
+/// `vips[n % len]`; a SYN, or the first datagram) so the program tracks them,
+/// and returns the frames of the flows' next packets.
+fn warm(dp: &Dataplane, vips: &[Vip], udp: bool, base: u64) -> Vec<Vec<u8>> {
     let prog = dp.program(prog_names::BALANCER).expect("balancer program");
     let (first, next) = if udp {
         (Flow::Udp, Flow::Udp)
@@ -299,12 +409,13 @@ fn warm(dp: &Dataplane, vip: &str, udp: bool, base: u64) -> Vec<Vec<u8>> {
     };
     (0..TRACKED_FLOWS as u64)
         .map(|n| {
-            let (action, _) = run_once(prog, &frame(&vip, base + n, first));
+            let vip = &vips[(n % vips.len() as u64) as usize];
+            let (action, _) = run_once(prog, &frame(vip, base + n, first));
             assert_eq!(
                 action, XDP_TX,
                 "warming flow {n} of {vip}: the first packet was not forwarded"
             );
-            frame(&vip, base + n, next)
+            frame(vip, base + n, next)
         })
         .collect()
 }
@@ -343,23 +454,30 @@ fn tunnelled(vip: &str, real: IpAddr) -> Vec<u8> {
     )
 }
 
-pub fn run(quick: bool, cpu: usize) -> PerPacket {
+/// Measures every case in the heavy configuration (with the decap cases),
+/// then the balancer cases again with many VIPs.
+pub fn run(quick: bool, cpu: usize) -> Vec<PerPacket> {
     let (rounds, per_round) = if quick { (2, 2_000) } else { (5, 20_000) };
     // The whole section runs on one thread pinned to one CPU: the per-CPU LRU
     // lists of conntrack and the counters all stay on it too.
     std::thread::scope(|s| {
         s.spawn(|| {
             crate::pin_to_cpu(cpu);
-            measure(rounds, per_round, cpu)
+            [HEAVY, MANY]
+                .into_iter()
+                .map(|scale| measure(scale, rounds, per_round, cpu))
+                .collect()
         })
         .join()
         .unwrap_or_else(|p| std::panic::resume_unwind(p))
     })
 }
 
-fn measure(rounds: usize, per_round: usize, cpu: usize) -> PerPacket {
-    let (dp, _state) = configured_balancer();
+fn measure(scale: Scale, rounds: usize, per_round: usize, cpu: usize) -> PerPacket {
+    eprintln!("xlb-bench:   configuration {}", scale.name);
+    let (dp, _state, tracked, new_vips) = configured(scale);
     let floors = load_floors();
+    let with_decap = scale.vips == HEAVY.vips;
     let mut decap = Decap::load().unwrap_or_else(|e| panic!("loading the decap object: {e}"));
     let real4 = real(true, 10);
     let real6 = real(false, 10);
@@ -375,19 +493,18 @@ fn measure(rounds: usize, per_round: usize, cpu: usize) -> PerPacket {
             (Ipv6Addr::new(0x2001, 0xdb8, 0xff, 0, 0, 0, 0, 0).into(), 96),
         ])
         .unwrap_or_else(|e| panic!("decap sources: {e}"));
-    let vip = |s: &str| -> Vip { s.parse().expect("valid VIP") };
-    let new = |v: &str, flow: Flow, base: u64| Gen::New {
-        vip: vip(v),
+    let new = |vips: &[Vip], flow: Flow, base: u64| Gen::New {
+        vips: vips.to_vec(),
         flow,
         next: base,
     };
     let syn = Flow::Tcp { syn: true };
     // Tracked flows and new flows use disjoint client ranges (new ones start high).
-    let tracked_tcp = warm(&dp, "203.0.113.10:80/tcp", false, 0);
-    let tracked_udp = warm(&dp, "203.0.113.10:53/udp", true, 0);
-    let tracked_v6 = warm(&dp, "[2001:db8:203::10]:80/tcp", false, 0);
-    let tracked_tun = warm(&dp, "203.0.113.20:80/tcp", false, 0);
-    let tracked_tun6 = warm(&dp, "[2001:db8:203::20]:80/tcp", false, 0);
+    let tracked_tcp = warm(&dp, &tracked.tcp, false, 0);
+    let tracked_udp = warm(&dp, &tracked.udp, true, 0);
+    let tracked_v6 = warm(&dp, &tracked.tcp6, false, 0);
+    let tracked_tun = warm(&dp, &tracked.tun, false, 0);
+    let tracked_tun6 = warm(&dp, &tracked.tun6, false, 0);
     let first_frame = tracked_tcp[0].clone();
     let hot_frame = tracked_tcp[0].clone();
     let non_vip = packet::tcp(
@@ -399,6 +516,9 @@ fn measure(rounds: usize, per_round: usize, cpu: usize) -> PerPacket {
         &[],
     );
     let base = 1 << 22;
+    let balancer_case = |name: &str, action: u32, frames: Gen| {
+        Case::new(name, "balancer", Prog::Balancer, action, frames)
+    };
     let mut cases = vec![
         Case::new(
             "floor: XDP_PASS",
@@ -414,105 +534,67 @@ fn measure(rounds: usize, per_round: usize, cpu: usize) -> PerPacket {
             XDP_TX,
             Gen::Fixed(first_frame),
         ),
-        Case::new(
+        balancer_case(
             "TCP SYN, new flow (DR)",
-            "balancer",
-            Prog::Balancer,
             XDP_TX,
-            new("203.0.113.11:80/tcp", syn, base),
+            new(&new_vips.tcp, syn, base),
         ),
-        Case::new(
-            "TCP, tracked flow (DR)",
-            "balancer",
-            Prog::Balancer,
-            XDP_TX,
-            Gen::Cycle(tracked_tcp),
-        ),
-        Case::new(
-            HOT_TRACKED,
-            "balancer",
-            Prog::Balancer,
-            XDP_TX,
-            Gen::Fixed(hot_frame),
-        ),
-        Case::new(
+        balancer_case("TCP, tracked flow (DR)", XDP_TX, Gen::Cycle(tracked_tcp)),
+        balancer_case(HOT_TRACKED, XDP_TX, Gen::Fixed(hot_frame)),
+        balancer_case(
             "UDP, new flow (DR)",
-            "balancer",
-            Prog::Balancer,
             XDP_TX,
-            new("203.0.113.11:53/udp", Flow::Udp, base),
+            new(&new_vips.udp, Flow::Udp, base),
         ),
-        Case::new(
-            "UDP, tracked flow (DR)",
-            "balancer",
-            Prog::Balancer,
-            XDP_TX,
-            Gen::Cycle(tracked_udp),
-        ),
-        Case::new(
+        balancer_case("UDP, tracked flow (DR)", XDP_TX, Gen::Cycle(tracked_udp)),
+        balancer_case(
             "IPv6 TCP SYN, new flow (DR)",
-            "balancer",
-            Prog::Balancer,
             XDP_TX,
-            new("[2001:db8:203::11]:80/tcp", syn, base),
+            new(&new_vips.tcp6, syn, base),
         ),
-        Case::new(
+        balancer_case(
             "IPv6 TCP, tracked flow (DR)",
-            "balancer",
-            Prog::Balancer,
             XDP_TX,
             Gen::Cycle(tracked_v6),
         ),
-        Case::new(
+        balancer_case(
             "TCP SYN, new flow (TUN, IPIP)",
-            "balancer",
-            Prog::Balancer,
             XDP_TX,
-            new("203.0.113.21:80/tcp", syn, base),
+            new(&new_vips.tun, syn, base),
         ),
-        Case::new(
+        balancer_case(
             "TCP, tracked flow (TUN, IPIP)",
-            "balancer",
-            Prog::Balancer,
             XDP_TX,
             Gen::Cycle(tracked_tun),
         ),
-        Case::new(
+        balancer_case(
             "IPv6 TCP SYN, new flow (TUN, IP6IP6)",
-            "balancer",
-            Prog::Balancer,
             XDP_TX,
-            new("[2001:db8:203::21]:80/tcp", syn, base),
+            new(&new_vips.tun6, syn, base),
         ),
-        Case::new(
+        balancer_case(
             "IPv6 TCP, tracked flow (TUN, IP6IP6)",
-            "balancer",
-            Prog::Balancer,
             XDP_TX,
             Gen::Cycle(tracked_tun6),
         ),
-        Case::new(
-            NON_VIP,
-            "balancer",
-            Prog::Balancer,
-            XDP_PASS,
-            Gen::Fixed(non_vip),
-        ),
-        Case::new(
-            "decap IPIP (real server)",
+        balancer_case(NON_VIP, XDP_PASS, Gen::Fixed(non_vip)),
+    ];
+    if with_decap {
+        cases.push(Case::new(
+            DECAP_IPIP,
             "decap",
             Prog::Decap,
             XDP_PASS,
             Gen::Fixed(tunnelled("203.0.113.20:80/tcp", real4)),
-        ),
-        Case::new(
-            "decap IP6IP6 (real server)",
+        ));
+        cases.push(Case::new(
+            DECAP_IP6IP6,
             "decap",
             Prog::Decap,
             XDP_PASS,
             Gen::Fixed(tunnelled("[2001:db8:203::20]:80/tcp", real6)),
-        ),
-    ];
+        ));
+    }
     let balancer = dp.program(prog_names::BALANCER).expect("balancer program");
     let decap_prog = decap.program().expect("decap program");
     let pass = xdp(&floors, FLOOR_PASS);
@@ -546,6 +628,8 @@ fn measure(rounds: usize, per_round: usize, cpu: usize) -> PerPacket {
             round_samples.sort_unstable();
             let m: Vec<f64> = round_samples.iter().map(|&n| n as f64).collect();
             case.round_medians.push(median_sorted(&m));
+            case.round_means
+                .push(m.iter().sum::<f64>() / m.len().max(1) as f64);
             case.samples.extend_from_slice(&round_samples);
         }
         eprintln!("xlb-bench:   round {} of {rounds} done", round + 1);
@@ -571,31 +655,32 @@ fn measure(rounds: usize, per_round: usize, cpu: usize) -> PerPacket {
         "conntrack inserts failed during the run (events: {events_after:?})"
     );
     // The decap cases really decapsulated (not passed as "not local").
-    let decap_after = decap.counters().expect("decap counters");
-    for name in ["decap_ipip", "decap_ip6ip6"] {
-        let count = |v: &[(&str, lb_common::Counter)]| {
-            v.iter()
-                .find(|(n, _)| *n == name)
-                .map_or(0, |(_, c)| c.packets)
-        };
-        let done = count(&decap_after) - count(&decap_before);
-        assert!(
-            done >= (rounds * per_round) as u64,
-            "the decap program counted {done} {name} packets, expected {}: decap_cases \
-             measure the wrong path (counters: {decap_after:?})",
-            rounds * per_round
-        );
+    if with_decap {
+        let decap_after = decap.counters().expect("decap counters");
+        for name in ["decap_ipip", "decap_ip6ip6"] {
+            let count = |v: &[(&str, lb_common::Counter)]| {
+                v.iter()
+                    .find(|(n, _)| *n == name)
+                    .map_or(0, |(_, c)| c.packets)
+            };
+            let done = count(&decap_after) - count(&decap_before);
+            assert!(
+                done >= (rounds * per_round) as u64,
+                "the decap program counted {done} {name} packets, expected {}: decap_cases \
+                 measure the wrong path (counters: {decap_after:?})",
+                rounds * per_round
+            );
+        }
     }
-    let tx_medians = cases
-        .iter()
-        .find(|c| c.prog == Prog::FloorTx)
-        .map(|c| c.round_medians.clone())
-        .expect("the XDP_TX floor");
-    let pass_medians = cases
-        .iter()
-        .find(|c| c.prog == Prog::FloorPass)
-        .map(|c| c.round_medians.clone())
-        .expect("the XDP_PASS floor");
+    let floor_of = |prog: Prog| {
+        let c = cases
+            .iter()
+            .find(|c| c.prog == prog)
+            .expect("the floors run in every configuration");
+        (c.round_medians.clone(), c.round_means.clone())
+    };
+    let (tx_medians, tx_means) = floor_of(Prog::FloorTx);
+    let (pass_medians, _) = floor_of(Prog::FloorPass);
     let ratio = |m: &[f64], floor: &[f64]| {
         Spread::of(
             &m.iter()
@@ -620,15 +705,18 @@ fn measure(rounds: usize, per_round: usize, cpu: usize) -> PerPacket {
                 median_ns: percentile(&c.samples, 50.0),
                 p99_ns: percentile(&c.samples, 99.0),
                 ratio_tx_floor: ratio(&c.round_medians, &tx_medians),
+                ratio_tx_floor_mean: ratio(&c.round_means, &tx_means),
                 ratio_pass_floor: ratio(&c.round_medians, &pass_medians),
                 round_medians_ns: c.round_medians,
+                round_means_ns: c.round_means,
             }
         })
         .collect();
     PerPacket {
-        vips: VIPS,
-        reals_per_vip: REALS_PER_VIP,
-        table_size: RING_SIZE_DEFAULT,
+        config: scale.name.to_owned(),
+        vips: scale.vips,
+        reals_per_vip: scale.reals_per_vip,
+        table_size: scale.table_size,
         conntrack: FLOWS,
         tracked_flows: TRACKED_FLOWS,
         rounds,
