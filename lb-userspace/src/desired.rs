@@ -449,10 +449,6 @@ pub struct Spec {
 
 /// One change of the desired state.
 #[derive(Clone, Debug, PartialEq)]
-#[expect(
-    clippy::large_enum_variant,
-    reason = "one edit per API call or reload: the health check's size costs nothing"
-)]
 pub enum Edit {
     /// Add a VIP to the base.
     AddVip {
