@@ -1015,16 +1015,22 @@ fn https_checks_verify_against_the_ca_given_or_not_at_all_and_http_checks_read_t
         &scratch,
         &service_yaml(&lab, &all, &https("      sni: rs.test\n")),
     );
-    let (s, _) = wait_status(&lab.daemon, "every HTTPS probe refused", |s| {
-        all.iter().all(|i| {
-            let r = real_state(s, SERVICE, &addr(&lab, *i));
-            r.probe_up == Some(false)
-                && r.last_error
-                    .as_deref()
-                    .is_some_and(|e| e.contains("UnknownIssuer"))
-        })
-    });
-    assert!(vip(&s, SERVICE)["guarded"].as_bool().expect("guarded"));
+    // The probes' statuses are published before the controller applies their
+    // verdicts: wait for both, the refusals and the guard holding the VIP.
+    wait_status(
+        &lab.daemon,
+        "every HTTPS probe refused, the avalanche guard holding the VIP",
+        |s| {
+            vip(s, SERVICE)["guarded"].as_bool() == Some(true)
+                && all.iter().all(|i| {
+                    let r = real_state(s, SERVICE, &addr(&lab, *i));
+                    r.probe_up == Some(false)
+                        && r.last_error
+                            .as_deref()
+                            .is_some_and(|e| e.contains("UnknownIssuer"))
+                })
+        },
+    );
     // Not verified: the same certificate is accepted, every real comes back.
     apply(
         &lab,
