@@ -39,6 +39,13 @@ pub mod map_names {
     pub const VIP_STATS: &str = "XLB_VIP_STATS";
     /// `PerCpuArray<Counter>`: packets, bytes and new flows per real id.
     pub const REAL_STATS: &str = "XLB_REAL_STATS";
+    /// `LruHashMap<FlowKey, FlowState>` sized like [`FLOWS`]: flows other
+    /// balancers reported (flow sync), written by the daemon in this node's
+    /// real ids; read on a conntrack miss of a non-SYN packet and promoted.
+    pub const PEER_FLOWS: &str = "XLB_PEER_FLOWS";
+    /// `RingBuf` of [`super::FlowEvent`]s: confirmed and ended flows, for the
+    /// daemon's flow sync ([`super::Config::sync`] turns reporting on).
+    pub const FLOW_EVENTS: &str = "XLB_FLOW_EVENTS";
     /// Decap program: `HashMap<AddrKey, u32>` of this host's tunnel endpoints.
     pub const DECAP_ADDRS: &str = "XLB_DECAP_ADDRS";
     /// Decap program: `PerCpuArray<Counter>` indexed by [`super::decap_stat`].
@@ -194,8 +201,11 @@ const _: () = assert!(size_of::<RealDef>() == 28);
 pub struct Config {
     /// MAC of the interface the balancer is attached to: source MAC of forwarded frames.
     pub iface_mac: [u8; 6],
+    /// 1: report confirmed and ended flows to [`map_names::FLOW_EVENTS`]
+    /// (flow sync on); 0: report nothing.
+    pub sync: u8,
     /// Explicit padding, zero.
-    pub _pad: [u8; 2],
+    pub _pad: u8,
     /// Largest IP packet (bytes, L3) that may leave the interface; encapsulated
     /// packets above it are dropped and counted. 0 disables the check.
     pub mtu: u32,
@@ -257,10 +267,45 @@ pub struct FlowState {
     /// The flow's [`flow_hash`], computed when the entry was written: a
     /// tracked tunnel packet takes its outer source from it without hashing.
     pub hash: u32,
-    /// Explicit padding, zero.
-    pub _pad: u32,
+    /// [`FLOW_F_REPORTED`] and [`FLOW_F_ENDED`]: what flow sync was told.
+    pub flags: u32,
 }
 const _: () = assert!(size_of::<FlowState>() == 24);
+
+/// [`FlowState::flags`]: the flow was reported to flow sync as confirmed (or
+/// came from a peer, which already knows it).
+pub const FLOW_F_REPORTED: u32 = 1;
+/// [`FlowState::flags`]: the flow's end (a FIN or RST from the client) was reported.
+pub const FLOW_F_ENDED: u32 = 2;
+
+/// [`FlowEvent::kind`]: a flow is confirmed (its second packet passed; a
+/// lone SYN or datagram never is, so a flood is no sync traffic).
+pub const FLOW_EVENT_NEW: u32 = 1;
+/// [`FlowEvent::kind`]: the client ended the flow (FIN or RST).
+pub const FLOW_EVENT_END: u32 = 2;
+
+/// Size of the [`map_names::FLOW_EVENTS`] ring: 8,192 events of 72 bytes
+/// (with the ring's 8-byte record header), a power of two pages.
+pub const FLOW_EVENTS_BYTES: u32 = 1 << 19;
+
+/// What the data path reports to flow sync.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FlowEvent {
+    /// The flow.
+    pub flow: FlowKey,
+    /// The real it is pinned to (this node's id).
+    pub real_id: u32,
+    /// That real's generation in the entry.
+    pub generation: u32,
+    /// [`FLOW_EVENT_NEW`] or [`FLOW_EVENT_END`].
+    pub kind: u32,
+    /// Explicit padding, zero.
+    pub _pad: u32,
+    /// When, `bpf_ktime_get_coarse_ns` (CLOCK_MONOTONIC at tick resolution).
+    pub at_ns: u64,
+}
+const _: () = assert!(size_of::<FlowEvent>() == 64);
 
 /// How stale a UDP flow's `last_seen_ns` may get before a packet refreshes
 /// it: an eighth of the idle timeout, at most [`TCP_STAMP_GRAIN_NS`]. A UDP
@@ -372,6 +417,12 @@ pub mod stat {
     pub const CT_STALE: u32 = 28;
     /// Event: the conntrack insert failed.
     pub const CT_INSERT_FAILED: u32 = 29;
+    /// Event: a non-SYN packet missed the conntrack table but another
+    /// balancer had reported its flow (flow sync): forwarded to that real and
+    /// promoted into the conntrack table.
+    pub const CT_PEER_HIT: u32 = 30;
+    /// Event: a flow sync report was lost (the ring was full).
+    pub const SYNC_LOST: u32 = 31;
     /// Capacity of the map (room to add reasons without a layout change).
     pub const CAPACITY: u32 = 32;
 
@@ -397,16 +448,18 @@ pub mod stat {
         "tx_icmp_too_big_reply",
     ];
 
-    const _: () = assert!(VERDICTS <= CT_HIT && CT_INSERT_FAILED < CAPACITY);
+    const _: () = assert!(VERDICTS <= CT_HIT && SYNC_LOST < CAPACITY);
 
     /// Names and indices of the events.
-    pub const EVENTS: [(u32, &str); 6] = [
+    pub const EVENTS: [(u32, &str); 8] = [
         (CT_HIT, "conntrack_hit"),
         (CT_MISS, "conntrack_miss"),
         (CT_NEW, "conntrack_new"),
         (CT_FLOOD_BYPASS, "flood_guard_bypass"),
         (CT_STALE, "conntrack_stale"),
         (CT_INSERT_FAILED, "conntrack_insert_failed"),
+        (CT_PEER_HIT, "conntrack_peer_hit"),
+        (SYNC_LOST, "sync_report_lost"),
     ];
 }
 
@@ -529,6 +582,7 @@ mod pod {
     unsafe impl aya::Pod for super::Counter {}
     unsafe impl aya::Pod for super::FlowKey {}
     unsafe impl aya::Pod for super::FlowState {}
+    unsafe impl aya::Pod for super::FlowEvent {}
     unsafe impl aya::Pod for super::FloodWindow {}
     unsafe impl aya::Pod for super::SrcPrefix {}
 }

@@ -30,11 +30,8 @@ enum Verdict {
     Aborted,
 }
 
-/// Offset of the TCP data-offset/flags pair in the TCP header, and the SYN /
-/// ACK bits of the second byte.
+/// Offset of the TCP data-offset/flags pair in the TCP header.
 const TCP_FLAGS_OFF: usize = 12;
-const TCP_SYN: u8 = 0x02;
-const TCP_ACK: u8 = 0x10;
 
 /// Entry point body: runs the packet path and records the verdict.
 #[inline(always)]
@@ -104,10 +101,10 @@ fn process(ctx: &XdpContext, bytes: u64) -> Verdict {
         if l3.fragment {
             return Verdict::Drop(stat::DROP_FRAGMENT);
         }
-        let Some(syn) = whole_transport_header(ctx, l3.l4_off, l3.proto == PROTO_TCP) else {
+        let Some(tcp_flags) = whole_transport_header(ctx, l3.l4_off, l3.proto == PROTO_TCP) else {
             return Verdict::Drop(stat::DROP_MALFORMED);
         };
-        return service(ctx, &l2, &l3, meta, ports, syn, config, bytes);
+        return service(ctx, &l2, &l3, meta, ports, tcp_flags, config, bytes);
     }
     // Everything else is ours only when its address carries a VIP.
     let addr_key = AddrKey {
@@ -141,18 +138,17 @@ fn mac_eq(a: &[u8; 6], b: &[u8; 6]) -> bool {
         && u16::from_ne_bytes([a[4], a[5]]) == u16::from_ne_bytes([b[4], b[5]])
 }
 
-/// `Some(syn)` when the whole fixed transport header (20 bytes TCP, 8 UDP) is
-/// in the packet: whether it is a TCP SYN (SYN without ACK).
+/// `Some(flags)` when the whole fixed transport header (20 bytes TCP, 8 UDP)
+/// is in the packet: the TCP flags (0 for UDP).
 #[inline(always)]
-fn whole_transport_header(ctx: &XdpContext, l4_off: usize, tcp: bool) -> Option<bool> {
+fn whole_transport_header(ctx: &XdpContext, l4_off: usize, tcp: bool) -> Option<u8> {
     if tcp {
         let h = ptr_at::<[u8; 20]>(ctx, l4_off)?;
         // SAFETY: ptr_at checked the 20 bytes; the flags are read through the
         // checked pointer (a separately computed one is not credited).
-        let flags = unsafe { (*h)[TCP_FLAGS_OFF + 1] };
-        Some(flags & (TCP_SYN | TCP_ACK) == TCP_SYN)
+        Some(unsafe { (*h)[TCP_FLAGS_OFF + 1] })
     } else {
-        ptr_at::<[u8; 8]>(ctx, l4_off).map(|_| false)
+        ptr_at::<[u8; 8]>(ctx, l4_off).map(|_| 0)
     }
 }
 
@@ -168,7 +164,7 @@ fn service(
     l3: &L3,
     meta: &VipMeta,
     ports: [u8; 4],
-    syn: bool,
+    tcp_flags: u8,
     config: &Config,
     bytes: u64,
 ) -> Verdict {
@@ -180,7 +176,7 @@ fn service(
         family: l3.family,
         _pad: [0; 2],
     };
-    let Some(choice) = conntrack::choose(meta, &flow, syn, Track::Packet, config) else {
+    let Some(choice) = conntrack::choose(meta, &flow, tcp_flags, Track::Packet, config) else {
         return Verdict::Drop(stat::DROP_NO_REAL);
     };
     send(ctx, l2, l3, meta, &choice, config, bytes, None)
@@ -201,8 +197,7 @@ fn icmp(ctx: &XdpContext, l2: &L2, l3: &L3, config: &Config, bytes: u64) -> Verd
             };
             // An error message is no packet of the flow: look up, else Maglev;
             // no new entry, no refresh, no conntrack events.
-            let Some(choice) = conntrack::choose(meta, &flow, false, Track::ErrorAbout, config)
-            else {
+            let Some(choice) = conntrack::choose(meta, &flow, 0, Track::ErrorAbout, config) else {
                 return Verdict::Drop(stat::DROP_NO_REAL);
             };
             send(

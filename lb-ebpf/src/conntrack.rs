@@ -14,17 +14,37 @@
 //!   while the real set is unchanged.
 //! - Only an entry that did not exist (or had expired) counts as a new flow: a
 //!   SYN retransmit, a flood-guard bypass or an ICMP error is no new flow.
+//! - Flow sync (`Config::sync`): the first hit of an entry (the flow's second
+//!   packet: a lone SYN or datagram never is one, so a flood sends nothing)
+//!   reports the flow as confirmed, a FIN or RST from the client reports its
+//!   end, each once (`FlowState::flags`; a report the full ring lost is tried
+//!   again on the next packet). A non-SYN packet that misses takes the real a
+//!   peer reported for its flow, when that real is still the one in this
+//!   node's slot, and the entry is promoted into the conntrack table.
 
 use aya_ebpf::{
     bindings::{BPF_ANY, BPF_NOEXIST},
     helpers::bpf_ktime_get_coarse_ns,
 };
 use lb_common::{
-    Config, FlowKey, FlowState, PROTO_UDP, RealDef, TCP_STAMP_GRAIN_NS, VIP_F_HASH_SRC_ONLY,
-    VipMeta, WINDOW_NEW_FLOWS, flow_hash, src_hash, stat, udp_stamp_grain_ns,
+    Config, FLOW_EVENT_END, FLOW_EVENT_NEW, FLOW_F_ENDED, FLOW_F_REPORTED, FlowEvent, FlowKey,
+    FlowState, PROTO_UDP, RealDef, TCP_STAMP_GRAIN_NS, VIP_F_HASH_SRC_ONLY, VipMeta,
+    WINDOW_NEW_FLOWS, flow_hash, src_hash, stat, udp_stamp_grain_ns,
 };
 
-use crate::{maps::FLOWS, select, stats};
+use crate::{
+    maps::{FLOW_EVENTS, FLOWS, PEER_FLOWS},
+    select, stats,
+};
+
+/// TCP flag bits (the header's 14th byte).
+pub const TCP_FIN: u8 = 0x01;
+/// SYN.
+pub const TCP_SYN: u8 = 0x02;
+/// RST.
+pub const TCP_RST: u8 = 0x04;
+/// ACK.
+pub const TCP_ACK: u8 = 0x10;
 
 /// The real chosen for a flow and whether the flow is new.
 pub struct Choice {
@@ -56,17 +76,19 @@ pub fn now() -> u64 {
     unsafe { bpf_ktime_get_coarse_ns() }
 }
 
-/// The real for `flow`: from the conntrack table, else from the VIP's table
-/// (then recorded for [`Track::Packet`]). `None` when the VIP has no usable
-/// real. The flow hash is only computed when the table is consulted.
+/// The real for `flow`: from the conntrack table, else from a peer's report,
+/// else from the VIP's table (then recorded for [`Track::Packet`]). `None`
+/// when the VIP has no usable real. The flow hash is only computed when the
+/// table is consulted. `tcp_flags`: the TCP header's flags (0 for UDP).
 #[inline(always)]
 pub fn choose(
     meta: &VipMeta,
     flow: &FlowKey,
-    syn: bool,
+    tcp_flags: u8,
     track: Track,
     config: &Config,
 ) -> Option<Choice> {
+    let syn = tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
     let packet = track == Track::Packet;
     let udp = flow.proto == PROTO_UDP;
     let mut stamp = 0u64;
@@ -96,6 +118,9 @@ pub fn choose(
                             state.last_seen_ns = stamp;
                         }
                         stats::event(stat::CT_HIT);
+                        if config.sync != 0 {
+                            report(flow, state, tcp_flags, stamp);
+                        }
                     }
                     return Some(Choice {
                         real_id: state.real_id,
@@ -113,6 +138,11 @@ pub fn choose(
             None => {
                 if packet {
                     stats::event(stat::CT_MISS);
+                    if config.sync != 0
+                        && let Some(choice) = from_peer(flow)
+                    {
+                        return Some(choice);
+                    }
                 }
             }
         }
@@ -135,7 +165,7 @@ pub fn choose(
             generation: real.generation,
             last_seen_ns: stamp,
             hash,
-            _pad: 0,
+            flags: 0,
         };
         // A SYN did not look: it inserts only-if-absent, and a SYN whose
         // tuple has an entry (a retransmit, or a reused tuple) re-pins it
@@ -154,6 +184,65 @@ pub fn choose(
         real,
         new_flow,
         hash,
+    })
+}
+
+/// Flow sync: reports a tracked flow's confirmation (its first hit) or its
+/// end (a FIN or RST), each once; marks the entry only when the report got
+/// into the ring.
+#[inline(always)]
+fn report(flow: &FlowKey, state: &mut FlowState, tcp_flags: u8, stamp: u64) {
+    let flags = state.flags;
+    let (kind, mark) = if flags & FLOW_F_REPORTED == 0 {
+        (FLOW_EVENT_NEW, FLOW_F_REPORTED)
+    } else if tcp_flags & (TCP_FIN | TCP_RST) != 0 && flags & FLOW_F_ENDED == 0 {
+        (FLOW_EVENT_END, FLOW_F_ENDED)
+    } else {
+        return;
+    };
+    let Some(mut slot) = FLOW_EVENTS.reserve::<FlowEvent>(0) else {
+        stats::event(stat::SYNC_LOST);
+        return;
+    };
+    slot.write(FlowEvent {
+        flow: *flow,
+        real_id: state.real_id,
+        generation: state.generation,
+        kind,
+        _pad: 0,
+        at_ns: stamp,
+    });
+    slot.submit(0);
+    state.flags = flags | mark;
+}
+
+/// A flow another balancer reported, if its real is still the one in this
+/// node's slot: promoted into the conntrack table (already known to the
+/// peers, so not reported again) and forwarded there.
+#[inline(always)]
+fn from_peer(flow: &FlowKey) -> Option<Choice> {
+    // SAFETY: a lookup in a map only this program and the daemon touch.
+    let peer = unsafe { PEER_FLOWS.get(flow) }?;
+    let real = select::real(peer.real_id)?;
+    if real.generation != peer.generation {
+        return None;
+    }
+    let state = FlowState {
+        real_id: peer.real_id,
+        generation: peer.generation,
+        last_seen_ns: now(),
+        hash: peer.hash,
+        flags: FLOW_F_REPORTED,
+    };
+    if FLOWS.insert(flow, &state, u64::from(BPF_ANY)).is_err() {
+        stats::event(stat::CT_INSERT_FAILED);
+    }
+    stats::event(stat::CT_PEER_HIT);
+    Some(Choice {
+        real_id: state.real_id,
+        real,
+        new_flow: false,
+        hash: state.hash,
     })
 }
 

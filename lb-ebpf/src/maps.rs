@@ -4,11 +4,11 @@
 use aya_ebpf::{
     bindings::BPF_F_MMAPABLE,
     macros::map,
-    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
 use lb_common::{
-    AddrKey, Config, Counter, FLOWS_DEFAULT, FloodWindow, FlowKey, FlowState, MAX_REALS, MAX_VIPS,
-    RING_ENTRIES, RealDef, VipKey, VipMeta, WINDOWS, stat,
+    AddrKey, Config, Counter, FLOW_EVENTS_BYTES, FLOWS_DEFAULT, FloodWindow, FlowKey, FlowState,
+    MAX_REALS, MAX_VIPS, RING_ENTRIES, RealDef, VipKey, VipMeta, WINDOWS, stat,
 };
 
 /// Virtual services: (address, port, protocol) → VIP metadata.
@@ -46,6 +46,18 @@ pub static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
 /// packets never take it (measurements in docs/architecture.md).
 #[map(name = "XLB_FLOWS")]
 pub static FLOWS: LruHashMap<FlowKey, FlowState> = LruHashMap::with_max_entries(FLOWS_DEFAULT, 0);
+
+/// Flows other balancers reported (flow sync), in this node's real ids: read
+/// on a conntrack miss of a non-SYN packet and promoted into [`FLOWS`]. Its
+/// own LRU, so that peers' flows never evict this node's. Sized like [`FLOWS`].
+#[map(name = "XLB_PEER_FLOWS")]
+pub static PEER_FLOWS: LruHashMap<FlowKey, FlowState> =
+    LruHashMap::with_max_entries(FLOWS_DEFAULT, 0);
+
+/// Confirmed and ended flows for the daemon's flow sync
+/// (`lb_common::FlowEvent`), when `Config::sync` is set.
+#[map(name = "XLB_FLOW_EVENTS")]
+pub static FLOW_EVENTS: RingBuf = RingBuf::with_byte_size(FLOW_EVENTS_BYTES, 0);
 
 /// Per-CPU one-second rate windows: the flood guard's new flows and the ICMP
 /// too-big replies (indices `lb_common::WINDOW_*`).

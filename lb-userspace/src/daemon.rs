@@ -65,7 +65,8 @@ pub fn datapath_config(iface: &Iface, settings: &Settings) -> DpConfig {
         .unwrap_or(0);
     DpConfig {
         iface_mac: iface.mac,
-        _pad: [0; 2],
+        sync: u8::from(settings.sync_enabled()),
+        _pad: 0,
         mtu,
         new_flow_limit: settings.new_flow_limit(),
         udp_idle_ns: u64::try_from(settings.udp_idle().as_nanos()).unwrap_or(u64::MAX),
@@ -221,6 +222,10 @@ pub async fn run(
             path.display()
         );
     }
+    let sync_options = settings
+        .sync()
+        .map_err(anyhow::Error::msg)
+        .context("invalid flow sync settings")?;
     if settings.replace && settings.pin_dir().is_none() {
         bail!("--replace swaps the program of a pinned data path; it needs pins (drop --no-pin)");
     }
@@ -300,6 +305,12 @@ pub async fn run(
         "loading the XDP program failed (run as root on a kernel with BPF and BTF; if the pinned \
          maps differ, keep the running daemon's --conntrack-size or `xlb teardown` first)",
     )?;
+
+    let sync_maps = sync_options
+        .as_ref()
+        .map(|_| dp.sync_maps())
+        .transpose()
+        .context("opening the flow sync maps failed")?;
 
     // Everything is checked: from here on the maps are written.
     let dp_config = datapath_config(&iface, &settings);
@@ -402,9 +413,22 @@ pub async fn run(
     };
     let flows = counters::FlowCounter::new(reader.clone(), settings.udp_idle());
     let flow_task = flows.spawn();
+    let (sync, sync_tasks) = match (sync_options, sync_maps) {
+        (Some(opts), Some(maps)) => {
+            let (sync, tasks) = crate::flowsync::spawn(opts, maps, handle.subscribe()).await?;
+            (Some(sync), tasks)
+        }
+        _ => (None, Vec::new()),
+    };
     // Started after the attach and the first apply: nothing is announced
-    // before the data path serves it.
-    let (node, node_task) = crate::node::spawn(settings.bird(), handle.subscribe(), reader.clone());
+    // before the data path serves it (nor, with flow sync, before a full
+    // copy of the peers' flows arrived).
+    let (node, node_task) = crate::node::spawn(
+        settings.bird(),
+        handle.subscribe(),
+        reader.clone(),
+        sync.as_ref().map(crate::flowsync::SyncHandle::ready),
+    );
     let sources = Sources {
         handle: handle.clone(),
         reader,
@@ -413,6 +437,7 @@ pub async fn run(
         activity: activity.clone(),
         node: node.clone(),
         store: store.clone(),
+        sync: sync.clone(),
     };
     let metrics_task = metrics_listener.map(|l| crate::metrics::serve(l, sources.clone()));
     let neigh_task = {
@@ -457,6 +482,9 @@ pub async fn run(
         if let Err(err) = node.withdraw_all().await {
             tracing::error!(%err, "could not withdraw the VIPs before detaching");
         }
+    }
+    for task in sync_tasks {
+        task.abort();
     }
     for task in [
         Some(reload_task),

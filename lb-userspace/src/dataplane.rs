@@ -41,7 +41,7 @@ impl Default for LoadOptions {
 
 /// Every map of the balancer object (`AYA_LOGS` carries the program's debug
 /// log lines to the daemon).
-pub const BALANCER_MAPS: [&str; 11] = [
+pub const BALANCER_MAPS: [&str; 13] = [
     "AYA_LOGS",
     map_names::VIPS,
     map_names::VIP_ADDRS,
@@ -53,6 +53,8 @@ pub const BALANCER_MAPS: [&str; 11] = [
     map_names::STATS,
     map_names::VIP_STATS,
     map_names::REAL_STATS,
+    map_names::PEER_FLOWS,
+    map_names::FLOW_EVENTS,
 ];
 
 /// Failures loading the program or touching its maps.
@@ -212,6 +214,7 @@ impl Dataplane {
     pub fn load_with(options: &LoadOptions) -> Result<Self> {
         let mut loader = EbpfLoader::new();
         loader.map_max_entries(map_names::FLOWS, options.flows.max(1));
+        loader.map_max_entries(map_names::PEER_FLOWS, options.flows.max(1));
         let pins: Vec<(&str, PathBuf)> = match &options.pin {
             Some(dir) => BALANCER_MAPS.iter().map(|n| (*n, dir.map(n))).collect(),
             None => Vec::new(),
@@ -438,6 +441,30 @@ impl Dataplane {
             clone_map(&self.real_stats, map_names::REAL_STATS)?,
             clone_map(&self.flows, map_names::FLOWS)?,
         ])
+    }
+
+    /// Flow sync's maps: the report ring and the peer flow table (taken out
+    /// of the object: call once), with second handles on the peer flow and
+    /// conntrack tables for full copies.
+    pub fn sync_maps(&mut self) -> Result<crate::flowsync::Maps> {
+        let events = aya::maps::RingBuf::try_from(take(&mut self.ebpf, map_names::FLOW_EVENTS)?)
+            .map_err(map_err(map_names::FLOW_EVENTS))?;
+        let peer_flows: HashMap<MapData, FlowKey, FlowState> =
+            HashMap::try_from(take(&mut self.ebpf, map_names::PEER_FLOWS)?)
+                .map_err(map_err(map_names::PEER_FLOWS))?;
+        let peer_flows_read = HashMap::try_from(Map::LruHashMap(clone_map(
+            &peer_flows,
+            map_names::PEER_FLOWS,
+        )?))
+        .map_err(map_err(map_names::PEER_FLOWS))?;
+        let flows = HashMap::try_from(Map::LruHashMap(clone_map(&self.flows, map_names::FLOWS)?))
+            .map_err(map_err(map_names::FLOWS))?;
+        Ok(crate::flowsync::Maps {
+            events,
+            peer_flows,
+            peer_flows_read,
+            flows,
+        })
     }
 
     /// The verdict counters summed over CPUs, in `lb_common::stat` order.

@@ -39,6 +39,7 @@ pub mod dataplane;
 pub mod decap;
 pub mod desired;
 pub mod diff;
+pub mod flowsync;
 pub mod generate;
 pub mod health;
 pub mod maglev;

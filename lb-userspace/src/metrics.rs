@@ -54,6 +54,8 @@ pub struct Sources {
     pub node: crate::node::NodeHandle,
     /// The fleet's store, in store mode.
     pub store: Option<crate::store::Store>,
+    /// Flow sync, when on.
+    pub sync: Option<crate::flowsync::SyncHandle>,
 }
 
 fn labels(pairs: &[(&str, String)]) -> Labels {
@@ -307,6 +309,9 @@ pub fn render(src: &Sources, flows: &FlowCounts) -> Result<String, String> {
     register_probe_metrics(&mut reg, &src.board);
     if let Some(store) = &src.store {
         crate::store::metrics::register(&mut reg, store);
+    }
+    if let Some(sync) = &src.sync {
+        sync.stats.register(&mut reg);
     }
     let mut out = String::new();
     encode(&mut out, &reg).map_err(|e| e.to_string())?;

@@ -111,6 +111,9 @@ pub struct NodeStatus {
     pub drain: Option<DrainStatus>,
     /// The last VRRP role reported by `xlb role`, if any.
     pub role: Option<RoleStatus>,
+    /// Flow sync, when on.
+    #[serde(default)]
+    pub sync: Option<crate::flowsync::SyncStatus>,
 }
 
 impl NodeStatus {
@@ -118,6 +121,11 @@ impl NodeStatus {
     pub fn not_ready(&self, vips: &[IpAddr]) -> Option<String> {
         if self.drain.is_some() {
             return Some("the node is draining (`xlb drain --cancel` ends it)".into());
+        }
+        if self.sync.as_ref().is_some_and(|s| !s.ready) {
+            return Some(
+                "flow sync is pulling the peers' flows before the node takes traffic".into(),
+            );
         }
         if vips.is_empty() {
             return self
@@ -279,6 +287,7 @@ pub fn spawn(
     bird: Option<Bird>,
     snapshots: watch::Receiver<Arc<Snapshot>>,
     reader: Arc<Reader>,
+    sync: Option<watch::Receiver<crate::flowsync::SyncStatus>>,
 ) -> (NodeHandle, tokio::task::JoinHandle<()>) {
     let (tx, rx) = mpsc::channel(16);
     let (status_tx, status) = watch::channel(NodeStatus::default());
@@ -294,6 +303,7 @@ pub fn spawn(
         }),
         snapshots,
         reader,
+        sync,
         status: status_tx,
         drain: None,
         role: None,
@@ -324,6 +334,8 @@ struct Node {
     bird: Option<BirdState>,
     snapshots: watch::Receiver<Arc<Snapshot>>,
     reader: Arc<Reader>,
+    /// Flow sync's status: nothing is announced before its start-up pull is over.
+    sync: Option<watch::Receiver<crate::flowsync::SyncStatus>>,
     status: watch::Sender<NodeStatus>,
     drain: Option<Drain>,
     role: Option<RoleStatus>,
@@ -331,15 +343,27 @@ struct Node {
     stopped_announcing: bool,
 }
 
+/// Waits for flow sync's status to change (forever when sync is off).
+async fn sync_changed(
+    sync: &mut Option<watch::Receiver<crate::flowsync::SyncStatus>>,
+) -> Result<(), watch::error::RecvError> {
+    match sync {
+        Some(rx) => rx.changed().await,
+        None => std::future::pending().await,
+    }
+}
+
 impl Node {
     async fn run(mut self, mut rx: mpsc::Receiver<Command>) {
         loop {
             let serving = serving(&self.snapshots.borrow_and_update());
-            let wanted: BTreeSet<IpAddr> = if self.drain.is_some() || self.stopped_announcing {
-                BTreeSet::new()
-            } else {
-                serving.clone()
-            };
+            let pulling = self.sync.as_ref().is_some_and(|s| !s.borrow().ready);
+            let wanted: BTreeSet<IpAddr> =
+                if self.drain.is_some() || self.stopped_announcing || pulling {
+                    BTreeSet::new()
+                } else {
+                    serving.clone()
+                };
             self.announce(&wanted).await;
             self.poll_drain();
             self.publish(&serving);
@@ -360,6 +384,11 @@ impl Node {
                     None => return,
                     Some(command) => self.handle(command).await,
                 },
+                changed = sync_changed(&mut self.sync) => {
+                    if changed.is_err() {
+                        self.sync = None;
+                    }
+                }
                 () = tokio::time::sleep(tick) => {}
             }
         }
@@ -510,6 +539,7 @@ impl Node {
             bird: self.bird.as_ref().map(|b| b.status.clone()),
             drain,
             role: self.role,
+            sync: self.sync.as_ref().map(|s| s.borrow().clone()),
         };
         self.status.send_if_modified(|s| {
             let changed = *s != status;

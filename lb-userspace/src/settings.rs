@@ -237,6 +237,27 @@ pub struct Settings {
     /// Milliseconds any one etcd call may take [default: 2000].
     #[arg(long)]
     pub store_timeout_ms: Option<u64>,
+    /// Flow sync: receive the peers' flows here (UDP) and serve full copies
+    /// (TCP, same port), e.g. 192.0.2.11:9815. Turns flow sync on
+    /// (docs/cluster.md); needs --sync-key-file.
+    #[arg(long)]
+    pub sync_listen: Option<SocketAddr>,
+    /// Flow sync: another balancer's --sync-listen address (repeat for each peer).
+    #[arg(long = "sync-peer")]
+    #[serde(default)]
+    pub sync_peers: Vec<SocketAddr>,
+    /// Flow sync: file holding the cluster's shared key (at least 16 bytes;
+    /// readable by root only), which authenticates every message.
+    #[arg(long)]
+    pub sync_key_file: Option<PathBuf>,
+    /// Flow sync: the cluster id every message carries; messages of other
+    /// clusters are dropped [default: 1].
+    #[arg(long)]
+    pub sync_cluster_id: Option<u32>,
+    /// Flow sync: milliseconds a starting node tries to pull a full flow copy
+    /// from a peer before it announces its VIPs without one [default: 5000].
+    #[arg(long)]
+    pub sync_pull_timeout_ms: Option<u64>,
 }
 
 impl Settings {
@@ -273,7 +294,65 @@ impl Settings {
             store_lease_ttl: self.store_lease_ttl.or(file.store_lease_ttl),
             store_interval_ms: self.store_interval_ms.or(file.store_interval_ms),
             store_timeout_ms: self.store_timeout_ms.or(file.store_timeout_ms),
+            sync_listen: self.sync_listen.or(file.sync_listen),
+            sync_peers: if self.sync_peers.is_empty() {
+                file.sync_peers
+            } else {
+                self.sync_peers
+            },
+            sync_key_file: self.sync_key_file.or(file.sync_key_file),
+            sync_cluster_id: self.sync_cluster_id.or(file.sync_cluster_id),
+            sync_pull_timeout_ms: self.sync_pull_timeout_ms.or(file.sync_pull_timeout_ms),
         }
+    }
+
+    /// Whether flow sync is on (the data path reports flows).
+    pub fn sync_enabled(&self) -> bool {
+        self.sync_listen.is_some()
+    }
+
+    /// Flow sync's options (`None`: off), or what is missing or wrong; reads
+    /// the key file.
+    pub fn sync(&self) -> Result<Option<crate::flowsync::Options>, String> {
+        let Some(listen) = self.sync_listen else {
+            if !self.sync_peers.is_empty() || self.sync_key_file.is_some() {
+                return Err(
+                    "--sync-peer and --sync-key-file need --sync-listen (daemon.sync_listen), \
+                     which turns flow sync on"
+                        .to_owned(),
+                );
+            }
+            return Ok(None);
+        };
+        let Some(path) = &self.sync_key_file else {
+            return Err(
+                "--sync-listen needs --sync-key-file (daemon.sync_key_file): the cluster's \
+                 shared key"
+                    .to_owned(),
+            );
+        };
+        let secret = std::fs::read(path)
+            .map_err(|e| format!("cannot read the sync key file {}: {e}", path.display()))?;
+        let trimmed = secret.trim_ascii();
+        let key = crate::flowsync::wire::Key::new(trimmed)
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        if let Some(p) = self.sync_peers.iter().find(|p| **p == listen) {
+            return Err(format!(
+                "--sync-peer {p} is this node's own --sync-listen address"
+            ));
+        }
+        let pull = self.sync_pull_timeout_ms.unwrap_or(5000);
+        Ok(Some(crate::flowsync::Options {
+            listen,
+            peers: self.sync_peers.clone(),
+            key,
+            cluster: self.sync_cluster_id.unwrap_or(1),
+            node_name: self
+                .node_name
+                .clone()
+                .unwrap_or_else(crate::store::hostname),
+            pull_timeout: Duration::from_millis(pull),
+        }))
     }
 
     /// The XDP attach mode.

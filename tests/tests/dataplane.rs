@@ -83,7 +83,8 @@ fn reals() -> Vec<(&'static str, IpAddr, [u8; 6])> {
 fn base_config() -> Config {
     Config {
         iface_mac: LB_MAC,
-        _pad: [0; 2],
+        sync: 0,
+        _pad: 0,
         mtu: 1500,
         new_flow_limit: 0,
         udp_idle_ns: 30_000_000_000,

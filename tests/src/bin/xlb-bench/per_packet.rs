@@ -76,7 +76,8 @@ pub const LIVE_RESTORE: &str = "xlb_live_restore";
 pub fn config() -> Config {
     Config {
         iface_mac: LB_MAC,
-        _pad: [0; 2],
+        sync: 0,
+        _pad: 0,
         mtu: 1500,
         new_flow_limit: 0,
         udp_idle_ns: 30_000_000_000,

@@ -149,7 +149,8 @@ impl World {
     pub fn config() -> Config {
         Config {
             iface_mac: LB_MAC,
-            _pad: [0; 2],
+            sync: 0,
+            _pad: 0,
             mtu: MTU,
             new_flow_limit: 0,
             udp_idle_ns: 30_000_000_000,

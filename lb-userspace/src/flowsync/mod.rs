@@ -1,0 +1,855 @@
+//! Flow sync: every balancer tells its peers which real each of its
+//! confirmed flows is pinned to, so that a peer that receives the flow's
+//! packets (the routers moved it after a failure, a drain or an upgrade)
+//! sends them to the same real even when its own Maglev choice differs.
+//!
+//! - The data path reports a flow once it is confirmed (its second packet)
+//!   and again when the client ends it, through a ring buffer
+//!   (`XLB_FLOW_EVENTS`); the reporter batches the reports (10 ms or one
+//!   1,400-byte datagram, whichever comes first), names each real by its
+//!   address (real ids are every node's own), and sends the batch by UDP to
+//!   every peer.
+//! - The receiver authenticates each message ([`wire`]: cluster id, HMAC tag,
+//!   per-sender replay window), translates each real back into this node's
+//!   slot and generation, and writes the flow into `XLB_PEER_FLOWS`, which
+//!   the data path reads on a conntrack miss of a non-SYN packet (and
+//!   promotes into its conntrack table). An ended flow is removed.
+//! - A starting node pulls a full copy (every flow in a peer's conntrack and
+//!   peer tables) over TCP on the same port before the node task announces
+//!   its VIPs ([`SyncHandle::ready`]), so a restarted balancer never takes
+//!   over flows it has not heard of.
+//!
+//! Messages from a source that is not a configured peer, of another cluster
+//! or version, with a bad tag, replayed, or naming a VIP or real this node
+//! does not have are dropped and counted (`xlb_sync_dropped_total{reason}`).
+
+pub mod wire;
+
+use std::{
+    collections::HashMap as StdHashMap,
+    io,
+    net::{IpAddr, SocketAddr},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use aya::maps::{HashMap, MapData, RingBuf};
+use lb_common::{
+    FLOW_EVENT_END, FLOW_EVENT_NEW, FLOW_F_REPORTED, FlowEvent, FlowKey, FlowState, flow_hash,
+};
+use prometheus_client::{
+    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
+    registry::Registry,
+};
+use serde::{Deserialize, Serialize};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt, unix::AsyncFd},
+    net::{TcpListener, TcpStream, UdpSocket},
+    sync::watch,
+    task::JoinHandle,
+};
+use wire::{Entry, Header, Key, Kind, Op, Window};
+
+use crate::{controller::Snapshot, model::addr_bytes};
+
+/// How long a batch waits for more reports before it is sent.
+pub const BATCH_WAIT: Duration = Duration::from_millis(10);
+
+/// Flow sync settings, checked.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Where this node receives reports (UDP) and serves full copies (TCP).
+    pub listen: SocketAddr,
+    /// The other balancers' sync addresses.
+    pub peers: Vec<SocketAddr>,
+    /// The cluster's shared key.
+    pub key: Key,
+    /// The cluster id every message carries.
+    pub cluster: u32,
+    /// This node's name (its id on the wire is a hash of it).
+    pub node_name: String,
+    /// How long a starting node tries to pull a full copy before it
+    /// announces its VIPs without one.
+    pub pull_timeout: Duration,
+}
+
+impl Options {
+    /// This node's id on the wire: FNV-1a of its name.
+    pub fn node_id(&self) -> u64 {
+        self.node_name.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+        })
+    }
+}
+
+/// The data path's maps flow sync uses.
+pub struct Maps {
+    /// Reports from the data path.
+    pub events: RingBuf<MapData>,
+    /// Flows from peers (written by the receiver and the pull).
+    pub peer_flows: HashMap<MapData, FlowKey, FlowState>,
+    /// A second handle on the peer flows, to read a full copy.
+    pub peer_flows_read: HashMap<MapData, FlowKey, FlowState>,
+    /// The conntrack table, to read a full copy.
+    pub flows: HashMap<MapData, FlowKey, FlowState>,
+}
+
+/// What flow sync counts (exported as `xlb_sync_*`).
+#[derive(Clone)]
+pub struct Stats {
+    messages_sent: Counter,
+    flows_sent: Counter,
+    bytes_sent: Counter,
+    send_errors: Counter,
+    messages_received: Counter,
+    flows_received: Counter,
+    flows_ended: Counter,
+    dropped: Family<Vec<(String, String)>, Counter>,
+    lag: Histogram,
+    pulled: Gauge,
+    untranslated: Counter,
+}
+
+impl Default for Stats {
+    fn default() -> Self {
+        Self {
+            messages_sent: Counter::default(),
+            flows_sent: Counter::default(),
+            bytes_sent: Counter::default(),
+            send_errors: Counter::default(),
+            messages_received: Counter::default(),
+            flows_received: Counter::default(),
+            flows_ended: Counter::default(),
+            dropped: Family::default(),
+            lag: Histogram::new([
+                0.001, 0.002, 0.005, 0.01, 0.015, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0,
+            ]),
+            pulled: Gauge::default(),
+            untranslated: Counter::default(),
+        }
+    }
+}
+
+impl Stats {
+    fn drop_reason(&self, reason: &str) {
+        self.dropped
+            .get_or_create(&vec![("reason".to_owned(), reason.to_owned())])
+            .inc();
+    }
+
+    /// Adds the metrics to `reg` (prefix `xlb_`).
+    pub fn register(&self, reg: &mut Registry) {
+        // Every reason exists from the start, so that alerts see a zero.
+        for reason in DROP_REASONS {
+            let _ = self
+                .dropped
+                .get_or_create(&vec![("reason".to_owned(), reason.to_owned())]);
+        }
+        reg.register(
+            "sync_messages_sent",
+            "Flow sync messages sent (one per peer and batch)",
+            self.messages_sent.clone(),
+        );
+        reg.register(
+            "sync_flows_sent",
+            "Flow reports (confirmed or ended flows) sent to the peers, counted once per batch",
+            self.flows_sent.clone(),
+        );
+        reg.register(
+            "sync_bytes_sent",
+            "Bytes of flow sync messages sent (UDP payload, all peers)",
+            self.bytes_sent.clone(),
+        );
+        reg.register(
+            "sync_send_errors",
+            "Flow sync messages the kernel refused to send",
+            self.send_errors.clone(),
+        );
+        reg.register(
+            "sync_messages_received",
+            "Flow sync messages accepted from peers",
+            self.messages_received.clone(),
+        );
+        reg.register(
+            "sync_flows_received",
+            "Peer flows written into the peer flow table (reports and full copies)",
+            self.flows_received.clone(),
+        );
+        reg.register(
+            "sync_flows_ended",
+            "Peer flows removed because their client ended them",
+            self.flows_ended.clone(),
+        );
+        reg.register(
+            "sync_dropped",
+            "Flow sync messages or entries dropped, by reason",
+            self.dropped.clone(),
+        );
+        reg.register(
+            "sync_lag_seconds",
+            "From a peer's data path report to the write into this node's peer flow table",
+            self.lag.clone(),
+        );
+        reg.register(
+            "sync_pulled_flows",
+            "Flows the last full copy at start-up brought",
+            self.pulled.clone(),
+        );
+        reg.register(
+            "sync_reports_untranslated",
+            "Data path reports not sent because their real left this node's tables first",
+            self.untranslated.clone(),
+        );
+    }
+}
+
+/// The `reason` labels of `xlb_sync_dropped_total`.
+pub const DROP_REASONS: [&str; 7] = [
+    "malformed",
+    "version",
+    "foreign",
+    "bad_tag",
+    "replay",
+    "unknown_peer",
+    "unknown_real",
+];
+
+/// Flow sync as `xlb status` shows it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SyncStatus {
+    /// Where this node listens.
+    pub listen: String,
+    /// The peers.
+    pub peers: Vec<String>,
+    /// Whether the start-up pull is over (the VIPs may be announced).
+    pub ready: bool,
+    /// The peer the full copy came from, if one answered.
+    pub pulled_from: Option<String>,
+    /// Flows it brought.
+    pub pulled_flows: u64,
+    /// Why no peer gave a full copy, when none did.
+    pub pull_error: Option<String>,
+}
+
+/// The running flow sync.
+#[derive(Clone)]
+pub struct SyncHandle {
+    /// Counters.
+    pub stats: Stats,
+    /// Status.
+    pub status: watch::Receiver<SyncStatus>,
+}
+
+impl SyncHandle {
+    /// Becomes true once the start-up pull is over.
+    pub fn ready(&self) -> watch::Receiver<SyncStatus> {
+        self.status.clone()
+    }
+}
+
+/// A real as the peers name it ↔ its slot on this node.
+#[derive(Default)]
+struct Translation {
+    /// Slot id → (real, generation).
+    by_slot: StdHashMap<u32, (IpAddr, u32)>,
+    /// (VIP address bytes, port, protocol, real) → (slot, generation).
+    by_real: StdHashMap<([u8; 16], u16, u8, IpAddr), (u32, u32)>,
+}
+
+impl Translation {
+    fn of(snapshot: &Snapshot) -> Self {
+        let mut t = Self::default();
+        for v in &snapshot.vips {
+            let (addr, _) = addr_bytes(v.vip.addr);
+            for r in &v.reals {
+                if let Some((slot, generation)) = r.slot {
+                    t.by_slot.insert(slot, (r.addr, generation));
+                    t.by_real.insert(
+                        (addr, v.vip.port, v.vip.proto.number(), r.addr),
+                        (slot, generation),
+                    );
+                }
+            }
+        }
+        t
+    }
+
+    fn local(&self, flow: &FlowKey, real: IpAddr) -> Option<(u32, u32)> {
+        self.by_real
+            .get(&(flow.dst, flow.ports as u16, flow.proto, real))
+            .copied()
+    }
+}
+
+type Shared = Arc<Mutex<Translation>>;
+
+/// Starts flow sync: binds the UDP and TCP sockets (an error names the
+/// address), then runs the reporter, the receiver, the pull server and the
+/// start-up pull.
+pub async fn spawn(
+    opts: Options,
+    maps: Maps,
+    mut snapshots: watch::Receiver<Arc<Snapshot>>,
+) -> anyhow::Result<(SyncHandle, Vec<JoinHandle<()>>)> {
+    use anyhow::Context as _;
+    let udp = Arc::new(
+        UdpSocket::bind(opts.listen)
+            .await
+            .with_context(|| format!("flow sync cannot listen on udp {}", opts.listen))?,
+    );
+    let tcp = TcpListener::bind(opts.listen)
+        .await
+        .with_context(|| format!("flow sync cannot listen on tcp {}", opts.listen))?;
+    let translation: Shared = Arc::new(Mutex::new(Translation::of(&snapshots.borrow())));
+    let stats = Stats::default();
+    let (status_tx, status) = watch::channel(SyncStatus {
+        listen: opts.listen.to_string(),
+        peers: opts.peers.iter().map(ToString::to_string).collect(),
+        ready: opts.peers.is_empty(),
+        ..SyncStatus::default()
+    });
+    let opts = Arc::new(opts);
+    let epoch = unix_ns();
+    let Maps {
+        events,
+        peer_flows,
+        peer_flows_read,
+        flows,
+    } = maps;
+    let peer_flows = Arc::new(Mutex::new(peer_flows));
+    let mut tasks = Vec::new();
+    {
+        let translation = translation.clone();
+        tasks.push(tokio::spawn(async move {
+            while snapshots.changed().await.is_ok() {
+                let t = Translation::of(&snapshots.borrow_and_update());
+                *translation.lock().unwrap_or_else(|e| e.into_inner()) = t;
+            }
+        }));
+    }
+    // SAFETY: the ring's descriptor is owned by `events`, which the AsyncFd
+    // owns until it is dropped: it stays open and the same.
+    let events = unsafe { AsyncFd::register_with_interest(events, tokio::io::Interest::READABLE) }
+        .map_err(|e| e.into_parts().1)
+        .context("flow sync cannot poll the data path's reports")?;
+    tasks.push(tokio::spawn(report(
+        opts.clone(),
+        epoch,
+        events,
+        udp.clone(),
+        translation.clone(),
+        stats.clone(),
+    )));
+    tasks.push(tokio::spawn(receive(
+        opts.clone(),
+        udp,
+        peer_flows.clone(),
+        translation.clone(),
+        stats.clone(),
+    )));
+    let dump = Arc::new(Mutex::new((flows, peer_flows_read)));
+    tasks.push(tokio::spawn(serve_pulls(
+        opts.clone(),
+        epoch,
+        tcp,
+        dump,
+        translation.clone(),
+    )));
+    if !opts.peers.is_empty() {
+        tasks.push(tokio::spawn(pull_at_start(
+            opts.clone(),
+            epoch,
+            peer_flows,
+            translation,
+            stats.clone(),
+            status_tx,
+        )));
+    }
+    tracing::info!(
+        listen = %opts.listen,
+        peers = ?opts.peers,
+        cluster = opts.cluster,
+        "flow sync on"
+    );
+    Ok((SyncHandle { stats, status }, tasks))
+}
+
+fn unix_ns() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+}
+
+/// Unix time minus CLOCK_MONOTONIC, to date the data path's reports.
+fn monotonic_offset_ns() -> u64 {
+    let mono = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .map(|t| {
+            u64::try_from(t.tv_sec()).unwrap_or(0) * 1_000_000_000
+                + u64::try_from(t.tv_nsec()).unwrap_or(0)
+        })
+        .unwrap_or(0);
+    unix_ns().saturating_sub(mono)
+}
+
+/// Reads the data path's reports, batches them and sends each batch to
+/// every peer.
+async fn report(
+    opts: Arc<Options>,
+    epoch: u64,
+    mut events: AsyncFd<RingBuf<MapData>>,
+    udp: Arc<UdpSocket>,
+    translation: Shared,
+    stats: Stats,
+) {
+    let node = opts.node_id();
+    let mut seq = 0u64;
+    let mut batch: Vec<Entry> = Vec::with_capacity(wire::MAX_ENTRIES);
+    let mut deadline: Option<tokio::time::Instant> = None;
+    loop {
+        let readable = async {
+            match deadline {
+                Some(at) => tokio::time::timeout_at(at, events.readable_mut())
+                    .await
+                    .ok(),
+                None => Some(events.readable_mut().await),
+            }
+        };
+        match readable.await {
+            Some(Ok(mut guard)) => {
+                let offset = monotonic_offset_ns();
+                let ring = guard.get_inner_mut();
+                let mut full = Vec::new();
+                {
+                    let t = translation.lock().unwrap_or_else(|e| e.into_inner());
+                    while let Some(item) = ring.next() {
+                        let Some(ev) = parse_event(&item) else {
+                            continue;
+                        };
+                        let Some(&(real, generation)) = t.by_slot.get(&ev.real_id) else {
+                            stats.untranslated.inc();
+                            continue;
+                        };
+                        if generation != ev.generation {
+                            stats.untranslated.inc();
+                            continue;
+                        }
+                        batch.push(Entry {
+                            op: if ev.kind == FLOW_EVENT_END {
+                                Op::End
+                            } else {
+                                Op::New
+                            },
+                            flow: ev.flow,
+                            real,
+                            at_ns: ev.at_ns.saturating_add(offset),
+                        });
+                        if batch.len() == wire::MAX_ENTRIES {
+                            full.push(std::mem::take(&mut batch));
+                        }
+                    }
+                }
+                guard.clear_ready();
+                for b in full {
+                    send(&opts, &udp, &stats, node, epoch, &mut seq, &b).await;
+                }
+                if !batch.is_empty() && deadline.is_none() {
+                    deadline = Some(tokio::time::Instant::now() + BATCH_WAIT);
+                }
+            }
+            Some(Err(err)) => {
+                tracing::error!(%err, "flow sync stopped reading the data path's reports");
+                return;
+            }
+            None => {
+                send(&opts, &udp, &stats, node, epoch, &mut seq, &batch).await;
+                batch.clear();
+                deadline = None;
+            }
+        }
+    }
+}
+
+fn parse_event(bytes: &[u8]) -> Option<FlowEvent> {
+    if bytes.len() < size_of::<FlowEvent>() {
+        return None;
+    }
+    // SAFETY: FlowEvent is plain integers and byte arrays (any bit pattern
+    // is valid); the length was checked; read_unaligned copes with any alignment.
+    let ev = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<FlowEvent>()) };
+    (ev.kind == FLOW_EVENT_NEW || ev.kind == FLOW_EVENT_END).then_some(ev)
+}
+
+async fn send(
+    opts: &Options,
+    udp: &UdpSocket,
+    stats: &Stats,
+    node: u64,
+    epoch: u64,
+    seq: &mut u64,
+    batch: &[Entry],
+) {
+    if batch.is_empty() {
+        return;
+    }
+    *seq += 1;
+    let header = Header {
+        kind: Kind::Flows,
+        cluster: opts.cluster,
+        node,
+        epoch,
+        seq: *seq,
+        sent_ns: unix_ns(),
+    };
+    let msg = wire::encode(&opts.key, &header, batch);
+    stats.flows_sent.inc_by(batch.len() as u64);
+    for peer in &opts.peers {
+        match udp.send_to(&msg, peer).await {
+            Ok(n) => {
+                stats.messages_sent.inc();
+                stats.bytes_sent.inc_by(n as u64);
+            }
+            Err(err) => {
+                stats.send_errors.inc();
+                tracing::debug!(%peer, %err, "flow sync message not sent");
+            }
+        }
+    }
+}
+
+/// Receives the peers' reports into the peer flow table.
+async fn receive(
+    opts: Arc<Options>,
+    udp: Arc<UdpSocket>,
+    peer_flows: Arc<Mutex<HashMap<MapData, FlowKey, FlowState>>>,
+    translation: Shared,
+    stats: Stats,
+) {
+    let mut windows: StdHashMap<(u64, IpAddr), Window> = StdHashMap::new();
+    let mut buf = vec![0u8; 65536];
+    let mut logged = Instant::now() - Duration::from_secs(60);
+    loop {
+        let (n, from) = match udp.recv_from(&mut buf).await {
+            Ok(r) => r,
+            Err(err) => {
+                tracing::warn!(%err, "flow sync receive failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let from_ip = canonical(from.ip());
+        if !opts.peers.iter().any(|p| canonical(p.ip()) == from_ip) {
+            stats.drop_reason("unknown_peer");
+            if logged.elapsed() > Duration::from_secs(60) {
+                logged = Instant::now();
+                tracing::warn!(%from, "flow sync message from a source that is no peer: dropped (logged once a minute)");
+            }
+            continue;
+        }
+        let (header, entries) = match wire::decode(&opts.key, opts.cluster, &buf[..n]) {
+            Ok(m) => m,
+            Err(err) => {
+                stats.drop_reason(err.reason());
+                if logged.elapsed() > Duration::from_secs(60) {
+                    logged = Instant::now();
+                    tracing::warn!(%from, %err, "flow sync message dropped (logged once a minute)");
+                }
+                continue;
+            }
+        };
+        if header.kind != Kind::Flows {
+            stats.drop_reason("malformed");
+            continue;
+        }
+        if !windows
+            .entry((header.node, from_ip))
+            .or_default()
+            .accept(header.epoch, header.seq)
+        {
+            stats.drop_reason("replay");
+            continue;
+        }
+        stats.messages_received.inc();
+        let now = unix_ns();
+        store(&peer_flows, &translation, &stats, &entries);
+        for e in &entries {
+            stats
+                .lag
+                .observe(now.saturating_sub(e.at_ns) as f64 / 1_000_000_000.0);
+        }
+    }
+}
+
+fn canonical(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    }
+}
+
+/// Writes peer entries into the peer flow table, in this node's slots.
+fn store(
+    peer_flows: &Mutex<HashMap<MapData, FlowKey, FlowState>>,
+    translation: &Shared,
+    stats: &Stats,
+    entries: &[Entry],
+) -> u64 {
+    let t = translation.lock().unwrap_or_else(|e| e.into_inner());
+    let mut map = peer_flows.lock().unwrap_or_else(|e| e.into_inner());
+    let mut stored = 0;
+    for e in entries {
+        match e.op {
+            Op::End => {
+                if map.remove(&e.flow).is_ok() {
+                    stats.flows_ended.inc();
+                }
+            }
+            Op::New => {
+                let Some((real_id, generation)) = t.local(&e.flow, e.real) else {
+                    stats.drop_reason("unknown_real");
+                    continue;
+                };
+                let state = FlowState {
+                    real_id,
+                    generation,
+                    last_seen_ns: 0,
+                    hash: flow_hash(&e.flow.src, &e.flow.dst, e.flow.ports, e.flow.proto),
+                    flags: FLOW_F_REPORTED,
+                };
+                match map.insert(&e.flow, &state, 0) {
+                    Ok(()) => {
+                        stats.flows_received.inc();
+                        stored += 1;
+                    }
+                    Err(err) => tracing::debug!(%err, "peer flow not stored"),
+                }
+            }
+        }
+    }
+    stored
+}
+
+type Dump = Arc<
+    Mutex<(
+        HashMap<MapData, FlowKey, FlowState>,
+        HashMap<MapData, FlowKey, FlowState>,
+    )>,
+>;
+
+/// Serves full copies to starting peers.
+async fn serve_pulls(
+    opts: Arc<Options>,
+    epoch: u64,
+    tcp: TcpListener,
+    dump: Dump,
+    translation: Shared,
+) {
+    loop {
+        let Ok((stream, from)) = tcp.accept().await else {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        };
+        let (opts, dump, translation) = (opts.clone(), dump.clone(), translation.clone());
+        tokio::spawn(async move {
+            match tokio::time::timeout(
+                Duration::from_secs(60),
+                serve_pull(&opts, epoch, stream, from, dump, translation),
+            )
+            .await
+            {
+                Ok(Ok(n)) => tracing::info!(peer = %from, flows = n, "sent a full flow copy"),
+                Ok(Err(err)) => tracing::warn!(peer = %from, %err, "full flow copy refused or cut"),
+                Err(_) => tracing::warn!(peer = %from, "full flow copy took over 60 s: cut"),
+            }
+        });
+    }
+}
+
+async fn serve_pull(
+    opts: &Options,
+    epoch: u64,
+    mut stream: TcpStream,
+    from: SocketAddr,
+    dump: Dump,
+    translation: Shared,
+) -> io::Result<u64> {
+    let invalid = |m: String| io::Error::new(io::ErrorKind::InvalidData, m);
+    if !opts
+        .peers
+        .iter()
+        .any(|p| canonical(p.ip()) == canonical(from.ip()))
+    {
+        return Err(invalid(format!("{from} is not a configured peer")));
+    }
+    let request = read_message(&mut stream).await?;
+    let (header, _) =
+        wire::decode(&opts.key, opts.cluster, &request).map_err(|e| invalid(e.to_string()))?;
+    // A pull request is only good for a minute: a recorded one replayed later
+    // gets nothing.
+    if header.kind != Kind::Pull || unix_ns().abs_diff(header.sent_ns) > 60_000_000_000 {
+        return Err(invalid("not a fresh pull request".to_owned()));
+    }
+    let entries = tokio::task::spawn_blocking(move || {
+        let t = translation.lock().unwrap_or_else(|e| e.into_inner());
+        let maps = dump.lock().unwrap_or_else(|e| e.into_inner());
+        let now = unix_ns();
+        let mut out = Vec::new();
+        for (flow, state) in maps.0.iter().chain(maps.1.iter()).flatten() {
+            if let Some(&(real, generation)) = t.by_slot.get(&state.real_id)
+                && generation == state.generation
+            {
+                out.push(Entry {
+                    op: Op::New,
+                    flow,
+                    real,
+                    at_ns: now,
+                });
+            }
+        }
+        out
+    })
+    .await
+    .map_err(io::Error::other)?;
+    let node = opts.node_id();
+    let mut seq = 0;
+    for chunk in entries.chunks(wire::MAX_ENTRIES) {
+        seq += 1;
+        let header = Header {
+            kind: Kind::Flows,
+            cluster: opts.cluster,
+            node,
+            epoch,
+            seq,
+            sent_ns: unix_ns(),
+        };
+        write_message(&mut stream, &wire::encode(&opts.key, &header, chunk)).await?;
+    }
+    let done = Header {
+        kind: Kind::PullDone,
+        cluster: opts.cluster,
+        node,
+        epoch,
+        seq: entries.len() as u64,
+        sent_ns: unix_ns(),
+    };
+    write_message(&mut stream, &wire::encode(&opts.key, &done, &[])).await?;
+    stream.shutdown().await?;
+    Ok(entries.len() as u64)
+}
+
+async fn read_message(stream: &mut TcpStream) -> io::Result<Vec<u8>> {
+    let len = usize::from(stream.read_u16().await?);
+    if len > wire::MAX_MESSAGE {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("a {len}-byte message (at most {})", wire::MAX_MESSAGE),
+        ));
+    }
+    let mut buf = vec![0u8; len];
+    stream.read_exact(&mut buf).await?;
+    Ok(buf)
+}
+
+async fn write_message(stream: &mut TcpStream, msg: &[u8]) -> io::Result<()> {
+    stream
+        .write_u16(u16::try_from(msg.len()).unwrap_or(u16::MAX))
+        .await?;
+    stream.write_all(msg).await
+}
+
+/// At start-up: a full copy from the first peer that gives one, within the
+/// pull timeout; then the node may announce.
+async fn pull_at_start(
+    opts: Arc<Options>,
+    epoch: u64,
+    peer_flows: Arc<Mutex<HashMap<MapData, FlowKey, FlowState>>>,
+    translation: Shared,
+    stats: Stats,
+    status: watch::Sender<SyncStatus>,
+) {
+    let started = Instant::now();
+    let mut errors = Vec::new();
+    'rounds: while started.elapsed() < opts.pull_timeout {
+        for peer in &opts.peers {
+            let left = opts.pull_timeout.saturating_sub(started.elapsed());
+            if left.is_zero() {
+                break 'rounds;
+            }
+            let pulled = tokio::time::timeout(
+                left,
+                pull(&opts, epoch, *peer, &peer_flows, &translation, &stats),
+            )
+            .await
+            .unwrap_or_else(|_| Err(io::Error::new(io::ErrorKind::TimedOut, "timed out")));
+            match pulled {
+                Ok(n) => {
+                    tracing::info!(%peer, flows = n, "pulled a full flow copy");
+                    stats.pulled.set(i64::try_from(n).unwrap_or(i64::MAX));
+                    status.send_modify(|s| {
+                        s.ready = true;
+                        s.pulled_from = Some(peer.to_string());
+                        s.pulled_flows = n;
+                        s.pull_error = None;
+                    });
+                    return;
+                }
+                Err(err) => errors.push(format!("{peer}: {err}")),
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    errors.dedup();
+    let why = format!(
+        "no peer gave a full flow copy within {} ms ({})",
+        opts.pull_timeout.as_millis(),
+        errors.last().map_or("no attempt", String::as_str)
+    );
+    tracing::warn!("{why}: announcing without one (a first node, or every peer down)");
+    status.send_modify(|s| {
+        s.ready = true;
+        s.pull_error = Some(why);
+    });
+}
+
+async fn pull(
+    opts: &Options,
+    epoch: u64,
+    peer: SocketAddr,
+    peer_flows: &Mutex<HashMap<MapData, FlowKey, FlowState>>,
+    translation: &Shared,
+    stats: &Stats,
+) -> io::Result<u64> {
+    let invalid = |m: String| io::Error::new(io::ErrorKind::InvalidData, m);
+    let mut stream = TcpStream::connect(peer).await?;
+    let request = Header {
+        kind: Kind::Pull,
+        cluster: opts.cluster,
+        node: opts.node_id(),
+        epoch,
+        seq: 0,
+        sent_ns: unix_ns(),
+    };
+    write_message(&mut stream, &wire::encode(&opts.key, &request, &[])).await?;
+    let mut stored = 0;
+    let mut received = 0u64;
+    loop {
+        let msg = read_message(&mut stream).await?;
+        let (header, entries) = wire::decode(&opts.key, opts.cluster, &msg).map_err(|e| {
+            stats.drop_reason(e.reason());
+            invalid(e.to_string())
+        })?;
+        match header.kind {
+            Kind::Flows => {
+                received += entries.len() as u64;
+                stored += store(peer_flows, translation, stats, &entries);
+            }
+            Kind::PullDone if header.seq == received => return Ok(stored),
+            Kind::PullDone => {
+                return Err(invalid(format!(
+                    "the copy announced {} flows, {received} arrived",
+                    header.seq
+                )));
+            }
+            Kind::Pull => return Err(invalid("a pull request in a copy".to_owned())),
+        }
+    }
+}
