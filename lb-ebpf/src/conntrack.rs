@@ -193,6 +193,12 @@ pub fn choose(
 #[inline(always)]
 fn report(flow: &FlowKey, state: &mut FlowState, tcp_flags: u8, stamp: u64) {
     let flags = state.flags;
+    if flags & FLOW_F_REPORTED == 0 && tcp_flags & TCP_RST != 0 {
+        // Reset before it was confirmed (a client refusing a spoofed
+        // handshake's SYN-ACK): nothing worth a peer's memory.
+        state.flags = FLOW_F_REPORTED | FLOW_F_ENDED;
+        return;
+    }
     let (kind, mark) = if flags & FLOW_F_REPORTED == 0 {
         (FLOW_EVENT_NEW, FLOW_F_REPORTED)
     } else if tcp_flags & (TCP_FIN | TCP_RST) != 0 && flags & FLOW_F_ENDED == 0 {

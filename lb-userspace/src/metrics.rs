@@ -113,6 +113,7 @@ pub fn render(src: &Sources, flows: &FlowCounts) -> Result<String, String> {
     let dropped = Family::<Labels, Counter>::default();
     let conntrack_events = Family::<Labels, Counter>::default();
     let bypassed = Counter::<u64>::default();
+    let sync_lost = Counter::<u64>::default();
     let vip_packets = Family::<Labels, Counter>::default();
     let vip_bytes = Family::<Labels, Counter>::default();
     let vip_flows = Family::<Labels, Counter>::default();
@@ -158,6 +159,7 @@ pub fn render(src: &Sources, flows: &FlowCounts) -> Result<String, String> {
             Some(event) => conntrack_events
                 .get_or_create(&labels(&[("event", event.to_owned())]))
                 .inc_by(n),
+            None if name == "sync_report_lost" => sync_lost.inc_by(n),
             None => bypassed.inc_by(n),
         };
     }
@@ -213,8 +215,14 @@ pub fn render(src: &Sources, flows: &FlowCounts) -> Result<String, String> {
     );
     reg.register(
         "conntrack_events",
-        "Conntrack lookups and updates (hit, miss, new, stale, insert_failed)",
+        "Conntrack lookups and updates (hit, miss, new, stale, insert_failed, peer_hit: a flow another balancer reported)",
         conntrack_events,
+    );
+    reg.register(
+        "sync_reports_lost",
+        "Flow sync reports the data path could not queue (the report ring was full); \
+         each is tried again on the flow's next packet",
+        sync_lost,
     );
     reg.register(
         "flood_guard_bypassed_flows",

@@ -304,6 +304,7 @@ pub fn spawn(
         snapshots,
         reader,
         sync,
+        sync_done: false,
         status: status_tx,
         drain: None,
         role: None,
@@ -336,6 +337,8 @@ struct Node {
     reader: Arc<Reader>,
     /// Flow sync's status: nothing is announced before its start-up pull is over.
     sync: Option<watch::Receiver<crate::flowsync::SyncStatus>>,
+    /// Flow sync's status will not change again.
+    sync_done: bool,
     status: watch::Sender<NodeStatus>,
     drain: Option<Drain>,
     role: Option<RoleStatus>,
@@ -343,13 +346,15 @@ struct Node {
     stopped_announcing: bool,
 }
 
-/// Waits for flow sync's status to change (forever when sync is off).
+/// Waits for flow sync's status to change (forever when sync is off or
+/// its status can no longer change).
 async fn sync_changed(
     sync: &mut Option<watch::Receiver<crate::flowsync::SyncStatus>>,
+    done: bool,
 ) -> Result<(), watch::error::RecvError> {
     match sync {
-        Some(rx) => rx.changed().await,
-        None => std::future::pending().await,
+        Some(rx) if !done => rx.changed().await,
+        _ => std::future::pending().await,
     }
 }
 
@@ -384,10 +389,9 @@ impl Node {
                     None => return,
                     Some(command) => self.handle(command).await,
                 },
-                changed = sync_changed(&mut self.sync) => {
-                    if changed.is_err() {
-                        self.sync = None;
-                    }
+                changed = sync_changed(&mut self.sync, self.sync_done) => {
+                    // The start-up pull is over: its last status stays.
+                    self.sync_done |= changed.is_err();
                 }
                 () = tokio::time::sleep(tick) => {}
             }

@@ -698,7 +698,8 @@ fn api_answers(socket: &Path) -> bool {
         && answer.starts_with("HTTP/1.1 200")
 }
 
-fn path_str(path: &Path) -> &str {
+/// A path as the `&str` a command line takes (test paths are UTF-8).
+pub fn path_str(path: &Path) -> &str {
     path.to_str()
         .unwrap_or_else(|| panic!("{} is not UTF-8", path.display()))
 }

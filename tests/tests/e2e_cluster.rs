@@ -20,7 +20,8 @@ use std::time::Duration;
 
 use xlb_tests::harness::{
     Daemon, KeepAlive, Proc, RunDir, VIP, balanced_topology, http_get, json, keep_alive_from,
-    pass_on_switch_port, require_root, start_reals, wait_until,
+    metric_samples, pass_on_switch_port, path_str, require_root, scrape_metrics, start_reals,
+    wait_until,
 };
 use xlb_tests::netns::{Host, Netns, Topology, unique_prefix};
 
@@ -81,20 +82,48 @@ fn balancer_conf(addr: &str, asn: u32, fragment_dir: &Path) -> String {
     )
 }
 
+/// How a [`Cluster`]'s balancers run.
+#[derive(Clone, Copy)]
+struct Setup {
+    /// Real servers in the topology (`.11`, `.12`, ...).
+    reals: usize,
+    /// How many of them the VIP has at start.
+    in_vip: usize,
+    /// Flow sync between the balancers.
+    sync: bool,
+}
+
+/// The flow sync port of every balancer.
+const SYNC_PORT: u16 = 9815;
+/// The balancers' metrics port (in their own namespaces).
+const METRICS_PORT: u16 = 9814;
+
 /// Two balancers behind a BGP router, two reals; everything dropped in a safe order.
 struct Cluster {
     daemons: Vec<Daemon>,
     birds: Vec<Proc>,
     _servers: Vec<Proc>,
     out: Netns,
-    _lb2: Host,
+    lb2: Host,
     topo: Topology,
     dirs: Vec<RunDir>,
+    setup: Setup,
 }
 
 impl Cluster {
     fn start(tag: &str) -> Cluster {
-        let mut topo = balanced_topology(&unique_prefix(tag), 2);
+        Self::start_with(
+            tag,
+            Setup {
+                reals: 2,
+                in_vip: 2,
+                sync: false,
+            },
+        )
+    }
+
+    fn start_with(tag: &str, setup: Setup) -> Cluster {
+        let mut topo = balanced_topology(&unique_prefix(tag), setup.reals);
         let servers = start_reals(&topo, &["--http", "0.0.0.0:80"]);
         let lb2 = topo.add_host("lb2", "lb2", 3);
         pass_on_switch_port(&mut topo, "lb2");
@@ -123,46 +152,108 @@ impl Cluster {
             real.ns.ip(&format!("route add 192.0.2.0/24 via {ROUTER}"));
         }
 
-        let mut dirs = Vec::new();
-        let mut daemons = Vec::new();
-        let mut birds = Vec::new();
-        for (name, host, asn) in [("lb1", &topo.lb, 64513), ("lb2", &lb2, 64514)] {
-            let dir = RunDir::new(&format!("xlb-{}-{name}", topo.prefix()));
-            let sock = dir.path().join("bird.ctl");
-            let routes = dir.path().join("bird-vips.conf");
-            let daemon = Daemon::start_in(
-                &host.ns,
-                "eth0",
-                dir.path(),
-                &[
-                    "--no-pin",
-                    "--bird-socket",
-                    sock.to_str().expect("utf-8 path"),
-                    "--bird-routes",
-                    routes.to_str().expect("utf-8 path"),
-                ],
-            );
-            daemon.cli_ok(&["vip", "add", SERVICE]);
-            for real in &topo.reals {
-                daemon.cli_ok(&["real", "add", SERVICE, &real.ipv4.to_string()]);
-            }
-            let conf = balancer_conf(&host.ipv4.to_string(), asn, dir.path());
-            birds.push(bird(&host.ns, dir.path(), "bird", &conf));
-            daemons.push(daemon);
-            dirs.push(dir);
-        }
         let router_dir = RunDir::new(&format!("xlb-{}-router", topo.prefix()));
-        birds.push(bird(router, router_dir.path(), "bird", &router_conf()));
-        dirs.push(router_dir);
-        Cluster {
-            daemons,
-            birds,
+        let mut cluster = Cluster {
+            daemons: Vec::new(),
+            birds: Vec::new(),
             _servers: servers,
             out,
-            _lb2: lb2,
+            lb2,
             topo,
-            dirs,
+            dirs: Vec::new(),
+            setup,
+        };
+        for i in 0..2 {
+            let dir = RunDir::new(&format!("xlb-{}-lb{}", cluster.topo.prefix(), i + 1));
+            let (daemon, bird) = cluster.balancer(i, dir.path(), setup.in_vip);
+            cluster.daemons.push(daemon);
+            cluster.birds.push(bird);
+            cluster.dirs.push(dir);
         }
+        cluster.birds.push(bird(
+            &cluster.topo.client.ns,
+            router_dir.path(),
+            "bird",
+            &router_conf(),
+        ));
+        cluster.dirs.push(router_dir);
+        cluster
+    }
+
+    /// Balancer `i`'s host.
+    fn host(&self, i: usize) -> &Host {
+        if i == 0 { &self.topo.lb } else { &self.lb2 }
+    }
+
+    /// Starts balancer `i` (xlb and its BIRD) in `dir`, its VIP with the first
+    /// `in_vip` reals from a config file, flow sync to the other when the setup says so.
+    fn balancer(&self, i: usize, dir: &Path, in_vip: usize) -> (Daemon, Proc) {
+        let host = self.host(i);
+        let other = self.host(1 - i);
+        let mut yaml = format!("services:\n  - vip: {SERVICE}\n    reals:\n");
+        for real in &self.topo.reals[..in_vip] {
+            yaml.push_str(&format!("      - address: {}\n", real.ipv4));
+        }
+        let config = dir.join("xlb.yaml");
+        std::fs::write(&config, yaml).expect("writing the balancer's config");
+        let sock = dir.join("bird.ctl");
+        let routes = dir.join("bird-vips.conf");
+        let metrics = format!("{}:{METRICS_PORT}", host.ipv4);
+        let mut args: Vec<String> = [
+            "--no-pin",
+            "--config",
+            path_str(&config),
+            "--bird-socket",
+            path_str(&sock),
+            "--bird-routes",
+            path_str(&routes),
+            "--metrics-addr",
+            &metrics,
+        ]
+        .map(str::to_owned)
+        .to_vec();
+        if self.setup.sync {
+            let key = dir.join("sync.key");
+            std::fs::write(&key, "a shared key of the test cluster\n").expect("writing the key");
+            args.extend([
+                "--sync-listen".to_owned(),
+                format!("{}:{SYNC_PORT}", host.ipv4),
+                "--sync-peer".to_owned(),
+                format!("{}:{SYNC_PORT}", other.ipv4),
+                "--sync-key-file".to_owned(),
+                path_str(&key).to_owned(),
+                "--sync-pull-timeout-ms".to_owned(),
+                "3000".to_owned(),
+                "--node-name".to_owned(),
+                format!("lb{}", i + 1),
+            ]);
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let daemon = Daemon::start_in(&host.ns, "eth0", dir, &args);
+        let asn = 64513 + u32::try_from(i).expect("two balancers");
+        let conf = balancer_conf(&host.ipv4.to_string(), asn, dir);
+        (daemon, bird(&host.ns, dir, "bird", &conf))
+    }
+
+    /// Kills balancer `i` as a crash would: xlb (SIGKILL: its program goes with it)
+    /// and its BIRD (the router drops its routes when the session closes).
+    fn kill(&mut self, i: usize) {
+        self.daemons[i].kill();
+        self.birds[i].kill();
+    }
+
+    /// Restarts killed balancer `i` with every real of the topology in its VIP.
+    fn restart(&mut self, i: usize) {
+        let dir = self.dirs[i].path().to_owned();
+        let (daemon, bird) = self.balancer(i, &dir, self.topo.reals.len());
+        self.daemons[i] = daemon;
+        self.birds[i] = bird;
+    }
+
+    /// Balancer `i`'s metrics.
+    fn metrics(&self, i: usize) -> std::collections::BTreeMap<String, f64> {
+        let addr = SocketAddr::from((self.host(i).ipv4, METRICS_PORT));
+        metric_samples(&scrape_metrics(self.host(i), addr))
     }
 
     /// The next hops the router's kernel has for the VIP, sorted.
@@ -547,4 +638,140 @@ fn stats_packets(daemon: &Daemon) -> u64 {
         .and_then(|v| v.iter().find(|s| s["vip"] == SERVICE))
         .and_then(|v| v["packets"].as_u64())
         .unwrap_or_else(|| panic!("no packets for {SERVICE} in {stats}"))
+}
+
+/// What a balancer failure did to the load.
+struct Failover {
+    /// Connections opened before a real was added: broken, of how many.
+    broken: usize,
+    /// Connections opened 200 ms before the kill: broken.
+    late_broken: usize,
+    /// New connections that failed, and answered.
+    failed: usize,
+    answered: usize,
+}
+
+/// Scenario 1 and 2 of flow sync: 40 kept-alive connections spread over both balancers,
+/// a third real added to the VIP (every balancer's Maglev choice changes for about a
+/// third of the flows), 8 more connections 200 ms before lb1 dies (`kill -9` of xlb
+/// and its BIRD); the load runs 3 s on after the router dropped lb1's routes.
+fn add_a_real_then_kill_lb1(cluster: &mut Cluster) -> (Load, Load) {
+    let (lb1, lb2) = ("198.51.100.1", "198.51.100.3");
+    cluster.wait_hops(&[lb1, lb2]);
+    let load = Load::start(&cluster.out, 40);
+    let before = [cluster.vip_packets(0), cluster.vip_packets(1)];
+    wait_until("both balancers forward VIP packets", || {
+        cluster.vip_packets(0) > before[0] && cluster.vip_packets(1) > before[1]
+    });
+    let rs3 = cluster.topo.reals[2].ipv4.to_string();
+    for d in &cluster.daemons {
+        d.cli_ok(&["real", "add", SERVICE, &rs3]);
+    }
+    thread::sleep(Duration::from_millis(300));
+    let late = Load::start(&cluster.out, 8);
+    thread::sleep(Duration::from_millis(200));
+    cluster.kill(0);
+    cluster.wait_hops(&[lb2]);
+    thread::sleep(Duration::from_secs(3));
+    (load, late)
+}
+
+fn finish(load: Load, late: Load) -> Failover {
+    let (broken, failed, answered) = load.finish();
+    let (late_broken, late_failed, late_answered) = late.finish();
+    Failover {
+        broken,
+        late_broken,
+        failed: failed + late_failed,
+        answered: answered + late_answered,
+    }
+}
+
+#[test]
+fn without_flow_sync_a_killed_balancer_breaks_connections_once_a_real_was_added() {
+    require_root();
+    let mut cluster = Cluster::start_with(
+        "cfo",
+        Setup {
+            reals: 3,
+            in_vip: 2,
+            sync: false,
+        },
+    );
+    let (load, late) = add_a_real_then_kill_lb1(&mut cluster);
+    let f = finish(load, late);
+    eprintln!(
+        "sync off, lb1 killed: {} of 40 connections broken (+{} of 8 late ones), {} new \
+         connections failed, {} answered",
+        f.broken, f.late_broken, f.failed, f.answered
+    );
+    // The scenario bites: lb2's table sends some of lb1's flows to the new real.
+    assert!(
+        f.broken > 0,
+        "no connection broke without flow sync: the scenario proves nothing"
+    );
+}
+
+#[test]
+fn with_flow_sync_killed_and_restarted_balancers_break_no_connection() {
+    require_root();
+    let mut cluster = Cluster::start_with(
+        "cfs",
+        Setup {
+            reals: 3,
+            in_vip: 2,
+            sync: true,
+        },
+    );
+    let (load, late) = add_a_real_then_kill_lb1(&mut cluster);
+    let lb2 = cluster.metrics(1);
+    assert!(
+        lb2["xlb_sync_flows_received_total"] > 0.0,
+        "lb2 heard of none of lb1's flows: {lb2:?}"
+    );
+    assert!(
+        lb2[r#"xlb_conntrack_events_total{event="peer_hit"}"#] > 0.0,
+        "lb2 never took a flow from lb1's reports"
+    );
+
+    // Scenario 3: lb1 comes back, pulls every flow from lb2 before BIRD announces
+    // it, takes its share of the flows; then lb2 dies.
+    cluster.restart(0);
+    cluster.wait_hops(&["198.51.100.1", "198.51.100.3"]);
+    let node = cluster.node(0);
+    assert_eq!(node["sync"]["ready"], true, "{node}");
+    assert_eq!(
+        node["sync"]["pulled_from"],
+        format!("198.51.100.3:{SYNC_PORT}"),
+        "{node}"
+    );
+    assert!(
+        node["sync"]["pulled_flows"].as_u64() >= Some(48),
+        "the restarted lb1 pulled too few flows: {node}"
+    );
+    let before = cluster.vip_packets(0);
+    wait_until("the restarted lb1 forwards VIP packets", || {
+        cluster.vip_packets(0) > before
+    });
+    thread::sleep(Duration::from_millis(500));
+    cluster.kill(1);
+    cluster.wait_hops(&["198.51.100.1"]);
+    thread::sleep(Duration::from_secs(3));
+    let f = finish(load, late);
+    eprintln!(
+        "sync on, lb1 killed, restarted, lb2 killed: {} of 40 connections broken (+{} of 8 \
+         late ones), {} new connections failed, {} answered",
+        f.broken, f.late_broken, f.failed, f.answered
+    );
+    assert_eq!(f.broken, 0, "kept-alive connections broken");
+    assert_eq!(
+        f.late_broken, 0,
+        "connections opened 200 ms before the kill broken"
+    );
+    assert_eq!(f.failed, 0, "new connections failed");
+    assert!(
+        f.answered > 20,
+        "the load hardly ran: {} answered",
+        f.answered
+    );
 }
