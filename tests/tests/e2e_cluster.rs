@@ -11,13 +11,19 @@
 //!
 //! Needs root, BIRD 2 (`./x setup` installs bird2) and runs one test at a time.
 
-use std::net::SocketAddr;
+use std::collections::BTreeMap;
+use std::net::{SocketAddr, SocketAddrV4};
+use std::os::fd::AsRawFd as _;
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::thread;
 use std::time::Duration;
 
+use etherparse::PacketBuilder;
+use nix::sys::socket::{
+    AddressFamily, MsgFlags, SockFlag, SockProtocol, SockType, SockaddrIn, sendto, socket,
+};
 use xlb_tests::harness::{
     Daemon, KeepAlive, Proc, RunDir, VIP, balanced_topology, http_get, json, keep_alive_from,
     metric_samples, pass_on_switch_port, path_str, require_root, scrape_metrics, start_reals,
@@ -251,7 +257,7 @@ impl Cluster {
     }
 
     /// Balancer `i`'s metrics.
-    fn metrics(&self, i: usize) -> std::collections::BTreeMap<String, f64> {
+    fn metrics(&self, i: usize) -> BTreeMap<String, f64> {
         let addr = SocketAddr::from((self.host(i).ipv4, METRICS_PORT));
         metric_samples(&scrape_metrics(self.host(i), addr))
     }
@@ -774,4 +780,136 @@ fn with_flow_sync_killed_and_restarted_balancers_break_no_connection() {
         "the load hardly ran: {} answered",
         f.answered
     );
+
+    forged_messages_and_a_syn_flood(&cluster);
+}
+
+/// Scenario 6, against lb1 (lb2 is dead, its address is still a peer's): messages
+/// with another key, of another cluster, replayed, or from a source that is no peer
+/// are dropped and counted; a SYN flood makes no sync traffic.
+fn forged_messages_and_a_syn_flood(cluster: &Cluster) {
+    use lb_userspace::flowsync::wire::{self, Entry, Header, Key, Kind, Op};
+    let to = SocketAddr::from((cluster.host(0).ipv4, SYNC_PORT));
+    let key = Key::new(b"a shared key of the test cluster").expect("the test key");
+    let wrong = Key::new(b"a shared key of another cluster").expect("a key");
+    let mut src = [0u8; 16];
+    src[..4].copy_from_slice(&[192, 0, 2, 77]);
+    let mut dst = [0u8; 16];
+    dst[..4].copy_from_slice(&VIP.octets());
+    let entry = Entry {
+        op: Op::New,
+        flow: lb_common::FlowKey {
+            src,
+            dst,
+            ports: (40_000 << 16) | 80,
+            proto: 6,
+            family: lb_common::FAMILY_V4,
+            _pad: [0; 2],
+        },
+        real: cluster.topo.reals[0].ipv4.into(),
+        at_ns: 0,
+    };
+    let header = |cluster_id, seq| Header {
+        kind: Kind::Flows,
+        cluster: cluster_id,
+        node: 99,
+        epoch: 1,
+        seq,
+        sent_ns: 0,
+    };
+    let send_from = |ns: &Netns, msg: &[u8]| {
+        ns.run_in(|| {
+            let socket = std::net::UdpSocket::bind("0.0.0.0:0").expect("a UDP socket");
+            socket.send_to(msg, to).expect("sending a sync message");
+        });
+    };
+    let before = cluster.metrics(0);
+    let good = wire::encode(&key, &header(1, 5), &[entry]);
+    send_from(
+        &cluster.lb2.ns,
+        &wire::encode(&wrong, &header(1, 1), &[entry]),
+    );
+    send_from(
+        &cluster.lb2.ns,
+        &wire::encode(&key, &header(2, 2), &[entry]),
+    );
+    send_from(&cluster.lb2.ns, &good);
+    send_from(&cluster.lb2.ns, &good);
+    send_from(&cluster.topo.client.ns, &good);
+    let grew = |m: &BTreeMap<String, f64>, before: &BTreeMap<String, f64>, series: &str| {
+        m[series] - before[series]
+    };
+    let dropped = |reason: &str| format!(r#"xlb_sync_dropped_total{{reason="{reason}"}}"#);
+    wait_until("lb1 counted the forged messages", || {
+        let m = cluster.metrics(0);
+        grew(&m, &before, &dropped("replay")) >= 1.0
+            && grew(&m, &before, &dropped("unknown_peer")) >= 1.0
+    });
+    let m = cluster.metrics(0);
+    for (series, want) in [
+        (dropped("bad_tag"), 1.0),
+        (dropped("foreign"), 1.0),
+        (dropped("replay"), 1.0),
+        (dropped("unknown_peer"), 1.0),
+        ("xlb_sync_messages_received_total".to_owned(), 1.0),
+    ] {
+        assert_eq!(grew(&m, &before, &series), want, "{series}");
+    }
+
+    // 500 SYNs from addresses that exist nowhere (the reals' answers die on the
+    // way back): tracked, never confirmed, never reported. The reports of the
+    // load's last connections (their ends) are out first.
+    let sent = || cluster.metrics(0)["xlb_sync_flows_sent_total"];
+    wait_until("lb1's flow reports settle", || {
+        let a = sent();
+        thread::sleep(Duration::from_millis(300));
+        sent() == a
+    });
+    let before = cluster.metrics(0);
+    send_syns(&cluster.out, 500);
+    thread::sleep(Duration::from_millis(500));
+    let m = cluster.metrics(0);
+    assert!(
+        grew(&m, &before, r#"xlb_conntrack_events_total{event="new"}"#) >= 500.0,
+        "the SYN flood did not reach lb1"
+    );
+    assert_eq!(
+        grew(&m, &before, "xlb_sync_flows_sent_total"),
+        0.0,
+        "a SYN flood became sync traffic: {:?}",
+        m.iter()
+            .filter(|(k, _)| k.contains("sync") || k.contains("conntrack_events"))
+            .map(|(k, v)| (k, v - before[k]))
+            .filter(|(_, d)| *d != 0.0)
+            .collect::<Vec<_>>()
+    );
+}
+
+/// Sends `n` TCP SYNs to the VIP from `ns`, each from another port of addresses in
+/// 192.0.2.100-199, which no host has.
+fn send_syns(ns: &Netns, n: u16) {
+    ns.run_in(|| {
+        // IPPROTO_RAW: we write the IP header (the kernel fills in its id and checksum).
+        let fd = socket(
+            AddressFamily::Inet,
+            SockType::Raw,
+            SockFlag::SOCK_CLOEXEC,
+            SockProtocol::Raw,
+        )
+        .expect("a raw socket (needs root)");
+        let dest = SockaddrIn::from(SocketAddrV4::new(VIP, 80));
+        for i in 0..n {
+            let src = [192, 0, 2, 100 + u8::try_from(i % 100).expect("below 100")];
+            let mut packet = Vec::with_capacity(64);
+            PacketBuilder::ipv4(src, VIP.octets(), 64)
+                .tcp(20_000 + i, 80, u32::from(i), 64240)
+                .syn()
+                .write(&mut packet, &[])
+                .expect("building a SYN");
+            sendto(fd.as_raw_fd(), &packet, &dest, MsgFlags::empty()).expect("sending a SYN");
+            if i % 50 == 49 {
+                thread::sleep(Duration::from_millis(5));
+            }
+        }
+    });
 }

@@ -416,6 +416,11 @@ async fn report(
         };
         match readable.await {
             Some(Ok(mut guard)) => {
+                // Cleared before draining: the kernel wakes a reader that
+                // caught up, so a report submitted after the drain below
+                // marks the ring readable again (clearing after the drain
+                // would lose that wake-up and stall the reader).
+                guard.clear_ready();
                 let offset = monotonic_offset_ns();
                 let ring = guard.get_inner_mut();
                 let mut full = Vec::new();
@@ -448,7 +453,6 @@ async fn report(
                         }
                     }
                 }
-                guard.clear_ready();
                 for b in full {
                     send(&opts, &udp, &stats, node, epoch, &mut seq, &b).await;
                 }
