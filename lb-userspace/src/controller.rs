@@ -912,7 +912,7 @@ pub fn verdict_fixes(
 pub fn check_reach(iface: &Iface, desired: &Desired) -> Result<(), NeighborError> {
     let own = neighbor::host_addrs();
     for vip in desired.services.keys() {
-        if own.contains(&vip.addr) {
+        if own.contains(&vip.addr) && !iface.local_vips {
             return Err(NeighborError::OwnAddress {
                 what: format!("VIP {vip}"),
                 addr: vip.addr,
@@ -966,6 +966,7 @@ mod tests {
             mac: [2, 0, 0, 0, 0, 1],
             nets: vec![("198.51.100.1".parse().expect("addr"), 24)],
             tunnel_sources: [true, false],
+            local_vips: false,
         };
         let vip: Vip = "[2001:db8:203::10]:80/tcp".parse().expect("VIP");
         let mut spec = Spec::default();

@@ -231,6 +231,7 @@ pub async fn run(
     }
     let mut iface =
         Iface::lookup(&iface_name).with_context(|| format!("cannot use interface {iface_name}"))?;
+    iface.local_vips = settings.allow_local_vips;
     iface.tunnel_sources[0] |= settings
         .tunnel_src
         .is_some_and(|p| !p.addr.is_unspecified());

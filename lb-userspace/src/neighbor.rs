@@ -77,7 +77,8 @@ pub enum NeighborError {
     /// The address belongs to this host.
     #[error(
         "{what} is an address of this host ({addr}): a VIP there would take the port from the \
-         host's own services, a real there is the balancer itself"
+         host's own services, a real there is the balancer itself (where keepalived holds the \
+         VIP addresses on the master, run xlb with --allow-local-vips)"
     )]
     OwnAddress {
         /// What was refused.
@@ -134,6 +135,9 @@ pub struct Iface {
     /// Whether tunnels of each family (IPv4, IPv6) have an outer source: an
     /// address of that family on the interface, or a configured prefix.
     pub tunnel_sources: [bool; 2],
+    /// VIPs may be addresses of this host (`--allow-local-vips`): a keepalived
+    /// pair's master holds them on its interface.
+    pub local_vips: bool,
 }
 
 impl Iface {
@@ -178,6 +182,7 @@ impl Iface {
             mac,
             nets,
             tunnel_sources,
+            local_vips: false,
         })
     }
 

@@ -237,6 +237,11 @@ pub struct Settings {
     /// Milliseconds any one etcd call may take [default: 2000].
     #[arg(long)]
     pub store_timeout_ms: Option<u64>,
+    /// Accept VIPs on addresses of this host: a keepalived (VRRP) pair's
+    /// master holds the VIP addresses on its interface (docs/cluster.md).
+    #[arg(long)]
+    #[serde(default)]
+    pub allow_local_vips: bool,
     /// Flow sync: receive the peers' flows here (UDP) and serve full copies
     /// (TCP, same port), e.g. 192.0.2.11:9815. Turns flow sync on
     /// (docs/cluster.md); needs --sync-key-file.
@@ -294,6 +299,7 @@ impl Settings {
             store_lease_ttl: self.store_lease_ttl.or(file.store_lease_ttl),
             store_interval_ms: self.store_interval_ms.or(file.store_interval_ms),
             store_timeout_ms: self.store_timeout_ms.or(file.store_timeout_ms),
+            allow_local_vips: self.allow_local_vips || file.allow_local_vips,
             sync_listen: self.sync_listen.or(file.sync_listen),
             sync_peers: if self.sync_peers.is_empty() {
                 file.sync_peers
