@@ -1717,3 +1717,146 @@ fn decap_stats_are_read_from_the_pins() {
         .expect("decap_ipip counter");
     assert_eq!(ipip.1.packets, 1, "pinned decap_ipip");
 }
+
+/// A TCP segment of an established flow from CLIENT:`sport` to the DR VIP with ACK
+/// and `flags` (FIN 0x01, RST 0x04) set.
+fn tcp_ending(sport: u16, flags: u8) -> Vec<u8> {
+    let mut out = Vec::new();
+    let t = etherparse::PacketBuilder::ethernet2(CLIENT_MAC, LB_MAC)
+        .ipv4(CLIENT.octets(), VIP_DR.octets(), 64)
+        .tcp(sport, 80, 1000, 64240)
+        .ack(1);
+    let t = if flags & 0x01 != 0 { t.fin() } else { t };
+    let t = if flags & 0x04 != 0 { t.rst() } else { t };
+    t.write(&mut out, &[]).expect("building a TCP packet");
+    out
+}
+
+/// The data path's flow sync reports waiting in the ring.
+fn reports(ring: &mut aya::maps::RingBuf<aya::maps::MapData>) -> Vec<lb_common::FlowEvent> {
+    let mut out = Vec::new();
+    while let Some(item) = ring.next() {
+        assert_eq!(item.len(), size_of::<lb_common::FlowEvent>(), "report size");
+        // SAFETY: the length is checked and FlowEvent is plain integers.
+        out.push(unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) });
+    }
+    out
+}
+
+#[test]
+fn sync_reports_a_flow_once_confirmed_and_once_ended_never_a_lone_syn() {
+    let mut fx = Fixture::with_config(Config {
+        sync: 1,
+        ..base_config()
+    });
+    let mut maps = fx.dp.sync_maps().expect("the flow sync maps");
+    let vip = fx.vip("203.0.113.10:80/tcp");
+    let real = fx.maglev("203.0.113.10:80/tcp", CLIENT.into(), 40001).0;
+    // The SYN creates the entry and reports nothing: a SYN flood is no sync traffic.
+    assert_eq!(
+        fx.run(&packet::tcp(CLIENT, 40001, VIP_DR, 80, true, &[])).0,
+        XDP_TX
+    );
+    assert_eq!(reports(&mut maps.events), []);
+    // The handshake's ACK confirms it: one report, with the flow and its real.
+    assert_eq!(
+        fx.run(&packet::tcp(CLIENT, 40001, VIP_DR, 80, false, &[]))
+            .0,
+        XDP_TX
+    );
+    let got = reports(&mut maps.events);
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert_eq!(got[0].kind, lb_common::FLOW_EVENT_NEW);
+    assert_eq!(got[0].flow, flow_key(CLIENT.into(), 40001, &vip));
+    assert_eq!(fx.state.model().real_by_id(got[0].real_id), Some(real));
+    // Later packets report nothing; the client's FIN reports the end, once.
+    fx.run(&packet::tcp(CLIENT, 40001, VIP_DR, 80, false, b"data"));
+    assert_eq!(reports(&mut maps.events), []);
+    assert_eq!(fx.run(&tcp_ending(40001, 0x01)).0, XDP_TX);
+    let got = reports(&mut maps.events);
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert_eq!(got[0].kind, lb_common::FLOW_EVENT_END);
+    fx.run(&tcp_ending(40001, 0x01));
+    assert_eq!(reports(&mut maps.events), []);
+    // A handshake answered by a reset (a spoofed SYN's real client) is never reported.
+    fx.run(&packet::tcp(CLIENT, 40002, VIP_DR, 80, true, &[]));
+    fx.run(&tcp_ending(40002, 0x04));
+    fx.run(&packet::tcp(CLIENT, 40002, VIP_DR, 80, false, &[]));
+    assert_eq!(reports(&mut maps.events), []);
+    // Sync off: nothing is ever reported.
+    let mut fx = Fixture::new();
+    let mut maps = fx.dp.sync_maps().expect("the flow sync maps");
+    fx.run(&packet::tcp(CLIENT, 40003, VIP_DR, 80, true, &[]));
+    fx.run(&packet::tcp(CLIENT, 40003, VIP_DR, 80, false, &[]));
+    assert_eq!(reports(&mut maps.events), []);
+}
+
+#[test]
+fn a_conntrack_miss_takes_the_real_a_peer_reported_and_promotes_it() {
+    let mut fx = Fixture::with_config(Config {
+        sync: 1,
+        ..base_config()
+    });
+    let mut maps = fx.dp.sync_maps().expect("the flow sync maps");
+    let vip = fx.vip("203.0.113.10:80/tcp");
+    let port = 40100;
+    let maglev = fx.maglev("203.0.113.10:80/tcp", CLIENT.into(), port).0;
+    // The peer pinned the flow to another real than this node's table gives.
+    let model = fx.state.model();
+    let (peer_id, peer_addr) = model.services[&vip]
+        .slots
+        .iter()
+        .find(|(addr, _)| **addr != maglev)
+        .map(|(addr, id)| (*id, *addr))
+        .expect("another real of the VIP");
+    let (peer_mac, peer_generation) = (model.slots[&peer_id].mac, model.slots[&peer_id].generation);
+    let key = flow_key(CLIENT.into(), port, &vip);
+    let reported = lb_common::FlowState {
+        real_id: peer_id,
+        generation: peer_generation,
+        last_seen_ns: 0,
+        hash: hash(CLIENT.into(), port, &vip),
+        flags: lb_common::FLOW_F_REPORTED,
+    };
+    maps.peer_flows
+        .insert(&key, &reported, 0)
+        .expect("writing a peer flow");
+    let hits = event(&fx, "conntrack_peer_hit");
+    let (v, out) = fx.run(&packet::tcp(CLIENT, port, VIP_DR, 80, false, b"more"));
+    assert_eq!(v, XDP_TX);
+    assert_eq!(
+        out[0..6],
+        peer_mac,
+        "not sent to the peer's real ({peer_addr})"
+    );
+    assert_eq!(event(&fx, "conntrack_peer_hit"), hits + 1);
+    // Promoted: the conntrack entry now pins it there, already known to the peers.
+    let entry = fx.dp.flow(&key).expect("conntrack").expect("promoted");
+    assert_eq!(entry.real_id, peer_id);
+    assert_eq!(
+        entry.flags & lb_common::FLOW_F_REPORTED,
+        lb_common::FLOW_F_REPORTED
+    );
+    fx.run(&packet::tcp(CLIENT, port, VIP_DR, 80, false, b"more"));
+    assert_eq!(
+        reports(&mut maps.events),
+        [],
+        "a promoted flow was reported again"
+    );
+    // A report for a slot since given another generation is ignored: Maglev decides.
+    let port = 40101;
+    let key = flow_key(CLIENT.into(), port, &vip);
+    maps.peer_flows
+        .insert(
+            &key,
+            &lb_common::FlowState {
+                generation: peer_generation + 1000,
+                ..reported
+            },
+            0,
+        )
+        .expect("writing a peer flow");
+    let now = fx.maglev("203.0.113.10:80/tcp", CLIENT.into(), port);
+    let (_, out) = fx.run(&packet::tcp(CLIENT, port, VIP_DR, 80, false, b"x"));
+    assert_eq!(out[0..6], now.1, "a stale peer report was followed");
+}

@@ -34,7 +34,7 @@ fn addresses_that_can_never_serve_and_injected_headers_are_refused() {
     let cases: Vec<(Vec<String>, Vec<&str>)> = vec![
         (
             vec!["vip".into(), "add".into(), format!("{own}:80/tcp")],
-            vec!["is an address of this host", &own],
+            vec!["is an address of this host", &own, "--allow-local-vips"],
         ),
         (
             vec!["vip".into(), "add".into(), "224.0.0.5:80/tcp".into()],
