@@ -495,6 +495,84 @@ mod tests {
     use super::*;
 
     #[test]
+    fn flow_sync_settings_are_checked_whole() {
+        let dir = std::env::temp_dir().join(format!("xlb-sync-settings-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let short = dir.join("short.key");
+        std::fs::write(&short, "too short\n").unwrap();
+        let good = dir.join("good.key");
+        std::fs::write(&good, "  a key of the cluster, 32 bytes  \n").unwrap();
+        let listen: SocketAddr = "192.0.2.1:9815".parse().unwrap();
+        let with = |s: Settings| s.sync().map(|o| o.map(|o| (o.listen, o.peers, o.cluster)));
+        assert_eq!(with(Settings::default()), Ok(None));
+        let err = with(Settings {
+            sync_peers: vec!["192.0.2.2:9815".parse().unwrap()],
+            ..Settings::default()
+        })
+        .unwrap_err();
+        assert!(err.contains("need --sync-listen"), "{err}");
+        let err = with(Settings {
+            sync_listen: Some(listen),
+            ..Settings::default()
+        })
+        .unwrap_err();
+        assert!(err.contains("needs --sync-key-file"), "{err}");
+        let err = with(Settings {
+            sync_listen: Some(listen),
+            sync_key_file: Some(short.clone()),
+            ..Settings::default()
+        })
+        .unwrap_err();
+        assert!(
+            err.contains("short.key") && err.contains("at least 16"),
+            "{err}"
+        );
+        let err = with(Settings {
+            sync_listen: Some(listen),
+            sync_key_file: Some(dir.join("missing.key")),
+            ..Settings::default()
+        })
+        .unwrap_err();
+        assert!(err.contains("cannot read the sync key file"), "{err}");
+        let err = with(Settings {
+            sync_listen: Some(listen),
+            sync_key_file: Some(good.clone()),
+            sync_peers: vec![listen],
+            ..Settings::default()
+        })
+        .unwrap_err();
+        assert!(err.contains("own --sync-listen"), "{err}");
+        let peer: SocketAddr = "192.0.2.2:9815".parse().unwrap();
+        assert_eq!(
+            with(Settings {
+                sync_listen: Some(listen),
+                sync_key_file: Some(good),
+                sync_peers: vec![peer],
+                ..Settings::default()
+            }),
+            Ok(Some((listen, vec![peer], 1)))
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn sync_peers_of_the_flags_replace_the_file_s() {
+        let file = Settings {
+            sync_peers: vec!["192.0.2.2:1".parse().unwrap()],
+            allow_local_vips: true,
+            ..Settings::default()
+        };
+        let flags = Settings {
+            sync_peers: vec!["192.0.2.3:1".parse().unwrap()],
+            ..Settings::default()
+        };
+        let merged = flags.over(file.clone());
+        assert_eq!(merged.sync_peers, vec!["192.0.2.3:1".parse().unwrap()]);
+        assert!(merged.allow_local_vips);
+        assert_eq!(Settings::default().over(file).sync_peers.len(), 1);
+    }
+
+    #[test]
     fn flags_win_over_the_file_and_defaults_fill_in() {
         let file = Settings {
             iface: Some("eth0".into()),

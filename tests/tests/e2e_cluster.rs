@@ -873,6 +873,13 @@ fn with_flow_sync_killed_and_restarted_balancers_break_no_connection() {
         node["sync"]["pulled_flows"].as_u64() >= Some(48),
         "the restarted lb1 pulled too few flows: {node}"
     );
+    let text = cluster.daemons[0].cli_ok(&["status"]);
+    assert!(
+        text.contains(&format!(
+            "flow sync on 198.51.100.1:{SYNC_PORT} with 198.51.100.3:{SYNC_PORT}"
+        )) && text.contains(&format!("flows from 198.51.100.3:{SYNC_PORT}")),
+        "{text}"
+    );
     let before = cluster.vip_packets(0);
     wait_until("the restarted lb1 forwards VIP packets", || {
         cluster.vip_packets(0) > before

@@ -151,7 +151,11 @@ pub(super) async fn role(client: &Client, out: Out, args: RoleArgs) -> anyhow::R
 
 /// The node block of `xlb status` (nothing when there is nothing to say).
 pub fn render(status: &NodeStatus) {
-    if status.bird.is_none() && status.drain.is_none() && status.role.is_none() {
+    if status.bird.is_none()
+        && status.drain.is_none()
+        && status.role.is_none()
+        && status.sync.is_none()
+    {
         return;
     }
     println!();
@@ -182,5 +186,14 @@ pub fn render(status: &NodeStatus) {
     }
     if let Some(r) = &status.role {
         println!("VRRP role: {}", r.role.name());
+    }
+    if let Some(s) = &status.sync {
+        println!("flow sync on {} with {}", s.listen, s.peers.join(", "));
+        match (&s.pulled_from, &s.pull_error) {
+            _ if !s.ready => println!("  PULLING the peers' flows: nothing announced yet"),
+            (Some(from), _) => println!("  start-up copy: {} flows from {from}", s.pulled_flows),
+            (None, Some(err)) => println!("  start-up copy: none ({err})"),
+            (None, None) => println!("  start-up copy: no peer to pull from"),
+        }
     }
 }

@@ -253,8 +253,11 @@ struct Translation {
     /// Slot id → (real, generation).
     by_slot: StdHashMap<u32, (IpAddr, u32)>,
     /// (VIP address bytes, port, protocol, real) → (slot, generation).
-    by_real: StdHashMap<([u8; 16], u16, u8, IpAddr), (u32, u32)>,
+    by_real: StdHashMap<RealOfVip, (u32, u32)>,
 }
+
+/// A real of a VIP: the VIP's address bytes, port and protocol, the real.
+type RealOfVip = ([u8; 16], u16, u8, IpAddr);
 
 impl Translation {
     fn of(snapshot: &Snapshot) -> Self {
@@ -714,9 +717,7 @@ async fn serve_pull(
     .await
     .map_err(io::Error::other)?;
     let node = opts.node_id();
-    let mut seq = 0;
-    for chunk in entries.chunks(wire::MAX_ENTRIES) {
-        seq += 1;
+    for (seq, chunk) in (1..).zip(entries.chunks(wire::MAX_ENTRIES)) {
         let header = Header {
             kind: Kind::Flows,
             cluster: opts.cluster,

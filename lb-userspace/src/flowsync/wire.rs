@@ -239,8 +239,9 @@ pub fn decode(key: &Key, cluster: u32, msg: &[u8]) -> Result<(Header, Vec<Entry>
         seq: be64(&msg[28..36]),
         sent_ns: be64(&msg[36..44]),
     };
-    let entries = body[HEADER_LEN..]
-        .chunks_exact(ENTRY_LEN)
+    let (chunks, _) = body[HEADER_LEN..].as_chunks::<ENTRY_LEN>();
+    let entries = chunks
+        .iter()
         .enumerate()
         .map(|(i, e)| entry(e).map_err(|why| malformed(&format!("entry {i}: {why}"))))
         .collect::<Result<Vec<_>, _>>()?;
@@ -368,7 +369,11 @@ mod tests {
         let mut dst = [0u8; 16];
         dst[..4].copy_from_slice(&[192, 0, 2, 1]);
         Entry {
-            op: if n % 2 == 0 { Op::New } else { Op::End },
+            op: if n.is_multiple_of(2) {
+                Op::New
+            } else {
+                Op::End
+            },
             flow: FlowKey {
                 src,
                 dst,
