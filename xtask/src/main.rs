@@ -84,7 +84,7 @@ enum Task {
         /// A fast smoke run; writes bench-results/quick.{json,md} and leaves docs/ alone.
         #[arg(long)]
         quick: bool,
-        /// Only these sections (comma-separated: per-packet,live,e2e,control); the
+        /// Only these sections (comma-separated: per-packet,live,e2e,control,sync); the
         /// others are kept from the last results file.
         #[arg(long)]
         only: Option<String>,
@@ -565,7 +565,17 @@ fn bench(quick: bool, only: Option<&str>) -> anyhow::Result<()> {
     ensure_debian_packages(&mut steps, &BENCH_PACKAGES, "the benchmark")?;
     steps.run(
         "build",
-        &mut cargo(&["build", "--release", "--bin", "xlb", "--bin", "xlb-bench"]),
+        // xlb-testsrv: the reals of the flow sync benchmark.
+        &mut cargo(&[
+            "build",
+            "--release",
+            "--bin",
+            "xlb",
+            "--bin",
+            "xlb-bench",
+            "--bin",
+            "xlb-testsrv",
+        ]),
     )?;
     let bin_dir = target_dir()?.join("release");
     let xlb = bin_dir.join("xlb");

@@ -12,6 +12,7 @@
 //! - [`live`]: XDP live-frames throughput out of a veth, one and two cores;
 //! - [`e2e`]: wrk through xlb (DR, TUN), HAProxy and nginx in namespaces;
 //! - [`control`]: Maglev builds, reconcile at scale, health-check cost;
+//! - [`sync`]: flow sync between two daemons (lag, messages per flow);
 //! - [`report`]: the JSON model, statistics helpers, Markdown and SVG rendering.
 //!
 //! No benchmark is a test: nothing here asserts a time. A run panics only when
@@ -24,6 +25,7 @@ mod e2e;
 mod live;
 mod per_packet;
 mod report;
+mod sync;
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -46,7 +48,7 @@ enum Command {
         /// A fast smoke run: fewer calls, shorter and fewer wrk runs.
         #[arg(long)]
         quick: bool,
-        /// Only these sections (comma-separated: per-packet,live,e2e,control);
+        /// Only these sections (comma-separated: per-packet,live,e2e,control,sync);
         /// the others are kept from an existing --out file.
         #[arg(long, value_delimiter = ',')]
         only: Vec<Section>,
@@ -78,6 +80,7 @@ enum Section {
     Live,
     E2e,
     Control,
+    Sync,
 }
 
 fn main() {
@@ -139,6 +142,11 @@ fn run(quick: bool, only: &[Section], out: &std::path::Path, cpu: usize) {
     if wanted(Section::Control) {
         eprintln!("xlb-bench: 4/4 control plane");
         report.control = Some(control::run(quick));
+        save(&report, out);
+    }
+    if wanted(Section::Sync) {
+        eprintln!("xlb-bench: flow sync between two balancers");
+        report.sync = Some(sync::run(quick));
     }
     report.meta = Meta::collect(quick, start.elapsed().as_secs_f64(), load_before);
     save(&report, out);

@@ -5,16 +5,17 @@
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
+use aya::maps::{HashMap, MapData};
 use aya::{
     Ebpf,
     programs::{TestRun as _, TestRunOptions, Xdp},
 };
-use lb_common::{Config, RING_SIZE_DEFAULT, prog_names};
+use lb_common::{Config, FlowKey, FlowState, RING_SIZE_DEFAULT, prog_names};
 use lb_userspace::{
     dataplane::{Dataplane, LoadOptions},
     decap::Decap,
     desired::{Desired, Edit, RealSpec, ServiceSpec, VipOptions},
-    model::{Forward, Scheduler, Vip},
+    model::{Forward, Scheduler, Vip, addr_bytes},
     state::{State, writer::PauseHook},
 };
 use xlb_tests::packet::{self, L2, L4, LB_MAC};
@@ -23,6 +24,7 @@ use crate::report::{
     DECAP_IP6IP6, DECAP_IPIP, FLOOR_TX as FLOOR_TX_NAME, HOT_TRACKED, NON_VIP, PacketCase,
     PerPacket, Spread, median_sorted, percentile,
 };
+use crate::sync::{FIRST_HIT_OFF, FIRST_HIT_ON, MISS_OFF, MISS_ON, MISS_PEER, SYN_ON, TRACKED_ON};
 
 pub const XDP_PASS: u32 = 2;
 pub const XDP_TX: u32 = 3;
@@ -365,12 +367,25 @@ enum Prog {
     Decap,
 }
 
+/// What happens before each call of a case (not timed).
+enum Setup {
+    Nothing,
+    /// Writes this conntrack entry, not yet reported to flow sync and
+    /// stamped now (so the call refreshes no stamp).
+    Reset(FlowKey, FlowState),
+    /// Deletes this conntrack entry (the call misses).
+    Delete(FlowKey),
+}
+
 struct Case {
     name: String,
     kind: &'static str,
     prog: Prog,
     action: u32,
     frames: Gen,
+    /// `Config::sync` the case runs with.
+    sync: bool,
+    setup: Setup,
     frame_bytes: usize,
     samples: Vec<u64>,
     round_medians: Vec<f64>,
@@ -390,6 +405,8 @@ impl Case {
             prog,
             action,
             frames,
+            sync: false,
+            setup: Setup::Nothing,
             frame_bytes,
             samples: Vec::new(),
             round_medians: Vec::new(),
@@ -474,9 +491,161 @@ pub fn run(quick: bool, cpu: usize) -> Vec<PerPacket> {
     })
 }
 
+/// Flow `n`'s conntrack key (an IPv4 client of [`frame`]) to `vip`.
+fn flow_key(vip: &Vip, n: u64) -> FlowKey {
+    let (client, port) = client_v4(n);
+    let (src, family) = addr_bytes(client.into());
+    let (dst, _) = addr_bytes(vip.addr);
+    FlowKey {
+        src,
+        dst,
+        ports: (u32::from(port) << 16) | u32::from(vip.port),
+        proto: vip.proto.number(),
+        family,
+        _pad: [0; 2],
+    }
+}
+
+/// CLOCK_MONOTONIC_COARSE, the clock of `bpf_ktime_get_coarse_ns`.
+fn coarse_now_ns() -> u64 {
+    let t = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC_COARSE)
+        .unwrap_or_else(|e| panic!("clock_gettime: {e}"));
+    u64::try_from(t.tv_sec()).expect("after boot") * 1_000_000_000
+        + u64::try_from(t.tv_nsec()).expect("below a second")
+}
+
+/// Runs a case's setup before a call.
+fn prepare(flows: &mut HashMap<MapData, FlowKey, FlowState>, setup: &Setup) {
+    match setup {
+        Setup::Nothing => {}
+        Setup::Reset(key, state) => {
+            let state = FlowState {
+                last_seen_ns: coarse_now_ns(),
+                ..*state
+            };
+            flows
+                .insert(key, &state, 0)
+                .unwrap_or_else(|e| panic!("writing a conntrack entry: {e}"));
+        }
+        Setup::Delete(key) => {
+            // Absent before the first call. A delete that failed otherwise
+            // would make the call a conntrack hit, which the check of the
+            // hits after the rounds catches.
+            let _ = flows.remove(key);
+        }
+    }
+}
+
+/// Writes the config with `Config::sync` on or off.
+fn set_sync(dp: &mut Dataplane, on: bool) {
+    dp.set_config(&Config {
+        sync: u8::from(on),
+        ..config()
+    })
+    .unwrap_or_else(|e| panic!("writing the config map: {e}"));
+}
+
+/// Empties flow sync's report ring; returns how many reports it held.
+fn drain(ring: &mut aya::maps::RingBuf<MapData>) -> u64 {
+    let mut n = 0;
+    while let Some(item) = ring.next() {
+        drop(item);
+        n += 1;
+    }
+    n
+}
+
+/// The flow sync cases, each beside the same path with `Config::sync = 0`
+/// (the sync-off tracked and SYN cases are the table's own): flows to `vip`,
+/// new flows to `new_vips` from client `base` on. Returns them with flow
+/// sync's maps, which the cases' setup writes and the run drains.
+fn sync_cases(
+    dp: &mut Dataplane,
+    vip: &Vip,
+    tracked: Vec<Vec<u8>>,
+    new_vips: &[Vip],
+    base: u64,
+) -> (Vec<Case>, lb_userspace::flowsync::Maps) {
+    let mut maps = dp
+        .sync_maps()
+        .unwrap_or_else(|e| panic!("flow sync's maps: {e}"));
+    // Every tracked flow reports its confirmation once, here: the measured
+    // calls see flows already reported, as a long flow's packets do.
+    set_sync(dp, true);
+    let prog = dp.program(prog_names::BALANCER).expect("balancer program");
+    for f in &tracked {
+        assert_eq!(run_once(prog, f).0, XDP_TX, "a tracked flow's packet");
+    }
+    set_sync(dp, false);
+    let reported = drain(&mut maps.events);
+    assert_eq!(
+        reported, TRACKED_FLOWS as u64,
+        "the tracked flows' first hits reported {reported} flows"
+    );
+    // Flows of their own: one whose entry is reset before each call (its first
+    // hit, the reporting packet), one whose entry is deleted (a plain miss),
+    // one deleted but in the peer flows (the promotion path).
+    let prog = dp.program(prog_names::BALANCER).expect("balancer program");
+    let track = |n: u64| {
+        let (action, _) = run_once(prog, &frame(vip, n, Flow::Tcp { syn: true }));
+        assert_eq!(action, XDP_TX, "the SYN of flow {n} to {vip}");
+        let key = flow_key(vip, n);
+        let state = dp
+            .flow(&key)
+            .unwrap_or_else(|e| panic!("reading conntrack: {e}"))
+            .unwrap_or_else(|| panic!("flow {n} to {vip} is not tracked after its SYN"));
+        (key, state)
+    };
+    let (first_key, first_state) = track(base);
+    let first = FlowState {
+        flags: 0,
+        ..first_state
+    };
+    let miss_key = flow_key(vip, base + 1);
+    let (peer_key, peer_state) = track(base + 2);
+    maps.peer_flows
+        .insert(&peer_key, &peer_state, 0)
+        .unwrap_or_else(|e| panic!("writing a peer flow: {e}"));
+    let next = |n: u64| Gen::Fixed(frame(vip, n, Flow::Tcp { syn: false }));
+    let case = |name: &str, sync: bool, frames: Gen, setup: Setup| Case {
+        sync,
+        setup,
+        ..Case::new(name, "sync", Prog::Balancer, XDP_TX, frames)
+    };
+    let cases = vec![
+        case(TRACKED_ON, true, Gen::Cycle(tracked), Setup::Nothing),
+        case(
+            SYN_ON,
+            true,
+            Gen::New {
+                vips: new_vips.to_vec(),
+                flow: Flow::Tcp { syn: true },
+                next: base + (1 << 19),
+            },
+            Setup::Nothing,
+        ),
+        case(
+            FIRST_HIT_OFF,
+            false,
+            next(base),
+            Setup::Reset(first_key, first),
+        ),
+        case(
+            FIRST_HIT_ON,
+            true,
+            next(base),
+            Setup::Reset(first_key, first),
+        ),
+        case(MISS_OFF, false, next(base + 1), Setup::Delete(miss_key)),
+        case(MISS_ON, true, next(base + 1), Setup::Delete(miss_key)),
+        case(MISS_PEER, true, next(base + 2), Setup::Delete(peer_key)),
+    ];
+    (cases, maps)
+}
+
 fn measure(scale: Scale, rounds: usize, per_round: usize, cpu: usize) -> PerPacket {
     eprintln!("xlb-bench:   configuration {}", scale.name);
-    let (dp, _state, tracked, new_vips) = configured(scale);
+    let (mut dp, _state, tracked, new_vips) = configured(scale);
     let floors = load_floors();
     let with_decap = scale.vips == HEAVY.vips;
     let mut decap = Decap::load().unwrap_or_else(|e| panic!("loading the decap object: {e}"));
@@ -502,6 +671,7 @@ fn measure(scale: Scale, rounds: usize, per_round: usize, cpu: usize) -> PerPack
     let syn = Flow::Tcp { syn: true };
     // Tracked flows and new flows use disjoint client ranges (new ones start high).
     let tracked_tcp = warm(&dp, &tracked.tcp, false, 0);
+    let tracked_tcp_sync = tracked_tcp.clone();
     let tracked_udp = warm(&dp, &tracked.udp, true, 0);
     let tracked_v6 = warm(&dp, &tracked.tcp6, false, 0);
     let tracked_tun = warm(&dp, &tracked.tun, false, 0);
@@ -596,7 +766,20 @@ fn measure(scale: Scale, rounds: usize, per_round: usize, cpu: usize) -> PerPack
             Gen::Fixed(tunnelled("[2001:db8:203::20]:80/tcp", real6)),
         ));
     }
-    let balancer = dp.program(prog_names::BALANCER).expect("balancer program");
+    // Flow sync's cases, in the heavy configuration only.
+    let mut sync_maps = with_decap.then(|| {
+        let (sync_cases, maps) = sync_cases(
+            &mut dp,
+            &tracked.tcp[0],
+            tracked_tcp_sync,
+            &new_vips.tcp,
+            base + (1 << 20),
+        );
+        cases.extend(sync_cases);
+        maps
+    });
+    let mut reports = 0u64;
+    let mut sync_now = false;
     let decap_prog = decap.program().expect("decap program");
     let pass = xdp(&floors, FLOOR_PASS);
     let tx = xdp(&floors, FLOOR_TX);
@@ -605,14 +788,25 @@ fn measure(scale: Scale, rounds: usize, per_round: usize, cpu: usize) -> PerPack
     for round in 0..rounds {
         xlb_tests::harness::check_interrupted();
         for case in &mut cases {
+            if case.sync != sync_now {
+                set_sync(&mut dp, case.sync);
+                sync_now = case.sync;
+            }
             let prog = match case.prog {
                 Prog::FloorPass => pass,
                 Prog::FloorTx => tx,
-                Prog::Balancer => balancer,
+                Prog::Balancer => dp.program(prog_names::BALANCER).expect("balancer program"),
                 Prog::Decap => decap_prog,
             };
             let mut round_samples = Vec::with_capacity(per_round);
             for i in 0..per_round {
+                if let Some(maps) = &mut sync_maps {
+                    prepare(&mut maps.flows, &case.setup);
+                    // Drained well before the ring (8,192 reports) fills.
+                    if case.sync && i % 1024 == 0 {
+                        reports += drain(&mut maps.events);
+                    }
+                }
                 let frame = case.frames.next(round * per_round + i);
                 let (action, ns) = run_once(prog, &frame);
                 assert_eq!(
@@ -655,6 +849,35 @@ fn measure(scale: Scale, rounds: usize, per_round: usize, cpu: usize) -> PerPack
         0,
         "conntrack inserts failed during the run (events: {events_after:?})"
     );
+    // Flow sync's cases: the reporting case reported on every call and only
+    // it did, no report was lost, and the promotion case took its real
+    // from the peer flows every time.
+    if let Some(maps) = &mut sync_maps {
+        reports += drain(&mut maps.events);
+        let calls = |name: &str| {
+            cases
+                .iter()
+                .find(|c| c.name == name)
+                .map_or(0, |c| c.samples.len() as u64)
+        };
+        assert_eq!(
+            reports,
+            calls(FIRST_HIT_ON),
+            "the ring carried {reports} reports for {} calls of the reporting case",
+            calls(FIRST_HIT_ON)
+        );
+        assert_eq!(
+            delta("sync_report_lost"),
+            0,
+            "reports were lost to a full ring (events: {events_after:?})"
+        );
+        assert_eq!(
+            delta("conntrack_peer_hit"),
+            calls(MISS_PEER),
+            "the promotion case did not take every flow from the peer flows (events: \
+             {events_after:?})"
+        );
+    }
     // The decap cases really decapsulated (not passed as "not local").
     if with_decap {
         let decap_after = decap.counters().expect("decap counters");

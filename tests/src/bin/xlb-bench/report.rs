@@ -16,6 +16,8 @@ pub struct Report {
     pub live: Option<Live>,
     pub e2e: Option<E2e>,
     pub control: Option<Control>,
+    /// Flow sync between two daemons (issue 12).
+    pub sync: Option<crate::sync::SyncRun>,
 }
 
 /// The machine and the run.
@@ -407,6 +409,9 @@ pub fn render(report: &Report, markdown: &Path, svg_dir: &Path) {
     }
     if let Some(c) = &report.control {
         control_md(w, c);
+    }
+    if let Some(s) = &report.sync {
+        crate::sync::section_md(w, s);
     }
     line(w, "## Running it");
     line(w, "");
@@ -860,7 +865,8 @@ fn per_packet_md(w: &mut String, p: &PerPacket, index: usize, svg_dir: &Path) {
         w,
         "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     );
-    for c in &p.cases {
+    // Flow sync's cases have their own table.
+    for c in p.cases.iter().filter(|c| c.kind != "sync") {
         line(
             w,
             &format!(
@@ -878,12 +884,14 @@ fn per_packet_md(w: &mut String, p: &PerPacket, index: usize, svg_dir: &Path) {
         );
     }
     line(w, "");
+    crate::sync::per_packet_md(w, p);
     if index > 0 {
         return;
     }
     let rows: Vec<Bar> = p
         .cases
         .iter()
+        .filter(|c| c.kind != "sync")
         .map(|c| Bar {
             label: c.name.clone(),
             value: c.ratio_tx_floor_mean,
