@@ -475,7 +475,9 @@ impl Daemon {
         bounding_set: &str,
         extra: &[&str],
     ) -> Daemon {
-        let dir = RunDir::new(&format!("xlb-{}", ns.name()));
+        // A directory of its own: it may replace a daemon of `start_with` whose
+        // directory goes when that one is dropped.
+        let dir = RunDir::new(&format!("xlb-{}-bounded", ns.name()));
         let mut daemon = Self::spawn_bounded(ns, iface, dir.path(), extra, &[], bounding_set);
         daemon._dir = Some(dir);
         daemon.wait_for_api();
@@ -1179,6 +1181,26 @@ pub fn metric_samples(text: &str) -> BTreeMap<String, f64> {
             (series.to_owned(), value)
         })
         .collect()
+}
+
+/// Check flags quick enough for a test: a probe every 200 ms, a verdict after two.
+pub const QUICK_CHECK: [&str; 8] = [
+    "--check-interval",
+    "200",
+    "--check-timeout",
+    "150",
+    "--check-rise",
+    "2",
+    "--check-fall",
+    "2",
+];
+
+/// Whether a [`real_health`] entry shows the real up after a few probes that never
+/// failed.
+pub fn proven_up(h: &serde_json::Value) -> bool {
+    h["status"]["up"] == true
+        && h["status"]["probes"].as_u64().is_some_and(|n| n >= 3)
+        && h["status"]["last_error"].is_null()
 }
 
 /// The health entry of real `addr` of `service` in `xlb status --json`: `check`,

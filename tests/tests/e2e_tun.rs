@@ -22,9 +22,9 @@ use xlb_tests::harness::{require_root, stats};
 use lb_userspace::state::fmt_mac;
 use xlb_tests::capture::FrameTap;
 use xlb_tests::harness::{
-    Daemon, DecapProc, HttpAnswer, KeepAlive, Lab, LinkCounters, PinnedRun, Proc, RunDir, VIP,
-    balanced_topology, http_get, real_health, real_listed, real_name, start_real, wait_health,
-    wait_until, xlb_bin,
+    Daemon, DecapProc, HttpAnswer, KeepAlive, Lab, LinkCounters, PinnedRun, Proc, QUICK_CHECK,
+    RunDir, VIP, balanced_topology, http_get, proven_up, real_health, real_listed, real_name,
+    start_real, wait_health, wait_until, xlb_bin,
 };
 use xlb_tests::netns::{Host, Netns, unique_prefix};
 
@@ -972,25 +972,6 @@ fn pinned_decap_keeps_running_and_accepts_only_the_balancers_sources() {
         "pins left after teardown: {:?}",
         pins.pins()
     );
-}
-
-/// Checks quick enough for a test: every 200 ms, a verdict after two probes.
-const QUICK_CHECK: [&str; 8] = [
-    "--check-interval",
-    "200",
-    "--check-timeout",
-    "150",
-    "--check-rise",
-    "2",
-    "--check-fall",
-    "2",
-];
-
-/// Whether a health entry shows a real up after a few probes that never failed.
-fn proven_up(h: &serde_json::Value) -> bool {
-    h["status"]["up"] == true
-        && h["status"]["probes"].as_u64().is_some_and(|n| n >= 3)
-        && h["status"]["last_error"].is_null()
 }
 
 /// The half-open (SYN-RECV) connections to `port` in `ns`.
