@@ -316,7 +316,7 @@ fn cli_errors_name_the_problem_and_leave_the_state_unchanged() {
     );
 }
 
-/// The first real's answers among `answers`, and the others', by name.
+/// How many of `answers` each real gave, by name.
 fn answered(answers: &[HttpAnswer]) -> BTreeMap<String, usize> {
     let mut counts = BTreeMap::new();
     for a in answers {
@@ -349,6 +349,22 @@ fn a_real_without_the_vip_on_lo_is_down_via_the_vip_and_up_via_its_address() {
     };
     configure(&lab.daemon, via_vip, "vip");
     configure(&lab.daemon, via_real, "real");
+    // Only a TCP handshake goes through the forwarding path: other kinds are refused.
+    let out = lab.daemon.cli(&[
+        "vip",
+        "add",
+        "203.0.113.12:80/tcp",
+        "--check",
+        "http",
+        "--check-via",
+        "vip",
+    ]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr).trim(),
+        "error: health check: via: vip probes with a TCP handshake sent through the forwarding \
+         path: it serves kind tcp only, not http"
+    );
 
     // rs1 does not own the VIP: the SYN sent to its MAC gets no answer. Its address
     // answers all the same.

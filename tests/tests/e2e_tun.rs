@@ -1008,6 +1008,10 @@ fn a_real_whose_decap_stops_is_down_via_the_vip_and_still_up_via_its_address() {
     }
     let rs1 = IpAddr::V4(tun.lab.topo.reals[0].ipv4);
     let rs2 = IpAddr::V4(tun.lab.topo.reals[1].ipv4);
+    // The option is part of the saved desired state.
+    let saved = daemon.cli_ok(&["save"]);
+    assert_eq!(saved.matches("via: vip").count(), 2, "{saved}");
+    assert_eq!(saved.matches("via: real").count(), 1, "{saved}");
 
     // Every real answers through the tunnel, and on its address.
     for service in [via_vip, via_real] {
