@@ -988,7 +988,16 @@ fn half_open(ns: &Netns, port: u16) -> String {
 
 #[test]
 fn a_real_whose_decap_stops_is_down_via_the_vip_and_still_up_via_its_address() {
-    let mut tun = TunLab::start("tv", 2, &["--tunnel-src", "192.0.2.0/24"]);
+    let mut tun = TunLab::start(
+        "tv",
+        2,
+        &[
+            "--tunnel-src",
+            "192.0.2.0/24",
+            "--tunnel-src6",
+            "2001:db8:ff::/96",
+        ],
+    );
     let daemon = &tun.lab.daemon;
     let via_vip = TCP_SERVICE;
     let via_real = "203.0.113.11:80/tcp";
@@ -1006,11 +1015,21 @@ fn a_real_whose_decap_stops_is_down_via_the_vip_and_still_up_via_its_address() {
             daemon.cli_ok(&["real", "add", service, &real.ipv4.to_string()]);
         }
     }
+    // And an IPv6 VIP on the reals' IPv6 addresses (IP6IP6; answers to the IPv6 socket).
+    let mut args = vec!["vip", "add", TCP6_SERVICE, "--forward", "tun"];
+    args.extend(["--check", "tcp", "--check-via", "vip"]);
+    args.extend(QUICK_CHECK);
+    daemon.cli_ok(&args);
+    for real in &tun.lab.topo.reals {
+        daemon.cli_ok(&["real", "add", TCP6_SERVICE, &real.ipv6.to_string()]);
+    }
     let rs1 = IpAddr::V4(tun.lab.topo.reals[0].ipv4);
     let rs2 = IpAddr::V4(tun.lab.topo.reals[1].ipv4);
+    let rs1_v6 = IpAddr::V6(tun.lab.topo.reals[0].ipv6);
+    let rs2_v6 = IpAddr::V6(tun.lab.topo.reals[1].ipv6);
     // The option is part of the saved desired state.
     let saved = daemon.cli_ok(&["save"]);
-    assert_eq!(saved.matches("via: vip").count(), 2, "{saved}");
+    assert_eq!(saved.matches("via: vip").count(), 3, "{saved}");
     assert_eq!(saved.matches("via: real").count(), 1, "{saved}");
 
     // Every real answers through the tunnel, and on its address.
@@ -1024,6 +1043,9 @@ fn a_real_whose_decap_stops_is_down_via_the_vip_and_still_up_via_its_address() {
                 proven_up,
             );
         }
+    }
+    for real in [rs1_v6, rs2_v6] {
+        wait_health(daemon, TCP6_SERVICE, real, &format!("{real} up"), proven_up);
     }
     // A reset through the tunnel is a refusal, not a timeout.
     let refused = wait_health(daemon, nothing_listens, rs1, "refused on port 81", |h| {
@@ -1054,6 +1076,19 @@ fn a_real_whose_decap_stops_is_down_via_the_vip_and_still_up_via_its_address() {
         down["status"]["last_error"],
         "no answer through the tunnel from 198.51.100.11 for 203.0.113.10:80 within 150 ms",
         "{down}"
+    );
+    let down6 = wait_health(
+        daemon,
+        TCP6_SERVICE,
+        rs1_v6,
+        "rs1 down via the IPv6 VIP",
+        |h| h["status"]["up"] == false,
+    );
+    assert_eq!(
+        down6["status"]["last_error"],
+        "no answer through the tunnel from 2001:db8:100::11 for [2001:db8:203::10]:80 within 150 \
+         ms",
+        "{down6}"
     );
     let probes = real_health(daemon, via_real, rs1)["status"]["probes"]
         .as_u64()
