@@ -34,7 +34,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use crate::{
     dataplane::{Dataplane, DataplaneError},
     desired::{Admin, Desired, Edit, Source, Spec, SpecError, VipOptions},
-    health::{Engine, ProbeKind, engine::Board},
+    health::{Engine, ProbeKind, Via, engine::Board, path::Paths},
     model::{Forward, Vip},
     neighbor::{self, Iface, NeighborError, Resolution},
     state::{Changes, State, StateError, persist, writer::PauseHook},
@@ -154,6 +154,9 @@ pub struct RealModel {
     pub healthy: bool,
     /// The probe kind that applies, if any.
     pub check: Option<ProbeKind>,
+    /// Where its probes go.
+    #[serde(default)]
+    pub via: Via,
     /// How many times it entered or left the set of reals the VIP's live
     /// table sends new flows to (effective weight above 0), since it was added.
     #[serde(default)]
@@ -246,6 +249,7 @@ impl Snapshot {
                                     .check(*addr)
                                     .map(|c| c.kind)
                                     .filter(|k| *k != ProbeKind::None),
+                                via: s.check(*addr).map(|c| c.via).unwrap_or_default(),
                                 table_changes,
                                 ramp: state.ramp().get(&(*vip, *addr)).copied(),
                             }
@@ -454,6 +458,8 @@ pub struct Controller {
     dp: Dataplane,
     iface: Iface,
     engine: Engine,
+    /// The `via: vip` prober: told the MACs at every change.
+    paths: Arc<Paths>,
     options: Options,
     metrics: Arc<Activity>,
     /// Unresolved reals.
@@ -472,8 +478,8 @@ pub struct Controller {
 
 impl Controller {
     /// A controller over `state` and `dp` (already adopted and applied, with
-    /// `resolution` what start-up found resolving the reals), and the handle
-    /// to reach it.
+    /// `resolution` what start-up found resolving the reals), its `via: vip`
+    /// probes sent by `paths`, and the handle to reach it.
     pub fn new(
         state: State,
         dp: Dataplane,
@@ -481,13 +487,17 @@ impl Controller {
         options: Options,
         metrics: Arc<Activity>,
         resolution: &Resolution,
+        paths: Arc<Paths>,
     ) -> (Self, Handle, mpsc::Receiver<Event>, Board) {
         let (tx, rx) = mpsc::channel(EVENTS);
         let verdicts = tx.clone();
-        let engine = Engine::new(Arc::new(move |vip, real, up| {
-            // A full channel loses the event; the next convergence applies it.
-            let _ = verdicts.try_send(Event::Verdict { vip, real, up });
-        }));
+        let engine = Engine::new(
+            Arc::new(move |vip, real, up| {
+                // A full channel loses the event; the next convergence applies it.
+                let _ = verdicts.try_send(Event::Verdict { vip, real, up });
+            }),
+            Some(paths.clone()),
+        );
         let board = engine.board();
         let (snapshot, snapshot_rx) = watch::channel(Arc::new(Snapshot::default()));
         let mut c = Self {
@@ -495,6 +505,7 @@ impl Controller {
             dp,
             iface,
             engine,
+            paths,
             options,
             metrics,
             pending: BTreeMap::new(),
@@ -682,6 +693,7 @@ impl Controller {
 
     fn publish(&mut self) {
         let snap = Snapshot::of(&self.state, &self.pending, &self.snapshot.borrow());
+        self.paths.set_macs(&snap.macs);
         self.metrics.set_unresolved(self.pending.len());
         self.snapshot.send_replace(Arc::new(snap));
     }

@@ -368,6 +368,10 @@ pub async fn run(
 
     let reader = Arc::new(counters::Reader::of(&dp)?);
     let log_task = dp.logger().and_then(|l| forward_ebpf_logs(l).ok());
+    // Health checks via the VIP send on raw and packet sockets: opened now,
+    // while CAP_NET_RAW is still held.
+    let paths =
+        crate::health::path::Paths::open(crate::health::path::Local::new(&iface, &dp_config));
     // Everything that needs more than a running balancer is done.
     match crate::privileges::drop_to_runtime() {
         Ok(kept) => tracing::info!(
@@ -395,6 +399,7 @@ pub async fn run(
         },
         activity.clone(),
         &resolution,
+        paths,
     );
     let controller_task = tokio::spawn(ctl.run(events));
     let (store, store_task) = match store_options {

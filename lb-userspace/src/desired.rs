@@ -22,7 +22,7 @@ use lb_common::{MAX_REALS, MAX_VIPS, RING_POOL, RING_SIZE_DEFAULT, RING_SIZE_MAX
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    health::{HealthCheck, ProbeKind},
+    health::{HealthCheck, Planned, ProbeKind},
     maglev,
     model::{Forward, Scheduler, Vip},
 };
@@ -226,16 +226,22 @@ impl Desired {
         out
     }
 
-    /// Every real to probe, with its check and the port to probe: the reals
-    /// whose check (their own, else the service's) is not `none`.
-    pub fn probes(&self) -> BTreeMap<(Vip, IpAddr), (HealthCheck, u16)> {
+    /// Every real to probe, with its check, the port to probe and its VIP's
+    /// forwarding mode: the reals whose check (their own, else the
+    /// service's) is not `none`.
+    pub fn probes(&self) -> BTreeMap<(Vip, IpAddr), Planned> {
         let mut out = BTreeMap::new();
         for (vip, s) in &self.services {
             for real in s.reals.keys() {
                 if let Some(c) = s.check(*real)
                     && c.kind != ProbeKind::None
                 {
-                    out.insert((*vip, *real), (c.clone(), c.port.unwrap_or(vip.port)));
+                    let planned = Planned {
+                        check: c.clone(),
+                        port: c.port.unwrap_or(vip.port),
+                        forward: s.options.forward,
+                    };
+                    out.insert((*vip, *real), planned);
                 }
             }
         }

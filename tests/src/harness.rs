@@ -10,7 +10,7 @@
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{BufRead as _, BufReader, Read as _, Write as _};
-use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
@@ -31,9 +31,9 @@ use crate::netns::{Host, Netns, Topology, TopologySpec};
 pub const VIP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 10);
 
 /// The capability bounding set of the shipped `xlb.service`
-/// (`CapabilityBoundingSet=CAP_BPF CAP_PERFMON CAP_NET_ADMIN CAP_CHOWN`), in
-/// setpriv's words: every test daemon runs under it.
-pub const UNIT_BOUNDING_SET: &str = "-all,+bpf,+perfmon,+net_admin,+chown";
+/// (`CapabilityBoundingSet=CAP_BPF CAP_PERFMON CAP_NET_ADMIN CAP_CHOWN
+/// CAP_NET_RAW`), in setpriv's words: every test daemon runs under it.
+pub const UNIT_BOUNDING_SET: &str = "-all,+bpf,+perfmon,+net_admin,+chown,+net_raw";
 
 /// How long a starting server or daemon gets before it counts as broken.
 const START_TIMEOUT: Duration = Duration::from_secs(15);
@@ -466,7 +466,36 @@ impl Daemon {
         Self::start_in(ns, iface, run.dir(), &args)
     }
 
+    /// Like [`Daemon::start_with`] under the capability bounding set
+    /// `bounding_set` (setpriv's words) instead of the unit's: a daemon started
+    /// with less than the unit gives.
+    pub fn start_with_bounding_set(
+        ns: &Netns,
+        iface: &str,
+        bounding_set: &str,
+        extra: &[&str],
+    ) -> Daemon {
+        // A directory of its own: it may replace a daemon of `start_with` whose
+        // directory goes when that one is dropped.
+        let dir = RunDir::new(&format!("xlb-{}-bounded", ns.name()));
+        let mut daemon = Self::spawn_bounded(ns, iface, dir.path(), extra, &[], bounding_set);
+        daemon._dir = Some(dir);
+        daemon.wait_for_api();
+        daemon
+    }
+
     fn spawn(ns: &Netns, iface: &str, dir: &Path, extra: &[&str], env: &[(&str, &str)]) -> Daemon {
+        Self::spawn_bounded(ns, iface, dir, extra, env, UNIT_BOUNDING_SET)
+    }
+
+    fn spawn_bounded(
+        ns: &Netns,
+        iface: &str,
+        dir: &Path,
+        extra: &[&str],
+        env: &[(&str, &str)],
+        bounding_set: &str,
+    ) -> Daemon {
         static LOGS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let state_file = dir.join("state.json");
         let socket = dir.join("xlb.sock");
@@ -476,7 +505,7 @@ impl Daemon {
         // Under the shipped unit's capability bounding set and no-new-privs, as
         // systemd runs it: every end-to-end test proves the daemon works there.
         let mut cmd = ns.command("setpriv");
-        cmd.args(["--bounding-set", UNIT_BOUNDING_SET, "--no-new-privs", "--"])
+        cmd.args(["--bounding-set", bounding_set, "--no-new-privs", "--"])
             .arg(xlb_bin())
             .arg("--socket")
             .arg(&socket)
@@ -1153,4 +1182,74 @@ pub fn metric_samples(text: &str) -> BTreeMap<String, f64> {
             (series.to_owned(), value)
         })
         .collect()
+}
+
+/// Check flags quick enough for a test: a probe every 200 ms, a verdict after two.
+pub const QUICK_CHECK: [&str; 8] = [
+    "--check-interval",
+    "200",
+    "--check-timeout",
+    "150",
+    "--check-rise",
+    "2",
+    "--check-fall",
+    "2",
+];
+
+/// Whether a [`real_health`] entry shows the real up after a few probes that never
+/// failed.
+pub fn proven_up(h: &serde_json::Value) -> bool {
+    h["status"]["up"] == true
+        && h["status"]["probes"].as_u64().is_some_and(|n| n >= 3)
+        && h["status"]["last_error"].is_null()
+}
+
+/// The health entry of real `addr` of `service` in `xlb status --json`: `check`,
+/// `via`, and `status` (`up`, `probes`, `last_error`, ...) once probed.
+pub fn real_health(daemon: &Daemon, service: &str, addr: IpAddr) -> serde_json::Value {
+    let status = json(&daemon.cli_ok(&["status", "--json"]), "xlb status --json");
+    status["vips"]
+        .as_array()
+        .and_then(|v| v.iter().find(|s| s["vip"] == service))
+        .and_then(|v| v["health"].as_array())
+        .and_then(|h| h.iter().find(|r| r["addr"] == addr.to_string()))
+        .cloned()
+        .unwrap_or_else(|| panic!("no health of {addr} in {service}: {status}"))
+}
+
+/// Polls [`real_health`] until `ok` holds for it (up to [`WAIT`]); returns it. Panics
+/// naming `what`, with the last entry and the daemon's log.
+pub fn wait_health(
+    daemon: &Daemon,
+    service: &str,
+    addr: IpAddr,
+    what: &str,
+    mut ok: impl FnMut(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        check_interrupted();
+        let h = real_health(daemon, service, addr);
+        if ok(&h) {
+            return h;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: not within {WAIT:?}; last: {h}\ndaemon log:\n{}",
+            daemon.log()
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Real `addr` of `service` in `xlb real list SERVICE --json`.
+pub fn real_listed(daemon: &Daemon, service: &str, addr: IpAddr) -> serde_json::Value {
+    let list = json(
+        &daemon.cli_ok(&["real", "list", service, "--json"]),
+        "xlb real list --json",
+    );
+    list.as_array()
+        .and_then(|l| l.iter().find(|r| r["addr"] == addr.to_string()))
+        .cloned()
+        .unwrap_or_else(|| panic!("no real {addr} in `xlb real list {service}`: {list}"))
 }

@@ -14,7 +14,10 @@ use xlb_tests::harness::{require_root, stats};
 
 use lb_userspace::state::fmt_mac;
 use xlb_tests::capture::FrameTap;
-use xlb_tests::harness::{HttpAnswer, Lab, LinkCounters, VIP, http_get, real_name};
+use xlb_tests::harness::{
+    Daemon, HttpAnswer, Lab, LinkCounters, QUICK_CHECK, VIP, http_get, proven_up, real_health,
+    real_listed, real_name, wait_health,
+};
 
 const TCP_SERVICE: &str = "203.0.113.10:80/tcp";
 const UDP_SERVICE: &str = "203.0.113.10:9000/udp";
@@ -310,5 +313,121 @@ fn cli_errors_name_the_problem_and_leave_the_state_unchanged() {
         list[0]["reals"][0]["addr"],
         IpAddr::V4(real).to_string(),
         "the real is not listed: {list}"
+    );
+}
+
+/// How many of `answers` each real gave, by name.
+fn answered(answers: &[HttpAnswer]) -> BTreeMap<String, usize> {
+    let mut counts = BTreeMap::new();
+    for a in answers {
+        *counts.entry(a.real.clone()).or_default() += 1;
+    }
+    counts
+}
+
+#[test]
+fn a_real_without_the_vip_on_lo_is_down_via_the_vip_and_up_via_its_address() {
+    require_root();
+    let mut lab = Lab::start("ev", 2, &SERVER_ARGS);
+    let via_vip = TCP_SERVICE;
+    let via_real = "203.0.113.11:80/tcp";
+    let rs1 = IpAddr::V4(lab.topo.reals[0].ipv4);
+    let rs2 = IpAddr::V4(lab.topo.reals[1].ipv4);
+    let vip_on_lo = |verb: &str| {
+        lab.topo.reals[0]
+            .ns
+            .ip(&format!("addr {verb} {VIP}/32 dev lo"));
+    };
+    vip_on_lo("del");
+    let configure = |daemon: &Daemon, service: &str, via: &str| {
+        let mut args = vec!["vip", "add", service, "--check", "tcp", "--check-via", via];
+        args.extend(QUICK_CHECK);
+        daemon.cli_ok(&args);
+        for real in [rs1, rs2] {
+            daemon.cli_ok(&["real", "add", service, &real.to_string()]);
+        }
+    };
+    configure(&lab.daemon, via_vip, "vip");
+    configure(&lab.daemon, via_real, "real");
+    // Only a TCP handshake goes through the forwarding path: other kinds are refused.
+    let out = lab.daemon.cli(&[
+        "vip",
+        "add",
+        "203.0.113.12:80/tcp",
+        "--check",
+        "http",
+        "--check-via",
+        "vip",
+    ]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr).trim(),
+        "error: health check: via: vip probes with a TCP handshake sent through the forwarding \
+         path: it serves kind tcp only, not http"
+    );
+
+    // rs1 does not own the VIP: the SYN sent to its MAC gets no answer. Its address
+    // answers all the same.
+    let daemon = &lab.daemon;
+    wait_health(daemon, via_vip, rs2, "rs2 up via the VIP", proven_up);
+    wait_health(daemon, via_real, rs1, "rs1 up via its address", proven_up);
+    let down = wait_health(daemon, via_vip, rs1, "rs1 down via the VIP", |h| {
+        h["status"]["up"] == false
+    });
+    assert_eq!(
+        down["status"]["last_error"],
+        "no answer from 198.51.100.11 for 203.0.113.10:80 sent to its MAC within 150 ms",
+        "{down}"
+    );
+    let listed = real_listed(daemon, via_vip, rs1);
+    assert_eq!(
+        (&listed["health"], &listed["check"], &listed["via"]),
+        (&"DOWN".into(), &"tcp".into(), &"vip".into()),
+        "{listed}"
+    );
+    assert_eq!(real_listed(daemon, via_real, rs1)["health"], "up");
+    assert_eq!(real_health(daemon, via_real, rs1)["via"], "real");
+    let counts = answered(&http_requests(&lab, 30));
+    assert_eq!(counts.keys().collect::<Vec<_>>(), ["rs2"], "{counts:?}");
+
+    // The VIP back on its lo: up, and it serves.
+    vip_on_lo("add");
+    wait_health(daemon, via_vip, rs1, "rs1 up via the VIP", |h| {
+        h["status"]["up"] == true
+    });
+    let counts = answered(&http_requests(&lab, 40));
+    assert!(
+        counts.contains_key("rs1"),
+        "rs1 is back yet unused: {counts:?}"
+    );
+
+    // A daemon started without CAP_NET_RAW cannot send such probes: it says so and
+    // takes the reals down, never up.
+    lab.daemon.stop();
+    lab.daemon = Daemon::start_with_bounding_set(
+        &lab.topo.lb.ns,
+        "eth0",
+        "-all,+bpf,+perfmon,+net_admin,+chown",
+        &["--no-pin"],
+    );
+    configure(&lab.daemon, via_vip, "vip");
+    let down = wait_health(
+        &lab.daemon,
+        via_vip,
+        rs1,
+        "rs1 down without CAP_NET_RAW",
+        |h| h["status"]["up"] == false,
+    );
+    assert_eq!(
+        down["status"]["last_error"],
+        "via: vip needs raw sockets: CAP_NET_RAW was missing at start-up",
+        "{down}"
+    );
+    let log = lab.daemon.log();
+    assert_eq!(
+        log.matches("health checks with via: vip cannot run")
+            .count(),
+        1,
+        "{log}"
     );
 }

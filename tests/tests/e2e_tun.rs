@@ -22,8 +22,9 @@ use xlb_tests::harness::{require_root, stats};
 use lb_userspace::state::fmt_mac;
 use xlb_tests::capture::FrameTap;
 use xlb_tests::harness::{
-    Daemon, DecapProc, HttpAnswer, KeepAlive, Lab, LinkCounters, PinnedRun, Proc, RunDir, VIP,
-    balanced_topology, http_get, real_name, start_real, xlb_bin,
+    Daemon, DecapProc, HttpAnswer, KeepAlive, Lab, LinkCounters, PinnedRun, Proc, QUICK_CHECK,
+    RunDir, VIP, balanced_topology, http_get, proven_up, real_health, real_listed, real_name,
+    start_real, wait_health, wait_until, xlb_bin,
 };
 use xlb_tests::netns::{Host, Netns, unique_prefix};
 
@@ -970,5 +971,167 @@ fn pinned_decap_keeps_running_and_accepts_only_the_balancers_sources() {
         pins.pins().is_empty(),
         "pins left after teardown: {:?}",
         pins.pins()
+    );
+}
+
+/// The half-open (SYN-RECV) connections to `port` in `ns`.
+fn half_open(ns: &Netns, port: u16) -> String {
+    let out = ns.exec(&[
+        "ss",
+        "-Htn",
+        "state",
+        "syn-recv",
+        &format!("( sport = :{port} )"),
+    ]);
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+#[test]
+fn a_real_whose_decap_stops_is_down_via_the_vip_and_still_up_via_its_address() {
+    let mut tun = TunLab::start(
+        "tv",
+        2,
+        &[
+            "--tunnel-src",
+            "192.0.2.0/24",
+            "--tunnel-src6",
+            "2001:db8:ff::/96",
+        ],
+    );
+    let daemon = &tun.lab.daemon;
+    let via_vip = TCP_SERVICE;
+    let via_real = "203.0.113.11:80/tcp";
+    let nothing_listens = "203.0.113.10:81/tcp";
+    for (service, via) in [
+        (via_vip, "vip"),
+        (via_real, "real"),
+        (nothing_listens, "vip"),
+    ] {
+        let mut args = vec!["vip", "add", service, "--forward", "tun"];
+        args.extend(["--check", "tcp", "--check-via", via]);
+        args.extend(QUICK_CHECK);
+        daemon.cli_ok(&args);
+        for real in &tun.lab.topo.reals {
+            daemon.cli_ok(&["real", "add", service, &real.ipv4.to_string()]);
+        }
+    }
+    // And an IPv6 VIP on the reals' IPv6 addresses (IP6IP6; answers to the IPv6 socket).
+    let mut args = vec!["vip", "add", TCP6_SERVICE, "--forward", "tun"];
+    args.extend(["--check", "tcp", "--check-via", "vip"]);
+    args.extend(QUICK_CHECK);
+    daemon.cli_ok(&args);
+    for real in &tun.lab.topo.reals {
+        daemon.cli_ok(&["real", "add", TCP6_SERVICE, &real.ipv6.to_string()]);
+    }
+    let rs1 = IpAddr::V4(tun.lab.topo.reals[0].ipv4);
+    let rs2 = IpAddr::V4(tun.lab.topo.reals[1].ipv4);
+    let rs1_v6 = IpAddr::V6(tun.lab.topo.reals[0].ipv6);
+    let rs2_v6 = IpAddr::V6(tun.lab.topo.reals[1].ipv6);
+    // The option is part of the saved desired state.
+    let saved = daemon.cli_ok(&["save"]);
+    assert_eq!(saved.matches("via: vip").count(), 3, "{saved}");
+    assert_eq!(saved.matches("via: real").count(), 1, "{saved}");
+
+    // Every real answers through the tunnel, and on its address.
+    for service in [via_vip, via_real] {
+        for real in [rs1, rs2] {
+            wait_health(
+                daemon,
+                service,
+                real,
+                &format!("{real} up for {service}"),
+                proven_up,
+            );
+        }
+    }
+    for real in [rs1_v6, rs2_v6] {
+        wait_health(daemon, TCP6_SERVICE, real, &format!("{real} up"), proven_up);
+    }
+    // A reset through the tunnel is a refusal, not a timeout.
+    let refused = wait_health(daemon, nothing_listens, rs1, "refused on port 81", |h| {
+        h["status"]["up"] == false
+    });
+    assert_eq!(
+        refused["status"]["last_error"],
+        "connection refused through the tunnel by 198.51.100.11 for 203.0.113.10:81",
+        "{refused}"
+    );
+    // The daemon resets each half-open connection its probes leave on the real.
+    wait_until("no half-open probe connection on rs1", || {
+        half_open(&tun.lab.topo.reals[0].ns, 80).is_empty()
+    });
+    // The probes really went through rs1's decapsulator: no client sent anything yet.
+    let counters = tun.decaps[0].stop();
+    assert!(
+        counters["decap_ipip"] >= 3,
+        "rs1's decap saw no probes: {counters:?}"
+    );
+
+    // Its decap stopped: rs1 is down via the VIP, with the tunnel named, and still up
+    // via its address (what `via: real` cannot see).
+    let down = wait_health(daemon, via_vip, rs1, "rs1 down via the VIP", |h| {
+        h["status"]["up"] == false
+    });
+    assert_eq!(
+        down["status"]["last_error"],
+        "no answer through the tunnel from 198.51.100.11 for 203.0.113.10:80 within 150 ms",
+        "{down}"
+    );
+    let down6 = wait_health(
+        daemon,
+        TCP6_SERVICE,
+        rs1_v6,
+        "rs1 down via the IPv6 VIP",
+        |h| h["status"]["up"] == false,
+    );
+    assert_eq!(
+        down6["status"]["last_error"],
+        "no answer through the tunnel from 2001:db8:100::11 for [2001:db8:203::10]:80 within 150 \
+         ms",
+        "{down6}"
+    );
+    let probes = real_health(daemon, via_real, rs1)["status"]["probes"]
+        .as_u64()
+        .expect("probes");
+    let up = wait_health(
+        daemon,
+        via_real,
+        rs1,
+        "rs1 probed again via its address",
+        |h| h["status"]["probes"].as_u64() > Some(probes + 2),
+    );
+    assert!(proven_up(&up), "via its address rs1 is still up: {up}");
+    let listed = real_listed(daemon, via_vip, rs1);
+    assert_eq!(
+        (&listed["health"], &listed["check"], &listed["via"]),
+        (&"DOWN".into(), &"tcp".into(), &"vip".into()),
+        "{listed}"
+    );
+    assert_eq!(
+        listed["last_error"], down["status"]["last_error"],
+        "{listed}"
+    );
+    let listed = real_listed(daemon, via_real, rs1);
+    assert_eq!(
+        (&listed["health"], &listed["via"]),
+        (&"up".into(), &"real".into()),
+        "{listed}"
+    );
+    // And no new flow goes to it.
+    let answers = http_requests(&tun.lab, SocketAddr::from((VIP, 80)), 30);
+    let counts = per_real(&answers);
+    assert_eq!(counts.keys().collect::<Vec<_>>(), ["rs2"], "{counts:?}");
+
+    // Its decap is back: up again, and it serves.
+    tun.decaps[0] = DecapProc::start(&tun.lab.topo.reals[0], &[]);
+    let daemon = &tun.lab.daemon;
+    wait_health(daemon, via_vip, rs1, "rs1 up again via the VIP", |h| {
+        h["status"]["up"] == true
+    });
+    let answers = http_requests(&tun.lab, SocketAddr::from((VIP, 80)), 40);
+    let counts = per_real(&answers);
+    assert!(
+        counts.contains_key("rs1"),
+        "rs1 is back yet unused: {counts:?}"
     );
 }

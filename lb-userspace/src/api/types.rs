@@ -224,6 +224,9 @@ pub struct RealHealth {
     pub addr: IpAddr,
     /// The probe kind, or `none`.
     pub check: String,
+    /// Where probes go: `real` (its address) or `vip` (through the forwarding path).
+    #[serde(default)]
+    pub via: crate::health::Via,
     /// The probe status, when probed (with `flaps`, its verdict changes).
     pub status: Option<ProbeStatus>,
     /// Slow start: the percent of its weight the real has now (absent: all).

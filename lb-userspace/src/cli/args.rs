@@ -6,7 +6,7 @@ use anyhow::bail;
 use clap::{Args, Parser, Subcommand};
 
 use crate::{
-    health::{HealthCheck, ProbeKind},
+    health::{HealthCheck, ProbeKind, Via},
     model::{Forward, Scheduler, Vip, parse_real},
     pin, realserver,
     settings::{DEFAULT_SOCKET, DEFAULT_STATE_FILE, Mode, Settings},
@@ -246,6 +246,10 @@ pub struct CheckArgs {
     /// Port to probe (default: the VIP's port).
     #[arg(long = "check-port")]
     pub port: Option<u16>,
+    /// Where probes go: real (the real's address) or vip (a TCP SYN to the
+    /// VIP through the tunnel, TUN, or at the real's MAC, DR; tcp checks only).
+    #[arg(long = "check-via", value_parser = clap::builder::ValueParser::new(str::parse::<Via>))]
+    pub via: Option<Via>,
     /// HTTP path.
     #[arg(long = "check-path")]
     pub path: Option<String>,
@@ -285,6 +289,7 @@ impl CheckArgs {
         let Some(kind) = self.kind else {
             let given = [
                 ("--check-port", self.port.is_some()),
+                ("--check-via", self.via.is_some()),
                 ("--check-path", self.path.is_some()),
                 ("--check-status", self.status.is_some()),
                 ("--check-interval", self.interval_ms.is_some()),
@@ -301,6 +306,7 @@ impl CheckArgs {
         let c = HealthCheck {
             kind,
             port: self.port,
+            via: self.via.unwrap_or(d.via),
             path: self.path.clone().unwrap_or(d.path),
             expect_status: self.status.clone().unwrap_or(d.expect_status),
             interval_ms: self.interval_ms.unwrap_or(d.interval_ms),

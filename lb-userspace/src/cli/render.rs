@@ -234,6 +234,8 @@ pub struct RealListed<'a> {
     pub health: String,
     /// The probe kind, or `none`.
     pub check: &'a str,
+    /// Where probes go: `real` or `vip` (through the forwarding path).
+    pub via: crate::health::Via,
     /// The last probe failure, in full.
     pub last_error: Option<&'a str>,
 }
@@ -249,6 +251,7 @@ pub fn real_list(v: &VipStatus) -> Vec<RealListed<'_>> {
                 view: r,
                 health: health_word(h),
                 check: h.map_or("none", |h| h.check.as_str()),
+                via: h.map(|h| h.via).unwrap_or_default(),
                 last_error: h
                     .and_then(|h| h.status.as_ref())
                     .and_then(|s| s.last_error.as_deref()),

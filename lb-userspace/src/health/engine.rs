@@ -34,10 +34,11 @@ use serde::{Deserialize, Serialize};
 use tokio::{sync::mpsc, time::Instant};
 
 use super::{
-    HealthCheck, Start, command,
+    HealthCheck, Planned, Start, Via, command,
+    path::{self, Paths},
     probe::{Prober, Target},
 };
-use crate::model::Vip;
+use crate::model::{Forward, Vip};
 
 /// Probes running at once, at most. Due probes beyond it wait for a free
 /// place (their real is probed late, never skipped).
@@ -233,11 +234,13 @@ impl Board {
 
 /// What the engine tells its scheduler.
 enum Command {
-    /// Probe `key` (again, from scratch) with `probe` under `check`'s timing.
+    /// Probe `key` (again, from scratch) with `probe` under `check`'s timing;
+    /// a probe that takes longer than the timeout fails with `expired`.
     Start {
         key: Key,
         check: Box<HealthCheck>,
         probe: ProbeFn,
+        expired: String,
     },
     /// Stop probing `key`.
     Stop(Key),
@@ -245,7 +248,9 @@ enum Command {
 
 /// Owns the probe scheduler; owned by the daemon's controller.
 pub struct Engine {
-    running: BTreeMap<Key, HealthCheck>,
+    running: BTreeMap<Key, (HealthCheck, Forward)>,
+    /// Probes through the forwarding path (`via: vip`), when the daemon has them.
+    paths: Option<Arc<Paths>>,
     board: Board,
     tx: mpsc::UnboundedSender<Command>,
     task: tokio::task::JoinHandle<()>,
@@ -253,8 +258,9 @@ pub struct Engine {
 
 impl Engine {
     /// An engine with no checks that reports flips to `report` (and runs
-    /// the checks' notify hooks). Needs a tokio runtime.
-    pub fn new(report: Report) -> Self {
+    /// the checks' notify hooks), its `via: vip` probes sent by `paths`.
+    /// Needs a tokio runtime.
+    pub fn new(report: Report, paths: Option<Arc<Paths>>) -> Self {
         let board = Board::default();
         let flips = board.flips.clone();
         let on_flip: OnFlip = Arc::new(
@@ -270,7 +276,9 @@ impl Engine {
                 notify(vip, real, check, st.up, error);
             },
         );
-        Self::with_hook(board, on_flip)
+        let mut engine = Self::with_hook(board, on_flip);
+        engine.paths = paths;
+        engine
     }
 
     fn with_hook(board: Board, on_flip: OnFlip) -> Self {
@@ -278,6 +286,7 @@ impl Engine {
         let task = tokio::spawn(Scheduler::new(board.clone(), on_flip).run(rx));
         Self {
             running: BTreeMap::new(),
+            paths: None,
             board,
             tx,
             task,
@@ -306,15 +315,20 @@ impl Engine {
     }
 
     /// Starts, restarts or stops probes so that exactly the reals of
-    /// `wanted` are probed, each with its check and port. A real in `down`
+    /// `wanted` are probed, each with its check, port and forwarding mode
+    /// (a change of any restarts its probes). A real in `down`
     /// (a verdict the state already holds, e.g. adopted from a previous
     /// daemon) or new under `start: down` starts from a down verdict, so it
     /// comes in after `rise` passing probes.
-    pub fn sync(&mut self, wanted: BTreeMap<Key, (HealthCheck, u16)>, down: &BTreeSet<Key>) {
+    pub fn sync(&mut self, wanted: BTreeMap<Key, Planned>, down: &BTreeSet<Key>) {
         let stale: Vec<Key> = self
             .running
             .iter()
-            .filter(|(k, c)| wanted.get(k).is_none_or(|(w, _)| w != *c))
+            .filter(|(k, (c, f))| {
+                wanted
+                    .get(k)
+                    .is_none_or(|w| w.check != *c || w.forward != *f)
+            })
             .map(|(k, _)| *k)
             .collect();
         for k in stale {
@@ -325,7 +339,12 @@ impl Engine {
                 self.board.durations.remove(&duration_labels(&k));
             }
         }
-        for (k, (check, port)) in wanted {
+        for (k, planned) in wanted {
+            let Planned {
+                check,
+                port,
+                forward,
+            } = planned;
             if self.running.contains_key(&k) {
                 continue;
             }
@@ -339,21 +358,43 @@ impl Engine {
                     .entry(k)
                     .or_insert_with(|| ProbeStatus::down(reason));
             }
-            let prober = Arc::new(Prober::new(check.clone()));
-            let target = Target {
-                vip: k.0,
-                addr: SocketAddr::new(k.1, port),
+            let timeout = Duration::from_millis(check.timeout_ms);
+            let (probe, expired): (ProbeFn, String) = match check.via {
+                Via::Real => {
+                    let prober = Arc::new(Prober::new(check.clone()));
+                    let target = Target {
+                        vip: k.0,
+                        addr: SocketAddr::new(k.1, port),
+                    };
+                    let probe: ProbeFn = Arc::new(move || {
+                        let prober = prober.clone();
+                        Box::pin(async move { prober.run(&target).await })
+                    });
+                    (probe, timed_out(timeout))
+                }
+                Via::Vip => {
+                    let paths = self.paths.clone();
+                    let (vip, real) = k;
+                    let probe: ProbeFn = Arc::new(move || {
+                        let paths = paths.clone();
+                        Box::pin(async move {
+                            match paths {
+                                Some(p) => p.probe(vip, real, port, forward).await,
+                                None => Err("via: vip probes are not available here".to_owned()),
+                            }
+                        })
+                    });
+                    let to = SocketAddr::new(vip.addr, port);
+                    (probe, path::timeout_reason(forward, real, to, timeout))
+                }
             };
-            let probe: ProbeFn = Arc::new(move || {
-                let prober = prober.clone();
-                Box::pin(async move { prober.run(&target).await })
-            });
             let _ = self.tx.send(Command::Start {
                 key: k,
                 check: Box::new(check.clone()),
                 probe,
+                expired,
             });
-            self.running.insert(k, check);
+            self.running.insert(k, (check, forward));
         }
     }
 }
@@ -394,10 +435,17 @@ fn notify(vip: Vip, real: IpAddr, check: &HealthCheck, up: bool, error: String) 
 /// Called with each flip: the key, its check and its new status.
 type OnFlip = Arc<dyn Fn(Key, &HealthCheck, &ProbeStatus) + Send + Sync>;
 
+/// What a probe that outlives its timeout fails with (probes via the real).
+fn timed_out(timeout: Duration) -> String {
+    format!("timeout after {} ms", timeout.as_millis())
+}
+
 /// A real under probing.
 struct Entry {
     check: HealthCheck,
     probe: ProbeFn,
+    /// The failure of a probe that outlives the timeout.
+    expired: String,
     /// Bumped at each (re)start: results and deadlines of an older
     /// generation are ignored.
     generation: u64,
@@ -451,7 +499,12 @@ impl Scheduler {
 
     fn command(&mut self, cmd: Command) {
         match cmd {
-            Command::Start { key, check, probe } => {
+            Command::Start {
+                key,
+                check,
+                probe,
+                expired,
+            } => {
                 self.generations += 1;
                 let generation = self.generations;
                 // Spread the first probes of many reals over one interval.
@@ -472,6 +525,7 @@ impl Scheduler {
                     Entry {
                         check: *check,
                         probe,
+                        expired,
                         generation,
                         duration,
                     },
@@ -504,11 +558,12 @@ impl Scheduler {
             self.board.lock().entry(key).or_default();
             let timeout = Duration::from_millis(e.check.timeout_ms);
             let probe = (e.probe)();
+            let expired = e.expired.clone();
             self.in_flight.push(Box::pin(async move {
                 let started = Instant::now();
                 let result = match tokio::time::timeout(timeout, probe).await {
                     Ok(r) => r,
-                    Err(_) => Err(format!("timeout after {} ms", timeout.as_millis())),
+                    Err(_) => Err(expired),
                 };
                 (key, generation, result, started.elapsed())
             }));
@@ -653,13 +708,15 @@ mod tests {
         F: Future<Output = Result<(), String>> + Send + 'static,
     {
         let probe: ProbeFn = Arc::new(move || Box::pin(probe()));
-        engine.running.insert(key, check.clone());
+        engine.running.insert(key, (check.clone(), Forward::Dr));
+        let expired = timed_out(Duration::from_millis(check.timeout_ms));
         engine
             .tx
             .send(Command::Start {
                 key,
                 check: Box::new(check),
                 probe,
+                expired,
             })
             .expect("scheduler");
     }
@@ -902,7 +959,14 @@ mod tests {
             start: Start::Down,
             ..defaults()
         };
-        let mut wanted = BTreeMap::from([((vip, key(11).1), (c.clone(), 1))]);
+        let mut wanted = BTreeMap::from([(
+            (vip, key(11).1),
+            Planned {
+                check: c.clone(),
+                port: 1,
+                forward: Forward::Dr,
+            },
+        )]);
         // start: down and in the down set: starts down with the reason.
         engine.sync(wanted.clone(), &BTreeSet::from([key(11)]));
         assert_eq!(

@@ -3,12 +3,15 @@
 
 pub mod command;
 pub mod engine;
+pub mod path;
 pub mod probe;
 
 pub use engine::{Engine, ProbeStatus};
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
+
+use crate::model::Forward;
 
 /// What a probe does.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -29,6 +32,51 @@ pub enum ProbeKind {
     None,
 }
 
+/// Where a probe is sent.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Via {
+    /// To the real's own address, by the balancer's network stack.
+    #[default]
+    Real,
+    /// To the VIP, the way the data path forwards client traffic: through
+    /// the tunnel to the real (TUN) or at the real's MAC (DR). Proves the
+    /// real's decapsulation (TUN) or its VIP on `lo` (DR) as well.
+    Vip,
+}
+
+impl std::fmt::Display for Via {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Real => "real",
+            Self::Vip => "vip",
+        })
+    }
+}
+
+impl std::str::FromStr for Via {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "real" => Ok(Self::Real),
+            "vip" => Ok(Self::Vip),
+            _ => Err(format!("'{s}' is not real or vip")),
+        }
+    }
+}
+
+/// A real to probe: its check, the port probed, and how its VIP forwards
+/// to it (what a `via: vip` probe imitates).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Planned {
+    /// The check that applies to the real.
+    pub check: HealthCheck,
+    /// The port probed: the check's, else the VIP's.
+    pub port: u16,
+    /// The VIP's forwarding mode.
+    pub forward: Forward,
+}
+
 /// Health-check settings of a service (or of one real).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -39,6 +87,10 @@ pub struct HealthCheck {
     /// Port to probe (default: the service port).
     #[serde(default)]
     pub port: Option<u16>,
+    /// Where probes go: the real's address (default) or the VIP through the
+    /// forwarding path (tcp checks only).
+    #[serde(default)]
+    pub via: Via,
     /// Time between probes of one real, milliseconds.
     #[serde(default = "defaults::interval_ms")]
     pub interval_ms: u64,
@@ -159,6 +211,7 @@ impl Default for HealthCheck {
         Self {
             kind: ProbeKind::Tcp,
             port: None,
+            via: Via::Real,
             interval_ms: defaults::interval_ms(),
             timeout_ms: defaults::timeout_ms(),
             rise: defaults::rise(),
@@ -222,6 +275,13 @@ impl HealthCheck {
         {
             return Err(format!(
                 "host {host:?} must be a host name without spaces or control characters"
+            ));
+        }
+        if self.via == Via::Vip && self.kind != ProbeKind::Tcp {
+            return Err(format!(
+                "via: vip probes with a TCP handshake sent through the forwarding path: it serves \
+                 kind tcp only, not {}",
+                format!("{:?}", self.kind).to_lowercase()
             ));
         }
         if self.port == Some(0) {
@@ -299,5 +359,39 @@ impl HealthCheck {
             return Err(bad());
         }
         Ok((lo, hi))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn via_vip_serves_tcp_checks_only() {
+        let tcp = HealthCheck {
+            via: Via::Vip,
+            ..HealthCheck::default()
+        };
+        assert_eq!(tcp.validate(), Ok(()));
+        let http = HealthCheck {
+            kind: ProbeKind::Http,
+            ..tcp.clone()
+        };
+        assert_eq!(
+            http.validate(),
+            Err(
+                "via: vip probes with a TCP handshake sent through the forwarding path: it \
+                 serves kind tcp only, not http"
+                    .to_owned()
+            )
+        );
+        let parsed: HealthCheck =
+            serde_yaml_ng::from_str("kind: tcp\nvia: vip\n").expect("via: vip parses");
+        assert_eq!(parsed.via, Via::Vip);
+        let err = serde_yaml_ng::from_str::<HealthCheck>("via: tunnel\n").expect_err("bad via");
+        assert!(
+            err.to_string().contains("unknown variant `tunnel`"),
+            "{err}"
+        );
     }
 }
