@@ -61,9 +61,90 @@ pub struct ConfigFile {
     /// into [`Settings`] key by key so that an error names its key.
     #[serde(default)]
     pub daemon: serde_yaml_ng::Value,
+    /// The seed of the Maglev permutations, or why what is written is not one.
+    #[serde(default)]
+    pub hash_seed: SeedField,
     /// The virtual services.
     #[serde(default)]
     pub services: Vec<ServiceConfig>,
+}
+
+/// The `hash_seed` key as written: the seed (absent or null: 0, no seed), or
+/// why the value is not an unsigned 64-bit integer. Read this way so that
+/// any value (a negative, a float, a number past 64 bits, a string) gets a
+/// message naming the key rather than the YAML parser's.
+#[derive(Debug)]
+pub struct SeedField(pub Result<u64, String>);
+
+impl Default for SeedField {
+    fn default() -> Self {
+        Self(Ok(0))
+    }
+}
+
+impl<'de> Deserialize<'de> for SeedField {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::{self, IgnoredAny, MapAccess, SeqAccess};
+        struct Visitor;
+        fn not(what: impl std::fmt::Display, why: &str) -> SeedField {
+            SeedField(Err(format!(
+                "{what} {why}: the seed is an unsigned integer from 0 to {}",
+                u64::MAX
+            )))
+        }
+        impl<'de> de::Visitor<'de> for Visitor {
+            type Value = SeedField;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("an unsigned integer")
+            }
+            fn visit_u64<E>(self, v: u64) -> Result<SeedField, E> {
+                Ok(SeedField(Ok(v)))
+            }
+            fn visit_i64<E>(self, v: i64) -> Result<SeedField, E> {
+                Ok(u64::try_from(v).map_or_else(|_| not(v, "is negative"), |v| SeedField(Ok(v))))
+            }
+            fn visit_u128<E>(self, v: u128) -> Result<SeedField, E> {
+                Ok(u64::try_from(v).map_or_else(|_| not(v, "is too large"), |v| SeedField(Ok(v))))
+            }
+            fn visit_i128<E>(self, v: i128) -> Result<SeedField, E> {
+                Ok(match u64::try_from(v) {
+                    Ok(v) => SeedField(Ok(v)),
+                    Err(_) if v < 0 => not(v, "is negative"),
+                    Err(_) => not(v, "is too large"),
+                })
+            }
+            fn visit_f64<E>(self, v: f64) -> Result<SeedField, E> {
+                // Integers past 128 bits reach here as floats.
+                Ok(match v {
+                    _ if v.fract() != 0.0 || !v.is_finite() => not(v, "is not an integer"),
+                    _ if v < 0.0 => not(format!("{v:e}"), "is negative"),
+                    _ if v >= u64::MAX as f64 => not(format!("{v:e}"), "is too large"),
+                    _ => not(v, "is not an integer"),
+                })
+            }
+            fn visit_bool<E>(self, v: bool) -> Result<SeedField, E> {
+                Ok(not(v, "is not an integer"))
+            }
+            fn visit_str<E>(self, v: &str) -> Result<SeedField, E> {
+                Ok(not(format!("{v:?}"), "is not an integer"))
+            }
+            fn visit_unit<E>(self) -> Result<SeedField, E> {
+                Ok(SeedField::default())
+            }
+            fn visit_none<E>(self) -> Result<SeedField, E> {
+                Ok(SeedField::default())
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<SeedField, A::Error> {
+                while seq.next_element::<IgnoredAny>()?.is_some() {}
+                Ok(not("a list", "is not an integer"))
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<SeedField, A::Error> {
+                while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+                Ok(not("a mapping", "is not an integer"))
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
 }
 
 /// One virtual service.
@@ -109,9 +190,13 @@ pub struct RealConfig {
     pub health_check: Option<HealthCheck>,
 }
 
-/// A saved desired state: the `services:` part of a configuration file.
+/// A saved desired state: the `hash_seed:` and `services:` parts of a
+/// configuration file.
 #[derive(Debug, Serialize)]
 pub struct Saved {
+    /// The seed of the Maglev permutations, when one is set.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hash_seed: Option<u64>,
     /// The services, in VIP order, every setting written out.
     pub services: Vec<ServiceConfig>,
 }
@@ -141,7 +226,10 @@ pub fn document(desired: &Desired) -> Saved {
                 .collect(),
         })
         .collect();
-    Saved { services }
+    Saved {
+        hash_seed: (desired.hash_seed != 0).then_some(desired.hash_seed),
+        services,
+    }
 }
 
 /// The first lines of `xlb save`'s output.
@@ -324,7 +412,14 @@ impl Config {
         };
         let daemon =
             daemon_settings(&raw.daemon).map_err(|(path, message)| invalid(path, message))?;
-        let mut desired = Desired::default();
+        let mut desired = Desired {
+            hash_seed: raw
+                .hash_seed
+                .0
+                .clone()
+                .map_err(|message| invalid("hash_seed".to_owned(), message))?,
+            ..Desired::default()
+        };
         for (i, s) in raw.services.iter().enumerate() {
             let at = |field: &str| format!("services[{i}].{field}");
             let vip: Vip = s
@@ -499,6 +594,26 @@ mod tests {
     }
 
     #[test]
+    fn a_hash_seed_is_read_saved_and_read_back() {
+        let text = format!("hash_seed: {}\n{EXAMPLE}", u64::MAX);
+        let c = Config::parse("xlb.yaml", &text).expect("valid");
+        assert_eq!(c.desired.hash_seed, u64::MAX);
+        let saved = to_yaml(&c.desired).expect("yaml");
+        assert!(
+            saved.contains(&format!("\nhash_seed: {}\nservices:\n", u64::MAX)),
+            "{saved}"
+        );
+        let back = Config::parse("saved.yaml", &saved).expect("the saved state parses");
+        assert_eq!(back.desired, c.desired);
+        // No seed, or seed 0, is no seed: nothing is written.
+        for text in ["hash_seed: 0\n", "hash_seed:\n", ""] {
+            let c = Config::parse("x.yaml", text).expect("valid");
+            assert_eq!(c.desired.hash_seed, 0);
+            assert!(!to_yaml(&c.desired).expect("yaml").contains("hash_seed"));
+        }
+    }
+
+    #[test]
     fn big_or_deep_documents_are_refused_before_parsing() {
         let big = format!("# {}\n", "x".repeat(MAX_CONFIG_BYTES));
         let err = Config::parse("x.yaml", &big).unwrap_err().to_string();
@@ -595,6 +710,31 @@ mod tests {
             (
                 "daemon:\n  min_healthy: 1.5\n",
                 "x.yaml: daemon.min_healthy: 1.5 is not between 0.0 and 1.0",
+            ),
+            (
+                "hash_seed: -1\n",
+                "x.yaml: hash_seed: -1 is negative: the seed is an unsigned integer from 0 to \
+                 18446744073709551615",
+            ),
+            (
+                "hash_seed: 1.5\n",
+                "x.yaml: hash_seed: 1.5 is not an integer: the seed is an unsigned integer",
+            ),
+            (
+                "hash_seed: seven\n",
+                "x.yaml: hash_seed: \"seven\" is not an integer",
+            ),
+            (
+                "hash_seed: [7]\n",
+                "x.yaml: hash_seed: a list is not an integer",
+            ),
+            (
+                "hash_seed: 18446744073709551616\n",
+                "x.yaml: hash_seed: 18446744073709551616 is too large",
+            ),
+            (
+                "hash_seed: 1000000000000000000000000000000000000000000\n",
+                "x.yaml: hash_seed: 1e42 is too large",
             ),
             (
                 "daemon:\n  colour: blue\n",

@@ -182,6 +182,9 @@ pub struct VipModel {
     pub id: u32,
     /// Its options.
     pub options: VipOptions,
+    /// The `hash_seed` its live table was built with.
+    #[serde(default, skip_serializing_if = "crate::desired::is_zero")]
+    pub hash_seed: u64,
     /// Whether the avalanche guard ignores health for it.
     pub guarded: bool,
     /// Its reals.
@@ -259,6 +262,7 @@ impl Snapshot {
                     vip: *vip,
                     id: a.id,
                     options: a.options,
+                    hash_seed: a.hash_seed,
                     guarded: state.guarded().contains(vip),
                     reals,
                 })

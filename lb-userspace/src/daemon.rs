@@ -214,10 +214,15 @@ pub async fn run(
         .context("invalid store settings")?;
     if store_options.is_some()
         && let (Some(config), Some(path)) = (&config, &config_path)
-        && !config.desired.services.is_empty()
+        && (!config.desired.services.is_empty() || config.desired.hash_seed != 0)
     {
+        let what = if config.desired.services.is_empty() {
+            "a hash_seed is"
+        } else {
+            "services are"
+        };
         bail!(
-            "{}: services are given, but with a store (daemon.store / --store) the desired state \
+            "{}: {what} given, but with a store (daemon.store / --store) the desired state \
              comes from the store only; remove them from the file and load them with `xlb apply`",
             path.display()
         );

@@ -205,8 +205,18 @@ impl ServiceSpec {
 /// Services by VIP: one layer of the desired state (or both, merged).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Desired {
+    /// The seed of every Maglev permutation (`hash_seed`): nodes of a fleet
+    /// with the same seed build the same tables; another seed puts the reals
+    /// in other slots. 0 (unset) is the unseeded table.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub hash_seed: u64,
     /// The services by VIP.
     pub services: BTreeMap<Vip, ServiceSpec>,
+}
+
+/// Whether `n` is 0 (an unset seed is not written out).
+pub fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 impl Desired {

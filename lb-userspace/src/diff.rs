@@ -23,13 +23,14 @@ pub enum Action {
     Changed,
 }
 
-/// One VIP or real that differs.
+/// One VIP or real that differs, or the `hash_seed` (no VIP).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Change {
     /// Added, removed or changed.
     pub action: Action,
-    /// The VIP.
-    pub vip: Vip,
+    /// The VIP; absent for the `hash_seed`, which is the whole state's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vip: Option<Vip>,
     /// The real, when the change is a real's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub real: Option<IpAddr>,
@@ -45,9 +46,10 @@ impl std::fmt::Display for Change {
             Action::Removed => '-',
             Action::Changed => '~',
         };
-        match self.real {
-            Some(real) => write!(f, "{sign} real {real} of {}", self.vip)?,
-            None => write!(f, "{sign} VIP {}", self.vip)?,
+        match (self.vip, self.real) {
+            (Some(vip), Some(real)) => write!(f, "{sign} real {real} of {vip}")?,
+            (Some(vip), None) => write!(f, "{sign} VIP {vip}")?,
+            (None, _) => return write!(f, "{sign} {}", self.details.join("; ")),
         }
         if self.details.is_empty() {
             return Ok(());
@@ -133,13 +135,33 @@ fn listed(settings: &[(String, String)]) -> Vec<String> {
         .collect()
 }
 
-/// Every VIP and real that differs from `old` to `new`: removals first, then
-/// additions and changes, in VIP and real order.
+/// Every VIP and real that differs from `old` to `new`: the `hash_seed`
+/// first, then removals, then additions and changes, in VIP and real order.
 pub fn diff(old: &Desired, new: &Desired) -> Vec<Change> {
     let mut out = Vec::new();
+    if old.hash_seed != new.hash_seed {
+        let seed = |s: u64| {
+            if s == 0 {
+                "unset".to_owned()
+            } else {
+                s.to_string()
+            }
+        };
+        out.push(Change {
+            action: Action::Changed,
+            vip: None,
+            real: None,
+            details: vec![format!(
+                "hash_seed {} -> {}: every Maglev table is rebuilt, new flows may go to other \
+                 reals (tracked flows keep theirs)",
+                seed(old.hash_seed),
+                seed(new.hash_seed)
+            )],
+        });
+    }
     let change = |action, vip: &Vip, real, details| Change {
         action,
-        vip: *vip,
+        vip: Some(*vip),
         real,
         details,
     };
@@ -272,5 +294,31 @@ mod tests {
             )
         );
         assert!(diff(&new, &new).is_empty());
+    }
+
+    #[test]
+    fn a_new_hash_seed_comes_first_and_says_what_it_does() {
+        let old = two_reals();
+        let mut new = old.clone();
+        new.hash_seed = 7;
+        new.services
+            .get_mut(&vip("203.0.113.10:80/tcp"))
+            .and_then(|s| s.reals.get_mut(&ip("198.51.100.11")))
+            .expect("real")
+            .weight = 2;
+        let lines: Vec<String> = diff(&old, &new).iter().map(ToString::to_string).collect();
+        assert_eq!(
+            lines,
+            [
+                "~ hash_seed unset -> 7: every Maglev table is rebuilt, new flows may go to \
+                 other reals (tracked flows keep theirs)",
+                "~ real 198.51.100.11 of 203.0.113.10:80/tcp: weight 1 -> 2",
+            ]
+        );
+        let json = serde_json::to_value(&diff(&old, &new)[0]).expect("json");
+        assert_eq!(json["action"], "changed");
+        assert!(json.get("vip").is_none(), "{json}");
+        let back = diff(&new, &old);
+        assert!(back[0].to_string().starts_with("~ hash_seed 7 -> unset: "));
     }
 }

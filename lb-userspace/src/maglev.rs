@@ -6,6 +6,13 @@
 //! only on the set of (address, weight) pairs — not on insertion order or on
 //! real ids' history — so two balancers with the same configuration build the
 //! same table and agree on every flow.
+//!
+//! The permutations are keyed hashes of the addresses. The keys are fixed
+//! (part of the format), and the desired state's `hash_seed` is mixed into
+//! them: seed 0, the default, gives the tables every earlier version built;
+//! any other seed gives every real new permutations, so the same reals fill
+//! the slots in another order. The flow hash (which slot a packet reads) is
+//! not seeded.
 
 use std::net::IpAddr;
 
@@ -44,6 +51,11 @@ pub fn is_prime(n: u32) -> bool {
 const OFFSET_KEYS: (u64, u64) = (0x786c_622d_6f66_6673, 0x6d61_676c_6576_3031);
 const SKIP_KEYS: (u64, u64) = (0x786c_622d_736b_6970, 0x6d61_676c_6576_3032);
 
+/// `keys` with `seed` mixed in: seed 0 leaves them as they are.
+fn seeded(keys: (u64, u64), seed: u64) -> (u64, u64) {
+    (keys.0 ^ seed, keys.1)
+}
+
 fn hash(addr: IpAddr, keys: (u64, u64)) -> u64 {
     let (bytes, family) = addr_bytes(addr);
     let mut h = SipHasher13::new_with_keys(keys.0, keys.1);
@@ -52,11 +64,12 @@ fn hash(addr: IpAddr, keys: (u64, u64)) -> u64 {
     std::hash::Hasher::finish(&h)
 }
 
-/// Builds a lookup table of `size` slots (a prime) over `backends`.
+/// Builds a lookup table of `size` slots (a prime) over `backends`, with the
+/// permutations of `seed` (the desired state's `hash_seed`; 0 when unset).
 ///
 /// Returns `size` real ids; every slot holds [`REAL_NONE`] when no backend has a
 /// non-zero weight.
-pub fn build(backends: &[Backend], size: u32) -> Vec<u32> {
+pub fn build(backends: &[Backend], size: u32, seed: u64) -> Vec<u32> {
     debug_assert!(is_prime(size), "Maglev table size must be prime");
     let m = u64::from(size);
     let mut table = vec![REAL_NONE; size as usize];
@@ -69,10 +82,11 @@ pub fn build(backends: &[Backend], size: u32) -> Vec<u32> {
     let max_weight = u64::from(live.iter().map(|b| b.weight).max().unwrap_or(1));
 
     // Per backend: current position in its permutation, its skip, its credit.
-    let mut pos: Vec<u64> = live.iter().map(|b| hash(b.addr, OFFSET_KEYS) % m).collect();
+    let (offset_keys, skip_keys) = (seeded(OFFSET_KEYS, seed), seeded(SKIP_KEYS, seed));
+    let mut pos: Vec<u64> = live.iter().map(|b| hash(b.addr, offset_keys) % m).collect();
     let skip: Vec<u64> = live
         .iter()
-        .map(|b| hash(b.addr, SKIP_KEYS) % (m - 1) + 1)
+        .map(|b| hash(b.addr, skip_keys) % (m - 1) + 1)
         .collect();
     let mut credit = vec![0u64; live.len()];
 
@@ -112,6 +126,8 @@ mod tests {
     use super::*;
 
     const GOLDEN_DIGEST: u64 = 0x8cb8_47eb_2346_a2a7;
+    /// The same table with `hash_seed: 7`.
+    const GOLDEN_DIGEST_SEED_7: u64 = 0x2895_9a64_a6cd_8f61;
 
     fn reals(n: u32) -> Vec<Backend> {
         (0..n)
@@ -133,7 +149,7 @@ mod tests {
 
     #[test]
     fn every_slot_is_filled() {
-        let table = build(&reals(3), 65537);
+        let table = build(&reals(3), 65537, 0);
         assert_eq!(table.len(), 65537);
         assert!(table.iter().all(|&id| (1..=3).contains(&id)));
     }
@@ -144,8 +160,8 @@ mod tests {
         for r in &mut b {
             r.weight = 0;
         }
-        assert!(build(&b, 251).iter().all(|&id| id == REAL_NONE));
-        assert!(build(&[], 251).iter().all(|&id| id == REAL_NONE));
+        assert!(build(&b, 251, 0).iter().all(|&id| id == REAL_NONE));
+        assert!(build(&[], 251, 0).iter().all(|&id| id == REAL_NONE));
     }
 
     #[test]
@@ -153,12 +169,12 @@ mod tests {
         let b = reals(10);
         let mut reversed = b.clone();
         reversed.reverse();
-        assert_eq!(build(&b, 65537), build(&reversed, 65537));
+        assert_eq!(build(&b, 65537, 0), build(&reversed, 65537, 0));
     }
 
     #[test]
     fn spread_is_even_for_100_reals() {
-        let table = build(&reals(100), 65537);
+        let table = build(&reals(100), 65537, 0);
         let s = shares(&table);
         assert_eq!(s.len(), 100);
         let max = *s.values().max().expect("non-empty") as f64;
@@ -169,7 +185,7 @@ mod tests {
     #[test]
     fn removing_one_real_moves_few_other_slots() {
         let before_reals = reals(100);
-        let before = build(&before_reals, 65537);
+        let before = build(&before_reals, 65537, 0);
         let removed = before_reals[42].id;
         let after = build(
             &before_reals
@@ -178,6 +194,7 @@ mod tests {
                 .filter(|b| b.id != removed)
                 .collect::<Vec<_>>(),
             65537,
+            0,
         );
         let mut moved_other = 0usize;
         for (old, new) in before.iter().zip(&after) {
@@ -196,7 +213,7 @@ mod tests {
         for (r, w) in b.iter_mut().zip([1, 2, 3, 4]) {
             r.weight = w;
         }
-        let table = build(&b, 65537);
+        let table = build(&b, 65537, 0);
         let s = shares(&table);
         for r in &b {
             let got = s[&r.id] as f64 / 65537.0;
@@ -209,22 +226,59 @@ mod tests {
         }
     }
 
+    /// FNV-1a over a table: a stable digest that needs no dependency.
+    fn digest(table: &[u32]) -> u64 {
+        table.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, id| {
+            (h ^ u64::from(*id)).wrapping_mul(0x0000_0100_0000_01b3)
+        })
+    }
+
     /// The table for a fixed set of reals is pinned here: two balancers (or two
     /// builds, or two processes) with the same configuration must build the same
-    /// table, or flows split between them behind ECMP would change reals.
+    /// table, or flows split between them behind ECMP would change reals. Seed 0
+    /// (no `hash_seed`) is the table of every earlier version.
     #[test]
     fn table_is_the_same_in_every_process_and_build() {
         let mut b = reals(5);
         b[2].weight = 3;
-        let table = build(&b, 4099);
-        // FNV-1a over the table: a stable digest that needs no dependency.
-        let digest = table.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, id| {
-            (h ^ u64::from(*id)).wrapping_mul(0x0000_0100_0000_01b3)
-        });
+        let d = digest(&build(&b, 4099, 0));
+        assert_eq!(d, GOLDEN_DIGEST, "the Maglev table changed: {d:#x}");
+        let d = digest(&build(&b, 4099, 7));
         assert_eq!(
-            digest, GOLDEN_DIGEST,
-            "the Maglev table changed: {digest:#x}"
+            d, GOLDEN_DIGEST_SEED_7,
+            "the table of hash_seed 7 changed: {d:#x}"
         );
+    }
+
+    /// Another seed puts the same reals in other slots (about as many slots
+    /// change as a random reshuffle would), with the same shares, and the
+    /// table still depends only on the reals and the seed.
+    #[test]
+    fn a_seed_reshuffles_the_slots_and_keeps_the_shares() {
+        let b = reals(3);
+        let plain = build(&b, 65537, 0);
+        let mut reversed = b.clone();
+        reversed.reverse();
+        for seed in [1, 7, u64::MAX] {
+            let seeded = build(&b, 65537, seed);
+            assert_eq!(seeded, build(&reversed, 65537, seed), "seed {seed}");
+            let moved = plain.iter().zip(&seeded).filter(|(a, b)| a != b).count();
+            // Three reals: a random reassignment moves two thirds of the slots.
+            let share = moved as f64 / plain.len() as f64;
+            assert!(
+                (0.6..0.73).contains(&share),
+                "seed {seed}: {:.1}% of the slots moved",
+                share * 100.0
+            );
+            let s = shares(&seeded);
+            let (max, min) = (s.values().max(), s.values().min());
+            assert!(
+                max.zip(min)
+                    .is_some_and(|(max, min)| *max as f64 / *min as f64 <= 1.01),
+                "seed {seed}: {s:?}"
+            );
+        }
+        assert_ne!(build(&b, 65537, 1), build(&b, 65537, 2));
     }
 
     #[test]
@@ -241,11 +295,11 @@ mod tests {
         for (i, r) in b.iter_mut().enumerate() {
             r.weight = 1 + i as u32 % 3;
         }
-        let plain = build(&b, 4099);
+        let plain = build(&b, 4099, 0);
         for r in &mut b {
             r.weight *= 100;
         }
-        assert_eq!(build(&b, 4099), plain);
+        assert_eq!(build(&b, 4099, 0), plain);
     }
 
     proptest! {
@@ -253,7 +307,7 @@ mod tests {
         fn any_backend_set_fills_every_slot_with_a_member(n in 1u32..40, size_idx in 0usize..3) {
             let size = [251u32, 1009, 4099][size_idx];
             let b = reals(n);
-            let table = build(&b, size);
+            let table = build(&b, size, 0);
             prop_assert!(table.iter().all(|&id| id >= 1 && id <= n));
         }
     }

@@ -1,6 +1,7 @@
 //! netns end-to-end, a fleet of three balancers sharing one desired state in a real
 //! etcd (Debian's `etcd-server`, in its own namespace on the segment): one `xlb apply`
-//! reaches every node and every node sends 10,000 random flows to the same real; a real
+//! reaches every node and every node sends 10,000 random flows to the same real, also
+//! after a `hash_seed` moved most of them to other reals; a real
 //! that one node cannot reach stays in everywhere, one that two cannot reach goes out
 //! everywhere; two operators applying at once get one winner and one conflict; the
 //! fleet keeps forwarding while etcd is down (a node restarted meanwhile serves its
@@ -20,6 +21,7 @@ use std::thread;
 use std::time::Duration;
 
 use rand::{Rng as _, SeedableRng as _};
+use xlb_tests::etcd::{ETCD, Etcd};
 use xlb_tests::harness::{
     Daemon, Proc, RunDir, VIP, balanced_topology, http_get, json, pass_on_switch_port,
     require_root, start_reals, wait_until,
@@ -32,9 +34,6 @@ const SERVICE_C: &str = "203.0.113.20:80/tcp";
 const VIP_C: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 20);
 const SERVER_ARGS: [&str; 2] = ["--http", "0.0.0.0:80"];
 const REALS: [&str; 3] = ["198.51.100.11", "198.51.100.12", "198.51.100.13"];
-/// etcd's host on the segment.
-const ETCD_ID: u8 = 5;
-const ETCD: &str = "198.51.100.5:2379";
 
 /// The desired state the scenarios start from: both services on the three reals,
 /// probed over TCP every 200 ms.
@@ -50,99 +49,6 @@ fn config(weights: [u32; 3]) -> String {
         }
     }
     out
-}
-
-/// `etcd` in its own namespace, data under the test's run directory.
-struct Etcd {
-    host: Host,
-    dir: PathBuf,
-    proc: Option<Proc>,
-}
-
-impl Etcd {
-    fn start(topo: &Topology, dir: &Path) -> Etcd {
-        let host = topo.add_host("etcd", "e", ETCD_ID);
-        let mut etcd = Etcd {
-            host,
-            dir: dir.join("etcd"),
-            proc: None,
-        };
-        etcd.run();
-        etcd
-    }
-
-    fn run(&mut self) {
-        let log = std::fs::File::create(self.dir.with_extension("log")).expect("etcd log");
-        let mut cmd = self.host.ns.command("etcd");
-        cmd.args([
-            "--name",
-            "e",
-            "--data-dir",
-            self.dir.to_str().expect("UTF-8 path"),
-            "--listen-client-urls",
-            &format!("http://{ETCD}"),
-            "--advertise-client-urls",
-            &format!("http://{ETCD}"),
-            "--listen-peer-urls",
-            "http://127.0.0.1:2380",
-            "--initial-advertise-peer-urls",
-            "http://127.0.0.1:2380",
-            "--initial-cluster",
-            "e=http://127.0.0.1:2380",
-        ])
-        .stdin(Stdio::null())
-        .stdout(log.try_clone().expect("log"))
-        .stderr(log);
-        self.proc = Some(Proc::spawn("etcd", &mut cmd));
-        wait_until("etcd answers", || {
-            self.ctl(&["endpoint", "health"]).status.success()
-        });
-    }
-
-    fn stop(&mut self) {
-        if let Some(mut p) = self.proc.take() {
-            p.stop();
-        }
-    }
-
-    fn ctl(&self, args: &[&str]) -> std::process::Output {
-        self.host
-            .ns
-            .command("etcdctl")
-            .args(["--endpoints", ETCD, "--command-timeout", "2s"])
-            .args(args)
-            .env("ETCDCTL_API", "3")
-            .stdin(Stdio::null())
-            .output()
-            .expect("etcdctl runs")
-    }
-
-    /// The revision of `key` (its last change).
-    fn mod_revision(&self, key: &str) -> i64 {
-        let out = self.ctl(&["get", key, "-w", "json"]);
-        let v = json(&String::from_utf8_lossy(&out.stdout), "etcdctl get -w json");
-        v["kvs"][0]["mod_revision"]
-            .as_i64()
-            .expect("the key exists")
-    }
-
-    /// The store's current revision (every node report moves it too).
-    fn revision(&self) -> i64 {
-        let out = self.ctl(&["endpoint", "status", "-w", "json"]);
-        let v = json(
-            &String::from_utf8_lossy(&out.stdout),
-            "etcdctl endpoint status",
-        );
-        v[0]["Status"]["header"]["revision"]
-            .as_i64()
-            .expect("a revision")
-    }
-}
-
-impl Drop for Etcd {
-    fn drop(&mut self) {
-        self.stop();
-    }
 }
 
 /// Three balancers (`a` is the topology's, `b` and `c` added) in store mode, the
@@ -387,6 +293,76 @@ fn one_apply_reaches_the_fleet_which_agrees_on_every_flow_health_and_conflicts()
         assert!(
             fleet.simulate(i, &flows) == on_a,
             "node {i} sends some flow to another real than node a"
+        );
+    }
+
+    // One hash seed for the fleet: checked like any key, previewed by --dry-run,
+    // applied by every node, which then send many flows to other reals than
+    // before and still agree on every flow.
+    let bad = fleet.file(
+        "bad-seed.yaml",
+        &format!("hash_seed: -7\n{}", config([1, 1, 1])),
+    );
+    let out = fleet.nodes[0].cli(&["apply", bad.to_str().expect("UTF-8")]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.code() == Some(2)
+            && err.contains(
+                "bad-seed.yaml: hash_seed: -7 is negative: the seed is an unsigned \
+                             integer from 0 to 18446744073709551615"
+            ),
+        "{out:?}"
+    );
+    assert_eq!(fleet.desired_revision(), rev, "nothing written");
+    let seeded = fleet.file(
+        "seeded.yaml",
+        &format!("hash_seed: 7\n{}", config([1, 1, 1])),
+    );
+    let seeded = seeded.to_str().expect("UTF-8");
+    let out = fleet.nodes[0].cli_ok(&["check", seeded]);
+    assert_eq!(
+        out.trim(),
+        format!("{seeded}: valid (2 services, 6 reals, hash_seed 7)")
+    );
+    let out = fleet.nodes[0].cli_ok(&["apply", "--dry-run", seeded]);
+    assert_eq!(
+        out,
+        format!(
+            "dry run: applying {seeded} would make 1 changes (nothing applied):\n~ hash_seed \
+             unset -> 7: every Maglev table is rebuilt, new flows may go to other reals \
+             (tracked flows keep theirs)\n"
+        )
+    );
+    fleet.nodes[0].cli_ok(&["apply", seeded]);
+    let seed_rev = fleet.desired_revision();
+    fleet.wait_converged(seed_rev);
+    let saved = fleet.nodes[1].cli_ok(&["save"]);
+    assert!(saved.contains("\nhash_seed: 7\nservices:\n"), "{saved}");
+    let on_a_seeded = fleet.simulate(0, &flows);
+    let moved = on_a
+        .iter()
+        .zip(&on_a_seeded)
+        .filter(|(before, now)| before != now)
+        .count();
+    // Three reals reshuffled: about two flows of three go elsewhere.
+    assert!(
+        (5_500..7_800).contains(&moved),
+        "{moved} of 10,000 flows moved to another real with hash_seed 7"
+    );
+    for i in [1, 2] {
+        assert!(
+            fleet.simulate(i, &flows) == on_a_seeded,
+            "node {i} sends some flow to another real than node a with hash_seed 7"
+        );
+    }
+    // Without the seed again: the unseeded tables, flow for flow.
+    fleet.nodes[2].cli_ok(&["apply", file.to_str().expect("UTF-8")]);
+    let rev = fleet.desired_revision();
+    fleet.wait_converged(rev);
+    for i in 0..3 {
+        assert!(
+            fleet.simulate(i, &flows) == on_a,
+            "node {i}: no seed gives back the first tables"
         );
     }
 

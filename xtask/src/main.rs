@@ -79,13 +79,13 @@ enum Task {
         #[arg(long, value_name = "INDEX")]
         replay: Option<u64>,
     },
-    /// run the benchmarks as root and render docs/benchmarks.md (about 7 minutes).
+    /// run the benchmarks as root and render docs/benchmarks.md (about 9 minutes).
     Bench {
         /// A fast smoke run; writes bench-results/quick.{json,md} and leaves docs/ alone.
         #[arg(long)]
         quick: bool,
-        /// Only these sections (comma-separated: per-packet,live,e2e,control,sync); the
-        /// others are kept from the last results file.
+        /// Only these sections (comma-separated: per-packet,live,e2e,control,sync,fleet);
+        /// the others are kept from the last results file.
         #[arg(long)]
         only: Option<String>,
     },

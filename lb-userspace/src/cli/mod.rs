@@ -147,6 +147,9 @@ struct Checked {
     valid: bool,
     services: usize,
     reals: usize,
+    /// The seed of the Maglev permutations, when the file sets one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    hash_seed: Option<u64>,
 }
 
 /// `xlb check FILE`: the daemon's validation of a file, without a daemon.
@@ -157,11 +160,15 @@ fn check(out: Out, file: &std::path::Path) -> anyhow::Result<()> {
         valid: true,
         services: config.desired.services.len(),
         reals: config.desired.pairs().count(),
+        hash_seed: (config.desired.hash_seed != 0).then_some(config.desired.hash_seed),
     };
+    let seed = checked
+        .hash_seed
+        .map_or_else(String::new, |s| format!(", hash_seed {s}"));
     out.line(
         &checked,
         &format!(
-            "{}: valid ({} services, {} reals)",
+            "{}: valid ({} services, {} reals{seed})",
             checked.file, checked.services, checked.reals
         ),
     )

@@ -56,6 +56,9 @@ pub struct Applied {
     pub slots: BTreeMap<IpAddr, u32>,
     /// Effective weight of each real in the live table (absent: no live slot).
     pub table: BTreeMap<IpAddr, u32>,
+    /// The `hash_seed` the live table was built with.
+    #[serde(default)]
+    pub hash_seed: u64,
 }
 
 impl Applied {
@@ -311,6 +314,7 @@ impl Model {
                         options: spec.options,
                         slots: BTreeMap::new(),
                         table: BTreeMap::new(),
+                        hash_seed: inputs.desired.hash_seed,
                     }
                 }
             };
@@ -403,7 +407,8 @@ impl Model {
             let changed = old.is_none()
                 || mode == Mode::Rewrite
                 || w.table != a.table
-                || spec.options != a.options;
+                || spec.options != a.options
+                || inputs.desired.hash_seed != a.hash_seed;
             if changed {
                 let resized = old.is_some() && a.options.table_size != spec.options.table_size;
                 let size = spec.options.table_size;
@@ -420,6 +425,7 @@ impl Model {
                 a.live ^= 1;
                 a.options = spec.options;
                 a.table = w.table;
+                a.hash_seed = inputs.desired.hash_seed;
                 let backends: Vec<Backend> = a
                     .table
                     .iter()
@@ -432,7 +438,7 @@ impl Model {
                 plan.tables.push(TablePlan {
                     vip: *vip,
                     ring,
-                    table: maglev::build(&backends, size),
+                    table: maglev::build(&backends, size, a.hash_seed),
                     new_meta: a.meta(ring),
                     old_meta: old.map(Applied::live_meta),
                 });
@@ -740,8 +746,50 @@ mod tests {
 
     fn desired(services: &[(&str, ServiceSpec)]) -> Desired {
         Desired {
+            hash_seed: 0,
             services: services.iter().map(|(v, s)| (vip(v), s.clone())).collect(),
         }
+    }
+
+    /// The ring of a VIP's live table, from the maps alone.
+    fn live_ring(world: &World, v: &str) -> Vec<u32> {
+        let meta = world.maps.vips[&vip(v).key()];
+        world
+            .maps
+            .read_ring(meta.ring_off, meta.ring_size)
+            .expect("ring")
+    }
+
+    #[test]
+    fn a_new_hash_seed_rebuilds_every_table_and_seed_0_gives_the_first_back() {
+        let mut world = World::new();
+        let (a, b) = ("203.0.113.10:80/tcp", "203.0.113.11:80/tcp");
+        let reals = service(&[
+            (11, Admin::Enabled),
+            (12, Admin::Enabled),
+            (13, Admin::Enabled),
+        ]);
+        let mut d = desired(&[(a, reals.clone()), (b, reals)]);
+        world.apply(&d).expect("apply");
+        let unseeded = live_ring(&world, a);
+        d.hash_seed = 7;
+        let c = world.apply(&d).expect("seed");
+        assert_eq!((c.tables, c.writes), (2, 4), "two rings and two entries");
+        let seeded = live_ring(&world, a);
+        let moved = unseeded.iter().zip(&seeded).filter(|(x, y)| x != y).count();
+        assert!(
+            moved > unseeded.len() / 2,
+            "{moved} of {} slots moved",
+            unseeded.len()
+        );
+        assert_eq!(
+            world.served(&vip(a)),
+            BTreeSet::from([ip(11), ip(12), ip(13)])
+        );
+        assert_eq!(world.apply(&d).expect("again"), Changes::default());
+        d.hash_seed = 0;
+        world.apply(&d).expect("unseed");
+        assert_eq!(live_ring(&world, a), unseeded);
     }
 
     #[test]

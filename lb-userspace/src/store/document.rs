@@ -1,5 +1,5 @@
 //! The fleet's desired state as one YAML document in the store: the
-//! `services:` list that `xlb apply` takes (docs/config.md), plus the
+//! `hash_seed:` and `services:` that `xlb apply` takes (docs/config.md), plus the
 //! `overrides:` set by hand (`xlb real set|drain|disable|enable`), which are
 //! fleet-wide in store mode. An operator reads it with `etcdctl get`.
 //!
@@ -77,6 +77,8 @@ struct ServiceDoc<'a> {
 
 #[derive(Serialize)]
 struct DocumentOut<'a> {
+    #[serde(skip_serializing_if = "crate::desired::is_zero")]
+    hash_seed: u64,
     services: Vec<ServiceDoc<'a>>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     overrides: Vec<OverrideDoc>,
@@ -171,6 +173,7 @@ pub fn render(spec: &Spec) -> String {
         })
         .collect();
     serde_yaml_ng::to_string(&DocumentOut {
+        hash_seed: spec.base.hash_seed,
         services,
         overrides,
     })
@@ -182,6 +185,7 @@ mod tests {
     use super::*;
 
     const DOC: &str = "\
+hash_seed: 7
 services:
   - vip: 203.0.113.10:80/tcp
     health_check: { kind: http, path: /healthz, interval_ms: 500, timeout_ms: 200 }
@@ -202,7 +206,13 @@ overrides:
     fn a_document_round_trips_through_render() {
         let spec = parse("store", DOC).expect("valid");
         assert_eq!(spec.base.services.len(), 2);
+        assert_eq!(spec.base.hash_seed, 7);
         assert_eq!(spec.overrides.0.len(), 1);
+        assert!(
+            render(&spec).starts_with("hash_seed: 7\n"),
+            "{}",
+            render(&spec)
+        );
         let again = parse("store", &render(&spec)).expect("rendered is valid");
         assert_eq!(again, spec);
     }
@@ -227,6 +237,10 @@ overrides:
             err.contains("overrides[0]") && err.contains("198.51.100.99 is not in VIP"),
             "{err}"
         );
+        let err = parse("store", &DOC.replace("hash_seed: 7", "hash_seed: -7"))
+            .expect_err("seed")
+            .to_string();
+        assert!(err.contains("store: hash_seed: -7 is negative"), "{err}");
         let err = parse("store", "daemon: {}\n")
             .expect_err("daemon")
             .to_string();

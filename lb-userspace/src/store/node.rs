@@ -47,10 +47,11 @@ pub struct Report {
     pub updated: u64,
 }
 
-/// Fingerprint of one Maglev table: a hash of the address in each slot, in
-/// slot order (slot ids and real ids play no part, so two nodes agree
-/// exactly when they send every hash value to the same real).
-pub fn fingerprint(table: &BTreeMap<IpAddr, u32>, size: u32) -> String {
+/// Fingerprint of one Maglev table (reals and weights, size, `hash_seed`): a
+/// hash of the address in each slot, in slot order (slot ids and real ids
+/// play no part, so two nodes agree exactly when they send every hash value
+/// to the same real).
+pub fn fingerprint(table: &BTreeMap<IpAddr, u32>, size: u32, seed: u64) -> String {
     let addrs: Vec<IpAddr> = table.keys().copied().collect();
     let backends: Vec<Backend> = table
         .iter()
@@ -62,7 +63,7 @@ pub fn fingerprint(table: &BTreeMap<IpAddr, u32>, size: u32) -> String {
         })
         .collect();
     let mut h = SipHasher13::new_with_keys(0, 0);
-    for id in maglev::build(&backends, size) {
+    for id in maglev::build(&backends, size, seed) {
         match addrs.get(id as usize) {
             Some(addr) => {
                 let (bytes, family) = addr_bytes(*addr);
@@ -86,13 +87,21 @@ pub fn fingerprints(snap: &Snapshot, cache: &mut FingerprintCache) -> BTreeMap<V
             .iter()
             .filter_map(|r| r.effective_weight.map(|w| (r.addr, w)))
             .collect();
-        let size = v.options.table_size;
+        let (size, seed) = (v.options.table_size, v.hash_seed);
         let fp = match cache.0.remove(&v.vip) {
-            Some((t, s, fp)) if t == table && s == size => fp,
-            _ => fingerprint(&table, size),
+            Some(c) if c.table == table && c.size == size && c.seed == seed => c.fingerprint,
+            _ => fingerprint(&table, size, seed),
         };
         out.insert(v.vip, fp.clone());
-        next.insert(v.vip, (table, size, fp));
+        next.insert(
+            v.vip,
+            Cached {
+                table,
+                size,
+                seed,
+                fingerprint: fp,
+            },
+        );
     }
     cache.0 = next;
     out
@@ -100,7 +109,15 @@ pub fn fingerprints(snap: &Snapshot, cache: &mut FingerprintCache) -> BTreeMap<V
 
 /// The inputs and fingerprint of each VIP's table, last time.
 #[derive(Default)]
-pub struct FingerprintCache(BTreeMap<Vip, (BTreeMap<IpAddr, u32>, u32, String)>);
+pub struct FingerprintCache(BTreeMap<Vip, Cached>);
+
+/// One VIP's table inputs and its fingerprint.
+struct Cached {
+    table: BTreeMap<IpAddr, u32>,
+    size: u32,
+    seed: u64,
+    fingerprint: String,
+}
 
 /// The fleet's health view: for every (VIP, real) this node probes, down
 /// when a strict majority of the live nodes that probe it see it down.
@@ -235,13 +252,14 @@ mod tests {
     #[test]
     fn fingerprints_follow_the_addresses_not_the_ids() {
         let t = BTreeMap::from([(ip(11), 1), (ip(12), 1), (ip(13), 2)]);
-        let fp = fingerprint(&t, 251);
-        assert_eq!(fp, fingerprint(&t.clone(), 251));
+        let fp = fingerprint(&t, 251, 0);
+        assert_eq!(fp, fingerprint(&t.clone(), 251, 0));
         assert_eq!(fp.len(), 16);
         let mut other = t.clone();
         other.insert(ip(13), 1);
-        assert_ne!(fp, fingerprint(&other, 251));
-        assert_ne!(fp, fingerprint(&t, 257));
+        assert_ne!(fp, fingerprint(&other, 251, 0));
+        assert_ne!(fp, fingerprint(&t, 257, 0));
+        assert_ne!(fp, fingerprint(&t, 251, 7), "the seed moves the reals");
     }
 
     #[test]

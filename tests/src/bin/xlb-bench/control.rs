@@ -59,7 +59,7 @@ fn maglev_builds(quick: bool) -> Vec<MaglevCase> {
             let ms: Vec<f64> = (0..reps)
                 .map(|_| {
                     let start = Instant::now();
-                    let table = maglev::build(&backends, size);
+                    let table = maglev::build(&backends, size, 0);
                     let took = start.elapsed().as_secs_f64() * 1000.0;
                     assert_eq!(table.len(), size as usize);
                     std::hint::black_box(table);

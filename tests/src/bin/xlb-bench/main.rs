@@ -13,6 +13,7 @@
 //! - [`e2e`]: wrk through xlb (DR, TUN), HAProxy and nginx in namespaces;
 //! - [`control`]: Maglev builds, reconcile at scale, health-check cost;
 //! - [`sync`]: flow sync between two daemons (lag, messages per flow);
+//! - [`fleet`]: propagation of a change through etcd to three daemons;
 //! - [`report`]: the JSON model, statistics helpers, Markdown and SVG rendering.
 //!
 //! No benchmark is a test: nothing here asserts a time. A run panics only when
@@ -22,6 +23,7 @@
 
 mod control;
 mod e2e;
+mod fleet;
 mod live;
 mod per_packet;
 mod report;
@@ -48,7 +50,7 @@ enum Command {
         /// A fast smoke run: fewer calls, shorter and fewer wrk runs.
         #[arg(long)]
         quick: bool,
-        /// Only these sections (comma-separated: per-packet,live,e2e,control,sync);
+        /// Only these sections (comma-separated: per-packet,live,e2e,control,sync,fleet);
         /// the others are kept from an existing --out file.
         #[arg(long, value_delimiter = ',')]
         only: Vec<Section>,
@@ -81,6 +83,7 @@ enum Section {
     E2e,
     Control,
     Sync,
+    Fleet,
 }
 
 fn main() {
@@ -125,28 +128,32 @@ fn run(quick: bool, only: &[Section], out: &std::path::Path, cpu: usize) {
     let start = Instant::now();
     let load_before = report::load_average();
     if wanted(Section::PerPacket) {
-        eprintln!("xlb-bench: 1/4 per-packet cost (BPF_PROG_TEST_RUN)");
+        eprintln!("xlb-bench: 1/5 per-packet cost (BPF_PROG_TEST_RUN)");
         report.per_packet = per_packet::run(quick, cpu);
         save(&report, out);
     }
     if wanted(Section::Live) {
-        eprintln!("xlb-bench: 2/4 live-frames throughput");
+        eprintln!("xlb-bench: 2/5 live-frames throughput");
         report.live = Some(live::run(quick, cpu));
         save(&report, out);
     }
     if wanted(Section::E2e) {
-        eprintln!("xlb-bench: 3/4 end to end (wrk through xlb, HAProxy, nginx)");
+        eprintln!("xlb-bench: 3/5 end to end (wrk through xlb, HAProxy, nginx)");
         report.e2e = Some(e2e::run(quick));
         save(&report, out);
     }
     if wanted(Section::Control) {
-        eprintln!("xlb-bench: 4/4 control plane");
+        eprintln!("xlb-bench: 4/5 control plane");
         report.control = Some(control::run(quick));
         save(&report, out);
     }
     if wanted(Section::Sync) {
         eprintln!("xlb-bench: flow sync between two balancers");
         report.sync = Some(sync::run(quick));
+    }
+    if wanted(Section::Fleet) {
+        eprintln!("xlb-bench: fleet propagation (etcd, three daemons)");
+        report.fleet = Some(fleet::run(quick));
     }
     report.meta = Meta::collect(quick, start.elapsed().as_secs_f64(), load_before);
     save(&report, out);

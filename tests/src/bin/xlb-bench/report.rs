@@ -18,6 +18,7 @@ pub struct Report {
     pub control: Option<Control>,
     /// Flow sync between two daemons (issue 12).
     pub sync: Option<crate::sync::SyncRun>,
+    pub fleet: Option<Fleet>,
 }
 
 /// The machine and the run.
@@ -337,6 +338,66 @@ pub struct Health {
     pub accepted: u64,
 }
 
+// ---------------------------------------------------------------- fleet
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Fleet {
+    pub nodes: usize,
+    /// The small configuration, then 1,000 VIPs × 10 reals.
+    pub cases: Vec<FleetCase>,
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct FleetCase {
+    pub name: String,
+    pub vips: usize,
+    pub reals_per_vip: usize,
+    pub table_size: u32,
+    /// Size of the desired document, bytes.
+    pub document_bytes: usize,
+    /// What each change changes.
+    pub change: String,
+    /// Per change: the etcd commit to the last node's report, ms.
+    pub propagation_ms: Vec<f64>,
+    /// Per change: the etcd commit to the first node's report, ms.
+    pub first_node_ms: Vec<f64>,
+    /// Per change: the whole `xlb apply` command through node A, ms.
+    pub apply_ms: Vec<f64>,
+}
+
+/// p50, p99, min, max and mean of samples (nearest-rank percentiles).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Latency {
+    pub p50: f64,
+    pub p99: f64,
+    pub min: f64,
+    pub max: f64,
+    pub mean: f64,
+}
+
+impl Latency {
+    pub fn of(samples: &[f64]) -> Latency {
+        let mut v: Vec<f64> = samples.iter().copied().filter(|x| x.is_finite()).collect();
+        if v.is_empty() {
+            return Latency::default();
+        }
+        v.sort_by(f64::total_cmp);
+        let rank = |p: f64| v[((p / 100.0 * v.len() as f64).ceil() as usize).clamp(1, v.len()) - 1];
+        Latency {
+            p50: rank(50.0),
+            p99: rank(99.0),
+            min: v[0],
+            max: v[v.len() - 1],
+            mean: v.iter().sum::<f64>() / v.len() as f64,
+        }
+    }
+}
+
+/// The issue 11 target: p99 propagation under this many ms.
+pub const FLEET_P99_TARGET_MS: f64 = 200.0;
+
 // ---------------------------------------------------------------- rendering
 
 /// Writes the Markdown report and its plots.
@@ -413,13 +474,17 @@ pub fn render(report: &Report, markdown: &Path, svg_dir: &Path) {
     if let Some(s) = &report.sync {
         crate::sync::section_md(w, s);
     }
+    if let Some(f) = &report.fleet {
+        fleet_md(w, f);
+    }
     line(w, "## Running it");
     line(w, "");
     line(
         w,
         "```sh\n./x bench            # the full run; rewrites this file and its plots\n./x \
          bench --quick    # a smoke run into bench-results/quick.* (docs/ untouched)\n./x bench \
-         --only e2e # one section; the others are kept from bench-results/latest.json\n```",
+         --only e2e # one section; the others are kept from bench-results/latest.json\n./x \
+         bench --only fleet # the fleet's propagation (section 5) alone\n```",
     );
     line(w, "");
     line(
@@ -787,6 +852,9 @@ fn summary(w: &mut String, r: &Report) {
         }
     }
     line(w, "");
+    if let Some(f) = &r.fleet {
+        fleet_targets(w, f);
+    }
     line(
         w,
         "Absolute figures move with the load of this shared guest; the ratios, each against a \
@@ -1373,6 +1441,103 @@ fn control_md(w: &mut String, c: &Control) {
         }
         line(w, "");
     }
+}
+
+/// The fleet's targets table (issue 11).
+fn fleet_targets(w: &mut String, f: &Fleet) {
+    line(
+        w,
+        "| target (issue 11) | measured over the changes | verdict | what limits it |",
+    );
+    line(w, "| --- | --- | --- | --- |");
+    for c in &f.cases {
+        let l = Latency::of(&c.propagation_ms);
+        target_row(
+            w,
+            &format!(
+                "fleet propagation p99 < {FLEET_P99_TARGET_MS:.0} ms ({} VIPs × {} reals, {} nodes)",
+                c.vips, c.reals_per_vip, f.nodes
+            ),
+            &format!(
+                "p99 {:.1} ms, p50 {:.1} ms over {} changes",
+                l.p99,
+                l.p50,
+                c.propagation_ms.len()
+            ),
+            l.p99 < FLEET_P99_TARGET_MS,
+            &format!(
+                "a change of one weight costs each node the whole desired document ({:.1} KiB of \
+                 YAML): read from etcd, parsed twice (its `overrides:` are split off through a \
+                 YAML value, then the rest is parsed as a configuration) and validated, then \
+                 every VIP reconciled, the changed table rebuilt, the state saved and the report \
+                 written; the three daemons and etcd share the 2 vCPUs",
+                c.document_bytes as f64 / 1024.0
+            ),
+        );
+    }
+    line(w, "");
+}
+
+/// Section 5: propagation in a fleet.
+fn fleet_md(w: &mut String, f: &Fleet) {
+    line(w, "## 5. Fleet: propagation of a change");
+    line(w, "");
+    line(
+        w,
+        &format!(
+            "Method: etcd (Debian's `etcd-server`) and {} `xlb run --store` daemons (release \
+             build, default store settings), each in its own namespace on one segment with the \
+             reals (which only answer ARP: no health checks, no traffic). Each change is one \
+             `xlb apply` through node A that changes the weight of one real (1 ↔ 2, another VIP \
+             each change), made once the previous change reached every node. A watch on the \
+             fleet's prefix, opened by the benchmark from etcd's namespace, sees the put of \
+             `PREFIX/desired` (the etcd commit) and each node's report of the revision it \
+             applied (`PREFIX/nodes/NAME`, written as soon as the node applied it); propagation \
+             is the time from the commit to the last node's report, first node is the time to \
+             the first, both taken with the monotonic clock as the watch delivers the events, so \
+             their resolution is the watch's delivery (well under a millisecond on one machine), \
+             not a polling interval. Percentiles are nearest-rank: over 50 changes the p99 is the \
+             largest sample. `xlb apply` is the whole command as an operator sees it: the CLI \
+             reads the file, node A validates the state, writes it with a compare-and-swap and \
+             answers once it has applied it.",
+            f.nodes
+        ),
+    );
+    line(w, "");
+    line(
+        w,
+        "| configuration | table size | document | changes | propagation p50 / p99 ms | min / \
+         max / mean ms | first node p50 ms | `xlb apply` p50 ms |",
+    );
+    line(
+        w,
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    );
+    for c in &f.cases {
+        let p = Latency::of(&c.propagation_ms);
+        let first = Latency::of(&c.first_node_ms);
+        let apply = Latency::of(&c.apply_ms);
+        line(
+            w,
+            &format!(
+                "| {} VIPs × {} reals | {} | {:.1} KiB | {} | {:.1} / {:.1} | {:.1} / {:.1} / {:.1} \
+                 | {:.1} | {:.1} |",
+                c.vips,
+                c.reals_per_vip,
+                c.table_size,
+                c.document_bytes as f64 / 1024.0,
+                c.propagation_ms.len(),
+                p.p50,
+                p.p99,
+                p.min,
+                p.max,
+                p.mean,
+                first.p50,
+                apply.p50
+            ),
+        );
+    }
+    line(w, "");
 }
 
 /// One bar: a label and a spread.
