@@ -190,6 +190,73 @@ pub struct SyncRun {
     pub flows_received: f64,
     pub flows_ended: f64,
     pub dropped: f64,
+    /// Failovers under load, sync off and on (full runs only).
+    pub failovers: Vec<FailoverRun>,
+}
+
+/// One failover under load (issue 12's scenarios 1 and 5).
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct FailoverRun {
+    /// What failed.
+    pub scenario: String,
+    pub sync: bool,
+    /// Kept-alive connections broken (a reset, a 2 s stall, another real), of how many.
+    pub broken: usize,
+    pub connections: usize,
+    /// New connections (one every 50 ms) that failed, and answered.
+    pub failed: usize,
+    pub answered: usize,
+    /// From the failure until a new connection started after it was answered, ms.
+    pub recovered_ms: Option<f64>,
+    /// VRRP only: from the cut until lb2 was master (`xlb role`), ms.
+    pub master_ms: Option<f64>,
+}
+
+/// Scenario 1 (`kill -9` of a balancer behind the ECMP router after a real was
+/// added) and 5 (a keepalived pair's master cut off after a real was added),
+/// each with flow sync off and on.
+fn failovers() -> Vec<FailoverRun> {
+    use xlb_tests::cluster::{Cluster, Failure, Pair, Setup, add_a_real_then_fail_lb1, finish};
+    let ms = |d: Option<Duration>| d.map(|d| d.as_secs_f64() * 1000.0);
+    let mut out = Vec::new();
+    for sync in [false, true] {
+        eprintln!("xlb-bench:   kill -9 of a balancer behind ECMP, sync {sync}");
+        let mut cluster = Cluster::start_with(
+            if sync { "bfs" } else { "bfo" },
+            Setup {
+                reals: 3,
+                in_vip: 2,
+                sync,
+            },
+        );
+        let (load, late, at) = add_a_real_then_fail_lb1(&mut cluster, Failure::Kill);
+        let f = finish(load, late, at);
+        out.push(FailoverRun {
+            scenario: "kill -9 of a balancer (BGP/ECMP, BIRD)".to_owned(),
+            sync,
+            broken: f.broken + f.late_broken,
+            connections: 48,
+            failed: f.failed,
+            answered: f.answered,
+            recovered_ms: ms(f.recovered),
+            master_ms: None,
+        });
+        drop(cluster);
+        eprintln!("xlb-bench:   keepalived pair, master cut off, sync {sync}");
+        let (f, took) = Pair::start(if sync { "bvs" } else { "bvo" }, sync).fail_over();
+        out.push(FailoverRun {
+            scenario: "keepalived master cut off (VRRPv3, 100 ms adverts)".to_owned(),
+            sync,
+            broken: f.broken,
+            connections: 24,
+            failed: f.failed,
+            answered: f.answered,
+            recovered_ms: ms(f.recovered),
+            master_ms: ms(Some(took)),
+        });
+    }
+    out
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -283,7 +350,7 @@ pub fn run(quick: bool) -> SyncRun {
         sum(a) - sum(b)
     };
     let (hist_count, p50, p99) = histogram(&before2, &after2);
-    let out = SyncRun {
+    let mut out = SyncRun {
         rate,
         seconds,
         connections,
@@ -301,6 +368,7 @@ pub fn run(quick: bool) -> SyncRun {
         flows_received: d(&after2, &before2, "xlb_sync_flows_received_total"),
         flows_ended: d(&after2, &before2, "xlb_sync_flows_ended_total"),
         dropped: d(&after2, &before2, "xlb_sync_dropped_total"),
+        failovers: Vec::new(),
     };
     assert_eq!(
         out.answered, out.connections,
@@ -315,6 +383,10 @@ pub fn run(quick: bool) -> SyncRun {
         "xlb-bench:   {} connections, {} seen on lb2, lag p50 {:.2} ms p99 {:.2} ms (poll)",
         out.connections, out.seen, out.poll_lag_ms.p50, out.poll_lag_ms.p99
     );
+    if !quick {
+        drop(topo);
+        out.failovers = failovers();
+    }
     out
 }
 
@@ -635,6 +707,45 @@ pub fn section_md(w: &mut String, s: &SyncRun) {
         per_k(s.bytes_sent) * f64::from(s.rate) / 1000.0 / 1000.0
     );
     line(w, &note);
+    line(w, "");
+    if s.failovers.is_empty() {
+        return;
+    }
+    line(w, "### Failovers under load");
+    line(w, "");
+    line(
+        w,
+        "The end-to-end tests' scenarios (tests/src/cluster.rs), timed: three reals of which \
+         the VIP has two, kept-alive connections asking every 100 ms (broken: a reset, a 2 s \
+         stall or another real's answer) and a new connection every 50 ms; a third real is \
+         added on both balancers, then one fails. *Answered again* is the time from the \
+         failure until a new connection started after it was answered (a SYN lost on the dead \
+         path is retransmitted after 1 s).",
+    );
+    line(w, "");
+    line(
+        w,
+        "| scenario | flow sync | connections broken | new connections failed / answered | answered again after | lb2 master after |",
+    );
+    line(w, "| --- | --- | ---: | ---: | ---: | ---: |");
+    let ms = |v: Option<f64>| v.map_or_else(|| "never".to_owned(), |v| format!("{v:.0} ms"));
+    for f in &s.failovers {
+        line(
+            w,
+            &format!(
+                "| {} | {} | {} of {} | {} / {} | {} | {} |",
+                f.scenario,
+                if f.sync { "on" } else { "off" },
+                f.broken,
+                f.connections,
+                f.failed,
+                f.answered,
+                ms(f.recovered_ms),
+                f.master_ms
+                    .map_or_else(|| "–".to_owned(), |v| format!("{v:.0} ms"))
+            ),
+        );
+    }
     line(w, "");
 }
 
