@@ -231,6 +231,10 @@ pub async fn run(
         .sync()
         .map_err(anyhow::Error::msg)
         .context("invalid flow sync settings")?;
+    let store_options = store_options.map(|mut o| {
+        o.sync = sync_options.as_ref().and_then(|s| s.advertise);
+        o
+    });
     if settings.replace && settings.pin_dir().is_none() {
         bail!("--replace swaps the program of a pinned data path; it needs pins (drop --no-pin)");
     }
@@ -426,7 +430,9 @@ pub async fn run(
     let flow_task = flows.spawn();
     let (sync, sync_tasks) = match (sync_options, sync_maps) {
         (Some(opts), Some(maps)) => {
-            let (sync, tasks) = crate::flowsync::spawn(opts, maps, handle.subscribe()).await?;
+            let view = store.as_ref().map(|s| s.view.clone());
+            let (sync, tasks) =
+                crate::flowsync::spawn(opts, maps, handle.subscribe(), view).await?;
             (Some(sync), tasks)
         }
         _ => (None, Vec::new()),

@@ -248,9 +248,15 @@ pub struct Settings {
     #[arg(long)]
     pub sync_listen: Option<SocketAddr>,
     /// Flow sync: another balancer's --sync-listen address (repeat for each peer).
+    /// With --store the other nodes' published addresses are peers too.
     #[arg(long = "sync-peer")]
     #[serde(default)]
     pub sync_peers: Vec<SocketAddr>,
+    /// Flow sync with --store: the address this node publishes in its node
+    /// key for the other balancers to reach its --sync-listen (required when
+    /// --sync-listen is a wildcard address) [default: --sync-listen].
+    #[arg(long)]
+    pub sync_advertise: Option<SocketAddr>,
     /// Flow sync: file holding the cluster's shared key (at least 16 bytes;
     /// readable by root only), which authenticates every message.
     #[arg(long)]
@@ -306,6 +312,7 @@ impl Settings {
             } else {
                 self.sync_peers
             },
+            sync_advertise: self.sync_advertise.or(file.sync_advertise),
             sync_key_file: self.sync_key_file.or(file.sync_key_file),
             sync_cluster_id: self.sync_cluster_id.or(file.sync_cluster_id),
             sync_pull_timeout_ms: self.sync_pull_timeout_ms.or(file.sync_pull_timeout_ms),
@@ -321,10 +328,13 @@ impl Settings {
     /// the key file.
     pub fn sync(&self) -> Result<Option<crate::flowsync::Options>, String> {
         let Some(listen) = self.sync_listen else {
-            if !self.sync_peers.is_empty() || self.sync_key_file.is_some() {
+            if !self.sync_peers.is_empty()
+                || self.sync_key_file.is_some()
+                || self.sync_advertise.is_some()
+            {
                 return Err(
-                    "--sync-peer and --sync-key-file need --sync-listen (daemon.sync_listen), \
-                     which turns flow sync on"
+                    "--sync-peer, --sync-advertise and --sync-key-file need --sync-listen \
+                     (daemon.sync_listen), which turns flow sync on"
                         .to_owned(),
                 );
             }
@@ -347,9 +357,11 @@ impl Settings {
                 "--sync-peer {p} is this node's own --sync-listen address"
             ));
         }
+        let advertise = self.sync_advertise(listen)?;
         let pull = self.sync_pull_timeout_ms.unwrap_or(5000);
         Ok(Some(crate::flowsync::Options {
             listen,
+            advertise,
             peers: self.sync_peers.clone(),
             key,
             cluster: self.sync_cluster_id.unwrap_or(1),
@@ -359,6 +371,33 @@ impl Settings {
                 .unwrap_or_else(crate::store::hostname),
             pull_timeout: Duration::from_millis(pull),
         }))
+    }
+
+    /// The sync address this node publishes in the store (`None`: no
+    /// store), or why there is none that peers could reach.
+    fn sync_advertise(&self, listen: SocketAddr) -> Result<Option<SocketAddr>, String> {
+        if self.store.is_none() {
+            return match self.sync_advertise {
+                Some(a) => Err(format!(
+                    "--sync-advertise {a} (daemon.sync_advertise) is the sync address published \
+                     in the store: it needs --store"
+                )),
+                None => Ok(None),
+            };
+        }
+        match self.sync_advertise {
+            Some(a) if a.ip().is_unspecified() || a.port() == 0 => Err(format!(
+                "--sync-advertise {a} (daemon.sync_advertise) must be an address and port the \
+                 other balancers can reach, not a wildcard or port 0"
+            )),
+            Some(a) => Ok(Some(a)),
+            None if listen.ip().is_unspecified() => Err(format!(
+                "--sync-listen {listen} is a wildcard address, which the other balancers \
+                 cannot reach: with --store give --sync-advertise ADDR:PORT \
+                 (daemon.sync_advertise), the address this node publishes for them"
+            )),
+            None => Ok(Some(listen)),
+        }
     }
 
     /// The XDP attach mode.
@@ -481,6 +520,7 @@ impl Settings {
             interval,
             timeout,
             cache: self.state_file().with_file_name("store.json"),
+            sync: None,
         }))
     }
 
@@ -552,6 +592,44 @@ mod tests {
             }),
             Ok(Some((listen, vec![peer], 1)))
         );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn with_a_store_the_published_sync_address_must_be_reachable() {
+        let dir = std::env::temp_dir().join(format!("xlb-sync-advertise-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let key = dir.join("sync.key");
+        std::fs::write(&key, "a key of the cluster, 32 bytes..\n").unwrap();
+        let store = Some("etcd://192.0.2.5:2379/xlb".parse().unwrap());
+        let wildcard: SocketAddr = "0.0.0.0:9815".parse().unwrap();
+        let specific: SocketAddr = "192.0.2.1:9815".parse().unwrap();
+        let with = |listen, store: &Option<crate::store::StoreUrl>, advertise| {
+            Settings {
+                sync_listen: Some(listen),
+                sync_key_file: Some(key.clone()),
+                sync_advertise: advertise,
+                store: store.clone(),
+                ..Settings::default()
+            }
+            .sync()
+            .map(|o| o.and_then(|o| o.advertise))
+        };
+        // Without a store nothing is published; with one, the listen address.
+        assert_eq!(with(wildcard, &None, None), Ok(None));
+        assert_eq!(with(specific, &store, None), Ok(Some(specific)));
+        let err = with(wildcard, &store, None).unwrap_err();
+        assert!(
+            err.contains("--sync-listen 0.0.0.0:9815 is a wildcard")
+                && err.contains("--sync-advertise ADDR:PORT"),
+            "{err}"
+        );
+        let public: SocketAddr = "198.51.100.1:9815".parse().unwrap();
+        assert_eq!(with(wildcard, &store, Some(public)), Ok(Some(public)));
+        let err = with(wildcard, &store, Some("[::]:9815".parse().unwrap())).unwrap_err();
+        assert!(err.contains("--sync-advertise [::]:9815"), "{err}");
+        let err = with(specific, &None, Some(public)).unwrap_err();
+        assert!(err.contains("it needs --store"), "{err}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -19,8 +19,9 @@ use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
 
+use aya::maps::{HashMap, Map, MapData};
 use aya::programs::XdpMode;
-use lb_common::prog_names;
+use lb_common::{FlowKey, FlowState, map_names, prog_names};
 use lb_userspace::dataplane::Dataplane;
 use nix::sys::signal::{self, SaFlags, SigAction, SigHandler, SigSet, Signal};
 use nix::unistd::Pid;
@@ -296,6 +297,41 @@ impl PinnedRun {
         out.retain(|p| !matches!(p.as_str(), "maps.debug" | "progs.debug"));
         out.sort();
         out
+    }
+
+    /// The pinned peer flow table (flow sync's `XLB_PEER_FLOWS`) of the
+    /// daemon of this run.
+    pub fn peer_flows(&self) -> HashMap<MapData, FlowKey, FlowState> {
+        let layout = std::fs::read_dir(self.pin_dir())
+            .expect("listing the pin directory")
+            .filter_map(Result::ok)
+            .map(|e| e.path())
+            .find(|p| p.join(map_names::PEER_FLOWS).exists())
+            .unwrap_or_else(|| {
+                panic!(
+                    "no pinned {} under {:?}",
+                    map_names::PEER_FLOWS,
+                    self.pin_dir()
+                )
+            });
+        let data = MapData::from_pin(layout.join(map_names::PEER_FLOWS))
+            .unwrap_or_else(|e| panic!("opening the pinned peer flows: {e}"));
+        HashMap::try_from(Map::LruHashMap(data))
+            .unwrap_or_else(|e| panic!("the pinned peer flows: {e}"))
+    }
+}
+
+/// The flow key of a TCP connection from `client`:`port` to [`VIP`] port 80.
+pub fn flow_key(client: IpAddr, port: u16) -> FlowKey {
+    let (src, family) = lb_userspace::model::addr_bytes(client);
+    let (dst, _) = lb_userspace::model::addr_bytes(IpAddr::V4(VIP));
+    FlowKey {
+        src,
+        dst,
+        ports: (u32::from(port) << 16) | 80,
+        proto: 6,
+        family,
+        _pad: [0; 2],
     }
 }
 

@@ -332,7 +332,7 @@ fn with_flow_sync_killed_and_restarted_balancers_break_no_connection() {
     let text = cluster.daemons[0].cli_ok(&["status"]);
     assert!(
         text.contains(&format!(
-            "flow sync on 198.51.100.1:{SYNC_PORT} with 198.51.100.3:{SYNC_PORT}"
+            "flow sync on 198.51.100.1:{SYNC_PORT} with 198.51.100.3:{SYNC_PORT} (config)"
         )) && text.contains(&format!("flows from 198.51.100.3:{SYNC_PORT}")),
         "{text}"
     );

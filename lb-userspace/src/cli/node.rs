@@ -188,9 +188,26 @@ pub fn render(status: &NodeStatus) {
         println!("VRRP role: {}", r.role.name());
     }
     if let Some(s) = &status.sync {
-        println!("flow sync on {} with {}", s.listen, s.peers.join(", "));
+        let peers: Vec<String> = s
+            .peers
+            .iter()
+            .map(|p| format!("{} ({})", p.address, p.source.name()))
+            .collect();
+        println!(
+            "flow sync on {} with {}",
+            s.listen,
+            if peers.is_empty() {
+                "no peer".to_owned()
+            } else {
+                peers.join(", ")
+            }
+        );
         match (&s.pulled_from, &s.pull_error) {
             _ if !s.ready => println!("  PULLING the peers' flows: nothing announced yet"),
+            _ if s.first_in_fleet => println!(
+                "  start-up copy: none needed: first node of the fleet (no other node in the \
+                 store publishes a sync address)"
+            ),
             (Some(from), _) => println!("  start-up copy: {} flows from {from}", s.pulled_flows),
             (None, Some(err)) => println!("  start-up copy: none ({err})"),
             (None, None) => println!("  start-up copy: no peer to pull from"),

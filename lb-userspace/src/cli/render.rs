@@ -368,6 +368,9 @@ pub fn fleet(fleet: &crate::store::api::Fleet) {
         if let Some(e) = &r.error {
             println!("  error: {e}");
         }
+        if let Some(sync) = r.sync {
+            println!("  flow sync {sync}");
+        }
         for (vip, fp) in &r.tables {
             println!("  table {vip} {fp}");
         }

@@ -19,14 +19,19 @@
 //!   its VIPs ([`SyncHandle::ready`]), so a restarted balancer never takes
 //!   over flows it has not heard of.
 //!
-//! Messages from a source that is not a configured peer, of another cluster
+//! The peers are the configured ones (`--sync-peer`) and, with `--store`, the
+//! sync addresses the other live nodes publish in their node keys, followed
+//! through the store's watch ([`Peers`]): a node that joins is sent to and
+//! admitted at once, one whose key is gone is dropped.
+//!
+//! Messages from a source that is not a peer, of another cluster
 //! or version, with a bad tag, replayed, or naming a VIP or real this node
 //! does not have are dropped and counted (`xlb_sync_dropped_total{reason}`).
 
 pub mod wire;
 
 use std::{
-    collections::HashMap as StdHashMap,
+    collections::{BTreeMap, HashMap as StdHashMap},
     io,
     net::{IpAddr, SocketAddr},
     sync::{Arc, Mutex},
@@ -60,7 +65,9 @@ pub const BATCH_WAIT: Duration = Duration::from_millis(10);
 pub struct Options {
     /// Where this node receives reports (UDP) and serves full copies (TCP).
     pub listen: SocketAddr,
-    /// The other balancers' sync addresses.
+    /// The address published in this node's store key, with `--store`.
+    pub advertise: Option<SocketAddr>,
+    /// The other balancers' sync addresses, as configured.
     pub peers: Vec<SocketAddr>,
     /// The cluster's shared key.
     pub key: Key,
@@ -108,6 +115,7 @@ pub struct Stats {
     lag: Histogram,
     pulled: Gauge,
     untranslated: Counter,
+    peers: Family<Vec<(String, String)>, Gauge>,
 }
 
 impl Default for Stats {
@@ -126,11 +134,21 @@ impl Default for Stats {
             ]),
             pulled: Gauge::default(),
             untranslated: Counter::default(),
+            peers: Family::default(),
         }
     }
 }
 
 impl Stats {
+    fn set_peers(&self, peers: &Peers) {
+        for source in [Source::Config, Source::Store] {
+            let n = peers.0.values().filter(|s| **s == source).count();
+            self.peers
+                .get_or_create(&vec![("source".to_owned(), source.name().to_owned())])
+                .set(i64::try_from(n).unwrap_or(i64::MAX));
+        }
+    }
+
     fn drop_reason(&self, reason: &str) {
         self.dropped
             .get_or_create(&vec![("reason".to_owned(), reason.to_owned())])
@@ -196,6 +214,11 @@ impl Stats {
             self.pulled.clone(),
         );
         reg.register(
+            "sync_peers",
+            "Flow sync peers in force, by source: config (--sync-peer) or store (node keys)",
+            self.peers.clone(),
+        );
+        reg.register(
             "sync_reports_untranslated",
             "Data path reports not sent because their real left this node's tables first",
             self.untranslated.clone(),
@@ -214,13 +237,85 @@ pub const DROP_REASONS: [&str; 7] = [
     "unknown_real",
 ];
 
+/// Where a peer comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Source {
+    /// `--sync-peer` (`daemon.sync_peers`).
+    Config,
+    /// Another live node's key in the store.
+    Store,
+}
+
+impl Source {
+    /// The name `xlb status` and the metric label use.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Config => "config",
+            Self::Store => "store",
+        }
+    }
+}
+
+/// A peer as `xlb status` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Peer {
+    /// Its sync address.
+    pub address: SocketAddr,
+    /// Where it comes from.
+    pub source: Source,
+}
+
+/// The peers in force: the configured ones and the sync addresses of the
+/// other live nodes in the store (an address both configured and listed
+/// counts as configured). Every task reads the newest set from a watch.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Peers(BTreeMap<SocketAddr, Source>);
+
+impl Peers {
+    /// The configured peers of `opts` and `listed` (the store's), without
+    /// this node's own addresses.
+    pub fn of(opts: &Options, listed: impl IntoIterator<Item = SocketAddr>) -> Self {
+        let own = |a: &SocketAddr| *a == opts.listen || Some(*a) == opts.advertise;
+        let mut peers: BTreeMap<SocketAddr, Source> = listed
+            .into_iter()
+            .filter(|a| !own(a))
+            .map(|a| (a, Source::Store))
+            .collect();
+        peers.extend(opts.peers.iter().map(|a| (*a, Source::Config)));
+        Self(peers)
+    }
+
+    /// Whether a message from `ip` comes from a peer.
+    pub fn admits(&self, ip: IpAddr) -> bool {
+        let ip = canonical(ip);
+        self.0.keys().any(|p| canonical(p.ip()) == ip)
+    }
+
+    /// Their addresses.
+    pub fn addrs(&self) -> Vec<SocketAddr> {
+        self.0.keys().copied().collect()
+    }
+
+    /// As `xlb status` lists them.
+    pub fn list(&self) -> Vec<Peer> {
+        self.0
+            .iter()
+            .map(|(address, source)| Peer {
+                address: *address,
+                source: *source,
+            })
+            .collect()
+    }
+}
+
 /// Flow sync as `xlb status` shows it.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SyncStatus {
     /// Where this node listens.
     pub listen: String,
-    /// The peers.
-    pub peers: Vec<String>,
+    /// The peers in force, with where each comes from.
+    pub peers: Vec<Peer>,
     /// Whether the start-up pull is over (the VIPs may be announced).
     pub ready: bool,
     /// The peer the full copy came from, if one answered.
@@ -229,6 +324,10 @@ pub struct SyncStatus {
     pub pulled_flows: u64,
     /// Why no peer gave a full copy, when none did.
     pub pull_error: Option<String>,
+    /// No other node in the store publishes a sync address: a first node
+    /// has nothing to pull.
+    #[serde(default)]
+    pub first_in_fleet: bool,
 }
 
 /// The running flow sync.
@@ -287,12 +386,14 @@ impl Translation {
 type Shared = Arc<Mutex<Translation>>;
 
 /// Starts flow sync: binds the UDP and TCP sockets (an error names the
-/// address), then runs the reporter, the receiver, the pull server and the
-/// start-up pull.
+/// address), then runs the reporter, the receiver, the pull server, the
+/// start-up pull and, with a store (its published view), the task that
+/// follows the other nodes' sync addresses.
 pub async fn spawn(
     opts: Options,
     maps: Maps,
     mut snapshots: watch::Receiver<Arc<Snapshot>>,
+    store: Option<watch::Receiver<crate::store::View>>,
 ) -> anyhow::Result<(SyncHandle, Vec<JoinHandle<()>>)> {
     use anyhow::Context as _;
     let udp = Arc::new(
@@ -305,12 +406,16 @@ pub async fn spawn(
         .with_context(|| format!("flow sync cannot listen on tcp {}", opts.listen))?;
     let translation: Shared = Arc::new(Mutex::new(Translation::of(&snapshots.borrow())));
     let stats = Stats::default();
+    let configured = Peers::of(&opts, []);
+    stats.set_peers(&configured);
+    let pulls = !opts.peers.is_empty() || store.is_some();
     let (status_tx, status) = watch::channel(SyncStatus {
         listen: opts.listen.to_string(),
-        peers: opts.peers.iter().map(ToString::to_string).collect(),
-        ready: opts.peers.is_empty(),
+        peers: configured.list(),
+        ready: !pulls,
         ..SyncStatus::default()
     });
+    let (peers_tx, peers) = watch::channel(configured);
     let opts = Arc::new(opts);
     let epoch = unix_ns();
     let Maps {
@@ -321,6 +426,16 @@ pub async fn spawn(
     } = maps;
     let peer_flows = Arc::new(Mutex::new(peer_flows));
     let mut tasks = Vec::new();
+    if let Some(view) = &store {
+        tasks.push(tokio::spawn(follow_store(
+            opts.clone(),
+            view.clone(),
+            peers_tx,
+            status_tx.clone(),
+            stats.clone(),
+        )));
+    }
+    let pull_snapshots = snapshots.clone();
     {
         let translation = translation.clone();
         tasks.push(tokio::spawn(async move {
@@ -339,12 +454,14 @@ pub async fn spawn(
         opts.clone(),
         epoch,
         events,
+        peers.clone(),
         udp.clone(),
         translation.clone(),
         stats.clone(),
     )));
     tasks.push(tokio::spawn(receive(
         opts.clone(),
+        peers.clone(),
         udp,
         peer_flows.clone(),
         translation.clone(),
@@ -354,14 +471,19 @@ pub async fn spawn(
     tasks.push(tokio::spawn(serve_pulls(
         opts.clone(),
         epoch,
+        peers.clone(),
         tcp,
         dump,
         translation.clone(),
     )));
-    if !opts.peers.is_empty() {
+    if pulls {
         tasks.push(tokio::spawn(pull_at_start(
             opts.clone(),
             epoch,
+            Start {
+                store,
+                snapshots: pull_snapshots,
+            },
             peer_flows,
             translation,
             stats.clone(),
@@ -371,10 +493,47 @@ pub async fn spawn(
     tracing::info!(
         listen = %opts.listen,
         peers = ?opts.peers,
+        advertise = ?opts.advertise,
         cluster = opts.cluster,
         "flow sync on"
     );
     Ok((SyncHandle { stats, status }, tasks))
+}
+
+/// Keeps the peer set equal to the configured peers and the sync addresses
+/// of the other live node keys, as the store task last read them (while the
+/// store is unreachable, the last ones read stay).
+async fn follow_store(
+    opts: Arc<Options>,
+    mut view: watch::Receiver<crate::store::View>,
+    peers: watch::Sender<Peers>,
+    status: watch::Sender<SyncStatus>,
+    stats: Stats,
+) {
+    loop {
+        let next = {
+            let v = view.borrow_and_update();
+            let listed = crate::store::node::sync_peers(&v.nodes, &opts.node_name);
+            Peers::of(&opts, listed.into_values())
+        };
+        let before = peers.borrow().clone();
+        if before != next {
+            for (addr, source) in &next.0 {
+                if before.0.get(addr) != Some(source) {
+                    tracing::info!(peer = %addr, source = source.name(), "flow sync peer added");
+                }
+            }
+            for addr in before.0.keys().filter(|a| !next.0.contains_key(a)) {
+                tracing::info!(peer = %addr, "flow sync peer gone from the store: dropped");
+            }
+            stats.set_peers(&next);
+            status.send_modify(|s| s.peers = next.list());
+            peers.send_replace(next);
+        }
+        if view.changed().await.is_err() {
+            return;
+        }
+    }
 }
 
 fn unix_ns() -> u64 {
@@ -400,6 +559,7 @@ async fn report(
     opts: Arc<Options>,
     epoch: u64,
     mut events: AsyncFd<RingBuf<MapData>>,
+    peers: watch::Receiver<Peers>,
     udp: Arc<UdpSocket>,
     translation: Shared,
     stats: Stats,
@@ -457,7 +617,7 @@ async fn report(
                     }
                 }
                 for b in full {
-                    send(&opts, &udp, &stats, node, epoch, &mut seq, &b).await;
+                    send(&opts, &peers, &udp, &stats, node, epoch, &mut seq, &b).await;
                 }
                 if !batch.is_empty() && deadline.is_none() {
                     deadline = Some(tokio::time::Instant::now() + BATCH_WAIT);
@@ -468,7 +628,7 @@ async fn report(
                 return;
             }
             None => {
-                send(&opts, &udp, &stats, node, epoch, &mut seq, &batch).await;
+                send(&opts, &peers, &udp, &stats, node, epoch, &mut seq, &batch).await;
                 batch.clear();
                 deadline = None;
             }
@@ -486,8 +646,13 @@ fn parse_event(bytes: &[u8]) -> Option<FlowEvent> {
     (ev.kind == FLOW_EVENT_NEW || ev.kind == FLOW_EVENT_END).then_some(ev)
 }
 
+#[expect(
+    clippy::too_many_arguments,
+    reason = "the reporter's state, passed down to one call site"
+)]
 async fn send(
     opts: &Options,
+    peers: &watch::Receiver<Peers>,
     udp: &UdpSocket,
     stats: &Stats,
     node: u64,
@@ -509,7 +674,8 @@ async fn send(
     };
     let msg = wire::encode(&opts.key, &header, batch);
     stats.flows_sent.inc_by(batch.len() as u64);
-    for peer in &opts.peers {
+    let to = peers.borrow().addrs();
+    for peer in &to {
         match udp.send_to(&msg, peer).await {
             Ok(n) => {
                 stats.messages_sent.inc();
@@ -526,6 +692,7 @@ async fn send(
 /// Receives the peers' reports into the peer flow table.
 async fn receive(
     opts: Arc<Options>,
+    peers: watch::Receiver<Peers>,
     udp: Arc<UdpSocket>,
     peer_flows: Arc<Mutex<HashMap<MapData, FlowKey, FlowState>>>,
     translation: Shared,
@@ -544,7 +711,7 @@ async fn receive(
             }
         };
         let from_ip = canonical(from.ip());
-        if !opts.peers.iter().any(|p| canonical(p.ip()) == from_ip) {
+        if !peers.borrow().admits(from_ip) {
             stats.drop_reason("unknown_peer");
             if logged.elapsed() > Duration::from_secs(60) {
                 logged = Instant::now();
@@ -646,6 +813,7 @@ type Dump = Arc<
 async fn serve_pulls(
     opts: Arc<Options>,
     epoch: u64,
+    peers: watch::Receiver<Peers>,
     tcp: TcpListener,
     dump: Dump,
     translation: Shared,
@@ -656,10 +824,11 @@ async fn serve_pulls(
             continue;
         };
         let (opts, dump, translation) = (opts.clone(), dump.clone(), translation.clone());
+        let admitted = peers.borrow().admits(from.ip());
         tokio::spawn(async move {
             match tokio::time::timeout(
                 Duration::from_secs(60),
-                serve_pull(&opts, epoch, stream, from, dump, translation),
+                serve_pull(&opts, epoch, admitted, stream, from, dump, translation),
             )
             .await
             {
@@ -674,18 +843,17 @@ async fn serve_pulls(
 async fn serve_pull(
     opts: &Options,
     epoch: u64,
+    admitted: bool,
     mut stream: TcpStream,
     from: SocketAddr,
     dump: Dump,
     translation: Shared,
 ) -> io::Result<u64> {
     let invalid = |m: String| io::Error::new(io::ErrorKind::InvalidData, m);
-    if !opts
-        .peers
-        .iter()
-        .any(|p| canonical(p.ip()) == canonical(from.ip()))
-    {
-        return Err(invalid(format!("{from} is not a configured peer")));
+    if !admitted {
+        return Err(invalid(format!(
+            "{from} is not a peer (configured or in the store)"
+        )));
     }
     let request = read_message(&mut stream).await?;
     let (header, _) =
@@ -761,11 +929,25 @@ async fn write_message(stream: &mut TcpStream, msg: &[u8]) -> io::Result<()> {
     stream.write_all(msg).await
 }
 
+/// What the start-up pull follows.
+struct Start {
+    /// The store's view, with a store: the node keys and the desired state
+    /// are read before anything is pulled.
+    store: Option<watch::Receiver<crate::store::View>>,
+    /// The controller's snapshots, for the reals the copy names.
+    snapshots: watch::Receiver<Arc<Snapshot>>,
+}
+
 /// At start-up: a full copy from the first peer that gives one, within the
-/// pull timeout; then the node may announce.
+/// pull timeout; then the node may announce. With a store it first waits
+/// for the store's first listing (the other nodes' keys, and the desired
+/// state without which every pulled flow would name an unknown real); a
+/// node that finds no other node publishing a sync address is the first of
+/// its fleet and has nothing to pull.
 async fn pull_at_start(
     opts: Arc<Options>,
     epoch: u64,
+    mut start: Start,
     peer_flows: Arc<Mutex<HashMap<MapData, FlowKey, FlowState>>>,
     translation: Shared,
     stats: Stats,
@@ -774,7 +956,42 @@ async fn pull_at_start(
     let started = Instant::now();
     let mut errors = Vec::new();
     'rounds: while started.elapsed() < opts.pull_timeout {
-        for peer in &opts.peers {
+        if let Some(view) = &mut start.store
+            && !view.borrow().listed
+        {
+            let left = opts.pull_timeout.saturating_sub(started.elapsed());
+            match tokio::time::timeout(left, view.changed()).await {
+                Ok(Ok(())) => continue,
+                Ok(Err(_)) | Err(_) => {
+                    errors.push("the store was not read (no node keys)".to_owned());
+                    break;
+                }
+            }
+        }
+        // The desired state may have arrived from the store just now.
+        *translation.lock().unwrap_or_else(|e| e.into_inner()) =
+            Translation::of(&start.snapshots.borrow());
+        // Read from the view itself: the task that follows it may not have
+        // seen the listing yet.
+        let peers = match &start.store {
+            Some(view) => {
+                let listed = crate::store::node::sync_peers(&view.borrow().nodes, &opts.node_name);
+                Peers::of(&opts, listed.into_values()).addrs()
+            }
+            None => Peers::of(&opts, []).addrs(),
+        };
+        if peers.is_empty() {
+            tracing::info!(
+                "flow sync: no other node in the store publishes a sync address: the first \
+                 node of the fleet has no flows to pull"
+            );
+            status.send_modify(|s| {
+                s.ready = true;
+                s.first_in_fleet = true;
+            });
+            return;
+        }
+        for peer in &peers {
             let left = opts.pull_timeout.saturating_sub(started.elapsed());
             if left.is_zero() {
                 break 'rounds;
@@ -856,5 +1073,50 @@ async fn pull(
             }
             Kind::Pull => return Err(invalid("a pull request in a copy".to_owned())),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn store_peers_join_the_configured_ones_without_this_node() {
+        let a = |s: &str| s.parse::<SocketAddr>().unwrap();
+        let opts = Options {
+            listen: a("0.0.0.0:9815"),
+            advertise: Some(a("192.0.2.1:9815")),
+            peers: vec![a("192.0.2.2:9815")],
+            key: Key::new(b"a key of the cluster, 32 bytes..").unwrap(),
+            cluster: 1,
+            node_name: "a".to_owned(),
+            pull_timeout: Duration::from_secs(1),
+        };
+        // Its own published address (a stale key under another name) is no
+        // peer; an address both configured and listed counts as configured.
+        let peers = Peers::of(
+            &opts,
+            [
+                a("192.0.2.1:9815"),
+                a("192.0.2.2:9815"),
+                a("192.0.2.3:9815"),
+            ],
+        );
+        assert_eq!(
+            peers.list(),
+            [
+                Peer {
+                    address: a("192.0.2.2:9815"),
+                    source: Source::Config
+                },
+                Peer {
+                    address: a("192.0.2.3:9815"),
+                    source: Source::Store
+                },
+            ]
+        );
+        assert!(peers.admits("::ffff:192.0.2.3".parse().unwrap()));
+        assert!(!peers.admits("192.0.2.1".parse().unwrap()));
+        assert_eq!(Peers::of(&opts, []).addrs(), [a("192.0.2.2:9815")]);
     }
 }

@@ -158,6 +158,8 @@ pub struct Options {
     pub timeout: Duration,
     /// Where the last applied document is kept for a restart while etcd is down.
     pub cache: PathBuf,
+    /// The flow sync address this node publishes in its key (flow sync on).
+    pub sync: Option<std::net::SocketAddr>,
 }
 
 impl Options {
@@ -249,8 +251,12 @@ pub struct View {
     pub failed: Option<(i64, String)>,
     /// Map writes and tables rebuilt by the last revision applied.
     pub changes: Option<(i64, usize, usize)>,
-    /// The nodes' reports, by name, as last read from the store.
+    /// The nodes' reports, by name, as last read from the store (kept while
+    /// the store is unreachable).
     pub nodes: std::collections::BTreeMap<String, node::Report>,
+    /// Whether a first listing of the store was read and its document (if
+    /// any) handed to the controller: flow sync's start-up pull waits for it.
+    pub listed: bool,
 }
 
 /// The store's side of the daemon, shared by the API and the metrics.

@@ -4,7 +4,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::IpAddr,
+    net::{IpAddr, SocketAddr},
 };
 
 use serde::{Deserialize, Serialize};
@@ -45,6 +45,20 @@ pub struct Report {
     pub verdicts: Vec<Verdict>,
     /// Seconds since the epoch of this report.
     pub updated: u64,
+    /// Where its flow sync receives (`--sync-advertise`, else
+    /// `--sync-listen`): the other nodes take it as a peer. Absent without
+    /// flow sync.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sync: Option<SocketAddr>,
+}
+
+/// The flow sync addresses the live nodes other than `own` publish.
+pub fn sync_peers(nodes: &BTreeMap<String, Report>, own: &str) -> BTreeMap<String, SocketAddr> {
+    nodes
+        .iter()
+        .filter(|(name, _)| *name != own)
+        .filter_map(|(name, r)| r.sync.map(|a| (name.clone(), a)))
+        .collect()
 }
 
 /// Fingerprint of one Maglev table (reals and weights, size, `hash_seed`): a

@@ -182,6 +182,7 @@ impl Sync {
         if let Some((rev, text)) = doc {
             self.take(rev, &text).await;
         }
+        self.view.send_modify(|v| v.listed = true);
 
         let ttl = i64::try_from(self.options.lease_ttl.as_secs().max(1)).unwrap_or(i64::MAX);
         let lease = timed(t, client.lease_grant(ttl, None)).await?.id();
@@ -403,6 +404,7 @@ impl Sync {
                 .map(|((vip, real), up)| Verdict { vip, real, up })
                 .collect(),
             updated: 0,
+            sync: self.options.sync,
         };
         if published.as_ref() == Some(&report) {
             return Ok(());

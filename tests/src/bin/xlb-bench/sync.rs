@@ -19,13 +19,12 @@ use std::net::{IpAddr, SocketAddr, TcpStream};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use aya::maps::{HashMap, Map, MapData};
-use lb_common::{FlowKey, FlowState, map_names};
-use lb_userspace::model::addr_bytes;
+use aya::maps::{HashMap, MapData};
+use lb_common::{FlowKey, FlowState};
 use serde::{Deserialize, Serialize};
 use xlb_tests::harness::{
-    Daemon, PinnedRun, VIP, balanced_topology, metric_samples, pass_on_switch_port, path_str,
-    scrape_metrics, start_reals, wait_until,
+    Daemon, PinnedRun, VIP, balanced_topology, flow_key, metric_samples, pass_on_switch_port,
+    path_str, scrape_metrics, start_reals, wait_until,
 };
 use xlb_tests::netns::{Host, unique_prefix};
 
@@ -297,7 +296,7 @@ pub fn run(quick: bool) -> SyncRun {
     let lb1 = &topo.lb;
     let d2 = balancer(&lb2, lb1, &run2, &reals);
     let d1 = balancer(lb1, &lb2, &run1, &reals);
-    let peer_flows = open_peer_flows(&run2);
+    let peer_flows = run2.peer_flows();
     let metrics = |host: &Host| {
         metric_samples(&scrape_metrics(
             host,
@@ -425,26 +424,6 @@ fn balancer(host: &Host, peer: &Host, run: &PinnedRun, reals: &[String]) -> Daem
     )
 }
 
-/// lb2's pinned peer flow table.
-fn open_peer_flows(run: &PinnedRun) -> HashMap<MapData, FlowKey, FlowState> {
-    let layout = std::fs::read_dir(run.pin_dir())
-        .expect("listing the pin directory")
-        .filter_map(Result::ok)
-        .map(|e| e.path())
-        .find(|p| p.join(map_names::PEER_FLOWS).exists())
-        .unwrap_or_else(|| {
-            panic!(
-                "no pinned {} under {:?}",
-                map_names::PEER_FLOWS,
-                run.pin_dir()
-            )
-        });
-    let data = MapData::from_pin(layout.join(map_names::PEER_FLOWS))
-        .unwrap_or_else(|e| panic!("opening the pinned peer flows: {e}"));
-    HashMap::try_from(Map::LruHashMap(data))
-        .unwrap_or_else(|e| panic!("the pinned peer flows: {e}"))
-}
-
 /// One connection to the VIP with a request, answered (the check before the run).
 fn connect_and_get() -> Result<(), String> {
     let mut s = TcpStream::connect_timeout(&SocketAddr::from((VIP, 80)), Duration::from_secs(1))
@@ -492,7 +471,7 @@ fn load(
         let at = Instant::now();
         opened += 1;
         let port = s.local_addr().expect("a local address").port();
-        let _ = tx.send((key(IpAddr::V4(client), port), at));
+        let _ = tx.send((flow_key(IpAddr::V4(client), port), at));
         open.push_back((at, s));
     }
     std::thread::sleep(HOLD);
@@ -514,20 +493,6 @@ fn close_due(open: &mut VecDeque<(Instant, TcpStream)>, all: bool) -> u64 {
         }
     }
     n
-}
-
-/// The flow key of the client's connection from `port` to the VIP.
-fn key(client: IpAddr, port: u16) -> FlowKey {
-    let (src, family) = addr_bytes(client);
-    let (dst, _) = addr_bytes(IpAddr::V4(VIP));
-    FlowKey {
-        src,
-        dst,
-        ports: (u32::from(port) << 16) | 80,
-        proto: 6,
-        family,
-        _pad: [0; 2],
-    }
 }
 
 /// Looks the flows up in lb2's peer table until each is there (or

@@ -1,0 +1,235 @@
+//! netns end-to-end, where flow sync finds its peers: balancers in store mode (a real
+//! etcd, as in e2e_fleet.rs) with `--sync-listen` and no `--sync-peer` take each other
+//! as peers from their node keys: the first node has nothing to pull, a second one
+//! pulls from it, a flow confirmed on one lands in the others' peer tables, a third node
+//! started later is sent to and admitted, and a stopped node leaves the peer lists.
+//!
+//! ```text
+//!   client (.2) ── bridge 198.51.100.0/24 ── a (.1, VIP traffic) ┤ b (.3) ┤ c (.4)
+//!                                            etcd (.5) ┤ rs1 (.11) ┤ rs2 (.12)
+//! ```
+//!
+//! Needs root and runs one test at a time.
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use aya::maps::{HashMap, MapData};
+use lb_common::{FlowKey, FlowState};
+use xlb_tests::etcd::{ETCD, Etcd};
+use xlb_tests::harness::{
+    Daemon, KeepAlive, PinnedRun, RunDir, VIP, balanced_topology, flow_key, json, metric_samples,
+    path_str, require_root, scrape_metrics, start_reals, wait_until,
+};
+use xlb_tests::netns::{Host, Topology, unique_prefix};
+
+const SYNC_PORT: u16 = 9815;
+const METRICS_PORT: u16 = 9814;
+const DESIRED: &str = "services:\n  - vip: 203.0.113.10:80/tcp\n    reals:\n      \
+                       - address: 198.51.100.11\n      - address: 198.51.100.12\n";
+
+/// A balancer in store mode with flow sync and no configured peer, its data path
+/// pinned so that the test reads its peer flow table.
+struct Node<'a> {
+    daemon: Daemon,
+    host: &'a Host,
+    run: PinnedRun,
+}
+
+impl<'a> Node<'a> {
+    fn start(host: &'a Host, name: &str, prefix: &str, key: &str) -> Node<'a> {
+        let run = PinnedRun::new(&format!("{}-{name}", host.ns.name()));
+        let store = format!("etcd://{ETCD}{prefix}");
+        let listen = format!("{}:{SYNC_PORT}", host.ipv4);
+        let metrics = format!("{}:{METRICS_PORT}", host.ipv4);
+        let args = [
+            "--store",
+            &store,
+            "--node-name",
+            name,
+            "--store-interval-ms",
+            "200",
+            "--store-lease-ttl",
+            "2",
+            "--store-timeout-ms",
+            "1000",
+            "--sync-listen",
+            &listen,
+            "--sync-key-file",
+            key,
+            "--sync-pull-timeout-ms",
+            "5000",
+            "--metrics-addr",
+            &metrics,
+        ];
+        let daemon = Daemon::start_pinned(&host.ns, "eth0", &run, &args);
+        Node { daemon, host, run }
+    }
+
+    fn sync_status(&self) -> serde_json::Value {
+        json(
+            &self.daemon.cli_ok(&["status", "--json"]),
+            "xlb status --json",
+        )["node"]["sync"]
+            .clone()
+    }
+
+    /// The peers `xlb status --json` lists, as (address, source).
+    fn peers(&self) -> Vec<(String, String)> {
+        self.sync_status()["peers"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|p| {
+                (
+                    p["address"].as_str().unwrap_or_default().to_owned(),
+                    p["source"].as_str().unwrap_or_default().to_owned(),
+                )
+            })
+            .collect()
+    }
+
+    fn metric(&self, series: &str) -> f64 {
+        let addr = SocketAddr::from((self.host.ipv4, METRICS_PORT));
+        metric_samples(&scrape_metrics(self.host, addr))
+            .get(series)
+            .copied()
+            .unwrap_or_else(|| panic!("no {series} in {}'s metrics", self.host.ns.name()))
+    }
+
+    fn sync_addr(&self) -> String {
+        format!("{}:{SYNC_PORT}", self.host.ipv4)
+    }
+}
+
+fn store_peers(nodes: &[&Node<'_>]) -> Vec<(String, String)> {
+    nodes
+        .iter()
+        .map(|n| (n.sync_addr(), "store".to_owned()))
+        .collect()
+}
+
+fn has(table: &HashMap<MapData, FlowKey, FlowState>, key: &FlowKey) -> bool {
+    table.get(key, 0).is_ok()
+}
+
+/// A kept-alive connection from the client to the VIP, answered once (so confirmed on
+/// the balancer that carries it), and its flow key.
+fn confirmed_flow(topo: &Topology) -> (KeepAlive, FlowKey) {
+    let client = IpAddr::V4(topo.client.ipv4);
+    topo.client.ns.run_in(|| {
+        let mut c = KeepAlive::connect(SocketAddr::from((VIP, 80)), Duration::from_secs(2))
+            .expect("a connection to the VIP");
+        let answer = c.get().expect("an answer through the VIP");
+        let key = flow_key(client, answer.local_port);
+        (c, key)
+    })
+}
+
+#[test]
+fn store_nodes_take_each_other_as_sync_peers_as_they_come_and_go() {
+    require_root();
+    let topo = balanced_topology(&unique_prefix("spe"), 2);
+    let run = RunDir::new(&format!("xlb-{}", topo.prefix()));
+    let servers = start_reals(&topo, &["--http", "0.0.0.0:80"]);
+    let etcd = Etcd::start(&topo, run.path());
+    let key = run.path().join("sync.key");
+    std::fs::write(&key, "a shared key of the test cluster\n").expect("writing the key");
+    let key = path_str(&key).to_owned();
+    let prefix = format!("/xlb/{}", topo.prefix());
+    let host_b = topo.add_host("lb2", "lb2", 3);
+    let host_c = topo.add_host("lb3", "lb3", 4);
+
+    // The first node of the fleet: no other node key, nothing to pull.
+    let a = Node::start(&topo.lb, "a", &prefix, &key);
+    wait_until("a's start-up pull is over", || {
+        a.sync_status()["ready"] == true
+    });
+    let s = a.sync_status();
+    assert_eq!(s["first_in_fleet"], true, "{s}");
+    assert_eq!(s["pulled_from"], serde_json::Value::Null, "{s}");
+    let text = a.daemon.cli_ok(&["status"]);
+    assert!(
+        text.contains(&format!(
+            "flow sync on {} with no peer\n  start-up copy: none needed: first node of the fleet",
+            a.sync_addr()
+        )),
+        "{text}"
+    );
+    let desired = run.path().join("desired.yaml");
+    std::fs::write(&desired, DESIRED).expect("writing the desired state");
+    a.daemon.cli_ok(&["apply", path_str(&desired)]);
+
+    // A flow through a before b exists: b's start-up pull brings it.
+    let (mut first, first_key) = confirmed_flow(&topo);
+    let b = Node::start(&host_b, "b", &prefix, &key);
+    wait_until("b's start-up pull is over", || {
+        b.sync_status()["ready"] == true
+    });
+    let s = b.sync_status();
+    assert_eq!(s["pulled_from"], a.sync_addr(), "{s}");
+    assert!(s["pulled_flows"].as_u64() >= Some(1), "{s}");
+    assert!(
+        has(&b.run.peer_flows(), &first_key),
+        "b did not pull a's flow"
+    );
+    wait_until("a and b list each other from the store", || {
+        a.peers() == store_peers(&[&b]) && b.peers() == store_peers(&[&a])
+    });
+    assert_eq!(a.metric(r#"xlb_sync_peers{source="store"}"#), 1.0);
+    assert_eq!(a.metric(r#"xlb_sync_peers{source="config"}"#), 0.0);
+    let text = a.daemon.cli_ok(&["status"]);
+    assert!(
+        text.contains(&format!(
+            "flow sync on {} with {} (store)",
+            a.sync_addr(),
+            b.sync_addr()
+        )),
+        "{text}"
+    );
+
+    // A flow confirmed on a lands in b's peer table by a's report.
+    let (_second, second_key) = confirmed_flow(&topo);
+    let peer_b = b.run.peer_flows();
+    wait_until("a's report of the flow reaches b's peer table", || {
+        has(&peer_b, &second_key)
+    });
+
+    // A third node started later: it pulls, a sends to it and it admits a.
+    let c = Node::start(&host_c, "c", &prefix, &key);
+    wait_until("c's start-up pull is over", || {
+        c.sync_status()["ready"] == true
+    });
+    let s = c.sync_status();
+    assert!(
+        s["pulled_from"] == a.sync_addr() || s["pulled_from"] == b.sync_addr(),
+        "{s}"
+    );
+    let peer_c = c.run.peer_flows();
+    assert!(has(&peer_c, &first_key) && has(&peer_c, &second_key));
+    wait_until("every node lists the two others", || {
+        a.peers() == store_peers(&[&b, &c])
+            && b.peers() == store_peers(&[&a, &c])
+            && c.peers() == store_peers(&[&a, &b])
+    });
+    let received = c.metric("xlb_sync_messages_received_total");
+    let (_third, third_key) = confirmed_flow(&topo);
+    wait_until("a's report reaches c's and b's peer tables", || {
+        has(&peer_c, &third_key) && has(&peer_b, &third_key)
+    });
+    assert!(c.metric("xlb_sync_messages_received_total") > received);
+    assert_eq!(
+        c.metric(r#"xlb_sync_dropped_total{reason="unknown_peer"}"#),
+        0.0
+    );
+    // The first connection still works, through a.
+    first.get().expect("the first connection still answers");
+
+    // c stops: its key expires with its lease and the others drop it.
+    drop(c);
+    wait_until("a and b drop the stopped c", || {
+        a.peers() == store_peers(&[&b]) && b.peers() == store_peers(&[&a])
+    });
+    assert_eq!(a.metric(r#"xlb_sync_peers{source="store"}"#), 1.0);
+    drop((a, b, etcd, servers, run));
+}
