@@ -462,6 +462,25 @@ pub struct Failover {
     pub recovered: Option<Duration>,
 }
 
+impl Failover {
+    /// Flow sync's promise for scenarios 1-3: no kept-alive connection broke (also
+    /// none of those opened 200 ms before the failure), no new connection failed, and
+    /// the load ran (more than 20 new connections answered).
+    pub fn assert_nothing_broke(&self) {
+        assert_eq!(self.broken, 0, "kept-alive connections broken");
+        assert_eq!(
+            self.late_broken, 0,
+            "connections opened 200 ms before the failure broken"
+        );
+        assert_eq!(self.failed, 0, "new connections failed");
+        assert!(
+            self.answered > 20,
+            "the load hardly ran: {} answered",
+            self.answered
+        );
+    }
+}
+
 /// `xlb run`'s flow sync flags for `host` with `other` as its peer, the key in `dir`.
 pub fn sync_args(host: &Host, other: &Host, dir: &Path) -> Vec<String> {
     let key = dir.join("sync.key");
