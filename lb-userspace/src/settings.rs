@@ -252,11 +252,25 @@ pub struct Settings {
     #[arg(long = "sync-peer")]
     #[serde(default)]
     pub sync_peers: Vec<SocketAddr>,
-    /// Flow sync with --store: the address this node publishes in its node
-    /// key for the other balancers to reach its --sync-listen (required when
-    /// --sync-listen is a wildcard address) [default: --sync-listen].
+    /// Flow sync with --store or --sync-multicast: the address this node
+    /// publishes in its node key and hellos for the other balancers to reach
+    /// its --sync-listen (required when --sync-listen is a wildcard address)
+    /// [default: --sync-listen].
     #[arg(long)]
     pub sync_advertise: Option<SocketAddr>,
+    /// Flow sync: send each batch once to this multicast group (IPv4
+    /// 224.0.0.0/4 or IPv6 ff00::/8) and receive there, e.g. 239.255.98.15:9815;
+    /// needs --sync-interface (docs/cluster.md).
+    #[arg(long)]
+    pub sync_multicast: Option<SocketAddr>,
+    /// Flow sync with --sync-multicast: the interface to join the group on and
+    /// send from.
+    #[arg(long)]
+    pub sync_interface: Option<String>,
+    /// Flow sync with --sync-multicast: TTL (IPv4) or hop limit (IPv6) of the
+    /// messages, 1-255 [default: 1: the local segment only].
+    #[arg(long)]
+    pub sync_multicast_ttl: Option<u8>,
     /// Flow sync: file holding the cluster's shared key (at least 16 bytes;
     /// readable by root only), which authenticates every message.
     #[arg(long)]
@@ -313,6 +327,9 @@ impl Settings {
                 self.sync_peers
             },
             sync_advertise: self.sync_advertise.or(file.sync_advertise),
+            sync_multicast: self.sync_multicast.or(file.sync_multicast),
+            sync_interface: self.sync_interface.or(file.sync_interface),
+            sync_multicast_ttl: self.sync_multicast_ttl.or(file.sync_multicast_ttl),
             sync_key_file: self.sync_key_file.or(file.sync_key_file),
             sync_cluster_id: self.sync_cluster_id.or(file.sync_cluster_id),
             sync_pull_timeout_ms: self.sync_pull_timeout_ms.or(file.sync_pull_timeout_ms),
@@ -331,10 +348,11 @@ impl Settings {
             if !self.sync_peers.is_empty()
                 || self.sync_key_file.is_some()
                 || self.sync_advertise.is_some()
+                || self.sync_multicast.is_some()
             {
                 return Err(
-                    "--sync-peer, --sync-advertise and --sync-key-file need --sync-listen \
-                     (daemon.sync_listen), which turns flow sync on"
+                    "--sync-peer, --sync-advertise, --sync-multicast and --sync-key-file need \
+                     --sync-listen (daemon.sync_listen), which turns flow sync on"
                         .to_owned(),
                 );
             }
@@ -357,11 +375,13 @@ impl Settings {
                 "--sync-peer {p} is this node's own --sync-listen address"
             ));
         }
-        let advertise = self.sync_advertise(listen)?;
+        let multicast = self.sync_multicast()?;
+        let advertise = self.sync_advertise(listen, multicast.is_some())?;
         let pull = self.sync_pull_timeout_ms.unwrap_or(5000);
         Ok(Some(crate::flowsync::Options {
             listen,
             advertise,
+            multicast,
             peers: self.sync_peers.clone(),
             key,
             cluster: self.sync_cluster_id.unwrap_or(1),
@@ -373,14 +393,69 @@ impl Settings {
         }))
     }
 
-    /// The sync address this node publishes in the store (`None`: no
-    /// store), or why there is none that peers could reach.
-    fn sync_advertise(&self, listen: SocketAddr) -> Result<Option<SocketAddr>, String> {
-        if self.store.is_none() {
+    /// Flow sync's multicast group, checked (`None`: unicast).
+    fn sync_multicast(&self) -> Result<Option<crate::flowsync::Multicast>, String> {
+        let Some(group) = self.sync_multicast else {
+            if let Some(i) = &self.sync_interface {
+                return Err(format!(
+                    "--sync-interface {i} (daemon.sync_interface) is the interface of \
+                     --sync-multicast, which is not given"
+                ));
+            }
+            if self.sync_multicast_ttl.is_some() {
+                return Err("--sync-multicast-ttl needs --sync-multicast".to_owned());
+            }
+            return Ok(None);
+        };
+        if !group.ip().is_multicast() {
+            return Err(format!(
+                "--sync-multicast {group} (daemon.sync_multicast): {} is not a multicast \
+                 address (IPv4 224.0.0.0/4, IPv6 ff00::/8)",
+                group.ip()
+            ));
+        }
+        if group.port() == 0 {
+            return Err(format!(
+                "--sync-multicast {group} (daemon.sync_multicast) needs a port"
+            ));
+        }
+        let Some(iface) = self.sync_interface.clone() else {
+            return Err(format!(
+                "--sync-multicast {group} needs --sync-interface IFACE (daemon.sync_interface): \
+                 the interface to join the group on and send from"
+            ));
+        };
+        let index = nix::net::if_::if_nametoindex(iface.as_str()).map_err(|e| {
+            format!("--sync-interface {iface} (daemon.sync_interface): no such interface ({e})")
+        })?;
+        let ttl = self.sync_multicast_ttl.unwrap_or(1);
+        if ttl == 0 {
+            return Err(
+                "--sync-multicast-ttl 0 would keep every message on this host: give 1-255"
+                    .to_owned(),
+            );
+        }
+        Ok(Some(crate::flowsync::Multicast {
+            group,
+            iface,
+            index,
+            ttl,
+        }))
+    }
+
+    /// The sync address this node publishes in the store or in its
+    /// multicast hellos (`None`: neither), or why there is none that peers
+    /// could reach.
+    fn sync_advertise(
+        &self,
+        listen: SocketAddr,
+        multicast: bool,
+    ) -> Result<Option<SocketAddr>, String> {
+        if self.store.is_none() && !multicast {
             return match self.sync_advertise {
                 Some(a) => Err(format!(
                     "--sync-advertise {a} (daemon.sync_advertise) is the sync address published \
-                     in the store: it needs --store"
+                     in the store or the multicast hellos: it needs --store or --sync-multicast"
                 )),
                 None => Ok(None),
             };
@@ -393,8 +468,8 @@ impl Settings {
             Some(a) => Ok(Some(a)),
             None if listen.ip().is_unspecified() => Err(format!(
                 "--sync-listen {listen} is a wildcard address, which the other balancers \
-                 cannot reach: with --store give --sync-advertise ADDR:PORT \
-                 (daemon.sync_advertise), the address this node publishes for them"
+                 cannot reach: with --store or --sync-multicast give --sync-advertise \
+                 ADDR:PORT (daemon.sync_advertise), the address this node publishes for them"
             )),
             None => Ok(Some(listen)),
         }
@@ -629,7 +704,90 @@ mod tests {
         let err = with(wildcard, &store, Some("[::]:9815".parse().unwrap())).unwrap_err();
         assert!(err.contains("--sync-advertise [::]:9815"), "{err}");
         let err = with(specific, &None, Some(public)).unwrap_err();
-        assert!(err.contains("it needs --store"), "{err}");
+        assert!(
+            err.contains("it needs --store or --sync-multicast"),
+            "{err}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn multicast_settings_name_the_flag_that_is_wrong() {
+        let dir = std::env::temp_dir().join(format!("xlb-sync-multicast-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let key = dir.join("sync.key");
+        std::fs::write(&key, "a key of the cluster, 32 bytes..\n").unwrap();
+        let with = |listen: &str, group: Option<&str>, iface: Option<&str>, ttl| {
+            Settings {
+                sync_listen: Some(listen.parse().unwrap()),
+                sync_key_file: Some(key.clone()),
+                sync_multicast: group.map(|g| g.parse().unwrap()),
+                sync_interface: iface.map(str::to_owned),
+                sync_multicast_ttl: ttl,
+                ..Settings::default()
+            }
+            .sync()
+            .map(|o| o.and_then(|o| o.multicast.map(|m| (m.group, m.iface, m.ttl))))
+        };
+        let l = "192.0.2.1:9815";
+        let ok = with(l, Some("239.255.98.15:9815"), Some("lo"), None);
+        assert_eq!(
+            ok,
+            Ok(Some((
+                "239.255.98.15:9815".parse().unwrap(),
+                "lo".to_owned(),
+                1
+            )))
+        );
+        assert!(
+            with(l, Some("[ff02::98:15]:9815"), Some("lo"), Some(4))
+                .is_ok_and(|m| m.is_some_and(|m| m.2 == 4))
+        );
+        for (group, iface, ttl, want) in [
+            (
+                Some("192.0.2.9:9815"),
+                Some("lo"),
+                None,
+                "--sync-multicast 192.0.2.9:9815 (daemon.sync_multicast): 192.0.2.9 is not a multicast",
+            ),
+            (
+                Some("239.255.98.15:9815"),
+                None,
+                None,
+                "needs --sync-interface IFACE",
+            ),
+            (
+                Some("239.255.98.15:9815"),
+                Some("nosuch0"),
+                None,
+                "--sync-interface nosuch0 (daemon.sync_interface): no such interface",
+            ),
+            (Some("239.255.98.15:0"), Some("lo"), None, "needs a port"),
+            (
+                Some("239.255.98.15:9815"),
+                Some("lo"),
+                Some(0),
+                "--sync-multicast-ttl 0",
+            ),
+            (
+                None,
+                Some("lo"),
+                None,
+                "--sync-interface lo (daemon.sync_interface) is the interface of --sync-multicast",
+            ),
+            (
+                None,
+                None,
+                Some(2),
+                "--sync-multicast-ttl needs --sync-multicast",
+            ),
+        ] {
+            let err = with(l, group, iface, ttl).unwrap_err();
+            assert!(err.contains(want), "{group:?} {iface:?}: {err}");
+        }
+        // A wildcard listen address: the hellos need one the peers reach.
+        let err = with("0.0.0.0:9815", Some("239.255.98.15:9815"), Some("lo"), None).unwrap_err();
+        assert!(err.contains("--sync-advertise"), "{err}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -3,6 +3,8 @@
 //! as peers from their node keys: the first node has nothing to pull, a second one
 //! pulls from it, a flow confirmed on one lands in the others' peer tables, a third node
 //! started later is sent to and admitted, and a stopped node leaves the peer lists.
+//! Two balancers in multicast mode (`--sync-multicast` over the test bridge) pull by
+//! hello, sync through the group, and admit by key and cluster id.
 //!
 //! ```text
 //!   client (.2) ── bridge 198.51.100.0/24 ── a (.1, VIP traffic) ┤ b (.3) ┤ c (.4)
@@ -28,8 +30,8 @@ const METRICS_PORT: u16 = 9814;
 const DESIRED: &str = "services:\n  - vip: 203.0.113.10:80/tcp\n    reals:\n      \
                        - address: 198.51.100.11\n      - address: 198.51.100.12\n";
 
-/// A balancer in store mode with flow sync and no configured peer, its data path
-/// pinned so that the test reads its peer flow table.
+/// A balancer with flow sync and no configured peer, its data path pinned so that
+/// the test reads its peer flow table.
 struct Node<'a> {
     daemon: Daemon,
     host: &'a Host,
@@ -37,33 +39,43 @@ struct Node<'a> {
 }
 
 impl<'a> Node<'a> {
-    fn start(host: &'a Host, name: &str, prefix: &str, key: &str) -> Node<'a> {
+    /// Starts `name` on `host` with flow sync on its address, the test's key, and
+    /// `extra` (where the desired state and the peers come from).
+    fn start_with(host: &'a Host, name: &str, key: &str, extra: &[&str]) -> Node<'a> {
         let run = PinnedRun::new(&format!("{}-{name}", host.ns.name()));
-        let store = format!("etcd://{ETCD}{prefix}");
         let listen = format!("{}:{SYNC_PORT}", host.ipv4);
         let metrics = format!("{}:{METRICS_PORT}", host.ipv4);
-        let args = [
-            "--store",
-            &store,
+        let mut args = vec![
             "--node-name",
             name,
+            "--sync-listen",
+            &listen,
+            "--sync-key-file",
+            key,
+            "--metrics-addr",
+            &metrics,
+        ];
+        args.extend_from_slice(extra);
+        let daemon = Daemon::start_pinned(&host.ns, "eth0", &run, &args);
+        Node { daemon, host, run }
+    }
+
+    /// In store mode (the store's short test settings), peers from the store only.
+    fn start(host: &'a Host, name: &str, prefix: &str, key: &str) -> Node<'a> {
+        let store = format!("etcd://{ETCD}{prefix}");
+        let extra = [
+            "--store",
+            &store,
             "--store-interval-ms",
             "200",
             "--store-lease-ttl",
             "2",
             "--store-timeout-ms",
             "1000",
-            "--sync-listen",
-            &listen,
-            "--sync-key-file",
-            key,
             "--sync-pull-timeout-ms",
             "5000",
-            "--metrics-addr",
-            &metrics,
         ];
-        let daemon = Daemon::start_pinned(&host.ns, "eth0", &run, &args);
-        Node { daemon, host, run }
+        Self::start_with(host, name, key, &extra)
     }
 
     fn sync_status(&self) -> serde_json::Value {
@@ -232,4 +244,132 @@ fn store_nodes_take_each_other_as_sync_peers_as_they_come_and_go() {
     });
     assert_eq!(a.metric(r#"xlb_sync_peers{source="store"}"#), 1.0);
     drop((a, b, etcd, servers, run));
+}
+
+const GROUP: &str = "239.255.98.15:9816";
+
+/// A balancer with flow sync in multicast mode on eth0, its VIP from a config file.
+fn multicast_node<'a>(host: &'a Host, name: &str, dir: &std::path::Path, key: &str) -> Node<'a> {
+    let config = dir.join(format!("{name}.yaml"));
+    std::fs::write(&config, DESIRED).expect("writing the config");
+    let extra = [
+        "--config",
+        path_str(&config),
+        "--sync-multicast",
+        GROUP,
+        "--sync-interface",
+        "eth0",
+        "--sync-pull-timeout-ms",
+        "3000",
+    ];
+    Node::start_with(host, name, key, &extra)
+}
+
+#[test]
+fn multicast_sync_sends_once_to_the_group_and_admits_by_key() {
+    use lb_userspace::flowsync::wire::{self, Entry, Header, Key, Kind, Op};
+    require_root();
+    let topo = balanced_topology(&unique_prefix("smc"), 2);
+    let run = RunDir::new(&format!("xlb-{}", topo.prefix()));
+    let servers = start_reals(&topo, &["--http", "0.0.0.0:80"]);
+    let key = run.path().join("sync.key");
+    std::fs::write(&key, "a shared key of the test cluster\n").expect("writing the key");
+    let key = path_str(&key).to_owned();
+    let host_b = topo.add_host("lb2", "lb2", 3);
+
+    // a hears no hello within the pull timeout: it announces without a copy.
+    let a = multicast_node(&topo.lb, "a", run.path(), &key);
+    wait_until("a's start-up pull is over", || {
+        a.sync_status()["ready"] == true
+    });
+    let s = a.sync_status();
+    assert!(
+        s["pull_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("no hello heard on the multicast group")),
+        "{s}"
+    );
+    assert_eq!(s["multicast"], format!("{GROUP} on eth0"), "{s}");
+    let (mut first, first_key) = confirmed_flow(&topo);
+
+    // b hears a's hello and pulls from it the flow already open.
+    let b = multicast_node(&host_b, "b", run.path(), &key);
+    wait_until("b's start-up pull is over", || {
+        b.sync_status()["ready"] == true
+    });
+    let s = b.sync_status();
+    assert_eq!(s["pulled_from"], a.sync_addr(), "{s}");
+    let peer_b = b.run.peer_flows();
+    assert!(has(&peer_b, &first_key), "b did not pull a's flow");
+    let text = b.daemon.cli_ok(&["status"]);
+    assert!(
+        text.contains(&format!(
+            "flow sync on {}, multicast {GROUP} on eth0, with no peer",
+            b.sync_addr()
+        )),
+        "{text}"
+    );
+
+    // A flow confirmed on a reaches b through the group: one message per batch.
+    let sent = a.metric("xlb_sync_messages_sent_total");
+    let flows = a.metric("xlb_sync_flows_sent_total");
+    let (_second, second_key) = confirmed_flow(&topo);
+    wait_until("a's report reaches b's peer table by multicast", || {
+        has(&peer_b, &second_key)
+    });
+    assert!(a.metric("xlb_sync_flows_sent_total") > flows);
+    let messages = a.metric("xlb_sync_messages_sent_total") - sent;
+    assert!(
+        (1.0..=a.metric("xlb_sync_flows_sent_total") - flows).contains(&messages),
+        "{messages} messages for one batch or so"
+    );
+    // a does not take its own looped-back messages.
+    assert_eq!(a.metric("xlb_sync_messages_received_total"), 0.0);
+
+    // On the group, from a host that is no balancer: another cluster's message and
+    // one with another key are dropped and counted; one with the key is admitted.
+    topo.client.ns.ip("route add 224.0.0.0/4 dev eth0");
+    let entry = |port: u16| Entry {
+        op: Op::New,
+        flow: flow_key(IpAddr::V4(topo.client.ipv4), port),
+        real: topo.reals[0].ipv4.into(),
+        at_ns: 0,
+    };
+    let header = |cluster, seq| Header {
+        kind: Kind::Flows,
+        cluster,
+        node: 99,
+        epoch: 1,
+        seq,
+        sent_ns: 0,
+    };
+    let good = Key::new(b"a shared key of the test cluster").expect("the key");
+    let wrong = Key::new(b"a shared key of another cluster").expect("a key");
+    let foreign = wire::encode(&good, &header(2, 1), &[entry(40_001)]);
+    let forged = wire::encode(&wrong, &header(1, 2), &[entry(40_002)]);
+    let admitted = wire::encode(&good, &header(1, 3), &[entry(40_003)]);
+    let dropped =
+        |n: &Node<'_>, r: &str| n.metric(&format!(r#"xlb_sync_dropped_total{{reason="{r}"}}"#));
+    let before = [dropped(&b, "foreign"), dropped(&b, "bad_tag")];
+    let received = b.metric("xlb_sync_messages_received_total");
+    let group: SocketAddr = GROUP.parse().expect("the group");
+    topo.client.ns.run_in(|| {
+        let socket = std::net::UdpSocket::bind("0.0.0.0:0").expect("a UDP socket");
+        for msg in [&foreign, &forged, &admitted] {
+            socket.send_to(msg, group).expect("sending to the group");
+        }
+    });
+    wait_until("b counted the three messages", || {
+        b.metric("xlb_sync_messages_received_total") > received
+            && dropped(&b, "foreign") > before[0]
+            && dropped(&b, "bad_tag") > before[1]
+    });
+    assert_eq!(dropped(&b, "foreign"), before[0] + 1.0);
+    assert_eq!(dropped(&b, "bad_tag"), before[1] + 1.0);
+    assert_eq!(b.metric("xlb_sync_messages_received_total"), received + 1.0);
+    assert!(has(&peer_b, &entry(40_003).flow));
+    assert!(!has(&peer_b, &entry(40_001).flow) && !has(&peer_b, &entry(40_002).flow));
+    assert_eq!(dropped(&a, "foreign"), 1.0, "a is on the group too");
+    first.get().expect("the first connection still answers");
+    drop((a, b, servers, run));
 }

@@ -193,8 +193,12 @@ pub fn render(status: &NodeStatus) {
             .iter()
             .map(|p| format!("{} ({})", p.address, p.source.name()))
             .collect();
+        let multicast = s
+            .multicast
+            .as_ref()
+            .map_or_else(String::new, |m| format!(", multicast {m},"));
         println!(
-            "flow sync on {} with {}",
+            "flow sync on {}{multicast} with {}",
             s.listen,
             if peers.is_empty() {
                 "no peer".to_owned()

@@ -24,6 +24,12 @@
 //! through the store's watch ([`Peers`]): a node that joins is sent to and
 //! admitted at once, one whose key is gone is dropped.
 //!
+//! With `--sync-multicast` each batch is sent once to a multicast group the
+//! nodes join instead of once per peer; a sender is then admitted by the
+//! cluster id and the tag alone (there is no address list), and a starting
+//! node with no configured or stored peer pulls from the first node whose
+//! hello (its TCP pull address, sent on the group every second) it hears.
+//!
 //! Messages from a source that is not a peer, of another cluster
 //! or version, with a bad tag, replayed, or naming a VIP or real this node
 //! does not have are dropped and counted (`xlb_sync_dropped_total{reason}`).
@@ -65,8 +71,11 @@ pub const BATCH_WAIT: Duration = Duration::from_millis(10);
 pub struct Options {
     /// Where this node receives reports (UDP) and serves full copies (TCP).
     pub listen: SocketAddr,
-    /// The address published in this node's store key, with `--store`.
+    /// The address published in this node's store key and multicast hellos,
+    /// with `--store` or `--sync-multicast`.
     pub advertise: Option<SocketAddr>,
+    /// Multicast mode.
+    pub multicast: Option<Multicast>,
     /// The other balancers' sync addresses, as configured.
     pub peers: Vec<SocketAddr>,
     /// The cluster's shared key.
@@ -86,6 +95,70 @@ impl Options {
         self.node_name.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
             (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
         })
+    }
+}
+
+/// Multicast mode's settings, checked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Multicast {
+    /// The group and port.
+    pub group: SocketAddr,
+    /// The interface to join on and send from.
+    pub iface: String,
+    /// Its index.
+    pub index: u32,
+    /// TTL (IPv4) or hop limit (IPv6).
+    pub ttl: u8,
+}
+
+impl Multicast {
+    /// A UDP socket bound to the group's port, member of the group on the
+    /// interface, sending there with the TTL and without looping its own
+    /// messages back.
+    fn socket(&self) -> io::Result<std::net::UdpSocket> {
+        use socket2::{Domain, InterfaceIndexOrAddress, Protocol, Socket, Type};
+        let port = self.group.port();
+        let socket = match self.group.ip() {
+            IpAddr::V4(group) => {
+                let s = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))?;
+                s.set_reuse_address(true)?;
+                s.bind(&SocketAddr::from((group, port)).into())?;
+                s.join_multicast_v4_n(&group, &InterfaceIndexOrAddress::Index(self.index))?;
+                s.set_multicast_all_v4(false)?;
+                s.set_multicast_loop_v4(false)?;
+                s.set_multicast_ttl_v4(u32::from(self.ttl))?;
+                s.set_multicast_if_v4(&self.ipv4()?)?;
+                s
+            }
+            IpAddr::V6(group) => {
+                let s = Socket::new(Domain::IPV6, Type::DGRAM, Some(Protocol::UDP))?;
+                s.set_only_v6(true)?;
+                s.set_reuse_address(true)?;
+                s.bind(&SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, port)).into())?;
+                s.join_multicast_v6(&group, self.index)?;
+                s.set_multicast_all_v6(false)?;
+                s.set_multicast_loop_v6(false)?;
+                s.set_multicast_hops_v6(u32::from(self.ttl))?;
+                s.set_multicast_if_v6(self.index)?;
+                s
+            }
+        };
+        socket.set_nonblocking(true)?;
+        Ok(socket.into())
+    }
+
+    /// The interface's first IPv4 address: what IPv4 multicast sends from.
+    fn ipv4(&self) -> io::Result<std::net::Ipv4Addr> {
+        nix::ifaddrs::getifaddrs()
+            .map_err(io::Error::from)?
+            .filter(|a| a.interface_name == self.iface)
+            .find_map(|a| a.address?.as_sockaddr_in().map(|s| s.ip()))
+            .ok_or_else(|| {
+                io::Error::new(
+                    io::ErrorKind::AddrNotAvailable,
+                    format!("{} has no IPv4 address to send from", self.iface),
+                )
+            })
     }
 }
 
@@ -314,6 +387,9 @@ impl Peers {
 pub struct SyncStatus {
     /// Where this node listens.
     pub listen: String,
+    /// Multicast mode: `GROUP on IFACE`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub multicast: Option<String>,
     /// The peers in force, with where each comes from.
     pub peers: Vec<Peer>,
     /// Whether the start-up pull is over (the VIPs may be announced).
@@ -396,11 +472,18 @@ pub async fn spawn(
     store: Option<watch::Receiver<crate::store::View>>,
 ) -> anyhow::Result<(SyncHandle, Vec<JoinHandle<()>>)> {
     use anyhow::Context as _;
-    let udp = Arc::new(
-        UdpSocket::bind(opts.listen)
+    let udp = match &opts.multicast {
+        Some(m) => m.socket().and_then(UdpSocket::from_std).with_context(|| {
+            format!(
+                "flow sync cannot join --sync-multicast {} on --sync-interface {}",
+                m.group, m.iface
+            )
+        })?,
+        None => UdpSocket::bind(opts.listen)
             .await
             .with_context(|| format!("flow sync cannot listen on udp {}", opts.listen))?,
-    );
+    };
+    let udp = Arc::new(udp);
     let tcp = TcpListener::bind(opts.listen)
         .await
         .with_context(|| format!("flow sync cannot listen on tcp {}", opts.listen))?;
@@ -408,9 +491,13 @@ pub async fn spawn(
     let stats = Stats::default();
     let configured = Peers::of(&opts, []);
     stats.set_peers(&configured);
-    let pulls = !opts.peers.is_empty() || store.is_some();
+    let pulls = !opts.peers.is_empty() || store.is_some() || opts.multicast.is_some();
     let (status_tx, status) = watch::channel(SyncStatus {
         listen: opts.listen.to_string(),
+        multicast: opts
+            .multicast
+            .as_ref()
+            .map(|m| format!("{} on {}", m.group, m.iface)),
         peers: configured.list(),
         ready: !pulls,
         ..SyncStatus::default()
@@ -459,9 +546,20 @@ pub async fn spawn(
         translation.clone(),
         stats.clone(),
     )));
+    let (heard_tx, heard) = watch::channel(BTreeMap::new());
+    if let (Some(_), Some(pull)) = (&opts.multicast, opts.advertise) {
+        tasks.push(tokio::spawn(hello(
+            opts.clone(),
+            epoch,
+            pull,
+            udp.clone(),
+            stats.clone(),
+        )));
+    }
     tasks.push(tokio::spawn(receive(
         opts.clone(),
         peers.clone(),
+        heard_tx,
         udp,
         peer_flows.clone(),
         translation.clone(),
@@ -482,6 +580,7 @@ pub async fn spawn(
             epoch,
             Start {
                 store,
+                heard,
                 snapshots: pull_snapshots,
             },
             peer_flows,
@@ -674,7 +773,10 @@ async fn send(
     };
     let msg = wire::encode(&opts.key, &header, batch);
     stats.flows_sent.inc_by(batch.len() as u64);
-    let to = peers.borrow().addrs();
+    let to = match &opts.multicast {
+        Some(m) => vec![m.group],
+        None => peers.borrow().addrs(),
+    };
     for peer in &to {
         match udp.send_to(&msg, peer).await {
             Ok(n) => {
@@ -689,16 +791,58 @@ async fn send(
     }
 }
 
-/// Receives the peers' reports into the peer flow table.
+/// Multicast mode: tells the group every second where this node serves
+/// full copies.
+async fn hello(
+    opts: Arc<Options>,
+    epoch: u64,
+    pull: SocketAddr,
+    udp: Arc<UdpSocket>,
+    stats: Stats,
+) {
+    let Some(group) = opts.multicast.as_ref().map(|m| m.group) else {
+        return;
+    };
+    let mut tick = tokio::time::interval(HELLO_EVERY);
+    let mut seq = 0u64;
+    loop {
+        tick.tick().await;
+        seq += 1;
+        let header = Header {
+            kind: Kind::Hello,
+            cluster: opts.cluster,
+            node: opts.node_id(),
+            epoch,
+            seq,
+            sent_ns: unix_ns(),
+        };
+        let msg = wire::encode(&opts.key, &header, &[wire::hello(pull)]);
+        if let Err(err) = udp.send_to(&msg, group).await {
+            stats.send_errors.inc();
+            tracing::debug!(%group, %err, "flow sync hello not sent");
+        }
+    }
+}
+
+/// How often a multicast node says hello.
+pub const HELLO_EVERY: Duration = Duration::from_secs(1);
+
+/// The pull addresses heard in hellos, with when.
+type Heard = BTreeMap<SocketAddr, Instant>;
+
+/// Receives the peers' reports into the peer flow table (and, in multicast
+/// mode, the hellos).
 async fn receive(
     opts: Arc<Options>,
     peers: watch::Receiver<Peers>,
+    heard: watch::Sender<Heard>,
     udp: Arc<UdpSocket>,
     peer_flows: Arc<Mutex<HashMap<MapData, FlowKey, FlowState>>>,
     translation: Shared,
     stats: Stats,
 ) {
     let mut windows: StdHashMap<(u64, IpAddr), Window> = StdHashMap::new();
+    let own = opts.node_id();
     let mut buf = vec![0u8; 65536];
     let mut logged = Instant::now() - Duration::from_secs(60);
     loop {
@@ -711,7 +855,9 @@ async fn receive(
             }
         };
         let from_ip = canonical(from.ip());
-        if !peers.borrow().admits(from_ip) {
+        // In multicast mode there is no address list: the cluster id and the
+        // tag decide.
+        if opts.multicast.is_none() && !peers.borrow().admits(from_ip) {
             stats.drop_reason("unknown_peer");
             if logged.elapsed() > Duration::from_secs(60) {
                 logged = Instant::now();
@@ -730,6 +876,23 @@ async fn receive(
                 continue;
             }
         };
+        if header.node == own {
+            // Our own message, looped back (loop is off; a second socket
+            // on the group would still see it).
+            continue;
+        }
+        if header.kind == Kind::Hello {
+            match entries.first() {
+                Some(e) if unix_ns().abs_diff(header.sent_ns) <= 60_000_000_000 => {
+                    heard.send_modify(|h| {
+                        h.insert(wire::hello_addr(e), Instant::now());
+                    });
+                }
+                Some(_) => stats.drop_reason("replay"),
+                None => stats.drop_reason("malformed"),
+            }
+            continue;
+        }
         if header.kind != Kind::Flows {
             stats.drop_reason("malformed");
             continue;
@@ -824,7 +987,7 @@ async fn serve_pulls(
             continue;
         };
         let (opts, dump, translation) = (opts.clone(), dump.clone(), translation.clone());
-        let admitted = peers.borrow().admits(from.ip());
+        let admitted = opts.multicast.is_some() || peers.borrow().admits(from.ip());
         tokio::spawn(async move {
             match tokio::time::timeout(
                 Duration::from_secs(60),
@@ -934,6 +1097,8 @@ struct Start {
     /// The store's view, with a store: the node keys and the desired state
     /// are read before anything is pulled.
     store: Option<watch::Receiver<crate::store::View>>,
+    /// Multicast mode: the pull addresses heard in hellos.
+    heard: watch::Receiver<Heard>,
     /// The controller's snapshots, for the reals the copy names.
     snapshots: watch::Receiver<Arc<Snapshot>>,
 }
@@ -973,13 +1138,34 @@ async fn pull_at_start(
             Translation::of(&start.snapshots.borrow());
         // Read from the view itself: the task that follows it may not have
         // seen the listing yet.
-        let peers = match &start.store {
+        let mut peers = match &start.store {
             Some(view) => {
                 let listed = crate::store::node::sync_peers(&view.borrow().nodes, &opts.node_name);
                 Peers::of(&opts, listed.into_values()).addrs()
             }
             None => Peers::of(&opts, []).addrs(),
         };
+        if peers.is_empty() && start.store.is_none() {
+            // Multicast mode without configured peers: whoever said hello
+            // lately, newest first.
+            let mut heard: Vec<(SocketAddr, Instant)> = start
+                .heard
+                .borrow()
+                .iter()
+                .filter(|(a, at)| at.elapsed() < 3 * HELLO_EVERY && Some(**a) != opts.advertise)
+                .map(|(a, at)| (*a, *at))
+                .collect();
+            heard.sort_by_key(|(_, at)| std::cmp::Reverse(*at));
+            peers = heard.into_iter().map(|(a, _)| a).collect();
+            if peers.is_empty() {
+                let left = opts.pull_timeout.saturating_sub(started.elapsed());
+                let _ = tokio::time::timeout(left, start.heard.changed()).await;
+                if errors.is_empty() {
+                    errors.push("no hello heard on the multicast group".to_owned());
+                }
+                continue;
+            }
+        }
         if peers.is_empty() {
             tracing::info!(
                 "flow sync: no other node in the store publishes a sync address: the first \
@@ -1071,7 +1257,9 @@ async fn pull(
                     header.seq
                 )));
             }
-            Kind::Pull => return Err(invalid("a pull request in a copy".to_owned())),
+            Kind::Pull | Kind::Hello => {
+                return Err(invalid(format!("a {:?} message in a copy", header.kind)));
+            }
         }
     }
 }
@@ -1086,6 +1274,7 @@ mod tests {
         let opts = Options {
             listen: a("0.0.0.0:9815"),
             advertise: Some(a("192.0.2.1:9815")),
+            multicast: None,
             peers: vec![a("192.0.2.2:9815")],
             key: Key::new(b"a key of the cluster, 32 bytes..").unwrap(),
             cluster: 1,

@@ -12,13 +12,17 @@
 //! tag (32 bytes): HMAC-SHA256(key, header ‖ entries)
 //! ```
 //!
+//! A hello (multicast mode: "pull a full copy from me") is a message of kind
+//! 4 with one entry whose real address is the sender's TCP pull address and
+//! whose ports field holds its port ([`hello`], [`hello_addr`]).
+//!
 //! IPv4 addresses fill the first 4 of their 16 bytes (a real's family may
 //! differ from the flow's: 4in6 tunnels). A datagram carries at
 //! most [`MAX_ENTRIES`] entries so that it fits a 1,400-byte payload; a full
 //! copy (pull, over TCP) is a stream of such messages, each preceded by its
 //! length (u16).
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use lb_common::{FAMILY_V4, FAMILY_V6, FlowKey};
 use ring::hmac;
@@ -49,6 +53,8 @@ pub enum Kind {
     Pull = 2,
     /// The end of a full copy; `sequence` holds the number of entries sent.
     PullDone = 3,
+    /// Multicast mode: the sender's TCP pull address, every second.
+    Hello = 4,
 }
 
 impl Kind {
@@ -57,6 +63,7 @@ impl Kind {
             1 => Some(Self::Flows),
             2 => Some(Self::Pull),
             3 => Some(Self::PullDone),
+            4 => Some(Self::Hello),
             _ => None,
         }
     }
@@ -305,6 +312,29 @@ fn be64(b: &[u8]) -> u64 {
     u64::from_be_bytes(a)
 }
 
+/// The one entry of a hello: `pull` as the real, its port in the ports.
+pub fn hello(pull: SocketAddr) -> Entry {
+    let family = if pull.is_ipv4() { FAMILY_V4 } else { FAMILY_V6 };
+    Entry {
+        op: Op::New,
+        flow: FlowKey {
+            src: [0; 16],
+            dst: [0; 16],
+            ports: u32::from(pull.port()),
+            proto: 0,
+            family,
+            _pad: [0; 2],
+        },
+        real: pull.ip(),
+        at_ns: 0,
+    }
+}
+
+/// The TCP pull address a hello's entry names.
+pub fn hello_addr(e: &Entry) -> SocketAddr {
+    SocketAddr::new(e.real, (e.flow.ports & 0xffff) as u16)
+}
+
 /// Replay protection for one sender: the newest sequence number of its
 /// newest epoch and a 64-message window below it (datagrams may arrive out
 /// of order, never twice).
@@ -445,6 +475,20 @@ mod tests {
             err.to_string().contains("entry 1: address family 9"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn a_hello_carries_the_pull_address() {
+        for pull in ["198.51.100.1:9815", "[2001:db8::1]:19815"] {
+            let pull: SocketAddr = pull.parse().unwrap();
+            let h = Header {
+                kind: Kind::Hello,
+                ..header()
+            };
+            let (got, entries) = decode(&key(), 7, &encode(&key(), &h, &[hello(pull)])).unwrap();
+            assert_eq!((got.kind, entries.len()), (Kind::Hello, 1));
+            assert_eq!(hello_addr(&entries[0]), pull);
+        }
     }
 
     #[test]
