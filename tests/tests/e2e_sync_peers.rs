@@ -373,3 +373,74 @@ fn multicast_sync_sends_once_to_the_group_and_admits_by_key() {
     first.get().expect("the first connection still answers");
     drop((a, b, servers, run));
 }
+
+#[test]
+fn sync_settings_that_cannot_work_stop_the_start_before_anything_is_loaded() {
+    require_root();
+    let topo = balanced_topology(&unique_prefix("sbd"), 1);
+    let run = PinnedRun::new(&format!("{}-bad", topo.prefix()));
+    let key = run.dir().join("sync.key");
+    std::fs::write(&key, "a shared key of the test cluster\n").expect("writing the key");
+    let key = path_str(&key);
+    let listen = format!("{}:{SYNC_PORT}", topo.lb.ipv4);
+    let cases: [(&[&str], &str); 4] = [
+        (
+            &[
+                "--store",
+                "etcd://198.51.100.5:2379/x",
+                "--sync-listen",
+                "0.0.0.0:9815",
+            ],
+            "--sync-listen 0.0.0.0:9815 is a wildcard address, which the other balancers \
+             cannot reach: with --store or --sync-multicast give --sync-advertise ADDR:PORT",
+        ),
+        (
+            &[
+                "--sync-listen",
+                &listen,
+                "--sync-multicast",
+                "192.0.2.9:9816",
+                "--sync-interface",
+                "eth0",
+            ],
+            "--sync-multicast 192.0.2.9:9816 (daemon.sync_multicast): 192.0.2.9 is not a \
+             multicast address",
+        ),
+        (
+            &[
+                "--sync-listen",
+                &listen,
+                "--sync-multicast",
+                GROUP,
+                "--sync-interface",
+                "nosuch0",
+            ],
+            "--sync-interface nosuch0 (daemon.sync_interface): no such interface",
+        ),
+        (
+            &["--sync-listen", &listen, "--sync-multicast", GROUP],
+            "--sync-multicast 239.255.98.15:9816 needs --sync-interface IFACE",
+        ),
+    ];
+    for (args, want) in cases {
+        let mut all = vec!["--pin-dir", path_str(run.pin_dir()), "--sync-key-file", key];
+        all.extend_from_slice(args);
+        let mut d = Daemon::spawn_in(&topo.lb.ns, "eth0", run.dir(), &all);
+        let (status, log) = d.wait_exit();
+        assert!(!status.success(), "{args:?} started: {log}");
+        assert!(
+            log.contains("invalid flow sync settings") && log.contains(want),
+            "{args:?}: {log}"
+        );
+        assert_eq!(
+            run.pins(),
+            Vec::<String>::new(),
+            "{args:?} pinned something"
+        );
+    }
+    let link = topo.lb.ns.ip("-d link show dev eth0");
+    assert!(
+        !String::from_utf8_lossy(&link.stdout).contains("xdp"),
+        "a program is attached"
+    );
+}
