@@ -238,7 +238,7 @@ impl Stats {
         }
         reg.register(
             "sync_messages_sent",
-            "Flow sync messages sent (one per peer and batch)",
+            "Flow sync messages sent (one per peer and batch; multicast: one per batch)",
             self.messages_sent.clone(),
         );
         reg.register(
