@@ -13,6 +13,24 @@ pub const ETCD_ID: u8 = 5;
 /// etcd's client address (the host [`ETCD_ID`] of the segment).
 pub const ETCD: &str = "198.51.100.5:2379";
 
+/// `xlb run`'s flags for a node of the fleet in etcd under `prefix`, with the
+/// tests' short store settings (a lease of 2 s renewed every 200 ms, calls of at
+/// most 1 s), so that every wait is short.
+pub fn store_args(prefix: &str) -> Vec<String> {
+    [
+        "--store",
+        &format!("etcd://{ETCD}{prefix}"),
+        "--store-interval-ms",
+        "200",
+        "--store-lease-ttl",
+        "2",
+        "--store-timeout-ms",
+        "1000",
+    ]
+    .map(str::to_owned)
+    .to_vec()
+}
+
 /// `etcd` in its own namespace, data under a run directory.
 pub struct Etcd {
     /// Its namespace on the segment.

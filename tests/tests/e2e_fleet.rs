@@ -21,7 +21,7 @@ use std::thread;
 use std::time::Duration;
 
 use rand::{Rng as _, SeedableRng as _};
-use xlb_tests::etcd::{ETCD, Etcd};
+use xlb_tests::etcd::{ETCD, Etcd, store_args};
 use xlb_tests::harness::{
     Daemon, Proc, RunDir, VIP, balanced_topology, http_get, json, pass_on_switch_port,
     require_root, start_reals, wait_until,
@@ -108,24 +108,17 @@ impl Fleet {
 
     fn start_node(&self, i: usize) -> Daemon {
         let name = ["a", "b", "c"][i];
-        let store = format!("etcd://{ETCD}{}", self.prefix);
-        let args = [
+        let store = store_args(&self.prefix);
+        let mut args = vec![
             "--no-pin",
-            "--store",
-            &store,
             "--node-name",
             name,
-            "--store-interval-ms",
-            "200",
-            "--store-lease-ttl",
-            "2",
-            "--store-timeout-ms",
-            "1000",
             "--resolve-timeout",
             "1",
             "--metrics-addr",
             "127.0.0.1:9814",
         ];
+        args.extend(store.iter().map(String::as_str));
         Daemon::start_in(&self.host(i).ns, "eth0", self.dirs[i].path(), &args)
     }
 

@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use aya::maps::{HashMap, MapData};
 use lb_common::{FlowKey, FlowState};
-use xlb_tests::etcd::{ETCD, Etcd};
+use xlb_tests::etcd::{Etcd, store_args};
 use xlb_tests::harness::{
     Daemon, KeepAlive, PinnedRun, RunDir, VIP, balanced_topology, flow_key, json, metric_samples,
     path_str, require_root, scrape_metrics, start_reals, wait_until,
@@ -62,19 +62,9 @@ impl<'a> Node<'a> {
 
     /// In store mode (the store's short test settings), peers from the store only.
     fn start(host: &'a Host, name: &str, prefix: &str, key: &str) -> Node<'a> {
-        let store = format!("etcd://{ETCD}{prefix}");
-        let extra = [
-            "--store",
-            &store,
-            "--store-interval-ms",
-            "200",
-            "--store-lease-ttl",
-            "2",
-            "--store-timeout-ms",
-            "1000",
-            "--sync-pull-timeout-ms",
-            "5000",
-        ];
+        let store = store_args(prefix);
+        let mut extra: Vec<&str> = store.iter().map(String::as_str).collect();
+        extra.extend(["--sync-pull-timeout-ms", "5000"]);
         Self::start_with(host, name, key, &extra)
     }
 
