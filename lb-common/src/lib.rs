@@ -107,15 +107,16 @@ pub const VIP_FILTER_WORDS: u32 = 1 << (VIP_FILTER_BITS_LOG2 - 6);
 /// sides compute it: the daemon sets the bit before the key enters its map
 /// and clears it only after the last key on the bit left, so the data path
 /// may pass a packet whose bit is clear without looking the key up.
-/// A few ALU operations (no loop): the address words folded, then a
-/// multiplicative (Fibonacci) hash whose top bits pick the slot.
+/// A few ALU operations (no loop, no rotation, which BPF lacks): the
+/// address words, port and protocol folded by XOR, then a multiplicative
+/// (Fibonacci) hash whose top bits pick the slot.
 #[inline(always)]
 pub const fn vip_filter_slot(addr: &[u8; 16], port_be: u16, proto: u8) -> u32 {
     let x = word_le(addr, 0)
-        ^ word_le(addr, 4).rotate_left(7)
-        ^ word_le(addr, 8).rotate_left(14)
-        ^ word_le(addr, 12).rotate_left(21)
-        ^ ((port_be as u32) << 8 | proto as u32).rotate_left(11);
+        ^ word_le(addr, 4)
+        ^ word_le(addr, 8)
+        ^ word_le(addr, 12)
+        ^ ((port_be as u32) << 16 | proto as u32);
     x.wrapping_mul(0x9e37_79b1) >> (32 - VIP_FILTER_BITS_LOG2)
 }
 
