@@ -190,7 +190,11 @@ impl Drop for Rings {
 /// The VIP filter (`XLB_VIP_FILTER`) and the keys behind its bits. The
 /// program passes a packet whose bit is clear without looking its key up, so
 /// a bit is set before its first key enters a VIP map and cleared only after
-/// its last key left (each word is written whole, by this one writer).
+/// its last key left (each word is written whole, by this one writer). A
+/// word write may reach the program byte by byte (the kernel copies array
+/// values with `memcpy`), which is harmless: a write changes one bit, so
+/// every byte the program can read is the old or the new one, and the other
+/// bits of the word read the same either way.
 struct VipFilter {
     map: Array<MapData, u64>,
     /// Keys holding each bit: how many.
