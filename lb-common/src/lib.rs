@@ -46,6 +46,11 @@ pub mod map_names {
     /// `RingBuf` of [`super::FlowEvent`]s: confirmed and ended flows, for the
     /// daemon's flow sync ([`super::Config::sync`] turns reporting on).
     pub const FLOW_EVENTS: &str = "XLB_FLOW_EVENTS";
+    /// `Array<u64>` of [`super::VIP_FILTER_WORDS`] words: a bitmap in front of
+    /// [`VIPS`] and [`VIP_ADDRS`], bit [`super::vip_filter_slot`] set for every
+    /// service key and VIP address (a superset: other keys may share a bit).
+    /// A packet whose bit is clear is not for a VIP, without a hash lookup.
+    pub const VIP_FILTER: &str = "XLB_VIP_FILTER";
     /// Decap program: `HashMap<AddrKey, u32>` of this host's tunnel endpoints.
     pub const DECAP_ADDRS: &str = "XLB_DECAP_ADDRS";
     /// Decap program: `PerCpuArray<Counter>` indexed by [`super::decap_stat`].
@@ -91,6 +96,34 @@ pub const FLOWS_DEFAULT: u32 = 1 << 20;
 pub const MAX_DECAP_ADDRS: u32 = 64;
 /// Capacity of the decap program's allowed-source prefix map.
 pub const MAX_DECAP_SRCS: u32 = 64;
+
+/// Bits of the VIP filter ([`map_names::VIP_FILTER`]), as a power of two.
+pub const VIP_FILTER_BITS_LOG2: u32 = 16;
+/// Words (`u64`) of the VIP filter: 65,536 bits, 8 KiB.
+pub const VIP_FILTER_WORDS: u32 = 1 << (VIP_FILTER_BITS_LOG2 - 6);
+
+/// The VIP filter's bit for a service key (`port_be` and `proto` as in
+/// [`VipKey`]) or, with `port_be` and `proto` 0, for a VIP address. Both
+/// sides compute it: the daemon sets the bit before the key enters its map
+/// and clears it only after the last key on the bit left, so the data path
+/// may pass a packet whose bit is clear without looking the key up.
+/// A few ALU operations (no loop, no rotation, which BPF lacks): the
+/// address words, port and protocol folded by XOR, then a multiplicative
+/// (Fibonacci) hash whose top bits pick the slot.
+#[inline(always)]
+pub const fn vip_filter_slot(addr: &[u8; 16], port_be: u16, proto: u8) -> u32 {
+    let x = word_le(addr, 0)
+        ^ word_le(addr, 4)
+        ^ word_le(addr, 8)
+        ^ word_le(addr, 12)
+        ^ ((port_be as u32) << 16 | proto as u32);
+    x.wrapping_mul(0x9e37_79b1) >> (32 - VIP_FILTER_BITS_LOG2)
+}
+
+#[inline(always)]
+const fn word_le(a: &[u8; 16], i: usize) -> u32 {
+    u32::from_le_bytes([a[i], a[i + 1], a[i + 2], a[i + 3]])
+}
 
 /// Index of the flood guard's window in the `FLOOD` map.
 pub const WINDOW_NEW_FLOWS: u32 = 0;

@@ -13,7 +13,7 @@ use crate::{
     conntrack::{self, Choice, Track},
     forward::{self, ForwardError},
     icmp::{self, IcmpAction},
-    maps::{CONFIG, VIP_ADDRS, VIPS},
+    maps::{CONFIG, VIP_ADDRS, VIPS, maybe_vip},
     parse::{self, ETH_P_IP, ETH_P_IPV6, L2, L3, L3Error, ptr_at, read_at},
     stats,
 };
@@ -87,9 +87,14 @@ fn process(ctx: &XdpContext, bytes: u64) -> Verdict {
         let Some(ports) = read_at::<[u8; 4]>(ctx, l3.l4_off) else {
             return Verdict::Pass(stat::PASS_MALFORMED);
         };
+        let port_be = u16::from_ne_bytes([ports[2], ports[3]]);
+        // Most packets that are not for a service stop here, before the hash lookup.
+        if !maybe_vip(&l3.dst, port_be, l3.proto) {
+            return Verdict::Pass(stat::PASS_NOT_VIP);
+        }
         let vip = VipKey {
             addr: l3.dst,
-            port_be: u16::from_ne_bytes([ports[2], ports[3]]),
+            port_be,
             proto: l3.proto,
             family: l3.family,
         };
@@ -107,6 +112,9 @@ fn process(ctx: &XdpContext, bytes: u64) -> Verdict {
         return service(ctx, &l2, &l3, meta, ports, tcp_flags, config, bytes);
     }
     // Everything else is ours only when its address carries a VIP.
+    if !maybe_vip(&l3.dst, 0, 0) {
+        return Verdict::Pass(stat::PASS_NOT_VIP);
+    }
     let addr_key = AddrKey {
         addr: l3.dst,
         family: l3.family,

@@ -8,7 +8,8 @@ use aya_ebpf::{
 };
 use lb_common::{
     AddrKey, Config, Counter, FLOW_EVENTS_BYTES, FLOWS_DEFAULT, FloodWindow, FlowKey, FlowState,
-    MAX_REALS, MAX_VIPS, RING_ENTRIES, RealDef, VipKey, VipMeta, WINDOWS, stat,
+    MAX_REALS, MAX_VIPS, RING_ENTRIES, RealDef, VIP_FILTER_WORDS, VipKey, VipMeta, WINDOWS, stat,
+    vip_filter_slot,
 };
 
 /// Virtual services: (address, port, protocol) → VIP metadata.
@@ -19,6 +20,25 @@ pub static VIPS: HashMap<VipKey, VipMeta> = HashMap::with_max_entries(MAX_VIPS, 
 /// program tell "not ours" from "ours but unusable" (fragments, broken L4, ICMP).
 #[map(name = "XLB_VIP_ADDRS")]
 pub static VIP_ADDRS: HashMap<AddrKey, u32> = HashMap::with_max_entries(MAX_VIPS, 0);
+
+/// A bitmap in front of [`VIPS`] and [`VIP_ADDRS`] (`lb_common::vip_filter_slot`):
+/// the daemon keeps it a superset of their keys. An array, so the verifier
+/// inlines its lookup: a packet not for a VIP is told so without a hash
+/// lookup.
+#[map(name = "XLB_VIP_FILTER")]
+pub static VIP_FILTER: Array<u64> = Array::with_max_entries(VIP_FILTER_WORDS, 0);
+
+/// Whether the VIP filter may hold this key (`port_be` and `proto` 0 for a
+/// VIP address): false means it is in neither VIP map.
+#[inline(always)]
+pub fn maybe_vip(addr: &[u8; 16], port_be: u16, proto: u8) -> bool {
+    let slot = vip_filter_slot(addr, port_be, proto);
+    match VIP_FILTER.get(slot >> 6) {
+        Some(word) => word & (1 << (slot & 63)) != 0,
+        // Cannot happen (the slot is in range): the maps decide.
+        None => true,
+    }
+}
 
 /// The ring pool: every VIP's Maglev tables, at the offsets `VipMeta.ring_off`
 /// names, packed two slots per entry. Memory-mappable so the daemon writes a

@@ -3,7 +3,7 @@
 //! The daemon, the tests and the benchmarks all go through [`Dataplane`], so
 //! what the tests check is exactly what the daemon does.
 
-use std::{ffi::CString, os::fd::AsFd as _, path::PathBuf, ptr::NonNull};
+use std::{collections::HashSet, ffi::CString, os::fd::AsFd as _, path::PathBuf, ptr::NonNull};
 
 use crate::pin::PinDir;
 
@@ -15,7 +15,8 @@ use aya::{
 };
 use lb_common::{
     AddrKey, Config, Counter, FLOWS_DEFAULT, FlowKey, FlowState, MAX_REALS, MAX_VIPS, RING_ENTRIES,
-    RING_POOL, RING_SIZE_MAX, RealDef, VipKey, VipMeta, map_names, prog_names, stat,
+    RING_POOL, RING_SIZE_MAX, RealDef, VIP_FILTER_BITS_LOG2, VIP_FILTER_WORDS, VipKey, VipMeta,
+    map_names, prog_names, stat, vip_filter_slot,
 };
 
 /// The compiled balancer object, built by build.rs with aya-build.
@@ -41,10 +42,11 @@ impl Default for LoadOptions {
 
 /// Every map of the balancer object (`AYA_LOGS` carries the program's debug
 /// log lines to the daemon).
-pub const BALANCER_MAPS: [&str; 13] = [
+pub const BALANCER_MAPS: [&str; 14] = [
     "AYA_LOGS",
     map_names::VIPS,
     map_names::VIP_ADDRS,
+    map_names::VIP_FILTER,
     map_names::RINGS,
     map_names::REALS,
     map_names::CONFIG,
@@ -185,11 +187,100 @@ impl Drop for Rings {
     }
 }
 
+/// The VIP filter (`XLB_VIP_FILTER`) and the keys behind its bits. The
+/// program passes a packet whose bit is clear without looking its key up, so
+/// a bit is set before its first key enters a VIP map and cleared only after
+/// its last key left (each word is written whole, by this one writer). A
+/// word write may reach the program byte by byte (the kernel copies array
+/// values with `memcpy`), which is harmless: a write changes one bit, so
+/// every byte the program can read is the old or the new one, and the other
+/// bits of the word read the same either way.
+struct VipFilter {
+    map: Array<MapData, u64>,
+    /// Keys holding each bit: how many.
+    refs: Vec<u32>,
+    vips: HashSet<VipKey>,
+    addrs: HashSet<AddrKey>,
+}
+
+impl VipFilter {
+    /// Takes the filter over, with every key the VIP maps already hold (a
+    /// pinned map of an earlier run may be running under a program): every
+    /// word is rewritten from them.
+    fn new(
+        map: Array<MapData, u64>,
+        vips: impl IntoIterator<Item = VipKey>,
+        addrs: impl IntoIterator<Item = AddrKey>,
+    ) -> Result<Self> {
+        let mut filter = Self {
+            map,
+            refs: vec![0; 1 << VIP_FILTER_BITS_LOG2],
+            vips: HashSet::new(),
+            addrs: HashSet::new(),
+        };
+        for key in vips {
+            if filter.vips.insert(key) {
+                filter.refs[vip_slot(&key) as usize] += 1;
+            }
+        }
+        for key in addrs {
+            if filter.addrs.insert(key) {
+                filter.refs[addr_slot(&key) as usize] += 1;
+            }
+        }
+        for word in 0..VIP_FILTER_WORDS {
+            filter.write_word(word)?;
+        }
+        Ok(filter)
+    }
+
+    fn write_word(&mut self, word: u32) -> Result<()> {
+        let bits = &self.refs[(word as usize) * 64..][..64];
+        let value = bits
+            .iter()
+            .enumerate()
+            .fold(0u64, |w, (i, &n)| if n > 0 { w | 1 << i } else { w });
+        self.map
+            .set(word, &value, 0)
+            .map_err(map_err(map_names::VIP_FILTER))
+    }
+
+    /// One more key on `slot`: its bit is set (in the map) when it was clear.
+    fn hold(&mut self, slot: u32) -> Result<()> {
+        self.refs[slot as usize] += 1;
+        if self.refs[slot as usize] == 1 {
+            return self.write_word(slot >> 6).inspect_err(|_| {
+                self.refs[slot as usize] -= 1;
+            });
+        }
+        Ok(())
+    }
+
+    /// One key fewer on `slot`: its bit is cleared when it was the last. A
+    /// failed write leaves the bit set, which only costs a lookup.
+    fn release(&mut self, slot: u32) -> Result<()> {
+        self.refs[slot as usize] -= 1;
+        if self.refs[slot as usize] == 0 {
+            return self.write_word(slot >> 6);
+        }
+        Ok(())
+    }
+}
+
+fn vip_slot(key: &VipKey) -> u32 {
+    vip_filter_slot(&key.addr, key.port_be, key.proto)
+}
+
+fn addr_slot(key: &AddrKey) -> u32 {
+    vip_filter_slot(&key.addr, 0, 0)
+}
+
 /// The loaded XDP object and typed handles on all its maps.
 pub struct Dataplane {
     ebpf: Ebpf,
     vips: HashMap<MapData, VipKey, VipMeta>,
     vip_addrs: HashMap<MapData, AddrKey, u32>,
+    filter: VipFilter,
     flows: HashMap<MapData, FlowKey, FlowState>,
     flow_capacity: u32,
     rings: Rings,
@@ -232,6 +323,17 @@ impl Dataplane {
             .map_err(map_err(map_names::VIPS))?;
         let vip_addrs = HashMap::try_from(take(&mut ebpf, map_names::VIP_ADDRS)?)
             .map_err(map_err(map_names::VIP_ADDRS))?;
+        let filter = VipFilter::new(
+            Array::try_from(take(&mut ebpf, map_names::VIP_FILTER)?)
+                .map_err(map_err(map_names::VIP_FILTER))?,
+            vips.keys()
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(map_err(map_names::VIPS))?,
+            vip_addrs
+                .keys()
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(map_err(map_names::VIP_ADDRS))?,
+        )?;
         let flows = take(&mut ebpf, map_names::FLOWS)?;
         // The map as the kernel made it (or as a previous instance pinned it).
         let flow_capacity = match &flows {
@@ -260,6 +362,7 @@ impl Dataplane {
             ebpf,
             vips,
             vip_addrs,
+            filter,
             flows,
             flow_capacity,
             rings,
@@ -370,26 +473,43 @@ impl Dataplane {
         Ok(self.rings.range(off, len).to_vec())
     }
 
-    /// Inserts or replaces a VIP.
+    /// Inserts or replaces a VIP (its filter bit set first).
     pub fn put_vip(&mut self, key: &VipKey, meta: &VipMeta) -> Result<()> {
         check(meta.vip_id, MAX_VIPS, "VIP id")?;
+        if !self.filter.vips.contains(key) {
+            self.filter.hold(vip_slot(key))?;
+            self.filter.vips.insert(*key);
+        }
         self.vips
             .insert(key, meta, 0)
             .map_err(map_err(map_names::VIPS))
     }
 
-    /// Removes a VIP.
+    /// Removes a VIP (then its filter bit, unless another key holds it).
     pub fn remove_vip(&mut self, key: &VipKey) -> Result<()> {
-        self.vips.remove(key).map_err(map_err(map_names::VIPS))
+        let removed = self.vips.remove(key);
+        let gone = matches!(removed, Ok(()) | Err(aya::maps::MapError::KeyNotFound));
+        if gone && self.filter.vips.remove(key) {
+            self.filter.release(vip_slot(key))?;
+        }
+        removed.map_err(map_err(map_names::VIPS))
     }
 
-    /// Sets how many VIPs live on an address (0 removes the address).
+    /// Sets how many VIPs live on an address (0 removes the address), with
+    /// its filter bit as for [`Dataplane::put_vip`] and [`Dataplane::remove_vip`].
     pub fn set_vip_addr(&mut self, key: &AddrKey, count: u32) -> Result<()> {
         if count == 0 {
-            self.vip_addrs
-                .remove(key)
-                .map_err(map_err(map_names::VIP_ADDRS))
+            let removed = self.vip_addrs.remove(key);
+            let gone = matches!(removed, Ok(()) | Err(aya::maps::MapError::KeyNotFound));
+            if gone && self.filter.addrs.remove(key) {
+                self.filter.release(addr_slot(key))?;
+            }
+            removed.map_err(map_err(map_names::VIP_ADDRS))
         } else {
+            if !self.filter.addrs.contains(key) {
+                self.filter.hold(addr_slot(key))?;
+                self.filter.addrs.insert(*key);
+            }
             self.vip_addrs
                 .insert(key, &count, 0)
                 .map_err(map_err(map_names::VIP_ADDRS))

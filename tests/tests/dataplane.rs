@@ -1860,3 +1860,37 @@ fn a_conntrack_miss_takes_the_real_a_peer_reported_and_promotes_it() {
     let (_, out) = fx.run(&packet::tcp(CLIENT, port, VIP_DR, 80, false, b"x"));
     assert_eq!(out[0..6], now.1, "a stale peer report was followed");
 }
+
+#[test]
+fn vip_filter_bit_stays_while_another_service_holds_it() {
+    let mut fx = Fixture::new();
+    // A service whose filter bit is the one 203.0.113.10:80/tcp has.
+    let slot = |addr: Ipv4Addr, port: u16| {
+        lb_common::vip_filter_slot(&addr_bytes(addr.into()).0, port.to_be(), 6)
+    };
+    let held = slot(VIP_DR, 80);
+    let (addr, port) = (100..=254u8)
+        .flat_map(|d| (1..=u16::MAX).map(move |p| (Ipv4Addr::new(203, 0, 113, d), p)))
+        .find(|&(a, p)| slot(a, p) == held)
+        .expect("a service sharing the bit");
+    let other: Vip = format!("{addr}:{port}/tcp").parse().expect("valid VIP");
+    fx.edit(
+        Edit::AddVip {
+            vip: other,
+            options: VipOptions::default(),
+            health: None,
+        },
+        &[],
+    );
+    let to_other = packet::tcp(CLIENT, 40000, addr, port, true, &[]);
+    assert_eq!(fx.run(&to_other).0, XDP_DROP, "{other} (no reals) is ours");
+    fx.edit(Edit::DelVip(other), &[]);
+    let not_vip = verdict(&fx, stat::PASS_NOT_VIP);
+    assert_eq!(fx.run(&to_other).0, XDP_PASS, "{other} is gone");
+    assert_eq!(verdict(&fx, stat::PASS_NOT_VIP), not_vip + 1);
+    // The bit is still 203.0.113.10:80/tcp's: its packets are still forwarded.
+    let (v, out) = fx.run(&packet::tcp(CLIENT, 40001, VIP_DR, 80, true, &[]));
+    assert_eq!(v, XDP_TX, "203.0.113.10:80/tcp after {other} left its bit");
+    let (real, mac) = fx.maglev("203.0.113.10:80/tcp", CLIENT.into(), 40001);
+    assert_eq!(out[0..6], mac, "sent to {real}");
+}

@@ -625,8 +625,8 @@ const PACKET_TARGETS: [PacketTarget; 5] = [
         target: "not for a VIP ≤ 1.3×",
         cases: &[NON_VIP],
         bound: 1.3,
-        limit: "{ns} ns against {floor} ns: the parse to the ports and one hash lookup of the \
-                service key that misses",
+        limit: "{ns} ns against {floor} ns: the parse to the ports, the settings, the VIP \
+                filter's bit (an inlined array read; no hash lookup) and the verdict counter",
     },
     PacketTarget {
         target: "decap ≤ 1.15×",
