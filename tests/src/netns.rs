@@ -216,6 +216,23 @@ impl Netns {
         self.exec(&["sysctl", "-q", "-w", &format!("{key}={value}")]);
     }
 
+    /// A counter of the namespace's `Tcp:` lines in /proc/net/snmp, e.g. `OutSegs`
+    /// or `PassiveOpens`; panics when there is no such counter.
+    pub fn tcp_counter(&self, name: &str) -> u64 {
+        let out = self.exec(&["cat", "/proc/net/snmp"]);
+        let text = String::from_utf8_lossy(&out.stdout);
+        let mut tcp = text.lines().filter(|l| l.starts_with("Tcp:"));
+        let (Some(names), Some(values)) = (tcp.next(), tcp.next()) else {
+            panic!("no Tcp lines in /proc/net/snmp of {}:\n{text}", self.name);
+        };
+        names
+            .split_whitespace()
+            .position(|n| n == name)
+            .and_then(|i| values.split_whitespace().nth(i))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no Tcp counter {name} in /proc/net/snmp of {}", self.name))
+    }
+
     /// Pids of the processes in the namespace, without our own (which can show up if
     /// some caller moved the main thread in).
     fn pids(&self) -> Vec<i32> {

@@ -425,7 +425,7 @@ fn a_real_without_the_vip_on_lo_is_down_via_the_vip_and_up_via_its_address() {
     );
     let log = lab.daemon.log();
     assert_eq!(
-        log.matches("health checks with via: vip cannot run")
+        log.matches("health checks with via: vip or mode: syn cannot run")
             .count(),
         1,
         "{log}"

@@ -1188,3 +1188,92 @@ fn exec_checks_start_down_ramp_up_slowly_and_tcp_probes_leave_no_time_wait() {
         "TIME_WAIT sockets toward the reals on the balancer:\n{waiting}"
     );
 }
+
+#[test]
+fn syn_checks_pass_a_listener_and_take_out_a_refusing_or_silent_real() {
+    let (mut lab, scratch) = lab("hy", 3, &["--min-healthy", "0"]);
+    let (rs1, rs2, rs3) = (addr(&lab, 0), addr(&lab, 1), addr(&lab, 2));
+    // Half-open probes of port 8080, where every real's server listens; rs2's own
+    // check probes port 9, where nothing does, so its SYNs are answered by a RST.
+    let syn = |port: u16| format!("      kind: tcp\n      mode: syn\n      port: {port}\n");
+    let mut yaml = service_yaml(
+        &lab,
+        &[0, 1, 2],
+        &format!("{}{}", syn(8080), short_timing()),
+    );
+    yaml = yaml.replace(
+        &format!("      - address: {rs2}\n"),
+        &format!(
+            "      - address: {rs2}\n        health_check:\n{}",
+            format!("{}{}", syn(9), short_timing()).replace("      ", "          ")
+        ),
+    );
+    apply(&lab, &scratch, &yaml);
+    let (s, _) = wait_status(&lab.daemon, "rs1 and rs3 up, rs2 out", |s| {
+        let (r1, r2, r3) = (
+            real_state(s, SERVICE, &rs1),
+            real_state(s, SERVICE, &rs2),
+            real_state(s, SERVICE, &rs3),
+        );
+        r1.probes >= RISE + FALL
+            && r3.probes >= RISE + FALL
+            && r1.serving()
+            && r3.serving()
+            && r2.removed_by_health()
+    });
+    assert_eq!(
+        real_state(&s, SERVICE, &rs2).last_error.as_deref(),
+        Some("connection refused: the SYN was answered by a RST")
+    );
+    for a in [&rs1, &rs3] {
+        let r = real_state(&s, SERVICE, a);
+        assert_eq!(r.probe_up, Some(true), "{a}: {r:?}");
+        assert_eq!(r.last_error, None, "{a}: {r:?}");
+    }
+    // The probes are half-open: rs1 completes no handshake (its passive opens stay
+    // put over ten probes; a connect probe would add one each).
+    let opens = || lab.topo.reals[0].ns.tcp_counter("PassiveOpens");
+    let (before, probes) = (opens(), real_state(&s, SERVICE, &rs1).probes);
+    wait_status(&lab.daemon, "ten more probes of rs1", |s| {
+        real_state(s, SERVICE, &rs1).probes >= probes + 10
+    });
+    assert_eq!(opens(), before, "handshakes completed on rs1");
+
+    // rs3 goes silent: its answers are dropped (a blackhole route back to the
+    // balancer), so its probes time out and it goes out.
+    let lb = lab.topo.lb.ipv4.to_string();
+    lab.topo.reals[2]
+        .ns
+        .ip(&format!("route add blackhole {lb}/32"));
+    let (s, _) = wait_status(&lab.daemon, "rs3 out by timeout", |s| {
+        real_state(s, SERVICE, &rs3).removed_by_health()
+    });
+    assert_eq!(
+        real_state(&s, SERVICE, &rs3).last_error.as_deref(),
+        Some(format!("timeout after {TIMEOUT_MS} ms (no answer to the SYN)").as_str())
+    );
+    assert!(real_state(&s, SERVICE, &rs1).serving());
+    // Its answers come back: in again after rise probes.
+    lab.topo.reals[2]
+        .ns
+        .ip(&format!("route del blackhole {lb}/32"));
+    wait_serving(&lab, SERVICE, 2);
+
+    // Without CAP_NET_RAW the daemon cannot send them: it says so and holds the
+    // reals down, never up (the guard keeps the VIP's reals in: all are down).
+    lab.daemon.stop();
+    lab.daemon = Daemon::start_with_bounding_set(
+        &lab.topo.lb.ns,
+        "eth0",
+        "-all,+bpf,+perfmon,+net_admin,+chown",
+        &["--no-pin", "--min-healthy", "0"],
+    );
+    apply(&lab, &scratch, &yaml);
+    let (s, _) = wait_status(&lab.daemon, "rs1 down without CAP_NET_RAW", |s| {
+        real_state(s, SERVICE, &rs1).probe_up == Some(false)
+    });
+    assert_eq!(
+        real_state(&s, SERVICE, &rs1).last_error.as_deref(),
+        Some("mode: syn needs raw sockets: CAP_NET_RAW was missing at start-up")
+    );
+}

@@ -91,6 +91,32 @@ fn addresses_that_can_never_serve_and_injected_headers_are_refused() {
             ],
             vec!["--check-path needs --check KIND"],
         ),
+        (
+            vec![
+                "vip".into(),
+                "add".into(),
+                "203.0.113.11:80/tcp".into(),
+                "--check".into(),
+                "http".into(),
+                "--check-mode".into(),
+                "syn".into(),
+            ],
+            vec![
+                "health check: mode: syn is a half-open TCP probe: it serves kind tcp only, not http",
+            ],
+        ),
+        (
+            vec![
+                "vip".into(),
+                "add".into(),
+                "203.0.113.11:80/tcp".into(),
+                "--check".into(),
+                "tcp".into(),
+                "--check-mode".into(),
+                "half".into(),
+            ],
+            vec!["'half' is not connect or syn"],
+        ),
     ];
     for (args, needles) in &cases {
         let args: Vec<&str> = args.iter().map(String::as_str).collect();

@@ -6,7 +6,7 @@ use anyhow::bail;
 use clap::{Args, Parser, Subcommand};
 
 use crate::{
-    health::{HealthCheck, ProbeKind, Via},
+    health::{HealthCheck, ProbeKind, TcpMode, Via},
     model::{Forward, Scheduler, Vip, parse_real},
     pin, realserver,
     settings::{DEFAULT_SOCKET, DEFAULT_STATE_FILE, Mode, Settings},
@@ -250,6 +250,11 @@ pub struct CheckArgs {
     /// VIP through the tunnel, TUN, or at the real's MAC, DR; tcp checks only).
     #[arg(long = "check-via", value_parser = clap::builder::ValueParser::new(str::parse::<Via>))]
     pub via: Option<Via>,
+    /// How a tcp check probes: connect (a full handshake, then a reset; the
+    /// default) or syn (a half-open SYN from a raw socket: cheaper, needs
+    /// CAP_NET_RAW at start-up).
+    #[arg(long = "check-mode", value_parser = clap::builder::ValueParser::new(str::parse::<TcpMode>))]
+    pub mode: Option<TcpMode>,
     /// HTTP path.
     #[arg(long = "check-path")]
     pub path: Option<String>,
@@ -290,6 +295,7 @@ impl CheckArgs {
             let given = [
                 ("--check-port", self.port.is_some()),
                 ("--check-via", self.via.is_some()),
+                ("--check-mode", self.mode.is_some()),
                 ("--check-path", self.path.is_some()),
                 ("--check-status", self.status.is_some()),
                 ("--check-interval", self.interval_ms.is_some()),
@@ -307,6 +313,7 @@ impl CheckArgs {
             kind,
             port: self.port,
             via: self.via.unwrap_or(d.via),
+            mode: self.mode.unwrap_or(d.mode),
             path: self.path.clone().unwrap_or(d.path),
             expect_status: self.status.clone().unwrap_or(d.expect_status),
             interval_ms: self.interval_ms.unwrap_or(d.interval_ms),

@@ -34,7 +34,7 @@ use serde::{Deserialize, Serialize};
 use tokio::{sync::mpsc, time::Instant};
 
 use super::{
-    HealthCheck, Planned, Start, Via, command,
+    HealthCheck, Planned, ProbeKind, Start, TcpMode, Via, command,
     path::{self, Paths},
     probe::{Prober, Target},
 };
@@ -360,6 +360,24 @@ impl Engine {
             }
             let timeout = Duration::from_millis(check.timeout_ms);
             let (probe, expired): (ProbeFn, String) = match check.via {
+                Via::Real if check.kind == ProbeKind::Tcp && check.mode == TcpMode::Syn => {
+                    let paths = self.paths.clone();
+                    let to = SocketAddr::new(k.1, port);
+                    let probe: ProbeFn = Arc::new(move || {
+                        let paths = paths.clone();
+                        Box::pin(async move {
+                            match paths {
+                                Some(p) => p.probe_syn(to).await,
+                                None => Err("mode: syn probes are not available here".to_owned()),
+                            }
+                        })
+                    });
+                    let expired = format!(
+                        "timeout after {} ms (no answer to the SYN)",
+                        timeout.as_millis()
+                    );
+                    (probe, expired)
+                }
                 Via::Real => {
                     let prober = Arc::new(Prober::new(check.clone()));
                     let target = Target {

@@ -65,6 +65,46 @@ impl std::str::FromStr for Via {
     }
 }
 
+/// How a `tcp` check probes the real's own address.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TcpMode {
+    /// A full connect (SYN, SYN-ACK, ACK), then a reset: what keepalived's
+    /// `TCP_CHECK` does.
+    #[default]
+    Connect,
+    /// Half-open: a SYN crafted on a raw socket; a SYN-ACK passes (the
+    /// balancer's kernel resets the half-open connection), a RST fails.
+    /// Needs `CAP_NET_RAW` at start-up; far cheaper per probe.
+    Syn,
+}
+
+impl TcpMode {
+    fn is_connect(&self) -> bool {
+        *self == Self::Connect
+    }
+}
+
+impl std::fmt::Display for TcpMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Connect => "connect",
+            Self::Syn => "syn",
+        })
+    }
+}
+
+impl std::str::FromStr for TcpMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "connect" => Ok(Self::Connect),
+            "syn" => Ok(Self::Syn),
+            _ => Err(format!("'{s}' is not connect or syn")),
+        }
+    }
+}
+
 /// A real to probe: its check, the port probed, and how its VIP forwards
 /// to it (what a `via: vip` probe imitates).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -91,6 +131,10 @@ pub struct HealthCheck {
     /// forwarding path (tcp checks only).
     #[serde(default)]
     pub via: Via,
+    /// `tcp` checks: a full connect (default) or a half-open SYN probe.
+    /// Left out of what is written when it is the default.
+    #[serde(default, skip_serializing_if = "TcpMode::is_connect")]
+    pub mode: TcpMode,
     /// Time between probes of one real, milliseconds.
     #[serde(default = "defaults::interval_ms")]
     pub interval_ms: u64,
@@ -212,6 +256,7 @@ impl Default for HealthCheck {
             kind: ProbeKind::Tcp,
             port: None,
             via: Via::Real,
+            mode: TcpMode::Connect,
             interval_ms: defaults::interval_ms(),
             timeout_ms: defaults::timeout_ms(),
             rise: defaults::rise(),
@@ -281,6 +326,12 @@ impl HealthCheck {
             return Err(format!(
                 "via: vip probes with a TCP handshake sent through the forwarding path: it serves \
                  kind tcp only, not {}",
+                format!("{:?}", self.kind).to_lowercase()
+            ));
+        }
+        if self.mode == TcpMode::Syn && self.kind != ProbeKind::Tcp {
+            return Err(format!(
+                "mode: syn is a half-open TCP probe: it serves kind tcp only, not {}",
                 format!("{:?}", self.kind).to_lowercase()
             ));
         }
@@ -393,5 +444,26 @@ mod tests {
             err.to_string().contains("unknown variant `tunnel`"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn mode_syn_serves_tcp_checks_only_and_connect_is_not_written() {
+        let syn: HealthCheck = serde_yaml_ng::from_str("kind: tcp\nmode: syn\n").expect("parses");
+        assert_eq!(syn.mode, TcpMode::Syn);
+        assert_eq!(syn.validate(), Ok(()));
+        let text = serde_yaml_ng::to_string(&syn).expect("writes");
+        assert!(text.contains("mode: syn"), "{text}");
+        let text = serde_yaml_ng::to_string(&HealthCheck::default()).expect("writes");
+        assert!(!text.contains("mode"), "{text}");
+        let http = HealthCheck {
+            kind: ProbeKind::Http,
+            ..syn
+        };
+        assert_eq!(
+            http.validate(),
+            Err("mode: syn is a half-open TCP probe: it serves kind tcp only, not http".to_owned())
+        );
+        let err = serde_yaml_ng::from_str::<HealthCheck>("mode: half\n").expect_err("bad mode");
+        assert!(err.to_string().contains("unknown variant `half`"), "{err}");
     }
 }

@@ -22,10 +22,18 @@
 //! to a balancer, not to the real); a RST fails ("refused through the
 //! tunnel"); no answer within the check's timeout fails.
 //!
+//! The same sockets serve half-open probes of a real's own address
+//! (`mode: syn`, [`Paths::probe_syn`]): a SYN from the balancer's address
+//! toward the real (the source the routes pick, found once per real), sent
+//! on the raw socket; a SYN-ACK passes and the balancer's kernel resets the
+//! half-open connection itself (no socket owns the port: its reset goes
+//! straight back to the real); a RST fails. No socket, connect or close per
+//! probe: one `sendto`, and answers are read in batches.
+//!
 //! Raw and packet sockets need `CAP_NET_RAW`, which the running daemon does
 //! not keep: [`Paths::open`] runs at start-up, before the privileges are
-//! dropped. Without it the daemon starts anyway and every `via: vip` probe
-//! fails, saying so.
+//! dropped. Without it the daemon starts anyway and every `via: vip` and
+//! `mode: syn` probe fails, saying so.
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -317,10 +325,15 @@ struct Waiter {
 /// scheduler's probes.
 pub struct Paths {
     local: Local,
+    /// The sockets, or why they could not be opened.
     sockets: Result<Sockets, String>,
     waiting: Mutex<HashMap<Flow, Waiter>>,
     /// The MAC of each real (DR), as the controller last published them.
     macs: RwLock<BTreeMap<IpAddr, [u8; 6]>>,
+    /// The balancer's source address toward each real probed with
+    /// `mode: syn`, as the routes picked it (forgotten when a probe gets no
+    /// answer, so a changed route is followed).
+    sources: RwLock<HashMap<IpAddr, IpAddr>>,
 }
 
 /// Takes a waiter out of [`Paths::waiting`] when its probe ends, however it ends.
@@ -332,6 +345,25 @@ struct Registration<'a> {
 impl Drop for Registration<'_> {
     fn drop(&mut self) {
         self.paths.lock().remove(&self.flow);
+    }
+}
+
+/// Forgets the source address toward a real when its probe ends without an
+/// answer (disarmed by clearing `real`).
+struct ForgetSource<'a> {
+    paths: &'a Paths,
+    real: Option<IpAddr>,
+}
+
+impl Drop for ForgetSource<'_> {
+    fn drop(&mut self) {
+        if let Some(real) = self.real {
+            self.paths
+                .sources
+                .write()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .remove(&real);
+        }
     }
 }
 
@@ -348,15 +380,16 @@ impl Paths {
             };
             tracing::warn!(
                 %reason,
-                "health checks with via: vip cannot run and will report their reals down"
+                "health checks with via: vip or mode: syn cannot run and will report their reals down"
             );
-            format!("via: vip needs raw sockets: {reason}")
+            reason
         });
         let paths = Arc::new(Self {
             local,
             sockets,
             waiting: Mutex::new(HashMap::new()),
             macs: RwLock::new(BTreeMap::new()),
+            sources: RwLock::default(),
         });
         if paths.sockets.is_ok() {
             tokio::spawn(Self::receive(Arc::downgrade(&paths)));
@@ -371,6 +404,7 @@ impl Paths {
             sockets: Err(reason.to_owned()),
             waiting: Mutex::new(HashMap::new()),
             macs: RwLock::new(BTreeMap::new()),
+            sources: RwLock::default(),
         })
     }
 
@@ -409,7 +443,10 @@ impl Paths {
         port: u16,
         forward: Forward,
     ) -> Result<(), String> {
-        let sockets = self.sockets.as_ref().map_err(Clone::clone)?;
+        let sockets = self
+            .sockets
+            .as_ref()
+            .map_err(|r| format!("via: vip needs raw sockets: {r}"))?;
         let to = SocketAddr::new(vip.addr, port);
         let from_addr = self.local.source(vip.addr)?;
         let isn: u32 = rand::rng().random();
@@ -433,6 +470,79 @@ impl Paths {
             }),
             Err(_) => Err("the answer reader stopped".to_owned()),
         }
+    }
+
+    /// One half-open probe (`mode: syn`) of `to`, a real's own address and
+    /// port. The caller bounds it with the check's timeout.
+    pub async fn probe_syn(&self, to: SocketAddr) -> Result<(), String> {
+        let sockets = self
+            .sockets
+            .as_ref()
+            .map_err(|r| format!("mode: syn needs raw sockets: {r}"))?;
+        let from_addr = self.source_toward(to.ip())?;
+        // Until an answer comes, the source is suspect: forget it if the
+        // probe ends without one (timeout, send error).
+        let mut forget = ForgetSource {
+            paths: self,
+            real: Some(to.ip()),
+        };
+        let isn: u32 = rand::rng().random();
+        let (from, rx, _registration) = self.register(from_addr, to, isn);
+        let syn = segment(from, to, isn, Segment::Syn)?;
+        let sent = match to {
+            SocketAddr::V4(r) => sendto(
+                sockets.send4.as_raw_fd(),
+                &syn,
+                &SockaddrIn::from(SocketAddrV4::new(*r.ip(), 0)),
+                MsgFlags::empty(),
+            ),
+            SocketAddr::V6(r) => sendto(
+                sockets.send6.as_raw_fd(),
+                &syn,
+                &SockaddrIn6::from(SocketAddrV6::new(*r.ip(), 0, 0, 0)),
+                MsgFlags::empty(),
+            ),
+        };
+        sent.map_err(|e| format!("sending a SYN to {to}: {e}"))?;
+        let answer = rx.await;
+        forget.real = None;
+        match answer {
+            Ok(Answer::Accepted) => Ok(()),
+            Ok(Answer::Refused) => {
+                Err("connection refused: the SYN was answered by a RST".to_owned())
+            }
+            Err(_) => Err("the answer reader stopped".to_owned()),
+        }
+    }
+
+    /// The balancer's address that routes pick toward `real`, found once
+    /// (a connected UDP socket's local address: no packet is sent).
+    fn source_toward(&self, real: IpAddr) -> Result<IpAddr, String> {
+        let known = self
+            .sources
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(&real)
+            .copied();
+        if let Some(source) = known {
+            return Ok(source);
+        }
+        let unspecified: IpAddr = match real {
+            IpAddr::V4(_) => Ipv4Addr::UNSPECIFIED.into(),
+            IpAddr::V6(_) => Ipv6Addr::UNSPECIFIED.into(),
+        };
+        let source = std::net::UdpSocket::bind((unspecified, 0))
+            .and_then(|s| {
+                s.connect((real, 9))?;
+                s.local_addr()
+            })
+            .map_err(|e| format!("no route to {real}: {e}"))?
+            .ip();
+        self.sources
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(real, source);
+        Ok(source)
     }
 
     /// Registers a new flow from `from` (a free random port) to `to`.
@@ -510,50 +620,86 @@ impl Paths {
         }
     }
 
-    /// Reads answers until the prober is dropped.
+    /// Reads answers until the prober is dropped: every answer a socket
+    /// holds when it turns readable (up to [`BATCH`]), handed over under
+    /// one lock.
     async fn receive(paths: std::sync::Weak<Self>) {
         let mut buf = [0u8; ANSWER_MAX];
+        let mut batch = Vec::with_capacity(BATCH);
+        // Checks the prober is still wanted now and then.
+        let mut wanted = tokio::time::interval(Duration::from_secs(5));
+        wanted.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let Some(p) = paths.upgrade() else { return };
             let Ok(sockets) = &p.sockets else { return };
-            let got = tokio::select! {
-                r = sockets.recv4.readable() => r.map(|mut g| {
-                    g.try_io(|fd| recv_v4(fd.get_ref(), &mut buf)).ok().and_then(Result::ok)
-                }),
-                r = sockets.recv6.readable() => r.map(|mut g| {
-                    g.try_io(|fd| recv_v6(fd.get_ref(), &mut buf)).ok().and_then(Result::ok)
-                }),
-                // Checks the prober is still wanted now and then.
-                () = tokio::time::sleep(Duration::from_secs(5)) => Ok(None),
+            let read = tokio::select! {
+                r = sockets.recv4.readable() => {
+                    r.map(|mut g| drain(&mut g, recv_v4, &mut buf, &mut batch))
+                }
+                r = sockets.recv6.readable() => {
+                    r.map(|mut g| drain(&mut g, recv_v6, &mut buf, &mut batch))
+                }
+                _ = wanted.tick() => Ok(()),
             };
-            match got {
-                Ok(Some(Some((flow, tcp)))) => p.answer(flow, &tcp),
-                Ok(_) => {}
-                Err(err) => {
-                    tracing::error!(%err, "health: reading via: vip answers failed; stopped");
-                    return;
+            if let Err(err) = read {
+                tracing::error!(%err, "health: reading probe answers failed; stopped");
+                return;
+            }
+            if !batch.is_empty() {
+                let mut waiting = p.lock();
+                for (flow, tcp) in batch.drain(..) {
+                    answer(&mut waiting, flow, &tcp);
                 }
             }
         }
     }
 
     /// Hands `tcp`, received on `flow`, to the probe waiting for it.
+    #[cfg(test)]
     fn answer(&self, flow: Flow, tcp: &TcpHeader) {
-        let mut waiting = self.lock();
-        let Some(w) = waiting.get(&flow) else { return };
-        if !tcp.ack || tcp.acknowledgment_number != w.ack {
-            return;
+        answer(&mut self.lock(), flow, tcp);
+    }
+}
+
+/// Answers read from one socket in one turn, at most.
+const BATCH: usize = 64;
+
+/// A function reading one answer from a raw socket.
+type Read = fn(&OwnedFd, &mut [u8]) -> io::Result<Option<(Flow, TcpHeader)>>;
+
+/// Reads what a readable socket holds into `batch` (up to [`BATCH`]
+/// answers); a read error other than "nothing more" drops that packet.
+fn drain(
+    guard: &mut tokio::io::unix::AsyncFdReadyGuard<'_, OwnedFd>,
+    read: Read,
+    buf: &mut [u8],
+    batch: &mut Vec<(Flow, TcpHeader)>,
+) {
+    for _ in 0..BATCH {
+        match guard.try_io(|fd| read(fd.get_ref(), buf)) {
+            Ok(Ok(Some(answer))) => batch.push(answer),
+            Ok(Ok(None) | Err(_)) => {}
+            // Would block: the socket is empty and its readiness cleared.
+            Err(_) => return,
         }
-        let answer = if tcp.rst {
-            Answer::Refused
-        } else if tcp.syn {
-            Answer::Accepted
-        } else {
-            return;
-        };
-        if let Some(w) = waiting.remove(&flow) {
-            let _ = w.tx.send(answer);
-        }
+    }
+}
+
+/// Hands `tcp`, received on `flow`, to the probe waiting for it in `waiting`.
+fn answer(waiting: &mut HashMap<Flow, Waiter>, flow: Flow, tcp: &TcpHeader) {
+    let Some(w) = waiting.get(&flow) else { return };
+    if !tcp.ack || tcp.acknowledgment_number != w.ack {
+        return;
+    }
+    let answer = if tcp.rst {
+        Answer::Refused
+    } else if tcp.syn {
+        Answer::Accepted
+    } else {
+        return;
+    };
+    if let Some(w) = waiting.remove(&flow) {
+        let _ = w.tx.send(answer);
     }
 }
 

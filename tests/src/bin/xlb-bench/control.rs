@@ -24,12 +24,29 @@ use crate::e2e::{process_cpu_seconds, process_cpu_split};
 use crate::report::{Control, Health, MaglevCase, Reconcile, Spread};
 
 pub fn run(quick: bool) -> Control {
-    Control {
+    let mut c = Control {
         maglev: maglev_builds(quick),
         reconcile: Some(reconcile(quick)),
-        health: Some(health(quick, HEALTH_PROBES_PER_S)),
-        health_high: Some(health(quick, HEALTH_PROBES_PER_S_HIGH)),
-    }
+        ..Control::default()
+    };
+    health_cases(quick, &mut c);
+    c
+}
+
+/// The health-checking cost (`--only health`): both `tcp` modes at 5,000
+/// and at 20,000 probes/s, the modes alternating so that both see the same
+/// load of the machine, with the veths' receive work in threaded NAPI (the
+/// daemon's own cost); then both at 5,000 with it in the sender's softirq
+/// (the targets' kernel work charged to the daemon).
+pub fn health_cases(quick: bool, c: &mut Control) {
+    c.health = Some(health(quick, HEALTH_PROBES_PER_S, "connect", true));
+    c.health_syn = Some(health(quick, HEALTH_PROBES_PER_S, "syn", true));
+    c.health_high = Some(health(quick, HEALTH_PROBES_PER_S_HIGH, "connect", true));
+    c.health_syn_high = Some(health(quick, HEALTH_PROBES_PER_S_HIGH, "syn", true));
+    c.health_inline = ["connect", "syn"]
+        .into_iter()
+        .map(|mode| health(quick, HEALTH_PROBES_PER_S, mode, false))
+        .collect();
 }
 
 fn v6_real(i: usize) -> IpAddr {
@@ -224,7 +241,8 @@ const HEALTH_PROBES_PER_S: f64 = 5000.0;
 const HEALTH_PROBES_PER_S_HIGH: f64 = 20000.0;
 const HEALTH_PORT: u16 = 8080;
 
-fn health(quick: bool, probes_per_s: f64) -> Health {
+/// One health measurement with `tcp` checks of `mode` (connect or syn).
+fn health(quick: bool, probes_per_s: f64, mode: &str, threaded: bool) -> Health {
     let reals = ((MAX_REALS as usize - 1) / 1000 * 1000).min(5000);
     let per_vip = reals / HEALTH_VIPS;
     let interval_ms = (reals as f64 / probes_per_s * 1000.0).round() as u64;
@@ -278,8 +296,8 @@ fn health(quick: bool, probes_per_s: f64) -> Health {
         let _ = write!(
             yaml,
             "  - vip: \"[2001:db8:203::{}]:80/tcp\"\n    forward: tun\n    health_check:\n      \
-             kind: tcp\n      port: {HEALTH_PORT}\n      interval_ms: {interval_ms}\n      \
-             timeout_ms: {}\n      rise: 2\n      fall: 3\n    reals:\n",
+             kind: tcp\n      mode: {mode}\n      port: {HEALTH_PORT}\n      interval_ms: \
+             {interval_ms}\n      timeout_ms: {}\n      rise: 2\n      fall: 3\n    reals:\n",
             v + 1,
             interval_ms.min(500)
         );
@@ -292,6 +310,18 @@ fn health(quick: bool, probes_per_s: f64) -> Health {
     let started = Instant::now();
     let daemon = Daemon::start_with(&lb, "eth0", &["--no-pin", "--config", config_arg]);
     let pid = daemon_pid(&lb);
+    if threaded {
+        // GRO on gives the targets' veth a NAPI instance (the balancer's has one
+        // with its XDP program); threaded, each runs its receive work in a kernel
+        // thread of its own instead of in the softirq of whichever process sent.
+        // A veth hands a packet to its peer's NAPI only when the sender does no
+        // TSO (else to the backlog, processed in the sender's softirq).
+        targets.exec(&["ethtool", "-K", "eth0", "gro", "on"]);
+        lb.exec(&["ethtool", "-K", "eth0", "tso", "off"]);
+        for ns in [&lb, &targets] {
+            ns.exec(&["sh", "-c", "echo 1 > /sys/class/net/eth0/threaded"]);
+        }
+    }
     eprintln!(
         "xlb-bench:   daemon with {reals} reals up in {:.1} s",
         started.elapsed().as_secs_f64()
@@ -299,6 +329,7 @@ fn health(quick: bool, probes_per_s: f64) -> Health {
     // Every probe task starts within the first interval; then steady state.
     std::thread::sleep(Duration::from_millis(interval_ms + 2000));
     let acc_before = accepted.load(Ordering::Relaxed);
+    let syn_acks_before = syn_acks_sent(&targets);
     let t0 = Instant::now();
     let mut cpu = Vec::new();
     let split_before = process_cpu_split(pid).expect("daemon CPU");
@@ -316,6 +347,13 @@ fn health(quick: bool, probes_per_s: f64) -> Health {
     let seconds = t0.elapsed().as_secs_f64();
     let split_after = process_cpu_split(pid).expect("the daemon is running");
     let accepted_n = accepted.load(Ordering::Relaxed) - acc_before;
+    // A connect probe is answered when the targets accept its connection; a
+    // syn probe when they send its SYN-ACK (counting SYN-ACKs of connect
+    // probes would count the targets' FINs too).
+    let answered = match mode {
+        "syn" => syn_acks_sent(&targets) - syn_acks_before,
+        _ => accepted_n,
+    };
     let rss_mib = status_kib(pid, "VmRSS:") / 1024.0;
     let rss_anon_mib = status_kib(pid, "RssAnon:") / 1024.0;
     let rss_shared_mib = (status_kib(pid, "RssFile:") + status_kib(pid, "RssShmem:")) / 1024.0;
@@ -326,6 +364,8 @@ fn health(quick: bool, probes_per_s: f64) -> Health {
     drop(targets);
     drop(lb);
     let h = Health {
+        mode: mode.to_owned(),
+        threaded_napi: threaded,
         reals,
         interval_ms,
         probes_per_s: reals as f64 * 1000.0 / interval_ms as f64,
@@ -347,14 +387,26 @@ fn health(quick: bool, probes_per_s: f64) -> Health {
         threads: threads as u32,
         probes_done: None,
         accepted: accepted_n,
+        answered,
     };
     eprintln!(
-        "xlb-bench:   health: {:.1}% CPU, {:.0} MiB RSS, {:.0} probes/s accepted",
+        "xlb-bench:   health ({mode}, {probes_per_s:.0}/s asked, threaded NAPI {threaded}): {:.1}% CPU ({:.1} user, {:.1} \
+         system), {:.0} MiB RSS, {:.0} probes/s answered, {:.0} connections/s accepted",
         h.cpu_percent.median,
+        h.user_percent,
+        h.system_percent,
         h.rss_mib,
+        answered as f64 / seconds,
         accepted_n as f64 / seconds
     );
     h
+}
+
+/// SYN-ACKs the targets' namespace has sent: its TCP segments out less
+/// retransmissions (/proc/net/snmp). Under syn probes the targets send
+/// nothing else: each probe answered is one SYN-ACK.
+fn syn_acks_sent(targets: &Netns) -> u64 {
+    targets.tcp_counter("OutSegs") - targets.tcp_counter("RetransSegs")
 }
 
 /// The daemon's pid: the one process in its namespace.

@@ -50,8 +50,9 @@ enum Command {
         /// A fast smoke run: fewer calls, shorter and fewer wrk runs.
         #[arg(long)]
         quick: bool,
-        /// Only these sections (comma-separated: per-packet,live,e2e,control,sync,fleet);
-        /// the others are kept from an existing --out file.
+        /// Only these sections (comma-separated: per-packet,live,e2e,control,sync,fleet;
+        /// health: the health-checking part of control alone); the others are kept
+        /// from an existing --out file.
         #[arg(long, value_delimiter = ',')]
         only: Vec<Section>,
         /// The JSON file to write.
@@ -82,6 +83,8 @@ enum Section {
     Live,
     E2e,
     Control,
+    /// The health-checking part of `control` alone (the rest of it kept).
+    Health,
     Sync,
     Fleet,
 }
@@ -145,6 +148,11 @@ fn run(quick: bool, only: &[Section], out: &std::path::Path, cpu: usize) {
     if wanted(Section::Control) {
         eprintln!("xlb-bench: 4/5 control plane");
         report.control = Some(control::run(quick));
+        save(&report, out);
+    } else if only.contains(&Section::Health) {
+        eprintln!("xlb-bench: health-checking cost (part of the control plane)");
+        let c = report.control.get_or_insert_default();
+        control::health_cases(quick, c);
         save(&report, out);
     }
     if wanted(Section::Sync) {
