@@ -1098,25 +1098,52 @@ fn optimisations_md(w: &mut String, after: &[PerPacket], svg_dir: &Path) {
          5-tuple hash, computed once when the entry is written. A tracked tunnel packet takes \
          its outer source (IPv4 host bits, IPv6 low bits and flow label) from the entry \
          instead of running the murmur3 hash over 40 bytes of key (about 90 ALU \
-         instructions); a tracked DR packet never hashed and still does not; a new tunnel flow \
-         hashes once instead of twice (Maglev slot, then outer source). The entry grows from 16 \
-         to 24 bytes (map layout 3).",
+         instructions); a tracked DR packet never hashed and still does not; a new tunnel \
+         flow hashes once instead of twice (Maglev slot, then outer source). The entry grows \
+         from 16 to 24 bytes (map layout 3).",
         "**UDP entries are refreshed coarsely.** A UDP hit used to write `last_seen_ns` on \
          every packet; it now writes only when the stamp is older than an eighth of the idle \
          timeout (at most 1 s, `udp_stamp_grain_ns`), as TCP already did with 1 s. A written \
          conntrack line has to leave every other CPU's cache, so this matters most with \
          several receive queues; on one CPU it saves a store. The idle test allows for the \
-         grain: a UDP flow is never forgotten before it was silent for the whole timeout, \
-         and at most one grain later.",
+         grain: a UDP flow is never forgotten before it was silent for the whole timeout, and \
+         at most one grain later.",
         "**The real's record comes with the choice.** The conntrack check already looks the \
          real up (its generation must match); the forwarding step uses that record instead of \
          a second lookup (this was in place at c9c4bc2).",
-        "**Measured and dropped: one per-CPU stats record per packet.** `XLB_STATS` as one \
-         1 KiB record per CPU, looked up once and passed down the path, saves one inlined \
-         array lookup on a tracked packet, but holding the pointer grew the balancer's frame \
-         from 424 to 440 bytes: with the too-big reply's 72 bytes the verifier refused the \
-         program (528 > 512). Looked up per count it saves nothing, so `XLB_STATS` kept its \
-         layout.",
+        "**A VIP filter in front of the VIP lookups.** `XLB_VIP_FILTER` is an array of 1,024 \
+         `u64` words (65,536 bits, 8 KiB): bit `vip_filter_slot(address, port, protocol)` is \
+         set for every service key, and with port and protocol 0 for every VIP address. The \
+         slot is a few ALU operations (the address words, port and protocol folded by XOR, \
+         one multiply, the top 16 bits); the lookup of an array is inlined by the verifier, \
+         so a packet whose bit is clear is passed (`pass_not_vip`, as before) without the \
+         helper call, the jhash of a 20-byte key and the bucket walk of `XLB_VIPS` (or \
+         `XLB_VIP_ADDRS` for ICMP and other protocols). The daemon keeps the bitmap a \
+         superset of the two maps: `Dataplane` counts the keys on each bit, sets a bit (one \
+         whole-word map write) before the first key on it enters its map and clears it only \
+         after the last one left, and rebuilds the counts and every word from the two maps \
+         when it loads (a pinned map of an earlier run may still be under a running program). \
+         A set bit shared with another key only costs the lookup it always did. Measured A/B \
+         in one sitting (the object at 596a363 against this one, runs alternated, 3 pairs, \
+         medians over the pairs of each run's median ratio): non-VIP packet 2.23× → 2.01× (16 \
+         VIPs × 100 reals) and 2.20× → 1.91× (1,000 × 10), about 20–70 ns; the cases that are \
+         for a VIP, which now read the bit too, moved within the noise of this shared guest \
+         (same flow every call 3.86× → 3.71× and 3.81× → 3.71×; the cycled tracked and \
+         new-flow cases moved by up to ±15% in both directions between configurations, which \
+         is the spread of the runs themselves). The 1.3× target is still not met: what is \
+         left is the parse to the ports, the settings lookup, the MAC check and the verdict \
+         counter, about 80–100 ns over the floor.",
+        "**Measured and dropped: a filter slot hashed with rotations.** The first version of \
+         the slot rotated each address word before folding; BPF has no rotate instruction, so \
+         each became two shifts and an or, and with the spills around them a packet for a VIP \
+         paid about 30 ns more on the same-flow case (3.60× → 3.81×, 7 alternated pairs), for \
+         a non-VIP gain no larger than the plain XOR's (2.10× → 1.81×). Collisions only cost \
+         a lookup, so the plain fold is kept.",
+        "**Measured and dropped: one per-CPU stats record per packet.** `XLB_STATS` as one 1 \
+         KiB record per CPU, looked up once and passed down the path, saves one inlined array \
+         lookup on a tracked packet, but holding the pointer grew the balancer's frame from \
+         424 to 440 bytes: with the too-big reply's 72 bytes the verifier refused the program \
+         (528 > 512). Looked up per count it saves nothing, so `XLB_STATS` kept its layout.",
         "**Measured and dropped: the ICMP handler out of line.** Giving the ICMP parse a \
          frame of its own made the balancer's frame deeper (456 bytes), not shallower.",
         "**Not done: derived counters.** Per-VIP counters derived from the per-real ones \
@@ -1124,12 +1151,41 @@ fn optimisations_md(w: &mut String, after: &[PerPacket], svg_dir: &Path) {
          reused); the conntrack-hit count cannot be derived from the verdicts, which do not \
          separate the service path from the ICMP path. Both stay counted, so `xlb stats`, \
          metrics and the fixtures read the same numbers as before.",
+        "**Where the rest goes (perf).** `perf record -a -g` over one `xlb-bench run --only \
+         per-packet` (this guest has no hardware counters: `perf stat` reports dTLB and cache \
+         misses as not supported, so misses are inferred from where the samples land): the \
+         balancer's own JIT code took 5.0% of all samples, `lookup_nulls_elem_raw` (the \
+         bucket walk and key compare of the hash lookups, where the conntrack bucket and \
+         entry are first touched) 4.2%, `htab_lru_map_update_elem` (new flows' inserts) 3.1%, \
+         `bpf_lru_pop_free` 1.0%, and `htab_map_hash` (jhash) only 0.5%. The bucket walk \
+         costing nearly as much as the whole program, while hashing is cheap, fits the \
+         cycled-tracked versus same-flow gap being memory misses in the 2M-entry table rather \
+         than instructions: a 16-byte IPv4 key would shorten the jhash and the compare, which \
+         are not where the time goes. The program also calls the compiler's `memset` and \
+         `memmove` as BPF subprograms (0.2% each): on every IPv4 packet two 12-byte `memset`s \
+         (the zero-extended addresses of `parse::ipv4`), and 6-byte `memmove`s (MAC addresses \
+         copied through the stack).",
+        "**Measured and dropped: the addresses and MACs without `memset`/`memmove` calls.** \
+         Spelling the IPv4 address out as a 16-byte array literal removes both `memset` \
+         calls, and writing a MAC as 4 + 2 bytes was meant to remove the `memmove`s, but LLVM \
+         then keeps more on the stack: the balancer's frame grew (to 504 bytes with the \
+         literal; the MAC writes alone grew it too), and with the too-big reply's 72 bytes \
+         the verifier refused the program (a combined stack of 592 and of 528 bytes, over \
+         512). Building the address as one `u128` did not compile (the BPF backend's stack \
+         limit). Both wait for a frame with room, e.g. the too-big reply moved into a tail \
+         call.",
         "**Not done yet** (each needs a map or userspace change that did not fit this round): \
-         a conntrack key of 16 bytes for IPv4 (the 40-byte key costs a longer jhash and \
-         compare), a VIP filter bitmap in front of the service lookup for packets not for a \
-         VIP, the settings in a global instead of an array lookup, and a decapsulator that \
+         a conntrack key of 16 bytes for IPv4 (the profile above says the jhash and compare \
+         it would shorten are a small share); the settings in a global instead of an array \
+         lookup (the `XLB_CONFIG` lookup is already an array lookup the verifier inlines, so \
+         a global would save a bounds check at most; not measured); and a decapsulator that \
          checks endpoints and allowed sources in one array element instead of a hash lookup \
-         and an LPM-trie walk.",
+         and an LPM-trie walk. For the decapsulator the element must never be read \
+         half-written: an array value written by the daemon while the program reads it can \
+         tear (the kernel copies it with `memcpy`), and a torn allowed-source prefix could \
+         admit a source nobody configured, so the endpoints and sources would go in `.rodata` \
+         set at load (a new program swapped in on the pinned link when they change) rather \
+         than a writable element.",
     ] {
         line(w, &format!("- {item}"));
     }
