@@ -1209,10 +1209,13 @@ fn optimisations_md(w: &mut String, after: &[PerPacket], svg_dir: &Path) {
         w,
         &format!(
             "Before/after, × the MAC-swap floor of the same round, mean and median ratios as \
-             above (median over the rounds): before is the object at c9c4bc2 measured with this \
-             bench in the same sitting, minutes before this run (`docs/{BEFORE_FILE}`). The \
-             machine was shared with other builds during both, so read the direction and size \
-             of a change with the min–max spreads above in mind."
+             above (median over the rounds): before is the object at c9c4bc2 (the commit \
+             before these optimisations) measured with this bench and kept in \
+             `docs/{BEFORE_FILE}`, after is this run. The two sides may come from different \
+             sittings of this shared guest (the before figures were taken at a 1-minute load \
+             average of about 11), so read the direction and size of a change with the min–max \
+             spreads above in mind; each optimisation's own A/B, in one sitting, is in its item \
+             above."
         ),
     );
     line(w, "");
