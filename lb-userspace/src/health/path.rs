@@ -276,6 +276,25 @@ struct Sockets {
 }
 
 impl Sockets {
+    /// Sends `packet`, a whole IP packet, to `to` on the raw socket of its
+    /// family (the kernel routes it; the packet's own header is sent as is).
+    fn send_ip(&self, to: IpAddr, packet: &[u8]) -> nix::Result<usize> {
+        match to {
+            IpAddr::V4(to) => sendto(
+                self.send4.as_raw_fd(),
+                packet,
+                &SockaddrIn::from(SocketAddrV4::new(to, 0)),
+                MsgFlags::empty(),
+            ),
+            IpAddr::V6(to) => sendto(
+                self.send6.as_raw_fd(),
+                packet,
+                &SockaddrIn6::from(SocketAddrV6::new(to, 0, 0, 0)),
+                MsgFlags::empty(),
+            ),
+        }
+    }
+
     /// Opens them (needs `CAP_NET_RAW` and a tokio runtime).
     fn open(ifindex: u32) -> io::Result<Self> {
         let send4 = socket(libc::AF_INET, libc::IPPROTO_RAW)?;
@@ -489,21 +508,9 @@ impl Paths {
         let isn: u32 = rand::rng().random();
         let (from, rx, _registration) = self.register(from_addr, to, isn);
         let syn = segment(from, to, isn, Segment::Syn)?;
-        let sent = match to {
-            SocketAddr::V4(r) => sendto(
-                sockets.send4.as_raw_fd(),
-                &syn,
-                &SockaddrIn::from(SocketAddrV4::new(*r.ip(), 0)),
-                MsgFlags::empty(),
-            ),
-            SocketAddr::V6(r) => sendto(
-                sockets.send6.as_raw_fd(),
-                &syn,
-                &SockaddrIn6::from(SocketAddrV6::new(*r.ip(), 0, 0, 0)),
-                MsgFlags::empty(),
-            ),
-        };
-        sent.map_err(|e| format!("sending a SYN to {to}: {e}"))?;
+        sockets
+            .send_ip(to.ip(), &syn)
+            .map_err(|e| format!("sending a SYN to {to}: {e}"))?;
         let answer = rx.await;
         forget.real = None;
         match answer {
@@ -592,21 +599,9 @@ impl Paths {
                 let outer_src = self.local.tunnel_source(real)?;
                 let label: u32 = rand::rng().random();
                 let wire = encapsulate(packet, outer_src, real, label)?;
-                let sent = match real {
-                    IpAddr::V4(r) => sendto(
-                        sockets.send4.as_raw_fd(),
-                        &wire,
-                        &SockaddrIn::from(SocketAddrV4::new(r, 0)),
-                        MsgFlags::empty(),
-                    ),
-                    IpAddr::V6(r) => sendto(
-                        sockets.send6.as_raw_fd(),
-                        &wire,
-                        &SockaddrIn6::from(SocketAddrV6::new(r, 0, 0, 0)),
-                        MsgFlags::empty(),
-                    ),
-                };
-                sent.map(drop)
+                sockets
+                    .send_ip(real, &wire)
+                    .map(drop)
                     .map_err(|e| format!("sending through the tunnel to {real}: {e}"))
             }
             Forward::Dr => {
