@@ -51,13 +51,8 @@ pub mod map_names {
     /// service key and VIP address (a superset: other keys may share a bit).
     /// A packet whose bit is clear is not for a VIP, without a hash lookup.
     pub const VIP_FILTER: &str = "XLB_VIP_FILTER";
-    /// Decap program: `HashMap<AddrKey, u32>` of this host's tunnel endpoints.
-    pub const DECAP_ADDRS: &str = "XLB_DECAP_ADDRS";
     /// Decap program: `PerCpuArray<Counter>` indexed by [`super::decap_stat`].
     pub const DECAP_STATS: &str = "XLB_DECAP_STATS";
-    /// Decap program: `LpmTrie<SrcPrefix, u32>` of the balancers' tunnel sources
-    /// it accepts (a /0 entry accepts every source).
-    pub const DECAP_SRCS: &str = "XLB_DECAP_SRCS";
 }
 
 /// Program names (the Rust function names of the `#[xdp]` entry points).
@@ -92,10 +87,12 @@ const _: () = assert!(RING_POOL.is_multiple_of(2));
 /// Default size of the connection-tracking table (flows, all CPUs together).
 /// About 100 bytes of kernel memory each.
 pub const FLOWS_DEFAULT: u32 = 1 << 20;
-/// Capacity of the decap program's address map.
-pub const MAX_DECAP_ADDRS: u32 = 64;
-/// Capacity of the decap program's allowed-source prefix map.
-pub const MAX_DECAP_SRCS: u32 = 64;
+/// Most tunnel endpoint addresses of each family the decapsulator holds
+/// ([`DecapSet`]).
+pub const MAX_DECAP_ADDRS: usize = 64;
+/// Most allowed tunnel source prefixes of each family the decapsulator holds
+/// ([`DecapSet`]).
+pub const MAX_DECAP_SRCS: usize = 64;
 
 /// Bits of the VIP filter ([`map_names::VIP_FILTER`]), as a power of two.
 pub const VIP_FILTER_BITS_LOG2: u32 = 16;
@@ -530,21 +527,56 @@ pub mod decap_stat {
     ];
 }
 
-/// Key data of the decap program's allowed-source trie (`DECAP_SRCS`, an
-/// LPM trie): the family byte, then the address, so a prefix of
-/// `8 + prefix length` bits matches one family's prefix and a prefix of 0
-/// bits matches every source.
+/// Symbol of the decapsulator's [`DecapSet`], a `.rodata` global of the
+/// `lb-decap` object.
+pub const DECAP_SET_SYMBOL: &str = "XLB_DECAP_SET";
+
+/// What the decapsulator accepts: this host's tunnel endpoints and the
+/// balancers' tunnel source prefixes. A read-only global
+/// ([`DECAP_SET_SYMBOL`]) that `xlb decap` sets when it loads the program;
+/// the kernel freezes it, so the program never sees it change (a new set
+/// is a new program swapped in on the link).
+///
+/// Addresses, networks and masks are network order, each stored as the
+/// native integer its bytes read as, so the program compares packet words
+/// as they are. The first `*_count` entries of each array are used. A
+/// source matches a prefix when `source & mask == net`; a /0 (mask 0)
+/// accepts every source of its family.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct SrcPrefix {
-    /// [`FAMILY_V4`] or [`FAMILY_V6`].
-    pub family: u8,
-    /// The address, network order (IPv4 in the first 4 bytes).
-    pub addr: [u8; 16],
-    /// Explicit padding, zero (never inside a prefix).
-    pub _pad: [u8; 3],
+pub struct DecapSet {
+    /// IPv4 tunnel endpoints.
+    pub v4_addrs: [u32; MAX_DECAP_ADDRS],
+    /// IPv4 allowed sources: `[net, mask]`.
+    pub v4_srcs: [[u32; 2]; MAX_DECAP_SRCS],
+    /// IPv6 tunnel endpoints: the address as two words.
+    pub v6_addrs: [[u64; 2]; MAX_DECAP_ADDRS],
+    /// IPv6 allowed sources: `[net (2 words), mask (2 words)]`.
+    pub v6_srcs: [[u64; 4]; MAX_DECAP_SRCS],
+    /// Entries used in `v4_addrs`.
+    pub v4_addr_count: u32,
+    /// Entries used in `v6_addrs`.
+    pub v6_addr_count: u32,
+    /// Entries used in `v4_srcs`.
+    pub v4_src_count: u32,
+    /// Entries used in `v6_srcs`.
+    pub v6_src_count: u32,
 }
-const _: () = assert!(size_of::<SrcPrefix>() == 20);
+const _: () = assert!(size_of::<DecapSet>() == 3856);
+
+impl DecapSet {
+    /// Accepts nothing (the object's value before the loader sets it).
+    pub const EMPTY: DecapSet = DecapSet {
+        v4_addrs: [0; MAX_DECAP_ADDRS],
+        v4_srcs: [[0; 2]; MAX_DECAP_SRCS],
+        v6_addrs: [[0; 2]; MAX_DECAP_ADDRS],
+        v6_srcs: [[0; 4]; MAX_DECAP_SRCS],
+        v4_addr_count: 0,
+        v6_addr_count: 0,
+        v4_src_count: 0,
+        v6_src_count: 0,
+    };
+}
 
 /// Seed of the flow hash. Changing it moves every untracked flow: keep it fixed.
 pub const FLOW_HASH_SEED: u32 = 0x786c_6231; // "xlb1"
@@ -617,5 +649,5 @@ mod pod {
     unsafe impl aya::Pod for super::FlowState {}
     unsafe impl aya::Pod for super::FlowEvent {}
     unsafe impl aya::Pod for super::FloodWindow {}
-    unsafe impl aya::Pod for super::SrcPrefix {}
+    unsafe impl aya::Pod for super::DecapSet {}
 }

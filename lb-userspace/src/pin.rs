@@ -181,11 +181,12 @@ pub fn open_link(path: &Path) -> Result<aya::programs::xdp::XdpLink, PinError> {
 }
 
 /// Whether `name` is a pin xlb makes: a link, or a map of the balancer or
-/// of the decapsulator.
+/// of the decapsulator (including those an earlier version pinned).
 fn is_our_pin(name: &str) -> bool {
     name == "link"
         || crate::dataplane::BALANCER_MAPS.contains(&name)
         || crate::decap::DECAP_MAPS.contains(&name)
+        || crate::decap::LEGACY_DECAP_MAPS.contains(&name)
 }
 
 /// Removes xlb's pins from `dir` (every layout version `vN/`): the link first,

@@ -15,7 +15,7 @@ use etherparse::{
 use lb_common::{Config, FlowKey, RealDef, decap_stat, flow_hash, prog_names, stat};
 use lb_userspace::{
     dataplane::{Dataplane, LoadOptions},
-    decap::Decap,
+    decap::{Decap, DecapSettings},
     desired::{Edit, VipOptions},
     model::{Forward, Vip, addr_bytes},
     state::{State, writer::PauseHook},
@@ -1129,16 +1129,20 @@ fn flood_guard_stops_tracking_above_the_limit_but_keeps_forwarding() {
 
 // --- the real-server decapsulator ---
 
-fn decap() -> Decap {
+/// The decapsulator for 192.0.2.21, 2001:db8:100::21 and 2001:db8:100::22,
+/// accepting tunnels from `srcs` (every source when empty).
+fn decap_from(srcs: &[(IpAddr, u8)]) -> Decap {
     assert!(nix::unistd::Uid::effective().is_root(), "must run as root");
-    let mut d = Decap::load().expect("loading the decap object");
-    d.set_srcs(&[]).expect("accepting every source");
-    d.add_addr("192.0.2.21".parse().expect("v4")).expect("addr");
-    d.add_addr("2001:db8:100::21".parse().expect("v6"))
-        .expect("addr");
-    d.add_addr("2001:db8:100::22".parse().expect("v6"))
-        .expect("addr");
-    d
+    let addrs: Vec<IpAddr> = ["192.0.2.21", "2001:db8:100::21", "2001:db8:100::22"]
+        .iter()
+        .map(|a| a.parse().expect("address"))
+        .collect();
+    let settings = DecapSettings::new(&addrs, srcs).expect("endpoints and sources");
+    Decap::load(&settings).expect("loading the decap object")
+}
+
+fn decap() -> Decap {
+    decap_from(&[])
 }
 
 #[test]
@@ -1611,12 +1615,10 @@ fn tunnel_with_ecn(src: IpAddr, dst: IpAddr, inner: &[u8], outer_ecn: u8) -> Vec
 
 #[test]
 fn decap_accepts_only_allowed_sources_and_keeps_ce() {
-    let mut d = decap();
-    d.set_srcs(&[
+    let d = decap_from(&[
         ("192.0.2.0".parse().expect("v4"), 24),
         ("2001:db8:ff::".parse().expect("v6"), 96),
-    ])
-    .expect("sources");
+    ]);
     let prog = d.program().expect("decap program");
     let real4: IpAddr = "192.0.2.21".parse().expect("v4");
     let real6: IpAddr = "2001:db8:100::21".parse().expect("v6");
@@ -1696,10 +1698,9 @@ fn decap_stats_are_read_from_the_pins() {
         }
     }
     let _guard = Unmount(dir.clone());
-    let mut d = Decap::load_with(Some(&pin)).expect("loading pinned");
-    d.set_addrs(&["192.0.2.21".parse().expect("v4")])
-        .expect("addrs");
-    d.set_srcs(&[]).expect("sources");
+    let settings =
+        DecapSettings::new(&["192.0.2.21".parse().expect("v4")], &[]).expect("endpoints");
+    let d = Decap::load_with(&settings, Some(&pin)).expect("loading pinned");
     let inner = packet::tcp(CLIENT, 40000, VIP_TUN, 80, true, b"x");
     let frame = packet::tunnel(
         "192.0.2.200".parse().expect("v4"),

@@ -4,10 +4,15 @@
 //! Everything else passes untouched. (This kernel has no ipip/ip6_tunnel
 //! modules; XDP decapsulation is also faster than a tunnel device.)
 //!
-//! - Only tunnels from the balancers' source prefixes (`XLB_DECAP_SRCS`) are
-//!   accepted; others to a local endpoint are dropped, so nobody else can
-//!   inject packets with a forged inner source. `xlb decap` without
-//!   `--allow-src` stores a /0 entry (accept all) and warns.
+//! - The tunnel endpoints and the balancers' source prefixes are a read-only
+//!   global (`XLB_DECAP_SET`, a `lb_common::DecapSet`) that `xlb decap` sets
+//!   at load: the kernel freezes it, so the verifier knows the counts, and a
+//!   new set is a new program swapped in on the link (no map read, no window
+//!   where a half-written entry could be seen).
+//! - Only tunnels from the balancers' source prefixes are accepted; others to
+//!   a local endpoint are dropped, so nobody else can inject packets with a
+//!   forged inner source. `xlb decap` without `--allow-src` stores a /0 of
+//!   each family (accept all) and warns.
 //! - ECN (RFC 6040, normal mode): an outer CE mark is copied to an ECN-capable
 //!   inner header (IPv4 checksum updated). A Not-ECT inner is left as it is:
 //!   the balancer copies the inner ECN field to the outer header, so a
@@ -28,23 +33,22 @@ mod program {
         bindings::xdp_action,
         helpers::bpf_xdp_adjust_head,
         macros::{map, xdp},
-        maps::{HashMap, LpmTrie, PerCpuArray, lpm_trie::Key},
+        maps::PerCpuArray,
         programs::XdpContext,
     };
+    use core::ptr::{addr_of, read_volatile};
     use lb_common::{
-        AddrKey, Counter, FAMILY_V4, MAX_DECAP_ADDRS, MAX_DECAP_SRCS, PROTO_IPIP, PROTO_IPV6,
-        SrcPrefix, decap_stat,
+        Counter, DecapSet, FAMILY_V4, MAX_DECAP_ADDRS, MAX_DECAP_SRCS, PROTO_IPIP, PROTO_IPV6,
+        decap_stat,
     };
 
     use crate::parse::{self, ETH_P_IP, ETH_P_IPV6, read_at, write_at};
 
-    /// This host's tunnel endpoint addresses, written by `xlb decap`.
-    #[map(name = "XLB_DECAP_ADDRS")]
-    static DECAP_ADDRS: HashMap<AddrKey, u32> = HashMap::with_max_entries(MAX_DECAP_ADDRS, 0);
-
-    /// Tunnel sources accepted (the balancers' prefixes), written by `xlb decap`.
-    #[map(name = "XLB_DECAP_SRCS")]
-    static DECAP_SRCS: LpmTrie<SrcPrefix, u32> = LpmTrie::with_max_entries(MAX_DECAP_SRCS, 0);
+    /// This host's tunnel endpoints and the accepted tunnel sources, set by
+    /// `xlb decap` at load (`.rodata`, frozen). Read only through
+    /// `read_volatile`, so the compiler never folds the placeholder in.
+    #[unsafe(no_mangle)]
+    static XLB_DECAP_SET: DecapSet = DecapSet::EMPTY;
 
     /// ECN field values (the low two bits of the TOS / traffic class).
     const ECN_MASK: u8 = 0x03;
@@ -90,13 +94,7 @@ mod program {
             PROTO_IPV6 if !v4_outer => (ETH_P_IPV6, decap_stat::DECAP_IP6IP6),
             _ => return (pass, decap_stat::PASS_NOT_TUNNEL),
         };
-        let key = AddrKey {
-            addr: outer.dst,
-            family: outer.family,
-            _pad: [0; 3],
-        };
-        // SAFETY: a lookup in a map only this program and the daemon touch.
-        if outer.fragment || unsafe { DECAP_ADDRS.get(&key) }.is_none() {
+        if outer.fragment || !is_local(v4_outer, &outer.dst) {
             return (pass, decap_stat::PASS_NOT_LOCAL);
         }
         // The inner IP header must be there, of the version the outer
@@ -109,15 +107,7 @@ mod program {
         if !inner_ok {
             return (pass, decap_stat::PASS_MALFORMED);
         }
-        let src = Key::new(
-            8 + if v4_outer { 32 } else { 128 },
-            SrcPrefix {
-                family: outer.family,
-                addr: outer.src,
-                _pad: [0; 3],
-            },
-        );
-        if DECAP_SRCS.get(&src).is_none() {
+        if !is_allowed_src(v4_outer, &outer.src) {
             return (xdp_action::XDP_DROP, decap_stat::DROP_NOT_ALLOWED_SRC);
         }
         if outer.tos & ECN_MASK == ECN_CE && !mark_ce(ctx, outer.l4_off, inner_type == ETH_P_IP) {
@@ -156,6 +146,96 @@ mod program {
         } else {
             (xdp_action::XDP_ABORTED, decap_stat::ABORTED)
         }
+    }
+
+    /// The first four bytes of `a` as the native word they read as.
+    #[inline(always)]
+    fn word32(a: &[u8; 16]) -> u32 {
+        u32::from_ne_bytes([a[0], a[1], a[2], a[3]])
+    }
+
+    /// `a` as two native words (the order [`DecapSet`] stores them in).
+    #[inline(always)]
+    fn words64(a: &[u8; 16]) -> [u64; 2] {
+        [
+            u64::from_ne_bytes([a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7]]),
+            u64::from_ne_bytes([a[8], a[9], a[10], a[11], a[12], a[13], a[14], a[15]]),
+        ]
+    }
+
+    /// Whether `dst` is one of this host's tunnel endpoints.
+    #[inline(always)]
+    fn is_local(v4: bool, dst: &[u8; 16]) -> bool {
+        let set = addr_of!(XLB_DECAP_SET);
+        // SAFETY: reads of a static; the loops stop at the count and at the
+        // arrays' length (every index is < MAX_DECAP_ADDRS).
+        unsafe {
+            if v4 {
+                let n = read_volatile(addr_of!((*set).v4_addr_count)) as usize;
+                let d = word32(dst);
+                for i in 0..MAX_DECAP_ADDRS {
+                    if i >= n {
+                        break;
+                    }
+                    if read_volatile(addr_of!((*set).v4_addrs[i])) == d {
+                        return true;
+                    }
+                }
+            } else {
+                let n = read_volatile(addr_of!((*set).v6_addr_count)) as usize;
+                let d = words64(dst);
+                for i in 0..MAX_DECAP_ADDRS {
+                    if i >= n {
+                        break;
+                    }
+                    if read_volatile(addr_of!((*set).v6_addrs[i][0])) == d[0]
+                        && read_volatile(addr_of!((*set).v6_addrs[i][1])) == d[1]
+                    {
+                        return true;
+                    }
+                }
+            }
+        }
+        false
+    }
+
+    /// Whether `src` is in one of the allowed source prefixes.
+    #[inline(always)]
+    fn is_allowed_src(v4: bool, src: &[u8; 16]) -> bool {
+        let set = addr_of!(XLB_DECAP_SET);
+        // SAFETY: as in is_local (every index is < MAX_DECAP_SRCS).
+        unsafe {
+            if v4 {
+                let n = read_volatile(addr_of!((*set).v4_src_count)) as usize;
+                let s = word32(src);
+                for i in 0..MAX_DECAP_SRCS {
+                    if i >= n {
+                        break;
+                    }
+                    let net = read_volatile(addr_of!((*set).v4_srcs[i][0]));
+                    let mask = read_volatile(addr_of!((*set).v4_srcs[i][1]));
+                    if s & mask == net {
+                        return true;
+                    }
+                }
+            } else {
+                let n = read_volatile(addr_of!((*set).v6_src_count)) as usize;
+                let s = words64(src);
+                for i in 0..MAX_DECAP_SRCS {
+                    if i >= n {
+                        break;
+                    }
+                    let p = addr_of!((*set).v6_srcs[i]);
+                    if s[0] & read_volatile(addr_of!((*p)[2])) == read_volatile(addr_of!((*p)[0]))
+                        && s[1] & read_volatile(addr_of!((*p)[3]))
+                            == read_volatile(addr_of!((*p)[1]))
+                    {
+                        return true;
+                    }
+                }
+            }
+        }
+        false
     }
 
     /// Sets CE on the inner header at `off` when it is ECN-capable (ECT(0) or

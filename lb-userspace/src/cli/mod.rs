@@ -37,7 +37,7 @@ use crate::{
     client::Client,
     config::Config,
     daemon,
-    decap::Decap,
+    decap::{Decap, DecapSettings},
     desired::{Admin, Desired},
     pin, realserver,
     views::VipView,
@@ -621,22 +621,24 @@ async fn run_decap(out: Out, args: DecapArgs) -> anyhow::Result<()> {
     if addrs.is_empty() {
         bail!("{iface_name} has no addresses; give the tunnel endpoint with --addr");
     }
+    // Checked before anything is loaded: a refused list leaves a running
+    // decapsulator as it is.
+    let settings =
+        DecapSettings::new(&addrs, &args.allow_srcs).map_err(|e| bad_input(e.to_string()))?;
     let metrics_listener = crate::metrics::bind(args.metrics_addr).await?;
     let pin = if args.no_pin {
         None
     } else {
         Some(pin::PinDir::prepare(&args.pin_dir)?)
     };
-    let mut decap =
-        Decap::load_with(pin.as_ref()).context("loading the decap program failed (run as root)")?;
-    decap.set_addrs(&addrs)?;
     if args.allow_srcs.is_empty() {
         tracing::warn!(
             "no --allow-src: accepting tunnels from any source, so anyone who can reach this \
              host can inject packets to its VIPs; give the balancers' tunnel source prefixes"
         );
     }
-    decap.set_srcs(&args.allow_srcs)?;
+    let mut decap = Decap::load_with(&settings, pin.as_ref())
+        .context("loading the decap program failed (run as root)")?;
     let mode = args.xdp_mode.xdp();
     match &pin {
         Some(pin) => decap.attach_pinned(&iface_name, mode, pin),

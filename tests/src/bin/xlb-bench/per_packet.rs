@@ -13,7 +13,7 @@ use aya::{
 use lb_common::{Config, FlowKey, FlowState, RING_SIZE_DEFAULT, prog_names};
 use lb_userspace::{
     dataplane::{Dataplane, LoadOptions},
-    decap::Decap,
+    decap::{Decap, DecapSettings},
     desired::{Desired, Edit, RealSpec, ServiceSpec, VipOptions},
     model::{Forward, Scheduler, Vip, addr_bytes},
     state::{State, writer::PauseHook},
@@ -648,21 +648,18 @@ fn measure(scale: Scale, rounds: usize, per_round: usize, cpu: usize) -> PerPack
     let (mut dp, _state, tracked, new_vips) = configured(scale);
     let floors = load_floors();
     let with_decap = scale.vips == HEAVY.vips;
-    let mut decap = Decap::load().unwrap_or_else(|e| panic!("loading the decap object: {e}"));
     let real4 = real(true, 10);
     let real6 = real(false, 10);
-    for a in [real4, real6] {
-        decap
-            .add_addr(a)
-            .unwrap_or_else(|e| panic!("decap address {a}: {e}"));
-    }
     // The balancers' tunnel sources, as a deployment gives them (--allow-src).
-    decap
-        .set_srcs(&[
+    let settings = DecapSettings::new(
+        &[real4, real6],
+        &[
             (Ipv4Addr::new(192, 0, 2, 0).into(), 24),
             (Ipv6Addr::new(0x2001, 0xdb8, 0xff, 0, 0, 0, 0, 0).into(), 96),
-        ])
-        .unwrap_or_else(|e| panic!("decap sources: {e}"));
+        ],
+    )
+    .unwrap_or_else(|e| panic!("decap endpoints and sources: {e}"));
+    let decap = Decap::load(&settings).unwrap_or_else(|e| panic!("loading the decap object: {e}"));
     let new = |vips: &[Vip], flow: Flow, base: u64| Gen::New {
         vips: vips.to_vec(),
         flow,

@@ -8,7 +8,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use lb_common::Config;
 use lb_userspace::{
     dataplane::{Dataplane, LoadOptions},
-    decap::Decap,
+    decap::{Decap, DecapSettings},
     desired::{Edit, VipOptions},
     model::{Forward, Scheduler, Vip},
     state::{State, writer::PauseHook},
@@ -229,15 +229,12 @@ impl World {
     /// accepting tunnels from the balancer's tunnel source prefixes only (as
     /// `xlb decap --allow-src` does): a tunnel from elsewhere is dropped.
     pub fn load_decap(&self) -> Decap {
-        let mut d = Decap::load().unwrap_or_else(|e| panic!("loading the decap object: {e}"));
-        d.set_addrs(&self.decap_addrs)
-            .unwrap_or_else(|e| panic!("adding the decap addresses: {e}"));
         let srcs = [
             (std::net::IpAddr::V4(TUN_SRC_V4), 24),
             (std::net::IpAddr::V6(TUN_SRC_V6), 96),
         ];
-        d.set_srcs(&srcs)
-            .unwrap_or_else(|e| panic!("setting the allowed tunnel sources: {e}"));
-        d
+        let settings = DecapSettings::new(&self.decap_addrs, &srcs)
+            .unwrap_or_else(|e| panic!("the decap endpoints and sources: {e}"));
+        Decap::load(&settings).unwrap_or_else(|e| panic!("loading the decap object: {e}"))
     }
 }
