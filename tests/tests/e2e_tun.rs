@@ -1135,3 +1135,136 @@ fn a_real_whose_decap_stops_is_down_via_the_vip_and_still_up_via_its_address() {
         "rs1 is back yet unused: {counts:?}"
     );
 }
+
+/// The id of the XDP program attached to `eth0` in `ns` (`ip -j -d link show`).
+fn xdp_prog_id(ns: &Netns) -> u64 {
+    let out = ns.exec(&["ip", "-j", "-d", "link", "show", "eth0"]);
+    let links: serde_json::Value =
+        serde_json::from_slice(&out.stdout).expect("ip -j link show prints JSON");
+    links[0]["xdp"]["prog"]["id"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no XDP program on eth0: {links}"))
+}
+
+/// Pins the endpoint hash and source trie an earlier `xlb decap` pinned next to its
+/// counters (layout v3), filled as it filled them, for the upgrade to find.
+fn pin_previous_decap_maps(pin_dir: &std::path::Path) -> Vec<String> {
+    use aya::maps::{HashMap, LpmTrie, MapData, lpm_trie::Key};
+    let v3 = lb_userspace::pin::PinDir::prepare(pin_dir).expect("the v3 pin directory");
+    let mut addrs: HashMap<MapData, [u8; 20], u32> =
+        HashMap::create(64, 0).expect("creating the old endpoint hash");
+    let mut endpoint = [0u8; 20];
+    endpoint[..4].copy_from_slice(&[198, 51, 100, 11]);
+    endpoint[16] = lb_common::FAMILY_V4;
+    addrs.insert(&endpoint, &1, 0).expect("an old endpoint");
+    // BPF_F_NO_PREALLOC, which the kernel requires of an LPM trie.
+    let mut srcs: LpmTrie<MapData, [u8; 20], u32> =
+        LpmTrie::create(64, 1).expect("creating the old source trie");
+    srcs.insert(&Key::new(0, [0; 20]), &1, 0)
+        .expect("an old /0 source");
+    let names = lb_userspace::decap::LEGACY_DECAP_MAPS;
+    addrs.pin(v3.map(names[0])).expect("pinning the old hash");
+    srcs.pin(v3.map(names[1])).expect("pinning the old trie");
+    names.iter().map(|n| format!("v3/{n}")).collect()
+}
+
+#[test]
+fn decap_restarted_with_other_sources_swaps_them_on_the_link_and_refuses_too_many() {
+    let pins = PinnedRun::new(&unique_prefix("ds"));
+    let pin_dir = pins.pin_dir().to_str().expect("UTF-8 path").to_owned();
+    // An upgrade: the previous version's endpoint and source maps are pinned there.
+    let legacy = pin_previous_decap_maps(pins.pin_dir());
+    let mut tun = TunLab::start_with(
+        "ds",
+        1,
+        &["--tunnel-src", "192.0.2.0/24"],
+        // Not the balancer's prefix: its tunnels are dropped.
+        &["--pin-dir", &pin_dir, "--allow-src", "203.0.113.0/24"],
+    );
+    // The new program is on the link; the maps only the old one read are gone.
+    let left = pins.pins();
+    assert!(
+        legacy.iter().all(|l| !left.contains(l)),
+        "the previous version's maps are still pinned: {left:?}"
+    );
+    assert_eq!(
+        left,
+        ["v3/XLB_DECAP_STATS", "v3/link"],
+        "pins after the upgrade"
+    );
+    let lab = &tun.lab;
+    lab.daemon
+        .cli_ok(&["vip", "add", TCP_SERVICE, "--forward", "tun"]);
+    let real = &lab.topo.reals[0];
+    lab.daemon
+        .cli_ok(&["real", "add", TCP_SERVICE, &real.ipv4.to_string()]);
+    let target = SocketAddr::from((VIP, 80));
+    let client = &lab.topo.client.ns;
+    let refused = client.run_in(|| http_get(target, Duration::from_secs(1)));
+    assert!(
+        refused.is_err(),
+        "a tunnel from outside --allow-src was decapsulated"
+    );
+    let dropped = decap_packets(&decap_stats(&pin_dir), "drop_not_allowed_src");
+    assert!(dropped > 0, "no drop_not_allowed_src counted");
+    let first = xdp_prog_id(&real.ns);
+    tun.decap_counters();
+    // Its run directory goes before the next one (same name) is made.
+    tun.decaps.clear();
+
+    // Restarted with the balancer's prefix: its tunnels now pass, through a new
+    // program on the same pinned link, and the counters carry on.
+    let lab = &tun.lab;
+    let real = &lab.topo.reals[0];
+    tun.decaps.push(DecapProc::start(
+        real,
+        &["--pin-dir", &pin_dir, "--allow-src", "192.0.2.0/24"],
+    ));
+    let lab = &tun.lab;
+    let real = &lab.topo.reals[0];
+    let second = xdp_prog_id(&real.ns);
+    assert_ne!(first, second, "the restart did not swap the program");
+    http_requests(lab, target, 3);
+    let stats = decap_stats(&pin_dir);
+    assert!(decap_packets(&stats, "decap_ipip") >= 3, "{stats}");
+    assert_eq!(
+        decap_packets(&stats, "drop_not_allowed_src"),
+        dropped,
+        "the old drops were kept and nothing more was dropped"
+    );
+    tun.decap_counters();
+
+    // 65 IPv4 prefixes: refused before anything is loaded, naming the flag and
+    // the limit; the running program keeps its sources.
+    let lab = &tun.lab;
+    let real = &lab.topo.reals[0];
+    let mut args = vec![
+        "decap".to_owned(),
+        "--iface".to_owned(),
+        "eth0".to_owned(),
+        "--pin-dir".to_owned(),
+        pin_dir.clone(),
+    ];
+    for i in 0..65 {
+        args.extend(["--allow-src".to_owned(), format!("198.51.100.{i}/32")]);
+    }
+    let out = real
+        .ns
+        .command(xlb_bin().to_str().expect("UTF-8 path"))
+        .args(&args)
+        .output()
+        .expect("running xlb decap");
+    assert_eq!(
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ),
+        (
+            Some(2),
+            "error: too many allowed tunnel source prefixes (--allow-src): 65 IPv4 given, the \
+             decapsulator holds at most 64 per address family"
+        ),
+    );
+    assert_eq!(xdp_prog_id(&real.ns), second, "the program was replaced");
+    http_requests(lab, target, 3);
+}
