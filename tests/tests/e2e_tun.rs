@@ -890,6 +890,16 @@ fn tunnel_uploads_at_full_mss_shrink_by_icmp_too_big_or_fit_the_advertised_mss()
     }
 }
 
+/// Adds the TCP VIP in TUN mode with the lab's first real; returns the VIP's address.
+fn tun_vip_to_first_real(lab: &Lab) -> SocketAddr {
+    lab.daemon
+        .cli_ok(&["vip", "add", TCP_SERVICE, "--forward", "tun"]);
+    let real = &lab.topo.reals[0];
+    lab.daemon
+        .cli_ok(&["real", "add", TCP_SERVICE, &real.ipv4.to_string()]);
+    SocketAddr::from((VIP, 80))
+}
+
 /// `xlb decap stats --json --pin-dir DIR`, run as an operator would on the real
 /// server (the pin directory is a bpffs every namespace shares).
 fn decap_stats(pin_dir: &str) -> serde_json::Value {
@@ -922,12 +932,7 @@ fn pinned_decap_keeps_running_and_accepts_only_the_balancers_sources() {
         &["--pin-dir", &pin_dir, "--allow-src", "192.0.2.0/24"],
     );
     let lab = &tun.lab;
-    lab.daemon
-        .cli_ok(&["vip", "add", TCP_SERVICE, "--forward", "tun"]);
-    let real = &lab.topo.reals[0];
-    lab.daemon
-        .cli_ok(&["real", "add", TCP_SERVICE, &real.ipv4.to_string()]);
-    let target = SocketAddr::from((VIP, 80));
+    let target = tun_vip_to_first_real(lab);
     http_requests(lab, target, 3);
     assert!(
         decap_packets(&decap_stats(&pin_dir), "decap_ipip") >= 3,
@@ -1193,12 +1198,7 @@ fn decap_restarted_with_other_sources_swaps_them_on_the_link_and_refuses_too_man
         "pins after the upgrade"
     );
     let lab = &tun.lab;
-    lab.daemon
-        .cli_ok(&["vip", "add", TCP_SERVICE, "--forward", "tun"]);
-    let real = &lab.topo.reals[0];
-    lab.daemon
-        .cli_ok(&["real", "add", TCP_SERVICE, &real.ipv4.to_string()]);
-    let target = SocketAddr::from((VIP, 80));
+    let target = tun_vip_to_first_real(lab);
     let client = &lab.topo.client.ns;
     let refused = client.run_in(|| http_get(target, Duration::from_secs(1)));
     assert!(
@@ -1207,7 +1207,7 @@ fn decap_restarted_with_other_sources_swaps_them_on_the_link_and_refuses_too_man
     );
     let dropped = decap_packets(&decap_stats(&pin_dir), "drop_not_allowed_src");
     assert!(dropped > 0, "no drop_not_allowed_src counted");
-    let first = xdp_prog_id(&real.ns);
+    let first = xdp_prog_id(&lab.topo.reals[0].ns);
     tun.decap_counters();
     // Its run directory goes before the next one (same name) is made.
     tun.decaps.clear();
