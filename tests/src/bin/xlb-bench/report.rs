@@ -1205,6 +1205,33 @@ fn optimisations_md(w: &mut String, after: &[PerPacket], svg_dir: &Path) {
          same sitting, medians of the mean ratio: IPIP 1.40× → 1.42×, IP6IP6 1.48× → 1.43×, \
          with runs of either side anywhere from 1.23× to 1.68×), so the decapsulator keeps \
          the shared parse.",
+        "**Measured: instructions, not cold caches.** Every call of this bench runs the \
+         program once on a fresh packet, between two system calls, so its code and data \
+         may be cold each time. To tell that apart, the non-VIP packet and the two floors \
+         were also run with `repeat = 1000` (the program in a hot loop on one packet; a \
+         tracked or decapsulated packet cannot be measured that way, the first run \
+         rewrites it): the empty XDP_PASS program took 34–40 ns a run, the MAC swap 40–47 \
+         ns and the balancer's non-VIP path 166–176 ns, against 100–111 ns, 110–122 ns \
+         and 211–240 ns with `repeat = 1` (2026-11-30, f673ad5, three rounds, load \
+         average about 3). The hot loop removes about 70 ns from every program alike, so \
+         the 130 ns the non-VIP path costs over the floor are its own instructions. \
+         Reading the object shows why: LLVM's BPF backend loads every packet field that \
+         is not naturally aligned a byte at a time (a 4-byte address is 4 loads, 3 shifts \
+         and 3 ors; the Ethernet header at offset 14 puts every IP field out of line), \
+         and copies `[u8; N]` values through `memset`/`memmove` subprograms that loop a \
+         byte at a time.",
+        "**Measured and dropped: LLVM's `allows-misaligned-mem-access` target feature.** \
+         With it the backend reads and writes unaligned packet fields with one load or \
+         store (the balancer's code shrank from 5,905 to 5,001 BPF instructions), and in \
+         one sitting (3 alternated pairs, f673ad5 against it) the non-VIP packet went \
+         from 2.00× to 1.71× (both configurations). The tracked and new-flow cases moved \
+         by ±15% in both directions, the spread of the runs themselves. It is not \
+         adopted: the feature also lets LLVM emit misaligned stores to the stack, which \
+         the verifier always refuses, and the first later change tried (the IPv4 \
+         addresses built from words and the MAC written as 4 + 2 bytes) produced one (`misaligned stack access off 0+0+-68 size 8`), so \
+         any edit of the data path could stop the program loading. It needs every stack \
+         value the path keeps to be naturally aligned first (addresses as words, not byte \
+         arrays).",
         "**Not done yet** (each needs a map or userspace change that did not fit this round): \
          a conntrack key of 16 bytes for IPv4 (the profile above says the jhash and compare \
          it would shorten are a small share); and the settings in a global instead of an \
