@@ -34,7 +34,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use crate::{
     dataplane::{Dataplane, DataplaneError},
     desired::{Admin, Desired, Edit, Source, Spec, SpecError, VipOptions},
-    health::{Engine, ProbeKind, Via, engine::Board, path::Paths},
+    health::{Engine, ProbeKind, TcpMode, Via, engine::Board, path::Paths},
     model::{Forward, Vip},
     neighbor::{self, Iface, NeighborError, Resolution},
     state::{Changes, State, StateError, persist, writer::PauseHook},
@@ -154,6 +154,9 @@ pub struct RealModel {
     pub healthy: bool,
     /// The probe kind that applies, if any.
     pub check: Option<ProbeKind>,
+    /// How a `tcp` check probes (absent for other kinds).
+    #[serde(default)]
+    pub check_mode: Option<TcpMode>,
     /// Where its probes go.
     #[serde(default)]
     pub via: Via,
@@ -252,6 +255,10 @@ impl Snapshot {
                                     .check(*addr)
                                     .map(|c| c.kind)
                                     .filter(|k| *k != ProbeKind::None),
+                                check_mode: s
+                                    .check(*addr)
+                                    .filter(|c| c.kind == ProbeKind::Tcp)
+                                    .map(|c| c.mode),
                                 via: s.check(*addr).map(|c| c.via).unwrap_or_default(),
                                 table_changes,
                                 ramp: state.ramp().get(&(*vip, *addr)).copied(),

@@ -613,6 +613,7 @@ fn vip_set_keeps_flows_and_rate_zero_and_real_list_count_the_real_that_gets_traf
             r["last_error"].as_str().expect("error"),
         );
         assert_eq!(r["check"], "tcp", "{r}");
+        assert_eq!(r["mode"], "connect", "{r}");
         assert!(
             shown.contains(&format!("\n    {addr}: {error}\n")),
             "xlb real list does not show {addr}'s last error {error:?} in full:\n{shown}"

@@ -1225,6 +1225,18 @@ fn syn_checks_pass_a_listener_and_take_out_a_refusing_or_silent_real() {
         real_state(&s, SERVICE, &rs2).last_error.as_deref(),
         Some("connection refused: the SYN was answered by a RST")
     );
+    // Status and the real list say how each real is probed.
+    let listed = xlb_tests::harness::json(
+        &lab.daemon.cli_ok(&["real", "list", SERVICE, "--json"]),
+        "real list --json",
+    );
+    for r in listed.as_array().expect("reals") {
+        assert_eq!(
+            (&r["check"], &r["mode"]),
+            (&"tcp".into(), &"syn".into()),
+            "{r}"
+        );
+    }
     for a in [&rs1, &rs3] {
         let r = real_state(&s, SERVICE, a);
         assert_eq!(r.probe_up, Some(true), "{a}: {r:?}");

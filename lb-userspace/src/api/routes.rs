@@ -386,6 +386,7 @@ async fn status(AxState(ctx): AxState<Context>) -> ApiResult<Json<Status>> {
                         addr: r.addr,
                         check: check
                             .map_or_else(|| "none".to_owned(), |k| format!("{k:?}").to_lowercase()),
+                        mode: real.and_then(|x| x.check_mode),
                         via: real.map(|x| x.via).unwrap_or_default(),
                         status: statuses.get(&(view.vip, r.addr)).cloned(),
                         slow_start: real.and_then(|x| x.ramp),

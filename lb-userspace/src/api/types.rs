@@ -224,6 +224,9 @@ pub struct RealHealth {
     pub addr: IpAddr,
     /// The probe kind, or `none`.
     pub check: String,
+    /// How a `tcp` check probes: `connect` or `syn` (absent for other kinds).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<crate::health::TcpMode>,
     /// Where probes go: `real` (its address) or `vip` (through the forwarding path).
     #[serde(default)]
     pub via: crate::health::Via,

@@ -234,6 +234,9 @@ pub struct RealListed<'a> {
     pub health: String,
     /// The probe kind, or `none`.
     pub check: &'a str,
+    /// How a `tcp` check probes: `connect` or `syn` (absent for other kinds).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mode: Option<crate::health::TcpMode>,
     /// Where probes go: `real` or `vip` (through the forwarding path).
     pub via: crate::health::Via,
     /// The last probe failure, in full.
@@ -251,6 +254,7 @@ pub fn real_list(v: &VipStatus) -> Vec<RealListed<'_>> {
                 view: r,
                 health: health_word(h),
                 check: h.map_or("none", |h| h.check.as_str()),
+                mode: h.and_then(|h| h.mode),
                 via: h.map(|h| h.via).unwrap_or_default(),
                 last_error: h
                     .and_then(|h| h.status.as_ref())
