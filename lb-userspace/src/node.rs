@@ -621,7 +621,7 @@ fn serving(snapshot: &Snapshot) -> BTreeSet<IpAddr> {
         .filter(|v| {
             v.reals
                 .iter()
-                .any(|r| r.healthy && r.effective_weight.is_some_and(|w| w > 0))
+                .any(|r| r.healthy && r.serving())
         })
         .map(|v| v.vip.addr)
         .collect()
