@@ -7,12 +7,12 @@
 //! reported to the daemon's controller, which applies them through the
 //! reconcile step, and run the check's notify hooks.
 //!
-//! The task sleeps on one timer, re-armed only when the earliest deadline
-//! changes; tokio's timer has a resolution of a millisecond, so every probe
-//! due in the same millisecond starts in the same turn. Half-open probes
-//! (`mode: syn`) are not futures: the scheduler sends their SYN itself and
-//! keeps them in a table by connection, with their timeouts in a second heap
-//! of deadlines; the answer reader hands it the answers in batches. A real's
+//! The deadlines are in timer wheels of millisecond ticks ([`Wheel`]), and
+//! the task sleeps on one tokio timer, re-armed only when the earliest tick
+//! changes: every probe due in the same millisecond starts in the same turn.
+//! Half-open probes (`mode: syn`) are not futures: the scheduler sends their
+//! SYN itself and keeps them in a table by connection, with their timeouts
+//! in a second wheel; the answer reader hands it the answers in batches. A real's
 //! status is its own (shared with the [`Board`], which finds it by key
 //! only when it is read), so a probe's result takes no lock but its own.
 //!
@@ -24,8 +24,7 @@
 //! a real out.
 
 use std::{
-    cmp::Reverse,
-    collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap, VecDeque},
     future::Future,
     net::{IpAddr, SocketAddr},
     pin::Pin,
@@ -48,6 +47,7 @@ use super::{
     HealthCheck, Planned, ProbeKind, Start, TcpMode, Via, command,
     path::{self, Answer, Flow, Paths, Reply},
     probe::{Prober, Target},
+    wheel::{Round, Wheel},
 };
 use crate::model::{Forward, Vip};
 
@@ -575,10 +575,14 @@ struct Scheduler {
     free: Vec<usize>,
     /// The place of each real.
     slots: HashMap<Key, usize>,
-    /// Next probes: (when, place, generation), earliest first.
-    due: BinaryHeap<Reverse<(Instant, usize, u64)>>,
-    /// Timeouts of half-open probes: (when, place, probe number), earliest first.
-    expiry: BinaryHeap<Reverse<(Instant, usize, u64)>>,
+    /// Next probes: (place, generation).
+    due: Wheel<(usize, u64)>,
+    /// Probes due that wait for room to start, earliest first.
+    ready: VecDeque<(usize, u64)>,
+    /// Timeouts of half-open probes: (place, probe number).
+    expiry: Wheel<(usize, u64)>,
+    /// What came out of a wheel (reused).
+    swept: Vec<(usize, u64)>,
     /// Half-open probes waiting for their answer, by connection.
     half_open: HashMap<Flow, HalfOpen>,
     in_flight: FuturesUnordered<Pin<Box<dyn Future<Output = Done> + Send>>>,
@@ -597,8 +601,10 @@ impl Scheduler {
             entries: Vec::new(),
             free: Vec::new(),
             slots: HashMap::new(),
-            due: BinaryHeap::new(),
-            expiry: BinaryHeap::new(),
+            due: Wheel::new(Instant::now()),
+            ready: VecDeque::new(),
+            expiry: Wheel::new(Instant::now()),
+            swept: Vec::new(),
             half_open: HashMap::new(),
             in_flight: FuturesUnordered::new(),
             generations: 0,
@@ -644,10 +650,9 @@ impl Scheduler {
     fn next_wake(&self) -> Option<Instant> {
         let due = self
             .due
-            .peek()
-            .map(|Reverse((at, _, _))| *at)
+            .next_deadline()
             .filter(|_| self.running() < MAX_IN_FLIGHT);
-        let expiry = self.expiry.peek().map(|Reverse((at, _, _))| *at);
+        let expiry = self.expiry.next_deadline();
         match (due, expiry) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
@@ -674,11 +679,11 @@ impl Scheduler {
                 // Spread the first probes of many reals over one interval.
                 let interval = Duration::from_millis(check.interval_ms);
                 let first = rand::rng().random_range(0.0..=interval.as_secs_f64());
-                self.due.push(Reverse((
+                self.due.insert(
                     Instant::now() + Duration::from_secs_f64(first),
-                    slot,
-                    generation,
-                )));
+                    Round::Down,
+                    (slot, generation),
+                );
                 let duration = self
                     .board
                     .durations
@@ -717,12 +722,10 @@ impl Scheduler {
 
     /// Starts every probe that is due by `now`, while there is room.
     fn start_due(&mut self, now: Instant) {
+        self.due.expire(now, &mut self.swept);
+        self.ready.extend(self.swept.drain(..));
         while self.running() < MAX_IN_FLIGHT {
-            match self.due.peek() {
-                Some(Reverse((at, _, _))) if *at <= now => {}
-                _ => return,
-            }
-            let Some(Reverse((_, slot, generation))) = self.due.pop() else {
+            let Some((slot, generation)) = self.ready.pop_front() else {
                 return;
             };
             let Some(e) = self
@@ -795,7 +798,7 @@ impl Scheduler {
         let probe = self.probes;
         e.awaiting = Some(((from, to), probe));
         let timeout = Duration::from_millis(e.check.timeout_ms);
-        self.expiry.push(Reverse((now + timeout, slot, probe)));
+        self.expiry.insert(now + timeout, Round::Up, (slot, probe));
         self.half_open.insert(
             (from, to),
             HalfOpen {
@@ -810,11 +813,9 @@ impl Scheduler {
 
     /// Fails every half-open probe whose timeout has passed by `now`.
     fn expire(&mut self, now: Instant) {
-        while let Some(Reverse((at, slot, probe))) = self.expiry.peek().copied() {
-            if at > now {
-                return;
-            }
-            self.expiry.pop();
+        let mut swept = std::mem::take(&mut self.swept);
+        self.expiry.expire(now, &mut swept);
+        for (slot, probe) in swept.drain(..) {
             let Some(e) = self.entries.get_mut(slot).and_then(Option::as_mut) else {
                 continue;
             };
@@ -828,6 +829,7 @@ impl Scheduler {
             let started = self.half_open.remove(&flow).map_or(now, |h| h.started);
             self.record(slot, Err(expired), now - started, now);
         }
+        self.swept = swept;
     }
 
     /// Hands answers to the half-open probes that wait for them.
@@ -889,7 +891,8 @@ impl Scheduler {
             Duration::from_millis(e.check.interval_ms),
             e.check.jitter_percent,
         );
-        self.due.push(Reverse((now + wait, slot, e.generation)));
+        self.due
+            .insert(now + wait, Round::Down, (slot, e.generation));
     }
 }
 
@@ -1455,8 +1458,9 @@ mod tests {
         for i in 0..n {
             start_syn(&mut engine, many(i), check.clone());
         }
-        // No answers: every SYN waits its whole timeout.
-        tokio::time::sleep(ms(1001)).await;
+        // No answers: every SYN waits its whole timeout (1 s), and almost
+        // every real was due within the first interval.
+        tokio::time::sleep(ms(999)).await;
         assert_eq!(fake.sent().len(), MAX_IN_FLIGHT, "the bound was not kept");
         tokio::time::sleep(5 * SECOND).await;
         let statuses = engine.board.statuses();
