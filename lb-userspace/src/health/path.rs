@@ -499,9 +499,12 @@ impl Paths {
 
     /// Whether half-open probes (`mode: syn`) can run: why not, if not.
     pub fn syn_ready(&self) -> Result<(), String> {
+        self.syn_sockets().map(drop)
+    }
+
+    fn syn_sockets(&self) -> Result<&Sockets, String> {
         self.sockets
             .as_ref()
-            .map(drop)
             .map_err(|r| format!("mode: syn needs raw sockets: {r}"))
     }
 
@@ -514,10 +517,7 @@ impl Paths {
         isn: u32,
         buf: &mut Vec<u8>,
     ) -> Result<(), String> {
-        let sockets = self
-            .sockets
-            .as_ref()
-            .map_err(|r| format!("mode: syn needs raw sockets: {r}"))?;
+        let sockets = self.syn_sockets()?;
         syn_into(buf, from, to, isn)?;
         sockets
             .send_ip(to.ip(), buf)
