@@ -1,5 +1,5 @@
 //! The probe scheduler: one task drives every probe of every (VIP, real)
-//! pair, no task per real. Probes are due on a timer (a heap of deadlines:
+//! pair, no task per real. Probes are due on a timer (a wheel of deadlines:
 //! the next probe of a real is scheduled when its previous one ends), start
 //! when due, and run concurrently, at most [`MAX_IN_FLIGHT`] at once; each is
 //! bounded by its check's timeout, so a slow or black-holed real only delays
