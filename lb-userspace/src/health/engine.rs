@@ -1,11 +1,20 @@
 //! The probe scheduler: one task drives every probe of every (VIP, real)
-//! pair, no task per real. Probes are due on a timer (a heap of deadlines:
+//! pair, no task per real. Probes are due on a timer (a wheel of deadlines:
 //! the next probe of a real is scheduled when its previous one ends), start
 //! when due, and run concurrently, at most [`MAX_IN_FLIGHT`] at once; each is
 //! bounded by its check's timeout, so a slow or black-holed real only delays
 //! its own next probe. Results go through rise/fall hysteresis; flips are
 //! reported to the daemon's controller, which applies them through the
 //! reconcile step, and run the check's notify hooks.
+//!
+//! The deadlines are in timer wheels of millisecond ticks ([`Wheel`]), and
+//! the task sleeps on one tokio timer, re-armed only when the earliest tick
+//! changes: every probe due in the same millisecond starts in the same turn.
+//! Half-open probes (`mode: syn`) are not futures: the scheduler sends their
+//! SYN itself and keeps them in a table by connection, with their timeouts
+//! in a second wheel; the answer reader hands it the answers in batches. A real's
+//! status is its own (shared with the [`Board`], which finds it by key
+//! only when it is read), so a probe's result takes no lock but its own.
 //!
 //! Reals start healthy (`start: up`, the default): a freshly started daemon
 //! never empties a service while the first probes run. With `start: down`
@@ -15,8 +24,7 @@
 //! a real out.
 
 use std::{
-    cmp::Reverse,
-    collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap, VecDeque},
     future::Future,
     net::{IpAddr, SocketAddr},
     pin::Pin,
@@ -27,6 +35,8 @@ use std::{
     time::{Duration, SystemTime},
 };
 
+use std::sync::MutexGuard;
+
 use futures::{StreamExt as _, stream::FuturesUnordered};
 use prometheus_client::metrics::{family::Family, histogram::Histogram};
 use rand::Rng as _;
@@ -35,8 +45,9 @@ use tokio::{sync::mpsc, time::Instant};
 
 use super::{
     HealthCheck, Planned, ProbeKind, Start, TcpMode, Via, command,
-    path::{self, Paths},
+    path::{self, Answer, Flow, Paths, Reply},
     probe::{Prober, Target},
+    wheel::{Round, Wheel},
 };
 use crate::model::{Forward, Vip};
 
@@ -190,11 +201,21 @@ fn duration_labels((vip, real): &Key) -> Labels {
     .collect()
 }
 
+/// One real's status, shared by the scheduler (which writes it) and the
+/// [`Board`] (which reads it).
+type Shared = Arc<Mutex<ProbeStatus>>;
+
+fn lock_status(status: &Shared) -> MutexGuard<'_, ProbeStatus> {
+    status
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// What the scheduler knows, readable by anyone (status, metrics) without
 /// asking the engine's owner.
 #[derive(Clone)]
 pub struct Board {
-    status: Arc<Mutex<BTreeMap<Key, ProbeStatus>>>,
+    status: Arc<Mutex<BTreeMap<Key, Shared>>>,
     flips: Arc<AtomicU64>,
     durations: Durations,
 }
@@ -210,7 +231,7 @@ impl Default for Board {
 }
 
 impl Board {
-    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<Key, ProbeStatus>> {
+    fn lock(&self) -> MutexGuard<'_, BTreeMap<Key, Shared>> {
         self.status
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -218,7 +239,10 @@ impl Board {
 
     /// The status of every probed real.
     pub fn statuses(&self) -> BTreeMap<Key, ProbeStatus> {
-        self.lock().clone()
+        self.lock()
+            .iter()
+            .map(|(k, s)| (*k, lock_status(s).clone()))
+            .collect()
     }
 
     /// Number of verdict flips since start.
@@ -232,6 +256,55 @@ impl Board {
     }
 }
 
+/// How a real is probed.
+enum Probe {
+    /// By the future the function starts.
+    Run(ProbeFn),
+    /// Half-open (`mode: syn`): a SYN to this address and port, sent and
+    /// matched with its answer by the scheduler itself.
+    Syn(SocketAddr),
+}
+
+/// Sends the SYNs of half-open probes: the raw sockets of [`Paths`] (a fake
+/// in tests).
+pub trait SynSend: Send + Sync {
+    /// The balancer's address toward `real` (asked once, and again after a
+    /// probe that got no answer).
+    fn source(&self, real: IpAddr) -> Result<IpAddr, String>;
+    /// Sends a SYN from `from` to `to` with sequence number `isn`, built in `buf`.
+    fn send(
+        &self,
+        from: SocketAddr,
+        to: SocketAddr,
+        isn: u32,
+        buf: &mut Vec<u8>,
+    ) -> Result<(), String>;
+}
+
+impl SynSend for Paths {
+    fn source(&self, real: IpAddr) -> Result<IpAddr, String> {
+        self.syn_ready()?;
+        path::source_toward(real)
+    }
+
+    fn send(
+        &self,
+        from: SocketAddr,
+        to: SocketAddr,
+        isn: u32,
+        buf: &mut Vec<u8>,
+    ) -> Result<(), String> {
+        self.send_syn(from, to, isn, buf)
+    }
+}
+
+/// The half-open side of the scheduler: what sends the SYNs, and the
+/// batches of answers.
+struct Syn {
+    sender: Arc<dyn SynSend>,
+    replies: mpsc::UnboundedReceiver<Vec<Reply>>,
+}
+
 /// What the engine tells its scheduler.
 enum Command {
     /// Probe `key` (again, from scratch) with `probe` under `check`'s timing;
@@ -239,7 +312,7 @@ enum Command {
     Start {
         key: Key,
         check: Box<HealthCheck>,
-        probe: ProbeFn,
+        probe: Probe,
         expired: String,
     },
     /// Stop probing `key`.
@@ -276,14 +349,18 @@ impl Engine {
                 notify(vip, real, check, st.up, error);
             },
         );
-        let mut engine = Self::with_hook(board, on_flip);
+        let syn = paths.as_ref().map(|p| Syn {
+            sender: p.clone(),
+            replies: p.subscribe(),
+        });
+        let mut engine = Self::with_hook(board, on_flip, syn);
         engine.paths = paths;
         engine
     }
 
-    fn with_hook(board: Board, on_flip: OnFlip) -> Self {
+    fn with_hook(board: Board, on_flip: OnFlip, syn: Option<Syn>) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
-        let task = tokio::spawn(Scheduler::new(board.clone(), on_flip).run(rx));
+        let task = tokio::spawn(Scheduler::new(board.clone(), on_flip, syn).run(rx));
         Self {
             running: BTreeMap::new(),
             paths: None,
@@ -310,7 +387,7 @@ impl Engine {
         let status = self.board.lock();
         self.running
             .keys()
-            .map(|k| (*k, status.get(k).is_none_or(|s| s.up)))
+            .map(|k| (*k, status.get(k).is_none_or(|s| lock_status(s).up)))
             .collect()
     }
 
@@ -356,27 +433,16 @@ impl Engine {
                 self.board
                     .lock()
                     .entry(k)
-                    .or_insert_with(|| ProbeStatus::down(reason));
+                    .or_insert_with(|| Arc::new(Mutex::new(ProbeStatus::down(reason))));
             }
             let timeout = Duration::from_millis(check.timeout_ms);
-            let (probe, expired): (ProbeFn, String) = match check.via {
+            let (probe, expired): (Probe, String) = match check.via {
                 Via::Real if check.kind == ProbeKind::Tcp && check.mode == TcpMode::Syn => {
-                    let paths = self.paths.clone();
-                    let to = SocketAddr::new(k.1, port);
-                    let probe: ProbeFn = Arc::new(move || {
-                        let paths = paths.clone();
-                        Box::pin(async move {
-                            match paths {
-                                Some(p) => p.probe_syn(to).await,
-                                None => Err("mode: syn probes are not available here".to_owned()),
-                            }
-                        })
-                    });
                     let expired = format!(
                         "timeout after {} ms (no answer to the SYN)",
                         timeout.as_millis()
                     );
-                    (probe, expired)
+                    (Probe::Syn(SocketAddr::new(k.1, port)), expired)
                 }
                 Via::Real => {
                     let prober = Arc::new(Prober::new(check.clone()));
@@ -388,7 +454,7 @@ impl Engine {
                         let prober = prober.clone();
                         Box::pin(async move { prober.run(&target).await })
                     });
-                    (probe, timed_out(timeout))
+                    (Probe::Run(probe), timed_out(timeout))
                 }
                 Via::Vip => {
                     let paths = self.paths.clone();
@@ -403,7 +469,10 @@ impl Engine {
                         })
                     });
                     let to = SocketAddr::new(vip.addr, port);
-                    (probe, path::timeout_reason(forward, real, to, timeout))
+                    (
+                        Probe::Run(probe),
+                        path::timeout_reason(forward, real, to, timeout),
+                    )
                 }
             };
             let _ = self.tx.send(Command::Start {
@@ -460,58 +529,133 @@ fn timed_out(timeout: Duration) -> String {
 
 /// A real under probing.
 struct Entry {
+    key: Key,
     check: HealthCheck,
-    probe: ProbeFn,
+    probe: Probe,
     /// The failure of a probe that outlives the timeout.
     expired: String,
     /// Bumped at each (re)start: results and deadlines of an older
     /// generation are ignored.
     generation: u64,
     duration: Histogram,
+    /// Its status, on the board from its first probe on (`None` before).
+    status: Option<Shared>,
+    /// The balancer's address toward the real (`mode: syn`), as the routes
+    /// picked it; forgotten after a probe that got no answer, so a changed
+    /// route is followed.
+    source: Option<IpAddr>,
+    /// The half-open probe waiting for its answer: its connection and number.
+    awaiting: Option<(Flow, u64)>,
 }
 
-/// A probe that ended: which, its generation, result and duration.
-type Done = (Key, u64, Result<(), String>, Duration);
+/// A half-open probe waiting for its answer.
+struct HalfOpen {
+    /// Its real's place in [`Scheduler::entries`].
+    slot: usize,
+    /// Its number (see [`Entry::awaiting`]).
+    probe: u64,
+    /// The acknowledgement number its answer carries: the SYN's sequence + 1.
+    ack: u32,
+    started: Instant,
+}
+
+/// A probe that ended: its real's place, generation, result and duration.
+type Done = (usize, u64, Result<(), String>, Duration);
+
+/// Why a SYN answered by a RST fails.
+const REFUSED: &str = "connection refused: the SYN was answered by a RST";
 
 /// The one task that runs every probe.
 struct Scheduler {
     board: Board,
     on_flip: OnFlip,
-    entries: HashMap<Key, Entry>,
-    /// Deadlines: (when, key, generation), earliest first.
-    due: BinaryHeap<Reverse<(Instant, Key, u64)>>,
+    syn: Option<Syn>,
+    /// The reals, by place (a free place is `None`, listed in `free`).
+    entries: Vec<Option<Entry>>,
+    free: Vec<usize>,
+    /// The place of each real.
+    slots: HashMap<Key, usize>,
+    /// Next probes: (place, generation).
+    due: Wheel<(usize, u64)>,
+    /// Probes due that wait for room to start, earliest first.
+    ready: VecDeque<(usize, u64)>,
+    /// Timeouts of half-open probes: (place, probe number).
+    expiry: Wheel<(usize, u64)>,
+    /// What came out of a wheel (reused).
+    swept: Vec<(usize, u64)>,
+    /// Half-open probes waiting for their answer, by connection.
+    half_open: HashMap<Flow, HalfOpen>,
     in_flight: FuturesUnordered<Pin<Box<dyn Future<Output = Done> + Send>>>,
     generations: u64,
+    probes: u64,
+    /// Where SYNs are built.
+    buf: Vec<u8>,
 }
 
 impl Scheduler {
-    fn new(board: Board, on_flip: OnFlip) -> Self {
+    fn new(board: Board, on_flip: OnFlip, syn: Option<Syn>) -> Self {
         Self {
             board,
             on_flip,
-            entries: HashMap::new(),
-            due: BinaryHeap::new(),
+            syn,
+            entries: Vec::new(),
+            free: Vec::new(),
+            slots: HashMap::new(),
+            due: Wheel::new(Instant::now()),
+            ready: VecDeque::new(),
+            expiry: Wheel::new(Instant::now()),
+            swept: Vec::new(),
+            half_open: HashMap::new(),
             in_flight: FuturesUnordered::new(),
             generations: 0,
+            probes: 0,
+            buf: Vec::with_capacity(128),
         }
     }
 
     async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Command>) {
+        let timer = tokio::time::sleep_until(Instant::now());
+        tokio::pin!(timer);
+        let mut armed = None;
         loop {
-            self.start_due();
-            let next = self
-                .due
-                .peek()
-                .map(|Reverse((at, _, _))| *at)
-                .filter(|_| self.in_flight.len() < MAX_IN_FLIGHT);
+            let now = Instant::now();
+            self.expire(now);
+            self.start_due(now);
+            let next = self.next_wake();
+            if next != armed {
+                if let Some(at) = next {
+                    timer.as_mut().reset(at);
+                }
+                armed = next;
+            }
             tokio::select! {
                 cmd = rx.recv() => match cmd {
                     Some(cmd) => self.command(cmd),
                     None => return,
                 },
                 Some(done) = self.in_flight.next(), if !self.in_flight.is_empty() => self.finished(done),
-                () = sleep_until(next), if next.is_some() => {}
+                Some(replies) = replies(&mut self.syn) => self.answered(&replies),
+                () = &mut timer, if armed.is_some() => armed = None,
             }
+        }
+    }
+
+    /// Probes running: futures and half-open probes.
+    fn running(&self) -> usize {
+        self.in_flight.len() + self.half_open.len()
+    }
+
+    /// When the task must wake next: the earliest timeout, or the earliest
+    /// next probe if there is room to start it.
+    fn next_wake(&self) -> Option<Instant> {
+        let due = self
+            .due
+            .next_deadline()
+            .filter(|_| self.running() < MAX_IN_FLIGHT);
+        let expiry = self.expiry.next_deadline();
+        match (due, expiry) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
         }
     }
 
@@ -523,103 +667,239 @@ impl Scheduler {
                 probe,
                 expired,
             } => {
+                if let Some(slot) = self.slots.remove(&key) {
+                    self.remove(slot);
+                }
                 self.generations += 1;
                 let generation = self.generations;
+                let slot = self.free.pop().unwrap_or_else(|| {
+                    self.entries.push(None);
+                    self.entries.len() - 1
+                });
                 // Spread the first probes of many reals over one interval.
                 let interval = Duration::from_millis(check.interval_ms);
                 let first = rand::rng().random_range(0.0..=interval.as_secs_f64());
-                self.due.push(Reverse((
+                self.due.insert(
                     Instant::now() + Duration::from_secs_f64(first),
-                    key,
-                    generation,
-                )));
+                    Round::Down,
+                    (slot, generation),
+                );
                 let duration = self
                     .board
                     .durations
                     .get_or_create(&duration_labels(&key))
                     .clone();
-                self.entries.insert(
+                self.entries[slot] = Some(Entry {
                     key,
-                    Entry {
-                        check: *check,
-                        probe,
-                        expired,
-                        generation,
-                        duration,
-                    },
-                );
+                    check: *check,
+                    probe,
+                    expired,
+                    generation,
+                    duration,
+                    status: None,
+                    source: None,
+                    awaiting: None,
+                });
+                self.slots.insert(key, slot);
             }
             Command::Stop(key) => {
-                self.entries.remove(&key);
+                if let Some(slot) = self.slots.remove(&key) {
+                    self.remove(slot);
+                }
             }
         }
     }
 
-    /// Starts every probe that is due, while there is room.
-    fn start_due(&mut self) {
-        let now = Instant::now();
-        while self.in_flight.len() < MAX_IN_FLIGHT {
-            match self.due.peek() {
-                Some(Reverse((at, _, _))) if *at <= now => {}
-                _ => return,
+    /// Forgets the real at `slot` and its half-open probe.
+    fn remove(&mut self, slot: usize) {
+        if let Some(e) = self.entries.get_mut(slot).and_then(Option::take) {
+            if let Some((flow, _)) = e.awaiting {
+                self.half_open.remove(&flow);
             }
-            let Some(Reverse((_, key, generation))) = self.due.pop() else {
+            self.free.push(slot);
+        }
+    }
+
+    /// Starts every probe that is due by `now`, while there is room.
+    fn start_due(&mut self, now: Instant) {
+        self.due.expire(now, &mut self.swept);
+        self.ready.extend(self.swept.drain(..));
+        while self.running() < MAX_IN_FLIGHT {
+            let Some((slot, generation)) = self.ready.pop_front() else {
                 return;
             };
             let Some(e) = self
                 .entries
-                .get(&key)
+                .get_mut(slot)
+                .and_then(Option::as_mut)
                 .filter(|e| e.generation == generation)
             else {
                 continue;
             };
-            self.board.lock().entry(key).or_default();
-            let timeout = Duration::from_millis(e.check.timeout_ms);
-            let probe = (e.probe)();
+            if e.status.is_none() {
+                let status = self
+                    .board
+                    .lock()
+                    .entry(e.key)
+                    .or_insert_with(|| Arc::new(Mutex::new(ProbeStatus::new())))
+                    .clone();
+                e.status = Some(status);
+            }
+            match &e.probe {
+                Probe::Run(probe) => {
+                    let timeout = Duration::from_millis(e.check.timeout_ms);
+                    let probe = probe();
+                    let expired = e.expired.clone();
+                    self.in_flight.push(Box::pin(async move {
+                        let started = Instant::now();
+                        let result = match tokio::time::timeout(timeout, probe).await {
+                            Ok(r) => r,
+                            Err(_) => Err(expired),
+                        };
+                        (slot, generation, result, started.elapsed())
+                    }));
+                }
+                Probe::Syn(to) => {
+                    let to = *to;
+                    if let Err(err) = self.send_syn(slot, to, now) {
+                        self.record(slot, Err(err), Duration::ZERO, now);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Sends the SYN of a half-open probe of the real at `slot` (to `to`)
+    /// and waits for its answer in [`Self::half_open`].
+    fn send_syn(&mut self, slot: usize, to: SocketAddr, now: Instant) -> Result<(), String> {
+        let Some(syn) = &self.syn else {
+            return Err("mode: syn probes are not available here".to_owned());
+        };
+        let Some(e) = self.entries.get_mut(slot).and_then(Option::as_mut) else {
+            return Ok(());
+        };
+        let source = match e.source {
+            Some(source) => source,
+            None => *e.source.insert(syn.sender.source(to.ip())?),
+        };
+        let mut rng = rand::rng();
+        let from = loop {
+            let from = SocketAddr::new(source, rng.random_range(1024..=u16::MAX));
+            if !self.half_open.contains_key(&(from, to)) {
+                break from;
+            }
+        };
+        let isn: u32 = rng.random();
+        if let Err(err) = syn.sender.send(from, to, isn, &mut self.buf) {
+            e.source = None;
+            return Err(err);
+        }
+        self.probes += 1;
+        let probe = self.probes;
+        e.awaiting = Some(((from, to), probe));
+        let timeout = Duration::from_millis(e.check.timeout_ms);
+        self.expiry.insert(now + timeout, Round::Up, (slot, probe));
+        self.half_open.insert(
+            (from, to),
+            HalfOpen {
+                slot,
+                probe,
+                ack: isn.wrapping_add(1),
+                started: now,
+            },
+        );
+        Ok(())
+    }
+
+    /// Fails every half-open probe whose timeout has passed by `now`.
+    fn expire(&mut self, now: Instant) {
+        let mut swept = std::mem::take(&mut self.swept);
+        self.expiry.expire(now, &mut swept);
+        for (slot, probe) in swept.drain(..) {
+            let Some(e) = self.entries.get_mut(slot).and_then(Option::as_mut) else {
+                continue;
+            };
+            let Some((flow, _)) = e.awaiting.filter(|(_, p)| *p == probe) else {
+                // Answered already, or a newer probe.
+                continue;
+            };
+            e.awaiting = None;
+            e.source = None;
             let expired = e.expired.clone();
-            self.in_flight.push(Box::pin(async move {
-                let started = Instant::now();
-                let result = match tokio::time::timeout(timeout, probe).await {
-                    Ok(r) => r,
-                    Err(_) => Err(expired),
-                };
-                (key, generation, result, started.elapsed())
-            }));
+            let started = self.half_open.remove(&flow).map_or(now, |h| h.started);
+            self.record(slot, Err(expired), now - started, now);
+        }
+        self.swept = swept;
+    }
+
+    /// Hands answers to the half-open probes that wait for them.
+    fn answered(&mut self, replies: &[Reply]) {
+        let now = Instant::now();
+        for reply in replies {
+            let Some(h) = self.half_open.get(&reply.flow) else {
+                continue;
+            };
+            if h.ack != reply.ack {
+                continue;
+            }
+            let Some(h) = self.half_open.remove(&reply.flow) else {
+                continue;
+            };
+            let Some(e) = self.entries.get_mut(h.slot).and_then(Option::as_mut) else {
+                continue;
+            };
+            if e.awaiting.is_none_or(|(_, p)| p != h.probe) {
+                continue;
+            }
+            e.awaiting = None;
+            let result = match reply.answer {
+                Answer::Accepted => Ok(()),
+                Answer::Refused => Err(REFUSED.to_owned()),
+            };
+            self.record(h.slot, result, now - h.started, now);
+        }
+    }
+
+    /// Records the result of a probe that ran as a future.
+    fn finished(&mut self, (slot, generation, result, took): Done) {
+        let current = self
+            .entries
+            .get(slot)
+            .and_then(Option::as_ref)
+            .is_some_and(|e| e.generation == generation);
+        if current {
+            self.record(slot, result, took, Instant::now());
         }
     }
 
     /// Records a probe's result and schedules the real's next probe.
-    fn finished(&mut self, (key, generation, result, took): Done) {
-        let Some(e) = self
-            .entries
-            .get(&key)
-            .filter(|e| e.generation == generation)
-        else {
+    fn record(&mut self, slot: usize, result: Result<(), String>, took: Duration, now: Instant) {
+        let Some(e) = self.entries.get(slot).and_then(Option::as_ref) else {
             return;
         };
+        let Some(status) = &e.status else { return };
         e.duration.observe(took.as_secs_f64());
-        let status = {
-            let mut s = self.board.lock();
-            let st = s.entry(key).or_default();
+        let flipped = {
+            let mut st = lock_status(status);
             let flip = st.record(result, e.check.rise, e.check.fall);
             (flip != Flip::None).then(|| st.clone())
         };
-        if let Some(status) = status {
-            (self.on_flip)(key, &e.check, &status);
+        if let Some(st) = flipped {
+            (self.on_flip)(e.key, &e.check, &st);
         }
         let wait = jittered(
             Duration::from_millis(e.check.interval_ms),
             e.check.jitter_percent,
         );
         self.due
-            .push(Reverse((Instant::now() + wait, key, generation)));
+            .insert(now + wait, Round::Down, (slot, e.generation));
     }
 }
 
-/// Sleeps until `at` (forever when none).
-async fn sleep_until(at: Option<Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at).await,
+/// The next batch of answers for half-open probes (never, without them).
+async fn replies(syn: &mut Option<Syn>) -> Option<Vec<Reply>> {
+    match syn {
+        Some(syn) => syn.replies.recv().await,
         None => std::future::pending().await,
     }
 }
@@ -708,6 +988,11 @@ mod tests {
 
     /// An engine whose flips are recorded instead of reported.
     fn engine() -> (Engine, Flips) {
+        engine_with(None)
+    }
+
+    /// An engine whose flips are recorded, its half-open probes sent by `syn`.
+    fn engine_with(syn: Option<Syn>) -> (Engine, Flips) {
         let flips = Flips::default();
         let seen = flips.clone();
         let on_flip: OnFlip = Arc::new(move |key, _: &HealthCheck, st: &ProbeStatus| {
@@ -716,7 +1001,7 @@ mod tests {
                 .expect("flips")
                 .push((Instant::now(), key, flip));
         });
-        (Engine::with_hook(Board::default(), on_flip), flips)
+        (Engine::with_hook(Board::default(), on_flip, syn), flips)
     }
 
     /// Probes `key` with `probe` (a fake) under `check`.
@@ -733,7 +1018,7 @@ mod tests {
             .send(Command::Start {
                 key,
                 check: Box::new(check),
-                probe,
+                probe: Probe::Run(probe),
                 expired,
             })
             .expect("scheduler");
@@ -963,6 +1248,233 @@ mod tests {
             statuses.values().all(|s| s.probes >= 3 && s.up),
             "a real was starved"
         );
+    }
+
+    /// A SYN: from, to, sequence number.
+    type Sent = (SocketAddr, SocketAddr, u32);
+
+    /// Sends no SYN: records them, and counts the lookups of the source.
+    #[derive(Default)]
+    struct FakeSyn {
+        sent: Mutex<Vec<Sent>>,
+        lookups: AtomicU64,
+    }
+
+    impl SynSend for FakeSyn {
+        fn source(&self, _: IpAddr) -> Result<IpAddr, String> {
+            self.lookups.fetch_add(1, Ordering::SeqCst);
+            Ok(IpAddr::from([198, 51, 100, 1]))
+        }
+
+        fn send(
+            &self,
+            from: SocketAddr,
+            to: SocketAddr,
+            isn: u32,
+            _: &mut Vec<u8>,
+        ) -> Result<(), String> {
+            self.sent.lock().expect("sent").push((from, to, isn));
+            Ok(())
+        }
+    }
+
+    impl FakeSyn {
+        fn sent(&self) -> Vec<Sent> {
+            self.sent.lock().expect("sent").clone()
+        }
+    }
+
+    /// An engine whose half-open probes go to a fake; answers go in by the sender.
+    fn syn_engine() -> (
+        Engine,
+        Flips,
+        Arc<FakeSyn>,
+        mpsc::UnboundedSender<Vec<Reply>>,
+    ) {
+        let fake = Arc::new(FakeSyn::default());
+        let (tx, replies) = mpsc::unbounded_channel();
+        let syn = Syn {
+            sender: fake.clone(),
+            replies,
+        };
+        let (engine, flips) = engine_with(Some(syn));
+        (engine, flips, fake, tx)
+    }
+
+    /// Probes `key` half-open on port 8080 under `check`.
+    fn start_syn(engine: &mut Engine, key: Key, check: HealthCheck) {
+        engine.running.insert(key, (check.clone(), Forward::Dr));
+        let expired = format!(
+            "timeout after {} ms (no answer to the SYN)",
+            check.timeout_ms
+        );
+        engine
+            .tx
+            .send(Command::Start {
+                key,
+                check: Box::new(check),
+                probe: Probe::Syn(SocketAddr::new(key.1, 8080)),
+                expired,
+            })
+            .expect("scheduler");
+    }
+
+    /// The answer to `syn`, acknowledging `ack` (the right one: its sequence + 1).
+    fn reply((from, to, _): Sent, ack: u32, answer: Answer) -> Reply {
+        Reply {
+            flow: (from, to),
+            ack,
+            answer,
+        }
+    }
+
+    /// Waits (virtual time) until `n` SYNs went out; returns the last.
+    async fn nth_syn(fake: &FakeSyn, n: usize) -> Sent {
+        for _ in 0..10_000 {
+            if let Some(s) = fake.sent().get(n - 1) {
+                return *s;
+            }
+            tokio::time::sleep(ms(1)).await;
+        }
+        panic!("SYN {n} never sent: {:?}", fake.sent());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn half_open_probes_pass_on_a_syn_ack_fail_on_a_rst_and_expire_without_an_answer() {
+        let check = HealthCheck {
+            interval_ms: 1000,
+            timeout_ms: 500,
+            rise: 1,
+            fall: 1,
+            jitter_percent: 0,
+            ..defaults()
+        };
+        let (mut engine, flips, fake, tx) = syn_engine();
+        start_syn(&mut engine, key(11), check);
+        let syn = nth_syn(&fake, 1).await;
+        assert_eq!(syn.1, SocketAddr::new(key(11).1, 8080));
+        assert_eq!(syn.0.ip(), IpAddr::from([198, 51, 100, 1]));
+        let ack = syn.2.wrapping_add(1);
+
+        // An answer to another sequence number or another connection: ignored.
+        let mut other = syn;
+        other.1.set_port(8081);
+        tx.send(vec![
+            reply(syn, ack.wrapping_add(1), Answer::Accepted),
+            reply(other, ack, Answer::Accepted),
+        ])
+        .expect("send");
+        tokio::time::sleep(ms(1)).await;
+        assert_eq!(
+            status_of(&engine, key(11)).probes,
+            0,
+            "a stray answer counted"
+        );
+        // The SYN-ACK passes.
+        tx.send(vec![reply(syn, ack, Answer::Accepted)])
+            .expect("send");
+        tokio::time::sleep(ms(1)).await;
+        let st = status_of(&engine, key(11));
+        assert_eq!((st.probes, st.up, st.successes), (1, true, 1));
+
+        // The next SYN, an interval later, is refused.
+        let syn = nth_syn(&fake, 2).await;
+        tx.send(vec![reply(syn, syn.2.wrapping_add(1), Answer::Refused)])
+            .expect("send");
+        tokio::time::sleep(ms(1)).await;
+        let st = status_of(&engine, key(11));
+        assert!(!st.up);
+        assert_eq!(
+            st.last_error.as_deref(),
+            Some("connection refused: the SYN was answered by a RST")
+        );
+        assert_eq!(flips_of(&flips, key(11)).len(), 1);
+
+        // The third gets no answer: it fails at its timeout, and a late
+        // answer is ignored.
+        let syn = nth_syn(&fake, 3).await;
+        let sent_at = Instant::now();
+        tokio::time::sleep(ms(499)).await;
+        assert_eq!(status_of(&engine, key(11)).probes, 2, "expired early");
+        tokio::time::sleep(ms(2)).await;
+        let st = status_of(&engine, key(11));
+        assert_eq!(
+            st.probes,
+            3,
+            "not expired {:?} after the SYN",
+            Instant::now() - sent_at
+        );
+        assert_eq!(
+            st.last_error.as_deref(),
+            Some("timeout after 500 ms (no answer to the SYN)")
+        );
+        tx.send(vec![reply(syn, syn.2.wrapping_add(1), Answer::Accepted)])
+            .expect("send");
+        tokio::time::sleep(ms(1)).await;
+        assert_eq!(
+            status_of(&engine, key(11)).probes,
+            3,
+            "a late answer counted"
+        );
+        // The source toward the real is asked again after a probe without answer.
+        assert_eq!(fake.lookups.load(Ordering::SeqCst), 1);
+        nth_syn(&fake, 4).await;
+        assert_eq!(fake.lookups.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_half_open_probe_s_timeout_never_fails_the_next_probe() {
+        // The next probe starts before the previous one's timeout would have
+        // passed (interval 100 ms, jitter 10%, timeout 100 ms).
+        let check = HealthCheck {
+            interval_ms: 100,
+            timeout_ms: 100,
+            rise: 1,
+            fall: 1,
+            ..defaults()
+        };
+        let (mut engine, flips, fake, tx) = syn_engine();
+        start_syn(&mut engine, key(11), check);
+        for n in 1..=50 {
+            let syn = nth_syn(&fake, n).await;
+            tx.send(vec![reply(syn, syn.2.wrapping_add(1), Answer::Accepted)])
+                .expect("send");
+        }
+        tokio::time::sleep(ms(1)).await;
+        let st = status_of(&engine, key(11));
+        assert_eq!((st.probes, st.failures), (50, 0), "{st:?}");
+        assert!(flips_of(&flips, key(11)).is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn half_open_probes_count_in_the_bound_and_a_stopped_real_forgets_its_own() {
+        let check = HealthCheck {
+            interval_ms: 1000,
+            timeout_ms: 1000,
+            ..defaults()
+        };
+        let (mut engine, _, fake, _tx) = syn_engine();
+        let n = MAX_IN_FLIGHT as u16 + 100;
+        for i in 0..n {
+            start_syn(&mut engine, many(i), check.clone());
+        }
+        // No answers: every SYN waits its whole timeout (1 s), and almost
+        // every real was due within the first interval.
+        tokio::time::sleep(ms(999)).await;
+        assert_eq!(fake.sent().len(), MAX_IN_FLIGHT, "the bound was not kept");
+        tokio::time::sleep(5 * SECOND).await;
+        let statuses = engine.board.statuses();
+        assert_eq!(statuses.len(), usize::from(n));
+        assert!(
+            statuses.values().all(|s| s.probes >= 2),
+            "a real was starved"
+        );
+        engine.sync(BTreeMap::new(), &BTreeSet::new());
+        tokio::time::sleep(ms(1)).await;
+        let sent = fake.sent().len();
+        tokio::time::sleep(5 * SECOND).await;
+        assert_eq!(fake.sent().len(), sent, "a stopped real was probed");
+        assert!(engine.board.statuses().is_empty());
     }
 
     #[tokio::test(start_paused = true)]

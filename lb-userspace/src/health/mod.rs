@@ -5,6 +5,7 @@ pub mod command;
 pub mod engine;
 pub mod path;
 pub mod probe;
+mod wheel;
 
 pub use engine::{Engine, ProbeStatus};
 use std::path::PathBuf;

@@ -910,9 +910,10 @@ fn health_target(w: &mut String, h: &Health, asked: HealthAsked) {
         ),
     };
     let work = if mode == "syn" {
-        "one SYN crafted and sent on a raw socket per probe, the SYN-ACKs read in batches from \
-         a socket whose classic BPF filter keeps SYN-ACKs and RSTs, the half-open connection \
-         reset by the balancer's kernel"
+        "one SYN written into a reused buffer and sent on a raw socket per probe (no task, \
+         future or timer per probe: a table and timer wheels in the scheduler), the SYN-ACKs \
+         read in batches from a socket whose classic BPF filter keeps SYN-ACKs and RSTs, the \
+         half-open connection reset by the balancer's kernel"
     } else {
         "a socket, a TCP connect (SYN, SYN-ACK, ACK) and a reset (SO_LINGER 0) per probe, \
          one scheduler task for every probe"
