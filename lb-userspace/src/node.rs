@@ -618,11 +618,7 @@ fn serving(snapshot: &Snapshot) -> BTreeSet<IpAddr> {
     snapshot
         .vips
         .iter()
-        .filter(|v| {
-            v.reals
-                .iter()
-                .any(|r| r.healthy && r.serving())
-        })
+        .filter(|v| v.reals.iter().any(|r| r.healthy && r.serving()))
         .map(|v| v.vip.addr)
         .collect()
 }
