@@ -333,29 +333,46 @@ fn multicast_sync_sends_once_to_the_group_and_admits_by_key() {
         seq,
         sent_ns: 0,
     };
+    // And one from a node that took b's name (the default, the host name, can
+    // be shared): b drops it as same_node_id; to a it is any other node's.
+    let same_name = Header {
+        node: lb_userspace::flowsync::node_id("b"),
+        ..header(1, 4)
+    };
     let good = Key::new(b"a shared key of the test cluster").expect("the key");
     let wrong = Key::new(b"a shared key of another cluster").expect("a key");
     let foreign = wire::encode(&good, &header(2, 1), &[entry(40_001)]);
     let forged = wire::encode(&wrong, &header(1, 2), &[entry(40_002)]);
     let admitted = wire::encode(&good, &header(1, 3), &[entry(40_003)]);
+    let clash = wire::encode(&good, &same_name, &[entry(40_004)]);
     let dropped =
         |n: &Node<'_>, r: &str| n.metric(&format!(r#"xlb_sync_dropped_total{{reason="{r}"}}"#));
-    let before = [dropped(&b, "foreign"), dropped(&b, "bad_tag")];
+    let before = [
+        dropped(&b, "foreign"),
+        dropped(&b, "bad_tag"),
+        dropped(&b, "same_node_id"),
+    ];
     let received = b.metric("xlb_sync_messages_received_total");
     let group: SocketAddr = GROUP.parse().expect("the group");
     topo.client.ns.run_in(|| {
         let socket = std::net::UdpSocket::bind("0.0.0.0:0").expect("a UDP socket");
-        for msg in [&foreign, &forged, &admitted] {
+        for msg in [&foreign, &forged, &admitted, &clash] {
             socket.send_to(msg, group).expect("sending to the group");
         }
     });
-    wait_until("b counted the three messages", || {
+    wait_until("b counted the four messages", || {
         b.metric("xlb_sync_messages_received_total") > received
             && dropped(&b, "foreign") > before[0]
             && dropped(&b, "bad_tag") > before[1]
+            && dropped(&b, "same_node_id") > before[2]
     });
     assert_eq!(dropped(&b, "foreign"), before[0] + 1.0);
     assert_eq!(dropped(&b, "bad_tag"), before[1] + 1.0);
+    assert_eq!(dropped(&b, "same_node_id"), before[2] + 1.0);
+    assert!(
+        !has(&peer_b, &entry(40_004).flow),
+        "b took a same-name node's flow"
+    );
     assert_eq!(b.metric("xlb_sync_messages_received_total"), received + 1.0);
     assert!(has(&peer_b, &entry(40_003).flow));
     assert!(!has(&peer_b, &entry(40_001).flow) && !has(&peer_b, &entry(40_002).flow));

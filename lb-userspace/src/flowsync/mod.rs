@@ -92,10 +92,15 @@ pub struct Options {
 impl Options {
     /// This node's id on the wire: FNV-1a of its name.
     pub fn node_id(&self) -> u64 {
-        self.node_name.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
-            (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
-        })
+        node_id(&self.node_name)
     }
+}
+
+/// The id on the wire of the node named `name` (FNV-1a of the name).
+pub fn node_id(name: &str) -> u64 {
+    name.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+    })
 }
 
 /// Multicast mode's settings, checked.
@@ -300,7 +305,7 @@ impl Stats {
 }
 
 /// The `reason` labels of `xlb_sync_dropped_total`.
-pub const DROP_REASONS: [&str; 7] = [
+pub const DROP_REASONS: [&str; 8] = [
     "malformed",
     "version",
     "foreign",
@@ -308,6 +313,7 @@ pub const DROP_REASONS: [&str; 7] = [
     "replay",
     "unknown_peer",
     "unknown_real",
+    "same_node_id",
 ];
 
 /// Where a peer comes from.
@@ -558,6 +564,7 @@ pub async fn spawn(
     }
     tasks.push(tokio::spawn(receive(
         opts.clone(),
+        epoch,
         peers.clone(),
         heard_tx,
         udp,
@@ -832,8 +839,13 @@ type Heard = BTreeMap<SocketAddr, Instant>;
 
 /// Receives the peers' reports into the peer flow table (and, in multicast
 /// mode, the hellos).
+#[expect(
+    clippy::too_many_arguments,
+    reason = "the receiver's state, passed down from one call site"
+)]
 async fn receive(
     opts: Arc<Options>,
+    epoch: u64,
     peers: watch::Receiver<Peers>,
     heard: watch::Sender<Heard>,
     udp: Arc<UdpSocket>,
@@ -879,6 +891,21 @@ async fn receive(
         if header.node == own {
             // Our own message, looped back (loop is off; a second socket
             // on the group would still see it).
+            if header.epoch == epoch {
+                continue;
+            }
+            // Another node with this node's name (the default is the host
+            // name, which two hosts or containers can share): its flows
+            // would be taken for ours and never used.
+            stats.drop_reason("same_node_id");
+            if logged.elapsed() > Duration::from_secs(60) {
+                logged = Instant::now();
+                tracing::warn!(
+                    %from,
+                    node_name = %opts.node_name,
+                    "flow sync message from another node with this node's name: dropped; give every node its own --node-name (logged once a minute)"
+                );
+            }
             continue;
         }
         if header.kind == Kind::Hello {

@@ -420,6 +420,9 @@ fn balancer(host: &Host, peer: &Host, run: &PinnedRun, reals: &[String]) -> Daem
             path_str(&key),
             "--sync-pull-timeout-ms",
             "1000",
+            // The namespaces share the host name, the node name's default.
+            "--node-name",
+            host.ns.name(),
         ],
     )
 }
