@@ -24,7 +24,7 @@
 //! a real out.
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap, VecDeque},
+    collections::{BTreeMap, BTreeSet, HashMap, VecDeque, hash_map},
     future::Future,
     net::{IpAddr, SocketAddr},
     pin::Pin,
@@ -836,14 +836,10 @@ impl Scheduler {
     fn answered(&mut self, replies: &[Reply]) {
         let now = Instant::now();
         for reply in replies {
-            let Some(h) = self.half_open.get(&reply.flow) else {
-                continue;
-            };
-            if h.ack != reply.ack {
-                continue;
-            }
-            let Some(h) = self.half_open.remove(&reply.flow) else {
-                continue;
+            // A stray answer (another ack) leaves the probe waiting.
+            let h = match self.half_open.entry(reply.flow) {
+                hash_map::Entry::Occupied(o) if o.get().ack == reply.ack => o.remove(),
+                _ => continue,
             };
             let Some(e) = self.entries.get_mut(h.slot).and_then(Option::as_mut) else {
                 continue;
