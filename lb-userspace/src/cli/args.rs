@@ -168,7 +168,8 @@ pub struct DecapArgs {
     /// XDP attach mode.
     #[arg(long, value_enum, default_value = "native")]
     pub xdp_mode: Mode,
-    /// Tunnel endpoint addresses to accept (default: every address of the interface).
+    /// Tunnel endpoint addresses to accept (default: every address of the interface);
+    /// at most 64 per address family.
     #[arg(long = "addr")]
     pub addrs: Vec<IpAddr>,
     /// Log the counters every this many seconds (0: only when stopping).
@@ -178,8 +179,8 @@ pub struct DecapArgs {
     #[arg(long = "metrics-addr")]
     pub metrics_addr: Option<std::net::SocketAddr>,
     /// Accept tunnels only from this source prefix, e.g. the balancers'
-    /// --tunnel-src 192.0.2.0/24 (repeat for several). Without it every source
-    /// is accepted (and a warning is logged).
+    /// --tunnel-src 192.0.2.0/24 (repeat for several, at most 64 per address
+    /// family). Without it every source is accepted (and a warning is logged).
     #[arg(long = "allow-src", value_parser = parse_src_prefix)]
     pub allow_srcs: Vec<(IpAddr, u8)>,
     /// bpffs directory for pins: the decapsulator keeps running from them
