@@ -36,14 +36,21 @@ struct Node<'a> {
     daemon: Daemon,
     host: &'a Host,
     run: PinnedRun,
+    /// Its `--sync-listen` address.
+    listen: String,
 }
 
 impl<'a> Node<'a> {
     /// Starts `name` on `host` with flow sync on its address, the test's key, and
     /// `extra` (where the desired state and the peers come from).
     fn start_with(host: &'a Host, name: &str, key: &str, extra: &[&str]) -> Node<'a> {
-        let run = PinnedRun::new(&format!("{}-{name}", host.ns.name()));
         let listen = format!("{}:{SYNC_PORT}", host.ipv4);
+        Self::start_on(host, name, key, listen, extra)
+    }
+
+    /// As `start_with`, with flow sync on `listen`.
+    fn start_on(host: &'a Host, name: &str, key: &str, listen: String, extra: &[&str]) -> Node<'a> {
+        let run = PinnedRun::new(&format!("{}-{name}", host.ns.name()));
         let metrics = format!("{}:{METRICS_PORT}", host.ipv4);
         let mut args = vec![
             "--node-name",
@@ -57,7 +64,12 @@ impl<'a> Node<'a> {
         ];
         args.extend_from_slice(extra);
         let daemon = Daemon::start_pinned(&host.ns, "eth0", &run, &args);
-        Node { daemon, host, run }
+        Node {
+            daemon,
+            host,
+            run,
+            listen,
+        }
     }
 
     /// In store mode (the store's short test settings), peers from the store only.
@@ -100,7 +112,7 @@ impl<'a> Node<'a> {
     }
 
     fn sync_addr(&self) -> String {
-        format!("{}:{SYNC_PORT}", self.host.ipv4)
+        self.listen.clone()
     }
 }
 
@@ -237,22 +249,41 @@ fn store_nodes_take_each_other_as_sync_peers_as_they_come_and_go() {
 }
 
 const GROUP: &str = "239.255.98.15:9816";
+const GROUP_V6: &str = "[ff05::98:15]:9816";
 
-/// A balancer with flow sync in multicast mode on eth0, its VIP from a config file.
-fn multicast_node<'a>(host: &'a Host, name: &str, dir: &std::path::Path, key: &str) -> Node<'a> {
+/// Flow sync over IPv4: the group and the host's address.
+fn v4(host: &Host) -> (&'static str, String) {
+    (GROUP, format!("{}:{SYNC_PORT}", host.ipv4))
+}
+
+/// Flow sync over IPv6: the hellos carry the IPv6 pull address, and the group
+/// is an IPv6 one.
+fn v6(host: &Host) -> (&'static str, String) {
+    (GROUP_V6, format!("[{}]:{SYNC_PORT}", host.ipv6))
+}
+
+/// A balancer with flow sync on `listen` in multicast mode to `group` on eth0, its
+/// VIP from a config file.
+fn multicast_node<'a>(
+    host: &'a Host,
+    name: &str,
+    dir: &std::path::Path,
+    key: &str,
+    (group, listen): (&str, String),
+) -> Node<'a> {
     let config = dir.join(format!("{name}.yaml"));
     std::fs::write(&config, DESIRED).expect("writing the config");
     let extra = [
         "--config",
         path_str(&config),
         "--sync-multicast",
-        GROUP,
+        group,
         "--sync-interface",
         "eth0",
         "--sync-pull-timeout-ms",
         "3000",
     ];
-    Node::start_with(host, name, key, &extra)
+    Node::start_on(host, name, key, listen, &extra)
 }
 
 #[test]
@@ -268,7 +299,7 @@ fn multicast_sync_sends_once_to_the_group_and_admits_by_key() {
     let host_b = topo.add_host("lb2", "lb2", 3);
 
     // a hears no hello within the pull timeout: it announces without a copy.
-    let a = multicast_node(&topo.lb, "a", run.path(), &key);
+    let a = multicast_node(&topo.lb, "a", run.path(), &key, v4(&topo.lb));
     wait_until("a's start-up pull is over", || {
         a.sync_status()["ready"] == true
     });
@@ -283,7 +314,7 @@ fn multicast_sync_sends_once_to_the_group_and_admits_by_key() {
     let (mut first, first_key) = confirmed_flow(&topo);
 
     // b hears a's hello and pulls from it the flow already open.
-    let b = multicast_node(&host_b, "b", run.path(), &key);
+    let b = multicast_node(&host_b, "b", run.path(), &key, v4(&host_b));
     wait_until("b's start-up pull is over", || {
         b.sync_status()["ready"] == true
     });
@@ -377,6 +408,57 @@ fn multicast_sync_sends_once_to_the_group_and_admits_by_key() {
     assert!(has(&peer_b, &entry(40_003).flow));
     assert!(!has(&peer_b, &entry(40_001).flow) && !has(&peer_b, &entry(40_002).flow));
     assert_eq!(dropped(&a, "foreign"), 1.0, "a is on the group too");
+    first.get().expect("the first connection still answers");
+    drop((a, b, servers, run));
+}
+
+#[test]
+fn multicast_sync_over_ipv6_pulls_by_hello_and_carries_reports() {
+    require_root();
+    let topo = balanced_topology(&unique_prefix("smv"), 2);
+    let run = RunDir::new(&format!("xlb-{}", topo.prefix()));
+    let servers = start_reals(&topo, &["--http", "0.0.0.0:80"]);
+    let key = run.path().join("sync.key");
+    std::fs::write(&key, "a shared key of the test cluster\n").expect("writing the key");
+    let key = path_str(&key).to_owned();
+    let host_b = topo.add_host("lb2", "lb2", 3);
+    let a = multicast_node(&topo.lb, "a", run.path(), &key, v6(&topo.lb));
+    wait_until("a's start-up pull is over", || {
+        a.sync_status()["ready"] == true
+    });
+    let s = a.sync_status();
+    assert!(
+        s["pull_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("no hello heard on the multicast group")),
+        "{s}"
+    );
+    assert_eq!(s["multicast"], format!("{GROUP_V6} on eth0"), "{s}");
+    let (mut first, first_key) = confirmed_flow(&topo);
+
+    // b hears a's IPv6 hello and pulls the open flow over IPv6 TCP.
+    let b = multicast_node(&host_b, "b", run.path(), &key, v6(&host_b));
+    wait_until("b's start-up pull is over", || {
+        b.sync_status()["ready"] == true
+    });
+    let s = b.sync_status();
+    assert_eq!(
+        s["pulled_from"],
+        format!("[{}]:{SYNC_PORT}", topo.lb.ipv6),
+        "{s}"
+    );
+    let peer_b = b.run.peer_flows();
+    assert!(has(&peer_b, &first_key), "b did not pull a's flow");
+
+    // A flow confirmed on a reaches b through the IPv6 group.
+    let flows = a.metric("xlb_sync_flows_sent_total");
+    let (_second, second_key) = confirmed_flow(&topo);
+    wait_until(
+        "a's report reaches b's peer table by IPv6 multicast",
+        || has(&peer_b, &second_key),
+    );
+    assert!(a.metric("xlb_sync_flows_sent_total") > flows);
+    assert_eq!(a.metric("xlb_sync_messages_received_total"), 0.0);
     first.get().expect("the first connection still answers");
     drop((a, b, servers, run));
 }
