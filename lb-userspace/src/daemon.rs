@@ -179,6 +179,39 @@ fn sd_notify(state: &str) {
     }
 }
 
+/// The daemon settings' checks that need nothing of the host (no interface, no
+/// file they name): `xlb run` makes them at start and `xlb check` too. `config`
+/// is the configuration file and its path, when there is one. Gives the store's
+/// options in store mode.
+pub fn check_settings(
+    settings: &Settings,
+    config: Option<(&Config, &Path)>,
+) -> anyhow::Result<Option<crate::store::Options>> {
+    if settings.bird_routes.is_some() && settings.bird_socket.is_none() {
+        bail!("--bird-routes (daemon.bird_routes) needs --bird-socket (daemon.bird_socket)");
+    }
+    let store_options = settings
+        .store()
+        .map_err(anyhow::Error::msg)
+        .context("invalid store settings")?;
+    if store_options.is_some()
+        && let Some((config, path)) = config
+        && (!config.desired.services.is_empty() || config.desired.hash_seed != 0)
+    {
+        let what = if config.desired.services.is_empty() {
+            "a hash_seed is"
+        } else {
+            "services are"
+        };
+        bail!(
+            "{}: {what} given, but with a store (daemon.store / --store) the desired state \
+             comes from the store only; remove them from the file and load them with `xlb apply`",
+            path.display()
+        );
+    }
+    Ok(store_options)
+}
+
 /// Runs the daemon until SIGINT or SIGTERM.
 pub async fn run(
     flags: Settings,
@@ -205,28 +238,7 @@ pub async fn run(
         .iface
         .clone()
         .context("no interface: give --iface or daemon.interface in the config file")?;
-    if settings.bird_routes.is_some() && settings.bird_socket.is_none() {
-        bail!("--bird-routes (daemon.bird_routes) needs --bird-socket (daemon.bird_socket)");
-    }
-    let store_options = settings
-        .store()
-        .map_err(anyhow::Error::msg)
-        .context("invalid store settings")?;
-    if store_options.is_some()
-        && let (Some(config), Some(path)) = (&config, &config_path)
-        && (!config.desired.services.is_empty() || config.desired.hash_seed != 0)
-    {
-        let what = if config.desired.services.is_empty() {
-            "a hash_seed is"
-        } else {
-            "services are"
-        };
-        bail!(
-            "{}: {what} given, but with a store (daemon.store / --store) the desired state \
-             comes from the store only; remove them from the file and load them with `xlb apply`",
-            path.display()
-        );
-    }
+    let store_options = check_settings(&settings, config.as_ref().zip(config_path.as_deref()))?;
     let sync_options = settings
         .sync()
         .map_err(anyhow::Error::msg)

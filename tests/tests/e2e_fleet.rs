@@ -307,6 +307,23 @@ fn one_apply_reaches_the_fleet_which_agrees_on_every_flow_health_and_conflicts()
         "{out:?}"
     );
     assert_eq!(fleet.desired_revision(), rev, "nothing written");
+    // A node's own configuration file (what `systemctl reload` applies) sets
+    // the store and holds no services: applying it would empty the fleet.
+    let node_file = fleet.file(
+        "node.yaml",
+        "daemon:\n  store: etcd://198.51.100.5:2379/xlb\nservices: []\n",
+    );
+    let out = fleet.nodes[0].cli(&["apply", node_file.to_str().expect("UTF-8")]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.code() == Some(4)
+            && err.contains(
+                "node.yaml sets daemon.store: it configures a node whose desired state comes \
+                 from the store, not services to apply; nothing applied"
+            ),
+        "{out:?}"
+    );
+    assert_eq!(fleet.desired_revision(), rev, "nothing written");
     let seeded = fleet.file(
         "seeded.yaml",
         &format!("hash_seed: 7\n{}", config([1, 1, 1])),
@@ -707,6 +724,37 @@ fn store_settings_and_documents_are_checked_before_anything_is_written() {
     );
     // No store: `xlb fleet` says so and fails.
     let d = Daemon::start(&topo.lb.ns, "eth0");
+    // `xlb check` makes the same refusal as the start, and the settings'
+    // pairings, with no daemon and no store reached.
+    let stored = dir.path().join("stored.yaml");
+    std::fs::write(
+        &stored,
+        format!(
+            "daemon:\n  store: etcd://198.51.100.5:2379/x\n{}",
+            config([1, 1, 1])
+        ),
+    )
+    .expect("config");
+    let paired = dir.path().join("paired.yaml");
+    std::fs::write(
+        &paired,
+        "daemon:\n  store: etcd://198.51.100.5:2379/x\n  store_cert: /etc/xlb/c.pem\n",
+    )
+    .expect("config");
+    for (file, want) in [
+        (&stored, "stored.yaml: services are given, but with a store"),
+        (
+            &paired,
+            "paired.yaml: invalid store settings: --store-cert and --store-key go together",
+        ),
+    ] {
+        let out = d.cli(&["check", file.to_str().expect("UTF-8")]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            out.status.code() == Some(2) && err.contains(want),
+            "{want}: {out:?}"
+        );
+    }
     let out = d.cli(&["fleet"]);
     assert!(!out.status.success());
     assert!(

@@ -293,6 +293,19 @@ async fn del_real(
 fn checked(ctx: &Context, body: &ApplyBody) -> ApiResult<(String, Desired)> {
     let file = body.file.clone().unwrap_or_else(|| "request".to_owned());
     let config = Config::parse(&file, &body.yaml).map_err(parse_err)?;
+    if config.daemon.store.is_some() {
+        // A store-mode node's own configuration file (e.g. what the unit's
+        // `systemctl reload` applies) holds no services: applying it would
+        // replace the desired state, the fleet's in store mode, with nothing.
+        return Err(ApiError {
+            status: StatusCode::CONFLICT,
+            message: format!(
+                "{file} sets daemon.store: it configures a node whose desired state comes from \
+                 the store, not services to apply; nothing applied (apply a services file; \
+                 daemon settings change with a restart)"
+            ),
+        });
+    }
     crate::controller::check_reach(&ctx.iface, &config.desired)
         .map_err(|e| named(&file, crate::controller::ControlError::from(e).into()))?;
     Ok((file, config.desired))

@@ -152,9 +152,19 @@ struct Checked {
     hash_seed: Option<u64>,
 }
 
-/// `xlb check FILE`: the daemon's validation of a file, without a daemon.
+/// `xlb check FILE`: the daemon's validation of a file, without a daemon: its
+/// keys and values, and the daemon settings' pairings that need no host.
 fn check(out: Out, file: &std::path::Path) -> anyhow::Result<()> {
     let config = validate(file, &read_config(file)?)?;
+    crate::daemon::check_settings(&config.daemon, Some((&config, file))).map_err(|e| {
+        let message = format!("{e:#}");
+        let named = format!("{}: ", file.display());
+        bad_input(if message.starts_with(&named) {
+            message
+        } else {
+            named + &message
+        })
+    })?;
     let checked = Checked {
         file: file.display().to_string(),
         valid: true,
