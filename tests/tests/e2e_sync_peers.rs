@@ -20,8 +20,8 @@ use aya::maps::{HashMap, MapData};
 use lb_common::{FlowKey, FlowState};
 use xlb_tests::etcd::{Etcd, store_args};
 use xlb_tests::harness::{
-    Daemon, KeepAlive, PinnedRun, RunDir, VIP, balanced_topology, flow_key, json, metric_samples,
-    path_str, require_root, scrape_metrics, start_reals, wait_until,
+    Daemon, KeepAlive, PinnedRun, Proc, RunDir, VIP, balanced_topology, flow_key, json,
+    metric_samples, path_str, require_root, scrape_metrics, start_reals, wait_until,
 };
 use xlb_tests::netns::{Host, Topology, unique_prefix};
 
@@ -286,42 +286,84 @@ fn multicast_node<'a>(
     Node::start_on(host, name, key, listen, &extra)
 }
 
+/// Two balancers' hosts for multicast sync: the topology's balancer and a
+/// second one (`lb2`), the reals serving HTTP, and the cluster's key file.
+struct MulticastLab {
+    topo: Topology,
+    host_b: Host,
+    run: RunDir,
+    key: String,
+    _servers: Vec<Proc>,
+}
+
+impl MulticastLab {
+    fn new(tag: &str) -> MulticastLab {
+        let topo = balanced_topology(&unique_prefix(tag), 2);
+        let run = RunDir::new(&format!("xlb-{}", topo.prefix()));
+        let servers = start_reals(&topo, &["--http", "0.0.0.0:80"]);
+        let key = run.path().join("sync.key");
+        std::fs::write(&key, "a shared key of the test cluster\n").expect("writing the key");
+        let key = path_str(&key).to_owned();
+        let host_b = topo.add_host("lb2", "lb2", 3);
+        MulticastLab {
+            topo,
+            host_b,
+            run,
+            key,
+            _servers: servers,
+        }
+    }
+
+    /// Starts `a` on the balancer, which hears no hello within the pull
+    /// timeout and announces without a copy, opens a connection through it,
+    /// then `b`, which hears a's hello and pulls that flow from it; flow sync
+    /// of both on `addr`'s group and address family. Gives both nodes and the
+    /// open connection.
+    fn pull_by_hello(
+        &self,
+        addr: fn(&Host) -> (&'static str, String),
+    ) -> (Node<'_>, Node<'_>, KeepAlive) {
+        let (dir, key) = (self.run.path(), self.key.as_str());
+        let a = multicast_node(&self.topo.lb, "a", dir, key, addr(&self.topo.lb));
+        wait_until("a's start-up pull is over", || {
+            a.sync_status()["ready"] == true
+        });
+        let s = a.sync_status();
+        assert!(
+            s["pull_error"]
+                .as_str()
+                .is_some_and(|e| e.contains("no hello heard on the multicast group")),
+            "{s}"
+        );
+        assert_eq!(
+            s["multicast"],
+            format!("{} on eth0", addr(&self.topo.lb).0),
+            "{s}"
+        );
+        let (first, first_key) = confirmed_flow(&self.topo);
+
+        let b = multicast_node(&self.host_b, "b", dir, key, addr(&self.host_b));
+        wait_until("b's start-up pull is over", || {
+            b.sync_status()["ready"] == true
+        });
+        let s = b.sync_status();
+        assert_eq!(s["pulled_from"], a.sync_addr(), "{s}");
+        assert!(
+            has(&b.run.peer_flows(), &first_key),
+            "b did not pull a's flow"
+        );
+        (a, b, first)
+    }
+}
+
 #[test]
 fn multicast_sync_sends_once_to_the_group_and_admits_by_key() {
     use lb_userspace::flowsync::wire::{self, Entry, Header, Key, Kind, Op};
     require_root();
-    let topo = balanced_topology(&unique_prefix("smc"), 2);
-    let run = RunDir::new(&format!("xlb-{}", topo.prefix()));
-    let servers = start_reals(&topo, &["--http", "0.0.0.0:80"]);
-    let key = run.path().join("sync.key");
-    std::fs::write(&key, "a shared key of the test cluster\n").expect("writing the key");
-    let key = path_str(&key).to_owned();
-    let host_b = topo.add_host("lb2", "lb2", 3);
-
-    // a hears no hello within the pull timeout: it announces without a copy.
-    let a = multicast_node(&topo.lb, "a", run.path(), &key, v4(&topo.lb));
-    wait_until("a's start-up pull is over", || {
-        a.sync_status()["ready"] == true
-    });
-    let s = a.sync_status();
-    assert!(
-        s["pull_error"]
-            .as_str()
-            .is_some_and(|e| e.contains("no hello heard on the multicast group")),
-        "{s}"
-    );
-    assert_eq!(s["multicast"], format!("{GROUP} on eth0"), "{s}");
-    let (mut first, first_key) = confirmed_flow(&topo);
-
-    // b hears a's hello and pulls from it the flow already open.
-    let b = multicast_node(&host_b, "b", run.path(), &key, v4(&host_b));
-    wait_until("b's start-up pull is over", || {
-        b.sync_status()["ready"] == true
-    });
-    let s = b.sync_status();
-    assert_eq!(s["pulled_from"], a.sync_addr(), "{s}");
+    let lab = MulticastLab::new("smc");
+    let topo = &lab.topo;
+    let (a, b, mut first) = lab.pull_by_hello(v4);
     let peer_b = b.run.peer_flows();
-    assert!(has(&peer_b, &first_key), "b did not pull a's flow");
     let text = b.daemon.cli_ok(&["status"]);
     assert!(
         text.contains(&format!(
@@ -334,7 +376,7 @@ fn multicast_sync_sends_once_to_the_group_and_admits_by_key() {
     // A flow confirmed on a reaches b through the group: one message per batch.
     let sent = a.metric("xlb_sync_messages_sent_total");
     let flows = a.metric("xlb_sync_flows_sent_total");
-    let (_second, second_key) = confirmed_flow(&topo);
+    let (_second, second_key) = confirmed_flow(topo);
     wait_until("a's report reaches b's peer table by multicast", || {
         has(&peer_b, &second_key)
     });
@@ -409,50 +451,21 @@ fn multicast_sync_sends_once_to_the_group_and_admits_by_key() {
     assert!(!has(&peer_b, &entry(40_001).flow) && !has(&peer_b, &entry(40_002).flow));
     assert_eq!(dropped(&a, "foreign"), 1.0, "a is on the group too");
     first.get().expect("the first connection still answers");
-    drop((a, b, servers, run));
+    drop((a, b));
 }
 
 #[test]
 fn multicast_sync_over_ipv6_pulls_by_hello_and_carries_reports() {
     require_root();
-    let topo = balanced_topology(&unique_prefix("smv"), 2);
-    let run = RunDir::new(&format!("xlb-{}", topo.prefix()));
-    let servers = start_reals(&topo, &["--http", "0.0.0.0:80"]);
-    let key = run.path().join("sync.key");
-    std::fs::write(&key, "a shared key of the test cluster\n").expect("writing the key");
-    let key = path_str(&key).to_owned();
-    let host_b = topo.add_host("lb2", "lb2", 3);
-    let a = multicast_node(&topo.lb, "a", run.path(), &key, v6(&topo.lb));
-    wait_until("a's start-up pull is over", || {
-        a.sync_status()["ready"] == true
-    });
-    let s = a.sync_status();
-    assert!(
-        s["pull_error"]
-            .as_str()
-            .is_some_and(|e| e.contains("no hello heard on the multicast group")),
-        "{s}"
-    );
-    assert_eq!(s["multicast"], format!("{GROUP_V6} on eth0"), "{s}");
-    let (mut first, first_key) = confirmed_flow(&topo);
-
+    let lab = MulticastLab::new("smv");
+    let topo = &lab.topo;
     // b hears a's IPv6 hello and pulls the open flow over IPv6 TCP.
-    let b = multicast_node(&host_b, "b", run.path(), &key, v6(&host_b));
-    wait_until("b's start-up pull is over", || {
-        b.sync_status()["ready"] == true
-    });
-    let s = b.sync_status();
-    assert_eq!(
-        s["pulled_from"],
-        format!("[{}]:{SYNC_PORT}", topo.lb.ipv6),
-        "{s}"
-    );
+    let (a, b, mut first) = lab.pull_by_hello(v6);
     let peer_b = b.run.peer_flows();
-    assert!(has(&peer_b, &first_key), "b did not pull a's flow");
 
     // A flow confirmed on a reaches b through the IPv6 group.
     let flows = a.metric("xlb_sync_flows_sent_total");
-    let (_second, second_key) = confirmed_flow(&topo);
+    let (_second, second_key) = confirmed_flow(topo);
     wait_until(
         "a's report reaches b's peer table by IPv6 multicast",
         || has(&peer_b, &second_key),
@@ -460,7 +473,7 @@ fn multicast_sync_over_ipv6_pulls_by_hello_and_carries_reports() {
     assert!(a.metric("xlb_sync_flows_sent_total") > flows);
     assert_eq!(a.metric("xlb_sync_messages_received_total"), 0.0);
     first.get().expect("the first connection still answers");
-    drop((a, b, servers, run));
+    drop((a, b));
 }
 
 #[test]
