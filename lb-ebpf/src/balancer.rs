@@ -14,7 +14,9 @@ use crate::{
     forward::{self, ForwardError},
     icmp::{self, IcmpAction},
     maps::{CONFIG, VIP_ADDRS, VIPS, maybe_vip},
-    parse::{self, ETH_P_IP, ETH_P_IPV6, L2, L3, L3Error, ptr_at, read_at},
+    parse::{
+        self, Addr, Aligned, ETH_P_IP, ETH_P_IPV6, L2, L3, L3Error, Mac, ptr_at, read_at, read_mac,
+    },
     stats,
 };
 
@@ -64,9 +66,8 @@ fn process(ctx: &XdpContext, bytes: u64) -> Verdict {
     };
     // Only frames sent to us: a promiscuous NIC or a flooding switch hands us
     // frames for other stations, and broadcast/multicast is nobody's service.
-    match read_at::<[u8; 6]>(ctx, 0) {
-        Some(dst) if mac_eq(&dst, &config.iface_mac) => {}
-        _ => return Verdict::Pass(stat::PASS_NOT_OUR_MAC),
+    if read_mac(ctx, 0) != Some(Mac::of(&config.iface_mac)) {
+        return Verdict::Pass(stat::PASS_NOT_OUR_MAC);
     }
     let l3 = if l2.ethertype == ETH_P_IP {
         parse::ipv4(ctx, l2.l3_off)
@@ -89,17 +90,17 @@ fn process(ctx: &XdpContext, bytes: u64) -> Verdict {
         };
         let port_be = u16::from_ne_bytes([ports[2], ports[3]]);
         // Most packets that are not for a service stop here, before the hash lookup.
-        if !maybe_vip(&l3.dst, port_be, l3.proto) {
+        if !maybe_vip(&l3.dst.0, port_be, l3.proto) {
             return Verdict::Pass(stat::PASS_NOT_VIP);
         }
-        let vip = VipKey {
-            addr: l3.dst,
+        let vip = Aligned(VipKey {
+            addr: l3.dst.0,
             port_be,
             proto: l3.proto,
             family: l3.family,
-        };
+        });
         // SAFETY: a lookup in a map only this program and the daemon touch.
-        let Some(meta) = (unsafe { VIPS.get(&vip) }) else {
+        let Some(meta) = (unsafe { VIPS.get(&vip.0) }) else {
             return Verdict::Pass(stat::PASS_NOT_VIP);
         };
         // A service's first fragment: the later ones cannot follow it.
@@ -112,16 +113,12 @@ fn process(ctx: &XdpContext, bytes: u64) -> Verdict {
         return service(ctx, &l2, &l3, meta, ports, tcp_flags, config, bytes);
     }
     // Everything else is ours only when its address carries a VIP.
-    if !maybe_vip(&l3.dst, 0, 0) {
+    if !maybe_vip(&l3.dst.0, 0, 0) {
         return Verdict::Pass(stat::PASS_NOT_VIP);
     }
-    let addr_key = AddrKey {
-        addr: l3.dst,
-        family: l3.family,
-        _pad: [0; 3],
-    };
+    let addr_key = addr_key(&l3.dst, l3.family);
     // SAFETY: as above.
-    if unsafe { VIP_ADDRS.get(&addr_key) }.is_none() {
+    if unsafe { VIP_ADDRS.get(&addr_key.0) }.is_none() {
         return Verdict::Pass(stat::PASS_NOT_VIP);
     }
     // Later fragments carry no ports, so they cannot be told from the host's
@@ -139,11 +136,16 @@ fn process(ctx: &XdpContext, bytes: u64) -> Verdict {
     }
 }
 
-/// Two MAC addresses are equal (compared as 4 + 2 bytes: no memcmp in BPF).
+/// The key of `XLB_VIP_ADDRS`, built from words: a zeroed `_pad` of three
+/// bytes is a `memset` call in BPF.
 #[inline(always)]
-fn mac_eq(a: &[u8; 6], b: &[u8; 6]) -> bool {
-    u32::from_ne_bytes([a[0], a[1], a[2], a[3]]) == u32::from_ne_bytes([b[0], b[1], b[2], b[3]])
-        && u16::from_ne_bytes([a[4], a[5]]) == u16::from_ne_bytes([b[4], b[5]])
+fn addr_key(addr: &Addr, family: u8) -> Aligned<AddrKey> {
+    let [hi, lo] = addr.words();
+    let tail = u64::from_ne_bytes([family, 0, 0, 0, 0, 0, 0, 0]);
+    // SAFETY: AddrKey is 20 bytes of plain integers (size asserted in
+    // lb-common), the address then the family and three zero bytes; its
+    // 8-aligned holder is 24 bytes, the last 4 padding.
+    unsafe { core::mem::transmute::<[u64; 3], Aligned<AddrKey>>([hi, lo, tail]) }
 }
 
 /// `Some(flags)` when the whole fixed transport header (20 bytes TCP, 8 UDP)
@@ -176,14 +178,14 @@ fn service(
     config: &Config,
     bytes: u64,
 ) -> Verdict {
-    let flow = FlowKey {
-        src: l3.src,
-        dst: l3.dst,
+    let flow = Aligned(FlowKey {
+        src: l3.src.0,
+        dst: l3.dst.0,
         ports: u32::from_be_bytes(ports),
         proto: l3.proto,
         family: l3.family,
         _pad: [0; 2],
-    };
+    });
     let Some(choice) = conntrack::choose(meta, &flow, tcp_flags, Track::Packet, config) else {
         return Verdict::Drop(stat::DROP_NO_REAL);
     };
@@ -193,14 +195,14 @@ fn service(
 /// ICMP / ICMPv6 to a VIP address.
 #[inline(always)]
 fn icmp(ctx: &XdpContext, l2: &L2, l3: &L3, config: &Config, bytes: u64) -> Verdict {
-    match icmp::handle(ctx, l3, l2, &config.iface_mac) {
+    match icmp::handle(ctx, l3, l2, Mac::of(&config.iface_mac)) {
         IcmpAction::Echo => Verdict::Tx(stat::TX_ICMP_ECHO),
         IcmpAction::Pass => Verdict::Pass(stat::PASS_ICMP),
         IcmpAction::Malformed => Verdict::Drop(stat::DROP_MALFORMED),
         IcmpAction::Failed => Verdict::Aborted,
         IcmpAction::Steer { vip, flow } => {
             // SAFETY: as above.
-            let Some(meta) = (unsafe { VIPS.get(&vip) }) else {
+            let Some(meta) = (unsafe { VIPS.get(&vip.0) }) else {
                 return Verdict::Pass(stat::PASS_ICMP);
             };
             // An error message is no packet of the flow: look up, else Maglev;

@@ -22,6 +22,8 @@
 //!   peer reported for its flow, when that real is still the one in this
 //!   node's slot, and the entry is promoted into the conntrack table.
 
+use core::{mem::size_of, ptr::addr_of_mut};
+
 use aya_ebpf::{
     bindings::{BPF_ANY, BPF_NOEXIST},
     helpers::bpf_ktime_get_coarse_ns,
@@ -34,6 +36,7 @@ use lb_common::{
 
 use crate::{
     maps::{FLOW_EVENTS, FLOWS, PEER_FLOWS},
+    parse::Aligned,
     select, stats,
 };
 
@@ -83,11 +86,12 @@ pub fn now() -> u64 {
 #[inline(always)]
 pub fn choose(
     meta: &VipMeta,
-    flow: &FlowKey,
+    held: &Aligned<FlowKey>,
     tcp_flags: u8,
     track: Track,
     config: &Config,
 ) -> Option<Choice> {
+    let flow = &held.0;
     let syn = tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
     let packet = track == Track::Packet;
     let udp = flow.proto == PROTO_UDP;
@@ -119,7 +123,7 @@ pub fn choose(
                         }
                         stats::event(stat::CT_HIT);
                         if config.sync != 0 {
-                            report(flow, state, tcp_flags, stamp);
+                            report(held, state, tcp_flags, stamp);
                         }
                     }
                     return Some(Choice {
@@ -187,11 +191,14 @@ pub fn choose(
     })
 }
 
+// `report` copies a held key as five 8-byte words.
+const _: () = assert!(size_of::<Aligned<FlowKey>>() == size_of::<[u64; 5]>());
+
 /// Flow sync: reports a tracked flow's confirmation (its first hit) or its
 /// end (a FIN or RST), each once; marks the entry only when the report got
 /// into the ring.
 #[inline(always)]
-fn report(flow: &FlowKey, state: &mut FlowState, tcp_flags: u8, stamp: u64) {
+fn report(flow: &Aligned<FlowKey>, state: &mut FlowState, tcp_flags: u8, stamp: u64) {
     let flags = state.flags;
     if flags & FLOW_F_REPORTED == 0 && tcp_flags & TCP_RST != 0 {
         // Reset before it was confirmed (a client refusing a spoofed
@@ -210,14 +217,19 @@ fn report(flow: &FlowKey, state: &mut FlowState, tcp_flags: u8, stamp: u64) {
         stats::event(stat::SYNC_LOST);
         return;
     };
-    slot.write(FlowEvent {
-        flow: *flow,
-        real_id: state.real_id,
-        generation: state.generation,
-        kind,
-        _pad: 0,
-        at_ns: stamp,
-    });
+    let event = slot.as_mut_ptr();
+    // SAFETY: `event` is the reserved record, written whole before the submit.
+    // The key is copied as five words from its 8-aligned holder (a 40-byte
+    // struct copy is a memmove call in BPF).
+    unsafe {
+        let key = (flow as *const Aligned<FlowKey>).cast::<[u64; 5]>().read();
+        addr_of_mut!((*event).flow).cast::<[u64; 5]>().write(key);
+        addr_of_mut!((*event).real_id).write(state.real_id);
+        addr_of_mut!((*event).generation).write(state.generation);
+        addr_of_mut!((*event).kind).write(kind);
+        addr_of_mut!((*event)._pad).write(0);
+        addr_of_mut!((*event).at_ns).write(stamp);
+    }
     slot.submit(0);
     state.flags = flags | mark;
 }

@@ -13,7 +13,7 @@ use lb_common::{Config, FAMILY_V4, FAMILY_V6, PROTO_IPIP, PROTO_IPV6, RealDef};
 
 use crate::{
     csum,
-    parse::{ETH_P_IP, ETH_P_IPV6, L2, L3, write_at},
+    parse::{ETH_P_IP, ETH_P_IPV6, L2, L3, Mac, write_addr, write_at, write_mac},
 };
 
 /// Why a packet could not be forwarded.
@@ -33,7 +33,7 @@ pub enum ForwardError {
 /// Rewrites the Ethernet addresses for direct return.
 #[inline(always)]
 pub fn dr(ctx: &XdpContext, real_mac: &[u8; 6], iface_mac: &[u8; 6]) -> Result<(), ForwardError> {
-    if write_at(ctx, 0, *real_mac) && write_at(ctx, 6, *iface_mac) {
+    if write_mac(ctx, 0, Mac::of(real_mac)) && write_mac(ctx, 6, Mac::of(iface_mac)) {
         Ok(())
     } else {
         Err(ForwardError::Failed)
@@ -120,7 +120,8 @@ pub fn encap(
         return Err(ForwardError::Failed);
     }
     let l3_off = l2.l3_off;
-    let mut ok = write_at(ctx, 0, real.mac) && write_at(ctx, 6, config.iface_mac);
+    let mut ok =
+        write_mac(ctx, 0, Mac::of(&real.mac)) && write_mac(ctx, 6, Mac::of(&config.iface_mac));
     ok &= match l3_off {
         18 => write_at(ctx, 12, tags as u32),
         22 => write_at(ctx, 12, tags),
@@ -200,5 +201,5 @@ fn write_outer_v6(
         && write_at(ctx, off + 8, high)
         && write_at(ctx, off + 16, mid)
         && write_at(ctx, off + 20, low)
-        && write_at(ctx, off + 24, real.addr)
+        && write_addr(ctx, off + 24, &real.addr)
 }

@@ -15,7 +15,10 @@ use lb_common::{FAMILY_V4, FlowKey, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_U
 
 use crate::{
     csum,
-    parse::{self, ETH_P_IP, ETH_P_IPV6, L2, L3, ptr_at, read_at, write_at},
+    parse::{
+        self, Addr, Aligned, ETH_P_IP, ETH_P_IPV6, L2, L3, Mac, ptr_at, read_at, read_mac,
+        write_at, write_mac,
+    },
 };
 
 const ICMP_ECHO_REPLY: u8 = 0;
@@ -46,7 +49,10 @@ pub enum IcmpAction {
     /// The packet was turned into an echo reply in place: XDP_TX.
     Echo,
     /// A too-big error about this VIP flow: forward it to the flow's real.
-    Steer { vip: VipKey, flow: FlowKey },
+    Steer {
+        vip: Aligned<VipKey>,
+        flow: Aligned<FlowKey>,
+    },
     /// Not ours to handle: pass to the kernel.
     Pass,
     /// Cut short: drop.
@@ -57,7 +63,7 @@ pub enum IcmpAction {
 
 /// Handles ICMP (IPv4) or ICMPv6 (IPv6) at `l3.l4_off`.
 #[inline(always)]
-pub fn handle(ctx: &XdpContext, l3: &L3, l2: &L2, iface_mac: &[u8; 6]) -> IcmpAction {
+pub fn handle(ctx: &XdpContext, l3: &L3, l2: &L2, iface_mac: Mac) -> IcmpAction {
     let Some(head) = read_at::<[u8; 4]>(ctx, l3.l4_off) else {
         return IcmpAction::Malformed;
     };
@@ -97,51 +103,42 @@ pub fn handle(ctx: &XdpContext, l3: &L3, l2: &L2, iface_mac: &[u8; 6]) -> IcmpAc
         return IcmpAction::Malformed;
     };
     IcmpAction::Steer {
-        vip: VipKey {
-            addr: inner.src,
+        vip: Aligned(VipKey {
+            addr: inner.src.0,
             port_be: u16::from_ne_bytes([ports[0], ports[1]]),
             proto: inner.proto,
             family: l3.family,
-        },
+        }),
         // The flow as the client sent it: client → VIP.
-        flow: FlowKey {
-            src: inner.dst,
-            dst: inner.src,
+        flow: Aligned(FlowKey {
+            src: inner.dst.0,
+            dst: inner.src.0,
             ports: u32::from_be_bytes([ports[2], ports[3], ports[0], ports[1]]),
             proto: inner.proto,
             family: l3.family,
             _pad: [0; 2],
-        },
+        }),
     }
 }
 
 /// The VLAN tags between the MACs and the ethertype (bytes 12 .. l3_off - 2),
-/// saved before the front of the frame moves.
+/// saved before the front of the frame moves: wire bytes in one word (a
+/// byte array is kept on the stack byte by byte).
 #[inline(always)]
-fn read_tags(ctx: &XdpContext, l2: &L2) -> Option<[u8; 8]> {
+fn read_tags(ctx: &XdpContext, l2: &L2) -> Option<u64> {
     match l2.l3_off {
-        18 => {
-            let t: [u8; 4] = read_at(ctx, 12)?;
-            Some([t[0], t[1], t[2], t[3], 0, 0, 0, 0])
-        }
+        18 => read_at::<u32>(ctx, 12).map(u64::from),
         22 => read_at(ctx, 12),
-        _ => Some([0; 8]),
+        _ => Some(0),
     }
 }
 
 /// Writes the Ethernet header (MACs, saved tags, ethertype) at the frame start.
 #[inline(always)]
-fn write_l2(
-    ctx: &XdpContext,
-    l2: &L2,
-    dst: [u8; 6],
-    src: [u8; 6],
-    tags: [u8; 8],
-    ethertype: u16,
-) -> bool {
-    let mut ok = write_at(ctx, 0, dst) && write_at(ctx, 6, src);
+fn write_l2(ctx: &XdpContext, l2: &L2, dst: Mac, src: Mac, tags: u64, ethertype: u16) -> bool {
+    let mut ok = write_mac(ctx, 0, dst) && write_mac(ctx, 6, src);
     ok &= match l2.l3_off {
-        18 => write_at(ctx, 12, [tags[0], tags[1], tags[2], tags[3]]),
+        18 => write_at(ctx, 12, tags as u32),
         22 => write_at(ctx, 12, tags),
         _ => true,
     };
@@ -158,13 +155,13 @@ fn echo_reply(
     ctx: &XdpContext,
     l3: &L3,
     l2: &L2,
-    iface_mac: &[u8; 6],
+    iface_mac: Mac,
     ty: u8,
     code: u8,
     check: u16,
 ) -> IcmpAction {
     let l3_off = l2.l3_off;
-    let Some(client_mac) = read_at::<[u8; 6]>(ctx, 6) else {
+    let Some(client_mac) = read_mac(ctx, 6) else {
         return IcmpAction::Malformed;
     };
     let v4 = l3.family == FAMILY_V4;
@@ -183,12 +180,9 @@ fn echo_reply(
     );
     let mut l4_off = l3.l4_off;
     if v4 {
-        let mut src = [0u8; 4];
-        let mut dst = [0u8; 4];
-        src.copy_from_slice(&l3.src[..4]);
-        dst.copy_from_slice(&l3.dst[..4]);
-        let mut ok = write_at(ctx, 0, client_mac) && write_at(ctx, 6, *iface_mac);
-        ok &= write_at(ctx, l3_off + 12, dst) && write_at(ctx, l3_off + 16, src);
+        let mut ok = write_mac(ctx, 0, client_mac) && write_mac(ctx, 6, iface_mac);
+        ok &= write_at(ctx, l3_off + 12, l3.dst.word32())
+            && write_at(ctx, l3_off + 16, l3.src.word32());
         // TTL changes; the address swap does not change the header checksum.
         let Some(ttl_proto) = read_at::<[u8; 2]>(ctx, l3_off + 8) else {
             return IcmpAction::Malformed;
@@ -224,7 +218,7 @@ fn echo_reply(
             }
             l4_off = l3_off + IPV6_LEN;
         }
-        let ok = write_l2(ctx, l2, client_mac, *iface_mac, tags, ETH_P_IPV6)
+        let ok = write_l2(ctx, l2, client_mac, iface_mac, tags, ETH_P_IPV6)
             && write_ipv6_header(ctx, l3_off, vcf, icmp_len, PROTO_ICMPV6, &l3.dst, &l3.src);
         if !ok {
             return IcmpAction::Failed;
@@ -249,14 +243,14 @@ fn write_ipv6_header(
     vcf: [u8; 4],
     payload: u16,
     next: u8,
-    src: &[u8; 16],
-    dst: &[u8; 16],
+    src: &Addr,
+    dst: &Addr,
 ) -> bool {
     let p = payload.to_be_bytes();
     write_at(ctx, off, [0x60 | (vcf[0] & 0x0f), vcf[1], vcf[2], vcf[3]])
         && write_at(ctx, off + 4, [p[0], p[1], next, REPLY_TTL])
-        && write_at(ctx, off + 8, *src)
-        && write_at(ctx, off + 24, *dst)
+        && write_at(ctx, off + 8, src.0)
+        && write_at(ctx, off + 24, dst.0)
 }
 
 /// Sum of the 16-bit words of `b` as loaded from memory (native order: the
@@ -300,14 +294,14 @@ pub fn too_big_reply(ctx: &XdpContext, l2: &L2, l3: &L3, iface_mac: &[u8; 6], mt
     // The old L2 header now starts `grow` bytes in: copy it to the front at
     // once, turned around (few values live across the helper calls, which
     // the verifier needs here).
-    let Some(sender_mac) = read_at::<[u8; 6]>(ctx, grow + 6) else {
+    let Some(sender_mac) = read_mac(ctx, grow + 6) else {
         return false;
     };
     let ethertype = if v4 { ETH_P_IP } else { ETH_P_IPV6 };
-    let mut ok = write_at(ctx, 0, sender_mac) && write_at(ctx, 6, *iface_mac);
+    let mut ok = write_mac(ctx, 0, sender_mac) && write_mac(ctx, 6, Mac::of(iface_mac));
     ok &= match l3_off {
-        18 => read_at::<[u8; 4]>(ctx, grow + 12).is_some_and(|t| write_at(ctx, 12, t)),
-        22 => read_at::<[u8; 8]>(ctx, grow + 12).is_some_and(|t| write_at(ctx, 12, t)),
+        18 => read_at::<u32>(ctx, grow + 12).is_some_and(|t| write_at(ctx, 12, t)),
+        22 => read_at::<u64>(ctx, grow + 12).is_some_and(|t| write_at(ctx, 12, t)),
         _ => true,
     };
     if !(ok && write_at(ctx, l3_off - 2, ethertype)) {
@@ -326,10 +320,9 @@ pub fn too_big_reply(ctx: &XdpContext, l2: &L2, l3: &L3, iface_mac: &[u8; 6], mt
     // ICMP header with a zero checksum; the sum covers it and the quote
     // (and, for ICMPv6, the pseudo-header).
     let (icmp_hdr, pseudo) = if v4 {
-        let mut src = [0u8; 4];
-        let mut dst = [0u8; 4];
-        src.copy_from_slice(&l3.dst[..4]);
-        dst.copy_from_slice(&l3.src[..4]);
+        // The reply goes from the VIP (the packet's destination) back to its source.
+        let src = l3.dst.word32().to_ne_bytes();
+        let dst = l3.src.word32().to_ne_bytes();
         let total = ((IPV4_LEN as u16) + icmp_len).to_be_bytes();
         let head = [0x45, 0, total[0], total[1], 0, 0, 0, 0];
         let ttl_proto = [REPLY_TTL, PROTO_ICMP];
@@ -355,8 +348,8 @@ pub fn too_big_reply(ctx: &XdpContext, l2: &L2, l3: &L3, iface_mac: &[u8; 6], mt
         let m = mtu.to_be_bytes();
         let hdr = [ICMPV6_PACKET_TOO_BIG, 0, 0, 0, m[0], m[1], m[2], m[3]];
         // Pseudo-header: source, destination, upper-layer length, next header.
-        let pseudo = sum_ne(&l3.dst)
-            + sum_ne(&l3.src)
+        let pseudo = sum_ne(&l3.dst.0)
+            + sum_ne(&l3.src.0)
             + sum_ne(&u32::from(icmp_len).to_be_bytes())
             + sum_ne(&u32::from(PROTO_ICMPV6).to_be_bytes());
         (hdr, pseudo)

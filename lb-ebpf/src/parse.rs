@@ -43,6 +43,120 @@ pub fn write_at<T>(ctx: &XdpContext, offset: usize, value: T) -> bool {
     }
 }
 
+/// A value held on the stack at an 8-byte boundary.
+///
+/// The objects are built with LLVM's `allows-misaligned-mem-access`, which
+/// lets the backend read and write a wider word wherever it likes. The
+/// verifier accepts that in the packet but never on the stack, so every value
+/// the data path keeps on the stack must be naturally aligned: a map key of
+/// byte arrays (2- or 4-byte aligned by its fields) goes through this wrapper,
+/// so that a 16-byte address in it is copied as two aligned 8-byte words.
+/// The wrapper never crosses the map boundary: the key is `&held.0`.
+#[derive(Clone, Copy)]
+#[repr(C, align(8))]
+pub struct Aligned<T>(pub T);
+
+/// An IP address as the data path keeps it: 16 bytes (IPv4 in the first 4,
+/// the rest zero), 8-byte aligned (see [`Aligned`]).
+#[derive(Clone, Copy, PartialEq, Eq)]
+#[repr(C, align(8))]
+pub struct Addr(pub [u8; 16]);
+
+impl Addr {
+    /// An IPv4 address, zero-extended.
+    #[inline(always)]
+    pub fn v4(a: [u8; 4]) -> Self {
+        // Built from two 8-byte words: a zeroed byte array costs a `memset`
+        // call in BPF, and 4-byte words let LLVM merge the middle two zero
+        // words into one misaligned 8-byte store.
+        let words = [u64::from_ne_bytes([a[0], a[1], a[2], a[3], 0, 0, 0, 0]), 0];
+        // SAFETY: [u64; 2] and [u8; 16] have the same size and any bytes are valid.
+        Self(unsafe { core::mem::transmute::<[u64; 2], [u8; 16]>(words) })
+    }
+
+    /// The address as two 8-byte words (wire bytes in native words).
+    #[inline(always)]
+    pub fn words(&self) -> [u64; 2] {
+        // SAFETY: same size; any bytes are a valid [u64; 2].
+        unsafe { core::mem::transmute::<[u8; 16], [u64; 2]>(self.0) }
+    }
+
+    /// The first four bytes (an IPv4 address) as one word in wire order.
+    #[inline(always)]
+    pub fn word32(&self) -> u32 {
+        u32::from_ne_bytes([self.0[0], self.0[1], self.0[2], self.0[3]])
+    }
+}
+
+/// Writes a 16-byte address (from a map value or an [`Addr`]) at `offset`
+/// in the packet as two 8-byte words: a `[u8; 16]` copy is a `memmove` call
+/// in BPF. False when it does not fit.
+#[inline(always)]
+pub fn write_addr(ctx: &XdpContext, offset: usize, a: &[u8; 16]) -> bool {
+    let hi = u64::from_ne_bytes([a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7]]);
+    let lo = u64::from_ne_bytes([a[8], a[9], a[10], a[11], a[12], a[13], a[14], a[15]]);
+    let Some(p) = ptr_at::<[u8; 16]>(ctx, offset) else {
+        return false;
+    };
+    // SAFETY: ptr_at checked the 16 bytes; unaligned as in write_at.
+    unsafe {
+        p.cast::<u64>().write_unaligned(hi);
+        p.cast::<u8>().add(8).cast::<u64>().write_unaligned(lo);
+    }
+    true
+}
+
+/// A MAC address held as a 4-byte and a 2-byte word (wire bytes in native
+/// words): copied with two loads and two stores, where a `[u8; 6]` is a
+/// `memmove` call in BPF.
+#[derive(Clone, Copy, PartialEq, Eq)]
+#[repr(C)]
+pub struct Mac {
+    head: u32,
+    tail: u16,
+}
+
+impl Mac {
+    /// The MAC address stored as bytes (in a map value).
+    #[inline(always)]
+    pub fn of(b: &[u8; 6]) -> Self {
+        Self {
+            head: u32::from_ne_bytes([b[0], b[1], b[2], b[3]]),
+            tail: u16::from_ne_bytes([b[4], b[5]]),
+        }
+    }
+}
+
+/// Reads the MAC address at `offset` in the packet.
+#[inline(always)]
+pub fn read_mac(ctx: &XdpContext, offset: usize) -> Option<Mac> {
+    let p = ptr_at::<[u8; 6]>(ctx, offset)?;
+    // SAFETY: ptr_at checked the 6 bytes; unaligned as in read_at.
+    unsafe {
+        Some(Mac {
+            head: p.cast::<u32>().read_unaligned(),
+            tail: p.cast::<u8>().add(4).cast::<u16>().read_unaligned(),
+        })
+    }
+}
+
+/// Writes a MAC address at `offset` in the packet; false when it does not fit.
+#[inline(always)]
+pub fn write_mac(ctx: &XdpContext, offset: usize, mac: Mac) -> bool {
+    let Some(p) = ptr_at::<[u8; 6]>(ctx, offset) else {
+        return false;
+    };
+    // SAFETY: ptr_at checked the 6 bytes; unaligned as in write_at.
+    unsafe {
+        p.cast::<u32>().write_unaligned(mac.head);
+        p.cast::<u8>()
+            .add(4)
+            .cast::<u16>()
+            .write_unaligned(mac.tail);
+    }
+    true
+}
+
 /// Ethertypes, as the two wire bytes read into a native u16.
 pub const ETH_P_IP: u16 = 0x0800u16.to_be();
 /// IPv6.
@@ -97,9 +211,9 @@ pub struct L3 {
     /// [`FAMILY_V4`] or [`FAMILY_V6`].
     pub family: u8,
     /// Source address (IPv4 in the first 4 bytes).
-    pub src: [u8; 16],
+    pub src: Addr,
     /// Destination address.
-    pub dst: [u8; 16],
+    pub dst: Addr,
     /// Transport protocol (after IPv6 extension headers).
     pub proto: u8,
     /// Offset of the transport header.
@@ -137,14 +251,10 @@ pub fn ipv4(ctx: &XdpContext, off: usize) -> Result<L3, L3Error> {
     if len < ihl {
         return Err(L3Error::Malformed);
     }
-    let mut src = [0u8; 16];
-    src[..4].copy_from_slice(&ip.src_addr);
-    let mut dst = [0u8; 16];
-    dst[..4].copy_from_slice(&ip.dst_addr);
     Ok(L3 {
         family: FAMILY_V4,
-        src,
-        dst,
+        src: Addr::v4(ip.src_addr),
+        dst: Addr::v4(ip.dst_addr),
         proto: ip.proto,
         l4_off: off + ihl,
         len,
@@ -216,8 +326,8 @@ pub fn ipv6(ctx: &XdpContext, off: usize) -> Result<L3, L3Error> {
     }
     Ok(L3 {
         family: FAMILY_V6,
-        src: ip.src_addr,
-        dst: ip.dst_addr,
+        src: Addr(ip.src_addr),
+        dst: Addr(ip.dst_addr),
         proto,
         l4_off: off + Ipv6Hdr::LEN + (ext & 0x1ff),
         len: Ipv6Hdr::LEN + u16::from_be_bytes(ip.payload_len) as usize,

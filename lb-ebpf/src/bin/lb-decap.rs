@@ -42,7 +42,7 @@ mod program {
         decap_stat,
     };
 
-    use crate::parse::{self, ETH_P_IP, ETH_P_IPV6, read_at, write_at};
+    use crate::parse::{self, Addr, ETH_P_IP, ETH_P_IPV6, read_at, write_at};
 
     /// This host's tunnel endpoints and the accepted tunnel sources, set by
     /// `xlb decap` at load (`.rodata`, frozen). Read only through
@@ -114,29 +114,32 @@ mod program {
             return (pass, decap_stat::PASS_MALFORMED);
         }
         let outer_len = outer.l4_off - l2.l3_off;
-        // Save the L2 header (addresses and VLAN tags) before it is overwritten.
-        let Some(macs) = read_at::<[u8; 12]>(ctx, 0) else {
+        // Save the L2 header (addresses and VLAN tags) before it is
+        // overwritten, as words (byte arrays are kept on the stack byte by
+        // byte; see docs/development.md, "Data-path code").
+        let (Some(macs_head), Some(macs_tail)) = (read_at::<u64>(ctx, 0), read_at::<u32>(ctx, 8))
+        else {
             return (pass, decap_stat::PASS_MALFORMED);
         };
-        let tags: [u8; 8] = match l2.l3_off {
-            18 => match read_at::<[u8; 4]>(ctx, 12) {
-                Some(t) => [t[0], t[1], t[2], t[3], 0, 0, 0, 0],
+        let tags: u64 = match l2.l3_off {
+            18 => match read_at::<u32>(ctx, 12) {
+                Some(t) => u64::from(t),
                 None => return (pass, decap_stat::PASS_MALFORMED),
             },
             22 => match read_at(ctx, 12) {
                 Some(t) => t,
                 None => return (pass, decap_stat::PASS_MALFORMED),
             },
-            _ => [0; 8],
+            _ => 0,
         };
         // SAFETY: shrinking the packet this program owns by the outer header,
         // which the checks above proved is inside it.
         if unsafe { bpf_xdp_adjust_head(ctx.ctx, outer_len as i32) } != 0 {
             return (xdp_action::XDP_ABORTED, decap_stat::ABORTED);
         }
-        let mut ok = write_at(ctx, 0, macs);
+        let mut ok = write_at(ctx, 0, macs_head) && write_at(ctx, 8, macs_tail);
         ok &= match l2.l3_off {
-            18 => write_at(ctx, 12, [tags[0], tags[1], tags[2], tags[3]]),
+            18 => write_at(ctx, 12, tags as u32),
             22 => write_at(ctx, 12, tags),
             _ => true,
         };
@@ -148,31 +151,16 @@ mod program {
         }
     }
 
-    /// The first four bytes of `a` as the native word they read as.
-    #[inline(always)]
-    fn word32(a: &[u8; 16]) -> u32 {
-        u32::from_ne_bytes([a[0], a[1], a[2], a[3]])
-    }
-
-    /// `a` as two native words (the order [`DecapSet`] stores them in).
-    #[inline(always)]
-    fn words64(a: &[u8; 16]) -> [u64; 2] {
-        [
-            u64::from_ne_bytes([a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7]]),
-            u64::from_ne_bytes([a[8], a[9], a[10], a[11], a[12], a[13], a[14], a[15]]),
-        ]
-    }
-
     /// Whether `dst` is one of this host's tunnel endpoints.
     #[inline(always)]
-    fn is_local(v4: bool, dst: &[u8; 16]) -> bool {
+    fn is_local(v4: bool, dst: &Addr) -> bool {
         let set = addr_of!(XLB_DECAP_SET);
         // SAFETY: reads of a static; the loops stop at the count and at the
         // arrays' length (every index is < MAX_DECAP_ADDRS).
         unsafe {
             if v4 {
                 let n = read_volatile(addr_of!((*set).v4_addr_count)) as usize;
-                let d = word32(dst);
+                let d = dst.word32();
                 for i in 0..MAX_DECAP_ADDRS {
                     if i >= n {
                         break;
@@ -183,7 +171,8 @@ mod program {
                 }
             } else {
                 let n = read_volatile(addr_of!((*set).v6_addr_count)) as usize;
-                let d = words64(dst);
+                // Two native words: the order [`DecapSet`] stores them in.
+                let d = dst.words();
                 for i in 0..MAX_DECAP_ADDRS {
                     if i >= n {
                         break;
@@ -201,13 +190,13 @@ mod program {
 
     /// Whether `src` is in one of the allowed source prefixes.
     #[inline(always)]
-    fn is_allowed_src(v4: bool, src: &[u8; 16]) -> bool {
+    fn is_allowed_src(v4: bool, src: &Addr) -> bool {
         let set = addr_of!(XLB_DECAP_SET);
         // SAFETY: as in is_local (every index is < MAX_DECAP_SRCS).
         unsafe {
             if v4 {
                 let n = read_volatile(addr_of!((*set).v4_src_count)) as usize;
-                let s = word32(src);
+                let s = src.word32();
                 for i in 0..MAX_DECAP_SRCS {
                     if i >= n {
                         break;
@@ -220,7 +209,7 @@ mod program {
                 }
             } else {
                 let n = read_volatile(addr_of!((*set).v6_src_count)) as usize;
-                let s = words64(src);
+                let s = src.words();
                 for i in 0..MAX_DECAP_SRCS {
                     if i >= n {
                         break;

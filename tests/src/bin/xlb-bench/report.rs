@@ -673,7 +673,7 @@ const PACKET_TARGETS: [PacketTarget; 5] = [
                 header walk), the scans of the read-only endpoints and source prefixes, moving \
                 the packet head (bpf_xdp_adjust_head, a helper call: about a quarter of the \
                 decapsulator's own perf samples), saving and rewriting the Ethernet header and \
-                its VLAN tags byte by byte, and one per-CPU counter",
+                its VLAN tags (as words), and one per-CPU counter",
     },
 ];
 
@@ -1165,19 +1165,24 @@ fn optimisations_md(w: &mut String, after: &[PerPacket], svg_dir: &Path) {
          costing nearly as much as the whole program, while hashing is cheap, fits the \
          cycled-tracked versus same-flow gap being memory misses in the 2M-entry table rather \
          than instructions: a 16-byte IPv4 key would shorten the jhash and the compare, which \
-         are not where the time goes. The program also calls the compiler's `memset` and \
+         are not where the time goes. The program then also called the compiler's `memset` and \
          `memmove` as BPF subprograms (0.2% each): on every IPv4 packet two 12-byte `memset`s \
          (the zero-extended addresses of `parse::ipv4`), and 6-byte `memmove`s (MAC addresses \
-         copied through the stack).",
-        "**Measured and dropped: the addresses and MACs without `memset`/`memmove` calls.** \
-         Spelling the IPv4 address out as a 16-byte array literal removes both `memset` \
-         calls, and writing a MAC as 4 + 2 bytes was meant to remove the `memmove`s, but LLVM \
-         then keeps more on the stack: the balancer's frame grew (to 504 bytes with the \
-         literal; the MAC writes alone grew it too), and with the too-big reply's 72 bytes \
-         the verifier refused the program (a combined stack of 592 and of 528 bytes, over \
-         512). Building the address as one `u128` did not compile (the BPF backend's stack \
-         limit). Both wait for a frame with room, e.g. the too-big reply moved into a tail \
-         call.",
+         copied through the stack); they are gone now (below).",
+        "**No `memset`/`memmove` calls: stack values built from words.** The addresses, MACs \
+         and keys the path keeps are held in types that copy as whole words: `parse::Addr` (16 \
+         bytes, 8-aligned; an IPv4 address is built as two 8-byte words, not as a zeroed \
+         array with 4 bytes copied in), `parse::Mac` (a 4-byte and a 2-byte word, read and \
+         written with two loads and two stores), VLAN tags and the decapsulator's saved \
+         Ethernet header as integers, the map keys (`VipKey`, `AddrKey`, `FlowKey`) in an \
+         8-aligned holder (`parse::Aligned`; map layouts unchanged), the `AddrKey` family and \
+         padding as one word, a flow-sync event's key copied as five words, and a real's \
+         16-byte address written into an outer IPv6 header as two words. The balancer's \
+         object had 17 `memmove` and 4 `memset` call sites (two `memset`s on every IPv4 \
+         packet, two `memmove`s on every DR packet); it has none. This only fits together \
+         with the target feature below: without it the word-built values were stored a byte \
+         at a time and the frame went over 512 bytes (the attempt measured and dropped \
+         before).",
         "**The decapsulator's endpoints and allowed sources are read-only data.** `lb-decap` \
          looked its tunnel endpoints up in a hash map (`XLB_DECAP_ADDRS`: a helper call and \
          the jhash of a 20-byte key) and walked an LPM trie for the outer source \
@@ -1221,18 +1226,35 @@ fn optimisations_md(w: &mut String, after: &[PerPacket], svg_dir: &Path) {
          and 3 ors; the Ethernet header at offset 14 puts every IP field out of line), \
          and copies `[u8; N]` values through `memset`/`memmove` subprograms that loop a \
          byte at a time.",
-        "**Measured and dropped: LLVM's `allows-misaligned-mem-access` target feature.** \
-         With it the backend reads and writes unaligned packet fields with one load or \
-         store (the balancer's code shrank from 5,905 to 5,001 BPF instructions), and in \
-         one sitting (3 alternated pairs, f673ad5 against it) the non-VIP packet went \
-         from 2.00× to 1.71× (both configurations). The tracked and new-flow cases moved \
-         by ±15% in both directions, the spread of the runs themselves. It is not \
-         adopted: the feature also lets LLVM emit misaligned stores to the stack, which \
-         the verifier always refuses, and the first later change tried (the IPv4 \
-         addresses built from words and the MAC written as 4 + 2 bytes) produced one (`misaligned stack access off 0+0+-68 size 8`), so \
-         any edit of the data path could stop the program loading. It needs every stack \
-         value the path keeps to be naturally aligned first (addresses as words, not byte \
-         arrays).",
+        "**LLVM's `allows-misaligned-mem-access` target feature, with every stack value \
+         naturally aligned.** The balancer and the decapsulator are built with it \
+         (`lb-ebpf/build.rs` passes it to bpf-linker, which generates the code): an \
+         unaligned packet field is read or written with one load or store instead of a byte \
+         at a time. The verifier allows misaligned packet accesses but never misaligned stack \
+         accesses, and the feature lets LLVM merge stores into wider ones anywhere: an IPv4 \
+         address built as four 4-byte words inside an 8-aligned key became one 8-byte store \
+         at offset 4 (`misaligned stack access off 0+0+-84 size 8`). So every value the path \
+         keeps on the stack is naturally aligned and built from 8-byte words (previous item; \
+         the rule is in docs/development.md), and `every_xdp_program_passes_the_verifier` \
+         (tests/tests/dataplane.rs) loads every program of the three objects and names the \
+         program and the verifier's reason line when one is refused. The bench floor is built \
+         without the feature, so it is the same yardstick as before. BPF instructions \
+         (`llvm-objdump`), e55ff55 → this: the balancer's function 5,822 → 4,943 (the feature \
+         alone: 4,916; the words add the instructions that replace the subprogram calls, each \
+         of which looped a byte at a time), the too-big reply 938 → 791, the decapsulator \
+         1,134 → 730; stack frames: the balancer 432 → 400 bytes (plus the too-big reply's \
+         72), the decapsulator 320 → 88. Measured A/B in one sitting (the release binaries of \
+         e55ff55 against this change, 7 alternated pairs, 1-minute load average 3.1–5.9 with \
+         another engineer's builds running; medians over the runs of each run's mean ratio, \
+         min–max in brackets), 16 VIPs × 100 reals: non-VIP packet 1.99× (1.86–2.17) → \
+         1.44× (1.39–1.53), 240 → 170 ns; tracked TCP, same flow every call 4.17× → 3.26×; \
+         first hit of a tracked flow 4.43× → 3.83×, and reported to sync 5.92× → 4.41×; \
+         conntrack miss, sync off 6.98× → 5.91×; decap IPIP 1.56× → 1.50×, IP6IP6 1.78× → \
+         1.53×. 1,000 VIPs × 10 reals: non-VIP 2.12× (1.98–2.19) → 1.46× (1.32–1.58); same \
+         flow 4.05× → 3.20×; tracked TCP (cycled) 11.14× → 9.34×, tunnel 9.59× → 8.33×. The \
+         cycled tracked and new-flow cases of the heavy configuration moved within the \
+         spread of the runs (±15%: e.g. IPv6 TCP SYN 10.64× → 12.10×, TCP SYN 11.75× → \
+         10.60×), where the conntrack table's memory, not instructions, decides.",
         "**Not done yet** (each needs a map or userspace change that did not fit this round): \
          a conntrack key of 16 bytes for IPv4 (the profile above says the jhash and compare \
          it would shorten are a small share); and the settings in a global instead of an \
