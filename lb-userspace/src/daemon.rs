@@ -23,6 +23,7 @@ use tokio::{net::UnixListener, signal::unix::SignalKind};
 
 use crate::{
     api::{self, Context},
+    cli::error::bad_input,
     config::Config,
     controller::{self, Controller, Handle},
     counters,
@@ -227,7 +228,7 @@ pub async fn run(
         .as_deref()
         .map(Config::load)
         .transpose()
-        .context("invalid configuration; nothing was loaded")?;
+        .map_err(|e| bad_input(format!("invalid configuration; nothing was loaded: {e:#}")))?;
     let settings = flags.over(
         config
             .as_ref()
@@ -238,17 +239,19 @@ pub async fn run(
         .iface
         .clone()
         .context("no interface: give --iface or daemon.interface in the config file")?;
-    let store_options = check_settings(&settings, config.as_ref().zip(config_path.as_deref()))?;
+    let store_options = check_settings(&settings, config.as_ref().zip(config_path.as_deref()))
+        .map_err(|e| bad_input(format!("{e:#}")))?;
     let sync_options = settings
         .sync()
-        .map_err(anyhow::Error::msg)
-        .context("invalid flow sync settings")?;
+        .map_err(|e| bad_input(format!("invalid flow sync settings: {e}")))?;
     let store_options = store_options.map(|mut o| {
         o.sync = sync_options.as_ref().and_then(|s| s.advertise);
         o
     });
     if settings.replace && settings.pin_dir().is_none() {
-        bail!("--replace swaps the program of a pinned data path; it needs pins (drop --no-pin)");
+        return Err(bad_input(
+            "--replace swaps the program of a pinned data path; it needs pins (drop --no-pin)",
+        ));
     }
     let mut iface =
         Iface::lookup(&iface_name).with_context(|| format!("cannot use interface {iface_name}"))?;

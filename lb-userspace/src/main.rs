@@ -33,11 +33,21 @@ async fn main() -> std::process::ExitCode {
     };
     // The daemon and the decapsulator (whose counter reports are info lines) log at
     // info by default; client commands only print results.
-    let default = if matches!(cli.command, Command::Run(_) | Command::Decap(_)) {
-        "info"
-    } else {
-        "warn"
-    };
+    let long_running = matches!(cli.command, Command::Run(_) | Command::Decap(_));
+    if !long_running {
+        // A client command writing into a closed pipe (`xlb stats | head -1`)
+        // ends quietly as other tools do, by SIGPIPE, instead of panicking in
+        // `println!` (Rust ignores SIGPIPE). The daemons keep it ignored: a
+        // client that goes away must not stop them.
+        // SAFETY: restoring a signal's default action; no handler runs.
+        let _ = unsafe {
+            nix::sys::signal::signal(
+                nix::sys::signal::Signal::SIGPIPE,
+                nix::sys::signal::SigHandler::SigDfl,
+            )
+        };
+    }
+    let default = if long_running { "info" } else { "warn" };
     let filter = EnvFilter::try_from_env("XLB_LOG").unwrap_or_else(|_| EnvFilter::new(default));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)

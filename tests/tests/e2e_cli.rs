@@ -372,6 +372,32 @@ fn exit_codes_json_errors_check_dry_run_save_and_the_last_reload() {
     assert!(!log.contains('\u{1b}'), "colour codes in the log:\n{log}");
 }
 
+/// A client command whose stdout is a pipe nobody reads (`xlb ... | head -1`
+/// after head exits) ends by SIGPIPE as other tools do: no panic, no
+/// backtrace, no exit code outside the documented ones.
+#[test]
+fn a_command_writing_into_a_closed_pipe_ends_quietly() {
+    use std::os::unix::process::ExitStatusExt as _;
+    let dir = RunDir::new("xlb-pipe");
+    let file = write_file(&dir, "ok.yaml", &services_yaml("", &[]));
+    let (read, write) = nix::unistd::pipe().expect("a pipe");
+    drop(read);
+    let out = Command::new(xlb_tests::harness::xlb_bin())
+        .args(["check", &file, "--json"])
+        .stdout(std::process::Stdio::from(write))
+        .stderr(std::process::Stdio::piped())
+        .output()
+        .expect("running xlb check");
+    assert_eq!(
+        out.status.signal(),
+        Some(libc::SIGPIPE),
+        "{:?}, stderr: {}",
+        out.status,
+        text(&out.stderr)
+    );
+    assert_eq!(text(&out.stderr), "", "nothing on stderr");
+}
+
 /// `n` reals' names and addresses of the lab, `rsN` -> address.
 fn names(lab: &Lab) -> BTreeMap<String, Ipv4Addr> {
     lab.topo

@@ -576,10 +576,21 @@ fn changes_made_by_hand_survive_reloads_and_restarts_until_reset() {
     expect_overrides(&daemon, "after a reload of the same file");
     daemon.cli_ok(&["apply", path_str(&config)]);
     expect_overrides(&daemon, "after `xlb apply` of the same file");
+    // A VIP added by hand is not in the file: the restart below starts from
+    // the file's VIPs, removing it from the adopted maps (it once failed to
+    // start, removing the VIP a second time).
+    daemon.cli_ok(&["vip", "add", "203.0.113.40:80/tcp"]);
     // A restart as the unit does it: same --config.
     daemon.stop();
     daemon = Daemon::start_pinned(&topo.lb.ns, "eth0", &run, &args);
     expect_overrides(&daemon, "after a restart with --config");
+    let vips: Vec<String> = json(&daemon.cli_ok(&["vip", "list", "--json"]), "xlb vip list")
+        .as_array()
+        .expect("a list of VIPs")
+        .iter()
+        .map(|v| v["vip"].as_str().unwrap_or_default().to_owned())
+        .collect();
+    assert_eq!(vips, [SERVICE], "the hand-added VIP outlived the restart");
     daemon.kill();
     daemon = Daemon::start_pinned(&topo.lb.ns, "eth0", &run, &args);
     expect_overrides(&daemon, "after kill -9 and a restart with --config");

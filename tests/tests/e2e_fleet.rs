@@ -697,7 +697,7 @@ fn store_settings_and_documents_are_checked_before_anything_is_written() {
         &["--no-pin", "--store", "etcd://198.51.100.5/x"],
     );
     let (status, log) = d.wait_exit();
-    assert!(!status.success());
+    assert_eq!(status.code(), Some(2), "bad input: {log}");
     assert!(
         log.contains("invalid store 'etcd://198.51.100.5/x': '198.51.100.5' is not HOST:PORT"),
         "{log}"
@@ -717,7 +717,7 @@ fn store_settings_and_documents_are_checked_before_anything_is_written() {
         ],
     );
     let (status, log) = d.wait_exit();
-    assert!(!status.success());
+    assert_eq!(status.code(), Some(2), "bad input: {log}");
     assert!(
         log.contains("services are given, but with a store"),
         "{log}"

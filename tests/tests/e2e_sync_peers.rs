@@ -529,7 +529,7 @@ fn sync_settings_that_cannot_work_stop_the_start_before_anything_is_loaded() {
         all.extend_from_slice(args);
         let mut d = Daemon::spawn_in(&topo.lb.ns, "eth0", run.dir(), &all);
         let (status, log) = d.wait_exit();
-        assert!(!status.success(), "{args:?} started: {log}");
+        assert_eq!(status.code(), Some(2), "{args:?}: bad input: {log}");
         assert!(
             log.contains("invalid flow sync settings") && log.contains(want),
             "{args:?}: {log}"

@@ -586,7 +586,7 @@ impl Model {
         let mut outcome = self.reconcile(maps, inputs, Mode::Rewrite, PauseHook::default())?;
         let model = &outcome.model;
         let mut w = Writer::new(maps, PauseHook::default());
-        let cleaned = model.remove_unknown(&mut w, &kernel);
+        let cleaned = model.remove_unknown(&mut w);
         let writes = w.writes();
         if let Err(err) = cleaned {
             w.rollback();
@@ -599,16 +599,15 @@ impl Model {
         Ok(outcome)
     }
 
-    /// Removes from the maps what this model does not know.
-    fn remove_unknown<M: Maps>(
-        &self,
-        w: &mut Writer<'_, M>,
-        kernel: &BTreeMap<VipKey, VipMeta>,
-    ) -> Result<(), DataplaneError> {
+    /// Removes from the maps what this model does not know. Reads the maps
+    /// as they are now: the reconcile before it has already removed the VIPs
+    /// the saved model knew and the desired state dropped (a VIP added with
+    /// the CLI, or taken out of the file, before a restart).
+    fn remove_unknown<M: Maps>(&self, w: &mut Writer<'_, M>) -> Result<(), DataplaneError> {
         let known: BTreeSet<VipKey> = self.services.keys().map(Vip::key).collect();
-        for (key, meta) in kernel {
-            if !known.contains(key) {
-                w.write(Op::RemoveVip(*key), Op::PutVip(*key, *meta))?;
+        for (key, meta) in w.maps().vips()? {
+            if !known.contains(&key) {
+                w.write(Op::RemoveVip(key), Op::PutVip(key, meta))?;
             }
         }
         let mut counts: BTreeMap<AddrKey, u32> = BTreeMap::new();
@@ -1002,6 +1001,39 @@ mod tests {
         let a = &world.model.services[&vip(v)];
         assert_eq!(world.maps.vips[&vip(v).key()].ring_off, a.rings[a.live]);
         assert_eq!(world.maps.vips[&vip(v).key()].ring_size, 251);
+    }
+
+    #[test]
+    fn adoption_drops_a_vip_the_saved_model_knew_and_the_new_desired_state_lacks() {
+        // The daemon stopped with three VIPs (one added with the CLI, say) and
+        // restarts with a file that has two: the reconcile removes the third,
+        // and the clean-up after it must not remove it again.
+        let (before, _) = before_and_after();
+        let mut world = World::new();
+        world.apply(&before).expect("before");
+        let saved = world.model.clone();
+        let mut fewer = before.clone();
+        fewer.services.remove(&vip("203.0.113.11:80/tcp"));
+        let (no_health, no_guard, all_macs) = (BTreeMap::new(), BTreeSet::new(), macs());
+        let inputs = Inputs {
+            desired: &fewer,
+            macs: &all_macs,
+            health: &no_health,
+            guarded: &no_guard,
+            min_healthy: 0.5,
+            ramp: &BTreeMap::new(),
+        };
+        let out = saved
+            .adopt(&mut world.maps, &inputs)
+            .expect("adoption with a VIP fewer");
+        world.model = out.model;
+        let keys: BTreeSet<VipKey> = world.maps.vips.keys().copied().collect();
+        let want: BTreeSet<VipKey> = fewer.services.keys().map(Vip::key).collect();
+        assert_eq!(keys, want);
+        assert_eq!(
+            world.served(&vip("203.0.113.10:80/tcp")),
+            BTreeSet::from([ip(11), ip(12)])
+        );
     }
 
     #[test]

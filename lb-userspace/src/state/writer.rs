@@ -253,8 +253,14 @@ pub mod fake {
         }
         fn remove_vip(&mut self, key: &VipKey) -> Result<(), DataplaneError> {
             self.step("remove_vip".into())?;
-            self.vips.remove(key);
-            Ok(())
+            // As the kernel's hash map: removing a key that is not there fails.
+            match self.vips.remove(key) {
+                Some(_) => Ok(()),
+                None => Err(DataplaneError::Map {
+                    name: "XLB_VIPS",
+                    source: aya::maps::MapError::KeyNotFound,
+                }),
+            }
         }
         fn set_vip_addr(&mut self, key: &AddrKey, count: u32) -> Result<(), DataplaneError> {
             self.step(format!("addr {count}"))?;
