@@ -61,7 +61,21 @@ impl std::fmt::Display for Change {
     }
 }
 
+#[cfg(test)]
+thread_local! {
+    /// Settings lists formatted on this thread (a test counts them: a change
+    /// of one real must not format the settings of every real).
+    static FORMATTED: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// Counts one settings list formatted (tests only).
+fn formatted() {
+    #[cfg(test)]
+    FORMATTED.set(FORMATTED.get() + 1);
+}
+
 fn vip_settings(s: &ServiceSpec) -> Vec<(String, String)> {
+    formatted();
     let mut out = vec![
         ("forward".to_owned(), s.options.forward.to_string()),
         ("scheduler".to_owned(), s.options.scheduler.to_string()),
@@ -72,6 +86,7 @@ fn vip_settings(s: &ServiceSpec) -> Vec<(String, String)> {
 }
 
 fn real_settings(r: &RealSpec) -> Vec<(String, String)> {
+    formatted();
     let mut out = vec![
         ("weight".to_owned(), r.weight.to_string()),
         ("admin".to_owned(), r.admin.to_string()),
@@ -137,6 +152,9 @@ fn listed(settings: &[(String, String)]) -> Vec<String> {
 
 /// Every VIP and real that differs from `old` to `new`: the `hash_seed`
 /// first, then removals, then additions and changes, in VIP and real order.
+/// Only what differs is formatted: the reconcile step diffs the whole
+/// desired state at every change, and equal services and reals (nearly all
+/// of them) cost a comparison each.
 pub fn diff(old: &Desired, new: &Desired) -> Vec<Change> {
     let mut out = Vec::new();
     if old.hash_seed != new.hash_seed {
@@ -179,6 +197,9 @@ pub fn diff(old: &Desired, new: &Desired) -> Vec<Change> {
             }
             continue;
         };
+        if o == s {
+            continue;
+        }
         let vip_changes = differences(&vip_settings(o), &vip_settings(s));
         if !vip_changes.is_empty() {
             out.push(change(Action::Changed, vip, None, vip_changes));
@@ -192,6 +213,7 @@ pub fn diff(old: &Desired, new: &Desired) -> Vec<Change> {
         for (real, r) in &s.reals {
             let (action, details) = match o.reals.get(real) {
                 None => (Action::Added, listed(&real_settings(r))),
+                Some(p) if p == r => continue,
                 Some(p) => (
                     Action::Changed,
                     differences(&real_settings(p), &real_settings(r)),
@@ -294,6 +316,42 @@ mod tests {
             )
         );
         assert!(diff(&new, &new).is_empty());
+    }
+
+    #[test]
+    fn one_changed_real_formats_only_that_real_s_settings() {
+        let mut old = Desired::default();
+        for v in 1..=100u8 {
+            let mut s = ServiceSpec::default();
+            for r in 11..=20u8 {
+                s.reals
+                    .insert(IpAddr::from([198, 51, 100, r]), RealSpec::default());
+            }
+            old.services
+                .insert(vip(&format!("203.0.113.{v}:80/tcp")), s);
+        }
+        let mut new = old.clone();
+        let v = vip("203.0.113.50:80/tcp");
+        new.services
+            .get_mut(&v)
+            .and_then(|s| s.reals.get_mut(&ip("198.51.100.11")))
+            .expect("real")
+            .weight = 2;
+        FORMATTED.set(0);
+        let lines: Vec<String> = diff(&old, &new).iter().map(ToString::to_string).collect();
+        assert_eq!(
+            lines,
+            ["~ real 198.51.100.11 of 203.0.113.50:80/tcp: weight 1 -> 2"]
+        );
+        // Its VIP's settings on both sides and the real's on both sides.
+        assert_eq!(
+            FORMATTED.get(),
+            4,
+            "settings formatted for unchanged entries"
+        );
+        FORMATTED.set(0);
+        assert!(diff(&new, &new).is_empty());
+        assert_eq!(FORMATTED.get(), 0);
     }
 
     #[test]

@@ -84,8 +84,9 @@ enum Task {
         /// A fast smoke run; writes bench-results/quick.{json,md} and leaves docs/ alone.
         #[arg(long)]
         quick: bool,
-        /// Only these sections (comma-separated: per-packet,live,e2e,control,sync,fleet);
-        /// the others are kept from the last results file.
+        /// Only these sections (comma-separated: per-packet,live,e2e,control,sync,fleet;
+        /// health or reconcile: that part of control alone); the others are kept
+        /// from the last results file.
         #[arg(long)]
         only: Option<String>,
     },

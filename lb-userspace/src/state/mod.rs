@@ -218,10 +218,9 @@ impl State {
         macs: &BTreeMap<IpAddr, [u8; 6]>,
         pause: PauseHook,
     ) -> Result<Changes, StateError> {
-        let mut spec = self.spec.clone();
-        let dropped = spec.apply(edit)?;
-        let changes = self.commit(maps, spec, macs, None, pause)?;
-        for (vip, real) in dropped {
+        let next = self.spec.applied(edit)?;
+        let changes = self.commit(maps, next.spec, macs, None, pause)?;
+        for (vip, real) in next.dropped {
             tracing::info!(%vip, %real, "override of a real that left the configuration dropped");
         }
         Ok(changes)
@@ -285,8 +284,11 @@ impl State {
         verdicts: &[((Vip, IpAddr), bool)],
         step: impl FnOnce(&Model, &Inputs<'_>) -> Result<Outcome, StateError>,
     ) -> Result<Changes, StateError> {
-        let desired = spec.effective();
-        let (macs, health) = self.inputs_for(&desired, macs, verdicts);
+        // Both borrowed when no override applies (the common case): the
+        // desired state is not copied at each change.
+        let desired = spec.effective_cow();
+        let before = self.spec.effective_cow();
+        let (macs, health) = self.inputs_for(&before, &desired, macs, verdicts);
         let inputs = Inputs {
             desired: &desired,
             macs: &macs,
@@ -296,10 +298,10 @@ impl State {
             ramp: &self.ramp,
         };
         let out = step(&self.model, &inputs)?;
-        let before = self.desired();
         for line in describe_changes(&before, &desired) {
             tracing::info!("{line}");
         }
+        drop((before, desired));
         Ok(self.take(spec, macs, health, out))
     }
 
@@ -309,6 +311,7 @@ impl State {
     /// state whose check says `start: down` starts down.
     fn inputs_for(
         &self,
+        before: &Desired,
         desired: &Desired,
         macs: &BTreeMap<IpAddr, [u8; 6]>,
         verdicts: &[((Vip, IpAddr), bool)],
@@ -318,7 +321,6 @@ impl State {
         known.extend(macs.iter().map(|(a, m)| (*a, *m)));
         known.retain(|a, _| reach.contains_key(a));
         let mut health = self.health.clone();
-        let before = self.desired();
         for (vip, s) in &desired.services {
             for real in s.reals.keys() {
                 let starts_down = s
@@ -361,7 +363,7 @@ impl State {
         }
         self.spec = spec;
         self.macs = macs;
-        let desired = self.spec.effective();
+        let desired = self.spec.effective_cow();
         self.ramp
             .retain(|(vip, real), _| desired.has_real(vip, *real));
         self.health = health;
@@ -380,7 +382,7 @@ impl State {
         spec: Spec,
         macs: &BTreeMap<IpAddr, [u8; 6]>,
     ) -> Result<Changes, StateError> {
-        spec.effective().validate()?;
+        spec.effective_cow().validate()?;
         self.step(spec, macs, &[], |model, inputs| {
             model.clone().adopt(maps, inputs)
         })

@@ -18,6 +18,7 @@
 //! replaced (ids, ranges) is freed only once it succeeded.
 
 use std::{
+    borrow::Cow,
     collections::{BTreeMap, BTreeSet},
     net::IpAddr,
 };
@@ -254,7 +255,7 @@ impl Model {
         let mut next = self.clone();
         let mut guarded = BTreeSet::new();
         let mut guard_changes = Vec::new();
-        let plan = next.plan(inputs, mode, &mut guarded, &mut guard_changes)?;
+        let plan = next.plan(self, inputs, mode, &mut guarded, &mut guard_changes)?;
         let mut w = Writer::new(maps, pause);
         if let Err(err) = self.commit(&mut w, &plan, mode) {
             w.rollback();
@@ -282,15 +283,16 @@ impl Model {
         })
     }
 
-    /// Plans the change into `self` (the next model), allocating fresh ids and ranges.
+    /// Plans the change into `self` (the next model, a copy of `before`),
+    /// allocating fresh ids and ranges.
     fn plan(
         &mut self,
+        before: &Model,
         inputs: &Inputs<'_>,
         mode: Mode,
         guarded: &mut BTreeSet<Vip>,
         guard_changes: &mut Vec<(Vip, bool, usize, usize)>,
     ) -> Result<Plan, StateError> {
-        let before = self.clone();
         let mut plan = Plan::default();
         let mut vip_ids: BTreeSet<u32> = self.services.values().map(|a| a.id).collect();
         let mut slot_ids: BTreeSet<u32> = self.slots.keys().copied().collect();
@@ -298,15 +300,17 @@ impl Model {
 
         for (vip, spec) in &inputs.desired.services {
             let old = before.services.get(vip);
+            // Copied only when it changes: a VIP that stays as it was is
+            // already in `self` (a copy of `before`).
             let mut a = match old {
-                Some(a) => a.clone(),
+                Some(a) => Cow::Borrowed(a),
                 None => {
                     let id = alloc::vip_id(&vip_ids).ok_or_else(|| full("VIP id", MAX_VIPS))?;
                     vip_ids.insert(id);
                     let size = spec.options.table_size;
                     let r0 = self.rings.alloc(size).ok_or_else(pool_full)?;
                     let r1 = self.rings.alloc(size).ok_or_else(pool_full)?;
-                    Applied {
+                    Cow::Owned(Applied {
                         id,
                         rings: [r0, r1],
                         // The first table goes into rings[0].
@@ -315,7 +319,7 @@ impl Model {
                         slots: BTreeMap::new(),
                         table: BTreeMap::new(),
                         hash_seed: inputs.desired.hash_seed,
-                    }
+                    })
                 }
             };
             let mut reals = Vec::with_capacity(spec.reals.len());
@@ -376,7 +380,7 @@ impl Model {
                         plan.new_slots.push(id);
                         plan.ups.push((id, slot.def(), cleared_real()));
                         self.slots.insert(id, slot);
-                        a.slots.insert(*addr, id);
+                        a.to_mut().slots.insert(*addr, id);
                     }
                     (None, None) => {}
                 }
@@ -394,7 +398,7 @@ impl Model {
                     plan.downs.push((id, slot.def()));
                 }
                 plan.freed_slots.push(id);
-                a.slots.remove(&addr);
+                a.to_mut().slots.remove(&addr);
             }
             let was = inputs.guarded.contains(vip);
             let w = plan::weights(&reals, inputs.min_healthy, was);
@@ -410,6 +414,7 @@ impl Model {
                 || spec.options != a.options
                 || inputs.desired.hash_seed != a.hash_seed;
             if changed {
+                let a = a.to_mut();
                 let resized = old.is_some() && a.options.table_size != spec.options.table_size;
                 let size = spec.options.table_size;
                 let ring = if resized {
@@ -443,7 +448,9 @@ impl Model {
                     old_meta: old.map(Applied::live_meta),
                 });
             }
-            self.services.insert(*vip, a);
+            if let Cow::Owned(a) = a {
+                self.services.insert(*vip, a);
+            }
         }
         for (vip, a) in &before.services {
             if inputs.desired.services.contains_key(vip) {
@@ -1068,7 +1075,13 @@ mod tests {
             };
             let mut next = saved.clone();
             let plan = next
-                .plan(&inputs, Mode::Diff, &mut BTreeSet::new(), &mut Vec::new())
+                .plan(
+                    &saved,
+                    &inputs,
+                    Mode::Diff,
+                    &mut BTreeSet::new(),
+                    &mut Vec::new(),
+                )
                 .expect("plan");
             {
                 let mut w = Writer::new(&mut maps, PauseHook::default());

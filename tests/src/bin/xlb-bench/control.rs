@@ -142,7 +142,8 @@ fn big_desired(reals_per_vip: usize) -> (Desired, BTreeMap<IpAddr, [u8; 6]>) {
     (desired, macs)
 }
 
-fn reconcile(quick: bool) -> Reconcile {
+/// The reconcile measurement (`--only reconcile` runs it alone).
+pub fn reconcile(quick: bool) -> Reconcile {
     let per_vip = reconcile_reals_per_vip();
     let (desired, macs) = big_desired(per_vip);
     let (runs, changes) = if quick { (1, 4) } else { (3, 20) };

@@ -51,8 +51,8 @@ enum Command {
         #[arg(long)]
         quick: bool,
         /// Only these sections (comma-separated: per-packet,live,e2e,control,sync,fleet;
-        /// health: the health-checking part of control alone); the others are kept
-        /// from an existing --out file.
+        /// health: the health-checking part of control alone; reconcile: its
+        /// reconcile part alone); the others are kept from an existing --out file.
         #[arg(long, value_delimiter = ',')]
         only: Vec<Section>,
         /// The JSON file to write.
@@ -85,6 +85,8 @@ enum Section {
     Control,
     /// The health-checking part of `control` alone (the rest of it kept).
     Health,
+    /// The reconcile part of `control` alone (the rest of it kept).
+    Reconcile,
     Sync,
     Fleet,
 }
@@ -153,6 +155,11 @@ fn run(quick: bool, only: &[Section], out: &std::path::Path, cpu: usize) {
         eprintln!("xlb-bench: health-checking cost (part of the control plane)");
         let c = report.control.get_or_insert_default();
         control::health_cases(quick, c);
+        save(&report, out);
+    }
+    if !wanted(Section::Control) && only.contains(&Section::Reconcile) {
+        eprintln!("xlb-bench: reconcile at 1,000 VIPs (part of the control plane)");
+        report.control.get_or_insert_default().reconcile = Some(control::reconcile(quick));
         save(&report, out);
     }
     if wanted(Section::Sync) {
