@@ -171,7 +171,7 @@ fn exit_codes_json_errors_check_dry_run_save_and_the_last_reload() {
     // One exit code per kind of failure, whatever the command.
     let before = desired(d);
     let real0 = r[0].to_string();
-    let cases: [(&[&str], i32, &str, &str); 12] = [
+    let cases: [(&[&str], i32, &str, &str); 13] = [
         (
             &["--socket", "/nonexistent/xlb.sock", "status"],
             3,
@@ -203,6 +203,12 @@ fn exit_codes_json_errors_check_dry_run_save_and_the_last_reload() {
             "invalid table size 100",
         ),
         (&["vip", "set", SERVICE], 2, "bad_input", "nothing to set"),
+        (
+            &["apply", "--dry-run", "--if-revision", "42", &base],
+            2,
+            "bad_input",
+            "a revision is only checked in store mode (xlb run --store)",
+        ),
         (
             &["check", &bad],
             2,

@@ -135,16 +135,23 @@ async fn edit_at(
             revision: Some(w.revision),
         });
     }
-    if if_revision.is_some() {
-        return Err(ApiError::bad_request(
-            "a revision is only checked in store mode (xlb run --store)",
-        ));
-    }
+    revision_needs_store(ctx, if_revision)?;
     let resolution = match adds {
         Some(d) => resolve(ctx, d).await,
         None => Resolution::default(),
     };
     Ok(ctx.sources.handle.edit(edit, resolution).await?.into())
+}
+
+/// Refuses a revision without a store: only a store has revisions to
+/// compare with.
+fn revision_needs_store(ctx: &Context, revision: Option<i64>) -> ApiResult<()> {
+    if ctx.store.is_none() && revision.is_some() {
+        return Err(ApiError::bad_request(
+            "a revision is only checked in store mode (xlb run --store)",
+        ));
+    }
+    Ok(())
 }
 
 async fn list_vips(AxState(ctx): AxState<Context>) -> ApiResult<Json<Vec<VipView>>> {
@@ -356,6 +363,7 @@ async fn plan(
 ) -> ApiResult<Json<Planned>> {
     let Json(body) = body?;
     let (file, desired) = checked(&ctx, &body)?;
+    revision_needs_store(&ctx, body.revision)?;
     let snap = ctx.sources.handle.snapshot();
     let mut next = snap.spec.clone();
     next.apply(Edit::Replace(desired))
