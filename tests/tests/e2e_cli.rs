@@ -171,7 +171,12 @@ fn exit_codes_json_errors_check_dry_run_save_and_the_last_reload() {
     // One exit code per kind of failure, whatever the command.
     let before = desired(d);
     let real0 = r[0].to_string();
-    let cases: [(&[&str], i32, &str, &str); 13] = [
+    let unknown_flow = write_file(
+        &dir,
+        "flows.txt",
+        "203.0.113.77:80/tcp 198.51.100.7:40000\n",
+    );
+    let cases: [(&[&str], i32, &str, &str); 15] = [
         (
             &["--socket", "/nonexistent/xlb.sock", "status"],
             3,
@@ -238,6 +243,23 @@ fn exit_codes_json_errors_check_dry_run_save_and_the_last_reload() {
             4,
             "refused",
             "unknown VIP 203.0.113.77:80/tcp",
+        ),
+        (
+            &[
+                "simulate",
+                "203.0.113.77:80/tcp",
+                "--src",
+                "198.51.100.7:40000",
+            ],
+            4,
+            "refused",
+            "unknown VIP 203.0.113.77:80/tcp",
+        ),
+        (
+            &["simulate", "--batch", &unknown_flow],
+            4,
+            "refused",
+            "flows[0]: unknown VIP 203.0.113.77:80/tcp",
         ),
         (
             &["apply", "--dry-run", &off],

@@ -546,8 +546,11 @@ async fn simulate_batch(
     }
     let mut flows = Vec::with_capacity(body.flows.len());
     for (i, f) in body.flows.iter().enumerate() {
-        let flow = flow_of(&ctx, &f.vip, &f.src)
-            .map_err(|e| ApiError::bad_request(format!("flows[{i}]: {}", e.message)))?;
+        // The flow's own status: an unknown VIP is a 404, as for one flow.
+        let flow = flow_of(&ctx, &f.vip, &f.src).map_err(|e| ApiError {
+            status: e.status,
+            message: format!("flows[{i}]: {}", e.message),
+        })?;
         flows.push(flow);
     }
     let mut reals = Vec::with_capacity(flows.len());
