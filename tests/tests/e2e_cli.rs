@@ -349,10 +349,42 @@ fn exit_codes_json_errors_check_dry_run_save_and_the_last_reload() {
     // A successful apply is the last reload again.
     d.cli_ok(&["apply", &next]);
     assert_eq!(status(d)["last_reload"]["successful"], true);
+    let before_huge = desired(d);
     assert_eq!(
         metric(&lab.topo.lb, "xlb_config_last_reload_successful"),
         1.0
     );
+
+    // A body over the API's limit is refused before it is read whole: still
+    // the last reload, failed, saying why; the CLI names the file's size.
+    let huge = write_file(&dir, "huge.yaml", &"# padding\n".repeat(300_000));
+    assert_fails(
+        d,
+        &["apply", &huge],
+        2,
+        "bad_input",
+        "huge.yaml: (document): 3000000 bytes; a configuration holds at most 1048576 bytes",
+    );
+    let s = status(d);
+    let last = &s["last_reload"];
+    assert_eq!(last["successful"], false, "{s}");
+    assert_eq!(last["source"], "xlb apply (request)", "{s}");
+    assert_eq!(
+        last["error"],
+        "invalid request body: over the limit of 2097152 bytes (a configuration holds at most \
+         1048576 bytes)",
+        "{s}"
+    );
+    assert_eq!(
+        metric(&lab.topo.lb, "xlb_config_last_reload_successful"),
+        0.0
+    );
+    assert_eq!(
+        desired(d),
+        before_huge,
+        "a refused body changed the desired state"
+    );
+    d.cli_ok(&["apply", &next]);
 
     // save -> apply -> save: the same bytes, and the apply changes nothing. An
     // override is not saved, and stays.

@@ -63,11 +63,7 @@ pub fn router(ctx: Context) -> Router {
             post(super::node::drain).delete(super::node::undrain),
         )
         .route("/v1/node/role", put(super::node::role))
-        // A configuration document is at most MAX_CONFIG_BYTES; JSON escaping
-        // can double it.
-        .layer(axum::extract::DefaultBodyLimit::max(
-            2 * crate::config::MAX_CONFIG_BYTES,
-        ))
+        .layer(axum::extract::DefaultBodyLimit::max(super::MAX_BODY_BYTES))
         .with_state(ctx)
 }
 
@@ -330,7 +326,18 @@ async fn apply(
     AxState(ctx): AxState<Context>,
     body: Result<Json<ApplyBody>, JsonRejection>,
 ) -> ApiResult<Json<Applied>> {
-    let Json(body) = body?;
+    // A body refused before it is read (too big, not JSON) is a failed reload too.
+    let body = match body {
+        Ok(Json(body)) => body,
+        Err(rejection) => {
+            let err = ApiError::from(rejection);
+            let source = "xlb apply (request)".to_owned();
+            ctx.sources
+                .activity
+                .record_reload(source, Err(err.to_string()));
+            return Err(err);
+        }
+    };
     let source = format!("xlb apply {}", body.file.as_deref().unwrap_or("(request)"));
     let result = apply_checked(&ctx, &body).await;
     let outcome = result.as_ref().map(drop).map_err(ToString::to_string);
