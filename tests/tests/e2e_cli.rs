@@ -524,7 +524,8 @@ fn vip_set_keeps_flows_and_rate_zero_and_real_list_count_the_real_that_gets_traf
     let (mut conn, first) = open_connection(&lab);
     let id = json(&d.cli_ok(&["vip", "list", "--json"]), "vip list")[0]["id"].clone();
 
-    // vip set: new scheduler and table, the open connection stays on its real.
+    // vip set, as operations.md shows it: new scheduler, table and check (its
+    // timeout the interval, shorter than 1000 ms), the open connection stays.
     assert_eq!(
         d.cli_ok(&[
             "vip",
@@ -533,9 +534,16 @@ fn vip_set_keeps_flows_and_rate_zero_and_real_list_count_the_real_that_gets_traf
             "--scheduler",
             "maglev-src",
             "--table-size",
-            "251"
+            "251",
+            "--check",
+            "tcp",
+            "--check-interval",
+            "500"
         ]),
-        format!("VIP {SERVICE} now maglev-src, table 251: established flows stay on their reals\n")
+        format!(
+            "VIP {SERVICE} now maglev-src, table 251, new health check: established flows stay \
+             on their reals\n"
+        )
     );
     let vip = json(&d.cli_ok(&["vip", "list", "--json"]), "vip list")[0].clone();
     assert_eq!(
@@ -546,6 +554,16 @@ fn vip_set_keeps_flows_and_rate_zero_and_real_list_count_the_real_that_gets_traf
             &id
         ),
         "{vip}"
+    );
+    let check = &json(&desired(d), "GET /v1/desired")["services"][SERVICE]["health"];
+    assert_eq!(
+        (&check["kind"], &check["interval_ms"], &check["timeout_ms"]),
+        (
+            &serde_json::json!("tcp"),
+            &serde_json::json!(500),
+            &serde_json::json!(500)
+        ),
+        "{check}"
     );
     for i in 0..5 {
         let real = conn
