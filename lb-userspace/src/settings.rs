@@ -136,14 +136,14 @@ pub const MTU_MAX: u32 = 65_535;
 
 /// `s` as an integer in `range`; the error says the range.
 fn bounded(s: &str, range: std::ops::RangeInclusive<u32>) -> Result<u32, String> {
-    let (lo, hi) = (range.start(), range.end());
-    let v: u32 = s
+    let (lo, hi) = (*range.start(), *range.end());
+    let v: u64 = s
         .parse()
         .map_err(|_| format!("'{s}' is not an integer between {lo} and {hi}"))?;
-    if !range.contains(&v) {
-        return Err(format!("{v} is not between {lo} and {hi}"));
+    match u32::try_from(v) {
+        Ok(v) if range.contains(&v) => Ok(v),
+        _ => Err(format!("{v} is not between {lo} and {hi}")),
     }
-    Ok(v)
 }
 
 fn conntrack_size(s: &str) -> Result<u32, String> {
@@ -893,6 +893,10 @@ mod tests {
             "0 is not between 1024 and 134217728"
         );
         assert_eq!(conntrack_size("1024"), Ok(1024));
+        assert_eq!(
+            conntrack_size("5000000000").unwrap_err(),
+            "5000000000 is not between 1024 and 134217728"
+        );
         assert_eq!(
             conntrack_size("many").unwrap_err(),
             "'many' is not an integer between 1024 and 134217728"
