@@ -712,6 +712,18 @@ mod tests {
                 "x.yaml: daemon.min_healthy: 1.5 is not between 0.0 and 1.0",
             ),
             (
+                "daemon:\n  conntrack_size: 0\n",
+                "x.yaml: daemon.conntrack_size: 0 is not between 1024 and 134217728",
+            ),
+            (
+                "daemon:\n  mtu: 10\n",
+                "x.yaml: daemon.mtu: 10 is not between 1280 and 65535",
+            ),
+            (
+                "daemon:\n  mtu: 1500.5\n",
+                "x.yaml: daemon.mtu: invalid type",
+            ),
+            (
                 "hash_seed: -1\n",
                 "x.yaml: hash_seed: -1 is negative: the seed is an unsigned integer from 0 to \
                  18446744073709551615",

@@ -124,6 +124,50 @@ fn de_share<'de, D: Deserializer<'de>>(d: D) -> Result<Option<f64>, D::Error> {
         .map_err(serde::de::Error::custom)
 }
 
+/// Fewest flows a conntrack table may hold (a smaller table would evict
+/// tracked flows under any load).
+pub const CONNTRACK_MIN: u32 = 1 << 10;
+/// Most flows a conntrack table may hold (~13 GiB of kernel memory).
+pub const CONNTRACK_MAX: u32 = 1 << 27;
+/// Smallest MTU: the least every IPv6 link carries (RFC 8200).
+pub const MTU_MIN: u32 = 1280;
+/// Largest MTU: the largest IP packet.
+pub const MTU_MAX: u32 = 65_535;
+
+/// `s` as an integer in `range`; the error says the range.
+fn bounded(s: &str, range: std::ops::RangeInclusive<u32>) -> Result<u32, String> {
+    let (lo, hi) = (*range.start(), *range.end());
+    let v: u64 = s
+        .parse()
+        .map_err(|_| format!("'{s}' is not an integer between {lo} and {hi}"))?;
+    match u32::try_from(v) {
+        Ok(v) if range.contains(&v) => Ok(v),
+        _ => Err(format!("{v} is not between {lo} and {hi}")),
+    }
+}
+
+fn conntrack_size(s: &str) -> Result<u32, String> {
+    bounded(s, CONNTRACK_MIN..=CONNTRACK_MAX)
+}
+
+fn mtu(s: &str) -> Result<u32, String> {
+    bounded(s, MTU_MIN..=MTU_MAX)
+}
+
+fn de_conntrack_size<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u32>, D::Error> {
+    let v = u64::deserialize(d)?;
+    conntrack_size(&v.to_string())
+        .map(Some)
+        .map_err(serde::de::Error::custom)
+}
+
+fn de_mtu<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u32>, D::Error> {
+    let v = u64::deserialize(d)?;
+    mtu(&v.to_string())
+        .map(Some)
+        .map_err(serde::de::Error::custom)
+}
+
 /// Settings of `xlb run`. As flags; in the config file's `daemon:` section
 /// under the names given in docs/config.md.
 #[derive(Debug, Clone, Default, Args, Deserialize)]
@@ -140,8 +184,10 @@ pub struct Settings {
     /// unresolved (and retried) [default: 3].
     #[arg(long)]
     pub resolve_timeout: Option<u64>,
-    /// Connection-tracking table size (flows, all CPUs; ~100 bytes each) [default: 1048576].
-    #[arg(long)]
+    /// Connection-tracking table size (flows, all CPUs; ~100 bytes each; 1024
+    /// to 134217728) [default: 1048576].
+    #[arg(long, value_parser = conntrack_size)]
+    #[serde(default, deserialize_with = "de_conntrack_size")]
     pub conntrack_size: Option<u32>,
     /// New flows each CPU may add to the conntrack table per second; above it
     /// flows are forwarded by Maglev alone (0: no limit) [default: enough for
@@ -156,8 +202,10 @@ pub struct Settings {
     /// Seconds after which an idle UDP flow is forgotten [default: 30].
     #[arg(long)]
     pub udp_idle_timeout: Option<u64>,
-    /// Largest IP packet after encapsulation (default: the interface's MTU).
-    #[arg(long)]
+    /// Largest IP packet after encapsulation, 1280 to 65535 (default: the
+    /// interface's MTU).
+    #[arg(long, value_parser = mtu)]
+    #[serde(default, deserialize_with = "de_mtu")]
     pub mtu: Option<u32>,
     /// IPv4 prefix for tunnel sources, e.g. 192.0.2.0/24 (default: the interface's address).
     #[arg(long = "tunnel-src")]
@@ -836,5 +884,59 @@ mod tests {
         );
         assert!("2001:db8::/96".parse::<Prefix<Ipv6Addr>>().is_ok());
         assert!(share("1.5").unwrap_err().contains("between 0.0 and 1.0"));
+    }
+
+    #[test]
+    fn conntrack_size_and_mtu_outside_their_range_are_refused_naming_it() {
+        assert_eq!(
+            conntrack_size("0").unwrap_err(),
+            "0 is not between 1024 and 134217728"
+        );
+        assert_eq!(conntrack_size("1024"), Ok(1024));
+        assert_eq!(
+            conntrack_size("5000000000").unwrap_err(),
+            "5000000000 is not between 1024 and 134217728"
+        );
+        assert_eq!(
+            conntrack_size("many").unwrap_err(),
+            "'many' is not an integer between 1024 and 134217728"
+        );
+        assert_eq!(mtu("10").unwrap_err(), "10 is not between 1280 and 65535");
+        assert_eq!(
+            mtu("65536").unwrap_err(),
+            "65536 is not between 1280 and 65535"
+        );
+        assert_eq!(mtu("1280"), Ok(1280));
+
+        // As flags: clap's usage error (exit 2), naming the flag and the range.
+        #[derive(clap::Parser)]
+        struct Run {
+            #[command(flatten)]
+            settings: Settings,
+        }
+        use clap::Parser as _;
+        let err = Run::try_parse_from(["xlb", "--conntrack-size", "0"])
+            .err()
+            .expect("--conntrack-size 0 is refused");
+        assert_eq!(err.exit_code(), 2);
+        assert!(
+            err.to_string().contains(
+                "invalid value '0' for '--conntrack-size <CONNTRACK_SIZE>': 0 is not between \
+                 1024 and 134217728"
+            ),
+            "{err}"
+        );
+        let err = Run::try_parse_from(["xlb", "--mtu", "10"])
+            .err()
+            .expect("--mtu 10 is refused");
+        assert!(
+            err.to_string()
+                .contains("invalid value '10' for '--mtu <MTU>': 10 is not between 1280 and 65535"),
+            "{err}"
+        );
+        let run = Run::try_parse_from(["xlb", "--mtu", "9000", "--conntrack-size", "4096"])
+            .expect("values in range");
+        assert_eq!(run.settings.mtu, Some(9000));
+        assert_eq!(run.settings.conntrack_size(), 4096);
     }
 }

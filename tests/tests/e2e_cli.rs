@@ -171,7 +171,12 @@ fn exit_codes_json_errors_check_dry_run_save_and_the_last_reload() {
     // One exit code per kind of failure, whatever the command.
     let before = desired(d);
     let real0 = r[0].to_string();
-    let cases: [(&[&str], i32, &str, &str); 12] = [
+    let unknown_flow = write_file(
+        &dir,
+        "flows.txt",
+        "203.0.113.77:80/tcp 198.51.100.7:40000\n",
+    );
+    let cases: [(&[&str], i32, &str, &str); 15] = [
         (
             &["--socket", "/nonexistent/xlb.sock", "status"],
             3,
@@ -204,6 +209,12 @@ fn exit_codes_json_errors_check_dry_run_save_and_the_last_reload() {
         ),
         (&["vip", "set", SERVICE], 2, "bad_input", "nothing to set"),
         (
+            &["apply", "--dry-run", "--if-revision", "42", &base],
+            2,
+            "bad_input",
+            "a revision is only checked in store mode (xlb run --store)",
+        ),
+        (
             &["check", &bad],
             2,
             "bad_input",
@@ -232,6 +243,23 @@ fn exit_codes_json_errors_check_dry_run_save_and_the_last_reload() {
             4,
             "refused",
             "unknown VIP 203.0.113.77:80/tcp",
+        ),
+        (
+            &[
+                "simulate",
+                "203.0.113.77:80/tcp",
+                "--src",
+                "198.51.100.7:40000",
+            ],
+            4,
+            "refused",
+            "unknown VIP 203.0.113.77:80/tcp",
+        ),
+        (
+            &["simulate", "--batch", &unknown_flow],
+            4,
+            "refused",
+            "flows[0]: unknown VIP 203.0.113.77:80/tcp",
         ),
         (
             &["apply", "--dry-run", &off],
@@ -321,10 +349,42 @@ fn exit_codes_json_errors_check_dry_run_save_and_the_last_reload() {
     // A successful apply is the last reload again.
     d.cli_ok(&["apply", &next]);
     assert_eq!(status(d)["last_reload"]["successful"], true);
+    let before_huge = desired(d);
     assert_eq!(
         metric(&lab.topo.lb, "xlb_config_last_reload_successful"),
         1.0
     );
+
+    // A body over the API's limit is refused before it is read whole: still
+    // the last reload, failed, saying why; the CLI names the file's size.
+    let huge = write_file(&dir, "huge.yaml", &"# padding\n".repeat(300_000));
+    assert_fails(
+        d,
+        &["apply", &huge],
+        2,
+        "bad_input",
+        "huge.yaml: (document): 3000000 bytes; a configuration holds at most 1048576 bytes",
+    );
+    let s = status(d);
+    let last = &s["last_reload"];
+    assert_eq!(last["successful"], false, "{s}");
+    assert_eq!(last["source"], "xlb apply (request)", "{s}");
+    assert_eq!(
+        last["error"],
+        "invalid request body: over the limit of 2097152 bytes (a configuration holds at most \
+         1048576 bytes)",
+        "{s}"
+    );
+    assert_eq!(
+        metric(&lab.topo.lb, "xlb_config_last_reload_successful"),
+        0.0
+    );
+    assert_eq!(
+        desired(d),
+        before_huge,
+        "a refused body changed the desired state"
+    );
+    d.cli_ok(&["apply", &next]);
 
     // save -> apply -> save: the same bytes, and the apply changes nothing. An
     // override is not saved, and stays.
@@ -490,7 +550,8 @@ fn vip_set_keeps_flows_and_rate_zero_and_real_list_count_the_real_that_gets_traf
     let (mut conn, first) = open_connection(&lab);
     let id = json(&d.cli_ok(&["vip", "list", "--json"]), "vip list")[0]["id"].clone();
 
-    // vip set: new scheduler and table, the open connection stays on its real.
+    // vip set, as operations.md shows it: new scheduler, table and check (its
+    // timeout the interval, shorter than 1000 ms), the open connection stays.
     assert_eq!(
         d.cli_ok(&[
             "vip",
@@ -499,9 +560,16 @@ fn vip_set_keeps_flows_and_rate_zero_and_real_list_count_the_real_that_gets_traf
             "--scheduler",
             "maglev-src",
             "--table-size",
-            "251"
+            "251",
+            "--check",
+            "tcp",
+            "--check-interval",
+            "500"
         ]),
-        format!("VIP {SERVICE} now maglev-src, table 251: established flows stay on their reals\n")
+        format!(
+            "VIP {SERVICE} now maglev-src, table 251, new health check: established flows stay \
+             on their reals\n"
+        )
     );
     let vip = json(&d.cli_ok(&["vip", "list", "--json"]), "vip list")[0].clone();
     assert_eq!(
@@ -512,6 +580,16 @@ fn vip_set_keeps_flows_and_rate_zero_and_real_list_count_the_real_that_gets_traf
             &id
         ),
         "{vip}"
+    );
+    let check = &json(&desired(d), "GET /v1/desired")["services"][SERVICE]["health"];
+    assert_eq!(
+        (&check["kind"], &check["interval_ms"], &check["timeout_ms"]),
+        (
+            &serde_json::json!("tcp"),
+            &serde_json::json!(500),
+            &serde_json::json!(500)
+        ),
+        "{check}"
     );
     for i in 0..5 {
         let real = conn

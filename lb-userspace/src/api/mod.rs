@@ -139,8 +139,19 @@ impl From<crate::dataplane::DataplaneError> for ApiError {
     }
 }
 
+/// Largest request body, bytes: a configuration document (at most
+/// `MAX_CONFIG_BYTES`) whose JSON escaping doubled it.
+pub const MAX_BODY_BYTES: usize = 2 * crate::config::MAX_CONFIG_BYTES;
+
 impl From<JsonRejection> for ApiError {
     fn from(err: JsonRejection) -> Self {
+        if err.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            return Self::bad_request(format!(
+                "invalid request body: over the limit of {MAX_BODY_BYTES} bytes (a \
+                 configuration holds at most {} bytes)",
+                crate::config::MAX_CONFIG_BYTES
+            ));
+        }
         Self::bad_request(format!("invalid request body: {}", err.body_text()))
     }
 }

@@ -63,11 +63,7 @@ pub fn router(ctx: Context) -> Router {
             post(super::node::drain).delete(super::node::undrain),
         )
         .route("/v1/node/role", put(super::node::role))
-        // A configuration document is at most MAX_CONFIG_BYTES; JSON escaping
-        // can double it.
-        .layer(axum::extract::DefaultBodyLimit::max(
-            2 * crate::config::MAX_CONFIG_BYTES,
-        ))
+        .layer(axum::extract::DefaultBodyLimit::max(super::MAX_BODY_BYTES))
         .with_state(ctx)
 }
 
@@ -135,16 +131,23 @@ async fn edit_at(
             revision: Some(w.revision),
         });
     }
-    if if_revision.is_some() {
-        return Err(ApiError::bad_request(
-            "a revision is only checked in store mode (xlb run --store)",
-        ));
-    }
+    revision_needs_store(ctx, if_revision)?;
     let resolution = match adds {
         Some(d) => resolve(ctx, d).await,
         None => Resolution::default(),
     };
     Ok(ctx.sources.handle.edit(edit, resolution).await?.into())
+}
+
+/// Refuses a revision without a store: only a store has revisions to
+/// compare with.
+fn revision_needs_store(ctx: &Context, revision: Option<i64>) -> ApiResult<()> {
+    if ctx.store.is_none() && revision.is_some() {
+        return Err(ApiError::bad_request(
+            "a revision is only checked in store mode (xlb run --store)",
+        ));
+    }
+    Ok(())
 }
 
 async fn list_vips(AxState(ctx): AxState<Context>) -> ApiResult<Json<Vec<VipView>>> {
@@ -323,7 +326,18 @@ async fn apply(
     AxState(ctx): AxState<Context>,
     body: Result<Json<ApplyBody>, JsonRejection>,
 ) -> ApiResult<Json<Applied>> {
-    let Json(body) = body?;
+    // A body refused before it is read (too big, not JSON) is a failed reload too.
+    let body = match body {
+        Ok(Json(body)) => body,
+        Err(rejection) => {
+            let err = ApiError::from(rejection);
+            let source = "xlb apply (request)".to_owned();
+            ctx.sources
+                .activity
+                .record_reload(source, Err(err.to_string()));
+            return Err(err);
+        }
+    };
     let source = format!("xlb apply {}", body.file.as_deref().unwrap_or("(request)"));
     let result = apply_checked(&ctx, &body).await;
     let outcome = result.as_ref().map(drop).map_err(ToString::to_string);
@@ -356,6 +370,7 @@ async fn plan(
 ) -> ApiResult<Json<Planned>> {
     let Json(body) = body?;
     let (file, desired) = checked(&ctx, &body)?;
+    revision_needs_store(&ctx, body.revision)?;
     let snap = ctx.sources.handle.snapshot();
     let mut next = snap.spec.clone();
     next.apply(Edit::Replace(desired))
@@ -538,8 +553,11 @@ async fn simulate_batch(
     }
     let mut flows = Vec::with_capacity(body.flows.len());
     for (i, f) in body.flows.iter().enumerate() {
-        let flow = flow_of(&ctx, &f.vip, &f.src)
-            .map_err(|e| ApiError::bad_request(format!("flows[{i}]: {}", e.message)))?;
+        // The flow's own status: an unknown VIP is a 404, as for one flow.
+        let flow = flow_of(&ctx, &f.vip, &f.src).map_err(|e| ApiError {
+            status: e.status,
+            message: format!("flows[{i}]: {}", e.message),
+        })?;
         flows.push(flow);
     }
     let mut reals = Vec::with_capacity(flows.len());

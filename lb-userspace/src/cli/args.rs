@@ -265,7 +265,7 @@ pub struct CheckArgs {
     /// Milliseconds between probes.
     #[arg(long = "check-interval")]
     pub interval_ms: Option<u64>,
-    /// Probe timeout, milliseconds.
+    /// Probe timeout, milliseconds [default: 1000, or the interval when shorter].
     #[arg(long = "check-timeout")]
     pub timeout_ms: Option<u64>,
     /// Successes that bring a real back.
@@ -310,6 +310,7 @@ impl CheckArgs {
             return Ok(None);
         };
         let d = HealthCheck::default();
+        let interval_ms = self.interval_ms.unwrap_or(d.interval_ms);
         let c = HealthCheck {
             kind,
             port: self.port,
@@ -317,8 +318,10 @@ impl CheckArgs {
             mode: self.mode.unwrap_or(d.mode),
             path: self.path.clone().unwrap_or(d.path),
             expect_status: self.status.clone().unwrap_or(d.expect_status),
-            interval_ms: self.interval_ms.unwrap_or(d.interval_ms),
-            timeout_ms: self.timeout_ms.unwrap_or(d.timeout_ms),
+            interval_ms,
+            timeout_ms: self
+                .timeout_ms
+                .unwrap_or_else(|| crate::health::defaults::timeout_ms(interval_ms)),
             rise: self.rise.unwrap_or(d.rise),
             fall: self.fall.unwrap_or(d.fall),
             ..d

@@ -119,8 +119,11 @@ pub struct Planned {
 }
 
 /// Health-check settings of a service (or of one real).
+///
+/// `remote = "Self"`: the derives are inherent functions that the trait
+/// impls below wrap, so a timeout left out can follow the interval.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(remote = "Self", deny_unknown_fields)]
 pub struct HealthCheck {
     /// The probe kind.
     #[serde(default)]
@@ -139,8 +142,9 @@ pub struct HealthCheck {
     /// Time between probes of one real, milliseconds.
     #[serde(default = "defaults::interval_ms")]
     pub interval_ms: u64,
-    /// Time a probe may take, milliseconds.
-    #[serde(default = "defaults::timeout_ms")]
+    /// Time a probe may take, milliseconds (default: 1000, or the interval
+    /// when shorter).
+    #[serde(default = "timeout_unset", deserialize_with = "de_timeout")]
     pub timeout_ms: u64,
     /// Consecutive successes that bring a down real back.
     #[serde(default = "defaults::rise")]
@@ -206,9 +210,9 @@ pub mod defaults {
     pub fn interval_ms() -> u64 {
         2000
     }
-    /// Probe timeout, milliseconds.
-    pub fn timeout_ms() -> u64 {
-        1000
+    /// Probe timeout, milliseconds: 1000, or the interval when shorter.
+    pub fn timeout_ms(interval_ms: u64) -> u64 {
+        interval_ms.min(1000)
     }
     /// Successes to come back.
     pub fn rise() -> u32 {
@@ -240,6 +244,40 @@ pub mod defaults {
     }
 }
 
+/// What a left-out `timeout_ms` deserialises to until the interval is
+/// known; never a value given (`de_timeout` refuses it).
+const TIMEOUT_UNSET: u64 = u64::MAX;
+
+fn timeout_unset() -> u64 {
+    TIMEOUT_UNSET
+}
+
+fn de_timeout<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    let v = u64::deserialize(d)?;
+    if v == TIMEOUT_UNSET {
+        return Err(serde::de::Error::custom(format!(
+            "timeout_ms {v} is not a timeout in milliseconds"
+        )));
+    }
+    Ok(v)
+}
+
+impl Serialize for HealthCheck {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        HealthCheck::serialize(self, s)
+    }
+}
+
+impl<'de> Deserialize<'de> for HealthCheck {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let mut check = HealthCheck::deserialize(d)?;
+        if check.timeout_ms == TIMEOUT_UNSET {
+            check.timeout_ms = defaults::timeout_ms(check.interval_ms);
+        }
+        Ok(check)
+    }
+}
+
 /// The verdict of a real before its first probes (keepalived's `alpha`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -259,7 +297,7 @@ impl Default for HealthCheck {
             via: Via::Real,
             mode: TcpMode::Connect,
             interval_ms: defaults::interval_ms(),
-            timeout_ms: defaults::timeout_ms(),
+            timeout_ms: defaults::timeout_ms(defaults::interval_ms()),
             rise: defaults::rise(),
             fall: defaults::fall(),
             jitter_percent: defaults::jitter_percent(),
@@ -417,6 +455,33 @@ impl HealthCheck {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_left_out_timeout_is_1000_ms_or_the_interval_when_shorter() {
+        let parse = |text: &str| serde_yaml_ng::from_str::<HealthCheck>(text).expect(text);
+        let short = parse("kind: tcp\ninterval_ms: 500\n");
+        assert_eq!((short.interval_ms, short.timeout_ms), (500, 500));
+        assert_eq!(short.validate(), Ok(()));
+        assert_eq!(parse("kind: tcp\ninterval_ms: 5000\n").timeout_ms, 1000);
+        assert_eq!(parse("kind: tcp\n").timeout_ms, 1000);
+        assert_eq!(HealthCheck::default().timeout_ms, 1000);
+        // The API's JSON the same way; a timeout given is kept, and checked.
+        let json: HealthCheck =
+            serde_json::from_str(r#"{"kind":"tcp","interval_ms":300}"#).expect("parses");
+        assert_eq!(json.timeout_ms, 300);
+        let given = parse("kind: tcp\ninterval_ms: 500\ntimeout_ms: 1000\n");
+        assert_eq!(
+            given.validate(),
+            Err("timeout_ms must be between 1 and interval_ms (500), not 1000".to_owned())
+        );
+        let err = serde_yaml_ng::from_str::<HealthCheck>("timeout_ms: 18446744073709551615\n")
+            .expect_err("the marker is not a timeout");
+        assert!(err.to_string().contains("is not a timeout"), "{err}");
+        // Written back with its timeout, which reads back the same.
+        let text = serde_yaml_ng::to_string(&short).expect("serialises");
+        assert!(text.contains("timeout_ms: 500"), "{text}");
+        assert_eq!(parse(&text), short);
+    }
 
     #[test]
     fn via_vip_serves_tcp_checks_only() {
