@@ -109,17 +109,29 @@ pub const VIP_FILTER_WORDS: u32 = 1 << (VIP_FILTER_BITS_LOG2 - 6);
 /// (Fibonacci) hash whose top bits pick the slot.
 #[inline(always)]
 pub const fn vip_filter_slot(addr: &[u8; 16], port_be: u16, proto: u8) -> u32 {
-    let x = word_le(addr, 0)
-        ^ word_le(addr, 4)
-        ^ word_le(addr, 8)
-        ^ word_le(addr, 12)
-        ^ ((port_be as u32) << 16 | proto as u32);
+    vip_filter_slot_words([half_le(addr, 0), half_le(addr, 8)], port_be, proto)
+}
+
+/// [`vip_filter_slot`] of an address given as its two halves, each read as a
+/// little-endian `u64` (what the BPF data path holds in registers): the four
+/// 4-byte words it folds are the halves' low and high words. The data path
+/// calls this one, so that it never takes the address apart byte by byte.
+#[inline(always)]
+pub const fn vip_filter_slot_words(addr: [u64; 2], port_be: u16, proto: u8) -> u32 {
+    let folded = addr[0] ^ addr[1];
+    let x = (folded as u32) ^ ((folded >> 32) as u32) ^ ((port_be as u32) << 16 | proto as u32);
     x.wrapping_mul(0x9e37_79b1) >> (32 - VIP_FILTER_BITS_LOG2)
 }
 
 #[inline(always)]
-const fn word_le(a: &[u8; 16], i: usize) -> u32 {
-    u32::from_le_bytes([a[i], a[i + 1], a[i + 2], a[i + 3]])
+const fn half_le(a: &[u8; 16], i: usize) -> u64 {
+    let mut b = [0u8; 8];
+    let mut j = 0;
+    while j < 8 {
+        b[j] = a[i + j];
+        j += 1;
+    }
+    u64::from_le_bytes(b)
 }
 
 /// Index of the flood guard's window in the `FLOOD` map.

@@ -90,7 +90,7 @@ fn process(ctx: &XdpContext, bytes: u64) -> Verdict {
         };
         let port_be = u16::from_ne_bytes([ports[2], ports[3]]);
         // Most packets that are not for a service stop here, before the hash lookup.
-        if !maybe_vip(&l3.dst.0, port_be, l3.proto) {
+        if !maybe_vip(&l3.dst, port_be, l3.proto) {
             return Verdict::Pass(stat::PASS_NOT_VIP);
         }
         let vip = Aligned(VipKey {
@@ -113,7 +113,7 @@ fn process(ctx: &XdpContext, bytes: u64) -> Verdict {
         return service(ctx, &l2, &l3, meta, ports, tcp_flags, config, bytes);
     }
     // Everything else is ours only when its address carries a VIP.
-    if !maybe_vip(&l3.dst.0, 0, 0) {
+    if !maybe_vip(&l3.dst, 0, 0) {
         return Verdict::Pass(stat::PASS_NOT_VIP);
     }
     let addr_key = addr_key(&l3.dst, l3.family);

@@ -9,8 +9,10 @@ use aya_ebpf::{
 use lb_common::{
     AddrKey, Config, Counter, FLOW_EVENTS_BYTES, FLOWS_DEFAULT, FloodWindow, FlowKey, FlowState,
     MAX_REALS, MAX_VIPS, RING_ENTRIES, RealDef, VIP_FILTER_WORDS, VipKey, VipMeta, WINDOWS, stat,
-    vip_filter_slot,
+    vip_filter_slot_words,
 };
+
+use crate::parse::Addr;
 
 /// Virtual services: (address, port, protocol) → VIP metadata.
 #[map(name = "XLB_VIPS")]
@@ -31,8 +33,9 @@ pub static VIP_FILTER: Array<u64> = Array::with_max_entries(VIP_FILTER_WORDS, 0)
 /// Whether the VIP filter may hold this key (`port_be` and `proto` 0 for a
 /// VIP address): false means it is in neither VIP map.
 #[inline(always)]
-pub fn maybe_vip(addr: &[u8; 16], port_be: u16, proto: u8) -> bool {
-    let slot = vip_filter_slot(addr, port_be, proto);
+pub fn maybe_vip(addr: &Addr, port_be: u16, proto: u8) -> bool {
+    // The address as two words (bpfel: native is little-endian), not 16 bytes.
+    let slot = vip_filter_slot_words(addr.words(), port_be, proto);
     match VIP_FILTER.get(slot >> 6) {
         Some(word) => word & (1 << (slot & 63)) != 0,
         // Cannot happen (the slot is in range): the maps decide.
