@@ -25,6 +25,30 @@ fn log_format(cli: &Cli) -> LogFormat {
         .unwrap_or(LogFormat::Plain)
 }
 
+/// A client command writing into a closed pipe (`xlb stats | head -1`) ends
+/// by SIGPIPE as other tools do, instead of panicking in `println!`. Rust
+/// ignores SIGPIPE, and it stays ignored: a daemon that closes the control
+/// socket early (a body it refuses before reading it) must give the client an
+/// error to report, not kill it. Only a failed write to stdout raises it.
+fn end_quietly_on_a_closed_stdout() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let payload = info.payload();
+        let message = payload
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| payload.downcast_ref::<&str>().copied())
+            .unwrap_or_default();
+        if message.starts_with("failed printing to stdout") && message.contains("Broken pipe") {
+            use nix::sys::signal::{SigHandler, Signal, raise, signal};
+            // SAFETY: restoring SIGPIPE's default action; no handler runs.
+            let _ = unsafe { signal(Signal::SIGPIPE, SigHandler::SigDfl) };
+            let _ = raise(Signal::SIGPIPE);
+        }
+        default(info);
+    }));
+}
+
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let cli = match Cli::try_parse() {
@@ -35,17 +59,7 @@ async fn main() -> std::process::ExitCode {
     // info by default; client commands only print results.
     let long_running = matches!(cli.command, Command::Run(_) | Command::Decap(_));
     if !long_running {
-        // A client command writing into a closed pipe (`xlb stats | head -1`)
-        // ends quietly as other tools do, by SIGPIPE, instead of panicking in
-        // `println!` (Rust ignores SIGPIPE). The daemons keep it ignored: a
-        // client that goes away must not stop them.
-        // SAFETY: restoring a signal's default action; no handler runs.
-        let _ = unsafe {
-            nix::sys::signal::signal(
-                nix::sys::signal::Signal::SIGPIPE,
-                nix::sys::signal::SigHandler::SigDfl,
-            )
-        };
+        end_quietly_on_a_closed_stdout();
     }
     let default = if long_running { "info" } else { "warn" };
     let filter = EnvFilter::try_from_env("XLB_LOG").unwrap_or_else(|_| EnvFilter::new(default));
