@@ -15,7 +15,11 @@ fn main() {
         Ok(path) => println!("cargo::rerun-if-changed={}", path.display()),
         Err(err) => println!("cargo::warning=bpf-linker not found ({err}); run ./x setup"),
     }
-    for bin in ["lb-ebpf", "lb-decap"] {
-        println!("cargo::rustc-link-arg-bin={bin}=--cpu-features=+allows-misaligned-mem-access");
+    // Only for the BPF target: a host build of the workspace (clippy, tests)
+    // links these binaries with the host's linker, which has no such flag.
+    if std::env::var("CARGO_CFG_TARGET_ARCH").as_deref() == Ok("bpf") {
+        for bin in ["lb-ebpf", "lb-decap"] {
+            println!("cargo::rustc-link-arg-bin={bin}=--cpu-features=+allows-misaligned-mem-access");
+        }
     }
 }
