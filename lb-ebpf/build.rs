@@ -19,7 +19,9 @@ fn main() {
     // links these binaries with the host's linker, which has no such flag.
     if std::env::var("CARGO_CFG_TARGET_ARCH").as_deref() == Ok("bpf") {
         for bin in ["lb-ebpf", "lb-decap"] {
-            println!("cargo::rustc-link-arg-bin={bin}=--cpu-features=+allows-misaligned-mem-access");
+            println!(
+                "cargo::rustc-link-arg-bin={bin}=--cpu-features=+allows-misaligned-mem-access"
+            );
         }
     }
 }
