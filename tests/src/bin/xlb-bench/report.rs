@@ -1736,8 +1736,15 @@ fn control_md(w: &mut String, c: &Control) {
             );
         }
         line(w, "");
+        w.push_str(HEALTH_HISTORY);
+        line(w, "");
     }
 }
+
+/// What the health section carries from earlier sittings (profiles, the
+/// scheduler rework's A/B): measured by hand, not by `./x bench`, so it is
+/// kept in a file of its own and rendered after the run's table.
+const HEALTH_HISTORY: &str = include_str!("health-history.md");
 
 /// The fleet's targets table (issue 11).
 fn fleet_targets(w: &mut String, f: &Fleet) {
