@@ -976,6 +976,29 @@ pub fn check_reach(iface: &Iface, desired: &Desired) -> Result<(), NeighborError
     Ok(())
 }
 
+/// Refuses a TUN real that `desired` adds to `current` when the kernel's
+/// route to it leaves through another interface than the balancer's: the
+/// balancer could not send the packets the kernel would. Only reals being
+/// added are looked up: a real whose route moves later stays in its service,
+/// unresolved with that reason, until the route comes back. A real with no
+/// route at all is not refused either: it waits, unresolved, for one.
+pub async fn check_routes(
+    iface: &Iface,
+    desired: &Desired,
+    current: &Desired,
+) -> Result<(), NeighborError> {
+    let known = current.reach();
+    for (real, mode) in desired.reach() {
+        if mode != Forward::Tun || known.get(&real) == Some(&Forward::Tun) {
+            continue;
+        }
+        if let Err(err @ NeighborError::OtherIface { .. }) = neighbor::next_hop(iface, real).await {
+            return Err(err);
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

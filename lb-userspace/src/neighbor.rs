@@ -107,12 +107,15 @@ pub enum NeighborError {
     NoRoute(IpAddr),
     /// The route to the real leaves through another interface: the balancer
     /// could not send the packets the kernel would.
-    #[error("the route to {real} leaves through interface index {oif}, not {iface}")]
+    #[error(
+        "the kernel's route to TUN real {real} leaves through {oif}, not {iface}; the balancer \
+         sends tunnels out of {iface} only: route the real through it"
+    )]
     OtherIface {
         /// The real.
         real: IpAddr,
-        /// The interface the route uses.
-        oif: u32,
+        /// The interface the route uses (its name, or its index).
+        oif: String,
         /// The balancer's interface.
         iface: String,
     },
@@ -548,12 +551,11 @@ async fn route_gateway(iface: &Iface, addr: IpAddr) -> Result<Option<IpAddr>, Ne
         .map_err(|e| NeighborError::Netlink(e.to_string()))?
         .build();
     let mut routes = handle.route().get(msg).execute();
-    let route = routes
-        .try_next()
-        .await
+    let route = routes.try_next().await;
+    task.abort();
+    let route = route
         .map_err(|_| NeighborError::NoRoute(addr))?
         .ok_or(NeighborError::NoRoute(addr))?;
-    task.abort();
     let mut gateway = None;
     let mut oif = None;
     for attr in &route.attributes {
@@ -567,7 +569,10 @@ async fn route_gateway(iface: &Iface, addr: IpAddr) -> Result<Option<IpAddr>, Ne
     match oif {
         Some(oif) if oif != iface.index => Err(NeighborError::OtherIface {
             real: addr,
-            oif,
+            oif: nix::net::if_::if_indextoname(oif)
+                .ok()
+                .and_then(|n| n.into_string().ok())
+                .unwrap_or_else(|| format!("interface index {oif}")),
             iface: iface.name.clone(),
         }),
         _ => Ok(gateway),
