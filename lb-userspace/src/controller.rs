@@ -930,11 +930,13 @@ pub fn verdict_fixes(
 
 /// Refuses a desired state that could never work on this host: a VIP on one
 /// of the host's own addresses (it would take that port from the host), a
-/// real that is one of them, a DR real off the interface's segments, a
-/// tunnel of a family the balancer has no source address for.
+/// real that is one of them, a VIP or real on the broadcast address of one of
+/// the interface's subnets, a DR real off the interface's segments, a tunnel
+/// of a family the balancer has no source address for.
 pub fn check_reach(iface: &Iface, desired: &Desired) -> Result<(), NeighborError> {
     let own = neighbor::host_addrs();
     for vip in desired.services.keys() {
+        iface.check_not_broadcast(vip.addr, &format!("VIP {vip}"))?;
         if own.contains(&vip.addr) && !iface.local_vips {
             return Err(NeighborError::OwnAddress {
                 what: format!("VIP {vip}"),
@@ -963,6 +965,7 @@ pub fn check_reach(iface: &Iface, desired: &Desired) -> Result<(), NeighborError
         }
     }
     for (real, mode) in desired.reach() {
+        iface.check_not_broadcast(real, &format!("real {real}"))?;
         if own.contains(&real) {
             return Err(NeighborError::OwnAddress {
                 what: format!("real {real}"),

@@ -34,10 +34,35 @@ fn addresses_that_can_never_serve_and_injected_headers_are_refused() {
     daemon.cli_ok(&["vip", "add", SERVICE]);
     let before = daemon.cli_ok(&["vip", "list", "--json"]);
     let own = lab.topo.lb.ipv4.to_string();
+    let dir = RunDir::new(&format!("xlb-{}-bcast", lab.topo.prefix()));
+    let broadcast_file = dir.path().join("broadcast.yaml");
+    std::fs::write(
+        &broadcast_file,
+        format!("services:\n  - vip: {SERVICE}\n    reals:\n      - address: 198.51.100.255\n"),
+    )
+    .expect("write");
+    let broadcast_file = broadcast_file.to_str().expect("UTF-8").to_owned();
     let cases: Vec<(Vec<String>, Vec<&str>)> = vec![
         (
             vec!["vip".into(), "add".into(), format!("{own}:80/tcp")],
             vec!["is an address of this host", &own, "--allow-local-vips"],
+        ),
+        (
+            vec!["vip".into(), "add".into(), "198.51.100.255:80/tcp".into()],
+            vec!["VIP 198.51.100.255:80/tcp is the broadcast address of 198.51.100.0/24 on eth0"],
+        ),
+        (
+            vec![
+                "real".into(),
+                "add".into(),
+                SERVICE.into(),
+                "198.51.100.255".into(),
+            ],
+            vec!["real 198.51.100.255 is the broadcast address of 198.51.100.0/24 on eth0"],
+        ),
+        (
+            vec!["apply".into(), broadcast_file.clone()],
+            vec!["broadcast.yaml: real 198.51.100.255 is the broadcast address of 198.51.100.0/24"],
         ),
         (
             vec!["vip".into(), "add".into(), "224.0.0.5:80/tcp".into()],
@@ -124,7 +149,14 @@ fn addresses_that_can_never_serve_and_injected_headers_are_refused() {
     for (args, needles) in &cases {
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let out = daemon.cli(&args);
-        refused(&out, &format!("xlb {}", args.join(" ")), needles);
+        let stderr = refused(&out, &format!("xlb {}", args.join(" ")), needles);
+        if stderr.contains("broadcast address of") {
+            assert_eq!(
+                code(&out),
+                4,
+                "a host-dependent refusal is exit 4: {stderr}"
+            );
+        }
     }
     assert_eq!(
         daemon.cli_ok(&["vip", "list", "--json"]),
