@@ -523,6 +523,15 @@ fn flow_of(ctx: &Context, vip: &str, src: &str) -> ApiResult<(Vip, u32)> {
     let src: SocketAddr = src
         .parse()
         .map_err(|_| ApiError::bad_request(format!("invalid source '{src}': expected IP:PORT")))?;
+    if src.is_ipv4() != vip.addr.is_ipv4() {
+        let family = |a: std::net::IpAddr| if a.is_ipv4() { "IPv4" } else { "IPv6" };
+        return Err(ApiError::bad_request(format!(
+            "source {} is {} and VIP {vip} is {}: a flow has one address family",
+            src.ip(),
+            family(src.ip()),
+            family(vip.addr)
+        )));
+    }
     let snap = ctx.sources.handle.snapshot();
     let scheduler = snap
         .desired
