@@ -930,11 +930,13 @@ pub fn verdict_fixes(
 
 /// Refuses a desired state that could never work on this host: a VIP on one
 /// of the host's own addresses (it would take that port from the host), a
-/// real that is one of them, a DR real off the interface's segments, a
-/// tunnel of a family the balancer has no source address for.
+/// real that is one of them, a VIP or real on the broadcast address of one of
+/// the interface's subnets, a DR real off the interface's segments, a tunnel
+/// of a family the balancer has no source address for.
 pub fn check_reach(iface: &Iface, desired: &Desired) -> Result<(), NeighborError> {
     let own = neighbor::host_addrs();
     for vip in desired.services.keys() {
+        iface.check_not_broadcast(vip.addr, &format!("VIP {vip}"))?;
         if own.contains(&vip.addr) && !iface.local_vips {
             return Err(NeighborError::OwnAddress {
                 what: format!("VIP {vip}"),
@@ -963,6 +965,7 @@ pub fn check_reach(iface: &Iface, desired: &Desired) -> Result<(), NeighborError
         }
     }
     for (real, mode) in desired.reach() {
+        iface.check_not_broadcast(real, &format!("real {real}"))?;
         if own.contains(&real) {
             return Err(NeighborError::OwnAddress {
                 what: format!("real {real}"),
@@ -971,6 +974,29 @@ pub fn check_reach(iface: &Iface, desired: &Desired) -> Result<(), NeighborError
         }
         if mode == Forward::Dr {
             iface.check_on_link(real)?;
+        }
+    }
+    Ok(())
+}
+
+/// Refuses a TUN real that `desired` adds to `current` when the kernel's
+/// route to it leaves through another interface than the balancer's: the
+/// balancer could not send the packets the kernel would. Only reals being
+/// added are looked up: a real whose route moves later stays in its service,
+/// unresolved with that reason, until the route comes back. A real with no
+/// route at all is not refused either: it waits, unresolved, for one.
+pub async fn check_routes(
+    iface: &Iface,
+    desired: &Desired,
+    current: &Desired,
+) -> Result<(), NeighborError> {
+    let known = current.reach();
+    for (real, mode) in desired.reach() {
+        if mode != Forward::Tun || known.get(&real) == Some(&Forward::Tun) {
+            continue;
+        }
+        if let Err(err @ NeighborError::OtherIface { .. }) = neighbor::next_hop(iface, real).await {
+            return Err(err);
         }
     }
     Ok(())

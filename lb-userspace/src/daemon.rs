@@ -301,20 +301,26 @@ pub async fn run(
     state.set_min_healthy(settings.min_healthy());
     let mut spec = state.spec().clone();
     if let Some(config) = &config {
+        let applying = || {
+            format!(
+                "applying {}",
+                config_path
+                    .as_ref()
+                    .map_or_else(String::new, |p| p.display().to_string())
+            )
+        };
         // The file replaces the base; overrides set by hand stay.
         spec.apply(Edit::Replace(config.desired.clone()))
             .map_err(anyhow::Error::from)
             .and_then(|_| {
                 controller::check_reach(&iface, &spec.effective()).map_err(anyhow::Error::from)
             })
-            .with_context(|| {
-                format!(
-                    "applying {}",
-                    config_path
-                        .as_ref()
-                        .map_or_else(String::new, |p| p.display().to_string())
-                )
-            })?;
+            .with_context(applying)?;
+        // Reals the adopted state already holds keep their place whatever
+        // their route does now; new ones must route through the interface.
+        controller::check_routes(&iface, &spec.effective(), &state.desired())
+            .await
+            .with_context(applying)?;
     }
     // In a fleet, start from the store's document this node last applied:
     // forwarding goes on as before even while the store is down.
@@ -638,7 +644,14 @@ async fn reload_on_sighup(
                 continue;
             }
         };
-        let known = handle.snapshot().macs.clone();
+        let current = handle.snapshot();
+        if let Err(err) = controller::check_routes(&iface, &config.desired, &current.desired).await
+        {
+            tracing::error!(%err, "reload refused; the running state is unchanged");
+            activity.record_reload(source, Err(format!("{}: {err}", path.display())));
+            continue;
+        }
+        let known = current.macs.clone();
         let mut unknown = config.desired.reach();
         unknown.retain(|r, _| !known.contains_key(r));
         let resolution = if unknown.is_empty() {

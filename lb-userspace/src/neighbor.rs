@@ -86,6 +86,19 @@ pub enum NeighborError {
         /// The address.
         addr: IpAddr,
     },
+    /// The address is the broadcast address of one of the interface's subnets.
+    #[error(
+        "{what} is the broadcast address of {net} on {iface}: it reaches every host of the \
+         subnet, not one server"
+    )]
+    Broadcast {
+        /// What was refused.
+        what: String,
+        /// The subnet.
+        net: String,
+        /// The interface.
+        iface: String,
+    },
     /// The neighbour answered with a multicast or broadcast MAC.
     #[error("{hop} answered with the group MAC {mac}; a real needs a unicast MAC")]
     GroupMac {
@@ -107,12 +120,15 @@ pub enum NeighborError {
     NoRoute(IpAddr),
     /// The route to the real leaves through another interface: the balancer
     /// could not send the packets the kernel would.
-    #[error("the route to {real} leaves through interface index {oif}, not {iface}")]
+    #[error(
+        "the kernel's route to TUN real {real} leaves through {oif}, not {iface}; the balancer \
+         sends tunnels out of {iface} only: route the real through it"
+    )]
     OtherIface {
         /// The real.
         real: IpAddr,
-        /// The interface the route uses.
-        oif: u32,
+        /// The interface the route uses (its name, or its index).
+        oif: String,
         /// The balancer's interface.
         iface: String,
     },
@@ -204,6 +220,31 @@ impl Iface {
             iface: self.name.clone(),
             nets: self.nets_text(),
         })
+    }
+
+    /// Refuses `addr` when it is the broadcast address of one of the
+    /// interface's IPv4 subnets (of 30 bits or fewer: /31 and /32 have none);
+    /// `what` names it in the message.
+    pub fn check_not_broadcast(&self, addr: IpAddr, what: &str) -> Result<(), NeighborError> {
+        let IpAddr::V4(a) = addr else {
+            return Ok(());
+        };
+        for (net, prefix) in &self.nets {
+            let IpAddr::V4(n) = net else { continue };
+            if *prefix > 30 {
+                continue;
+            }
+            let host_bits = u32::MAX >> prefix;
+            if u32::from(*n) | host_bits == u32::from(a) {
+                let base = Ipv4Addr::from(u32::from(*n) & !host_bits);
+                return Err(NeighborError::Broadcast {
+                    what: what.to_owned(),
+                    net: format!("{base}/{prefix}"),
+                    iface: self.name.clone(),
+                });
+            }
+        }
+        Ok(())
     }
 
     fn nets_text(&self) -> String {
@@ -548,12 +589,11 @@ async fn route_gateway(iface: &Iface, addr: IpAddr) -> Result<Option<IpAddr>, Ne
         .map_err(|e| NeighborError::Netlink(e.to_string()))?
         .build();
     let mut routes = handle.route().get(msg).execute();
-    let route = routes
-        .try_next()
-        .await
+    let route = routes.try_next().await;
+    task.abort();
+    let route = route
         .map_err(|_| NeighborError::NoRoute(addr))?
         .ok_or(NeighborError::NoRoute(addr))?;
-    task.abort();
     let mut gateway = None;
     let mut oif = None;
     for attr in &route.attributes {
@@ -567,7 +607,10 @@ async fn route_gateway(iface: &Iface, addr: IpAddr) -> Result<Option<IpAddr>, Ne
     match oif {
         Some(oif) if oif != iface.index => Err(NeighborError::OtherIface {
             real: addr,
-            oif,
+            oif: nix::net::if_::if_indextoname(oif)
+                .ok()
+                .and_then(|n| n.into_string().ok())
+                .unwrap_or_else(|| format!("interface index {oif}")),
             iface: iface.name.clone(),
         }),
         _ => Ok(gateway),
@@ -596,5 +639,35 @@ mod tests {
             "2001:db8:101::11".parse().expect("addr")
         ));
         assert!(!in_prefix(net, 24, net6));
+    }
+
+    #[test]
+    fn a_subnet_s_broadcast_address_is_refused() {
+        let iface = Iface {
+            name: "eth0".into(),
+            index: 2,
+            mac: [2, 0, 0, 0, 0, 1],
+            nets: vec![
+                ("198.51.100.1".parse().expect("addr"), 24),
+                ("192.0.2.1".parse().expect("addr"), 31),
+                ("2001:db8:100::1".parse().expect("addr"), 64),
+            ],
+            tunnel_sources: [true, true],
+            local_vips: false,
+        };
+        let check = |a: &str| iface.check_not_broadcast(a.parse().expect("addr"), "real X");
+        assert_eq!(
+            check("198.51.100.255").expect_err("broadcast").to_string(),
+            "real X is the broadcast address of 198.51.100.0/24 on eth0: it reaches every host \
+             of the subnet, not one server"
+        );
+        for ok in [
+            "198.51.100.254",
+            "198.51.101.255",
+            "192.0.2.0",
+            "2001:db8:100::ffff",
+        ] {
+            check(ok).unwrap_or_else(|e| panic!("{ok}: {e}"));
+        }
     }
 }

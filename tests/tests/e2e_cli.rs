@@ -176,7 +176,12 @@ fn exit_codes_json_errors_check_dry_run_save_and_the_last_reload() {
         "flows.txt",
         "203.0.113.77:80/tcp 198.51.100.7:40000\n",
     );
-    let cases: [(&[&str], i32, &str, &str); 15] = [
+    let mixed_flow = write_file(
+        &dir,
+        "mixed.txt",
+        &format!("{SERVICE} 198.51.100.7:40000\n{SERVICE} [2001:db8:100::7]:40000\n"),
+    );
+    let cases: [(&[&str], i32, &str, &str); 17] = [
         (
             &["--socket", "/nonexistent/xlb.sock", "status"],
             3,
@@ -254,6 +259,19 @@ fn exit_codes_json_errors_check_dry_run_save_and_the_last_reload() {
             4,
             "refused",
             "unknown VIP 203.0.113.77:80/tcp",
+        ),
+        (
+            &["simulate", SERVICE, "--src", "[2001:db8:100::7]:40000"],
+            2,
+            "bad_input",
+            "source 2001:db8:100::7 is IPv6 and VIP 203.0.113.10:80/tcp is IPv4: a flow has one \
+             address family",
+        ),
+        (
+            &["simulate", "--batch", &mixed_flow],
+            2,
+            "bad_input",
+            "flows[1]: source 2001:db8:100::7 is IPv6 and VIP 203.0.113.10:80/tcp is IPv4",
         ),
         (
             &["simulate", "--batch", &unknown_flow],

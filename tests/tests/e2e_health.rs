@@ -678,6 +678,31 @@ fn the_avalanche_guard_keeps_every_real_when_three_of_four_fail() {
             .all(|n| *n == real_name(0) || *n == real_name(1) || *n == rs4),
         "{answers:?}"
     );
+
+    // Three down and the guard on again; then the check is removed: no real
+    // has a check, every one is healthy and the guard off in that change.
+    lab.servers[0].stop();
+    lab.servers[1].stop();
+    wait_status(&lab.daemon, "the guard on again", |s| {
+        vip(s, SERVICE)["guarded"] == true
+    });
+    lab.daemon
+        .cli_ok(&["vip", "set", SERVICE, "--check", "none"]);
+    let unchecked = status(&lab.daemon);
+    assert_eq!(
+        vip(&unchecked, SERVICE)["guarded"],
+        false,
+        "the guard outlived the check: {unchecked:#}"
+    );
+    for a in &addrs {
+        let r = real_state(&unchecked, SERVICE, a);
+        assert!(
+            r.healthy && r.in_use == Some(1),
+            "{a} kept the removed check's verdict: {r:?}"
+        );
+    }
+    let metrics = scrape(&lab);
+    assert_eq!(sample(&metrics, &guard_series), Some(0.0), "{metrics}");
 }
 
 #[test]
@@ -739,10 +764,11 @@ fn disable_wins_over_a_passing_probe_and_kind_none_keeps_a_failing_real() {
     std::fs::write(&file, yaml).expect("write the YAML");
     lab.daemon
         .cli_ok(&["apply", file.to_str().expect("UTF-8 temp path")]);
-    let (s, _) = wait_status(&lab.daemon, "rs1 back in with kind none", |s| {
-        real_state(s, SERVICE, &rs1).serving()
-    });
+    // A real without a check is healthy by definition: back in the table in
+    // the apply's own change, no verdict of the old check left behind.
+    let s = status(&lab.daemon);
     let r = real_state(&s, SERVICE, &rs1);
+    assert!(r.serving(), "rs1 with kind none is not back at once: {r:?}");
     assert_eq!(r.check, "none", "{r:?}");
     // Several probe rounds later (counted on rs2, still probed) it is still in, and serves.
     let rs2 = addr(&lab, 1);

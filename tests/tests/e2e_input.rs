@@ -1,11 +1,14 @@
 //! netns end-to-end, hostile or mistaken input: addresses that can never be a
 //! service, health checks that would inject headers, YAML that expands, pin
-//! directories that are not xlb's. Every refusal names what is wrong and changes
+//! directories that are not xlb's, TUN reals routed through another
+//! interface. Every refusal names what is wrong and changes
 //! nothing. Needs root; runs one test at a time (`./x test` does both).
 
 use std::path::Path;
 
-use xlb_tests::harness::{Lab, RunDir, json, require_root, xlb_bin};
+use xlb_tests::harness::{
+    Daemon, Lab, RunDir, json, real_listed, require_root, wait_until, xlb_bin,
+};
 
 const SERVICE: &str = "203.0.113.10:80/tcp";
 const SERVER_ARGS: [&str; 2] = ["--http", "0.0.0.0:80"];
@@ -31,10 +34,35 @@ fn addresses_that_can_never_serve_and_injected_headers_are_refused() {
     daemon.cli_ok(&["vip", "add", SERVICE]);
     let before = daemon.cli_ok(&["vip", "list", "--json"]);
     let own = lab.topo.lb.ipv4.to_string();
+    let dir = RunDir::new(&format!("xlb-{}-bcast", lab.topo.prefix()));
+    let broadcast_file = dir.path().join("broadcast.yaml");
+    std::fs::write(
+        &broadcast_file,
+        format!("services:\n  - vip: {SERVICE}\n    reals:\n      - address: 198.51.100.255\n"),
+    )
+    .expect("write");
+    let broadcast_file = broadcast_file.to_str().expect("UTF-8").to_owned();
     let cases: Vec<(Vec<String>, Vec<&str>)> = vec![
         (
             vec!["vip".into(), "add".into(), format!("{own}:80/tcp")],
             vec!["is an address of this host", &own, "--allow-local-vips"],
+        ),
+        (
+            vec!["vip".into(), "add".into(), "198.51.100.255:80/tcp".into()],
+            vec!["VIP 198.51.100.255:80/tcp is the broadcast address of 198.51.100.0/24 on eth0"],
+        ),
+        (
+            vec![
+                "real".into(),
+                "add".into(),
+                SERVICE.into(),
+                "198.51.100.255".into(),
+            ],
+            vec!["real 198.51.100.255 is the broadcast address of 198.51.100.0/24 on eth0"],
+        ),
+        (
+            vec!["apply".into(), broadcast_file.clone()],
+            vec!["broadcast.yaml: real 198.51.100.255 is the broadcast address of 198.51.100.0/24"],
         ),
         (
             vec!["vip".into(), "add".into(), "224.0.0.5:80/tcp".into()],
@@ -121,7 +149,14 @@ fn addresses_that_can_never_serve_and_injected_headers_are_refused() {
     for (args, needles) in &cases {
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let out = daemon.cli(&args);
-        refused(&out, &format!("xlb {}", args.join(" ")), needles);
+        let stderr = refused(&out, &format!("xlb {}", args.join(" ")), needles);
+        if stderr.contains("broadcast address of") {
+            assert_eq!(
+                code(&out),
+                4,
+                "a host-dependent refusal is exit 4: {stderr}"
+            );
+        }
     }
     assert_eq!(
         daemon.cli_ok(&["vip", "list", "--json"]),
@@ -301,4 +336,103 @@ fn the_daemon_starts_under_the_unit_s_capabilities_and_keeps_only_three() {
             .collect::<Vec<_>>()
     });
     assert!(answers.iter().all(Result::is_ok), "{answers:?}");
+}
+
+/// The exit code of `out`, with its stderr when it has none.
+fn code(out: &std::process::Output) -> i32 {
+    out.status
+        .code()
+        .unwrap_or_else(|| panic!("killed: {}", String::from_utf8_lossy(&out.stderr)))
+}
+
+/// The `unresolved_reason` of real `addr` of `service`, `None` once it is resolved.
+fn unresolved_reason(daemon: &Daemon, service: &str, addr: &str) -> Option<String> {
+    let real = real_listed(daemon, service, addr.parse().expect("address"));
+    match real["resolved"].as_bool() {
+        Some(true) => None,
+        _ => Some(
+            real["unresolved_reason"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned(),
+        ),
+    }
+}
+
+#[test]
+fn tun_reals_routed_through_another_interface_are_refused_and_reasons_follow_the_route() {
+    require_root();
+    let lab = Lab::start("it", 1, &SERVER_ARGS);
+    let daemon = &lab.daemon;
+    let lb = &lab.topo.lb.ns;
+    // A second interface on the balancer (a veth pair, both ends here), whose
+    // subnet the kernel routes through it.
+    lb.ip("link add xo0 type veth peer name xo1");
+    lb.ip("addr add 192.0.2.1/24 dev xo0");
+    lb.ip("link set dev xo0 up");
+    lb.ip("link set dev xo1 up");
+    let tun = "203.0.113.20:80/tcp";
+    daemon.cli_ok(&["vip", "add", tun, "--forward", "tun"]);
+    let before = daemon.cli_ok(&["vip", "list", "--json"]);
+
+    let out = daemon.cli(&["real", "add", tun, "192.0.2.50"]);
+    let stderr = refused(
+        &out,
+        "real add through xo0",
+        &["192.0.2.50", "leaves through xo0, not eth0"],
+    );
+    assert_eq!(code(&out), 4, "refused is exit 4: {stderr}");
+    let dir = RunDir::new(&format!("xlb-{}-route", lab.topo.prefix()));
+    let file = dir.path().join("other.yaml");
+    std::fs::write(
+        &file,
+        format!(
+            "services:\n  - vip: {tun}\n    forward: tun\n    reals:\n      - address: 192.0.2.50\n"
+        ),
+    )
+    .expect("write");
+    let out = daemon.cli(&["apply", file.to_str().expect("UTF-8")]);
+    let stderr = refused(
+        &out,
+        "apply through xo0",
+        &["other.yaml: ", "192.0.2.50", "leaves through xo0"],
+    );
+    assert_eq!(code(&out), 4, "refused is exit 4: {stderr}");
+    assert_eq!(
+        daemon.cli_ok(&["vip", "list", "--json"]),
+        before,
+        "a refused change changed the state"
+    );
+
+    // No route at all is not refused: the real waits for one, and its
+    // reason follows the route as it changes.
+    let far = "203.0.113.77";
+    daemon.cli_ok(&["real", "add", tun, far]);
+    let reason = |what: &str, ok: &dyn Fn(&Option<String>) -> bool| {
+        let mut last = None;
+        wait_until(what, || {
+            last = unresolved_reason(daemon, tun, far);
+            ok(&last)
+        });
+        last
+    };
+    reason("no route first", &|r| {
+        r.as_deref() == Some(&format!("no route to {far}"))
+    });
+    lb.ip(&format!("route add {far}/32 via 192.0.2.2 dev xo0"));
+    reason("the reason names the other interface", &|r| {
+        r.as_deref()
+            .is_some_and(|r| r.contains("leaves through xo0"))
+    });
+    let hop = lab.topo.reals[0].ipv4;
+    lb.ip(&format!("route replace {far}/32 via {hop} dev eth0"));
+    reason("resolved through its gateway on eth0", &Option::is_none);
+    let real = real_listed(daemon, tun, far.parse().expect("address"));
+    let mac = lab.topo.reals[0]
+        .mac
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":");
+    assert_eq!(real["mac"], mac.as_str(), "the gateway's MAC: {real}");
 }

@@ -243,6 +243,10 @@ async fn add_real(
     let desired = preview.effective();
     crate::controller::check_reach(&ctx.iface, &desired)
         .map_err(crate::controller::ControlError::from)?;
+    let current = ctx.sources.handle.snapshot();
+    crate::controller::check_routes(&ctx.iface, &desired, &current.desired)
+        .await
+        .map_err(crate::controller::ControlError::from)?;
     let mut adds = Desired::default();
     if let Some(s) = desired.services.get(&vip) {
         let mut s = s.clone();
@@ -293,7 +297,7 @@ async fn del_real(
 
 /// An apply body parsed and checked the way `PUT /v1/desired` applies it:
 /// the file's name and its services. Errors name the file.
-fn checked(ctx: &Context, body: &ApplyBody) -> ApiResult<(String, Desired)> {
+async fn checked(ctx: &Context, body: &ApplyBody) -> ApiResult<(String, Desired)> {
     let file = body.file.clone().unwrap_or_else(|| "request".to_owned());
     let config = Config::parse(&file, &body.yaml).map_err(parse_err)?;
     if config.daemon.store.is_some() {
@@ -310,6 +314,10 @@ fn checked(ctx: &Context, body: &ApplyBody) -> ApiResult<(String, Desired)> {
         });
     }
     crate::controller::check_reach(&ctx.iface, &config.desired)
+        .map_err(|e| named(&file, crate::controller::ControlError::from(e).into()))?;
+    let current = ctx.sources.handle.snapshot();
+    crate::controller::check_routes(&ctx.iface, &config.desired, &current.desired)
+        .await
         .map_err(|e| named(&file, crate::controller::ControlError::from(e).into()))?;
     Ok((file, config.desired))
 }
@@ -346,7 +354,7 @@ async fn apply(
 }
 
 async fn apply_checked(ctx: &Context, body: &ApplyBody) -> ApiResult<Applied> {
-    let (file, desired) = checked(ctx, body)?;
+    let (file, desired) = checked(ctx, body).await?;
     let applied = edit_at(
         ctx,
         Edit::Replace(desired.clone()),
@@ -369,7 +377,7 @@ async fn plan(
     body: Result<Json<ApplyBody>, JsonRejection>,
 ) -> ApiResult<Json<Planned>> {
     let Json(body) = body?;
-    let (file, desired) = checked(&ctx, &body)?;
+    let (file, desired) = checked(&ctx, &body).await?;
     revision_needs_store(&ctx, body.revision)?;
     let snap = ctx.sources.handle.snapshot();
     let mut next = snap.spec.clone();
@@ -515,6 +523,15 @@ fn flow_of(ctx: &Context, vip: &str, src: &str) -> ApiResult<(Vip, u32)> {
     let src: SocketAddr = src
         .parse()
         .map_err(|_| ApiError::bad_request(format!("invalid source '{src}': expected IP:PORT")))?;
+    if src.is_ipv4() != vip.addr.is_ipv4() {
+        let family = |a: std::net::IpAddr| if a.is_ipv4() { "IPv4" } else { "IPv6" };
+        return Err(ApiError::bad_request(format!(
+            "source {} is {} and VIP {vip} is {}: a flow has one address family",
+            src.ip(),
+            family(src.ip()),
+            family(vip.addr)
+        )));
+    }
     let snap = ctx.sources.handle.snapshot();
     let scheduler = snap
         .desired

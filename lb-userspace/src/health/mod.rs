@@ -120,88 +120,120 @@ pub struct Planned {
 
 /// Health-check settings of a service (or of one real).
 ///
-/// `remote = "Self"`: the derives are inherent functions that the trait
-/// impls below wrap, so a timeout left out can follow the interval.
+/// Read through [`CheckFile`], whose `timeout_ms` may be left out: it then
+/// follows the interval.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(remote = "Self", deny_unknown_fields)]
+#[serde(from = "CheckFile")]
 pub struct HealthCheck {
     /// The probe kind.
-    #[serde(default)]
     pub kind: ProbeKind,
     /// Port to probe (default: the service port).
-    #[serde(default)]
     pub port: Option<u16>,
     /// Where probes go: the real's address (default) or the VIP through the
     /// forwarding path (tcp checks only).
-    #[serde(default)]
     pub via: Via,
     /// `tcp` checks: a full connect (default) or a half-open SYN probe.
     /// Left out of what is written when it is the default.
-    #[serde(default, skip_serializing_if = "TcpMode::is_connect")]
+    #[serde(skip_serializing_if = "TcpMode::is_connect")]
     pub mode: TcpMode,
     /// Time between probes of one real, milliseconds.
-    #[serde(default = "defaults::interval_ms")]
     pub interval_ms: u64,
     /// Time a probe may take, milliseconds (default: 1000, or the interval
     /// when shorter).
-    #[serde(default = "timeout_unset", deserialize_with = "de_timeout")]
     pub timeout_ms: u64,
     /// Consecutive successes that bring a down real back.
-    #[serde(default = "defaults::rise")]
     pub rise: u32,
     /// Consecutive failures that take an up real out.
-    #[serde(default = "defaults::fall")]
     pub fall: u32,
     /// Random spread of each interval, percent (so reals are not probed in lockstep).
-    #[serde(default = "defaults::jitter_percent")]
     pub jitter_percent: u32,
     /// HTTP: the path requested.
-    #[serde(default = "defaults::path")]
     pub path: String,
     /// HTTP: the Host header (default: the real's address).
-    #[serde(default)]
     pub host: Option<String>,
     /// HTTP: accepted status codes, `200-399` or `200`.
-    #[serde(default = "defaults::expect_status")]
     pub expect_status: String,
     /// HTTP: a substring the body must contain.
-    #[serde(default)]
     pub expect_body: Option<String>,
     /// HTTPS: the server name sent (SNI) and verified (default: `host`
     /// when it is a name, else none and the certificate must name the real's address).
-    #[serde(default)]
     pub sni: Option<String>,
     /// HTTPS: whether the server's certificate is verified.
-    #[serde(default = "defaults::tls_verify")]
     pub tls_verify: bool,
     /// HTTPS: a PEM file of the CA certificates to trust instead of the system's.
-    #[serde(default)]
     pub tls_ca: Option<PathBuf>,
     /// Exec: the program (an absolute path) and its arguments; no shell.
-    #[serde(default)]
     pub command: Vec<String>,
     /// Whether a real starts up or down until its first verdict (keepalived's `alpha`).
-    #[serde(default)]
     pub start: Start,
     /// Slow start: a real that comes up (or is added) ramps from a small
     /// share of its weight to all of it over this many milliseconds (0: off).
-    #[serde(default)]
     pub slow_start_ms: u64,
     /// A command run when a real's verdict turns up.
-    #[serde(default)]
     pub notify_up: Vec<String>,
     /// A command run when a real's verdict turns down.
-    #[serde(default)]
     pub notify_down: Vec<String>,
     /// Time a notify command may take, milliseconds.
-    #[serde(default = "defaults::notify_timeout_ms")]
     pub notify_timeout_ms: u64,
     /// UDP: the payload sent.
-    #[serde(default)]
     pub send: Option<String>,
     /// UDP: a substring the answer must contain.
-    #[serde(default)]
     pub expect: Option<String>,
+}
+
+/// [`HealthCheck`] as a file or a request gives it: every field but `kind`
+/// may be left out; a left-out `timeout_ms` follows the interval.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CheckFile {
+    #[serde(default)]
+    kind: ProbeKind,
+    #[serde(default)]
+    port: Option<u16>,
+    #[serde(default)]
+    via: Via,
+    #[serde(default)]
+    mode: TcpMode,
+    #[serde(default = "defaults::interval_ms")]
+    interval_ms: u64,
+    #[serde(default, deserialize_with = "given_timeout")]
+    timeout_ms: Option<u64>,
+    #[serde(default = "defaults::rise")]
+    rise: u32,
+    #[serde(default = "defaults::fall")]
+    fall: u32,
+    #[serde(default = "defaults::jitter_percent")]
+    jitter_percent: u32,
+    #[serde(default = "defaults::path")]
+    path: String,
+    #[serde(default)]
+    host: Option<String>,
+    #[serde(default = "defaults::expect_status")]
+    expect_status: String,
+    #[serde(default)]
+    expect_body: Option<String>,
+    #[serde(default)]
+    sni: Option<String>,
+    #[serde(default = "defaults::tls_verify")]
+    tls_verify: bool,
+    #[serde(default)]
+    tls_ca: Option<PathBuf>,
+    #[serde(default)]
+    command: Vec<String>,
+    #[serde(default)]
+    start: Start,
+    #[serde(default)]
+    slow_start_ms: u64,
+    #[serde(default)]
+    notify_up: Vec<String>,
+    #[serde(default)]
+    notify_down: Vec<String>,
+    #[serde(default = "defaults::notify_timeout_ms")]
+    notify_timeout_ms: u64,
+    #[serde(default)]
+    send: Option<String>,
+    #[serde(default)]
+    expect: Option<String>,
 }
 
 /// Defaults (GLB's: probe every 2 s, 1 s timeout, 3 to flip).
@@ -244,37 +276,52 @@ pub mod defaults {
     }
 }
 
-/// What a left-out `timeout_ms` deserialises to until the interval is
-/// known; never a value given (`de_timeout` refuses it).
-const TIMEOUT_UNSET: u64 = u64::MAX;
+/// Timeouts beyond this many milliseconds are no timeouts: no clock adds
+/// them to an instant.
+const TIMEOUT_MAX: u64 = i64::MAX as u64;
 
-fn timeout_unset() -> u64 {
-    TIMEOUT_UNSET
-}
-
-fn de_timeout<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+/// A `timeout_ms` given in a file or a request.
+fn given_timeout<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
     let v = u64::deserialize(d)?;
-    if v == TIMEOUT_UNSET {
+    if v > TIMEOUT_MAX {
         return Err(serde::de::Error::custom(format!(
             "timeout_ms {v} is not a timeout in milliseconds"
         )));
     }
-    Ok(v)
+    Ok(Some(v))
 }
 
-impl Serialize for HealthCheck {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        HealthCheck::serialize(self, s)
-    }
-}
-
-impl<'de> Deserialize<'de> for HealthCheck {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let mut check = HealthCheck::deserialize(d)?;
-        if check.timeout_ms == TIMEOUT_UNSET {
-            check.timeout_ms = defaults::timeout_ms(check.interval_ms);
+impl From<CheckFile> for HealthCheck {
+    fn from(f: CheckFile) -> Self {
+        let timeout_ms = f
+            .timeout_ms
+            .unwrap_or_else(|| defaults::timeout_ms(f.interval_ms));
+        Self {
+            kind: f.kind,
+            port: f.port,
+            via: f.via,
+            mode: f.mode,
+            interval_ms: f.interval_ms,
+            timeout_ms,
+            rise: f.rise,
+            fall: f.fall,
+            jitter_percent: f.jitter_percent,
+            path: f.path,
+            host: f.host,
+            expect_status: f.expect_status,
+            expect_body: f.expect_body,
+            sni: f.sni,
+            tls_verify: f.tls_verify,
+            tls_ca: f.tls_ca,
+            command: f.command,
+            start: f.start,
+            slow_start_ms: f.slow_start_ms,
+            notify_up: f.notify_up,
+            notify_down: f.notify_down,
+            notify_timeout_ms: f.notify_timeout_ms,
+            send: f.send,
+            expect: f.expect,
         }
-        Ok(check)
     }
 }
 

@@ -307,8 +307,10 @@ impl State {
 
     /// The MACs and verdicts of a new desired state: what is known plus what
     /// was learnt, without entries of reals that left (a real removed and
-    /// added again starts afresh, like any new real). A real new to the
-    /// state whose check says `start: down` starts down.
+    /// added again starts afresh, like any new real) and without verdicts of
+    /// reals whose check this change removes (healthy by definition, in the
+    /// same change). A real new to the state whose check says `start: down`
+    /// starts down.
     fn inputs_for(
         &self,
         before: &Desired,
@@ -339,6 +341,8 @@ impl State {
             }
         }
         health.retain(|(vip, real), _| desired.has_real(vip, *real));
+        let (was, is) = (before.probes(), desired.probes());
+        health.retain(|key, _| !was.contains_key(key) || is.contains_key(key));
         (known, health)
     }
 
@@ -393,6 +397,7 @@ impl State {
 pub(crate) mod tests {
     use super::*;
     use crate::desired::{Admin, VipOptions};
+    use crate::health::HealthCheck;
     use crate::state::writer::fake::FakeMaps;
 
     fn vip() -> Vip {
@@ -475,6 +480,60 @@ pub(crate) mod tests {
         );
         // Its MAC was forgotten with it too: it waits for resolution again.
         assert!(st.unresolved().contains_key(&ip(12)));
+    }
+
+    #[test]
+    fn removing_the_check_clears_its_verdicts_and_the_guard_in_the_same_change() {
+        let mut st = with_reals(0.5, vip(), &[]);
+        let mut maps = FakeMaps::default();
+        let check = |kind| Edit::SetVip {
+            vip: vip(),
+            scheduler: None,
+            table_size: None,
+            health: Some(HealthCheck {
+                kind,
+                ..HealthCheck::default()
+            }),
+        };
+        st.edit(
+            &mut maps,
+            check(ProbeKind::Http),
+            &BTreeMap::new(),
+            PauseHook::default(),
+        )
+        .expect("check");
+        for l in [11, 12, 13, 14] {
+            let add = Edit::AddReal {
+                vip: vip(),
+                real: ip(l),
+                weight: 1,
+            };
+            let mac = BTreeMap::from([(ip(l), [2, 0, 0, 0, 0, l])]);
+            st.edit(&mut maps, add, &mac, PauseHook::default())
+                .expect("real");
+        }
+        let down: Vec<_> = [11, 12, 13].map(|l| ((vip(), ip(l)), false)).into();
+        st.set_health(&mut maps, &down).expect("down");
+        assert!(st.guarded().contains(&vip()), "three of four down");
+        st.edit(
+            &mut maps,
+            check(ProbeKind::None),
+            &BTreeMap::new(),
+            PauseHook::default(),
+        )
+        .expect("no check");
+        assert!(st.health().is_empty(), "{:?}", st.health());
+        assert!(
+            !st.guarded().contains(&vip()),
+            "the guard outlived the check"
+        );
+        let table = &st.model().services[&vip()].table;
+        assert!(
+            [11, 12, 13, 14]
+                .iter()
+                .all(|l| table.get(&ip(*l)) == Some(&1)),
+            "{table:?}"
+        );
     }
 
     #[test]
