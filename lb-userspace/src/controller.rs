@@ -479,6 +479,8 @@ pub struct Controller {
     hops: BTreeMap<IpAddr, IpAddr>,
     /// Whether a resolution round is running.
     resolving: bool,
+    /// The running confirmation of stale neighbour entries, if any.
+    confirming: Option<tokio::task::JoinHandle<()>>,
     /// Reals in slow start: since when, and for how long.
     ramps: BTreeMap<(Vip, IpAddr), (Instant, Duration)>,
     /// The fleet's verdicts, when they decide instead of the local probes'.
@@ -522,6 +524,7 @@ impl Controller {
             pending: BTreeMap::new(),
             hops: BTreeMap::new(),
             resolving: false,
+            confirming: None,
             ramps: BTreeMap::new(),
             fleet: None,
             tx: tx.clone(),
@@ -732,11 +735,48 @@ impl Controller {
         }
     }
 
-    /// Once a second: verdicts, unresolved reals.
+    /// Once a second: verdicts, unresolved reals, stale neighbours.
     fn converge(&mut self) {
         self.converge_health();
         self.apply_ramps();
         self.retry_unresolved();
+        self.confirm_neighbours();
+    }
+
+    /// Asks the kernel to confirm the neighbour entries of resolved reals'
+    /// next hops that went stale (a real whose MAC changed without
+    /// announcing itself is then learnt again; the change arrives as a
+    /// neighbour event).
+    fn confirm_neighbours(&mut self) {
+        if self.confirming.as_ref().is_some_and(|t| !t.is_finished()) {
+            return;
+        }
+        let hops: BTreeSet<IpAddr> = self
+            .state
+            .desired()
+            .reach()
+            .into_iter()
+            .filter(|(real, _)| self.state.mac(*real).is_some())
+            .filter_map(|(real, mode)| {
+                self.hops
+                    .get(&real)
+                    .copied()
+                    .or((mode == Forward::Dr).then_some(real))
+            })
+            .collect();
+        if hops.is_empty() {
+            return;
+        }
+        let iface = self.iface.clone();
+        self.confirming = Some(tokio::spawn(async move {
+            match neighbor::confirm_stale(&iface, &hops).await {
+                Ok(0) => {}
+                Ok(n) => {
+                    tracing::debug!(entries = n, "asked the kernel to confirm stale neighbours")
+                }
+                Err(err) => tracing::debug!(%err, "confirming stale neighbours failed"),
+            }
+        }));
     }
 
     /// Applies the verdicts in force that the state does not hold yet: the

@@ -4,7 +4,9 @@
 //! When the real is not in it yet, the daemon makes the kernel resolve it by
 //! sending one UDP datagram to the real's discard port, then reads the table;
 //! it also follows the table's changes (RTM_NEWNEIGH), so a real that comes up
-//! later, or whose MAC changes, is picked up as soon as the kernel learns it.
+//! later, or whose MAC changes, is picked up as soon as the kernel learns it,
+//! and asks the kernel to confirm stale entries of reals ([`confirm_stale`]),
+//! so that a MAC changed without announcing itself is learnt too.
 
 use std::{
     collections::BTreeMap,
@@ -15,7 +17,9 @@ use std::{
 use futures::TryStreamExt as _;
 use netlink_packet_route::{
     RouteNetlinkMessage,
-    neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourMessage, NeighbourState},
+    neighbour::{
+        NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage, NeighbourState,
+    },
     route::{RouteAddress, RouteAttribute},
 };
 use rtnetlink::packet_core::NetlinkPayload;
@@ -367,25 +371,66 @@ fn usable(msg: &NeighbourMessage) -> Option<(IpAddr, [u8; 6])> {
     if !ok {
         return None;
     }
-    let mut dst = None;
-    let mut lladdr = None;
-    for attr in &msg.attributes {
-        match attr {
-            NeighbourAttribute::Destination(NeighbourAddress::Inet(a)) => {
-                dst = Some(IpAddr::V4(*a));
+    let lladdr = msg.attributes.iter().find_map(|attr| match attr {
+        NeighbourAttribute::LinkLocalAddress(bytes) => <[u8; 6]>::try_from(bytes.as_slice()).ok(),
+        _ => None,
+    });
+    Some((destination(msg)?, lladdr.filter(|m| *m != [0; 6])?))
+}
+
+/// Asks the kernel to confirm the entries of `hops` on `iface` it no longer
+/// knows to be current: STALE (not confirmed for a reachable time) and FAILED
+/// (a confirmation went unanswered). Each gets NTF_USE, as if traffic went
+/// to it: the kernel probes a STALE entry's MAC by unicast and, once that
+/// goes unanswered, resolves it again by broadcast, so a real whose MAC
+/// changed without announcing itself is learnt again and the change arrives
+/// as an RTM_NEWNEIGH event. Returns how many entries were asked about.
+pub async fn confirm_stale(
+    iface: &Iface,
+    hops: &std::collections::BTreeSet<IpAddr>,
+) -> Result<usize, NeighborError> {
+    let (conn, handle, _) =
+        rtnetlink::new_connection().map_err(|e| NeighborError::Netlink(e.to_string()))?;
+    let task = tokio::spawn(conn);
+    let asked = async {
+        let mut due = Vec::new();
+        let mut entries = handle.neighbours().get().execute();
+        while let Some(msg) = entries.try_next().await? {
+            let old = matches!(
+                msg.header.state,
+                NeighbourState::Stale | NeighbourState::Failed
+            );
+            if msg.header.ifindex == iface.index
+                && old
+                && let Some(dst) = destination(&msg)
+                && hops.contains(&dst)
+            {
+                due.push(dst);
             }
-            NeighbourAttribute::Destination(NeighbourAddress::Inet6(a)) => {
-                dst = Some(IpAddr::V6(*a));
-            }
-            NeighbourAttribute::LinkLocalAddress(bytes) if bytes.len() == 6 => {
-                let mut mac = [0u8; 6];
-                mac.copy_from_slice(bytes);
-                lladdr = Some(mac);
-            }
-            _ => {}
         }
+        for hop in &due {
+            handle
+                .neighbours()
+                .add(iface.index, *hop)
+                .flags(NeighbourFlags::Use)
+                .replace()
+                .execute()
+                .await?;
+        }
+        Ok::<_, rtnetlink::Error>(due.len())
     }
-    Some((dst?, lladdr.filter(|m| *m != [0; 6])?))
+    .await;
+    task.abort();
+    asked.map_err(|e| NeighborError::Netlink(e.to_string()))
+}
+
+/// The address a neighbour entry is for.
+fn destination(msg: &NeighbourMessage) -> Option<IpAddr> {
+    msg.attributes.iter().find_map(|attr| match attr {
+        NeighbourAttribute::Destination(NeighbourAddress::Inet(a)) => Some(IpAddr::V4(*a)),
+        NeighbourAttribute::Destination(NeighbourAddress::Inet6(a)) => Some(IpAddr::V6(*a)),
+        _ => None,
+    })
 }
 
 /// The usable entries (with a MAC) of the kernel's neighbour table on `iface`.

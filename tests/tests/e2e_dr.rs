@@ -431,3 +431,47 @@ fn a_real_without_the_vip_on_lo_is_down_via_the_vip_and_up_via_its_address() {
         "{log}"
     );
 }
+
+#[test]
+fn a_real_whose_mac_changes_silently_is_learnt_again() {
+    require_root();
+    let lab = Lab::start("dm", 1, &["--http", "0.0.0.0:80"]);
+    let lb = &lab.topo.lb.ns;
+    // Entries go stale a second after their last confirmation, and a stale
+    // entry in use is probed after one more (the defaults: 15-45 s and 5 s).
+    lb.sysctl("net.ipv4.neigh.eth0.base_reachable_time_ms", "1000");
+    lb.sysctl("net.ipv4.neigh.eth0.delay_first_probe_time", "1");
+    lab.daemon.cli_ok(&["vip", "add", TCP_SERVICE]);
+    let real = &lab.topo.reals[0];
+    let addr = IpAddr::V4(real.ipv4);
+    lab.daemon
+        .cli_ok(&["real", "add", TCP_SERVICE, &addr.to_string()]);
+    assert_eq!(http_requests(&lab, 1)[0].real, real_name(0));
+    assert_eq!(
+        real_listed(&lab.daemon, TCP_SERVICE, addr)["mac"],
+        fmt_mac(&real.mac)
+    );
+
+    // A new NIC, announced to nobody: no gratuitous ARP.
+    real.ns.sysctl("net.ipv4.conf.all.arp_notify", "0");
+    real.ns.sysctl("net.ipv4.conf.eth0.arp_notify", "0");
+    let new_mac = [0x02, 0x00, 0x5e, 0x10, 0x00, 0x99];
+    real.ns
+        .ip(&format!("link set dev eth0 address {}", fmt_mac(&new_mac)));
+    let target = SocketAddr::from((VIP, 80));
+    xlb_tests::harness::wait_until("traffic reaches the real at its new MAC", || {
+        let listed = real_listed(&lab.daemon, TCP_SERVICE, addr);
+        listed["mac"] == fmt_mac(&new_mac)
+            && lab
+                .topo
+                .client
+                .ns
+                .run_in(|| http_get(target, Duration::from_millis(500)))
+                .is_ok_and(|a| a.real == real_name(0))
+    });
+    assert!(
+        lab.daemon.log().contains("real's MAC changed"),
+        "{}",
+        lab.daemon.log()
+    );
+}
