@@ -291,16 +291,20 @@ fn check_text(text: &str) -> Result<(), (String, String)> {
     let mut flow = 0usize;
     for (n, line) in text.lines().enumerate() {
         let at = || format!("line {}", n + 1);
-        if let Some(c) = line
-            .chars()
-            .find(|c| c.is_control() && !matches!(c, '\t' | '\r'))
-        {
+        // What YAML does not allow in a document: control characters other
+        // than tab and line ends, and the non-characters U+FFFE and U+FFFF
+        // (the parser's own message for those names no place).
+        if let Some(c) = line.chars().find(|c| {
+            (c.is_control() && !matches!(c, '\t' | '\r')) || matches!(c, '\u{fffe}' | '\u{ffff}')
+        }) {
+            let kind = if c.is_control() {
+                "control character"
+            } else {
+                "non-character"
+            };
             return Err((
                 at(),
-                format!(
-                    "the control character U+{:04X} is not allowed",
-                    u32::from(c)
-                ),
+                format!("the {kind} U+{:04X} is not allowed", u32::from(c)),
             ));
         }
         let indent = line.len() - line.trim_start_matches(' ').len();
