@@ -14,9 +14,7 @@ use crate::{
     forward::{self, ForwardError},
     icmp::{self, IcmpAction},
     maps::{CONFIG, VIP_ADDRS, VIPS, maybe_vip},
-    parse::{
-        self, Addr, Aligned, ETH_P_IP, ETH_P_IPV6, L2, L3, L3Error, Mac, ptr_at, read_at, read_mac,
-    },
+    parse::{self, Addr, Aligned, ETH_P_IP, ETH_P_IPV6, L2, L3, Mac, ptr_at, read_at},
     stats,
 };
 
@@ -55,47 +53,59 @@ pub fn run(ctx: &XdpContext) -> u32 {
 
 #[inline(always)]
 fn process(ctx: &XdpContext, bytes: u64) -> Verdict {
-    let Some(l2) = parse::l2(ctx) else {
+    // The settings first: to the compiler the lookup is a call (the verifier
+    // inlines it), so nothing read from the packet is kept across it.
+    let Some(config) = CONFIG.get(0) else {
+        return Verdict::Aborted;
+    };
+    let Some((l2, to)) = parse::l2(ctx) else {
         return Verdict::Pass(stat::PASS_MALFORMED);
     };
     if l2.ethertype != ETH_P_IP && l2.ethertype != ETH_P_IPV6 {
         return Verdict::Pass(stat::PASS_NOT_IP);
     }
-    let Some(config) = CONFIG.get(0) else {
-        return Verdict::Aborted;
-    };
     // Only frames sent to us: a promiscuous NIC or a flooding switch hands us
     // frames for other stations, and broadcast/multicast is nobody's service.
-    if read_mac(ctx, 0) != Some(Mac::of(&config.iface_mac)) {
+    if to != Mac::of(&config.iface_mac) {
         return Verdict::Pass(stat::PASS_NOT_OUR_MAC);
     }
+    // The VIP filter runs on what each family's header says before the rest
+    // of it is read: most packets that are not for a service stop here.
     let l3 = if l2.ethertype == ETH_P_IP {
-        parse::ipv4(ctx, l2.l3_off)
-    } else {
-        parse::ipv6(ctx, l2.l3_off)
-    };
-    let l3 = match l3 {
-        Ok(l3) => l3,
-        // Either way we cannot tell what it is: the kernel decides.
-        Err(L3Error::Malformed | L3Error::Unsupported) => {
+        let Ok(ip) = parse::ipv4_header(ctx, l2.l3_off) else {
             return Verdict::Pass(stat::PASS_MALFORMED);
+        };
+        if let Some(verdict) = screen(ctx, &ip.dst(), ip.proto(), ip.l4_off(), ip.later_fragment())
+        {
+            return verdict;
         }
+        ip.l3()
+    } else {
+        // Either error: we cannot tell what it is, the kernel decides.
+        let Ok(ip) = parse::ipv6_header(ctx, l2.l3_off) else {
+            return Verdict::Pass(stat::PASS_MALFORMED);
+        };
+        if let Some(verdict) = screen(
+            ctx,
+            &ip.dst(),
+            ip.walk.proto,
+            ip.walk.l4_off,
+            ip.walk.later_fragment,
+        ) {
+            return verdict;
+        }
+        ip.l3()
     };
     // TCP/UDP with its ports (not a later fragment): one lookup of the full
     // service key decides, and only a service's packets are ever dropped.
     if (l3.proto == PROTO_TCP || l3.proto == PROTO_UDP) && !l3.later_fragment {
-        // Ports cut off: we cannot tell whose it is; the kernel drops what is broken.
+        // screen() read them already.
         let Some(ports) = read_at::<[u8; 4]>(ctx, l3.l4_off) else {
             return Verdict::Pass(stat::PASS_MALFORMED);
         };
-        let port_be = u16::from_ne_bytes([ports[2], ports[3]]);
-        // Most packets that are not for a service stop here, before the hash lookup.
-        if !maybe_vip(&l3.dst, port_be, l3.proto) {
-            return Verdict::Pass(stat::PASS_NOT_VIP);
-        }
         let vip = Aligned(VipKey {
             addr: l3.dst.0,
-            port_be,
+            port_be: u16::from_ne_bytes([ports[2], ports[3]]),
             proto: l3.proto,
             family: l3.family,
         });
@@ -113,9 +123,6 @@ fn process(ctx: &XdpContext, bytes: u64) -> Verdict {
         return service(ctx, &l2, &l3, meta, ports, tcp_flags, config, bytes);
     }
     // Everything else is ours only when its address carries a VIP.
-    if !maybe_vip(&l3.dst, 0, 0) {
-        return Verdict::Pass(stat::PASS_NOT_VIP);
-    }
     let addr_key = addr_key(&l3.dst, l3.family);
     // SAFETY: as above.
     if unsafe { VIP_ADDRS.get(&addr_key.0) }.is_none() {
@@ -134,6 +141,32 @@ fn process(ctx: &XdpContext, bytes: u64) -> Verdict {
         PROTO_ICMPV6 if l3.family == FAMILY_V6 => icmp(ctx, &l2, &l3, config, bytes),
         _ => Verdict::Pass(stat::PASS_NOT_VIP),
     }
+}
+
+/// The VIP filter's first look at a packet, from its destination, transport
+/// protocol and ports (TCP/UDP that is not a later fragment) or its
+/// destination alone (anything else): `Some` ends the packet here (not for a
+/// VIP, or its ports cut off), `None` means it may be for one and the VIP maps
+/// decide. Called in each family's branch, so that a packet that stops here
+/// never builds the whole [`L3`].
+#[inline(always)]
+fn screen(
+    ctx: &XdpContext,
+    dst: &Addr,
+    proto: u8,
+    l4_off: usize,
+    later_fragment: bool,
+) -> Option<Verdict> {
+    let (port_be, key_proto) = if (proto == PROTO_TCP || proto == PROTO_UDP) && !later_fragment {
+        // Ports cut off: we cannot tell whose it is; the kernel drops what is broken.
+        let Some(ports) = read_at::<[u8; 4]>(ctx, l4_off) else {
+            return Some(Verdict::Pass(stat::PASS_MALFORMED));
+        };
+        (u16::from_ne_bytes([ports[2], ports[3]]), proto)
+    } else {
+        (0, 0)
+    };
+    (!maybe_vip(dst, port_be, key_proto)).then_some(Verdict::Pass(stat::PASS_NOT_VIP))
 }
 
 /// The key of `XLB_VIP_ADDRS`, built from words: a zeroed `_pad` of three

@@ -74,6 +74,25 @@ impl Addr {
         Self(unsafe { core::mem::transmute::<[u64; 2], [u8; 16]>(words) })
     }
 
+    /// Reads a 16-byte address from the packet as two 8-byte words (a
+    /// `[u8; 16]` copy may be made a byte at a time).
+    ///
+    /// # Safety
+    ///
+    /// `p` points at 16 bytes inside the packet, bounds-checked.
+    #[inline(always)]
+    pub unsafe fn read(p: *const [u8; 16]) -> Self {
+        // SAFETY: the caller's promise; unaligned as in read_at.
+        let words = unsafe {
+            [
+                p.cast::<u64>().read_unaligned(),
+                p.cast::<u8>().add(8).cast::<u64>().read_unaligned(),
+            ]
+        };
+        // SAFETY: [u64; 2] and [u8; 16] have the same size and any bytes are valid.
+        Self(unsafe { core::mem::transmute::<[u64; 2], [u8; 16]>(words) })
+    }
+
     /// The address as two 8-byte words (wire bytes in native words).
     #[inline(always)]
     pub fn words(&self) -> [u64; 2] {
@@ -178,10 +197,21 @@ pub struct L2 {
     pub ethertype: u16,
 }
 
-/// Walks Ethernet and up to two VLAN tags (802.1ad/802.1Q), which are kept as they are.
+/// Walks Ethernet and up to two VLAN tags (802.1ad/802.1Q), which are kept
+/// as they are. Also returns the destination MAC address, read under the same
+/// bounds check as the ethertype.
 #[inline(always)]
-pub fn l2(ctx: &XdpContext) -> Option<L2> {
-    let mut ethertype: u16 = read_at(ctx, 12)?;
+pub fn l2(ctx: &XdpContext) -> Option<(L2, Mac)> {
+    let eth = ptr_at::<[u8; ETH_LEN]>(ctx, 0)?;
+    // SAFETY: ptr_at checked the 14 bytes; unaligned as in read_at.
+    let (dst, mut ethertype) = unsafe {
+        let p = eth.cast::<u8>();
+        let dst = Mac {
+            head: p.cast::<u32>().read_unaligned(),
+            tail: p.add(4).cast::<u16>().read_unaligned(),
+        };
+        (dst, p.add(12).cast::<u16>().read_unaligned())
+    };
     let mut l3_off = ETH_LEN;
     if ethertype == ETH_P_8021AD || ethertype == ETH_P_8021Q {
         ethertype = read_at(ctx, l3_off + 2)?;
@@ -191,7 +221,7 @@ pub fn l2(ctx: &XdpContext) -> Option<L2> {
             l3_off += 4;
         }
     }
-    Some(L2 { l3_off, ethertype })
+    Some((L2 { l3_off, ethertype }, dst))
 }
 
 /// IPv6 extension headers skipped on the way to the transport header.
@@ -238,19 +268,12 @@ pub enum L3Error {
     Unsupported,
 }
 
-/// Parses the IPv4 header at `off`.
+/// Parses the IPv4 header at `off`: the whole header read at once (the
+/// balancer's own packets take [`ipv4_header`], which reads less).
 #[inline(always)]
 pub fn ipv4(ctx: &XdpContext, off: usize) -> Result<L3, L3Error> {
     let ip: Ipv4Hdr = read_at(ctx, off).ok_or(L3Error::Malformed)?;
-    // Header length in bytes; the mask keeps the verifier's bound at 60.
-    let ihl = ((ip.vihl & 0x0f) as usize) * 4;
-    if ip.vihl >> 4 != 4 || ihl < Ipv4Hdr::LEN {
-        return Err(L3Error::Malformed);
-    }
-    let len = u16::from_be_bytes(ip.tot_len) as usize;
-    if len < ihl {
-        return Err(L3Error::Malformed);
-    }
+    let (ihl, len) = ipv4_lengths(ip.vihl, ip.tot_len)?;
     Ok(L3 {
         family: FAMILY_V4,
         src: Addr::v4(ip.src_addr),
@@ -266,6 +289,100 @@ pub fn ipv4(ctx: &XdpContext, off: usize) -> Result<L3, L3Error> {
     })
 }
 
+/// The IPv4 header length and total length, checked against each other and
+/// the version.
+#[inline(always)]
+fn ipv4_lengths(vihl: u8, tot_len: [u8; 2]) -> Result<(usize, usize), L3Error> {
+    // Header length in bytes; the mask keeps the verifier's bound at 60.
+    let ihl = ((vihl & 0x0f) as usize) * 4;
+    if vihl >> 4 != 4 || ihl < Ipv4Hdr::LEN {
+        return Err(L3Error::Malformed);
+    }
+    let len = u16::from_be_bytes(tot_len) as usize;
+    if len < ihl {
+        return Err(L3Error::Malformed);
+    }
+    Ok((ihl, len))
+}
+
+/// An IPv4 header in the packet that passed the checks (version, header
+/// length, total length). Its fields are read from the packet when asked, so
+/// a caller that stops after the destination reads nothing else. Valid until
+/// the packet's head or tail moves.
+#[derive(Clone, Copy)]
+pub struct Ipv4 {
+    hdr: *const Ipv4Hdr,
+    off: usize,
+    ihl: usize,
+    len: usize,
+}
+
+/// Checks the IPv4 header at `off`.
+#[inline(always)]
+pub fn ipv4_header(ctx: &XdpContext, off: usize) -> Result<Ipv4, L3Error> {
+    let hdr = ptr_at::<Ipv4Hdr>(ctx, off).ok_or(L3Error::Malformed)?;
+    // SAFETY: ptr_at checked the header's 20 bytes; unaligned as in read_at.
+    let (vihl, tot_len) = unsafe { ((*hdr).vihl, (*hdr).tot_len) };
+    let (ihl, len) = ipv4_lengths(vihl, tot_len)?;
+    Ok(Ipv4 { hdr, off, ihl, len })
+}
+
+impl Ipv4 {
+    /// The destination address.
+    #[inline(always)]
+    pub fn dst(&self) -> Addr {
+        // SAFETY: checked by ipv4_header (see the type's note).
+        Addr::v4(unsafe { (*self.hdr).dst_addr })
+    }
+
+    /// The transport protocol.
+    #[inline(always)]
+    pub fn proto(&self) -> u8 {
+        // SAFETY: as in dst.
+        unsafe { (*self.hdr).proto }
+    }
+
+    /// Offset of the transport header.
+    #[inline(always)]
+    pub fn l4_off(&self) -> usize {
+        self.off + self.ihl
+    }
+
+    /// The flags and fragment offset, host order.
+    #[inline(always)]
+    fn frags(&self) -> u16 {
+        // SAFETY: as in dst.
+        u16::from_be_bytes(unsafe { (*self.hdr).frags })
+    }
+
+    /// A fragment other than the first: no transport header.
+    #[inline(always)]
+    pub fn later_fragment(&self) -> bool {
+        self.frags() & 0x1fff != 0
+    }
+
+    /// The whole network layer.
+    #[inline(always)]
+    pub fn l3(&self) -> L3 {
+        // SAFETY: as in dst. The whole header by value, as one set of loads.
+        let ip = unsafe { self.hdr.read_unaligned() };
+        let frags = u16::from_be_bytes(ip.frags);
+        L3 {
+            family: FAMILY_V4,
+            src: Addr::v4(ip.src_addr),
+            dst: Addr::v4(ip.dst_addr),
+            proto: ip.proto,
+            l4_off: self.l4_off(),
+            len: self.len,
+            tos: ip.tos,
+            // MF flag or a non-zero offset.
+            fragment: frags & 0x3fff != 0,
+            later_fragment: frags & 0x1fff != 0,
+            df: frags & 0x4000 != 0,
+        }
+    }
+}
+
 /// Parses the IPv6 header at `off`, skipping hop-by-hop, routing, destination
 /// options and AH headers. A fragment header marks the packet as a fragment.
 #[inline(always)]
@@ -274,7 +391,63 @@ pub fn ipv6(ctx: &XdpContext, off: usize) -> Result<L3, L3Error> {
     if ip.vcf[0] >> 4 != 6 {
         return Err(L3Error::Malformed);
     }
-    let mut proto = ip.next_hdr;
+    let walk = ipv6_walk(ctx, off, ip.next_hdr)?;
+    Ok(L3 {
+        family: FAMILY_V6,
+        src: Addr(ip.src_addr),
+        dst: Addr(ip.dst_addr),
+        proto: walk.proto,
+        l4_off: walk.l4_off,
+        len: Ipv6Hdr::LEN + u16::from_be_bytes(ip.payload_len) as usize,
+        tos: (ip.vcf[0] << 4) | (ip.vcf[1] >> 4),
+        fragment: walk.fragment,
+        later_fragment: walk.later_fragment,
+        df: false,
+    })
+}
+
+/// An IPv6 header in the packet and its extension headers walked to the
+/// transport protocol; the addresses, traffic class and length are read from
+/// the packet when asked. Valid until the packet's head or tail moves.
+#[derive(Clone, Copy)]
+pub struct Ipv6 {
+    hdr: *const Ipv6Hdr,
+    /// The extension headers walked.
+    pub walk: Ipv6Walk,
+}
+
+/// Checks the IPv6 header at `off` and walks its extension headers (see [`ipv6`]).
+#[inline(always)]
+pub fn ipv6_header(ctx: &XdpContext, off: usize) -> Result<Ipv6, L3Error> {
+    let hdr = ptr_at::<Ipv6Hdr>(ctx, off).ok_or(L3Error::Malformed)?;
+    // SAFETY: ptr_at checked the header's 40 bytes; unaligned as in read_at.
+    let (version, next_hdr) = unsafe { ((*hdr).vcf[0] >> 4, (*hdr).next_hdr) };
+    if version != 6 {
+        return Err(L3Error::Malformed);
+    }
+    Ok(Ipv6 {
+        hdr,
+        walk: ipv6_walk(ctx, off, next_hdr)?,
+    })
+}
+
+/// What the walk over an IPv6 header's extension headers found.
+#[derive(Clone, Copy)]
+pub struct Ipv6Walk {
+    /// Transport protocol (after the extension headers).
+    pub proto: u8,
+    /// Offset of the transport header.
+    pub l4_off: usize,
+    /// A fragment header says this is a fragment.
+    pub fragment: bool,
+    /// A fragment other than the first: no transport header.
+    pub later_fragment: bool,
+}
+
+/// Walks the extension headers of the IPv6 header at `off`, whose next
+/// header is `proto`.
+#[inline(always)]
+fn ipv6_walk(ctx: &XdpContext, off: usize, mut proto: u8) -> Result<Ipv6Walk, L3Error> {
     let mut ext = 0usize;
     let mut fragment = false;
     let mut later_fragment = false;
@@ -324,16 +497,38 @@ pub fn ipv6(ctx: &XdpContext, off: usize) -> Result<L3, L3Error> {
     {
         return Err(L3Error::Unsupported);
     }
-    Ok(L3 {
-        family: FAMILY_V6,
-        src: Addr(ip.src_addr),
-        dst: Addr(ip.dst_addr),
+    Ok(Ipv6Walk {
         proto,
         l4_off: off + Ipv6Hdr::LEN + (ext & 0x1ff),
-        len: Ipv6Hdr::LEN + u16::from_be_bytes(ip.payload_len) as usize,
-        tos: (ip.vcf[0] << 4) | (ip.vcf[1] >> 4),
         fragment,
         later_fragment,
-        df: false,
     })
+}
+
+impl Ipv6 {
+    /// The destination address.
+    #[inline(always)]
+    pub fn dst(&self) -> Addr {
+        // SAFETY: checked by ipv6_header (see the type's note).
+        unsafe { Addr::read(&raw const (*self.hdr).dst_addr) }
+    }
+
+    /// The whole network layer.
+    #[inline(always)]
+    pub fn l3(&self) -> L3 {
+        // SAFETY: as in dst. The whole header by value, as one set of loads.
+        let ip = unsafe { self.hdr.read_unaligned() };
+        L3 {
+            family: FAMILY_V6,
+            src: Addr(ip.src_addr),
+            dst: Addr(ip.dst_addr),
+            proto: self.walk.proto,
+            l4_off: self.walk.l4_off,
+            len: Ipv6Hdr::LEN + u16::from_be_bytes(ip.payload_len) as usize,
+            tos: (ip.vcf[0] << 4) | (ip.vcf[1] >> 4),
+            fragment: self.walk.fragment,
+            later_fragment: self.walk.later_fragment,
+            df: false,
+        }
+    }
 }

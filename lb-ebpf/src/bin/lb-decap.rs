@@ -76,7 +76,7 @@ mod program {
     #[inline(always)]
     fn process(ctx: &XdpContext) -> (u32, u32) {
         let pass = xdp_action::XDP_PASS;
-        let Some(l2) = parse::l2(ctx) else {
+        let Some((l2, _)) = parse::l2(ctx) else {
             return (pass, decap_stat::PASS_MALFORMED);
         };
         let outer = match l2.ethertype {
