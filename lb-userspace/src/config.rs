@@ -313,8 +313,8 @@ fn check_text(text: &str) -> Result<(), (String, String)> {
         }
         let (mut single, mut double, mut escaped) = (false, false, false);
         let mut prev = ' ';
-        let chars: Vec<char> = line.chars().collect();
-        for (i, &c) in chars.iter().enumerate() {
+        let mut chars = line.chars().peekable();
+        while let Some(c) = chars.next() {
             let token_start = prev.is_whitespace() || matches!(prev, '[' | '{' | ',');
             if double {
                 match c {
@@ -335,7 +335,7 @@ fn check_text(text: &str) -> Result<(), (String, String)> {
                     '&' | '*'
                         if token_start
                             && chars
-                                .get(i + 1)
+                                .peek()
                                 .is_some_and(|n| n.is_alphanumeric() || matches!(n, '_' | '-')) =>
                     {
                         return Err((
@@ -359,6 +359,16 @@ fn check_text(text: &str) -> Result<(), (String, String)> {
         }
     }
     Ok(())
+}
+
+/// [`check_text`] naming `file`: run on any text before deserialising it
+/// as a configuration.
+pub fn check_document(file: &str, text: &str) -> Result<(), ConfigError> {
+    check_text(text).map_err(|(path, message)| ConfigError::Invalid {
+        file: file.to_owned(),
+        path,
+        message,
+    })
 }
 
 /// The `daemon:` section as [`Settings`]; an error names the key: (path, message).
@@ -396,11 +406,7 @@ impl Config {
 
     /// Parses and validates `text` (named `file` in errors).
     pub fn parse(file: &str, text: &str) -> Result<Self, ConfigError> {
-        check_text(text).map_err(|(path, message)| ConfigError::Invalid {
-            file: file.to_owned(),
-            path,
-            message,
-        })?;
+        check_document(file, text)?;
         let raw: ConfigFile = if text.trim().is_empty() {
             ConfigFile::default()
         } else {
@@ -409,6 +415,13 @@ impl Config {
                 error,
             })?
         };
+        Self::from_file(file, &raw)
+    }
+
+    /// Validates a document already deserialised from text that passed
+    /// [`check_document`] (named `file` in errors): what [`Config::parse`]
+    /// does after deserialising.
+    pub fn from_file(file: &str, raw: &ConfigFile) -> Result<Self, ConfigError> {
         let invalid = |path: String, message: String| ConfigError::Invalid {
             file: file.to_owned(),
             path,

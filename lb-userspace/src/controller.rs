@@ -609,9 +609,11 @@ impl Controller {
         macs: &BTreeMap<IpAddr, [u8; 6]>,
     ) -> Result<Changes, ControlError> {
         let started = Instant::now();
-        let mut preview = self.state.spec().clone();
-        preview.apply(edit.clone())?;
-        check_reach(&self.iface, &preview.effective())?;
+        // The edit is checked on its own copy (a whole document for a
+        // `Load`); the current spec is not copied for it.
+        let preview = self.state.spec().applied(edit.clone())?;
+        check_reach(&self.iface, &preview.spec.effective_cow())?;
+        drop(preview);
         let before = self.state.desired();
         let r = self
             .state

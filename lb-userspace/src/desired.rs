@@ -616,6 +616,40 @@ impl Spec {
         })
     }
 
+    /// Sets a real's weight and/or admin state in the override layer, in
+    /// place ([`Edit::SetReal`]); on error nothing changed. It checks all an
+    /// override can break: the weight's range and that the real is there.
+    pub fn set_override(
+        &mut self,
+        vip: Vip,
+        real: IpAddr,
+        weight: Option<u32>,
+        admin: Option<Admin>,
+    ) -> Result<(), SpecError> {
+        if weight.is_none() && admin.is_none() {
+            return Err(SpecError::NothingToSet);
+        }
+        if let Some(w) = weight {
+            check_weight(w)?;
+        }
+        let s = self
+            .base
+            .services
+            .get(&vip)
+            .ok_or(SpecError::UnknownVip(vip))?;
+        if !s.reals.contains_key(&real) {
+            return Err(SpecError::UnknownReal { vip, real });
+        }
+        let o = self.overrides.0.entry((vip, real)).or_default();
+        if weight.is_some() {
+            o.weight = weight;
+        }
+        if admin.is_some() {
+            o.admin = admin;
+        }
+        Ok(())
+    }
+
     /// A copy of this spec with a piece-wise `edit` made (not validated as a whole).
     fn edited(&self, edit: Edit) -> Result<Self, SpecError> {
         let mut next = self.clone();
@@ -695,29 +729,7 @@ impl Spec {
                 real,
                 weight,
                 admin,
-            } => {
-                if weight.is_none() && admin.is_none() {
-                    return Err(SpecError::NothingToSet);
-                }
-                if let Some(w) = weight {
-                    check_weight(w)?;
-                }
-                let s = next
-                    .base
-                    .services
-                    .get(&vip)
-                    .ok_or(SpecError::UnknownVip(vip))?;
-                if !s.reals.contains_key(&real) {
-                    return Err(SpecError::UnknownReal { vip, real });
-                }
-                let o = next.overrides.0.entry((vip, real)).or_default();
-                if weight.is_some() {
-                    o.weight = weight;
-                }
-                if admin.is_some() {
-                    o.admin = admin;
-                }
-            }
+            } => next.set_override(vip, real, weight, admin)?,
             Edit::DelReal { vip, real } => {
                 let s = next
                     .base

@@ -540,6 +540,34 @@ fn one_apply_reaches_the_fleet_which_agrees_on_every_flow_health_and_conflicts()
     ]);
     assert!(!out.status.success(), "a stale --if-revision is refused");
     assert_eq!(fleet.desired_revision(), now, "nothing written");
+    // So is a plan against it: its diff would be against a state no longer current.
+    let out = fleet.nodes[2].cli(&[
+        "apply",
+        "--dry-run",
+        "--if-revision",
+        &rev_arg,
+        files[0].to_str().expect("UTF-8"),
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.code() == Some(4)
+            && err.contains(&format!(
+                "conflict: the desired state changed in the store since revision {rev} (now {now})"
+            )),
+        "a plan at a stale revision is refused (exit 4, the conflict): {out:?}"
+    );
+    let out = fleet.nodes[2].cli_ok(&[
+        "apply",
+        "--dry-run",
+        "--if-revision",
+        &now.to_string(),
+        files[0].to_str().expect("UTF-8"),
+    ]);
+    assert!(
+        out.starts_with(&format!("dry run: applying {}", files[0].display())),
+        "a plan at the current revision answers: {out}"
+    );
+    assert_eq!(fleet.desired_revision(), now, "nothing written");
 }
 
 #[test]

@@ -379,6 +379,13 @@ async fn plan(
     let Json(body) = body?;
     let (file, desired) = checked(&ctx, &body).await?;
     revision_needs_store(&ctx, body.revision)?;
+    if let Some(store) = &ctx.store {
+        // A plan against a state that is no longer the store's would show
+        // the wrong changes: refused as `PUT /v1/desired` refuses it.
+        store
+            .check_revision(body.revision)
+            .map_err(|e| named(&file, crate::store::api::ChangeError::from(e).into()))?;
+    }
     let snap = ctx.sources.handle.snapshot();
     let mut next = snap.spec.clone();
     next.apply(Edit::Replace(desired))

@@ -52,11 +52,13 @@ pub enum PersistError {
     },
 }
 
+/// The state file: written from a borrowed state (`S = &State`, not
+/// copied at each change), read into an owned one.
 #[derive(Serialize, Deserialize)]
-struct StateFile {
+struct StateFile<S> {
     layout: u32,
     iface: String,
-    state: State,
+    state: S,
 }
 
 /// Writes `bytes` to `path` atomically (temporary file + rename).
@@ -92,7 +94,7 @@ pub fn save(path: &Path, iface: &str, state: &State) -> Result<(), PersistError>
     let file = StateFile {
         layout: LAYOUT_VERSION,
         iface: iface.to_owned(),
-        state: state.clone(),
+        state,
     };
     let bytes = serde_json::to_vec(&file).map_err(|e| PersistError::Format {
         path: path.display().to_string(),
@@ -110,7 +112,7 @@ pub fn load(path: &Path, iface: &str) -> Result<Option<State>, PersistError> {
         path: path.display().to_string(),
         why,
     };
-    let file: StateFile = serde_json::from_str(&text).map_err(|e| format(e.to_string()))?;
+    let file: StateFile<State> = serde_json::from_str(&text).map_err(|e| format(e.to_string()))?;
     if file.layout != LAYOUT_VERSION {
         return Err(format(format!("written for layout v{}", file.layout)));
     }

@@ -66,15 +66,7 @@ impl Store {
             .seen
             .clone()
             .unwrap_or((0, Spec::default()));
-        if let Some(want) = if_revision
-            && want != read
-        {
-            return Err(StoreError::Conflict {
-                read: want,
-                now: read,
-            }
-            .into());
-        }
+        check_revision(if_revision, read)?;
         let mut next = spec;
         next.apply(edit).map_err(ControlError::from)?;
         controller::check_reach(iface, &next.effective()).map_err(ControlError::from)?;
@@ -143,6 +135,13 @@ impl Store {
         }
     }
 
+    /// Refuses `if_revision` (when given) unless it is the revision of the
+    /// newest document seen: what a plan (`xlb apply --dry-run`) checks.
+    pub fn check_revision(&self, if_revision: Option<i64>) -> Result<(), StoreError> {
+        let seen = self.view.borrow().seen.as_ref().map_or(0, |(r, _)| *r);
+        check_revision(if_revision, seen)
+    }
+
     /// The answer of `GET /v1/fleet`.
     pub fn fleet(&self) -> Fleet {
         let nodes = self.view.borrow().nodes.clone();
@@ -157,6 +156,18 @@ impl Store {
                 })
                 .collect(),
         }
+    }
+}
+
+/// A conflict when `want` is given and is not `seen`, the revision a
+/// change would be based on.
+fn check_revision(want: Option<i64>, seen: i64) -> Result<(), StoreError> {
+    match want {
+        Some(want) if want != seen => Err(StoreError::Conflict {
+            read: want,
+            now: seen,
+        }),
+        _ => Ok(()),
     }
 }
 

@@ -3,17 +3,17 @@
 //! `overrides:` set by hand (`xlb real set|drain|disable|enable`), which are
 //! fleet-wide in store mode. An operator reads it with `etcdctl get`.
 //!
-//! Parsing reuses [`Config::parse`] for the services and [`Spec::apply`] for
-//! the overrides, so the document is validated exactly like a configuration
-//! file and an `xlb real set`.
+//! Parsing reads the text once and reuses [`Config::from_file`] for the
+//! services and [`Spec::set_override`] for the overrides, so the document is
+//! validated exactly like a configuration file and an `xlb real set`.
 
 use std::net::IpAddr;
 
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    config::{Config, ConfigError},
-    desired::{Admin, Edit, Override, Spec},
+    config::{self, Config, ConfigError, ConfigFile, SeedField, ServiceConfig},
+    desired::{Admin, Override, Overrides, Spec},
     health::HealthCheck,
     model::Vip,
 };
@@ -84,40 +84,74 @@ struct DocumentOut<'a> {
     overrides: Vec<OverrideDoc>,
 }
 
+/// A stored document as written: a configuration's keys plus `overrides:`,
+/// read in one pass (a document of 1,000 VIPs is about 500 KiB of YAML).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DocumentIn {
+    /// Refused when present: daemon settings are per node.
+    #[serde(default)]
+    daemon: Present,
+    #[serde(default)]
+    hash_seed: SeedField,
+    #[serde(default)]
+    services: Vec<ServiceConfig>,
+    #[serde(default)]
+    overrides: Vec<OverrideDoc>,
+}
+
+/// Whether a key was written, whatever its value (`null` too).
+#[derive(Default)]
+struct Present(bool);
+
+impl<'de> Deserialize<'de> for Present {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        serde::de::IgnoredAny::deserialize(d).map(|_| Self(true))
+    }
+}
+
 /// Parses and validates a stored document (`name` names it in errors).
 pub fn parse(name: &str, text: &str) -> Result<Spec, DocumentError> {
     let shape = |key: &str, message: String| DocumentError::Shape {
         key: format!("{name}: {key}"),
         message,
     };
-    let mut value: serde_yaml_ng::Value = if text.trim().is_empty() {
-        serde_yaml_ng::Value::Null
+    config::check_document(name, text)?;
+    let doc = if text.trim().is_empty() {
+        DocumentIn {
+            daemon: Present(false),
+            hash_seed: SeedField::default(),
+            services: Vec::new(),
+            overrides: Vec::new(),
+        }
     } else {
-        serde_yaml_ng::from_str(text).map_err(|e| shape("(document)", e.to_string()))?
+        serde_yaml_ng::from_str::<DocumentIn>(text).map_err(|error| ConfigError::Parse {
+            file: name.to_owned(),
+            error,
+        })?
     };
-    let mut overrides = Vec::new();
-    if let serde_yaml_ng::Value::Mapping(m) = &mut value {
-        if m.contains_key("daemon") {
-            return Err(shape(
-                "daemon",
-                "daemon settings are per node: set them in each node's configuration file, not \
-                 in the store"
-                    .to_owned(),
-            ));
-        }
-        if let Some(o) = m.remove("overrides") {
-            overrides = serde_yaml_ng::from_value::<Vec<OverrideDoc>>(o)
-                .map_err(|e| shape("overrides", e.to_string()))?;
-        }
+    if doc.daemon.0 {
+        return Err(shape(
+            "daemon",
+            "daemon settings are per node: set them in each node's configuration file, not in \
+             the store"
+                .to_owned(),
+        ));
     }
-    // The rest is a configuration document: the same checks as `xlb apply`.
-    let rest = serde_yaml_ng::to_string(&value).map_err(|e| shape("(document)", e.to_string()))?;
-    let rest = if value.is_null() { String::new() } else { rest };
-    let config = Config::parse(name, &rest)?;
-    let mut spec = Spec::default();
-    spec.apply(Edit::Replace(config.desired))
-        .map_err(|e| shape("services", e.to_string()))?;
-    for (i, o) in overrides.into_iter().enumerate() {
+    // The services part: the same checks as `xlb apply` (which validate the
+    // whole base, so it is taken as it is).
+    let raw = ConfigFile {
+        daemon: serde_yaml_ng::Value::Null,
+        hash_seed: doc.hash_seed,
+        services: doc.services,
+    };
+    let mut spec = Spec {
+        base: Config::from_file(name, &raw)?.desired,
+        overrides: Overrides::default(),
+    };
+    // An override changes only a weight or an admin state, which
+    // `set_override` checks: the state stays valid as a whole.
+    for (i, o) in doc.overrides.into_iter().enumerate() {
         let at = format!("overrides[{i}]");
         let vip: Vip = o
             .vip
@@ -125,13 +159,8 @@ pub fn parse(name: &str, text: &str) -> Result<Spec, DocumentError> {
             .map_err(|e| shape(&format!("{at}.vip"), format!("{e}")))?;
         let real = crate::model::parse_real(&o.real)
             .map_err(|e| shape(&format!("{at}.real"), format!("{e}")))?;
-        spec.apply(Edit::SetReal {
-            vip,
-            real,
-            weight: o.weight,
-            admin: o.admin,
-        })
-        .map_err(|e| shape(&at, e.to_string()))?;
+        spec.set_override(vip, real, o.weight, o.admin)
+            .map_err(|e| shape(&at, e.to_string()))?;
     }
     Ok(spec)
 }
@@ -241,9 +270,34 @@ overrides:
             .expect_err("seed")
             .to_string();
         assert!(err.contains("store: hash_seed: -7 is negative"), "{err}");
-        let err = parse("store", "daemon: {}\n")
-            .expect_err("daemon")
+        for daemon in [
+            "daemon: {}\n",
+            "daemon:\n",
+            "services: []\ndaemon: { iface: eth0 }\n",
+        ] {
+            let err = parse("store", daemon).expect_err(daemon).to_string();
+            assert!(err.contains("daemon settings are per node"), "{err}");
+        }
+        let unknown = DOC.replace("weight: 0, admin", "colour: red, admin");
+        let err = parse("store", &unknown).expect_err("unknown").to_string();
+        assert!(
+            err.starts_with("store: overrides[0]: unknown field `colour`"),
+            "{err}"
+        );
+        let err = parse("store", &DOC.replace("table_size: 251", "table_size: big"))
+            .expect_err("size")
             .to_string();
-        assert!(err.contains("daemon settings are per node"), "{err}");
+        assert!(
+            err.starts_with("store: services[1].table_size: invalid type"),
+            "{err}"
+        );
+        let err = parse("store", &format!("{DOC}colour: red\n"))
+            .expect_err("top")
+            .to_string();
+        assert!(err.starts_with("store: unknown field `colour`"), "{err}");
+        let err = parse("store", &DOC.replace("hash_seed: 7", "hash_seed: &a 7"))
+            .expect_err("anchor")
+            .to_string();
+        assert!(err.contains("store: line 1: YAML anchors"), "{err}");
     }
 }

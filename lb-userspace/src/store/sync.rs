@@ -337,9 +337,16 @@ impl Sync {
         }
     }
 
-    /// Hands `spec` to the controller, with the MACs of reals it does not know yet.
+    /// Hands `spec` to the controller, with the MACs of reals it does not know
+    /// yet; nothing when the controller already has it (a document written
+    /// again unchanged: 0 writes, 0 tables).
     async fn load(&self, spec: Spec) -> Result<(usize, usize), String> {
-        let known = self.handle.snapshot().macs.clone();
+        let snap = self.handle.snapshot();
+        if snap.spec == spec {
+            return Ok((0, 0));
+        }
+        let known = snap.macs.clone();
+        drop(snap);
         let mut unknown = spec.effective().reach();
         unknown.retain(|r, _| !known.contains_key(r));
         let resolution = if unknown.is_empty() {

@@ -1798,12 +1798,14 @@ fn fleet_targets(w: &mut String, f: &Fleet) {
             l.p99 < FLEET_P99_TARGET_MS,
             &format!(
                 "a change of one weight costs each node the whole desired document ({:.1} KiB of \
-                 YAML): read from etcd, parsed twice (its `overrides:` are split off through a \
-                 YAML value, the rest written back out and parsed as a configuration; YAML \
-                 reading and writing took about 40% of the daemons' CPU in a perf profile at \
-                 1,000 VIPs, 2026-11-30) and validated, then every VIP reconciled (a walk over \
-                 every VIP, about 10 ms at 1,000), the changed table rebuilt, the state saved and the report \
-                 written; the three daemons and etcd share the 2 vCPUs",
+                 YAML): read from etcd, parsed once (services and `overrides:` in one pass: still \
+                 the largest single cost, about a quarter of the daemons' CPU in a perf profile at \
+                 1,000 VIPs) and validated, then every VIP reconciled (a walk over every VIP, \
+                 about 10 ms at 1,000), the changed table rebuilt, the state file and the \
+                 document saved (JSON of the whole state) and the report written, with a few \
+                 copies of the whole desired state on the way (the controller's snapshot, the \
+                 newest document kept for API changes); the three daemons, etcd and node A's \
+                 `xlb apply` (which renders the document) share the 2 vCPUs",
                 c.document_bytes as f64 / 1024.0
             ),
         );
