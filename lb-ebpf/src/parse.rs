@@ -292,7 +292,7 @@ pub fn ipv4(ctx: &XdpContext, off: usize) -> Result<L3, L3Error> {
 /// The IPv4 header length and total length, checked against each other and
 /// the version.
 #[inline(always)]
-fn ipv4_lengths(vihl: u8, tot_len: [u8; 2]) -> Result<(usize, usize), L3Error> {
+pub fn ipv4_lengths(vihl: u8, tot_len: [u8; 2]) -> Result<(usize, usize), L3Error> {
     // Header length in bytes; the mask keeps the verifier's bound at 60.
     let ihl = ((vihl & 0x0f) as usize) * 4;
     if vihl >> 4 != 4 || ihl < Ipv4Hdr::LEN {
@@ -447,7 +447,7 @@ pub struct Ipv6Walk {
 /// Walks the extension headers of the IPv6 header at `off`, whose next
 /// header is `proto`.
 #[inline(always)]
-fn ipv6_walk(ctx: &XdpContext, off: usize, mut proto: u8) -> Result<Ipv6Walk, L3Error> {
+pub fn ipv6_walk(ctx: &XdpContext, off: usize, mut proto: u8) -> Result<Ipv6Walk, L3Error> {
     let mut ext = 0usize;
     let mut fragment = false;
     let mut later_fragment = false;

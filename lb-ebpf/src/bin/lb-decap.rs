@@ -38,11 +38,12 @@ mod program {
     };
     use core::ptr::{addr_of, read_volatile};
     use lb_common::{
-        Counter, DecapSet, FAMILY_V4, MAX_DECAP_ADDRS, MAX_DECAP_SRCS, PROTO_IPIP, PROTO_IPV6,
-        decap_stat,
+        Counter, DecapSet, MAX_DECAP_ADDRS, MAX_DECAP_SRCS, PROTO_IPIP, PROTO_IPV6, decap_stat,
     };
 
-    use crate::parse::{self, Addr, ETH_P_IP, ETH_P_IPV6, read_at, write_at};
+    use network_types::ip::{Ipv4Hdr, Ipv6Hdr};
+
+    use crate::parse::{self, Addr, ETH_P_IP, ETH_P_IPV6, ptr_at, read_at, write_at};
 
     /// This host's tunnel endpoints and the accepted tunnel sources, set by
     /// `xlb decap` at load (`.rodata`, frozen). Read only through
@@ -79,148 +80,220 @@ mod program {
         let Some((l2, _)) = parse::l2(ctx) else {
             return (pass, decap_stat::PASS_MALFORMED);
         };
-        let outer = match l2.ethertype {
-            ETH_P_IP => parse::ipv4(ctx, l2.l3_off),
-            ETH_P_IPV6 => parse::ipv6(ctx, l2.l3_off),
+        // The outer header is read field by field, in the order the checks
+        // need them (no whole header copied, no 16-byte addresses built).
+        let off = l2.l3_off;
+        let (inner_v4, l4_off, tos, stat) = match l2.ethertype {
+            ETH_P_IP => {
+                let Some(ip) = ptr_at::<Ipv4Hdr>(ctx, off) else {
+                    return (pass, decap_stat::PASS_MALFORMED);
+                };
+                // SAFETY: ptr_at checked the header's 20 bytes; unaligned as
+                // in read_at (every field here is a byte array).
+                let ip = unsafe { &*ip };
+                let Ok((ihl, _)) = parse::ipv4_lengths(ip.vihl, ip.tot_len) else {
+                    return (pass, decap_stat::PASS_MALFORMED);
+                };
+                if ip.proto != PROTO_IPIP {
+                    return (pass, decap_stat::PASS_NOT_TUNNEL);
+                }
+                // MF flag or a non-zero offset: a fragment.
+                if u16::from_be_bytes(ip.frags) & 0x3fff != 0
+                    || !is_local_v4(u32::from_ne_bytes(ip.dst_addr))
+                {
+                    return (pass, decap_stat::PASS_NOT_LOCAL);
+                }
+                let l4_off = off + ihl;
+                if !inner_ok(ctx, l4_off, true) {
+                    return (pass, decap_stat::PASS_MALFORMED);
+                }
+                if !is_allowed_src_v4(u32::from_ne_bytes(ip.src_addr)) {
+                    return (xdp_action::XDP_DROP, decap_stat::DROP_NOT_ALLOWED_SRC);
+                }
+                (true, l4_off, ip.tos, decap_stat::DECAP_IPIP)
+            }
+            ETH_P_IPV6 => {
+                let Some(ip) = ptr_at::<Ipv6Hdr>(ctx, off) else {
+                    return (pass, decap_stat::PASS_MALFORMED);
+                };
+                // SAFETY: ptr_at checked the header's 40 bytes; unaligned as
+                // in read_at (the addresses are read as words by Addr::read).
+                let ip = unsafe { &*ip };
+                if ip.vcf[0] >> 4 != 6 {
+                    return (pass, decap_stat::PASS_MALFORMED);
+                }
+                let Ok(walk) = parse::ipv6_walk(ctx, off, ip.next_hdr) else {
+                    return (pass, decap_stat::PASS_MALFORMED);
+                };
+                let (inner_v4, stat) = match walk.proto {
+                    PROTO_IPIP => (true, decap_stat::DECAP_4IN6),
+                    PROTO_IPV6 => (false, decap_stat::DECAP_IP6IP6),
+                    _ => return (pass, decap_stat::PASS_NOT_TUNNEL),
+                };
+                // SAFETY: inside the header ptr_at checked.
+                if walk.fragment || !is_local_v6(unsafe { Addr::read(&raw const ip.dst_addr) }) {
+                    return (pass, decap_stat::PASS_NOT_LOCAL);
+                }
+                if !inner_ok(ctx, walk.l4_off, inner_v4) {
+                    return (pass, decap_stat::PASS_MALFORMED);
+                }
+                // SAFETY: as for the destination.
+                if !is_allowed_src_v6(unsafe { Addr::read(&raw const ip.src_addr) }) {
+                    return (xdp_action::XDP_DROP, decap_stat::DROP_NOT_ALLOWED_SRC);
+                }
+                // The traffic class's low bits (ECN) are bits 4-5 of the second byte.
+                (inner_v4, walk.l4_off, ip.vcf[1] >> 4, stat)
+            }
             _ => return (pass, decap_stat::PASS_NOT_TUNNEL),
         };
-        let Ok(outer) = outer else {
-            return (pass, decap_stat::PASS_MALFORMED);
-        };
-        let v4_outer = outer.family == FAMILY_V4;
-        let (inner_type, stat) = match outer.proto {
-            PROTO_IPIP if v4_outer => (ETH_P_IP, decap_stat::DECAP_IPIP),
-            PROTO_IPIP => (ETH_P_IP, decap_stat::DECAP_4IN6),
-            PROTO_IPV6 if !v4_outer => (ETH_P_IPV6, decap_stat::DECAP_IP6IP6),
-            _ => return (pass, decap_stat::PASS_NOT_TUNNEL),
-        };
-        if outer.fragment || !is_local(v4_outer, &outer.dst) {
-            return (pass, decap_stat::PASS_NOT_LOCAL);
-        }
-        // The inner IP header must be there, of the version the outer
-        // protocol names, before we commit to stripping.
-        let inner_ok = if inner_type == ETH_P_IP {
-            read_at::<[u8; 20]>(ctx, outer.l4_off).is_some_and(|h| h[0] >> 4 == 4)
-        } else {
-            read_at::<[u8; 40]>(ctx, outer.l4_off).is_some_and(|h| h[0] >> 4 == 6)
-        };
-        if !inner_ok {
+        let inner_type = if inner_v4 { ETH_P_IP } else { ETH_P_IPV6 };
+        if tos & ECN_MASK == ECN_CE && !mark_ce(ctx, l4_off, inner_v4) {
             return (pass, decap_stat::PASS_MALFORMED);
         }
-        if !is_allowed_src(v4_outer, &outer.src) {
-            return (xdp_action::XDP_DROP, decap_stat::DROP_NOT_ALLOWED_SRC);
-        }
-        if outer.tos & ECN_MASK == ECN_CE && !mark_ce(ctx, outer.l4_off, inner_type == ETH_P_IP) {
-            return (pass, decap_stat::PASS_MALFORMED);
-        }
-        let outer_len = outer.l4_off - l2.l3_off;
-        // Save the L2 header (addresses and VLAN tags) before it is
-        // overwritten, as words (byte arrays are kept on the stack byte by
-        // byte; see docs/development.md, "Data-path code").
-        let (Some(macs_head), Some(macs_tail)) = (read_at::<u64>(ctx, 0), read_at::<u32>(ctx, 8))
-        else {
-            return (pass, decap_stat::PASS_MALFORMED);
+        let outer_len = l4_off - off;
+        // The L2 header (addresses, VLAN tags) and the inner ethertype are
+        // written just before the inner header, over the end of the outer
+        // one, so that moving the head leaves them in place and nothing is
+        // written after the helper call. Each range is checked once (22
+        // bytes, the longest L2 header; past a shorter one they reach into
+        // the inner header, which is there), and all of the old header is
+        // read, as words, before any of the new one is written: they overlap
+        // when a 20-byte IPv4 header follows two VLAN tags.
+        let (Some(old), Some(new)) = (
+            ptr_at::<[u8; 22]>(ctx, 0),
+            ptr_at::<[u8; 22]>(ctx, outer_len),
+        ) else {
+            return (xdp_action::XDP_ABORTED, decap_stat::ABORTED);
         };
-        let tags: u64 = match l2.l3_off {
-            18 => match read_at::<u32>(ctx, 12) {
-                Some(t) => u64::from(t),
-                None => return (pass, decap_stat::PASS_MALFORMED),
-            },
-            22 => match read_at(ctx, 12) {
-                Some(t) => t,
-                None => return (pass, decap_stat::PASS_MALFORMED),
-            },
-            _ => 0,
-        };
+        // SAFETY: both ranges checked by ptr_at; unaligned as in read_at.
+        unsafe {
+            let (old, new) = (old.cast::<u8>(), new.cast::<u8>());
+            let macs_head = old.cast::<u64>().read_unaligned();
+            let macs_tail = old.add(8).cast::<u32>().read_unaligned();
+            match off {
+                22 => {
+                    let tags = old.add(12).cast::<u64>().read_unaligned();
+                    new.add(12).cast::<u64>().write_unaligned(tags);
+                    new.add(20).cast::<u16>().write_unaligned(inner_type);
+                }
+                18 => {
+                    let tags = old.add(12).cast::<u32>().read_unaligned();
+                    new.add(12).cast::<u32>().write_unaligned(tags);
+                    new.add(16).cast::<u16>().write_unaligned(inner_type);
+                }
+                _ => new.add(12).cast::<u16>().write_unaligned(inner_type),
+            }
+            new.cast::<u64>().write_unaligned(macs_head);
+            new.add(8).cast::<u32>().write_unaligned(macs_tail);
+        }
         // SAFETY: shrinking the packet this program owns by the outer header,
         // which the checks above proved is inside it.
         if unsafe { bpf_xdp_adjust_head(ctx.ctx, outer_len as i32) } != 0 {
             return (xdp_action::XDP_ABORTED, decap_stat::ABORTED);
         }
-        let mut ok = write_at(ctx, 0, macs_head) && write_at(ctx, 8, macs_tail);
-        ok &= match l2.l3_off {
-            18 => write_at(ctx, 12, tags as u32),
-            22 => write_at(ctx, 12, tags),
-            _ => true,
-        };
-        ok &= write_at(ctx, l2.l3_off - 2, inner_type);
-        if ok {
-            (pass, stat)
+        (pass, stat)
+    }
+
+    /// Whether the inner IP header at `off` is there, of the version the
+    /// outer protocol names (IPv4 when `v4`), before we commit to stripping.
+    #[inline(always)]
+    fn inner_ok(ctx: &XdpContext, off: usize, v4: bool) -> bool {
+        if v4 {
+            ptr_at::<Ipv4Hdr>(ctx, off).is_some_and(|h| {
+                // SAFETY: ptr_at checked the header's 20 bytes.
+                unsafe { (*h).vihl >> 4 == 4 }
+            })
         } else {
-            (xdp_action::XDP_ABORTED, decap_stat::ABORTED)
+            ptr_at::<Ipv6Hdr>(ctx, off).is_some_and(|h| {
+                // SAFETY: ptr_at checked the header's 40 bytes.
+                unsafe { (*h).vcf[0] >> 4 == 6 }
+            })
         }
     }
 
-    /// Whether `dst` is one of this host's tunnel endpoints.
+    /// Whether the IPv4 address `dst` (a word in wire order) is one of this
+    /// host's tunnel endpoints.
     #[inline(always)]
-    fn is_local(v4: bool, dst: &Addr) -> bool {
+    fn is_local_v4(dst: u32) -> bool {
         let set = addr_of!(XLB_DECAP_SET);
-        // SAFETY: reads of a static; the loops stop at the count and at the
-        // arrays' length (every index is < MAX_DECAP_ADDRS).
+        // SAFETY: reads of a static; the loop stops at the count and at the
+        // array's length (every index is < MAX_DECAP_ADDRS).
         unsafe {
-            if v4 {
-                let n = read_volatile(addr_of!((*set).v4_addr_count)) as usize;
-                let d = dst.word32();
-                for i in 0..MAX_DECAP_ADDRS {
-                    if i >= n {
-                        break;
-                    }
-                    if read_volatile(addr_of!((*set).v4_addrs[i])) == d {
-                        return true;
-                    }
+            let n = read_volatile(addr_of!((*set).v4_addr_count)) as usize;
+            for i in 0..MAX_DECAP_ADDRS {
+                if i >= n {
+                    break;
                 }
-            } else {
-                let n = read_volatile(addr_of!((*set).v6_addr_count)) as usize;
-                // Two native words: the order [`DecapSet`] stores them in.
-                let d = dst.words();
-                for i in 0..MAX_DECAP_ADDRS {
-                    if i >= n {
-                        break;
-                    }
-                    if read_volatile(addr_of!((*set).v6_addrs[i][0])) == d[0]
-                        && read_volatile(addr_of!((*set).v6_addrs[i][1])) == d[1]
-                    {
-                        return true;
-                    }
+                if read_volatile(addr_of!((*set).v4_addrs[i])) == dst {
+                    return true;
                 }
             }
         }
         false
     }
 
-    /// Whether `src` is in one of the allowed source prefixes.
+    /// Whether the IPv6 address `dst` is one of this host's tunnel endpoints.
     #[inline(always)]
-    fn is_allowed_src(v4: bool, src: &Addr) -> bool {
+    fn is_local_v6(dst: Addr) -> bool {
         let set = addr_of!(XLB_DECAP_SET);
-        // SAFETY: as in is_local (every index is < MAX_DECAP_SRCS).
+        // Two native words: the order [`DecapSet`] stores them in.
+        let d = dst.words();
+        // SAFETY: as in is_local_v4.
         unsafe {
-            if v4 {
-                let n = read_volatile(addr_of!((*set).v4_src_count)) as usize;
-                let s = src.word32();
-                for i in 0..MAX_DECAP_SRCS {
-                    if i >= n {
-                        break;
-                    }
-                    let net = read_volatile(addr_of!((*set).v4_srcs[i][0]));
-                    let mask = read_volatile(addr_of!((*set).v4_srcs[i][1]));
-                    if s & mask == net {
-                        return true;
-                    }
+            let n = read_volatile(addr_of!((*set).v6_addr_count)) as usize;
+            for i in 0..MAX_DECAP_ADDRS {
+                if i >= n {
+                    break;
                 }
-            } else {
-                let n = read_volatile(addr_of!((*set).v6_src_count)) as usize;
-                let s = src.words();
-                for i in 0..MAX_DECAP_SRCS {
-                    if i >= n {
-                        break;
-                    }
-                    let p = addr_of!((*set).v6_srcs[i]);
-                    if s[0] & read_volatile(addr_of!((*p)[2])) == read_volatile(addr_of!((*p)[0]))
-                        && s[1] & read_volatile(addr_of!((*p)[3]))
-                            == read_volatile(addr_of!((*p)[1]))
-                    {
-                        return true;
-                    }
+                if read_volatile(addr_of!((*set).v6_addrs[i][0])) == d[0]
+                    && read_volatile(addr_of!((*set).v6_addrs[i][1])) == d[1]
+                {
+                    return true;
+                }
+            }
+        }
+        false
+    }
+
+    /// Whether the IPv4 address `src` (a word in wire order) is in one of
+    /// the allowed source prefixes.
+    #[inline(always)]
+    fn is_allowed_src_v4(src: u32) -> bool {
+        let set = addr_of!(XLB_DECAP_SET);
+        // SAFETY: as in is_local_v4 (every index is < MAX_DECAP_SRCS).
+        unsafe {
+            let n = read_volatile(addr_of!((*set).v4_src_count)) as usize;
+            for i in 0..MAX_DECAP_SRCS {
+                if i >= n {
+                    break;
+                }
+                let net = read_volatile(addr_of!((*set).v4_srcs[i][0]));
+                let mask = read_volatile(addr_of!((*set).v4_srcs[i][1]));
+                if src & mask == net {
+                    return true;
+                }
+            }
+        }
+        false
+    }
+
+    /// Whether the IPv6 address `src` is in one of the allowed source prefixes.
+    #[inline(always)]
+    fn is_allowed_src_v6(src: Addr) -> bool {
+        let set = addr_of!(XLB_DECAP_SET);
+        let s = src.words();
+        // SAFETY: as in is_local_v4 (every index is < MAX_DECAP_SRCS).
+        unsafe {
+            let n = read_volatile(addr_of!((*set).v6_src_count)) as usize;
+            for i in 0..MAX_DECAP_SRCS {
+                if i >= n {
+                    break;
+                }
+                let p = addr_of!((*set).v6_srcs[i]);
+                if s[0] & read_volatile(addr_of!((*p)[2])) == read_volatile(addr_of!((*p)[0]))
+                    && s[1] & read_volatile(addr_of!((*p)[3])) == read_volatile(addr_of!((*p)[1]))
+                {
+                    return true;
                 }
             }
         }
