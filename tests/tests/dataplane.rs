@@ -1261,6 +1261,32 @@ fn decap_strips_ipip_ip6ip6_and_4in6_for_local_addresses() {
             }
         }
     }
+    // QinQ (an 802.1ad tag before the 802.1Q one): the Ethernet header and
+    // both tags move to just before the inner header, where they overlap the
+    // outer header they replace (22 bytes of L2 over a 20-byte IPv4 header).
+    let qinq = |frame: &[u8]| {
+        let mut f = frame[..12].to_vec();
+        f.extend_from_slice(&[0x88, 0xa8, 0x00, 0x2a]);
+        f.extend_from_slice(&frame[12..]);
+        f
+    };
+    let inner6_vlan = packet::client(CLIENT6.into(), VIP6_TUN.into(), vlan, tcp(40002, 80, true));
+    for (name, src, dst, class, inner) in [
+        ("qinq_ipip", tun_src, real4, 0, &inner4_vlan),
+        ("qinq_ip6ip6", tun_src6, real6, 5, &inner6_vlan),
+        ("qinq_4in6", tun_src6, real6, 5, &inner4_vlan),
+    ] {
+        let input = qinq(&packet::tunnel(src, dst, vlan, mac, class, &inner[18..]));
+        // The tunnel frame's addresses and tags, the inner packet's ethertype.
+        let mut want = input[..20].to_vec();
+        want.extend_from_slice(&inner[16..]);
+        let (v, out) = run(prog, &input);
+        if v != XDP_PASS || out != want {
+            failures.push(format!(
+                "{name}: verdict {v}\n  got  {out:02x?}\n  want {want:02x?}"
+            ));
+        }
+    }
     assert!(
         failures.is_empty(),
         "decap failures:\n{}",
