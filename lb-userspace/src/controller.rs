@@ -1021,13 +1021,26 @@ pub fn check_reach(iface: &Iface, desired: &Desired) -> Result<(), NeighborError
     Ok(())
 }
 
+/// Refuses what `desired` could never do on this host, as every way in
+/// (the API, `xlb apply`, a reload, the start with `--config`, a change
+/// written to the store) must: [`check_reach`], then [`check_routes`] for the
+/// reals it adds to `current`.
+pub async fn check_host(
+    iface: &Iface,
+    desired: &Desired,
+    current: &Desired,
+) -> Result<(), NeighborError> {
+    check_reach(iface, desired)?;
+    check_routes(iface, desired, current).await
+}
+
 /// Refuses a TUN real that `desired` adds to `current` when the kernel's
 /// route to it leaves through another interface than the balancer's: the
 /// balancer could not send the packets the kernel would. Only reals being
 /// added are looked up: a real whose route moves later stays in its service,
 /// unresolved with that reason, until the route comes back. A real with no
 /// route at all is not refused either: it waits, unresolved, for one.
-pub async fn check_routes(
+async fn check_routes(
     iface: &Iface,
     desired: &Desired,
     current: &Desired,

@@ -312,13 +312,10 @@ pub async fn run(
         // The file replaces the base; overrides set by hand stay.
         spec.apply(Edit::Replace(config.desired.clone()))
             .map_err(anyhow::Error::from)
-            .and_then(|_| {
-                controller::check_reach(&iface, &spec.effective()).map_err(anyhow::Error::from)
-            })
             .with_context(applying)?;
         // Reals the adopted state already holds keep their place whatever
         // their route does now; new ones must route through the interface.
-        controller::check_routes(&iface, &spec.effective(), &state.desired())
+        controller::check_host(&iface, &spec.effective(), &state.desired())
             .await
             .with_context(applying)?;
     }
@@ -645,8 +642,7 @@ async fn reload_on_sighup(
             }
         };
         let current = handle.snapshot();
-        if let Err(err) = controller::check_routes(&iface, &config.desired, &current.desired).await
-        {
+        if let Err(err) = controller::check_host(&iface, &config.desired, &current.desired).await {
             tracing::error!(%err, "reload refused; the running state is unchanged");
             activity.record_reload(source, Err(format!("{}: {err}", path.display())));
             continue;

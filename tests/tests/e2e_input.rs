@@ -6,8 +6,9 @@
 
 use std::path::Path;
 
+use nix::sys::signal::Signal;
 use xlb_tests::harness::{
-    Daemon, Lab, RunDir, json, real_listed, require_root, wait_until, xlb_bin,
+    Daemon, Lab, RunDir, json, path_str, real_listed, require_root, wait_until, xlb_bin,
 };
 
 const SERVICE: &str = "203.0.113.10:80/tcp";
@@ -362,7 +363,7 @@ fn unresolved_reason(daemon: &Daemon, service: &str, addr: &str) -> Option<Strin
 #[test]
 fn tun_reals_routed_through_another_interface_are_refused_and_reasons_follow_the_route() {
     require_root();
-    let lab = Lab::start("it", 1, &SERVER_ARGS);
+    let mut lab = Lab::start("it", 1, &SERVER_ARGS);
     let daemon = &lab.daemon;
     let lb = &lab.topo.lb.ns;
     // A second interface on the balancer (a veth pair, both ends here), whose
@@ -435,4 +436,38 @@ fn tun_reals_routed_through_another_interface_are_refused_and_reasons_follow_the
         .collect::<Vec<_>>()
         .join(":");
     assert_eq!(real["mac"], mac.as_str(), "the gateway's MAC: {real}");
+
+    // The other ways in make the same check: a start with `--config`...
+    lab.daemon.stop();
+    let lb = &lab.topo.lb.ns;
+    let file_arg = path_str(&file);
+    let mut refused_start =
+        Daemon::spawn_in(lb, "eth0", dir.path(), &["--no-pin", "--config", file_arg]);
+    let (status, log) = refused_start.wait_exit();
+    assert!(!status.success(), "a start with other.yaml: {log}");
+    assert!(
+        log.contains("other.yaml") && log.contains("192.0.2.50 leaves through xo0"),
+        "the start names the file, the real and the interface: {log}"
+    );
+    // ...and a reload (SIGHUP) of the file the daemon started with.
+    let fine = format!("services:\n  - vip: {tun}\n    forward: tun\n    reals: []\n");
+    std::fs::write(&file, &fine).expect("write");
+    let mut daemon = Daemon::start_in(lb, "eth0", dir.path(), &["--no-pin", "--config", file_arg]);
+    let before = daemon.cli_ok(&["vip", "list", "--json"]);
+    std::fs::write(
+        &file,
+        fine.replace("reals: []", "reals:\n      - address: 192.0.2.50"),
+    )
+    .expect("write");
+    daemon.signal(Signal::SIGHUP);
+    let log = daemon.wait_for_log("reload refused");
+    assert!(
+        log.contains("192.0.2.50 leaves through xo0"),
+        "the refused reload names the real and the interface: {log}"
+    );
+    assert_eq!(
+        daemon.cli_ok(&["vip", "list", "--json"]),
+        before,
+        "a refused reload changed the state"
+    );
 }

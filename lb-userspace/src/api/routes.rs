@@ -241,10 +241,8 @@ async fn add_real(
     let mut preview = ctx.sources.handle.snapshot().spec.clone();
     preview.apply(e.clone())?;
     let desired = preview.effective();
-    crate::controller::check_reach(&ctx.iface, &desired)
-        .map_err(crate::controller::ControlError::from)?;
     let current = ctx.sources.handle.snapshot();
-    crate::controller::check_routes(&ctx.iface, &desired, &current.desired)
+    crate::controller::check_host(&ctx.iface, &desired, &current.desired)
         .await
         .map_err(crate::controller::ControlError::from)?;
     let mut adds = Desired::default();
@@ -313,10 +311,8 @@ async fn checked(ctx: &Context, body: &ApplyBody) -> ApiResult<(String, Desired)
             ),
         });
     }
-    crate::controller::check_reach(&ctx.iface, &config.desired)
-        .map_err(|e| named(&file, crate::controller::ControlError::from(e).into()))?;
     let current = ctx.sources.handle.snapshot();
-    crate::controller::check_routes(&ctx.iface, &config.desired, &current.desired)
+    crate::controller::check_host(&ctx.iface, &config.desired, &current.desired)
         .await
         .map_err(|e| named(&file, crate::controller::ControlError::from(e).into()))?;
     Ok((file, config.desired))
