@@ -27,6 +27,18 @@
 //! - [`bench`]: the floor programs `./x bench` compares against.
 //! - [`daemon`]: `xlb run`. [`cli`]: the command line.
 
+/// The commit this build comes from (`unknown` when it was built outside a
+/// git checkout without `XLB_COMMIT` set).
+pub const COMMIT: &str = env!("XLB_COMMIT");
+
+/// What `xlb --version` prints after the name.
+pub const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("XLB_COMMIT"),
+    ")"
+);
+
 pub mod api;
 pub mod bench;
 pub mod cli;

@@ -79,13 +79,14 @@ fn gauge(n: u64) -> i64 {
     i64::try_from(n).unwrap_or(i64::MAX)
 }
 
-/// `xlb_build_info{version} 1`, in both the daemon's and `xlb decap`'s metrics.
+/// `xlb_build_info{version,commit} 1`, in both the daemon's and `xlb decap`'s
+/// metrics.
 fn register_build_info(reg: &mut Registry) {
     let info = Family::<Labels, Gauge>::default();
-    info.get_or_create(&labels(&[(
-        "version",
-        env!("CARGO_PKG_VERSION").to_owned(),
-    )]))
+    info.get_or_create(&labels(&[
+        ("version", env!("CARGO_PKG_VERSION").to_owned()),
+        ("commit", crate::COMMIT.to_owned()),
+    ]))
     .set(1);
     reg.register(
         "build_info",
@@ -547,7 +548,8 @@ mod tests {
         let text = render_decap(&counters).expect("every decap counter has a series");
         let mut got: Vec<&str> = text.lines().filter(|l| l.starts_with("xlb_")).collect();
         let version = env!("CARGO_PKG_VERSION");
-        let build = format!("xlb_build_info{{version=\"{version}\"}} 1");
+        let commit = crate::COMMIT;
+        let build = format!("xlb_build_info{{version=\"{version}\",commit=\"{commit}\"}} 1");
         let mut want = vec![
             build.as_str(),
             "xlb_decap_decapsulated_packets_total{encapsulation=\"ipip\"} 4",

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use xlb_tests::harness::{
     Daemon, DecapProc, Lab, VIP, balanced_topology, http_get, metric_samples, require_root,
-    scrape_metrics, start_reals, wait_until,
+    scrape_metrics, start_reals, wait_until, xlb_bin,
 };
 use xlb_tests::netns::{Host, unique_prefix};
 
@@ -400,8 +400,23 @@ fn dashboard_and_alerts_use_what_the_daemon_and_decap_export() {
         .map(|r| settled(|| scrape(r, DECAP_METRICS_ADDR)))
         .collect();
 
+    // The commit label is the one `xlb --version` prints.
+    let version = Command::new(xlb_bin())
+        .arg("--version")
+        .output()
+        .expect("xlb --version");
+    let version = String::from_utf8(version.stdout).expect("UTF-8");
+    let commit = version
+        .trim()
+        .strip_prefix(&format!("xlb {} (commit ", env!("CARGO_PKG_VERSION")))
+        .and_then(|rest| rest.strip_suffix(')'))
+        .unwrap_or_else(|| panic!("xlb --version prints the release and the commit: {version:?}"));
+    assert!(
+        commit.len() == 12 && commit.bytes().all(|b| b.is_ascii_hexdigit()),
+        "built from this git checkout, the commit is its short hash: {commit:?}"
+    );
     let build = format!(
-        "xlb_build_info{{version=\"{}\"}}",
+        "xlb_build_info{{version=\"{}\",commit=\"{commit}\"}}",
         env!("CARGO_PKG_VERSION")
     );
     assert_eq!(sample(&m, &build), 1.0);

@@ -29,7 +29,7 @@ With --json, stdout holds one JSON document: the answer, or on failure
 
 /// xlb: an XDP layer-4 load balancer (LVS-DR / LVS-TUN style, Maglev hashing).
 #[derive(Debug, Parser)]
-#[command(name = "xlb", version, about, after_help = EXIT_CODES)]
+#[command(name = "xlb", version = crate::VERSION, about, after_help = EXIT_CODES)]
 pub struct Cli {
     /// Control socket of the daemon.
     #[arg(long, global = true, env = "XLB_SOCKET", default_value = DEFAULT_SOCKET)]
