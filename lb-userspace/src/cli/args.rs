@@ -218,13 +218,25 @@ fn parse_src_prefix(s: &str) -> Result<(IpAddr, u8), String> {
     Ok((p.addr, p.len))
 }
 
+/// A VIP address for `xlb realserver setup --vip`: refused when it can never
+/// be a service address (loopback, multicast, ...), as everywhere else.
+fn parse_vip_addr(s: &str) -> Result<IpAddr, String> {
+    let addr: IpAddr = s
+        .parse()
+        .map_err(|_| format!("'{s}' is not an IPv4 or IPv6 address"))?;
+    match crate::desired::unusable(addr) {
+        Some(why) => Err(why.to_owned()),
+        None => Ok(addr),
+    }
+}
+
 /// `xlb realserver ...`.
 #[derive(Debug, Subcommand)]
 pub enum RealserverCommand {
     /// Put VIPs on lo and set arp_ignore=1, arp_announce=2, rp_filter=2.
     Setup {
         /// A VIP address this real serves (repeat for several).
-        #[arg(long = "vip", required = true)]
+        #[arg(long = "vip", required = true, value_parser = parse_vip_addr)]
         vips: Vec<IpAddr>,
         /// Where to record what was changed (for teardown).
         #[arg(long, default_value = realserver::STATE_FILE)]
