@@ -181,7 +181,13 @@ fn exit_codes_json_errors_check_dry_run_save_and_the_last_reload() {
         "mixed.txt",
         &format!("{SERVICE} 198.51.100.7:40000\n{SERVICE} [2001:db8:100::7]:40000\n"),
     );
-    let cases: [(&[&str], i32, &str, &str); 17] = [
+    // A daemon setting `xlb run` would refuse at start without looking at the host.
+    let unkeyed = write_file(
+        &dir,
+        "unkeyed.yaml",
+        "daemon:\n  sync_listen: 198.51.100.1:9815\n",
+    );
+    let cases: [(&[&str], i32, &str, &str); 18] = [
         (
             &["--socket", "/nonexistent/xlb.sock", "status"],
             3,
@@ -224,6 +230,13 @@ fn exit_codes_json_errors_check_dry_run_save_and_the_last_reload() {
             2,
             "bad_input",
             "bad.yaml: services[0].table_size: 100 is not a prime",
+        ),
+        (
+            &["check", &unkeyed],
+            2,
+            "bad_input",
+            "unkeyed.yaml: invalid flow sync settings: --sync-listen needs --sync-key-file \
+             (daemon.sync_key_file)",
         ),
         (
             &["apply", &bad],
