@@ -187,7 +187,7 @@ fn exit_codes_json_errors_check_dry_run_save_and_the_last_reload() {
         "unkeyed.yaml",
         "daemon:\n  sync_listen: 198.51.100.1:9815\n",
     );
-    let cases: [(&[&str], i32, &str, &str); 18] = [
+    let cases: [(&[&str], i32, &str, &str); 20] = [
         (
             &["--socket", "/nonexistent/xlb.sock", "status"],
             3,
@@ -217,6 +217,34 @@ fn exit_codes_json_errors_check_dry_run_save_and_the_last_reload() {
             2,
             "bad_input",
             "invalid table size 100",
+        ),
+        (
+            &[
+                "vip",
+                "add",
+                "203.0.113.12:80/tcp",
+                "--check",
+                "tcp",
+                "--check-interval",
+                "10",
+            ],
+            2,
+            "bad_input",
+            "health check: interval_ms must be at least 100, not 10 (--check-interval)",
+        ),
+        (
+            &[
+                "vip",
+                "set",
+                SERVICE,
+                "--check",
+                "none",
+                "--check-port",
+                "8080",
+            ],
+            2,
+            "bad_input",
+            "--check-port has no effect with --check none",
         ),
         (&["vip", "set", SERVICE], 2, "bad_input", "nothing to set"),
         (
