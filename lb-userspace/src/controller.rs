@@ -830,7 +830,7 @@ impl Controller {
             }
         }
         self.resolving = true;
-        let iface = self.iface.clone();
+        let iface = self.iface.refreshed();
         let tx = self.tx.clone();
         tokio::spawn(async move {
             let mut res = neighbor::resolve_all(&iface, &due, Duration::from_millis(300)).await;
@@ -857,7 +857,7 @@ impl Controller {
             return;
         }
         self.resolving = true;
-        let iface = self.iface.clone();
+        let iface = self.iface.refreshed();
         let tx = self.tx.clone();
         tokio::spawn(async move {
             let res = neighbor::resolve_all(&iface, &reach, Duration::ZERO).await;
@@ -976,6 +976,7 @@ pub fn verdict_fixes(
 /// the interface's subnets, a DR real off the interface's segments, a tunnel
 /// of a family the balancer has no source address for.
 pub fn check_reach(iface: &Iface, desired: &Desired) -> Result<(), NeighborError> {
+    let iface = &iface.refreshed();
     let own = neighbor::host_addrs();
     for vip in desired.services.keys() {
         iface.check_not_broadcast(vip.addr, &format!("VIP {vip}"))?;

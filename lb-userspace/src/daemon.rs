@@ -191,6 +191,10 @@ pub fn check_settings(
     if settings.bird_routes.is_some() && settings.bird_socket.is_none() {
         bail!("--bird-routes (daemon.bird_routes) needs --bird-socket (daemon.bird_socket)");
     }
+    settings
+        .check_sync()
+        .map_err(anyhow::Error::msg)
+        .context("invalid flow sync settings")?;
     let store_options = settings
         .store()
         .map_err(anyhow::Error::msg)

@@ -61,7 +61,10 @@ async fn main() -> std::process::ExitCode {
     if !long_running {
         end_quietly_on_a_closed_stdout();
     }
-    let default = if long_running { "info" } else { "warn" };
+    // netlink-packet-route warns about every kernel attribute newer than itself
+    // (IFLA_INET6_CONF on 6.x kernels): noise on the operator's stderr, not a fault.
+    let level = if long_running { "info" } else { "warn" };
+    let default = format!("{level},netlink_packet_route=error");
     let filter = EnvFilter::try_from_env("XLB_LOG").unwrap_or_else(|_| EnvFilter::new(default));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)

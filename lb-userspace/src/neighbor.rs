@@ -160,32 +160,41 @@ pub struct Iface {
     pub local_vips: bool,
 }
 
+/// An interface's addresses with their prefix lengths.
+type Nets = Vec<(IpAddr, u8)>;
+
+/// `name`'s MAC and its addresses with their prefix lengths.
+fn read_addrs(name: &str) -> Result<(Option<[u8; 6]>, Nets), NeighborError> {
+    let mut mac = None;
+    let mut nets = Vec::new();
+    let addrs = getifaddrs().map_err(|e| NeighborError::Netlink(e.to_string()))?;
+    for ifa in addrs.filter(|a| a.interface_name == name) {
+        let Some(addr) = ifa.address else { continue };
+        if let Some(link) = addr.as_link_addr() {
+            mac = link.addr();
+        } else if let Some(v4) = addr.as_sockaddr_in() {
+            let prefix = ifa
+                .netmask
+                .and_then(|m| m.as_sockaddr_in().map(|m| u32::from(m.ip()).count_ones()))
+                .unwrap_or(32);
+            nets.push((IpAddr::V4(v4.ip()), prefix as u8));
+        } else if let Some(v6) = addr.as_sockaddr_in6() {
+            let prefix = ifa
+                .netmask
+                .and_then(|m| m.as_sockaddr_in6().map(|m| u128::from(m.ip()).count_ones()))
+                .unwrap_or(128);
+            nets.push((IpAddr::V6(v6.ip()), prefix as u8));
+        }
+    }
+    Ok((mac, nets))
+}
+
 impl Iface {
     /// Reads `name`'s index, MAC and addresses in the current network namespace.
     pub fn lookup(name: &str) -> Result<Self, NeighborError> {
         let index = nix::net::if_::if_nametoindex(name)
             .map_err(|_| NeighborError::NoIface(name.to_owned()))?;
-        let mut mac = None;
-        let mut nets = Vec::new();
-        let addrs = getifaddrs().map_err(|e| NeighborError::Netlink(e.to_string()))?;
-        for ifa in addrs.filter(|a| a.interface_name == name) {
-            let Some(addr) = ifa.address else { continue };
-            if let Some(link) = addr.as_link_addr() {
-                mac = link.addr();
-            } else if let Some(v4) = addr.as_sockaddr_in() {
-                let prefix = ifa
-                    .netmask
-                    .and_then(|m| m.as_sockaddr_in().map(|m| u32::from(m.ip()).count_ones()))
-                    .unwrap_or(32);
-                nets.push((IpAddr::V4(v4.ip()), prefix as u8));
-            } else if let Some(v6) = addr.as_sockaddr_in6() {
-                let prefix = ifa
-                    .netmask
-                    .and_then(|m| m.as_sockaddr_in6().map(|m| u128::from(m.ip()).count_ones()))
-                    .unwrap_or(128);
-                nets.push((IpAddr::V6(v6.ip()), prefix as u8));
-            }
-        }
+        let (mac, nets) = read_addrs(name)?;
         let mac = mac
             .filter(|m| *m != [0; 6])
             .ok_or_else(|| NeighborError::NoMac(name.to_owned()))?;
@@ -204,6 +213,21 @@ impl Iface {
             tunnel_sources,
             local_vips: false,
         })
+    }
+
+    /// A copy with the interface's addresses read again, so that the checks
+    /// of a change see the subnets the interface has now (one added after
+    /// the daemon started, one taken away); the old ones when they cannot be
+    /// read.
+    pub fn refreshed(&self) -> Self {
+        let mut fresh = self.clone();
+        match read_addrs(&self.name) {
+            Ok((_, nets)) => fresh.nets = nets,
+            Err(err) => {
+                tracing::debug!(%err, iface = %self.name, "cannot read its addresses again")
+            }
+        }
+        fresh
     }
 
     /// Whether `addr` is inside one of the interface's subnets.

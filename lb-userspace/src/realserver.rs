@@ -71,7 +71,56 @@ async fn lo_index(handle: &rtnetlink::Handle) -> anyhow::Result<u32> {
     Ok(link.header.index)
 }
 
+/// The prefix length a VIP gets on `lo`: a host address, /32 or /128.
+fn host_prefix(ip: IpAddr) -> u8 {
+    if ip.is_ipv4() { 32 } else { 128 }
+}
+
+/// `lo`'s addresses with their prefix lengths, and the messages that name them
+/// (what a removal takes).
+async fn lo_addresses(
+    handle: &rtnetlink::Handle,
+    lo: u32,
+) -> anyhow::Result<Vec<(IpAddr, u8, netlink_packet_route::address::AddressMessage)>> {
+    use futures::TryStreamExt as _;
+    use netlink_packet_route::address::AddressAttribute;
+    let mut found = Vec::new();
+    let mut addrs = handle.address().get().set_link_index_filter(lo).execute();
+    while let Some(msg) = addrs.try_next().await.context("listing lo's addresses")? {
+        let ip = msg.attributes.iter().find_map(|a| match a {
+            AddressAttribute::Address(ip) => Some(*ip),
+            _ => None,
+        });
+        if let Some(ip) = ip {
+            found.push((ip, msg.header.prefix_len, msg));
+        }
+    }
+    Ok(found)
+}
+
+/// Removes the host addresses (/32, /128) of `vips` from `lo`; the same
+/// address with another prefix (put there by someone else) stays.
+async fn remove_from_lo(
+    handle: &rtnetlink::Handle,
+    lo: u32,
+    vips: &[IpAddr],
+) -> anyhow::Result<()> {
+    for (ip, len, msg) in lo_addresses(handle, lo).await? {
+        if vips.contains(&ip) && len == host_prefix(ip) {
+            handle
+                .address()
+                .del(msg)
+                .execute()
+                .await
+                .with_context(|| format!("removing {ip}/{len} from lo"))?;
+        }
+    }
+    Ok(())
+}
+
 /// Puts `vips` on `lo` and sets the sysctls; records what it changed in `state`.
+/// A VIP already on `lo` (with any prefix) is left alone and not recorded; when
+/// adding one fails, the ones this call added are removed again.
 pub async fn setup(vips: &[IpAddr], state: &Path) -> anyhow::Result<Applied> {
     if vips.is_empty() {
         bail!("give at least one --vip");
@@ -84,20 +133,38 @@ pub async fn setup(vips: &[IpAddr], state: &Path) -> anyhow::Result<Applied> {
     let (conn, handle, _) = rtnetlink::new_connection().context("opening rtnetlink")?;
     let task = tokio::spawn(conn);
     let lo = lo_index(&handle).await?;
-    for vip in vips {
-        let prefix = if vip.is_ipv4() { 32 } else { 128 };
-        match handle.address().add(lo, *vip, prefix).execute().await {
-            Ok(()) => {
-                if !applied.vips.contains(vip) {
-                    applied.vips.push(*vip);
-                }
-            }
-            // Already there (EEXIST): fine, but not ours to remove later.
-            Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::EEXIST => {}
-            Err(e) => bail!("adding {vip}/{prefix} to lo: {e}"),
+    let present: Vec<IpAddr> = lo_addresses(&handle, lo)
+        .await?
+        .into_iter()
+        .map(|(ip, _, _)| ip)
+        .collect();
+    let mut added: Vec<IpAddr> = Vec::new();
+    for &vip in vips {
+        if present.contains(&vip) || added.contains(&vip) {
+            continue;
         }
+        let prefix = host_prefix(vip);
+        if let Err(err) = handle.address().add(lo, vip, prefix).execute().await {
+            let undone = remove_from_lo(&handle, lo, &added).await;
+            task.abort();
+            return Err(match undone {
+                Ok(()) => {
+                    anyhow::anyhow!("adding {vip}/{prefix} to lo: {err}; nothing was changed")
+                }
+                Err(e) => anyhow::anyhow!(
+                    "adding {vip}/{prefix} to lo: {err}; and removing the VIPs added before it \
+                     ({added:?}) failed too: {e:#}"
+                ),
+            });
+        }
+        added.push(vip);
     }
     task.abort();
+    for vip in added {
+        if !applied.vips.contains(&vip) {
+            applied.vips.push(vip);
+        }
+    }
     for (key, value) in SYSCTLS {
         let old = read_sysctl(key)?;
         if old != value {
@@ -126,24 +193,7 @@ pub async fn teardown(state: &Path) -> anyhow::Result<Applied> {
     let (conn, handle, _) = rtnetlink::new_connection().context("opening rtnetlink")?;
     let task = tokio::spawn(conn);
     let lo = lo_index(&handle).await?;
-    {
-        use futures::TryStreamExt as _;
-        let mut addrs = handle.address().get().set_link_index_filter(lo).execute();
-        while let Some(msg) = addrs.try_next().await.context("listing lo's addresses")? {
-            let matches = msg.attributes.iter().any(|a| {
-                matches!(a, netlink_packet_route::address::AddressAttribute::Address(ip)
-                    if applied.vips.contains(ip))
-            });
-            if matches {
-                handle
-                    .address()
-                    .del(msg)
-                    .execute()
-                    .await
-                    .context("removing a VIP from lo")?;
-            }
-        }
-    }
+    remove_from_lo(&handle, lo, &applied.vips).await?;
     task.abort();
     for (key, value) in &applied.sysctls {
         write_sysctl(key, value)?;

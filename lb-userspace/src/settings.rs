@@ -389,9 +389,11 @@ impl Settings {
         self.sync_listen.is_some()
     }
 
-    /// Flow sync's options (`None`: off), or what is missing or wrong; reads
-    /// the key file.
-    pub fn sync(&self) -> Result<Option<crate::flowsync::Options>, String> {
+    /// The checks of flow sync's settings that need nothing of the host (no
+    /// key file read, no interface looked up): the settings that go together,
+    /// the group, the TTL, the published address. `xlb check` makes them, and
+    /// [`Self::sync`] makes them first.
+    pub fn check_sync(&self) -> Result<(), String> {
         let Some(listen) = self.sync_listen else {
             if !self.sync_peers.is_empty()
                 || self.sync_key_file.is_some()
@@ -404,26 +406,54 @@ impl Settings {
                         .to_owned(),
                 );
             }
-            return Ok(None);
+            return Ok(());
         };
-        let Some(path) = &self.sync_key_file else {
+        if self.sync_key_file.is_none() {
             return Err(
                 "--sync-listen needs --sync-key-file (daemon.sync_key_file): the cluster's \
                  shared key"
                     .to_owned(),
             );
+        }
+        if let Some(p) = self.sync_peers.iter().find(|p| **p == listen) {
+            return Err(format!(
+                "--sync-peer {p} is this node's own --sync-listen address"
+            ));
+        }
+        let group = self.sync_group()?;
+        self.sync_advertise(listen, group.is_some())?;
+        Ok(())
+    }
+
+    /// Flow sync's options (`None`: off), or what is missing or wrong; reads
+    /// the key file.
+    pub fn sync(&self) -> Result<Option<crate::flowsync::Options>, String> {
+        self.check_sync()?;
+        let (Some(listen), Some(path)) = (self.sync_listen, &self.sync_key_file) else {
+            return Ok(None);
         };
         let secret = std::fs::read(path)
             .map_err(|e| format!("cannot read the sync key file {}: {e}", path.display()))?;
         let trimmed = secret.trim_ascii();
         let key = crate::flowsync::wire::Key::new(trimmed)
             .map_err(|e| format!("{}: {e}", path.display()))?;
-        if let Some(p) = self.sync_peers.iter().find(|p| **p == listen) {
-            return Err(format!(
-                "--sync-peer {p} is this node's own --sync-listen address"
-            ));
-        }
-        let multicast = self.sync_multicast()?;
+        let multicast = match self.sync_group()? {
+            None => None,
+            Some((group, iface, ttl)) => {
+                let index = nix::net::if_::if_nametoindex(iface.as_str()).map_err(|e| {
+                    format!(
+                        "--sync-interface {iface} (daemon.sync_interface): no such interface \
+                         ({e})"
+                    )
+                })?;
+                Some(crate::flowsync::Multicast {
+                    group,
+                    iface,
+                    index,
+                    ttl,
+                })
+            }
+        };
         let advertise = self.sync_advertise(listen, multicast.is_some())?;
         let pull = self.sync_pull_timeout_ms.unwrap_or(5000);
         Ok(Some(crate::flowsync::Options {
@@ -441,8 +471,9 @@ impl Settings {
         }))
     }
 
-    /// Flow sync's multicast group, checked (`None`: unicast).
-    fn sync_multicast(&self) -> Result<Option<crate::flowsync::Multicast>, String> {
+    /// Flow sync's multicast group, interface and TTL, checked (`None`:
+    /// unicast); the interface is not looked up.
+    fn sync_group(&self) -> Result<Option<(SocketAddr, String, u8)>, String> {
         let Some(group) = self.sync_multicast else {
             if let Some(i) = &self.sync_interface {
                 return Err(format!(
@@ -473,9 +504,6 @@ impl Settings {
                  the interface to join the group on and send from"
             ));
         };
-        let index = nix::net::if_::if_nametoindex(iface.as_str()).map_err(|e| {
-            format!("--sync-interface {iface} (daemon.sync_interface): no such interface ({e})")
-        })?;
         let ttl = self.sync_multicast_ttl.unwrap_or(1);
         if ttl == 0 {
             return Err(
@@ -483,12 +511,7 @@ impl Settings {
                     .to_owned(),
             );
         }
-        Ok(Some(crate::flowsync::Multicast {
-            group,
-            iface,
-            index,
-            ttl,
-        }))
+        Ok(Some((group, iface, ttl)))
     }
 
     /// The sync address this node publishes in the store or in its

@@ -181,7 +181,13 @@ fn exit_codes_json_errors_check_dry_run_save_and_the_last_reload() {
         "mixed.txt",
         &format!("{SERVICE} 198.51.100.7:40000\n{SERVICE} [2001:db8:100::7]:40000\n"),
     );
-    let cases: [(&[&str], i32, &str, &str); 17] = [
+    // A daemon setting `xlb run` would refuse at start without looking at the host.
+    let unkeyed = write_file(
+        &dir,
+        "unkeyed.yaml",
+        "daemon:\n  sync_listen: 198.51.100.1:9815\n",
+    );
+    let cases: [(&[&str], i32, &str, &str); 20] = [
         (
             &["--socket", "/nonexistent/xlb.sock", "status"],
             3,
@@ -212,6 +218,34 @@ fn exit_codes_json_errors_check_dry_run_save_and_the_last_reload() {
             "bad_input",
             "invalid table size 100",
         ),
+        (
+            &[
+                "vip",
+                "add",
+                "203.0.113.12:80/tcp",
+                "--check",
+                "tcp",
+                "--check-interval",
+                "10",
+            ],
+            2,
+            "bad_input",
+            "health check: interval_ms must be at least 100, not 10 (--check-interval)",
+        ),
+        (
+            &[
+                "vip",
+                "set",
+                SERVICE,
+                "--check",
+                "none",
+                "--check-port",
+                "8080",
+            ],
+            2,
+            "bad_input",
+            "--check-port has no effect with --check none",
+        ),
         (&["vip", "set", SERVICE], 2, "bad_input", "nothing to set"),
         (
             &["apply", "--dry-run", "--if-revision", "42", &base],
@@ -224,6 +258,13 @@ fn exit_codes_json_errors_check_dry_run_save_and_the_last_reload() {
             2,
             "bad_input",
             "bad.yaml: services[0].table_size: 100 is not a prime",
+        ),
+        (
+            &["check", &unkeyed],
+            2,
+            "bad_input",
+            "unkeyed.yaml: invalid flow sync settings: --sync-listen needs --sync-key-file \
+             (daemon.sync_key_file)",
         ),
         (
             &["apply", &bad],

@@ -363,7 +363,7 @@ fn a_real_without_the_vip_on_lo_is_down_via_the_vip_and_up_via_its_address() {
     assert_eq!(
         String::from_utf8_lossy(&out.stderr).trim(),
         "error: health check: via: vip probes with a TCP handshake sent through the forwarding \
-         path: it serves kind tcp only, not http"
+         path: it serves kind tcp only, not http (--check-via)"
     );
 
     // rs1 does not own the VIP: the SYN sent to its MAC gets no answer. Its address

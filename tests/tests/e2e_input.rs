@@ -172,6 +172,28 @@ fn addresses_that_can_never_serve_and_injected_headers_are_refused() {
     );
     assert_eq!(code, 400, "{body}");
     assert!(body.contains("control character"), "{body}");
+
+    // The interface's subnets are read again at each change, not only at the
+    // start: a subnet added to eth0 since takes DR reals, and its broadcast
+    // address is refused.
+    lab.topo.lb.ns.ip("addr add 192.0.2.1/24 dev eth0");
+    let out = daemon.cli(&["real", "add", SERVICE, "192.0.2.255"]);
+    let stderr = refused(
+        &out,
+        "xlb real add on the new subnet's broadcast address",
+        &["real 192.0.2.255 is the broadcast address of 192.0.2.0/24 on eth0"],
+    );
+    assert_eq!(self::code(&out), 4, "{stderr}");
+    daemon.cli_ok(&["real", "add", SERVICE, "192.0.2.50"]);
+    let list = json(
+        &daemon.cli_ok(&["real", "list", SERVICE, "--json"]),
+        "xlb real list --json",
+    );
+    assert!(
+        list.as_array()
+            .is_some_and(|reals| reals.iter().any(|r| r["addr"] == "192.0.2.50")),
+        "the real on the added subnet is not listed: {list}"
+    );
 }
 
 #[test]

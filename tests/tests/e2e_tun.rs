@@ -85,16 +85,30 @@ fn sysctl(ns: &Netns, key: &str) -> String {
     String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }
 
-/// The addresses on `lo` in `ns`.
-fn lo_addrs(ns: &Netns) -> BTreeSet<IpAddr> {
+/// `ip -j addr show dev lo` in `ns`: one JSON object per address.
+fn lo_addr_info(ns: &Netns) -> Vec<serde_json::Value> {
     let out = ns.ip("-j addr show dev lo");
     let json: serde_json::Value = serde_json::from_slice(&out.stdout)
         .unwrap_or_else(|e| panic!("`ip -j addr` printed invalid JSON: {e}"));
     json[0]["addr_info"]
         .as_array()
         .unwrap_or_else(|| panic!("no addr_info for lo in {}: {json}", ns.name()))
+        .clone()
+}
+
+/// The addresses on `lo` in `ns`.
+fn lo_addrs(ns: &Netns) -> BTreeSet<IpAddr> {
+    lo_addr_info(ns)
         .iter()
         .filter_map(|a| a["local"].as_str()?.parse().ok())
+        .collect()
+}
+
+/// The addresses on `lo` in `ns` with their prefix lengths (`203.0.113.10/32`).
+fn lo_prefixes(ns: &Netns) -> BTreeSet<String> {
+    lo_addr_info(ns)
+        .iter()
+        .map(|a| format!("{}/{}", a["local"].as_str().unwrap_or("?"), a["prefixlen"]))
         .collect()
 }
 
@@ -446,6 +460,9 @@ fn realserver_setup_prepares_the_host_and_teardown_restores_it() {
     // strict reverse-path filtering.
     let by_hand = IpAddr::V4(Ipv4Addr::new(203, 0, 113, 11));
     ns.ip(&format!("addr add {by_hand}/32 dev lo"));
+    // And one with a prefix of its own: it is on lo, so setup leaves it alone too.
+    let wide = IpAddr::V4(Ipv4Addr::new(203, 0, 113, 12));
+    ns.ip(&format!("addr add {wide}/24 dev lo"));
     let keys = [
         "net.ipv4.conf.all.arp_ignore",
         "net.ipv4.conf.all.arp_announce",
@@ -456,22 +473,69 @@ fn realserver_setup_prepares_the_host_and_teardown_restores_it() {
         ns.sysctl(key, value);
     }
     let before: Vec<String> = keys.iter().map(|k| sysctl(&ns, k)).collect();
-    let lo_before = lo_addrs(&ns);
+    let lo_before = lo_prefixes(&ns);
+    let bin = xlb_bin();
+    let bin = bin.to_str().expect("UTF-8 path");
 
-    let out = xlb_in(
-        &ns,
-        &[
-            "realserver",
-            "setup",
-            "--vip",
-            "203.0.113.10",
-            "--vip",
-            "2001:db8:203::10",
-            "--vip",
-            "203.0.113.11",
-            "--state",
-            &state,
-        ],
+    // An address that can never be a VIP is bad input, refused before anything
+    // changes (a loopback VIP once took 127.0.0.1/8 off lo at teardown).
+    for json in [false, true] {
+        let mut argv = vec![bin, "realserver", "setup", "--vip", "203.0.113.10"];
+        argv.extend(["--vip", "127.0.0.1", "--state", &state]);
+        if json {
+            argv.push("--json");
+        }
+        let out = ns.try_exec(&argv);
+        let (stdout, stderr) = (
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+        );
+        assert_eq!(
+            out.status.code(),
+            Some(2),
+            "setup --vip 127.0.0.1: {stderr}"
+        );
+        let message = if json { stdout.clone() } else { stderr.clone() };
+        assert!(
+            message.contains("'127.0.0.1' for '--vip")
+                && message.contains("a loopback address (127.0.0.0/8) never reaches the wire"),
+            "setup --vip 127.0.0.1 does not name the flag and why: {message}"
+        );
+        if json {
+            assert_eq!(stderr, "", "setup --json: stderr");
+        }
+    }
+    assert_eq!(lo_prefixes(&ns), lo_before, "a refused setup changed lo");
+    let unchanged: Vec<String> = keys.iter().map(|k| sysctl(&ns, k)).collect();
+    assert_eq!(unchanged, before, "a refused setup changed the sysctls");
+    assert!(
+        !std::path::Path::new(&state).exists(),
+        "a refused setup wrote its state file"
+    );
+
+    let argv = [
+        bin,
+        "realserver",
+        "setup",
+        "--vip",
+        "203.0.113.10",
+        "--vip",
+        "2001:db8:203::10",
+        "--vip",
+        "203.0.113.11",
+        "--vip",
+        "203.0.113.12",
+        "--state",
+        &state,
+    ];
+    let done = ns.try_exec(&argv);
+    let out = String::from_utf8_lossy(&done.stdout).into_owned();
+    assert!(done.status.success(), "setup failed: {done:?}");
+    // Only results on stdout; nothing on stderr (no library noise either).
+    assert_eq!(
+        String::from_utf8_lossy(&done.stderr),
+        "",
+        "setup wrote to stderr"
     );
     let after: Vec<String> = keys.iter().map(|k| sysctl(&ns, k)).collect();
     assert_eq!(after, ["1", "2", "2", "2"], "sysctls after setup ({out})");
@@ -495,22 +559,16 @@ fn realserver_setup_prepares_the_host_and_teardown_restores_it() {
     let out = xlb_in(&ns, &["realserver", "teardown", "--state", &state]);
     let restored: Vec<String> = keys.iter().map(|k| sysctl(&ns, k)).collect();
     assert_eq!(restored, before, "sysctls after teardown ({out})");
-    // The VIPs setup added are gone; the one that was there before stays.
-    assert_eq!(lo_addrs(&ns), lo_before, "lo after teardown ({out})");
+    // The VIPs setup added are gone; the ones that were there before stay,
+    // with their own prefixes.
+    assert_eq!(lo_prefixes(&ns), lo_before, "lo after teardown ({out})");
     assert!(
         !std::path::Path::new(&state).exists(),
         "teardown left its state file {state}"
     );
 
     // A second teardown has nothing to undo and says so.
-    let bin = xlb_bin();
-    let out = ns.try_exec(&[
-        bin.to_str().expect("UTF-8 path"),
-        "realserver",
-        "teardown",
-        "--state",
-        &state,
-    ]);
+    let out = ns.try_exec(&[bin, "realserver", "teardown", "--state", &state]);
     assert!(!out.status.success(), "a second teardown succeeded");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(

@@ -108,7 +108,7 @@ async fn resolve(ctx: &Context, desired: &Desired) -> Resolution {
     if unknown.is_empty() {
         return Resolution::default();
     }
-    neighbor::resolve_all(&ctx.iface, &unknown, ctx.resolve_timeout).await
+    neighbor::resolve_all(&ctx.iface.refreshed(), &unknown, ctx.resolve_timeout).await
 }
 
 async fn edit(ctx: &Context, edit: Edit, adds: Option<&Desired>) -> ApiResult<Applied> {

@@ -218,13 +218,25 @@ fn parse_src_prefix(s: &str) -> Result<(IpAddr, u8), String> {
     Ok((p.addr, p.len))
 }
 
+/// A VIP address for `xlb realserver setup --vip`: refused when it can never
+/// be a service address (loopback, multicast, ...), as everywhere else.
+fn parse_vip_addr(s: &str) -> Result<IpAddr, String> {
+    let addr: IpAddr = s
+        .parse()
+        .map_err(|_| format!("'{s}' is not an IPv4 or IPv6 address"))?;
+    match crate::desired::unusable(addr) {
+        Some(why) => Err(why.to_owned()),
+        None => Ok(addr),
+    }
+}
+
 /// `xlb realserver ...`.
 #[derive(Debug, Subcommand)]
 pub enum RealserverCommand {
     /// Put VIPs on lo and set arp_ignore=1, arp_announce=2, rp_filter=2.
     Setup {
         /// A VIP address this real serves (repeat for several).
-        #[arg(long = "vip", required = true)]
+        #[arg(long = "vip", required = true, value_parser = parse_vip_addr)]
         vips: Vec<IpAddr>,
         /// Where to record what was changed (for teardown).
         #[arg(long, default_value = realserver::STATE_FILE)]
@@ -292,23 +304,27 @@ fn parse_kind(s: &str) -> Result<ProbeKind, String> {
 impl CheckArgs {
     /// The health check these flags describe, if any.
     pub fn check(&self) -> anyhow::Result<Option<HealthCheck>> {
+        let given = [
+            ("--check-port", self.port.is_some()),
+            ("--check-via", self.via.is_some()),
+            ("--check-mode", self.mode.is_some()),
+            ("--check-path", self.path.is_some()),
+            ("--check-status", self.status.is_some()),
+            ("--check-interval", self.interval_ms.is_some()),
+            ("--check-timeout", self.timeout_ms.is_some()),
+            ("--check-rise", self.rise.is_some()),
+            ("--check-fall", self.fall.is_some()),
+        ];
+        let first = given.iter().find(|(_, set)| *set).map(|(flag, _)| flag);
         let Some(kind) = self.kind else {
-            let given = [
-                ("--check-port", self.port.is_some()),
-                ("--check-via", self.via.is_some()),
-                ("--check-mode", self.mode.is_some()),
-                ("--check-path", self.path.is_some()),
-                ("--check-status", self.status.is_some()),
-                ("--check-interval", self.interval_ms.is_some()),
-                ("--check-timeout", self.timeout_ms.is_some()),
-                ("--check-rise", self.rise.is_some()),
-                ("--check-fall", self.fall.is_some()),
-            ];
-            if let Some((flag, _)) = given.iter().find(|(_, set)| *set) {
+            if let Some(flag) = first {
                 bail!("{flag} needs --check KIND (tcp, http, https, udp or none)");
             }
             return Ok(None);
         };
+        if let (ProbeKind::None, Some(flag)) = (kind, first) {
+            bail!("{flag} has no effect with --check none (its reals are not probed)");
+        }
         let d = HealthCheck::default();
         let interval_ms = self.interval_ms.unwrap_or(d.interval_ms);
         let c = HealthCheck {
@@ -327,9 +343,28 @@ impl CheckArgs {
             ..d
         };
         c.validate()
-            .map_err(|m| anyhow::anyhow!("health check: {m}"))?;
+            .map_err(|m| anyhow::anyhow!("health check: {m}{}", flag_of(&m)))?;
         Ok(Some(c))
     }
+}
+
+/// The flag that sets the field a health check's validation `message` names,
+/// as ` (--check-...)`, so a command-line error points at what to change.
+fn flag_of(message: &str) -> String {
+    const FLAGS: [(&str, &str); 8] = [
+        ("interval_ms ", "--check-interval"),
+        ("timeout_ms ", "--check-timeout"),
+        ("rise and fall ", "--check-rise, --check-fall"),
+        ("path ", "--check-path"),
+        ("via: ", "--check-via"),
+        ("mode: ", "--check-mode"),
+        ("port ", "--check-port"),
+        ("expect_status ", "--check-status"),
+    ];
+    FLAGS
+        .iter()
+        .find(|(field, _)| message.starts_with(field))
+        .map_or_else(String::new, |(_, flag)| format!(" ({flag})"))
 }
 
 /// `xlb vip ...`.
