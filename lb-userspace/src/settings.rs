@@ -399,10 +399,13 @@ impl Settings {
                 || self.sync_key_file.is_some()
                 || self.sync_advertise.is_some()
                 || self.sync_multicast.is_some()
+                || self.sync_interface.is_some()
+                || self.sync_multicast_ttl.is_some()
             {
                 return Err(
-                    "--sync-peer, --sync-advertise, --sync-multicast and --sync-key-file need \
-                     --sync-listen (daemon.sync_listen), which turns flow sync on"
+                    "--sync-peer, --sync-advertise, --sync-multicast, --sync-interface, \
+                     --sync-multicast-ttl and --sync-key-file need --sync-listen \
+                     (daemon.sync_listen), which turns flow sync on"
                         .to_owned(),
                 );
             }
@@ -697,6 +700,20 @@ mod tests {
         })
         .unwrap_err();
         assert!(err.contains("need --sync-listen"), "{err}");
+        // The multicast interface and TTL alone would be ignored: refused too.
+        for alone in [
+            Settings {
+                sync_interface: Some("eth0".into()),
+                ..Settings::default()
+            },
+            Settings {
+                sync_multicast_ttl: Some(2),
+                ..Settings::default()
+            },
+        ] {
+            let err = with(alone).unwrap_err();
+            assert!(err.contains("need --sync-listen"), "{err}");
+        }
         let err = with(Settings {
             sync_listen: Some(listen),
             ..Settings::default()
