@@ -197,8 +197,8 @@ pub struct VipModel {
 /// The controller's state as readers see it, published after every change.
 #[derive(Clone, Debug, Default)]
 pub struct Snapshot {
-    /// Both layers of the desired state.
-    pub spec: Spec,
+    /// Both layers of the desired state (the controller's own, shared).
+    pub spec: Arc<Spec>,
     /// The effective desired state.
     pub desired: Desired,
     /// Every VIP as applied.
@@ -211,8 +211,8 @@ impl Snapshot {
     /// The state as published, `prev` the snapshot before it (the table
     /// changes of each real carry on from it).
     fn of(state: &State, pending: &BTreeMap<IpAddr, Pending>, prev: &Snapshot) -> Self {
-        let desired = state.desired();
-        let spec = state.spec().clone();
+        let desired = state.desired().into_owned();
+        let spec = state.spec_shared();
         let model = state.model();
         let prev_vips: BTreeMap<&Vip, &VipModel> = prev.vips.iter().map(|v| (&v.vip, v)).collect();
         let vips = desired
@@ -609,15 +609,15 @@ impl Controller {
         macs: &BTreeMap<IpAddr, [u8; 6]>,
     ) -> Result<Changes, ControlError> {
         let started = Instant::now();
-        // The edit is checked on its own copy (a whole document for a
-        // `Load`); the current spec is not copied for it.
-        let preview = self.state.spec().applied(edit.clone())?;
-        check_reach(&self.iface, &preview.spec.effective_cow())?;
-        drop(preview);
-        let before = self.state.desired();
+        // The edit is made and validated once, on its own result (a whole
+        // document for a `Load`), checked for reach, then taken as it is.
+        let next = self.state.spec().applied(edit)?;
+        check_reach(&self.iface, &next.spec.effective_cow())?;
+        let before = self.state.spec_shared();
+        let before = before.effective_cow();
         let r = self
             .state
-            .edit(&mut self.dp, edit, macs, self.options.pause)
+            .take_next(&mut self.dp, next, macs, self.options.pause)
             .map_err(ControlError::from);
         if r.is_ok() {
             self.track_unresolved(macs);

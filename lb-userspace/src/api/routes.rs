@@ -25,7 +25,7 @@ use super::{
 use crate::{
     config::Config,
     controller::unix_now,
-    desired::{Desired, Edit, SpecError, VipOptions},
+    desired::{Desired, Edit, Spec, SpecError, VipOptions},
     model::{Proto, Scheduler, Vip, addr_bytes},
     neighbor::{self, Resolution},
     views::{self, VipView},
@@ -238,7 +238,7 @@ async fn add_real(
     let weight = body.weight.unwrap_or(1);
     let e = Edit::AddReal { vip, real, weight };
     // Refuse early what would be refused anyway, before waiting on ARP.
-    let mut preview = ctx.sources.handle.snapshot().spec.clone();
+    let mut preview = Spec::clone(&ctx.sources.handle.snapshot().spec);
     preview.apply(e.clone())?;
     let desired = preview.effective();
     let current = ctx.sources.handle.snapshot();
@@ -383,7 +383,7 @@ async fn plan(
             .map_err(|e| named(&file, crate::store::api::ChangeError::from(e).into()))?;
     }
     let snap = ctx.sources.handle.snapshot();
-    let mut next = snap.spec.clone();
+    let mut next = Spec::clone(&snap.spec);
     next.apply(Edit::Replace(desired))
         .map_err(|e| named(&file, e.into()))?;
     Ok(Json(Planned {

@@ -20,8 +20,10 @@ pub mod plan;
 pub mod writer;
 
 use std::{
+    borrow::Cow,
     collections::{BTreeMap, BTreeSet},
     net::IpAddr,
+    sync::Arc,
 };
 
 pub use model::{Applied, Changes, Model, Slot};
@@ -29,7 +31,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     dataplane::DataplaneError,
-    desired::{Desired, Edit, Spec, SpecError, describe_changes},
+    desired::{Desired, Edit, Next, Spec, SpecError, describe_changes},
     health::{ProbeKind, Start},
     model::{Forward, Vip},
 };
@@ -64,7 +66,9 @@ pub type Verdicts = BTreeMap<(Vip, IpAddr), bool>;
 /// The desired state, what the daemon learnt, and the model of the maps.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct State {
-    spec: Spec,
+    /// Shared with the controller's snapshot (not copied at each change).
+    #[serde(with = "shared")]
+    spec: Arc<Spec>,
     /// Health verdicts in force: (VIP, real) → up. Absent: up.
     #[serde(with = "verdicts")]
     health: BTreeMap<(Vip, IpAddr), bool>,
@@ -79,6 +83,23 @@ pub struct State {
     /// saved: a restarted daemon gives every real its whole weight).
     #[serde(skip)]
     ramp: BTreeMap<(Vip, IpAddr), u32>,
+}
+
+/// The spec is saved as itself (serde's `rc` feature is not on).
+mod shared {
+    use std::sync::Arc;
+
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    use crate::desired::Spec;
+
+    pub fn serialize<S: Serializer>(spec: &Arc<Spec>, s: S) -> Result<S::Ok, S::Error> {
+        Spec::serialize(spec, s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Arc<Spec>, D::Error> {
+        Spec::deserialize(d).map(Arc::new)
+    }
 }
 
 /// JSON maps need string keys: the verdicts are stored as a list.
@@ -128,9 +149,16 @@ impl State {
         &self.spec
     }
 
-    /// The effective desired state (base with overrides).
-    pub fn desired(&self) -> Desired {
-        self.spec.effective()
+    /// Both layers of the desired state, shared (the controller's snapshot
+    /// holds it without a copy).
+    pub fn spec_shared(&self) -> Arc<Spec> {
+        self.spec.clone()
+    }
+
+    /// The effective desired state (base with overrides), borrowing the
+    /// base when no override applies.
+    pub fn desired(&self) -> Cow<'_, Desired> {
+        self.spec.effective_cow()
     }
 
     /// The model of the maps.
@@ -219,7 +247,19 @@ impl State {
         pause: PauseHook,
     ) -> Result<Changes, StateError> {
         let next = self.spec.applied(edit)?;
-        let changes = self.commit(maps, next.spec, macs, None, pause)?;
+        self.take_next(maps, next, macs, pause)
+    }
+
+    /// Applies `next`, what [`Spec::applied`] made of this state's spec (so
+    /// already validated: a caller that checked it does not apply it twice).
+    pub fn take_next<M: Maps>(
+        &mut self,
+        maps: &mut M,
+        next: Next,
+        macs: &BTreeMap<IpAddr, [u8; 6]>,
+        pause: PauseHook,
+    ) -> Result<Changes, StateError> {
+        let changes = self.commit(maps, Arc::new(next.spec), macs, None, pause)?;
         for (vip, real) in next.dropped {
             tracing::info!(%vip, %real, "override of a real that left the configuration dropped");
         }
@@ -264,7 +304,7 @@ impl State {
     fn commit<M: Maps>(
         &mut self,
         maps: &mut M,
-        spec: Spec,
+        spec: Arc<Spec>,
         macs: &BTreeMap<IpAddr, [u8; 6]>,
         verdicts: Option<&[((Vip, IpAddr), bool)]>,
         pause: PauseHook,
@@ -279,7 +319,7 @@ impl State {
     /// takes the new state, on error changes nothing.
     fn step(
         &mut self,
-        spec: Spec,
+        spec: Arc<Spec>,
         macs: &BTreeMap<IpAddr, [u8; 6]>,
         verdicts: &[((Vip, IpAddr), bool)],
         step: impl FnOnce(&Model, &Inputs<'_>) -> Result<Outcome, StateError>,
@@ -348,7 +388,7 @@ impl State {
 
     fn take(
         &mut self,
-        spec: Spec,
+        spec: Arc<Spec>,
         macs: BTreeMap<IpAddr, [u8; 6]>,
         health: BTreeMap<(Vip, IpAddr), bool>,
         out: Outcome,
@@ -387,7 +427,7 @@ impl State {
         macs: &BTreeMap<IpAddr, [u8; 6]>,
     ) -> Result<Changes, StateError> {
         spec.effective_cow().validate()?;
-        self.step(spec, macs, &[], |model, inputs| {
+        self.step(Arc::new(spec), macs, &[], |model, inputs| {
             model.clone().adopt(maps, inputs)
         })
     }

@@ -132,21 +132,20 @@ pub fn remove(path: &Path) {
 
 /// The store's document last applied, kept for a restart while the store is
 /// down (store mode).
+/// Written from a borrowed document (`D = &str`, not copied at each change).
 #[derive(Serialize, Deserialize)]
-struct StoreFile {
+struct StoreFile<D> {
     revision: i64,
-    document: String,
+    document: D,
 }
 
 /// Saves revision `revision`'s `document` to `path` (atomically).
 pub fn save_store(path: &Path, revision: i64, document: &str) -> Result<(), PersistError> {
-    let bytes = serde_json::to_vec(&StoreFile {
-        revision,
-        document: document.to_owned(),
-    })
-    .map_err(|e| PersistError::StoreFormat {
-        path: path.display().to_string(),
-        why: e.to_string(),
+    let bytes = serde_json::to_vec(&StoreFile { revision, document }).map_err(|e| {
+        PersistError::StoreFormat {
+            path: path.display().to_string(),
+            why: e.to_string(),
+        }
     })?;
     write_atomic(path, &bytes)
 }
@@ -156,9 +155,10 @@ pub fn load_store(path: &Path) -> Result<Option<(i64, String)>, PersistError> {
     let Some(text) = read_optional(path)? else {
         return Ok(None);
     };
-    let file: StoreFile = serde_json::from_str(&text).map_err(|e| PersistError::StoreFormat {
-        path: path.display().to_string(),
-        why: e.to_string(),
-    })?;
+    let file: StoreFile<String> =
+        serde_json::from_str(&text).map_err(|e| PersistError::StoreFormat {
+            path: path.display().to_string(),
+            why: e.to_string(),
+        })?;
     Ok(Some((file.revision, file.document)))
 }

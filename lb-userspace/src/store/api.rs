@@ -69,11 +69,18 @@ impl Store {
         check_revision(if_revision, read)?;
         let mut next = spec;
         next.apply(edit).map_err(ControlError::from)?;
-        controller::check_reach(iface, &next.effective()).map_err(ControlError::from)?;
+        controller::check_reach(iface, &next.effective_cow()).map_err(ControlError::from)?;
         let text = document::render(&next);
+        // Read back as every node will read it: a document that does not
+        // parse is not written, and this node's store task takes this parse
+        // when the watch brings these bytes back (see [`super::Own`]).
+        let parsed =
+            document::parse(&self.options.desired_key(), &text).map_err(StoreError::from)?;
+        drop(next);
         let key = self.options.desired_key();
         let t = self.options.timeout;
         let mut client = self.options.connect().await?;
+        self.own.put(text.clone(), parsed);
         let guard = if read == 0 {
             Compare::version(key.clone(), CompareOp::Equal, 0)
         } else {
@@ -83,8 +90,15 @@ impl Store {
             .when([guard])
             .and_then([TxnOp::put(key.clone(), text, None)])
             .or_else([TxnOp::get(key, None)]);
-        let resp = super::timed(t, client.txn(txn)).await?;
+        let resp = match super::timed(t, client.txn(txn)).await {
+            Ok(resp) => resp,
+            Err(err) => {
+                self.own.clear();
+                return Err(err.into());
+            }
+        };
         if !resp.succeeded() {
+            self.own.clear();
             let now = resp
                 .op_responses()
                 .into_iter()

@@ -266,6 +266,51 @@ pub struct Store {
     pub options: Arc<Options>,
     /// The published view.
     pub view: watch::Receiver<View>,
+    /// The document this node is writing, parsed before the write.
+    own: Own,
+}
+
+/// The document an API change on this node is writing and its parse, made
+/// before the write (a document this node could not read back is not
+/// written): when the watch delivers the same bytes, the store task takes
+/// this parse instead of parsing them again. The same bytes parse to the
+/// same state whatever the revision (the document's name only appears in
+/// errors), so a document written by anyone else, or other bytes, is parsed
+/// and validated as always.
+#[derive(Clone, Default)]
+pub(crate) struct Own(Arc<std::sync::Mutex<Option<(String, Spec)>>>);
+
+impl Own {
+    /// Keeps `text` and its parse `spec` (replacing an older one).
+    fn put(&self, text: String, spec: Spec) {
+        *self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some((text, spec));
+    }
+
+    /// The parse of `text` when it is the document kept (which is dropped).
+    fn take(&self, text: &[u8]) -> Option<Spec> {
+        let mut own = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match own.take() {
+            Some((t, spec)) if t.as_bytes() == text => Some(spec),
+            other => {
+                *own = other;
+                None
+            }
+        }
+    }
+
+    /// Forgets the document kept (its write failed).
+    fn clear(&self) {
+        *self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = None;
+    }
 }
 
 /// The `store:` part of `xlb status`.

@@ -28,7 +28,7 @@ use etcd_client::{EventType, GetOptions, PutOptions, WatchOptions};
 use tokio::sync::watch;
 
 use super::{
-    Options, Store, StoreError, View, document,
+    Options, Own, Store, StoreError, View, document,
     node::{self, FingerprintCache, Report, Verdict},
     timed,
 };
@@ -56,6 +56,8 @@ pub struct Sync {
     resolve_timeout: Duration,
     view: watch::Sender<View>,
     fingerprints: FingerprintCache,
+    /// The document this node's API is writing, already parsed.
+    own: Own,
     /// The health view last handed to the controller.
     sent_health: Option<Option<BTreeMap<(Vip, IpAddr), bool>>>,
 }
@@ -81,9 +83,11 @@ impl Sync {
             ..View::default()
         };
         let (tx, rx) = watch::channel(view);
+        let own = Own::default();
         let store = Store {
             options: options.clone(),
             view: rx,
+            own: own.clone(),
         };
         let sync = Self {
             options,
@@ -93,6 +97,7 @@ impl Sync {
             resolve_timeout,
             view: tx,
             fingerprints: FingerprintCache::default(),
+            own,
             sent_health: None,
         };
         (sync, store)
@@ -287,15 +292,18 @@ impl Sync {
 
     /// Applies revision `rev` of the document, if this node has not yet.
     async fn take(&mut self, rev: i64, text: &[u8]) {
-        {
-            let v = self.view.borrow();
-            if v.applied == rev && v.failed.is_none() {
-                return;
-            }
+        if already_applied(&self.view.borrow(), rev) {
+            return;
         }
-        let text = String::from_utf8_lossy(text).into_owned();
-        let name = format!("{}@{rev}", self.options.desired_key());
-        let result = match document::parse(&name, &text) {
+        // The document this node's API just wrote was parsed before the write.
+        let parsed = match self.own.take(text) {
+            Some(spec) => Ok(spec),
+            None => document::parse(
+                &format!("{}@{rev}", self.options.desired_key()),
+                &String::from_utf8_lossy(text),
+            ),
+        };
+        let result = match parsed {
             Ok(spec) => {
                 self.view
                     .send_modify(|v| v.seen = Some((rev, spec.clone())));
@@ -321,7 +329,9 @@ impl Sync {
                     tables,
                     "desired state applied from the store"
                 );
-                if let Err(err) = persist::save_store(&self.options.cache, rev, &text) {
+                if let Err(err) =
+                    persist::save_store(&self.options.cache, rev, &String::from_utf8_lossy(text))
+                {
                     tracing::error!(%err, "could not save the store's document; a restart while the store is down starts from an older one");
                 }
                 self.view.send_modify(|v| {
@@ -342,12 +352,12 @@ impl Sync {
     /// again unchanged: 0 writes, 0 tables).
     async fn load(&self, spec: Spec) -> Result<(usize, usize), String> {
         let snap = self.handle.snapshot();
-        if snap.spec == spec {
+        if *snap.spec == spec {
             return Ok((0, 0));
         }
         let known = snap.macs.clone();
         drop(snap);
-        let mut unknown = spec.effective().reach();
+        let mut unknown = spec.effective_cow().reach();
         unknown.retain(|r, _| !known.contains_key(r));
         let resolution = if unknown.is_empty() {
             neighbor::Resolution::default()
@@ -429,6 +439,15 @@ impl Sync {
     }
 }
 
+/// Whether revision `rev` is the one this node applied, with nothing failed
+/// since: a session's listing (or a watch replay) hands it the document it
+/// already applied, which is then not parsed nor handed on again. A failed
+/// newer revision makes the node try again (a real it could not reach may
+/// be reachable now).
+fn already_applied(view: &View, rev: i64) -> bool {
+    view.applied == rev && view.failed.is_none()
+}
+
 /// The report under a node key, if `key` is one and its value parses.
 fn parse_node(prefix: &str, key: &[u8], value: &[u8]) -> Option<Report> {
     key.strip_prefix(prefix.as_bytes())?;
@@ -438,5 +457,46 @@ fn parse_node(prefix: &str, key: &[u8], value: &[u8]) -> Option<Report> {
             tracing::warn!(key = %String::from_utf8_lossy(key), %err, "ignoring a node key that is not a node report");
             None
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_document_already_applied_is_skipped_and_others_are_taken() {
+        let mut view = View {
+            applied: 7,
+            ..View::default()
+        };
+        assert!(already_applied(&view, 7));
+        // A newer revision, an older one (a replay after a compaction) and
+        // the first document of a node that applied none are all taken.
+        assert!(!already_applied(&view, 8));
+        assert!(!already_applied(&view, 6));
+        assert!(!already_applied(&View::default(), 1));
+        // After a failure the same revision is taken again.
+        view.failed = Some((8, "198.51.100.99 is not reachable".into()));
+        assert!(!already_applied(&view, 7));
+        assert!(!already_applied(&view, 8));
+    }
+
+    #[test]
+    fn the_own_parse_is_taken_only_for_the_same_bytes() {
+        let text = "services:\n  - vip: 203.0.113.10:80/tcp\n    reals:\n      - { address: 198.51.100.11 }\n";
+        let spec = document::parse("store", text).expect("valid");
+        let own = Own::default();
+        own.put(text.to_owned(), spec.clone());
+        // Other bytes (someone else's write) are parsed as always, and the
+        // parse kept stays for its own bytes.
+        let other = text.replace("198.51.100.11", "198.51.100.12");
+        assert_eq!(own.take(other.as_bytes()), None);
+        assert_eq!(own.take(text.as_bytes()), Some(spec.clone()));
+        // Taken once: a second delivery of the bytes is parsed.
+        assert_eq!(own.take(text.as_bytes()), None);
+        own.put(text.to_owned(), spec);
+        own.clear();
+        assert_eq!(own.take(text.as_bytes()), None);
     }
 }

@@ -1820,15 +1820,19 @@ fn fleet_targets(w: &mut String, f: &Fleet) {
             ),
             l.p99 < FLEET_P99_TARGET_MS,
             &format!(
-                "a change of one weight costs each node the whole desired document ({:.1} KiB of \
-                 YAML): read from etcd, parsed once (services and `overrides:` in one pass: still \
-                 the largest single cost, about a quarter of the daemons' CPU in a perf profile at \
-                 1,000 VIPs) and validated, then every VIP reconciled (a walk over every VIP, \
-                 about 10 ms at 1,000), the changed table rebuilt, the state file and the \
-                 document saved (JSON of the whole state) and the report written, with a few \
-                 copies of the whole desired state on the way (the controller's snapshot, the \
-                 newest document kept for API changes); the three daemons, etcd and node A's \
-                 `xlb apply` (which renders the document) share the 2 vCPUs",
+                "a change of one weight costs nodes B and C the whole desired document ({:.1} \
+                 KiB of YAML): read from etcd, parsed once and validated (node A, which wrote \
+                 it, parsed it before the write and takes that parse), then every VIP \
+                 reconciled (a walk over every VIP, about 10 ms at 1,000), the changed table \
+                 rebuilt, the state file (JSON of the whole state) and the document saved and \
+                 the report written. In a perf profile of a node at 1,000 VIPs before 2c83424 \
+                 copies of the desired state and their drops (with malloc and free) were about \
+                 a third of its CPU and the YAML parse about an eighth; the controller now \
+                 shares its spec with its snapshot and reads the effective state without \
+                 copying it, leaving the snapshot's effective state, the probes list rebuilt \
+                 several times per change and the YAML parse; the three daemons, etcd and node \
+                 A's `xlb apply` (which parses the file, renders the document and reads it \
+                 back) share the 2 vCPUs",
                 c.document_bytes as f64 / 1024.0
             ),
         );
@@ -1909,6 +1913,24 @@ fn fleet_md(w: &mut String, f: &Fleet) {
          first node p50 729 / 664 / 727 → 314 / 276 / 307 ms; 2 VIPs unchanged (p50 17–21 ms \
          on both sides). The last quiet full run before it (cbeff1e) gave p50 403.6 / p99 \
          497.4 ms at 1,000 VIPs.",
+    );
+    line(w, "");
+    line(
+        w,
+        "Since 2c83424 the node that writes a change (node A here) parses the rendered \
+         document before the write (a document it could not read back is not written) and \
+         takes that parse when the watch brings the same bytes back, instead of parsing them \
+         after the commit while B and C parse too; the controller shares its spec with the \
+         snapshot (`Arc`) instead of copying it, reads the effective state without copying it \
+         (about five copies per change, one per health verdict), and makes and validates a \
+         loaded document once instead of twice. Measured A/B in one sitting (`xlb-bench run \
+         --only fleet`, release builds of cc22f0c and 2c83424, 3 alternated pairs under a load \
+         average of 8–10 from other builds and tests, so both sides are far slower than in a \
+         quiet run): at 1,000 VIPs × 10 reals, propagation p50 908 / 545 / 827 → 604 / 420 / \
+         463 ms, p99 1479 / 1622 / 2282 → 1147 / 1314 / 1308 ms, first node p50 615 / 371 / \
+         461 → 276 / 208 / 222 ms, `xlb apply` p50 1394 / 799 / 1228 → 1100 / 740 / 856 ms \
+         (the read-back moved before the write); 2 VIPs unchanged (p50 25–38 ms on both \
+         sides).",
     );
     line(w, "");
 }
