@@ -68,7 +68,7 @@ impl<T> Wheel<T> {
         let since = at.saturating_duration_since(self.origin).as_nanos();
         let ticks = u64::try_from(since / self.tick_ns).unwrap_or(u64::MAX);
         match round {
-            Round::Up if since % self.tick_ns != 0 => ticks.saturating_add(1),
+            Round::Up if !since.is_multiple_of(self.tick_ns) => ticks.saturating_add(1),
             _ => ticks,
         }
     }
