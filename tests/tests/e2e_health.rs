@@ -1297,6 +1297,32 @@ fn syn_checks_pass_a_listener_and_take_out_a_refusing_or_silent_real() {
         .ip(&format!("route del blackhole {lb}/32"));
     wait_serving(&lab, SERVICE, 2);
 
+    // The SYN of a real whose MAC the daemon knows leaves as a whole frame on a
+    // packet socket, not through the balancer's routing: with its route to rs1
+    // prohibited (where a raw socket's send fails), rs1 keeps passing and rs2's
+    // SYNs keep drawing their RST.
+    let (s, _) = wait_status(&lab.daemon, "rs1 probed", |s| {
+        real_state(s, SERVICE, &rs1).probes > 0
+    });
+    let probes = real_state(&s, SERVICE, &rs1).probes;
+    let lb_ns = &lab.topo.lb.ns;
+    lb_ns.ip(&format!("route add prohibit {rs1}/32"));
+    let (s, _) = wait_status(&lab.daemon, "ten probes of rs1 past its route", |s| {
+        real_state(s, SERVICE, &rs1).probes >= probes + 10
+    });
+    lb_ns.ip(&format!("route del prohibit {rs1}/32"));
+    let r = real_state(&s, SERVICE, &rs1);
+    assert_eq!(
+        (r.probe_up, r.last_error.as_deref()),
+        (Some(true), None),
+        "{r:?}"
+    );
+    assert!(r.serving(), "{r:?}");
+    assert_eq!(
+        real_state(&s, SERVICE, &rs2).last_error.as_deref(),
+        Some("connection refused: the SYN was answered by a RST")
+    );
+
     // Without CAP_NET_RAW the daemon cannot send them: it says so and holds the
     // reals down, never up (the guard keeps the VIP's reals in: all are down).
     lab.daemon.stop();

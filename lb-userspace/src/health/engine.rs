@@ -7,9 +7,10 @@
 //! reported to the daemon's controller, which applies them through the
 //! reconcile step, and run the check's notify hooks.
 //!
-//! The deadlines are in timer wheels of millisecond ticks ([`Wheel`]), and
+//! The deadlines are in timer wheels of [`TICK`] ticks ([`Wheel`]), and
 //! the task sleeps on one tokio timer, re-armed only when the earliest tick
-//! changes: every probe due in the same millisecond starts in the same turn.
+//! changes: every probe due in the same tick starts in the same turn, and the
+//! SYNs of its half-open probes go out together.
 //! Half-open probes (`mode: syn`) are not futures: the scheduler sends their
 //! SYN itself and keeps them in a table by connection, with their timeouts
 //! in a second wheel; the answer reader hands it the answers in batches. A real's
@@ -45,11 +46,17 @@ use tokio::{sync::mpsc, time::Instant};
 
 use super::{
     HealthCheck, Planned, ProbeKind, Start, TcpMode, Via, command,
-    path::{self, Answer, Flow, Paths, Reply},
+    path::{self, Answer, Flow, Paths, Reply, SynBuf, SynOut, SynSent},
     probe::{Prober, Target},
     wheel::{Round, Wheel},
 };
 use crate::model::{Forward, Vip};
+
+/// The tick of the scheduler's timer wheels: it wakes at most once per tick
+/// for deadlines (answers wake it too), starting every probe due in the tick
+/// (up to a tick early) and sending their SYNs together; a timeout ends at
+/// the first tick boundary after it (up to a tick late, never early).
+pub const TICK: Duration = Duration::from_millis(5);
 
 /// Probes running at once, at most. Due probes beyond it wait for a free
 /// place (their real is probed late, never skipped).
@@ -271,14 +278,9 @@ pub trait SynSend: Send + Sync {
     /// The balancer's address toward `real` (asked once, and again after a
     /// probe that got no answer).
     fn source(&self, real: IpAddr) -> Result<IpAddr, String>;
-    /// Sends a SYN from `from` to `to` with sequence number `isn`, built in `buf`.
-    fn send(
-        &self,
-        from: SocketAddr,
-        to: SocketAddr,
-        isn: u32,
-        buf: &mut Vec<u8>,
-    ) -> Result<(), String>;
+    /// Sends `syns` (the SYNs due in one wake-up), built in `buf`, and puts
+    /// the result of each, in order, in `results`.
+    fn send(&self, syns: &[SynOut], buf: &mut SynBuf, results: &mut Vec<SynSent>);
 }
 
 impl SynSend for Paths {
@@ -287,14 +289,8 @@ impl SynSend for Paths {
         path::source_toward(real)
     }
 
-    fn send(
-        &self,
-        from: SocketAddr,
-        to: SocketAddr,
-        isn: u32,
-        buf: &mut Vec<u8>,
-    ) -> Result<(), String> {
-        self.send_syn(from, to, isn, buf)
+    fn send(&self, syns: &[SynOut], buf: &mut SynBuf, results: &mut Vec<SynSent>) {
+        self.send_syns(syns, buf, results);
     }
 }
 
@@ -588,8 +584,12 @@ struct Scheduler {
     in_flight: FuturesUnordered<Pin<Box<dyn Future<Output = Done> + Send>>>,
     generations: u64,
     probes: u64,
-    /// Where SYNs are built.
-    buf: Vec<u8>,
+    /// The SYNs of this wake-up, sent together at its end, and their reals' places.
+    outbox: Vec<SynOut>,
+    outbox_slots: Vec<usize>,
+    /// Where SYNs are built, and what sending them gave (reused).
+    buf: SynBuf,
+    sent: Vec<SynSent>,
 }
 
 impl Scheduler {
@@ -601,15 +601,18 @@ impl Scheduler {
             entries: Vec::new(),
             free: Vec::new(),
             slots: HashMap::new(),
-            due: Wheel::new(Instant::now()),
+            due: Wheel::new(Instant::now(), TICK),
             ready: VecDeque::new(),
-            expiry: Wheel::new(Instant::now()),
+            expiry: Wheel::new(Instant::now(), TICK),
             swept: Vec::new(),
             half_open: HashMap::new(),
             in_flight: FuturesUnordered::new(),
             generations: 0,
             probes: 0,
-            buf: Vec::with_capacity(128),
+            outbox: Vec::new(),
+            outbox_slots: Vec::new(),
+            buf: SynBuf::default(),
+            sent: Vec::new(),
         }
     }
 
@@ -720,13 +723,14 @@ impl Scheduler {
         }
     }
 
-    /// Starts every probe that is due by `now`, while there is room.
+    /// Starts every probe that is due by `now`, while there is room; the
+    /// SYNs of half-open probes go out together at the end.
     fn start_due(&mut self, now: Instant) {
         self.due.expire(now, &mut self.swept);
         self.ready.extend(self.swept.drain(..));
         while self.running() < MAX_IN_FLIGHT {
             let Some((slot, generation)) = self.ready.pop_front() else {
-                return;
+                break;
             };
             let Some(e) = self
                 .entries
@@ -761,17 +765,18 @@ impl Scheduler {
                 }
                 Probe::Syn(to) => {
                     let to = *to;
-                    if let Err(err) = self.send_syn(slot, to, now) {
+                    if let Err(err) = self.queue_syn(slot, to, now) {
                         self.record(slot, Err(err), Duration::ZERO, now);
                     }
                 }
             }
         }
+        self.send_syns(now);
     }
 
-    /// Sends the SYN of a half-open probe of the real at `slot` (to `to`)
-    /// and waits for its answer in [`Self::half_open`].
-    fn send_syn(&mut self, slot: usize, to: SocketAddr, now: Instant) -> Result<(), String> {
+    /// Puts the SYN of a half-open probe of the real at `slot` (to `to`) in
+    /// the outbox, and waits for its answer in [`Self::half_open`].
+    fn queue_syn(&mut self, slot: usize, to: SocketAddr, now: Instant) -> Result<(), String> {
         let Some(syn) = &self.syn else {
             return Err("mode: syn probes are not available here".to_owned());
         };
@@ -790,10 +795,8 @@ impl Scheduler {
             }
         };
         let isn: u32 = rng.random();
-        if let Err(err) = syn.sender.send(from, to, isn, &mut self.buf) {
-            e.source = None;
-            return Err(err);
-        }
+        self.outbox.push(SynOut { from, to, isn });
+        self.outbox_slots.push(slot);
         self.probes += 1;
         let probe = self.probes;
         e.awaiting = Some(((from, to), probe));
@@ -809,6 +812,46 @@ impl Scheduler {
             },
         );
         Ok(())
+    }
+
+    /// Sends the SYNs in the outbox; a probe whose SYN could not go fails
+    /// with the reason, one whose SYN found the interface's queue full (a
+    /// burst after the daemon was held off the CPU) is due again at the next
+    /// tick.
+    fn send_syns(&mut self, now: Instant) {
+        let Some(syn) = &self.syn else { return };
+        if self.outbox.is_empty() {
+            return;
+        }
+        syn.sender.send(&self.outbox, &mut self.buf, &mut self.sent);
+        let mut sent = std::mem::take(&mut self.sent);
+        for (i, result) in sent.drain(..).enumerate() {
+            if result == SynSent::Sent {
+                continue;
+            }
+            let (flow, slot) = (
+                (self.outbox[i].from, self.outbox[i].to),
+                self.outbox_slots[i],
+            );
+            self.half_open.remove(&flow);
+            let Some(e) = self.entries.get_mut(slot).and_then(Option::as_mut) else {
+                continue;
+            };
+            e.awaiting = None;
+            match result {
+                SynSent::Failed(err) => {
+                    e.source = None;
+                    self.record(slot, Err(err), Duration::ZERO, now);
+                }
+                // Its tick's burst filled the interface's queue: again at the next tick.
+                _ => self
+                    .due
+                    .insert(now + TICK, Round::Down, (slot, e.generation)),
+            }
+        }
+        self.sent = sent;
+        self.outbox.clear();
+        self.outbox_slots.clear();
     }
 
     /// Fails every half-open probe whose timeout has passed by `now`.
@@ -1262,15 +1305,13 @@ mod tests {
             Ok(IpAddr::from([198, 51, 100, 1]))
         }
 
-        fn send(
-            &self,
-            from: SocketAddr,
-            to: SocketAddr,
-            isn: u32,
-            _: &mut Vec<u8>,
-        ) -> Result<(), String> {
-            self.sent.lock().expect("sent").push((from, to, isn));
-            Ok(())
+        fn send(&self, syns: &[SynOut], _: &mut SynBuf, results: &mut Vec<SynSent>) {
+            results.clear();
+            let mut sent = self.sent.lock().expect("sent");
+            for syn in syns {
+                sent.push((syn.from, syn.to, syn.isn));
+                results.push(SynSent::Sent);
+            }
         }
     }
 

@@ -24,11 +24,14 @@
 //!
 //! The same sockets serve half-open probes of a real's own address
 //! (`mode: syn`): a SYN from the balancer's address toward the real (the
-//! source the routes pick, [`source_toward`]), sent on the raw socket by
-//! [`Paths::send_syn`] into a reused buffer; a SYN-ACK passes and the
-//! balancer's kernel resets the half-open connection itself (no socket owns
-//! the port: its reset goes straight back to the real); a RST fails. No
-//! socket, connect or close per probe: one `sendto`. Those probes are not
+//! source the routes pick, [`source_toward`]), written by hand into a reused
+//! buffer and sent by [`Paths::send_syns`]: the SYNs of one wake-up of the
+//! scheduler as Ethernet frames to the MAC the data path uses for each real,
+//! in one `sendmmsg` on the packet socket (no route lookup, no IP output),
+//! or on the raw socket for a real whose MAC is not known; a SYN-ACK passes
+//! and the balancer's kernel resets the half-open connection itself (no
+//! socket owns the port: its reset goes straight back to the real); a RST
+//! fails. No socket, connect or close per probe. Those probes are not
 //! futures: the scheduler keeps them in a table of its own, and the reader
 //! hands it every answer no `via: vip` probe waits for, one batch per
 //! wake-up ([`Paths::subscribe`]).
@@ -508,21 +511,55 @@ impl Paths {
             .map_err(|r| format!("mode: syn needs raw sockets: {r}"))
     }
 
-    /// Sends the SYN of a half-open probe (`mode: syn`) from `from` to `to`
-    /// with sequence number `isn`, built in `buf` (reused from probe to probe).
-    pub fn send_syn(
-        &self,
-        from: SocketAddr,
-        to: SocketAddr,
-        isn: u32,
-        buf: &mut Vec<u8>,
-    ) -> Result<(), String> {
-        let sockets = self.syn_sockets()?;
-        syn_into(buf, from, to, isn)?;
-        sockets
-            .send_ip(to.ip(), buf)
-            .map(drop)
-            .map_err(|e| format!("sending a SYN to {to}: {e}"))
+    /// Sends the SYNs of half-open probes (`mode: syn`) due in one wake-up
+    /// of the scheduler, and puts the result of each, in order, in
+    /// `results`. A SYN to a real whose next hop's MAC is known (the MACs
+    /// the controller publishes: the real's own for DR, its router's for
+    /// TUN) goes as a whole Ethernet frame on the packet socket, all of them
+    /// in one `sendmmsg` (no route lookup, no IP output path); one to a real
+    /// with no known MAC goes on the raw socket of its family, routed by the
+    /// kernel. `buf` holds the frames (reused from batch to batch). A frame
+    /// that finds the interface's queue full is [`SynSent::Busy`].
+    pub fn send_syns(&self, syns: &[SynOut], buf: &mut SynBuf, results: &mut Vec<SynSent>) {
+        results.clear();
+        let sockets = match self.syn_sockets() {
+            Ok(sockets) => sockets,
+            Err(err) => {
+                results.extend(syns.iter().map(|_| SynSent::Failed(err.clone())));
+                return;
+            }
+        };
+        buf.clear();
+        {
+            let macs = self
+                .macs
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            for (i, syn) in syns.iter().enumerate() {
+                let result = match macs.get(&syn.to.ip()) {
+                    Some(mac) => buf.push_frame(i, self.local.mac, *mac, syn),
+                    None => {
+                        buf.ip.clear();
+                        syn_into(&mut buf.ip, syn.from, syn.to, syn.isn).and_then(|()| {
+                            sockets
+                                .send_ip(syn.to.ip(), &buf.ip)
+                                .map(drop)
+                                .map_err(|e| format!("sending a SYN to {}: {e}", syn.to))
+                        })
+                    }
+                };
+                results.push(result.map_or_else(SynSent::Failed, |()| SynSent::Sent));
+            }
+        }
+        send_frames(&sockets.packet, self.local.ifindex, buf, |i, err| {
+            results[i] = match err.raw_os_error() {
+                Some(libc::ENOBUFS | libc::EAGAIN) => SynSent::Busy,
+                _ => SynSent::Failed(format!(
+                    "sending a SYN to {} on {}: {err}",
+                    syns[i].to, self.local.iface
+                )),
+            };
+        });
     }
 
     /// Registers a new flow from `from` (a free random port) to `to`.
@@ -823,13 +860,12 @@ fn segment_into(
     built.map_err(|e| format!("building the probe: {e}"))
 }
 
-/// The SYN [`segment`] builds, written by hand into `out` (cleared first):
-/// the packet builder copies its headers by value from step to step, which
-/// was a tenth of the daemon's time at 5,000 half-open probes a second.
+/// The SYN [`segment`] builds, written by hand at the end of `out`: the
+/// packet builder copies its headers by value from step to step, which was a
+/// tenth of the daemon's time at 5,000 half-open probes a second.
 fn syn_into(out: &mut Vec<u8>, from: SocketAddr, to: SocketAddr, isn: u32) -> Result<(), String> {
     /// A TCP header with the MSS option.
     const TCP_LEN: u16 = 24;
-    out.clear();
     // The checksum's pseudo-header: addresses, protocol and TCP length.
     let mut sum: u32 = u32::from(u8::from(IpNumber::TCP)) + u32::from(TCP_LEN);
     let mut add = |bytes: &[u8]| {
@@ -881,6 +917,153 @@ fn syn_into(out: &mut Vec<u8>, from: SocketAddr, to: SocketAddr, isn: u32) -> Re
     tcp[16..18].copy_from_slice(&check.to_be_bytes());
     out.extend_from_slice(&tcp);
     Ok(())
+}
+
+/// A SYN of a half-open probe: from the balancer's address and port to the
+/// real's, with its sequence number.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SynOut {
+    pub from: SocketAddr,
+    pub to: SocketAddr,
+    pub isn: u32,
+}
+
+/// What became of a SYN handed to [`Paths::send_syns`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SynSent {
+    /// It left.
+    Sent,
+    /// The interface's queue was full: it did not leave, and may be sent
+    /// again a little later (nothing is wrong with the real).
+    Busy,
+    /// It cannot be sent: why.
+    Failed(String),
+}
+
+/// The longest SYN frame: Ethernet, IPv6 and TCP with the MSS option.
+const SYN_FRAME_MAX: usize = 14 + 40 + 24;
+
+/// Frames sent in one `sendmmsg`, at most.
+const SEND_BATCH: usize = 64;
+
+/// Where a batch of SYN frames is written (reused from batch to batch).
+#[derive(Default)]
+pub struct SynBuf {
+    /// The frames, one every [`SYN_FRAME_MAX`] bytes.
+    frames: Vec<u8>,
+    /// Each frame's length, its place in the batch and its destination.
+    sent: Vec<(usize, usize, libc::sockaddr_ll)>,
+    /// An IP packet for the raw socket.
+    ip: Vec<u8>,
+}
+
+// `libc::sockaddr_ll` is plain data; `Debug` is not derived for it.
+impl std::fmt::Debug for SynBuf {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SynBuf")
+            .field("frames", &self.sent.len())
+            .finish()
+    }
+}
+
+impl SynBuf {
+    fn clear(&mut self) {
+        self.frames.clear();
+        self.sent.clear();
+    }
+
+    /// Writes `syn` in an Ethernet frame from `src` to `dst`, the `i`th of
+    /// its batch.
+    fn push_frame(
+        &mut self,
+        i: usize,
+        src: [u8; 6],
+        dst: [u8; 6],
+        syn: &SynOut,
+    ) -> Result<(), String> {
+        let start = self.frames.len();
+        let ether_type = if syn.to.is_ipv6() {
+            EtherType::IPV6
+        } else {
+            EtherType::IPV4
+        };
+        self.frames.extend_from_slice(&dst);
+        self.frames.extend_from_slice(&src);
+        self.frames.extend_from_slice(&ether_type.0.to_be_bytes());
+        if let Err(err) = syn_into(&mut self.frames, syn.from, syn.to, syn.isn) {
+            self.frames.truncate(start);
+            return Err(err);
+        }
+        let len = self.frames.len() - start;
+        self.frames.resize(start + SYN_FRAME_MAX, 0);
+        // SAFETY: all-zero is a valid sockaddr_ll.
+        let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        addr.sll_family = libc::AF_PACKET as u16;
+        addr.sll_protocol = ether_type.0.to_be();
+        addr.sll_halen = 6;
+        addr.sll_addr[..6].copy_from_slice(&dst);
+        self.sent.push((len, i, addr));
+        Ok(())
+    }
+}
+
+/// Sends the frames of `buf` on the packet socket `fd` out of interface
+/// `ifindex`, [`SEND_BATCH`] per `sendmmsg`; `failed` hears of each frame
+/// not sent (its place in the batch and why). Once the interface's queue is
+/// full (`ENOBUFS`), the frames left are not tried: each fails with it.
+fn send_frames(
+    fd: &OwnedFd,
+    ifindex: u32,
+    buf: &mut SynBuf,
+    mut failed: impl FnMut(usize, io::Error),
+) {
+    let Ok(ifindex) = i32::try_from(ifindex) else {
+        for (_, i, _) in &buf.sent {
+            failed(*i, io::ErrorKind::InvalidInput.into());
+        }
+        return;
+    };
+    let mut done = 0;
+    while done < buf.sent.len() {
+        let chunk = (buf.sent.len() - done).min(SEND_BATCH);
+        // SAFETY: all-zero is a valid iovec and mmsghdr (null pointers, zero lengths).
+        let mut iov: [libc::iovec; SEND_BATCH] = unsafe { std::mem::zeroed() };
+        // SAFETY: likewise.
+        let mut hdrs: [libc::mmsghdr; SEND_BATCH] = unsafe { std::mem::zeroed() };
+        for k in 0..chunk {
+            let (len, _, addr) = &mut buf.sent[done + k];
+            addr.sll_ifindex = ifindex;
+            iov[k] = libc::iovec {
+                iov_base: buf.frames[(done + k) * SYN_FRAME_MAX..].as_mut_ptr().cast(),
+                iov_len: *len,
+            };
+            hdrs[k].msg_hdr.msg_name = (addr as *mut libc::sockaddr_ll).cast();
+            hdrs[k].msg_hdr.msg_namelen =
+                std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t;
+            hdrs[k].msg_hdr.msg_iov = &raw mut iov[k];
+            hdrs[k].msg_hdr.msg_iovlen = 1;
+        }
+        // SAFETY: every header points at a live address and buffer of the
+        // lengths given, which outlive the call.
+        let n =
+            unsafe { libc::sendmmsg(fd.as_raw_fd(), hdrs.as_mut_ptr(), chunk as libc::c_uint, 0) };
+        if n > 0 {
+            // A frame after those sent failed: the next call says why.
+            done += n as usize;
+        } else {
+            let err = io::Error::last_os_error();
+            if matches!(err.raw_os_error(), Some(libc::ENOBUFS | libc::EAGAIN)) {
+                // The queue is full: none of the rest would go either.
+                for (_, i, _) in &buf.sent[done..] {
+                    failed(*i, io::Error::from_raw_os_error(libc::ENOBUFS));
+                }
+                return;
+            }
+            // This frame cannot go: say why, go on with the next.
+            failed(buf.sent[done].1, err);
+            done += 1;
+        }
+    }
 }
 
 /// A 32-bit one's-complement sum folded to 16 bits.
@@ -1140,6 +1323,7 @@ mod tests {
         for (from, to) in pairs {
             for isn in [0, 1, 0x8000_0000, u32::MAX, 0x1234_5678] {
                 let (from, to) = (addr(from), addr(to));
+                buf.clear();
                 syn_into(&mut buf, from, to, isn).expect("syn");
                 let built = segment(from, to, isn, Segment::Syn).expect("segment");
                 assert_eq!(buf, built, "{from} -> {to} isn {isn}");
@@ -1148,6 +1332,75 @@ mod tests {
         let err = syn_into(&mut buf, addr("198.51.100.1:1"), addr("[2001:db8::1]:2"), 0)
             .expect_err("two families");
         assert!(err.contains("not one address family"), "{err}");
+    }
+
+    #[test]
+    fn a_batch_of_syn_frames_holds_the_packet_builder_s_syns_to_each_mac() {
+        let src = [0x02, 0, 0, 0, 0, 1];
+        let syns = [
+            (
+                "198.51.100.1:40000",
+                "203.0.113.7:8080",
+                7,
+                [0x02, 0, 0, 0, 0, 0x10],
+            ),
+            (
+                "[2001:db8:100::1]:65535",
+                "[2001:db8:300::abcd]:80",
+                u32::MAX,
+                [0x02, 0, 0, 0, 0, 0x11],
+            ),
+            (
+                "[2001:db8::ffff]:1234",
+                "[2001:db8:ffff::1]:443",
+                0x1234_5678,
+                [0x02, 0xff, 0, 0, 0, 0x12],
+            ),
+        ];
+        let mut buf = SynBuf::default();
+        // Twice: a reused buffer holds only the new batch.
+        for _ in 0..2 {
+            buf.clear();
+            for (i, (from, to, isn, mac)) in syns.iter().enumerate() {
+                let syn = SynOut {
+                    from: addr(from),
+                    to: addr(to),
+                    isn: *isn,
+                };
+                buf.push_frame(i, src, *mac, &syn).expect("frame");
+            }
+            let bad = SynOut {
+                from: addr("198.51.100.1:1"),
+                to: addr("[2001:db8::1]:2"),
+                isn: 0,
+            };
+            let err = buf
+                .push_frame(3, src, [0; 6], &bad)
+                .expect_err("two families");
+            assert!(err.contains("not one address family"), "{err}");
+            assert_eq!(buf.sent.len(), syns.len(), "the bad SYN left a frame");
+            for (k, (from, to, isn, mac)) in syns.iter().enumerate() {
+                let (from, to) = (addr(from), addr(to));
+                let reference = frame(
+                    src,
+                    *mac,
+                    &segment(from, to, *isn, Segment::Syn).expect("segment"),
+                );
+                let (len, i, dst) = &buf.sent[k];
+                let at = k * SYN_FRAME_MAX;
+                assert_eq!(
+                    &buf.frames[at..at + len],
+                    reference.as_slice(),
+                    "{from} -> {to}"
+                );
+                assert_eq!(*i, k);
+                assert_eq!(dst.sll_addr[..6], mac[..]);
+                assert_eq!(
+                    u16::from_be(dst.sll_protocol),
+                    u16::from_be_bytes([reference[12], reference[13]])
+                );
+            }
+        }
     }
 
     #[test]

@@ -1,33 +1,35 @@
-//! A timer wheel of millisecond ticks: the scheduler's deadlines (next
-//! probes, timeouts of half-open probes). A deadline is appended to the list
-//! of its tick; the deadlines that have passed come out in one sweep of the
-//! ticks since the last one. A probe costs no heap operation (with 5,000
-//! reals, a binary heap of deadlines, cold in the cache between two
-//! wake-ups, cost about a microsecond per pop), and the deadlines of one
-//! millisecond are all served by one wake-up.
+//! A timer wheel of fixed ticks (a few milliseconds): the scheduler's
+//! deadlines (next probes, timeouts of half-open probes). A deadline is
+//! appended to the list of its tick; the deadlines that have passed come out
+//! in one sweep of the ticks since the last one. A probe costs no heap
+//! operation (with 5,000 reals, a binary heap of deadlines, cold in the cache
+//! between two wake-ups, cost about a microsecond per pop), and the deadlines
+//! of one tick are all served by one wake-up.
 
 use std::time::Duration;
 
 use tokio::time::Instant;
 
-/// Ticks in one turn of the wheel: a deadline less than this many
-/// milliseconds ahead is the only kind in its tick's list; one further ahead
-/// shares the list with nearer ones and stays there until its turn.
+/// Ticks in one turn of the wheel: a deadline less than this many ticks
+/// ahead is the only kind in its tick's list; one further ahead shares the
+/// list with nearer ones and stays there until its turn.
 const SLOTS: u64 = 4096;
 
 /// How a deadline becomes a tick.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Round {
-    /// To the start of its millisecond: due up to a millisecond early (a
-    /// next probe: its timer rounds up to the millisecond anyway).
+    /// To the start of its tick: due up to a tick early (a next probe).
     Down,
-    /// To the start of the next millisecond: never early (a timeout).
+    /// To the start of the next tick: never early, up to a tick late (a
+    /// timeout).
     Up,
 }
 
-/// Items due at millisecond ticks counted from an origin.
+/// Items due at ticks counted from an origin.
 pub struct Wheel<T> {
     origin: Instant,
+    /// The length of a tick, in nanoseconds (at least one).
+    tick_ns: u128,
     /// The next tick to sweep: every item of an earlier tick has come out.
     next: u64,
     /// The items of tick `t` (with their tick) are in `slots[t % SLOTS]`.
@@ -38,10 +40,17 @@ pub struct Wheel<T> {
 }
 
 impl<T> Wheel<T> {
-    /// An empty wheel whose tick 0 starts at `origin`.
-    pub fn new(origin: Instant) -> Self {
+    /// An empty wheel of ticks of `tick` (a millisecond if zero) whose tick
+    /// 0 starts at `origin`.
+    pub fn new(origin: Instant, tick: Duration) -> Self {
+        let tick = if tick.is_zero() {
+            Duration::from_millis(1)
+        } else {
+            tick
+        };
         Self {
             origin,
+            tick_ns: tick.as_nanos(),
             next: 0,
             slots: (0..SLOTS).map(|_| Vec::new()).collect(),
             len: 0,
@@ -56,16 +65,17 @@ impl<T> Wheel<T> {
     }
 
     fn tick(&self, at: Instant, round: Round) -> u64 {
-        let since = at.saturating_duration_since(self.origin);
-        let ms = u64::try_from(since.as_millis()).unwrap_or(u64::MAX);
+        let since = at.saturating_duration_since(self.origin).as_nanos();
+        let ticks = u64::try_from(since / self.tick_ns).unwrap_or(u64::MAX);
         match round {
-            Round::Up if since > Duration::from_millis(ms) => ms.saturating_add(1),
-            _ => ms,
+            Round::Up if !since.is_multiple_of(self.tick_ns) => ticks.saturating_add(1),
+            _ => ticks,
         }
     }
 
     fn at(&self, tick: u64) -> Instant {
-        self.origin + Duration::from_millis(tick)
+        let ns = self.tick_ns.saturating_mul(u128::from(tick));
+        self.origin + Duration::from_nanos(u64::try_from(ns).unwrap_or(u64::MAX))
     }
 
     fn slot(tick: u64) -> usize {
@@ -151,7 +161,7 @@ mod tests {
     #[test]
     fn items_come_out_once_at_their_millisecond_rounded_as_asked() {
         let t0 = Instant::now();
-        let mut w = Wheel::new(t0);
+        let mut w = Wheel::new(t0, ms(1));
         w.insert(t0 + us(300), Round::Down, 1);
         w.insert(t0 + us(1700), Round::Down, 2);
         w.insert(t0 + us(1700), Round::Up, 3);
@@ -182,7 +192,7 @@ mod tests {
     #[test]
     fn a_late_sweep_catches_up_and_a_past_deadline_is_due_at_once() {
         let t0 = Instant::now();
-        let mut w = Wheel::new(t0);
+        let mut w = Wheel::new(t0, ms(1));
         for i in 0..20_000u32 {
             w.insert(t0 + ms(u64::from(i)), Round::Down, i);
         }

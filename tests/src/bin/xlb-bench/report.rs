@@ -916,10 +916,13 @@ fn health_target(w: &mut String, h: &Health, asked: HealthAsked) {
         ),
     };
     let work = if mode == "syn" {
-        "one SYN written into a reused buffer and sent on a raw socket per probe (no task, \
-         future or timer per probe: a table and timer wheels in the scheduler), the SYN-ACKs \
-         read in batches from a socket whose classic BPF filter keeps SYN-ACKs and RSTs, the \
-         half-open connection reset by the balancer's kernel"
+        "one SYN per probe written by hand in an Ethernet frame to the real's next-hop MAC, \
+         the SYNs of one 5 ms tick sent in one sendmmsg on the interface's packet socket (no \
+         route lookup or IP output per SYN; a raw socket for a real whose MAC is not known), \
+         no task, future or timer per probe (a table and timer wheels in the scheduler), the \
+         SYN-ACKs read in batches from a socket whose classic BPF filter keeps SYN-ACKs and \
+         RSTs, the half-open connection reset by the balancer's kernel; what is left is mostly \
+         one recvmsg per answer, the scheduler's wake-ups and the daemon's own bookkeeping"
     } else {
         "a socket, a TCP connect (SYN, SYN-ACK, ACK) and a reset (SO_LINGER 0) per probe, \
          one scheduler task for every probe"
@@ -1711,8 +1714,8 @@ fn control_md(w: &mut String, c: &Control) {
                  configured (IPv6, TUN mode, behind one router so that one neighbour entry serves \
                  all), each with a TCP health check every {} ms: {:.0} probes per second, then \
                  four times as often; each rate with `mode: connect` (the default: a full \
-                 handshake, then a reset) and with `mode: syn` (a half-open probe: a SYN from a \
-                 raw socket, the SYN-ACK read from a filtered raw socket), the modes alternating. \
+                 handshake, then a reset) and with `mode: syn` (a half-open probe: a SYN sent as a \
+                 frame on a packet socket, the SYN-ACK read from a filtered raw socket), the modes alternating. \
                  The targets are one listener in a second namespace that holds the reals' whole \
                  prefix as local (AnyIP route); a connect probe is answered when the targets \
                  accept its connection, a syn probe when they send its SYN-ACK (their TCP \
