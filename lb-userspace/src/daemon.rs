@@ -646,9 +646,15 @@ async fn reload_on_sighup(
             }
         };
         let current = handle.snapshot();
+        // What only this host can refuse is a file it cannot apply, logged
+        // as the controller's own refusals are.
         if let Err(err) = controller::check_host(&iface, &config.desired, &current.desired).await {
-            tracing::error!(%err, "reload refused; the running state is unchanged");
             activity.record_reload(source, Err(format!("{}: {err}", path.display())));
+            tracing::error!(
+                file = %path.display(),
+                %err,
+                "reload failed; the running state is unchanged"
+            );
             continue;
         }
         let known = current.macs.clone();
