@@ -237,11 +237,12 @@ async fn add_real(
     let real = crate::model::parse_real(&body.addr).map_err(parse_err)?;
     let weight = body.weight.unwrap_or(1);
     let e = Edit::AddReal { vip, real, weight };
-    // Refuse early what would be refused anyway, before waiting on ARP.
-    let mut preview = Spec::clone(&ctx.sources.handle.snapshot().spec);
+    // Refuse early what would be refused anyway, before waiting on ARP; the
+    // edit and the check against what runs are made on one snapshot.
+    let current = ctx.sources.handle.snapshot();
+    let mut preview = Spec::clone(&current.spec);
     preview.apply(e.clone())?;
     let desired = preview.effective();
-    let current = ctx.sources.handle.snapshot();
     crate::controller::check_host(&ctx.iface, &desired, &current.desired)
         .await
         .map_err(crate::controller::ControlError::from)?;
