@@ -60,6 +60,16 @@ pub enum PinError {
     /// Attaching, pinning or replacing the link failed.
     #[error("{0}")]
     Link(String),
+    /// A running daemon holds the pins (its lock on the versioned directory).
+    #[error(
+        "a running xlb daemon uses the pins under {}: stop it first (`systemctl stop xlb`), \
+         or pass --force to detach its data path anyway; nothing was removed",
+        dir.display()
+    )]
+    InUse {
+        /// The versioned pin directory whose lock is held.
+        dir: PathBuf,
+    },
 }
 
 fn io_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> PinError + 'a {
@@ -189,11 +199,46 @@ fn is_our_pin(name: &str) -> bool {
         || crate::decap::LEGACY_DECAP_MAPS.contains(&name)
 }
 
+/// The layout version directories (`vN/`) under `dir`.
+fn version_dirs(dir: &Path) -> Result<Vec<PathBuf>, PinError> {
+    let mut dirs = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(io_err("listing", dir))? {
+        let sub = entry.map_err(io_err("listing", dir))?.path();
+        let versioned = sub
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.strip_prefix('v'))
+            .is_some_and(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()));
+        if sub.is_dir() && versioned {
+            dirs.push(sub);
+        }
+    }
+    Ok(dirs)
+}
+
+/// Whether a daemon holds `sub`'s lock: `xlb run` keeps an exclusive `flock`
+/// on its versioned pin directory for as long as it runs.
+fn in_use(sub: &Path) -> Result<bool, PinError> {
+    use nix::fcntl::{Flock, FlockArg};
+    let file = std::fs::File::open(sub).map_err(io_err("opening", sub))?;
+    match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+        // Released when the lock is dropped, at once.
+        Ok(_free) => Ok(false),
+        Err((_, nix::errno::Errno::EWOULDBLOCK)) => Ok(true),
+        Err((_, errno)) => Err(PinError::Io {
+            what: "locking",
+            path: sub.to_owned(),
+            source: errno.into(),
+        }),
+    }
+}
+
 /// Removes xlb's pins from `dir` (every layout version `vN/`): the link first,
 /// which detaches the program, then the maps, then the emptied version
 /// directories. Anything else is left alone, and a `dir` that is not a bpffs
-/// is refused.
-pub fn teardown(dir: &Path) -> Result<Vec<PathBuf>, PinError> {
+/// is refused. So is a `dir` a running daemon uses (it holds its versioned
+/// directory's lock), before anything is removed, unless `force`.
+pub fn teardown(dir: &Path, force: bool) -> Result<Vec<PathBuf>, PinError> {
     let mut removed = Vec::new();
     if !dir.exists() {
         return Ok(removed);
@@ -204,16 +249,15 @@ pub fn teardown(dir: &Path) -> Result<Vec<PathBuf>, PinError> {
             why: "it is not a bpffs, so it holds no xlb pins; nothing was removed".to_owned(),
         });
     }
-    for entry in std::fs::read_dir(dir).map_err(io_err("listing", dir))? {
-        let sub = entry.map_err(io_err("listing", dir))?.path();
-        let versioned = sub
-            .file_name()
-            .and_then(|n| n.to_str())
-            .and_then(|n| n.strip_prefix('v'))
-            .is_some_and(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()));
-        if !sub.is_dir() || !versioned {
-            continue;
+    let subs = version_dirs(dir)?;
+    if !force {
+        for sub in &subs {
+            if in_use(sub)? {
+                return Err(PinError::InUse { dir: sub.clone() });
+            }
         }
+    }
+    for sub in subs {
         let link = sub.join("link");
         if link.exists() {
             std::fs::remove_file(&link).map_err(io_err("removing", &link))?;

@@ -328,6 +328,35 @@ fn teardown_detaches_the_pinned_data_path() {
     configure(&daemon, &topo);
     let request = || topo.client.ns.run_in(|| http_get(target(), TIMEOUT));
     request().unwrap_or_else(|e| panic!("a request with the daemon running: {e}"));
+    let pin_dir = run.pin_dir().to_str().expect("UTF-8 path").to_owned();
+    let state_file = run.state_file().to_str().expect("UTF-8 path").to_owned();
+    let teardown = [
+        "teardown",
+        "--pin-dir",
+        &pin_dir,
+        "--state-file",
+        &state_file,
+    ];
+
+    // Under a running daemon: refused (4), nothing removed, still forwarding.
+    let pins = run.pins();
+    let out = daemon.cli(&teardown);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(4),
+        "teardown under a running daemon: {stderr}"
+    );
+    assert!(
+        stderr.contains("a running xlb daemon uses the pins") && stderr.contains("--force"),
+        "the refusal should name the running daemon and --force: {stderr}"
+    );
+    assert_eq!(run.pins(), pins, "a refused teardown removed pins");
+    assert!(
+        run.state_file().exists(),
+        "a refused teardown removed the state file"
+    );
+    request().unwrap_or_else(|e| panic!("a request after a refused teardown: {e}"));
 
     daemon.stop();
     assert!(
@@ -342,15 +371,7 @@ fn teardown_detaches_the_pinned_data_path() {
         run.pin_dir().display()
     );
 
-    let pin_dir = run.pin_dir().to_str().expect("UTF-8 path").to_owned();
-    let state_file = run.state_file().to_str().expect("UTF-8 path").to_owned();
-    let out = daemon.cli_ok(&[
-        "teardown",
-        "--pin-dir",
-        &pin_dir,
-        "--state-file",
-        &state_file,
-    ]);
+    let out = daemon.cli_ok(&teardown);
     assert!(
         out.contains("the data path is detached"),
         "unexpected `xlb teardown` output: {out}"
@@ -373,17 +394,27 @@ fn teardown_detaches_the_pinned_data_path() {
         after.is_err(),
         "a request to the VIP was answered after teardown: {after:?}"
     );
-    let out = daemon.cli_ok(&[
-        "teardown",
-        "--pin-dir",
-        &pin_dir,
-        "--state-file",
-        &state_file,
-    ]);
+    let out = daemon.cli_ok(&teardown);
     assert!(
         out.contains("nothing pinned"),
         "a second teardown should find nothing: {out}"
     );
+
+    // `--force` detaches a running daemon's data path all the same.
+    let mut daemon = Daemon::start_pinned(&topo.lb.ns, "eth0", &run, &[]);
+    configure(&daemon, &topo);
+    request().unwrap_or_else(|e| panic!("a request with the second daemon running: {e}"));
+    let out = daemon.cli_ok(&[&teardown[..], &["--force"]].concat());
+    assert!(
+        out.contains("the data path is detached"),
+        "unexpected `xlb teardown --force` output: {out}"
+    );
+    let details = link_details(&topo.lb);
+    assert!(
+        !details.contains("xdp"),
+        "eth0 still has an XDP program after xlb teardown --force: {details}"
+    );
+    daemon.stop();
 }
 
 /// A scratch directory for configuration files, named after the topology.

@@ -22,7 +22,7 @@ Exit status:
   3  the daemon is unreachable: no socket, no permission on it, nothing answering, no answer in
      time, shutting down
   4  refused by the daemon: valid on paper, not in the running state (unknown or existing VIP
-     or real, a real not on the segment, ...)
+     or real, a real not on the segment, ...); `xlb teardown` while a daemon runs on the pins
 
 With --json, stdout holds one JSON document: the answer, or on failure
 {\"error\": {\"kind\": \"bad_input|unreachable|refused|other\", \"message\": \"...\"}}.";
@@ -125,6 +125,9 @@ pub enum Command {
         /// The state file the daemon used.
         #[arg(long, default_value = DEFAULT_STATE_FILE)]
         state_file: PathBuf,
+        /// Detach the data path even while a daemon runs on it (refused otherwise).
+        #[arg(long)]
+        force: bool,
     },
     /// Real-server side of TUN mode: decapsulate tunnelled VIP traffic with XDP.
     Decap(DecapArgs),

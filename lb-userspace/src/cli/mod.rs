@@ -264,8 +264,14 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Teardown {
             pin_dir,
             state_file,
+            force,
         } => {
-            let removed = pin::teardown(&pin_dir)?;
+            let removed = pin::teardown(&pin_dir, force).map_err(|err| match err {
+                pin::PinError::InUse { .. } => {
+                    CliError::new(ErrorKind::Refused, err.to_string()).into()
+                }
+                err => anyhow::Error::from(err),
+            })?;
             crate::state::persist::remove(&state_file);
             let line = if removed.is_empty() {
                 format!("nothing pinned at {}", pin_dir.display())
@@ -614,7 +620,8 @@ async fn run_decap(out: Out, args: DecapArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     if let Some(DecapCommand::Teardown { pin_dir }) = &args.command {
-        let removed = pin::teardown(pin_dir)?;
+        // `xlb decap` takes no lock on its pins: nothing to wait for.
+        let removed = pin::teardown(pin_dir, true)?;
         return out.line(
             &serde_json::json!({ "removed_pins": removed }),
             &format!("removed {} pins under {}", removed.len(), pin_dir.display()),
