@@ -180,7 +180,7 @@ async fn add_vip(
     }
     if let Some(hc) = &body.health_check {
         hc.validate()
-            .map_err(|m| ApiError::bad_request(format!("health_check: {m}")))?;
+            .map_err(|e| ApiError::bad_request(format!("health_check: {e}")))?;
     }
     let e = Edit::AddVip {
         vip,
@@ -206,7 +206,7 @@ async fn set_vip(
         .map_err(parse_err)?;
     if let Some(hc) = &body.health_check {
         hc.validate()
-            .map_err(|m| ApiError::bad_request(format!("health_check: {m}")))?;
+            .map_err(|e| ApiError::bad_request(format!("health_check: {e}")))?;
     }
     let e = Edit::SetVip {
         vip,
