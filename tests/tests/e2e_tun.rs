@@ -577,6 +577,63 @@ fn realserver_setup_prepares_the_host_and_teardown_restores_it() {
     );
 }
 
+/// A setup that fails half-way (here the last sysctl cannot be written: it is
+/// bind-mounted read-only for that one command) leaves the host as it found it:
+/// the VIPs it had put on `lo` are gone again, the sysctls it had already written
+/// have their old values back, and no state file is written.
+#[test]
+fn realserver_setup_that_fails_half_way_undoes_what_it_did() {
+    require_root();
+    let ns = Netns::new(&format!("{}-rs", unique_prefix("tu")));
+    let scratch = RunDir::new(&format!("xlb-{}", ns.name()));
+    let state = file_in(&scratch, "rs.json");
+    ns.ip("link set dev lo up");
+    let keys = [
+        "net.ipv4.conf.all.arp_ignore",
+        "net.ipv4.conf.all.arp_announce",
+        "net.ipv4.conf.all.rp_filter",
+        "net.ipv4.conf.lo.rp_filter",
+    ];
+    for (key, value) in keys.iter().zip(["0", "0", "1", "1"]) {
+        ns.sysctl(key, value);
+    }
+    let before: Vec<String> = keys.iter().map(|k| sysctl(&ns, k)).collect();
+    let lo_before = lo_prefixes(&ns);
+    let bin = xlb_bin();
+    let bin = bin.to_str().expect("UTF-8 path");
+    // `ip netns exec` gives its command a mount namespace of its own: the
+    // read-only bind mount lives and dies with this one shell.
+    let locked = "/proc/sys/net/ipv4/conf/lo/rp_filter";
+    let script = format!(
+        "mount --bind -o ro {locked} {locked} && exec {bin} realserver setup \
+         --vip 203.0.113.10 --vip 2001:db8:203::10 --state {state}"
+    );
+    let out = ns.try_exec(&["sh", "-c", &script]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "setup with {locked} read-only: {stderr}"
+    );
+    assert_eq!(
+        lo_prefixes(&ns),
+        lo_before,
+        "a failed setup left VIPs on lo"
+    );
+    let after: Vec<String> = keys.iter().map(|k| sysctl(&ns, k)).collect();
+    assert_eq!(after, before, "a failed setup left sysctls changed");
+    assert!(
+        !std::path::Path::new(&state).exists(),
+        "a failed setup wrote its state file"
+    );
+    assert_eq!(
+        stderr,
+        "error: setting sysctl net/ipv4/conf/lo/rp_filter=2: Read-only file system (os error \
+         30); nothing was changed\n",
+        "the failed setup says what failed and that it undid the rest"
+    );
+}
+
 /// Three datagrams from each of `sources` client ports starting at `first_port` to the
 /// UDP service, one socket per port; checks every answer comes from the VIP with the
 /// payload echoed and that each flow stayed on one real. Returns (port, real name).
