@@ -23,6 +23,7 @@ use tokio::{net::UnixListener, signal::unix::SignalKind};
 
 use crate::{
     api::{self, Context},
+    chain::Chain,
     cli::error::bad_input,
     config::Config,
     controller::{self, Controller, Handle},
@@ -676,6 +677,7 @@ async fn reload_on_sighup(
                 );
             }
             Err(err) => {
+                let err = Chain(&err);
                 activity.record_reload(source, Err(format!("{}: {err}", path.display())));
                 tracing::error!(
                     file = %path.display(),

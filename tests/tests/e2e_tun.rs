@@ -23,8 +23,8 @@ use lb_userspace::state::fmt_mac;
 use xlb_tests::capture::FrameTap;
 use xlb_tests::harness::{
     Daemon, DecapProc, HttpAnswer, KeepAlive, Lab, LinkCounters, PinnedRun, Proc, QUICK_CHECK,
-    RunDir, VIP, balanced_topology, http_get, proven_up, real_health, real_listed, real_name,
-    start_real, wait_health, wait_until, xlb_bin,
+    RunDir, VIP, balanced_topology, http_get, path_str, proven_up, real_health, real_listed,
+    real_name, start_real, wait_health, wait_until, xlb_bin,
 };
 use xlb_tests::netns::{Host, Netns, unique_prefix};
 
@@ -1028,6 +1028,34 @@ fn decap_stats(pin_dir: &str) -> serde_json::Value {
         String::from_utf8_lossy(&out.stderr)
     );
     serde_json::from_slice(&out.stdout).expect("xlb decap stats --json prints JSON")
+}
+
+/// `xlb decap stats` where nothing is pinned fails saying each cause once: what it
+/// could not do, the map, the system call, the OS error (aya's map error and
+/// ours once printed the system call twice).
+#[test]
+fn decap_stats_with_nothing_pinned_says_each_cause_once() {
+    require_root();
+    let dir = RunDir::new(&format!("xlb-{}-nopins", unique_prefix("tn")));
+    let pin_dir = path_str(dir.path());
+    let out = std::process::Command::new(xlb_bin())
+        .args(["decap", "stats", "--pin-dir", pin_dir])
+        .output()
+        .expect("running xlb decap stats");
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "xlb decap stats with nothing pinned"
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr),
+        format!(
+            "error: cannot read the decap counters under {pin_dir} (is `xlb decap` running with \
+             this --pin-dir? run as root): map XLB_DECAP_STATS: `BPF_OBJ_GET` failed: No such \
+             file or directory (os error 2)\n"
+        )
+    );
 }
 
 fn decap_packets(stats: &serde_json::Value, name: &str) -> u64 {

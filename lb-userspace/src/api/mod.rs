@@ -24,7 +24,9 @@ use axum::{
 pub use routes::router;
 pub use types::*;
 
-use crate::{controller::ControlError, desired::SpecError, metrics::Sources, neighbor::Iface};
+use crate::{
+    chain::Chain, controller::ControlError, desired::SpecError, metrics::Sources, neighbor::Iface,
+};
 
 /// What the handlers share: read handles and the controller's handle.
 #[derive(Clone)]
@@ -99,7 +101,7 @@ impl From<ControlError> for ApiError {
         };
         Self {
             status,
-            message: err.to_string(),
+            message: Chain(&err).to_string(),
         }
     }
 }
@@ -121,7 +123,7 @@ impl From<crate::store::api::ChangeError> for ApiError {
             (_, ChangeError::Control(e)) => e.into(),
             (status, err) => Self {
                 status: status.unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
-                message: err.to_string(),
+                message: Chain(&err).to_string(),
             },
         }
     }
