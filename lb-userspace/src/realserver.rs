@@ -22,6 +22,8 @@ use std::{
 use anyhow::{Context as _, bail};
 use serde::{Deserialize, Serialize};
 
+use crate::cli::error::bad_input;
+
 /// Sysctls set by setup, with the value each needs.
 const SYSCTLS: [(&str, &str); 4] = [
     ("net/ipv4/conf/all/arp_ignore", "1"),
@@ -118,6 +120,17 @@ async fn remove_from_lo(
     Ok(())
 }
 
+/// The state file `state` holds `text`: what earlier setups changed. One
+/// that is not a state file is bad input (exit 2), never overwritten.
+fn parse_state(state: &Path, text: &str) -> anyhow::Result<Applied> {
+    serde_json::from_str(text).map_err(|e| {
+        bad_input(format!(
+            "{} is not a realserver state file: {e}",
+            state.display()
+        ))
+    })
+}
+
 /// What one setup call changed so far: undone when a later step fails.
 #[derive(Default)]
 struct Changes {
@@ -154,9 +167,9 @@ pub async fn setup(vips: &[IpAddr], state: &Path) -> anyhow::Result<Applied> {
         bail!("give at least one --vip");
     }
     let applied: Applied = match std::fs::read_to_string(state) {
-        Ok(text) => serde_json::from_str(&text)
-            .with_context(|| format!("{} is not a realserver state file", state.display()))?,
-        Err(_) => Applied::default(),
+        Ok(text) => parse_state(state, &text)?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Applied::default(),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", state.display())),
     };
     let (conn, handle, _) = rtnetlink::new_connection().context("opening rtnetlink")?;
     let task = tokio::spawn(conn);
@@ -235,8 +248,7 @@ pub async fn teardown(state: &Path) -> anyhow::Result<Applied> {
             state.display()
         )
     })?;
-    let applied: Applied = serde_json::from_str(&text)
-        .with_context(|| format!("{} is not a realserver state file", state.display()))?;
+    let applied = parse_state(state, &text)?;
     let (conn, handle, _) = rtnetlink::new_connection().context("opening rtnetlink")?;
     let task = tokio::spawn(conn);
     let lo = lo_index(&handle).await?;

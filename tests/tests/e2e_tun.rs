@@ -601,6 +601,31 @@ fn realserver_setup_that_fails_half_way_undoes_what_it_did() {
     let lo_before = lo_prefixes(&ns);
     let bin = xlb_bin();
     let bin = bin.to_str().expect("UTF-8 path");
+    // A state file that is not one is bad input, refused before anything changes.
+    let corrupt = file_in(&scratch, "corrupt.json");
+    std::fs::write(&corrupt, "{bad").expect("write");
+    let out = ns.try_exec(&[
+        bin,
+        "realserver",
+        "setup",
+        "--vip",
+        "203.0.113.10",
+        "--state",
+        &corrupt,
+    ]);
+    assert_eq!(
+        (out.status.code(), String::from_utf8_lossy(&out.stderr)),
+        (
+            Some(2),
+            format!(
+                "error: {corrupt} is not a realserver state file: key must be a string at line 1 \
+                 column 2\n"
+            )
+            .into()
+        ),
+        "setup with a corrupt state file"
+    );
+    assert_eq!(lo_prefixes(&ns), lo_before, "a refused setup changed lo");
     // `ip netns exec` gives its command a mount namespace of its own: the
     // read-only bind mount lives and dies with this one shell.
     let locked = "/proc/sys/net/ipv4/conf/lo/rp_filter";

@@ -16,7 +16,7 @@ use std::{sync::Arc, time::Duration};
 
 use axum::{
     Json,
-    extract::rejection::JsonRejection,
+    extract::rejection::{JsonRejection, QueryRejection},
     http::StatusCode,
     response::{IntoResponse, Response},
 };
@@ -155,5 +155,13 @@ impl From<JsonRejection> for ApiError {
             ));
         }
         Self::bad_request(format!("invalid request body: {}", err.body_text()))
+    }
+}
+
+/// A query string that does not fit its route (a parameter missing, unknown
+/// or malformed): a 400 with the JSON error body, as a bad body gets.
+impl From<QueryRejection> for ApiError {
+    fn from(err: QueryRejection) -> Self {
+        Self::bad_request(format!("invalid query: {}", err.body_text()))
     }
 }

@@ -10,7 +10,10 @@ use std::{
 
 use axum::{
     Json, Router,
-    extract::{Path, Query, State as AxState, rejection::JsonRejection},
+    extract::{
+        Path, Query, State as AxState,
+        rejection::{JsonRejection, QueryRejection},
+    },
     http::StatusCode,
     routing::{delete, get, post, put},
 };
@@ -394,8 +397,9 @@ async fn plan(
 
 async fn desired(
     AxState(ctx): AxState<Context>,
-    Query(q): Query<DesiredQuery>,
+    q: Result<Query<DesiredQuery>, QueryRejection>,
 ) -> ApiResult<Json<Desired>> {
+    let Query(q) = q?;
     let snap = ctx.sources.handle.snapshot();
     match q.layer.as_deref() {
         None | Some("effective") => Ok(Json(snap.desired.clone())),
@@ -507,6 +511,7 @@ async fn raw_stats(ctx: &Context) -> ApiResult<Stats> {
 
 /// Query of `GET /v1/simulate`.
 #[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct SimulateQuery {
     vip: String,
     src: String,
@@ -514,8 +519,9 @@ struct SimulateQuery {
 
 async fn simulate(
     AxState(ctx): AxState<Context>,
-    Query(q): Query<SimulateQuery>,
+    q: Result<Query<SimulateQuery>, QueryRejection>,
 ) -> ApiResult<Json<Simulated>> {
+    let Query(q) = q?;
     let (vip, hash) = flow_of(&ctx, &q.vip, &q.src)?;
     let real = ctx.sources.handle.simulate(vip, hash).await?;
     Ok(Json(Simulated { real }))

@@ -257,7 +257,7 @@ pub struct CheckArgs {
     #[arg(long = "check", value_parser = parse_kind)]
     pub kind: Option<ProbeKind>,
     /// Port to probe (default: the VIP's port).
-    #[arg(long = "check-port")]
+    #[arg(long = "check-port", value_parser = clap::value_parser!(u16).range(1..))]
     pub port: Option<u16>,
     /// Where probes go: real (the real's address) or vip (a TCP SYN to the
     /// VIP through the tunnel, TUN, or at the real's MAC, DR; tcp checks only).
