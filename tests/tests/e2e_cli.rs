@@ -187,7 +187,20 @@ fn exit_codes_json_errors_check_dry_run_save_and_the_last_reload() {
         "unkeyed.yaml",
         "daemon:\n  sync_listen: 198.51.100.1:9815\n",
     );
-    let cases: [(&[&str], i32, &str, &str); 22] = [
+    // A malformed line is named by its line in the file (comments and blank
+    // lines count), before anything is sent.
+    let malformed_flow = write_file(
+        &dir,
+        "malformed.txt",
+        &format!("# flows\n{SERVICE} 198.51.100.7:40000\n\n{SERVICE} 198.51.100.7\n"),
+    );
+    let cases: [(&[&str], i32, &str, &str); 23] = [
+        (
+            &["simulate", "--batch", &malformed_flow],
+            2,
+            "bad_input",
+            "malformed.txt:4: invalid source '198.51.100.7': expected IP:PORT",
+        ),
         (
             &["run", "--no-pin"],
             2,

@@ -3,10 +3,7 @@
 //! controller never waits on ARP); each read joins the controller's snapshot
 //! with the counters.
 
-use std::{
-    net::{IpAddr, SocketAddr},
-    time::Duration,
-};
+use std::{net::IpAddr, time::Duration};
 
 use axum::{
     Json, Router,
@@ -530,9 +527,7 @@ async fn simulate(
 /// The VIP and the data path's hash of the flow from `src` to `vip`.
 fn flow_of(ctx: &Context, vip: &str, src: &str) -> ApiResult<(Vip, u32)> {
     let vip: Vip = vip.parse().map_err(parse_err)?;
-    let src: SocketAddr = src
-        .parse()
-        .map_err(|_| ApiError::bad_request(format!("invalid source '{src}': expected IP:PORT")))?;
+    let src = crate::model::parse_source(src).map_err(ApiError::bad_request)?;
     if src.is_ipv4() != vip.addr.is_ipv4() {
         let family = |a: std::net::IpAddr| if a.is_ipv4() { "IPv4" } else { "IPv6" };
         return Err(ApiError::bad_request(format!(
