@@ -124,6 +124,28 @@ fn unprepare_real(real: &Host) {
     real.ns.sysctl("net.ipv4.conf.lo.rp_filter", "1");
 }
 
+/// The sysctls `xlb realserver setup` changes.
+const SETUP_SYSCTLS: [&str; 4] = [
+    "net.ipv4.conf.all.arp_ignore",
+    "net.ipv4.conf.all.arp_announce",
+    "net.ipv4.conf.all.rp_filter",
+    "net.ipv4.conf.lo.rp_filter",
+];
+
+/// The values of [`SETUP_SYSCTLS`] in `ns`, in order.
+fn setup_sysctls(ns: &Netns) -> Vec<String> {
+    SETUP_SYSCTLS.iter().map(|k| sysctl(ns, k)).collect()
+}
+
+/// Sets [`SETUP_SYSCTLS`] in `ns` as a stock host has them (ARP answered for
+/// any local address, strict reverse-path filtering); returns them read back.
+fn stock_setup_sysctls(ns: &Netns) -> Vec<String> {
+    for (key, value) in SETUP_SYSCTLS.iter().zip(["0", "0", "1", "1"]) {
+        ns.sysctl(key, value);
+    }
+    setup_sysctls(ns)
+}
+
 /// A tunnel-mode lab: the balancer's daemon, and on every real `xlb realserver setup`
 /// (both VIPs on `lo`), `xlb decap --iface eth0` and `xlb-testsrv`. Nothing configured
 /// on the daemon yet. Fields drop in order: decapsulators, daemon and servers, then the
@@ -463,16 +485,7 @@ fn realserver_setup_prepares_the_host_and_teardown_restores_it() {
     // And one with a prefix of its own: it is on lo, so setup leaves it alone too.
     let wide = IpAddr::V4(Ipv4Addr::new(203, 0, 113, 12));
     ns.ip(&format!("addr add {wide}/24 dev lo"));
-    let keys = [
-        "net.ipv4.conf.all.arp_ignore",
-        "net.ipv4.conf.all.arp_announce",
-        "net.ipv4.conf.all.rp_filter",
-        "net.ipv4.conf.lo.rp_filter",
-    ];
-    for (key, value) in keys.iter().zip(["0", "0", "1", "1"]) {
-        ns.sysctl(key, value);
-    }
-    let before: Vec<String> = keys.iter().map(|k| sysctl(&ns, k)).collect();
+    let before = stock_setup_sysctls(&ns);
     let lo_before = lo_prefixes(&ns);
     let bin = xlb_bin();
     let bin = bin.to_str().expect("UTF-8 path");
@@ -506,7 +519,7 @@ fn realserver_setup_prepares_the_host_and_teardown_restores_it() {
         }
     }
     assert_eq!(lo_prefixes(&ns), lo_before, "a refused setup changed lo");
-    let unchanged: Vec<String> = keys.iter().map(|k| sysctl(&ns, k)).collect();
+    let unchanged = setup_sysctls(&ns);
     assert_eq!(unchanged, before, "a refused setup changed the sysctls");
     assert!(
         !std::path::Path::new(&state).exists(),
@@ -537,7 +550,7 @@ fn realserver_setup_prepares_the_host_and_teardown_restores_it() {
         "",
         "setup wrote to stderr"
     );
-    let after: Vec<String> = keys.iter().map(|k| sysctl(&ns, k)).collect();
+    let after = setup_sysctls(&ns);
     assert_eq!(after, ["1", "2", "2", "2"], "sysctls after setup ({out})");
     let lo = lo_addrs(&ns);
     for vip in [IpAddr::V4(VIP), IpAddr::V6(VIP6), by_hand] {
@@ -557,7 +570,7 @@ fn realserver_setup_prepares_the_host_and_teardown_restores_it() {
         ],
     );
     let out = xlb_in(&ns, &["realserver", "teardown", "--state", &state]);
-    let restored: Vec<String> = keys.iter().map(|k| sysctl(&ns, k)).collect();
+    let restored = setup_sysctls(&ns);
     assert_eq!(restored, before, "sysctls after teardown ({out})");
     // The VIPs setup added are gone; the ones that were there before stay,
     // with their own prefixes.
@@ -588,16 +601,7 @@ fn realserver_setup_that_fails_half_way_undoes_what_it_did() {
     let scratch = RunDir::new(&format!("xlb-{}", ns.name()));
     let state = file_in(&scratch, "rs.json");
     ns.ip("link set dev lo up");
-    let keys = [
-        "net.ipv4.conf.all.arp_ignore",
-        "net.ipv4.conf.all.arp_announce",
-        "net.ipv4.conf.all.rp_filter",
-        "net.ipv4.conf.lo.rp_filter",
-    ];
-    for (key, value) in keys.iter().zip(["0", "0", "1", "1"]) {
-        ns.sysctl(key, value);
-    }
-    let before: Vec<String> = keys.iter().map(|k| sysctl(&ns, k)).collect();
+    let before = stock_setup_sysctls(&ns);
     let lo_before = lo_prefixes(&ns);
     let bin = xlb_bin();
     let bin = bin.to_str().expect("UTF-8 path");
@@ -645,7 +649,7 @@ fn realserver_setup_that_fails_half_way_undoes_what_it_did() {
         lo_before,
         "a failed setup left VIPs on lo"
     );
-    let after: Vec<String> = keys.iter().map(|k| sysctl(&ns, k)).collect();
+    let after = setup_sysctls(&ns);
     assert_eq!(after, before, "a failed setup left sysctls changed");
     assert!(
         !std::path::Path::new(&state).exists(),
