@@ -470,7 +470,8 @@ impl Config {
                 options.table_size = size;
             }
             if let Some(hc) = &s.health_check {
-                hc.validate().map_err(|m| invalid(at("health_check"), m))?;
+                hc.validate()
+                    .map_err(|e| invalid(at("health_check"), e.message))?;
             }
             let mut reals = BTreeMap::new();
             for (j, r) in s.reals.iter().enumerate() {
@@ -496,7 +497,8 @@ impl Config {
                     (true, false) => Admin::Enabled,
                 };
                 if let Some(hc) = &r.health_check {
-                    hc.validate().map_err(|m| invalid(at("health_check"), m))?;
+                    hc.validate()
+                        .map_err(|e| invalid(at("health_check"), e.message))?;
                 }
                 let spec = RealSpec {
                     weight,

@@ -298,6 +298,7 @@ impl FlowCounter {
                 counts
             }
             Ok(Err(err)) => {
+                let err = crate::chain::Chain(&err);
                 tracing::warn!(%err, "counting the conntrack table failed");
                 last
             }

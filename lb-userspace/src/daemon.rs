@@ -23,6 +23,7 @@ use tokio::{net::UnixListener, signal::unix::SignalKind};
 
 use crate::{
     api::{self, Context},
+    chain::Chain,
     cli::error::bad_input,
     config::Config,
     controller::{self, Controller, Handle},
@@ -239,10 +240,9 @@ pub async fn run(
             .map(|c| c.daemon.clone())
             .unwrap_or_default(),
     );
-    let iface_name = settings
-        .iface
-        .clone()
-        .context("no interface: give --iface or daemon.interface in the config file")?;
+    let iface_name = settings.iface.clone().ok_or_else(|| {
+        bad_input("no interface: give --iface or daemon.interface in the config file")
+    })?;
     let store_options = check_settings(&settings, config.as_ref().zip(config_path.as_deref()))
         .map_err(|e| bad_input(format!("{e:#}")))?;
     let sync_options = settings
@@ -676,6 +676,7 @@ async fn reload_on_sighup(
                 );
             }
             Err(err) => {
+                let err = Chain(&err);
                 activity.record_reload(source, Err(format!("{}: {err}", path.display())));
                 tracing::error!(
                     file = %path.display(),

@@ -59,14 +59,16 @@ pub const BALANCER_MAPS: [&str; 14] = [
     map_names::FLOW_EVENTS,
 ];
 
-/// Failures loading the program or touching its maps.
+/// Failures loading the program or touching its maps. A variant that wraps
+/// another error returns it as its `source()` and does not repeat it (print
+/// the causes with [`crate::chain::Chain`] or anyhow's `{:#}`).
 #[derive(Debug, thiserror::Error)]
 pub enum DataplaneError {
     /// The object could not be loaded (verifier, missing privileges, ...).
-    #[error("loading the XDP object failed: {0}")]
+    #[error("loading the XDP object failed")]
     Load(#[from] aya::EbpfError),
     /// A program in the object could not be loaded or attached.
-    #[error("XDP program {name}: {source}")]
+    #[error("XDP program {name}")]
     Program {
         /// Which program.
         name: &'static str,
@@ -80,7 +82,7 @@ pub enum DataplaneError {
     #[error("map {0} is missing from the XDP object (build mismatch?)")]
     MissingMap(&'static str),
     /// A map operation failed.
-    #[error("map {name}: {source}")]
+    #[error("map {name}")]
     Map {
         /// Which map.
         name: &'static str,
@@ -88,7 +90,7 @@ pub enum DataplaneError {
         source: aya::maps::MapError,
     },
     /// Memory-mapping the ring map failed.
-    #[error("mapping {name} into memory failed: {source}")]
+    #[error("mapping {name} into memory failed")]
     Mmap {
         /// Which map.
         name: &'static str,

@@ -26,6 +26,7 @@
 //! - [`generate`]: `xlb generate` (hidden): man pages and completions for packaging.
 //! - [`bench`]: the floor programs `./x bench` compares against.
 //! - [`daemon`]: `xlb run`. [`cli`]: the command line.
+//! - [`chain`]: an error and its causes on one line, each said once.
 
 /// The commit this build comes from (`unknown` when it was built outside a
 /// git checkout without `XLB_COMMIT` set).
@@ -41,6 +42,7 @@ pub const VERSION: &str = concat!(
 
 pub mod api;
 pub mod bench;
+pub mod chain;
 pub mod cli;
 pub mod client;
 pub mod config;

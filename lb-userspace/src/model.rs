@@ -282,6 +282,13 @@ pub fn parse_real(s: &str) -> Result<IpAddr, ParseError> {
     s.parse().map_err(|_| ParseError::Address(s.to_owned()))
 }
 
+/// Parses a client's address and port for a simulated flow
+/// (`198.51.100.7:40000`, `[2001:db8::7]:40000`).
+pub fn parse_source(s: &str) -> Result<std::net::SocketAddr, String> {
+    s.parse()
+        .map_err(|_| format!("invalid source '{s}': expected IP:PORT"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

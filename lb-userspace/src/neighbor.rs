@@ -219,6 +219,12 @@ impl Iface {
     /// of a change see the subnets the interface has now (one added after
     /// the daemon started, one taken away); the old ones when they cannot be
     /// read.
+    ///
+    /// Only the subnets are read again, not `tunnel_sources`, on purpose: the
+    /// data path's tunnel source addresses are written once at start, so an
+    /// address family the interface gained later has no tunnel source in the
+    /// data path, and a TUN real of that family must still be refused
+    /// (`NoTunnelSource`) until the daemon restarts.
     pub fn refreshed(&self) -> Self {
         let mut fresh = self.clone();
         match read_addrs(&self.name) {

@@ -48,7 +48,7 @@ pub enum PinError {
         found: String,
     },
     /// An operation on a pin failed.
-    #[error("{what} {}: {source}", path.display())]
+    #[error("{what} {}", path.display())]
     Io {
         /// What was being done.
         what: &'static str,

@@ -22,6 +22,8 @@ use std::{
 use anyhow::{Context as _, bail};
 use serde::{Deserialize, Serialize};
 
+use crate::cli::error::bad_input;
+
 /// Sysctls set by setup, with the value each needs.
 const SYSCTLS: [(&str, &str); 4] = [
     ("net/ipv4/conf/all/arp_ignore", "1"),
@@ -118,49 +120,106 @@ async fn remove_from_lo(
     Ok(())
 }
 
+/// The state file `state` holds `text`: what earlier setups changed. One
+/// that is not a state file is bad input (exit 2), never overwritten.
+fn parse_state(state: &Path, text: &str) -> anyhow::Result<Applied> {
+    serde_json::from_str(text).map_err(|e| {
+        bad_input(format!(
+            "{} is not a realserver state file: {e}",
+            state.display()
+        ))
+    })
+}
+
+/// What one setup call changed so far: undone when a later step fails.
+#[derive(Default)]
+struct Changes {
+    /// VIPs this call put on `lo`.
+    vips: Vec<IpAddr>,
+    /// Sysctls this call wrote, with the values they had.
+    sysctls: Vec<(&'static str, String)>,
+}
+
+impl Changes {
+    /// Takes the changes back: the sysctls get their old values (last
+    /// written first), the VIPs leave `lo`. Tries every step; the first
+    /// failure is returned.
+    async fn undo(&self, handle: &rtnetlink::Handle, lo: u32) -> anyhow::Result<()> {
+        let mut first = Ok(());
+        for (key, old) in self.sysctls.iter().rev() {
+            if let Err(e) = write_sysctl(key, old) {
+                first = first.and(Err(e));
+            }
+        }
+        if let Err(e) = remove_from_lo(handle, lo, &self.vips).await {
+            first = first.and(Err(e));
+        }
+        first
+    }
+}
+
 /// Puts `vips` on `lo` and sets the sysctls; records what it changed in `state`.
-/// A VIP already on `lo` (with any prefix) is left alone and not recorded; when
-/// adding one fails, the ones this call added are removed again.
+/// A VIP already on `lo` (with any prefix) is left alone and not recorded.
+/// All or nothing: when a step fails, what this call changed before it (VIPs
+/// added, sysctls written) is undone.
 pub async fn setup(vips: &[IpAddr], state: &Path) -> anyhow::Result<Applied> {
     if vips.is_empty() {
         bail!("give at least one --vip");
     }
-    let mut applied: Applied = match std::fs::read_to_string(state) {
-        Ok(text) => serde_json::from_str(&text)
-            .with_context(|| format!("{} is not a realserver state file", state.display()))?,
-        Err(_) => Applied::default(),
+    let applied: Applied = match std::fs::read_to_string(state) {
+        Ok(text) => parse_state(state, &text)?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Applied::default(),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", state.display())),
     };
     let (conn, handle, _) = rtnetlink::new_connection().context("opening rtnetlink")?;
     let task = tokio::spawn(conn);
-    let lo = lo_index(&handle).await?;
-    let present: Vec<IpAddr> = lo_addresses(&handle, lo)
+    let result = async {
+        let lo = lo_index(&handle).await?;
+        let mut changes = Changes::default();
+        match apply(&handle, lo, vips, applied, state, &mut changes).await {
+            Ok(applied) => Ok(applied),
+            Err(err) => Err(match changes.undo(&handle, lo).await {
+                Ok(()) => anyhow::anyhow!("{err:#}; nothing was changed"),
+                Err(e) => anyhow::anyhow!(
+                    "{err:#}; and undoing what was changed before it (VIPs {:?}, sysctls {:?}) \
+                     failed too: {e:#}",
+                    changes.vips,
+                    changes.sysctls.iter().map(|(k, _)| k).collect::<Vec<_>>()
+                ),
+            }),
+        }
+    }
+    .await;
+    task.abort();
+    result
+}
+
+/// The steps of [`setup`], each recorded in `changes` as it is made.
+async fn apply(
+    handle: &rtnetlink::Handle,
+    lo: u32,
+    vips: &[IpAddr],
+    mut applied: Applied,
+    state: &Path,
+    changes: &mut Changes,
+) -> anyhow::Result<Applied> {
+    let present: Vec<IpAddr> = lo_addresses(handle, lo)
         .await?
         .into_iter()
         .map(|(ip, _, _)| ip)
         .collect();
-    let mut added: Vec<IpAddr> = Vec::new();
     for &vip in vips {
-        if present.contains(&vip) || added.contains(&vip) {
+        if present.contains(&vip) || changes.vips.contains(&vip) {
             continue;
         }
         let prefix = host_prefix(vip);
-        if let Err(err) = handle.address().add(lo, vip, prefix).execute().await {
-            let undone = remove_from_lo(&handle, lo, &added).await;
-            task.abort();
-            return Err(match undone {
-                Ok(()) => {
-                    anyhow::anyhow!("adding {vip}/{prefix} to lo: {err}; nothing was changed")
-                }
-                Err(e) => anyhow::anyhow!(
-                    "adding {vip}/{prefix} to lo: {err}; and removing the VIPs added before it \
-                     ({added:?}) failed too: {e:#}"
-                ),
-            });
-        }
-        added.push(vip);
-    }
-    task.abort();
-    for vip in added {
+        handle
+            .address()
+            .add(lo, vip, prefix)
+            .execute()
+            .await
+            .with_context(|| format!("adding {vip}/{prefix} to lo"))?;
+        changes.vips.push(vip);
         if !applied.vips.contains(&vip) {
             applied.vips.push(vip);
         }
@@ -168,8 +227,9 @@ pub async fn setup(vips: &[IpAddr], state: &Path) -> anyhow::Result<Applied> {
     for (key, value) in SYSCTLS {
         let old = read_sysctl(key)?;
         if old != value {
-            applied.sysctls.entry(key.to_owned()).or_insert(old);
             write_sysctl(key, value)?;
+            changes.sysctls.push((key, old.clone()));
+            applied.sysctls.entry(key.to_owned()).or_insert(old);
         }
     }
     if let Some(dir) = state.parent() {
@@ -188,8 +248,7 @@ pub async fn teardown(state: &Path) -> anyhow::Result<Applied> {
             state.display()
         )
     })?;
-    let applied: Applied = serde_json::from_str(&text)
-        .with_context(|| format!("{} is not a realserver state file", state.display()))?;
+    let applied = parse_state(state, &text)?;
     let (conn, handle, _) = rtnetlink::new_connection().context("opening rtnetlink")?;
     let task = tokio::spawn(conn);
     let lo = lo_index(&handle).await?;

@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 use aya::maps::{HashMap, Map, MapData};
 use aya::programs::XdpMode;
 use lb_common::{FlowKey, FlowState, map_names, prog_names};
+use lb_userspace::chain::Chain;
 use lb_userspace::dataplane::Dataplane;
 use nix::sys::signal::{self, SaFlags, SigAction, SigHandler, SigSet, Signal};
 use nix::unistd::Pid;
@@ -362,11 +363,18 @@ pub fn balanced_topology(prefix: &str, reals: usize) -> Topology {
 pub fn pass_on_switch_port(topo: &mut Topology, port: &str) {
     let pass = topo.sw.run_in(|| {
         let mut dp = Dataplane::load().unwrap_or_else(|e| {
-            panic!("loading the XDP object for the switch port: {e} (needs root)")
+            panic!(
+                "loading the XDP object for the switch port: {} (needs root)",
+                Chain(&e)
+            )
         });
         dp.attach(prog_names::PASS, port, XdpMode::Driver)
             .unwrap_or_else(|e| {
-                panic!("attaching {} to switch port {port}: {e}", prog_names::PASS)
+                panic!(
+                    "attaching {} to switch port {port}: {}",
+                    prog_names::PASS,
+                    Chain(&e)
+                )
             });
         dp
     });

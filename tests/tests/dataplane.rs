@@ -13,6 +13,7 @@ use etherparse::{
     IpFragOffset, IpHeaders, IpNumber, Ipv4Header, Ipv6FragmentHeader, Ipv6RawExtHeader,
 };
 use lb_common::{Config, FlowKey, RealDef, decap_stat, flow_hash, prog_names, stat};
+use lb_userspace::chain::Chain;
 use lb_userspace::{
     dataplane::{Dataplane, LoadOptions},
     decap::{Decap, DecapSettings},
@@ -196,7 +197,7 @@ impl Fixture {
         let macs: BTreeMap<IpAddr, [u8; 6]> = macs.iter().copied().collect();
         self.state
             .edit(&mut self.dp, edit.clone(), &macs, PauseHook::default())
-            .unwrap_or_else(|e| panic!("{edit:?}: {e}"));
+            .unwrap_or_else(|e| panic!("{edit:?}: {}", Chain(&e)));
     }
 
     fn vip(&self, vip: &str) -> Vip {

@@ -187,7 +187,40 @@ fn exit_codes_json_errors_check_dry_run_save_and_the_last_reload() {
         "unkeyed.yaml",
         "daemon:\n  sync_listen: 198.51.100.1:9815\n",
     );
-    let cases: [(&[&str], i32, &str, &str); 20] = [
+    // A malformed line is named by its line in the file (comments and blank
+    // lines count), before anything is sent.
+    let malformed_flow = write_file(
+        &dir,
+        "malformed.txt",
+        &format!("# flows\n{SERVICE} 198.51.100.7:40000\n\n{SERVICE} 198.51.100.7\n"),
+    );
+    let cases: [(&[&str], i32, &str, &str); 23] = [
+        (
+            &["simulate", "--batch", &malformed_flow],
+            2,
+            "bad_input",
+            "malformed.txt:4: invalid source '198.51.100.7': expected IP:PORT",
+        ),
+        (
+            &["run", "--no-pin"],
+            2,
+            "bad_input",
+            "no interface: give --iface or daemon.interface in the config file",
+        ),
+        (
+            &[
+                "vip",
+                "add",
+                "203.0.113.12:80/tcp",
+                "--check",
+                "tcp",
+                "--check-port",
+                "70000",
+            ],
+            2,
+            "bad_input",
+            "invalid value '70000' for '--check-port <PORT>': 70000 is not in 1..=65535",
+        ),
         (
             &["--socket", "/nonexistent/xlb.sock", "status"],
             3,
@@ -335,6 +368,35 @@ fn exit_codes_json_errors_check_dry_run_save_and_the_last_reload() {
         before,
         "a refused command changed the desired state"
     );
+
+    // A bad query string is a 400 with the JSON error body every other refusal
+    // has, naming the parameter; a misspelt one is refused, not ignored (a
+    // `layr=base` once answered the effective state as if it were the base).
+    let queries = [
+        (
+            format!("/v1/simulate?vip={SERVICE}"),
+            "invalid query: Failed to deserialize query string: missing field `src`",
+        ),
+        (
+            "/v1/desired?layr=base".to_owned(),
+            "invalid query: Failed to deserialize query string: layr: unknown field `layr`, \
+             expected `layer`",
+        ),
+        (
+            format!("/v1/simulate?vip={SERVICE}&src=198.51.100.7:40000&sauce=1"),
+            "invalid query: Failed to deserialize query string: sauce: unknown field `sauce`, \
+             expected `vip` or `src`",
+        ),
+    ];
+    for (path, message) in queries {
+        let (status, body) = d.api("GET", &path, None);
+        assert_eq!(status, 400, "GET {path}: {body}");
+        assert_eq!(
+            json(&body, &format!("GET {path}")),
+            serde_json::json!({ "error": message }),
+            "GET {path}"
+        );
+    }
 
     // The last reload: the refused `xlb apply bad.yaml` above is recorded, with
     // when the configuration in force was loaded.

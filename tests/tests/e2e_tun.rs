@@ -23,8 +23,8 @@ use lb_userspace::state::fmt_mac;
 use xlb_tests::capture::FrameTap;
 use xlb_tests::harness::{
     Daemon, DecapProc, HttpAnswer, KeepAlive, Lab, LinkCounters, PinnedRun, Proc, QUICK_CHECK,
-    RunDir, VIP, balanced_topology, http_get, proven_up, real_health, real_listed, real_name,
-    start_real, wait_health, wait_until, xlb_bin,
+    RunDir, VIP, balanced_topology, http_get, path_str, proven_up, real_health, real_listed,
+    real_name, start_real, wait_health, wait_until, xlb_bin,
 };
 use xlb_tests::netns::{Host, Netns, unique_prefix};
 
@@ -122,6 +122,28 @@ fn unprepare_real(real: &Host) {
     real.ns.sysctl("net.ipv4.conf.all.arp_announce", "0");
     real.ns.sysctl("net.ipv4.conf.all.rp_filter", "1");
     real.ns.sysctl("net.ipv4.conf.lo.rp_filter", "1");
+}
+
+/// The sysctls `xlb realserver setup` changes.
+const SETUP_SYSCTLS: [&str; 4] = [
+    "net.ipv4.conf.all.arp_ignore",
+    "net.ipv4.conf.all.arp_announce",
+    "net.ipv4.conf.all.rp_filter",
+    "net.ipv4.conf.lo.rp_filter",
+];
+
+/// The values of [`SETUP_SYSCTLS`] in `ns`, in order.
+fn setup_sysctls(ns: &Netns) -> Vec<String> {
+    SETUP_SYSCTLS.iter().map(|k| sysctl(ns, k)).collect()
+}
+
+/// Sets [`SETUP_SYSCTLS`] in `ns` as a stock host has them (ARP answered for
+/// any local address, strict reverse-path filtering); returns them read back.
+fn stock_setup_sysctls(ns: &Netns) -> Vec<String> {
+    for (key, value) in SETUP_SYSCTLS.iter().zip(["0", "0", "1", "1"]) {
+        ns.sysctl(key, value);
+    }
+    setup_sysctls(ns)
 }
 
 /// A tunnel-mode lab: the balancer's daemon, and on every real `xlb realserver setup`
@@ -463,16 +485,7 @@ fn realserver_setup_prepares_the_host_and_teardown_restores_it() {
     // And one with a prefix of its own: it is on lo, so setup leaves it alone too.
     let wide = IpAddr::V4(Ipv4Addr::new(203, 0, 113, 12));
     ns.ip(&format!("addr add {wide}/24 dev lo"));
-    let keys = [
-        "net.ipv4.conf.all.arp_ignore",
-        "net.ipv4.conf.all.arp_announce",
-        "net.ipv4.conf.all.rp_filter",
-        "net.ipv4.conf.lo.rp_filter",
-    ];
-    for (key, value) in keys.iter().zip(["0", "0", "1", "1"]) {
-        ns.sysctl(key, value);
-    }
-    let before: Vec<String> = keys.iter().map(|k| sysctl(&ns, k)).collect();
+    let before = stock_setup_sysctls(&ns);
     let lo_before = lo_prefixes(&ns);
     let bin = xlb_bin();
     let bin = bin.to_str().expect("UTF-8 path");
@@ -506,7 +519,7 @@ fn realserver_setup_prepares_the_host_and_teardown_restores_it() {
         }
     }
     assert_eq!(lo_prefixes(&ns), lo_before, "a refused setup changed lo");
-    let unchanged: Vec<String> = keys.iter().map(|k| sysctl(&ns, k)).collect();
+    let unchanged = setup_sysctls(&ns);
     assert_eq!(unchanged, before, "a refused setup changed the sysctls");
     assert!(
         !std::path::Path::new(&state).exists(),
@@ -537,7 +550,7 @@ fn realserver_setup_prepares_the_host_and_teardown_restores_it() {
         "",
         "setup wrote to stderr"
     );
-    let after: Vec<String> = keys.iter().map(|k| sysctl(&ns, k)).collect();
+    let after = setup_sysctls(&ns);
     assert_eq!(after, ["1", "2", "2", "2"], "sysctls after setup ({out})");
     let lo = lo_addrs(&ns);
     for vip in [IpAddr::V4(VIP), IpAddr::V6(VIP6), by_hand] {
@@ -557,7 +570,7 @@ fn realserver_setup_prepares_the_host_and_teardown_restores_it() {
         ],
     );
     let out = xlb_in(&ns, &["realserver", "teardown", "--state", &state]);
-    let restored: Vec<String> = keys.iter().map(|k| sysctl(&ns, k)).collect();
+    let restored = setup_sysctls(&ns);
     assert_eq!(restored, before, "sysctls after teardown ({out})");
     // The VIPs setup added are gone; the ones that were there before stay,
     // with their own prefixes.
@@ -574,6 +587,79 @@ fn realserver_setup_prepares_the_host_and_teardown_restores_it() {
     assert!(
         stderr.contains("no realserver state"),
         "a second teardown did not explain itself: {stderr}"
+    );
+}
+
+/// A setup that fails half-way (here the last sysctl cannot be written: it is
+/// bind-mounted read-only for that one command) leaves the host as it found it:
+/// the VIPs it had put on `lo` are gone again, the sysctls it had already written
+/// have their old values back, and no state file is written.
+#[test]
+fn realserver_setup_that_fails_half_way_undoes_what_it_did() {
+    require_root();
+    let ns = Netns::new(&format!("{}-rs", unique_prefix("tu")));
+    let scratch = RunDir::new(&format!("xlb-{}", ns.name()));
+    let state = file_in(&scratch, "rs.json");
+    ns.ip("link set dev lo up");
+    let before = stock_setup_sysctls(&ns);
+    let lo_before = lo_prefixes(&ns);
+    let bin = xlb_bin();
+    let bin = bin.to_str().expect("UTF-8 path");
+    // A state file that is not one is bad input, refused before anything changes.
+    let corrupt = file_in(&scratch, "corrupt.json");
+    std::fs::write(&corrupt, "{bad").expect("write");
+    let out = ns.try_exec(&[
+        bin,
+        "realserver",
+        "setup",
+        "--vip",
+        "203.0.113.10",
+        "--state",
+        &corrupt,
+    ]);
+    assert_eq!(
+        (out.status.code(), String::from_utf8_lossy(&out.stderr)),
+        (
+            Some(2),
+            format!(
+                "error: {corrupt} is not a realserver state file: key must be a string at line 1 \
+                 column 2\n"
+            )
+            .into()
+        ),
+        "setup with a corrupt state file"
+    );
+    assert_eq!(lo_prefixes(&ns), lo_before, "a refused setup changed lo");
+    // `ip netns exec` gives its command a mount namespace of its own: the
+    // read-only bind mount lives and dies with this one shell.
+    let locked = "/proc/sys/net/ipv4/conf/lo/rp_filter";
+    let script = format!(
+        "mount --bind -o ro {locked} {locked} && exec {bin} realserver setup \
+         --vip 203.0.113.10 --vip 2001:db8:203::10 --state {state}"
+    );
+    let out = ns.try_exec(&["sh", "-c", &script]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "setup with {locked} read-only: {stderr}"
+    );
+    assert_eq!(
+        lo_prefixes(&ns),
+        lo_before,
+        "a failed setup left VIPs on lo"
+    );
+    let after = setup_sysctls(&ns);
+    assert_eq!(after, before, "a failed setup left sysctls changed");
+    assert!(
+        !std::path::Path::new(&state).exists(),
+        "a failed setup wrote its state file"
+    );
+    assert_eq!(
+        stderr,
+        "error: setting sysctl net/ipv4/conf/lo/rp_filter=2: Read-only file system (os error \
+         30); nothing was changed\n",
+        "the failed setup says what failed and that it undid the rest"
     );
 }
 
@@ -971,6 +1057,34 @@ fn decap_stats(pin_dir: &str) -> serde_json::Value {
         String::from_utf8_lossy(&out.stderr)
     );
     serde_json::from_slice(&out.stdout).expect("xlb decap stats --json prints JSON")
+}
+
+/// `xlb decap stats` where nothing is pinned fails saying each cause once: what it
+/// could not do, the map, the system call, the OS error (aya's map error and
+/// ours once printed the system call twice).
+#[test]
+fn decap_stats_with_nothing_pinned_says_each_cause_once() {
+    require_root();
+    let dir = RunDir::new(&format!("xlb-{}-nopins", unique_prefix("tn")));
+    let pin_dir = path_str(dir.path());
+    let out = std::process::Command::new(xlb_bin())
+        .args(["decap", "stats", "--pin-dir", pin_dir])
+        .output()
+        .expect("running xlb decap stats");
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "xlb decap stats with nothing pinned"
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr),
+        format!(
+            "error: cannot read the decap counters under {pin_dir} (is `xlb decap` running with \
+             this --pin-dir? run as root): map XLB_DECAP_STATS: `BPF_OBJ_GET` failed: No such \
+             file or directory (os error 2)\n"
+        )
+    );
 }
 
 fn decap_packets(stats: &serde_json::Value, name: &str) -> u64 {

@@ -16,7 +16,7 @@ use std::{sync::Arc, time::Duration};
 
 use axum::{
     Json,
-    extract::rejection::JsonRejection,
+    extract::rejection::{JsonRejection, QueryRejection},
     http::StatusCode,
     response::{IntoResponse, Response},
 };
@@ -24,7 +24,9 @@ use axum::{
 pub use routes::router;
 pub use types::*;
 
-use crate::{controller::ControlError, desired::SpecError, metrics::Sources, neighbor::Iface};
+use crate::{
+    chain::Chain, controller::ControlError, desired::SpecError, metrics::Sources, neighbor::Iface,
+};
 
 /// What the handlers share: read handles and the controller's handle.
 #[derive(Clone)]
@@ -99,7 +101,7 @@ impl From<ControlError> for ApiError {
         };
         Self {
             status,
-            message: err.to_string(),
+            message: Chain(&err).to_string(),
         }
     }
 }
@@ -121,7 +123,7 @@ impl From<crate::store::api::ChangeError> for ApiError {
             (_, ChangeError::Control(e)) => e.into(),
             (status, err) => Self {
                 status: status.unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
-                message: err.to_string(),
+                message: Chain(&err).to_string(),
             },
         }
     }
@@ -153,5 +155,13 @@ impl From<JsonRejection> for ApiError {
             ));
         }
         Self::bad_request(format!("invalid request body: {}", err.body_text()))
+    }
+}
+
+/// A query string that does not fit its route (a parameter missing, unknown
+/// or malformed): a 400 with the JSON error body, as a bad body gets.
+impl From<QueryRejection> for ApiError {
+    fn from(err: QueryRejection) -> Self {
+        Self::bad_request(format!("invalid query: {}", err.body_text()))
     }
 }

@@ -3,14 +3,14 @@
 //! controller never waits on ARP); each read joins the controller's snapshot
 //! with the counters.
 
-use std::{
-    net::{IpAddr, SocketAddr},
-    time::Duration,
-};
+use std::{net::IpAddr, time::Duration};
 
 use axum::{
     Json, Router,
-    extract::{Path, Query, State as AxState, rejection::JsonRejection},
+    extract::{
+        Path, Query, State as AxState,
+        rejection::{JsonRejection, QueryRejection},
+    },
     http::StatusCode,
     routing::{delete, get, post, put},
 };
@@ -180,7 +180,7 @@ async fn add_vip(
     }
     if let Some(hc) = &body.health_check {
         hc.validate()
-            .map_err(|m| ApiError::bad_request(format!("health_check: {m}")))?;
+            .map_err(|e| ApiError::bad_request(format!("health_check: {e}")))?;
     }
     let e = Edit::AddVip {
         vip,
@@ -206,7 +206,7 @@ async fn set_vip(
         .map_err(parse_err)?;
     if let Some(hc) = &body.health_check {
         hc.validate()
-            .map_err(|m| ApiError::bad_request(format!("health_check: {m}")))?;
+            .map_err(|e| ApiError::bad_request(format!("health_check: {e}")))?;
     }
     let e = Edit::SetVip {
         vip,
@@ -394,8 +394,9 @@ async fn plan(
 
 async fn desired(
     AxState(ctx): AxState<Context>,
-    Query(q): Query<DesiredQuery>,
+    q: Result<Query<DesiredQuery>, QueryRejection>,
 ) -> ApiResult<Json<Desired>> {
+    let Query(q) = q?;
     let snap = ctx.sources.handle.snapshot();
     match q.layer.as_deref() {
         None | Some("effective") => Ok(Json(snap.desired.clone())),
@@ -507,6 +508,7 @@ async fn raw_stats(ctx: &Context) -> ApiResult<Stats> {
 
 /// Query of `GET /v1/simulate`.
 #[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct SimulateQuery {
     vip: String,
     src: String,
@@ -514,8 +516,9 @@ struct SimulateQuery {
 
 async fn simulate(
     AxState(ctx): AxState<Context>,
-    Query(q): Query<SimulateQuery>,
+    q: Result<Query<SimulateQuery>, QueryRejection>,
 ) -> ApiResult<Json<Simulated>> {
+    let Query(q) = q?;
     let (vip, hash) = flow_of(&ctx, &q.vip, &q.src)?;
     let real = ctx.sources.handle.simulate(vip, hash).await?;
     Ok(Json(Simulated { real }))
@@ -524,9 +527,7 @@ async fn simulate(
 /// The VIP and the data path's hash of the flow from `src` to `vip`.
 fn flow_of(ctx: &Context, vip: &str, src: &str) -> ApiResult<(Vip, u32)> {
     let vip: Vip = vip.parse().map_err(parse_err)?;
-    let src: SocketAddr = src
-        .parse()
-        .map_err(|_| ApiError::bad_request(format!("invalid source '{src}': expected IP:PORT")))?;
+    let src = crate::model::parse_source(src).map_err(ApiError::bad_request)?;
     if src.is_ipv4() != vip.addr.is_ipv4() {
         let family = |a: std::net::IpAddr| if a.is_ipv4() { "IPv4" } else { "IPv6" };
         return Err(ApiError::bad_request(format!(

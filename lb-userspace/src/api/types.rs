@@ -129,6 +129,7 @@ pub struct Planned {
 
 /// Query of `GET /v1/desired`.
 #[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct DesiredQuery {
     /// `effective` (default: the base with the overrides applied) or `base`
     /// (what the configuration and `xlb apply` set, as `xlb save` prints it).

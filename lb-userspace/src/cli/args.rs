@@ -6,7 +6,7 @@ use anyhow::bail;
 use clap::{Args, Parser, Subcommand};
 
 use crate::{
-    health::{HealthCheck, ProbeKind, TcpMode, Via},
+    health::{CheckField, HealthCheck, ProbeKind, TcpMode, Via},
     model::{Forward, Scheduler, Vip, parse_real},
     pin, realserver,
     settings::{DEFAULT_SOCKET, DEFAULT_STATE_FILE, Mode, Settings},
@@ -260,7 +260,7 @@ pub struct CheckArgs {
     #[arg(long = "check", value_parser = parse_kind)]
     pub kind: Option<ProbeKind>,
     /// Port to probe (default: the VIP's port).
-    #[arg(long = "check-port")]
+    #[arg(long = "check-port", value_parser = clap::value_parser!(u16).range(1..))]
     pub port: Option<u16>,
     /// Where probes go: real (the real's address) or vip (a TCP SYN to the
     /// VIP through the tunnel, TUN, or at the real's MAC, DR; tcp checks only).
@@ -345,29 +345,38 @@ impl CheckArgs {
             fall: self.fall.unwrap_or(d.fall),
             ..d
         };
-        c.validate()
-            .map_err(|m| anyhow::anyhow!("health check: {m}{}", flag_of(&m)))?;
+        c.validate().map_err(|e| match check_flag(e.field) {
+            Some(flag) => anyhow::anyhow!("health check: {e} ({flag})"),
+            None => anyhow::anyhow!("health check: {e}"),
+        })?;
         Ok(Some(c))
     }
 }
 
-/// The flag that sets the field a health check's validation `message` names,
-/// as ` (--check-...)`, so a command-line error points at what to change.
-fn flag_of(message: &str) -> String {
-    const FLAGS: [(&str, &str); 8] = [
-        ("interval_ms ", "--check-interval"),
-        ("timeout_ms ", "--check-timeout"),
-        ("rise and fall ", "--check-rise, --check-fall"),
-        ("path ", "--check-path"),
-        ("via: ", "--check-via"),
-        ("mode: ", "--check-mode"),
-        ("port ", "--check-port"),
-        ("expect_status ", "--check-status"),
-    ];
-    FLAGS
-        .iter()
-        .find(|(field, _)| message.starts_with(field))
-        .map_or_else(String::new, |(_, flag)| format!(" ({flag})"))
+/// The flag of `xlb vip add|set` that sets `field`, so a command-line error
+/// points at what to change; none for the fields only the configuration file
+/// and the API set (their defaults are valid, so the flags never trip them).
+fn check_flag(field: CheckField) -> Option<&'static str> {
+    use CheckField as F;
+    match field {
+        F::Port => Some("--check-port"),
+        F::Via => Some("--check-via"),
+        F::Mode => Some("--check-mode"),
+        F::IntervalMs => Some("--check-interval"),
+        F::TimeoutMs => Some("--check-timeout"),
+        F::Rise => Some("--check-rise"),
+        F::Fall => Some("--check-fall"),
+        F::Path => Some("--check-path"),
+        F::ExpectStatus => Some("--check-status"),
+        F::JitterPercent
+        | F::Host
+        | F::Sni
+        | F::Command
+        | F::NotifyUp
+        | F::NotifyDown
+        | F::NotifyTimeoutMs
+        | F::SlowStartMs => None,
+    }
 }
 
 /// `xlb vip ...`.
@@ -462,4 +471,139 @@ pub enum RealCommand {
         /// The VIP.
         vip: Vip,
     },
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use clap::CommandFactory as _;
+
+    use super::*;
+
+    /// The `--check-*` flags of `xlb vip SUBCOMMAND` (`--check` itself sets the kind).
+    fn check_flags(subcommand: &str) -> BTreeSet<String> {
+        let cli = Cli::command();
+        let vip = cli.find_subcommand("vip").expect("xlb vip");
+        let sub = vip.find_subcommand(subcommand).expect(subcommand);
+        sub.get_arguments()
+            .filter_map(|a| a.get_long())
+            .filter(|l| l.starts_with("check-"))
+            .map(|l| format!("--{l}"))
+            .collect()
+    }
+
+    #[test]
+    fn every_check_field_maps_to_a_flag_of_vip_add_and_set_or_none_sets_it() {
+        let mapped: BTreeSet<String> = CheckField::ALL
+            .iter()
+            .filter_map(|&f| check_flag(f))
+            .map(str::to_owned)
+            .collect();
+        // Each flag names exactly one field, and every field a flag sets has it.
+        let with_flag = CheckField::ALL
+            .iter()
+            .filter(|&&f| check_flag(f).is_some())
+            .count();
+        assert_eq!(
+            mapped.len(),
+            with_flag,
+            "two fields share a flag: {mapped:?}"
+        );
+        for sub in ["add", "set"] {
+            assert_eq!(check_flags(sub), mapped, "xlb vip {sub}: flags vs fields");
+        }
+    }
+
+    #[test]
+    fn a_refused_check_flag_is_named_in_the_error() {
+        let tcp = || CheckArgs {
+            kind: Some(ProbeKind::Tcp),
+            port: None,
+            via: None,
+            mode: None,
+            path: None,
+            status: None,
+            interval_ms: None,
+            timeout_ms: None,
+            rise: None,
+            fall: None,
+        };
+        let http = || CheckArgs {
+            kind: Some(ProbeKind::Http),
+            ..tcp()
+        };
+        let cases = [
+            (
+                CheckArgs {
+                    port: Some(0),
+                    ..tcp()
+                },
+                "port must be 1-65535, not 0 (--check-port)",
+            ),
+            (
+                CheckArgs {
+                    via: Some(Via::Vip),
+                    ..http()
+                },
+                "serves kind tcp only, not http (--check-via)",
+            ),
+            (
+                CheckArgs {
+                    mode: Some(TcpMode::Syn),
+                    ..http()
+                },
+                "serves kind tcp only, not http (--check-mode)",
+            ),
+            (
+                CheckArgs {
+                    interval_ms: Some(10),
+                    ..tcp()
+                },
+                "interval_ms must be at least 100, not 10 (--check-interval)",
+            ),
+            (
+                CheckArgs {
+                    timeout_ms: Some(0),
+                    ..tcp()
+                },
+                "timeout_ms must be between 1 and interval_ms (2000), not 0 (--check-timeout)",
+            ),
+            (
+                CheckArgs {
+                    rise: Some(0),
+                    ..tcp()
+                },
+                "rise must be at least 1, not 0 (--check-rise)",
+            ),
+            (
+                CheckArgs {
+                    fall: Some(0),
+                    ..tcp()
+                },
+                "fall must be at least 1, not 0 (--check-fall)",
+            ),
+            (
+                CheckArgs {
+                    path: Some("x".into()),
+                    ..http()
+                },
+                "path 'x' must start with / (--check-path)",
+            ),
+            (
+                CheckArgs {
+                    status: Some("2xx".into()),
+                    ..http()
+                },
+                "expect_status '2xx' is not a status (200) or a range (200-399) (--check-status)",
+            ),
+        ];
+        for (args, tail) in cases {
+            let message = args.check().expect_err(tail).to_string();
+            assert!(
+                message.starts_with("health check: ") && message.ends_with(tail),
+                "{message:?} does not end with {tail:?}"
+            );
+        }
+    }
 }

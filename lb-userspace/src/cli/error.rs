@@ -92,9 +92,9 @@ pub fn report(kind: ErrorKind, message: &str, json: bool) -> ExitCode {
     ExitCode::from(kind.code())
 }
 
-/// Prints `err` (see [`report`]) and returns its exit code.
+/// Prints `err` with its causes, each once (see [`report`]), and returns its exit code.
 pub fn exit(err: &anyhow::Error, json: bool) -> ExitCode {
-    report(kind_of(err), &format!("{err:#}"), json)
+    report(kind_of(err), &crate::chain::line(err.chain()), json)
 }
 
 /// Ends on a command-line usage error found by clap: exit 2 (clap's own code),

@@ -370,13 +370,18 @@ async fn simulate_batch(client: &Client, out: Out, file: &std::path::Path) -> an
             continue;
         }
         let mut words = line.split_whitespace();
+        let at = || format!("{}:{}", file.display(), n + 1);
         let (Some(vip), Some(src), None) = (words.next(), words.next(), words.next()) else {
             return Err(bad_input(format!(
-                "{}:{}: expected `VIP SRC`, e.g. `203.0.113.10:80/tcp 198.51.100.7:40000`",
-                file.display(),
-                n + 1
+                "{}: expected `VIP SRC`, e.g. `203.0.113.10:80/tcp 198.51.100.7:40000`",
+                at()
             )));
         };
+        // Malformed values are named by their line here; what needs the
+        // running state (an unknown VIP, a family mismatch) the daemon names.
+        vip.parse::<crate::model::Vip>()
+            .map_err(|e| bad_input(format!("{}: {e}", at())))?;
+        crate::model::parse_source(src).map_err(|e| bad_input(format!("{}: {e}", at())))?;
         flows.push(SimulateFlow {
             vip: vip.to_owned(),
             src: src.to_owned(),

@@ -367,64 +367,193 @@ impl Default for HealthCheck {
     }
 }
 
+/// A health-check setting, as the configuration file and the API's JSON name it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CheckField {
+    /// `port`.
+    Port,
+    /// `via`.
+    Via,
+    /// `mode`.
+    Mode,
+    /// `interval_ms`.
+    IntervalMs,
+    /// `timeout_ms`.
+    TimeoutMs,
+    /// `rise`.
+    Rise,
+    /// `fall`.
+    Fall,
+    /// `jitter_percent`.
+    JitterPercent,
+    /// `path`.
+    Path,
+    /// `host`.
+    Host,
+    /// `expect_status`.
+    ExpectStatus,
+    /// `sni`.
+    Sni,
+    /// `command`.
+    Command,
+    /// `notify_up`.
+    NotifyUp,
+    /// `notify_down`.
+    NotifyDown,
+    /// `notify_timeout_ms`.
+    NotifyTimeoutMs,
+    /// `slow_start_ms`.
+    SlowStartMs,
+}
+
+impl CheckField {
+    /// Every field [`HealthCheck::validate`] can refuse.
+    pub const ALL: [Self; 17] = [
+        Self::Port,
+        Self::Via,
+        Self::Mode,
+        Self::IntervalMs,
+        Self::TimeoutMs,
+        Self::Rise,
+        Self::Fall,
+        Self::JitterPercent,
+        Self::Path,
+        Self::Host,
+        Self::ExpectStatus,
+        Self::Sni,
+        Self::Command,
+        Self::NotifyUp,
+        Self::NotifyDown,
+        Self::NotifyTimeoutMs,
+        Self::SlowStartMs,
+    ];
+
+    /// The key of the field in a `health_check` (file and JSON alike).
+    pub fn key(self) -> &'static str {
+        match self {
+            Self::Port => "port",
+            Self::Via => "via",
+            Self::Mode => "mode",
+            Self::IntervalMs => "interval_ms",
+            Self::TimeoutMs => "timeout_ms",
+            Self::Rise => "rise",
+            Self::Fall => "fall",
+            Self::JitterPercent => "jitter_percent",
+            Self::Path => "path",
+            Self::Host => "host",
+            Self::ExpectStatus => "expect_status",
+            Self::Sni => "sni",
+            Self::Command => "command",
+            Self::NotifyUp => "notify_up",
+            Self::NotifyDown => "notify_down",
+            Self::NotifyTimeoutMs => "notify_timeout_ms",
+            Self::SlowStartMs => "slow_start_ms",
+        }
+    }
+}
+
+/// A health-check setting [`HealthCheck::validate`] refuses: which field, and
+/// why (the message names the field by its key, so it reads on its own).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct CheckError {
+    /// The field at fault; each front end names it its own way (the CLI by its flag).
+    pub field: CheckField,
+    /// What is wrong with it.
+    pub message: String,
+}
+
+impl CheckError {
+    fn new(field: CheckField, message: impl Into<String>) -> Self {
+        Self {
+            field,
+            message: message.into(),
+        }
+    }
+}
+
 impl HealthCheck {
-    /// Checks the settings; the message names the field.
-    pub fn validate(&self) -> Result<(), String> {
+    /// Checks the settings; the error says which field is at fault.
+    pub fn validate(&self) -> Result<(), CheckError> {
+        use CheckField as F;
         if self.interval_ms < 100 {
-            return Err(format!(
-                "interval_ms must be at least 100, not {}",
-                self.interval_ms
+            return Err(CheckError::new(
+                F::IntervalMs,
+                format!("interval_ms must be at least 100, not {}", self.interval_ms),
             ));
         }
         if self.timeout_ms == 0 || self.timeout_ms > self.interval_ms {
-            return Err(format!(
-                "timeout_ms must be between 1 and interval_ms ({}), not {}",
-                self.interval_ms, self.timeout_ms
+            return Err(CheckError::new(
+                F::TimeoutMs,
+                format!(
+                    "timeout_ms must be between 1 and interval_ms ({}), not {}",
+                    self.interval_ms, self.timeout_ms
+                ),
             ));
         }
-        if self.rise == 0 || self.fall == 0 {
-            return Err("rise and fall must be at least 1".to_owned());
+        for (field, value) in [(F::Rise, self.rise), (F::Fall, self.fall)] {
+            if value == 0 {
+                let key = field.key();
+                return Err(CheckError::new(
+                    field,
+                    format!("{key} must be at least 1, not 0"),
+                ));
+            }
         }
         if self.jitter_percent > 50 {
-            return Err(format!(
-                "jitter_percent must be 0-50, not {}",
-                self.jitter_percent
+            return Err(CheckError::new(
+                F::JitterPercent,
+                format!("jitter_percent must be 0-50, not {}", self.jitter_percent),
             ));
         }
         if !self.path.starts_with('/') {
-            return Err(format!("path '{}' must start with /", self.path));
+            return Err(CheckError::new(
+                F::Path,
+                format!("path '{}' must start with /", self.path),
+            ));
         }
         let control = |v: &str| v.chars().any(|c| c.is_control());
         if control(&self.path) {
-            return Err(format!(
-                "path {:?} holds a control character (CR, LF, ...)",
-                self.path
+            return Err(CheckError::new(
+                F::Path,
+                format!(
+                    "path {:?} holds a control character (CR, LF, ...)",
+                    self.path
+                ),
             ));
         }
         if let Some(host) = &self.host
             && (host.is_empty() || control(host) || host.contains(' '))
         {
-            return Err(format!(
-                "host {host:?} must be a host name without spaces or control characters"
+            return Err(CheckError::new(
+                F::Host,
+                format!("host {host:?} must be a host name without spaces or control characters"),
             ));
         }
         if self.via == Via::Vip && self.kind != ProbeKind::Tcp {
-            return Err(format!(
-                "via: vip probes with a TCP handshake sent through the forwarding path: it serves \
-                 kind tcp only, not {}",
-                format!("{:?}", self.kind).to_lowercase()
+            return Err(CheckError::new(
+                F::Via,
+                format!(
+                    "via: vip probes with a TCP handshake sent through the forwarding path: it \
+                     serves kind tcp only, not {}",
+                    format!("{:?}", self.kind).to_lowercase()
+                ),
             ));
         }
         if self.mode == TcpMode::Syn && self.kind != ProbeKind::Tcp {
-            return Err(format!(
-                "mode: syn is a half-open TCP probe: it serves kind tcp only, not {}",
-                format!("{:?}", self.kind).to_lowercase()
+            return Err(CheckError::new(
+                F::Mode,
+                format!(
+                    "mode: syn is a half-open TCP probe: it serves kind tcp only, not {}",
+                    format!("{:?}", self.kind).to_lowercase()
+                ),
             ));
         }
         if self.port == Some(0) {
-            return Err("port must be 1-65535, not 0".to_owned());
+            return Err(CheckError::new(F::Port, "port must be 1-65535, not 0"));
         }
-        self.status_range()?;
+        self.status_range()
+            .map_err(|m| CheckError::new(F::ExpectStatus, m))?;
         let name = match self.kind {
             ProbeKind::Https => self.server_name(),
             _ => self.sni.as_deref(),
@@ -432,37 +561,59 @@ impl HealthCheck {
         if let Some(name) = name
             && rustls::pki_types::ServerName::try_from(name).is_err()
         {
-            return Err(format!("sni {name:?} is not a host name"));
+            // An HTTPS check without `sni` takes its server name from `host`.
+            let field = if self.sni.is_some() { F::Sni } else { F::Host };
+            let key = field.key();
+            return Err(CheckError::new(
+                field,
+                format!("{key} {name:?} is not a host name"),
+            ));
         }
         if self.kind == ProbeKind::Exec && self.command.is_empty() {
-            return Err("kind exec needs a command: [/path/to/program, args...]".to_owned());
+            return Err(CheckError::new(
+                F::Command,
+                "kind exec needs a command: [/path/to/program, args...]",
+            ));
         }
         for (field, argv) in [
-            ("command", &self.command),
-            ("notify_up", &self.notify_up),
-            ("notify_down", &self.notify_down),
+            (F::Command, &self.command),
+            (F::NotifyUp, &self.notify_up),
+            (F::NotifyDown, &self.notify_down),
         ] {
+            let key = field.key();
             if let Some(program) = argv.first()
                 && !program.starts_with('/')
             {
-                return Err(format!(
-                    "{field}: the program {program:?} must be an absolute path (no shell, no PATH lookup)"
+                return Err(CheckError::new(
+                    field,
+                    format!(
+                        "{key}: the program {program:?} must be an absolute path (no shell, no PATH lookup)"
+                    ),
                 ));
             }
             if argv.iter().any(|a| a.contains('\0')) {
-                return Err(format!("{field}: an argument holds a NUL byte"));
+                return Err(CheckError::new(
+                    field,
+                    format!("{key}: an argument holds a NUL byte"),
+                ));
             }
         }
         if self.notify_timeout_ms == 0 || self.notify_timeout_ms > 600_000 {
-            return Err(format!(
-                "notify_timeout_ms must be 1-600000, not {}",
-                self.notify_timeout_ms
+            return Err(CheckError::new(
+                F::NotifyTimeoutMs,
+                format!(
+                    "notify_timeout_ms must be 1-600000, not {}",
+                    self.notify_timeout_ms
+                ),
             ));
         }
         if self.slow_start_ms > 3_600_000 {
-            return Err(format!(
-                "slow_start_ms must be at most 3600000 (an hour), not {}",
-                self.slow_start_ms
+            return Err(CheckError::new(
+                F::SlowStartMs,
+                format!(
+                    "slow_start_ms must be at most 3600000 (an hour), not {}",
+                    self.slow_start_ms
+                ),
             ));
         }
         Ok(())
@@ -519,7 +670,10 @@ mod tests {
         let given = parse("kind: tcp\ninterval_ms: 500\ntimeout_ms: 1000\n");
         assert_eq!(
             given.validate(),
-            Err("timeout_ms must be between 1 and interval_ms (500), not 1000".to_owned())
+            Err(CheckError::new(
+                CheckField::TimeoutMs,
+                "timeout_ms must be between 1 and interval_ms (500), not 1000"
+            ))
         );
         let err = serde_yaml_ng::from_str::<HealthCheck>("timeout_ms: 18446744073709551615\n")
             .expect_err("the marker is not a timeout");
@@ -543,11 +697,11 @@ mod tests {
         };
         assert_eq!(
             http.validate(),
-            Err(
+            Err(CheckError::new(
+                CheckField::Via,
                 "via: vip probes with a TCP handshake sent through the forwarding path: it \
                  serves kind tcp only, not http"
-                    .to_owned()
-            )
+            ))
         );
         let parsed: HealthCheck =
             serde_yaml_ng::from_str("kind: tcp\nvia: vip\n").expect("via: vip parses");
@@ -574,7 +728,10 @@ mod tests {
         };
         assert_eq!(
             http.validate(),
-            Err("mode: syn is a half-open TCP probe: it serves kind tcp only, not http".to_owned())
+            Err(CheckError::new(
+                CheckField::Mode,
+                "mode: syn is a half-open TCP probe: it serves kind tcp only, not http"
+            ))
         );
         let err = serde_yaml_ng::from_str::<HealthCheck>("mode: half\n").expect_err("bad mode");
         assert!(err.to_string().contains("unknown variant `half`"), "{err}");

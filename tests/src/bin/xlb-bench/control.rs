@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use lb_common::MAX_REALS;
+use lb_userspace::chain::Chain;
 use lb_userspace::{
     dataplane::{Dataplane, LoadOptions},
     desired::{Desired, Edit, RealSpec, ServiceSpec, VipOptions},
@@ -156,7 +157,7 @@ pub fn reconcile(quick: bool) -> Reconcile {
             flows: 4096,
             pin: None,
         })
-        .unwrap_or_else(|e| panic!("loading the balancer object: {e}"));
+        .unwrap_or_else(|e| panic!("loading the balancer object: {}", Chain(&e)));
         let mut state = State::new(0.5);
         let start = Instant::now();
         let ch = state
@@ -166,7 +167,7 @@ pub fn reconcile(quick: bool) -> Reconcile {
                 &macs,
                 PauseHook::default(),
             )
-            .unwrap_or_else(|e| panic!("applying {RECONCILE_VIPS} VIPs: {e}"));
+            .unwrap_or_else(|e| panic!("applying {RECONCILE_VIPS} VIPs: {}", Chain(&e)));
         from_empty.push(start.elapsed().as_secs_f64() * 1000.0);
         from_empty_writes = ch.writes;
         last = Some((dp, state));
@@ -199,7 +200,7 @@ pub fn reconcile(quick: bool) -> Reconcile {
                 &macs,
                 PauseHook::default(),
             )
-            .unwrap_or_else(|e| panic!("changing one real: {e}"));
+            .unwrap_or_else(|e| panic!("changing one real: {}", Chain(&e)));
         one.push(start.elapsed().as_secs_f64() * 1000.0);
         if i == 0 {
             one_writes = ch.writes;

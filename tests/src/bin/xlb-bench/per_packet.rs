@@ -11,6 +11,7 @@ use aya::{
     programs::{TestRun as _, TestRunOptions, Xdp},
 };
 use lb_common::{Config, FlowKey, FlowState, RING_SIZE_DEFAULT, prog_names};
+use lb_userspace::chain::Chain;
 use lb_userspace::{
     dataplane::{Dataplane, LoadOptions},
     decap::{Decap, DecapSettings},
@@ -203,9 +204,9 @@ fn configured(scale: Scale) -> (Dataplane, State, Kinds, Kinds) {
         flows: FLOWS,
         pin: None,
     })
-    .unwrap_or_else(|e| panic!("loading the balancer object: {e} (needs root)"));
+    .unwrap_or_else(|e| panic!("loading the balancer object: {} (needs root)", Chain(&e)));
     dp.set_config(&config())
-        .unwrap_or_else(|e| panic!("writing the config map: {e}"));
+        .unwrap_or_else(|e| panic!("writing the config map: {}", Chain(&e)));
     let mut desired = Desired::default();
     let mut macs = BTreeMap::new();
     let (list, tracked, new) = services(scale);
@@ -236,14 +237,14 @@ fn configured(scale: Scale) -> (Dataplane, State, Kinds, Kinds) {
     let mut state = State::new(0.5);
     state
         .edit(&mut dp, Edit::Replace(desired), &macs, PauseHook::default())
-        .unwrap_or_else(|e| panic!("configuring {}: {e}", scale.name));
+        .unwrap_or_else(|e| panic!("configuring {}: {}", scale.name, Chain(&e)));
     (dp, state, tracked, new)
 }
 
 /// Loads the floor programs.
 pub fn load_floors() -> Ebpf {
     let mut ebpf = Ebpf::load(lb_userspace::bench::FLOOR_OBJECT)
-        .unwrap_or_else(|e| panic!("loading the floor object: {e}"));
+        .unwrap_or_else(|e| panic!("loading the floor object: {}", Chain(&e)));
     for name in [FLOOR_PASS, FLOOR_TX, FLOOR_DROP, LIVE_RESTORE] {
         let prog: &mut Xdp = ebpf
             .program_mut(name)
@@ -542,7 +543,7 @@ fn set_sync(dp: &mut Dataplane, on: bool) {
         sync: u8::from(on),
         ..config()
     })
-    .unwrap_or_else(|e| panic!("writing the config map: {e}"));
+    .unwrap_or_else(|e| panic!("writing the config map: {}", Chain(&e)));
 }
 
 /// Empties flow sync's report ring; returns how many reports it held.

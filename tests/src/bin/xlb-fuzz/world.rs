@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use lb_common::Config;
+use lb_userspace::chain::Chain;
 use lb_userspace::{
     dataplane::{Dataplane, LoadOptions},
     decap::{Decap, DecapSettings},
@@ -187,9 +188,9 @@ impl World {
             flows: 1 << 16,
             pin: None,
         })
-        .unwrap_or_else(|e| panic!("loading the balancer object: {e} (needs root)"));
+        .unwrap_or_else(|e| panic!("loading the balancer object: {} (needs root)", Chain(&e)));
         dp.set_config(&Self::config())
-            .unwrap_or_else(|e| panic!("writing the config map: {e}"));
+            .unwrap_or_else(|e| panic!("writing the config map: {}", Chain(&e)));
         let mut state = State::new(0.5);
         for s in &self.services {
             let options = VipOptions {
@@ -205,7 +206,7 @@ impl World {
             };
             state
                 .edit(&mut dp, add, &BTreeMap::new(), PauseHook::default())
-                .unwrap_or_else(|e| panic!("adding {}: {e}", s.vip));
+                .unwrap_or_else(|e| panic!("adding {}: {}", s.vip, Chain(&e)));
             for (real, mac) in &s.reals {
                 let add = Edit::AddReal {
                     vip: s.vip,
@@ -219,7 +220,7 @@ impl World {
                         &BTreeMap::from([(*real, *mac)]),
                         PauseHook::default(),
                     )
-                    .unwrap_or_else(|e| panic!("adding real {real} to {}: {e}", s.vip));
+                    .unwrap_or_else(|e| panic!("adding real {real} to {}: {}", s.vip, Chain(&e)));
             }
         }
         (dp, state)
@@ -235,6 +236,6 @@ impl World {
         ];
         let settings = DecapSettings::new(&self.decap_addrs, &srcs)
             .unwrap_or_else(|e| panic!("the decap endpoints and sources: {e}"));
-        Decap::load(&settings).unwrap_or_else(|e| panic!("loading the decap object: {e}"))
+        Decap::load(&settings).unwrap_or_else(|e| panic!("loading the decap object: {}", Chain(&e)))
     }
 }
