@@ -219,7 +219,7 @@ fn exit_codes_json_errors_check_dry_run_save_and_the_last_reload() {
             ],
             2,
             "bad_input",
-            "invalid value '70000' for '--check-port <PORT>': 70000 is not in 1..=65535",
+            "invalid value '70000' for '--check-port <PORT>': port must be 1-65535, not 70000",
         ),
         (
             &["--socket", "/nonexistent/xlb.sock", "status"],

@@ -260,7 +260,7 @@ pub struct CheckArgs {
     #[arg(long = "check", value_parser = parse_kind)]
     pub kind: Option<ProbeKind>,
     /// Port to probe (default: the VIP's port).
-    #[arg(long = "check-port", value_parser = clap::value_parser!(u16).range(1..))]
+    #[arg(long = "check-port", value_parser = parse_check_port)]
     pub port: Option<u16>,
     /// Where probes go: real (the real's address) or vip (a TCP SYN to the
     /// VIP through the tunnel, TUN, or at the real's MAC, DR; tcp checks only).
@@ -289,6 +289,15 @@ pub struct CheckArgs {
     /// Failures that take a real out.
     #[arg(long = "check-fall")]
     pub fall: Option<u32>,
+}
+
+/// A port to probe, 1-65535, refused with the text the health check's own
+/// validation gives (a port of 0 or over 65535 alike).
+fn parse_check_port(s: &str) -> Result<u16, String> {
+    match s.parse::<u16>() {
+        Ok(p) if p != 0 => Ok(p),
+        _ => Err(format!("port must be 1-65535, not {s}")),
+    }
 }
 
 fn parse_kind(s: &str) -> Result<ProbeKind, String> {
