@@ -686,17 +686,19 @@ impl Controller {
             // now (one that starts down ramps when it comes up).
             let desired = self.state.desired();
             let added: Vec<(Vip, IpAddr)> = desired
-                .pairs()
-                .filter(|(vip, real)| {
-                    let serving = before
-                        .services
-                        .get(vip)
-                        .is_some_and(|s| !s.reals.is_empty());
-                    serving
-                        && !before.has_real(vip, *real)
-                        && desired.probed(vip, *real)
-                        && self.state.healthy(vip, *real)
+                .services
+                .iter()
+                .filter_map(|(vip, s)| {
+                    let was = before.services.get(vip).filter(|b| !b.reals.is_empty())?;
+                    Some((vip, s, was))
                 })
+                .flat_map(|(vip, s, was)| {
+                    s.reals
+                        .keys()
+                        .filter(|real| !was.reals.contains_key(real))
+                        .map(|real| (*vip, *real))
+                })
+                .filter(|(vip, real)| desired.probed(vip, *real) && self.state.healthy(vip, *real))
                 .collect();
             drop(desired);
             for (vip, real) in added {
