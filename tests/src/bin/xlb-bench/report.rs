@@ -1824,8 +1824,9 @@ fn fleet_targets(w: &mut String, f: &Fleet) {
             l.p99 < FLEET_P99_TARGET_MS,
             &format!(
                 "a change of one weight costs nodes B and C the whole desired document ({:.1} \
-                 KiB of YAML): read from etcd, parsed once and validated (node A, which wrote \
-                 it, parsed it before the write and takes that parse), then every VIP \
+                 KiB of YAML): read from etcd, checked and validated whole but parsed only \
+                 where a service's text changed (node A, which wrote it, parsed it before the \
+                 write and takes that parse), then every VIP \
                  reconciled (a walk over every VIP, about 10 ms at 1,000), the changed table \
                  rebuilt, the state file (JSON of the whole state) and the document saved and \
                  the report written (the state file after the controller's answer, off the \
