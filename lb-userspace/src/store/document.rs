@@ -157,7 +157,6 @@ impl Parts {
                 }
             };
             doc.services.push(service.clone());
-            // A service written twice is parsed once.
             kept.insert(item, service);
         }
         self.services = kept;
