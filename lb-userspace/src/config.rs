@@ -148,7 +148,7 @@ impl<'de> Deserialize<'de> for SeedField {
 }
 
 /// One virtual service.
-#[derive(Debug, Deserialize, Serialize)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ServiceConfig {
     /// The VIP, `203.0.113.10:80/tcp`.
@@ -171,7 +171,7 @@ pub struct ServiceConfig {
 }
 
 /// One real server of a service.
-#[derive(Debug, Deserialize, Serialize)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RealConfig {
     /// Its address.

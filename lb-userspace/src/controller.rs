@@ -10,18 +10,21 @@
 //! - neighbour-table changes (RTM_NEWNEIGH) and the results of resolution rounds;
 //! - `xlb simulate` queries, which read the live table.
 //!
-//! After every change it saves the state file, updates the health engine,
-//! and publishes a [`Snapshot`] that readers (status, metrics) use without
-//! ever waiting on it. Once a second it converges: verdicts the state does not
-//! hold yet (a lost event, a failed write) are applied again, verdicts of
-//! reals no longer probed are cleared, and unresolved reals are asked again.
+//! After every change it updates the health engine (a new probe list only
+//! when the spec changed), publishes a [`Snapshot`] that readers (status,
+//! metrics) use without ever waiting on it, and saves the state file: before
+//! the answer to an API edit, else after the event and before the next one
+//! (a store revision is answered first: see `Controller::save`). Once a
+//! second it converges: verdicts the state does not hold yet (a lost event, a
+//! failed write) are applied again, verdicts of reals no longer probed are
+//! cleared, and unresolved reals are asked again.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::IpAddr,
     path::PathBuf,
     sync::{
-        Arc,
+        Arc, OnceLock, Weak,
         atomic::{AtomicU64, Ordering},
     },
     time::{Duration, Instant},
@@ -34,7 +37,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use crate::{
     dataplane::{Dataplane, DataplaneError},
     desired::{Admin, Desired, Edit, Source, Spec, SpecError, VipOptions},
-    health::{Engine, ProbeKind, TcpMode, Via, engine::Board, path::Paths},
+    health::{Engine, Planned, ProbeKind, TcpMode, Via, engine::Board, path::Paths},
     model::{Forward, Vip},
     neighbor::{self, Iface, NeighborError, Resolution},
     state::{Changes, State, StateError, persist, writer::PauseHook},
@@ -199,8 +202,9 @@ pub struct VipModel {
 pub struct Snapshot {
     /// Both layers of the desired state (the controller's own, shared).
     pub spec: Arc<Spec>,
-    /// The effective desired state.
-    pub desired: Desired,
+    /// The effective desired state when overrides apply, made once from
+    /// `spec` (without overrides it is `spec`'s base: nothing is copied).
+    effective: OnceLock<Desired>,
     /// Every VIP as applied.
     pub vips: Vec<VipModel>,
     /// MACs known, by real.
@@ -208,14 +212,38 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
+    /// The effective desired state (base with overrides): the spec's base
+    /// when no override applies, else made from the spec once, on first use.
+    pub fn desired(&self) -> &Desired {
+        if self.spec.overrides.0.is_empty() {
+            return &self.spec.base;
+        }
+        self.effective.get_or_init(|| self.spec.effective())
+    }
+
     /// The state as published, `prev` the snapshot before it (the table
     /// changes of each real carry on from it).
     fn of(state: &State, pending: &BTreeMap<IpAddr, Pending>, prev: &Snapshot) -> Self {
-        let desired = state.desired().into_owned();
-        let spec = state.spec_shared();
+        let mut snap = Self {
+            spec: state.spec_shared(),
+            macs: state.macs().clone(),
+            ..Self::default()
+        };
+        snap.vips = snap.models(state, pending, prev);
+        snap
+    }
+
+    /// Every VIP of the effective state as applied.
+    fn models(
+        &self,
+        state: &State,
+        pending: &BTreeMap<IpAddr, Pending>,
+        prev: &Snapshot,
+    ) -> Vec<VipModel> {
+        let spec = &self.spec;
         let model = state.model();
         let prev_vips: BTreeMap<&Vip, &VipModel> = prev.vips.iter().map(|v| (&v.vip, v)).collect();
-        let vips = desired
+        self.desired()
             .services
             .iter()
             .filter_map(|(vip, s)| {
@@ -274,13 +302,7 @@ impl Snapshot {
                     reals,
                 })
             })
-            .collect();
-        Self {
-            macs: state.macs().clone(),
-            spec,
-            desired,
-            vips,
-        }
+            .collect()
     }
 }
 
@@ -454,6 +476,27 @@ struct Pending {
     next: Instant,
 }
 
+/// Which spec the health engine's probe list was last made of: the list is
+/// made again only for another spec (every edit makes a new one; verdicts,
+/// MACs and ramps keep it).
+#[derive(Debug, Default)]
+struct ProbeList {
+    /// The spec of the last list (weak: it does not keep the spec alive, and
+    /// the allocation it points to is not reused while it exists).
+    of: Weak<Spec>,
+}
+
+impl ProbeList {
+    /// The probe list of `spec`, unless the last one was made of it.
+    fn changed(&mut self, spec: &Arc<Spec>) -> Option<BTreeMap<(Vip, IpAddr), Planned>> {
+        if self.of.ptr_eq(&Arc::downgrade(spec)) {
+            return None;
+        }
+        self.of = Arc::downgrade(spec);
+        Some(spec.effective_cow().probes())
+    }
+}
+
 /// Settings of the controller.
 #[derive(Clone, Debug)]
 pub struct Options {
@@ -485,6 +528,10 @@ pub struct Controller {
     ramps: BTreeMap<(Vip, IpAddr), (Instant, Duration)>,
     /// The fleet's verdicts, when they decide instead of the local probes'.
     fleet: Option<BTreeMap<(Vip, IpAddr), bool>>,
+    /// What the health engine's probe list was made of.
+    probes: ProbeList,
+    /// A change reached the maps since the state file was last written.
+    unsaved: bool,
     tx: mpsc::Sender<Event>,
     snapshot: watch::Sender<Arc<Snapshot>>,
 }
@@ -527,6 +574,8 @@ impl Controller {
             confirming: None,
             ramps: BTreeMap::new(),
             fleet: None,
+            probes: ProbeList::default(),
+            unsaved: false,
             tx: tx.clone(),
             snapshot,
         };
@@ -556,6 +605,8 @@ impl Controller {
                 _ = tick.tick() => self.converge(),
                 _ = refresh.tick() => self.refresh_macs(),
             }
+            // After the event was handled, before the next one.
+            self.save();
         }
         self.engine.stop();
     }
@@ -567,8 +618,15 @@ impl Controller {
                 resolution,
                 reply,
             } => {
+                // The answer to an API edit promises the change is in the
+                // state file; a store revision is saved after the answer (its
+                // document is in the store's own file: see `save`).
+                let load = matches!(edit, Edit::Load(_));
                 let result = self.edit(edit, &resolution.found);
                 self.note_failures(&resolution);
+                if !load {
+                    self.save();
+                }
                 let _ = reply.send(result);
             }
             Event::Verdict { vip, real, up } => {
@@ -624,16 +682,27 @@ impl Controller {
         }
         let r = self.committed(r, started);
         if r.is_ok() {
-            // A real added to a VIP that already serves ramps up from now
-            // (one that starts down ramps when it comes up).
-            for (vip, real) in self.state.desired().probes().keys() {
-                let serving = before
-                    .services
-                    .get(vip)
-                    .is_some_and(|s| !s.reals.is_empty());
-                if serving && !before.has_real(vip, *real) && self.state.healthy(vip, *real) {
-                    self.start_ramp(*vip, *real);
-                }
+            // A probed real added to a VIP that already serves ramps up from
+            // now (one that starts down ramps when it comes up).
+            let desired = self.state.desired();
+            let added: Vec<(Vip, IpAddr)> = desired
+                .services
+                .iter()
+                .filter_map(|(vip, s)| {
+                    let was = before.services.get(vip).filter(|b| !b.reals.is_empty())?;
+                    Some((vip, s, was))
+                })
+                .flat_map(|(vip, s, was)| {
+                    s.reals
+                        .keys()
+                        .filter(|real| !was.reals.contains_key(real))
+                        .map(|real| (*vip, *real))
+                })
+                .filter(|(vip, real)| desired.probed(vip, *real) && self.state.healthy(vip, *real))
+                .collect();
+            drop(desired);
+            for (vip, real) in added {
+                self.start_ramp(vip, real);
             }
             self.apply_ramps();
         }
@@ -683,11 +752,7 @@ impl Controller {
         self.metrics.reconciled(started.elapsed(), result.is_ok());
         match &result {
             Ok(_) => {
-                if let Err(err) =
-                    persist::save(&self.options.state_file, &self.iface.name, &self.state)
-                {
-                    tracing::error!(%err, "could not save the state file; a restarted daemon rebuilds from its config");
-                }
+                self.unsaved = true;
                 self.sync_engine();
                 self.publish();
             }
@@ -696,7 +761,12 @@ impl Controller {
         result
     }
 
+    /// Gives the health engine the probe list, when the spec changed since
+    /// it was last given one (a verdict, a MAC or a ramp leaves it as it is).
     fn sync_engine(&mut self) {
+        let Some(probes) = self.probes.changed(&self.state.spec_shared()) else {
+            return;
+        };
         let down: BTreeSet<(Vip, IpAddr)> = self
             .state
             .health()
@@ -704,7 +774,23 @@ impl Controller {
             .filter(|(_, up)| !**up)
             .map(|(k, _)| *k)
             .collect();
-        self.engine.sync(self.state.desired().probes(), &down);
+        self.engine.sync(probes, &down);
+    }
+
+    /// Writes the state file when a change reached the maps since the last
+    /// write: before the answer to an API edit, else once per event, after
+    /// it was handled and before the next one is taken. A store revision is
+    /// thus saved just after its answer, while the store task saves the
+    /// document and reports it: a node killed in between restarts with the
+    /// revision's document (`store.json`) and adopts the maps from the state
+    /// before it, which rewrites every table and slot to that document.
+    fn save(&mut self) {
+        if !std::mem::take(&mut self.unsaved) {
+            return;
+        }
+        if let Err(err) = persist::save(&self.options.state_file, &self.iface.name, &self.state) {
+            tracing::error!(%err, "could not save the state file; a restarted daemon rebuilds from its config");
+        }
     }
 
     fn publish(&mut self) {
@@ -1061,6 +1147,7 @@ async fn check_routes(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::health::HealthCheck;
     use crate::state::writer::fake::FakeMaps;
 
     #[test]
@@ -1102,6 +1189,107 @@ mod tests {
             ..iface
         };
         check_reach(&iface, &spec.effective()).expect("with a source");
+    }
+
+    #[test]
+    fn the_snapshot_sees_the_effective_state_after_an_edit_and_a_verdict() {
+        let vip: Vip = "203.0.113.10:80/tcp".parse().expect("VIP");
+        let ip = |l: u8| IpAddr::from([198, 51, 100, l]);
+        let mut state = crate::state::tests::with_reals(0.0, vip, &[11, 12]);
+        let mut maps = FakeMaps::default();
+        let pending = BTreeMap::new();
+        let weight = |snap: &Snapshot, l: u8| snap.desired().services[&vip].reals[&ip(l)].weight;
+        let first = Snapshot::of(&state, &pending, &Snapshot::default());
+        assert_eq!(weight(&first, 11), 1);
+        // An override is in the effective state, not in the base.
+        let set = Edit::SetReal {
+            vip,
+            real: ip(11),
+            weight: Some(5),
+            admin: None,
+        };
+        state
+            .edit(&mut maps, set, &BTreeMap::new(), PauseHook::default())
+            .expect("override");
+        let edited = Snapshot::of(&state, &pending, &first);
+        assert_eq!(weight(&edited, 11), 5, "the override applies");
+        assert_eq!(edited.desired(), &*state.desired());
+        assert_eq!(weight(&first, 11), 1, "an older snapshot keeps its state");
+        // A verdict keeps the spec: the same effective state, the real down.
+        state
+            .set_health(&mut maps, &[((vip, ip(12)), false)])
+            .expect("down");
+        let verdict = Snapshot::of(&state, &pending, &edited);
+        assert!(Arc::ptr_eq(&verdict.spec, &edited.spec));
+        assert_eq!(verdict.desired(), edited.desired());
+        let healthy = |snap: &Snapshot, l: u8| {
+            snap.vips[0]
+                .reals
+                .iter()
+                .find(|r| r.addr == ip(l))
+                .map(|r| r.healthy)
+        };
+        assert_eq!(healthy(&verdict, 12), Some(false));
+        assert_eq!(healthy(&edited, 12), Some(true));
+        // With the override gone the base is the effective state again.
+        let reset = Edit::ResetOverride { vip, real: ip(11) };
+        state
+            .edit(&mut maps, reset, &BTreeMap::new(), PauseHook::default())
+            .expect("reset");
+        let reset = Snapshot::of(&state, &pending, &verdict);
+        assert_eq!(weight(&reset, 11), 1);
+        assert_eq!(reset.desired(), &reset.spec.base);
+    }
+
+    #[test]
+    fn the_probe_list_is_made_again_when_a_check_comes_or_goes_not_at_a_verdict() {
+        let vip: Vip = "203.0.113.10:80/tcp".parse().expect("VIP");
+        let ip = |l: u8| IpAddr::from([198, 51, 100, l]);
+        let mut state = crate::state::tests::with_reals(0.0, vip, &[11, 12]);
+        let mut maps = FakeMaps::default();
+        let mut list = ProbeList::default();
+        assert_eq!(list.changed(&state.spec_shared()), Some(BTreeMap::new()));
+        assert_eq!(list.changed(&state.spec_shared()), None, "the same spec");
+        let check = |health| Edit::SetVip {
+            vip,
+            scheduler: None,
+            table_size: None,
+            health: Some(health),
+        };
+        state
+            .edit(
+                &mut maps,
+                check(HealthCheck::default()),
+                &BTreeMap::new(),
+                PauseHook::default(),
+            )
+            .expect("a check");
+        let probed = list.changed(&state.spec_shared()).expect("a new spec");
+        assert_eq!(
+            probed.keys().copied().collect::<Vec<_>>(),
+            [(vip, ip(11)), (vip, ip(12))]
+        );
+        // Verdicts and MACs keep the spec, and so the list.
+        state
+            .set_health(&mut maps, &[((vip, ip(12)), false)])
+            .expect("down");
+        state
+            .learn_macs(&mut maps, &BTreeMap::from([(ip(11), [2, 0, 0, 0, 0, 99])]))
+            .expect("a MAC");
+        assert_eq!(list.changed(&state.spec_shared()), None);
+        let none = HealthCheck {
+            kind: ProbeKind::None,
+            ..HealthCheck::default()
+        };
+        state
+            .edit(
+                &mut maps,
+                check(none),
+                &BTreeMap::new(),
+                PauseHook::default(),
+            )
+            .expect("no check");
+        assert_eq!(list.changed(&state.spec_shared()), Some(BTreeMap::new()));
     }
 
     #[test]

@@ -648,7 +648,7 @@ async fn reload_on_sighup(
         let current = handle.snapshot();
         // What only this host can refuse is a file it cannot apply, logged
         // as the controller's own refusals are.
-        if let Err(err) = controller::check_host(&iface, &config.desired, &current.desired).await {
+        if let Err(err) = controller::check_host(&iface, &config.desired, current.desired()).await {
             activity.record_reload(source, Err(format!("{}: {err}", path.display())));
             tracing::error!(
                 file = %path.display(),

@@ -201,6 +201,11 @@ impl ServiceSpec {
             .and_then(|r| r.health.as_ref())
             .or(self.health.as_ref())
     }
+
+    /// The check `real` is probed with: the one that applies, unless it is `none`.
+    fn probe(&self, real: IpAddr) -> Option<&HealthCheck> {
+        self.check(real).filter(|c| c.kind != ProbeKind::None)
+    }
 }
 
 /// Services by VIP: one layer of the desired state (or both, merged).
@@ -244,9 +249,7 @@ impl Desired {
         let mut out = BTreeMap::new();
         for (vip, s) in &self.services {
             for real in s.reals.keys() {
-                if let Some(c) = s.check(*real)
-                    && c.kind != ProbeKind::None
-                {
+                if let Some(c) = s.probe(*real) {
                     let planned = Planned {
                         check: c.clone(),
                         port: c.port.unwrap_or(vip.port),
@@ -257,6 +260,14 @@ impl Desired {
             }
         }
         out
+    }
+
+    /// Whether `real` of `vip` is probed: one entry of [`Desired::probes`],
+    /// looked up without making the list.
+    pub fn probed(&self, vip: &Vip, real: IpAddr) -> bool {
+        self.services
+            .get(vip)
+            .is_some_and(|s| s.reals.contains_key(&real) && s.probe(real).is_some())
     }
 
     /// Every (VIP, real) pair.
@@ -794,6 +805,39 @@ mod tests {
 
     fn ip(s: &str) -> IpAddr {
         s.parse().expect("valid address")
+    }
+
+    #[test]
+    fn a_real_is_probed_exactly_when_it_is_in_the_probe_list() {
+        let (checked, unchecked) = (vip("203.0.113.10:80/tcp"), vip("203.0.113.11:80/tcp"));
+        // Two VIPs with the same two reals, one checked.
+        let mut spec = spec_with_two_reals();
+        let copy = spec.base.services[&checked].clone();
+        spec.base.services.insert(unchecked, copy);
+        spec.base.services.get_mut(&checked).expect("VIP").health = Some(HealthCheck::default());
+        // A real's own check `none` turns its service's off for it alone.
+        let none = HealthCheck {
+            kind: ProbeKind::None,
+            ..HealthCheck::default()
+        };
+        spec.base
+            .services
+            .get_mut(&checked)
+            .and_then(|s| s.reals.get_mut(&ip("198.51.100.12")))
+            .expect("real")
+            .health = Some(none);
+        let desired = spec.effective();
+        let probes = desired.probes();
+        assert_eq!(probes.len(), 1);
+        for v in [checked, unchecked, vip("203.0.113.12:80/tcp")] {
+            for r in ["198.51.100.11", "198.51.100.12", "198.51.100.13"] {
+                assert_eq!(
+                    desired.probed(&v, ip(r)),
+                    probes.contains_key(&(v, ip(r))),
+                    "{v} {r}"
+                );
+            }
+        }
     }
 
     fn spec_with_two_reals() -> Spec {

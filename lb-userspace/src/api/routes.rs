@@ -243,7 +243,7 @@ async fn add_real(
     let mut preview = Spec::clone(&current.spec);
     preview.apply(e.clone())?;
     let desired = preview.effective();
-    crate::controller::check_host(&ctx.iface, &desired, &current.desired)
+    crate::controller::check_host(&ctx.iface, &desired, current.desired())
         .await
         .map_err(crate::controller::ControlError::from)?;
     let mut adds = Desired::default();
@@ -313,7 +313,7 @@ async fn checked(ctx: &Context, body: &ApplyBody) -> ApiResult<(String, Desired)
         });
     }
     let current = ctx.sources.handle.snapshot();
-    crate::controller::check_host(&ctx.iface, &config.desired, &current.desired)
+    crate::controller::check_host(&ctx.iface, &config.desired, current.desired())
         .await
         .map_err(|e| named(&file, crate::controller::ControlError::from(e).into()))?;
     Ok((file, config.desired))
@@ -388,7 +388,7 @@ async fn plan(
     next.apply(Edit::Replace(desired))
         .map_err(|e| named(&file, e.into()))?;
     Ok(Json(Planned {
-        changes: crate::diff::diff(&snap.desired, &next.effective()),
+        changes: crate::diff::diff(snap.desired(), &next.effective()),
     }))
 }
 
@@ -399,7 +399,7 @@ async fn desired(
     let Query(q) = q?;
     let snap = ctx.sources.handle.snapshot();
     match q.layer.as_deref() {
-        None | Some("effective") => Ok(Json(snap.desired.clone())),
+        None | Some("effective") => Ok(Json(snap.desired().clone())),
         Some("base") => Ok(Json(snap.spec.base.clone())),
         Some(other) => Err(ApiError::bad_request(format!(
             "invalid layer '{other}': expected base or effective"
@@ -539,7 +539,7 @@ fn flow_of(ctx: &Context, vip: &str, src: &str) -> ApiResult<(Vip, u32)> {
     }
     let snap = ctx.sources.handle.snapshot();
     let scheduler = snap
-        .desired
+        .desired()
         .services
         .get(&vip)
         .map(|s| s.options.scheduler)

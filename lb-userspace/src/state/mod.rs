@@ -381,8 +381,7 @@ impl State {
             }
         }
         health.retain(|(vip, real), _| desired.has_real(vip, *real));
-        let (was, is) = (before.probes(), desired.probes());
-        health.retain(|key, _| !was.contains_key(key) || is.contains_key(key));
+        health.retain(|(vip, real), _| !before.probed(vip, *real) || desired.probed(vip, *real));
         (known, health)
     }
 

@@ -60,6 +60,8 @@ pub struct Sync {
     own: Own,
     /// The health view last handed to the controller.
     sent_health: Option<Option<BTreeMap<(Vip, IpAddr), bool>>>,
+    /// The services of the last document read (only changed ones are read again).
+    parts: document::Parts,
 }
 
 impl Sync {
@@ -99,6 +101,7 @@ impl Sync {
             fingerprints: FingerprintCache::default(),
             own,
             sent_health: None,
+            parts: document::Parts::default(),
         };
         (sync, store)
     }
@@ -298,7 +301,7 @@ impl Sync {
         // The document this node's API just wrote was parsed before the write.
         let parsed = match self.own.take(text) {
             Some(spec) => Ok(spec),
-            None => document::parse(
+            None => self.parts.parse(
                 &format!("{}@{rev}", self.options.desired_key()),
                 &String::from_utf8_lossy(text),
             ),
@@ -373,11 +376,12 @@ impl Sync {
 
     /// This node's own probes' verdicts, for the reals it probes.
     fn own_verdicts(&self) -> BTreeMap<(Vip, IpAddr), bool> {
-        let probed = self.handle.snapshot().desired.probes();
+        let snap = self.handle.snapshot();
+        let desired = snap.desired();
         self.board
             .statuses()
             .into_iter()
-            .filter(|(k, _)| probed.contains_key(k))
+            .filter(|((vip, real), _)| desired.probed(vip, *real))
             .map(|(k, s)| (k, s.up))
             .collect()
     }
