@@ -756,7 +756,10 @@ impl Controller {
                 self.sync_engine();
                 self.publish();
             }
-            Err(err) => tracing::warn!(%err, "change refused"),
+            Err(err) => {
+                let err = crate::chain::Chain(err);
+                tracing::warn!(%err, "change refused");
+            }
         }
         result
     }

@@ -177,6 +177,7 @@ impl<'m, M: Maps> Writer<'m, M> {
     pub fn rollback(self) {
         for op in self.undo.iter().rev() {
             if let Err(err) = Self::exec(self.maps, op) {
+                let err = crate::chain::Chain(&err);
                 tracing::error!(%err, ?op, "undoing a map write failed; run `xlb apply` again");
             }
         }
