@@ -1409,6 +1409,39 @@ mod tests {
     }
 
     #[test]
+    fn the_macs_published_last_are_the_ones_probes_go_to() {
+        let local = Local {
+            iface: "eth0".to_owned(),
+            ifindex: 1,
+            mac: [0; 6],
+            v4: None,
+            v6: None,
+            tun_v4: (Ipv4Addr::UNSPECIFIED, 0),
+            tun_v6: (Ipv6Addr::UNSPECIFIED, 0),
+        };
+        let paths = Paths::without_sockets(local, "test");
+        let (a, b, c) = (
+            IpAddr::from([198, 51, 100, 11]),
+            IpAddr::from([198, 51, 100, 12]),
+            IpAddr::from([198, 51, 100, 13]),
+        );
+        let mut macs = BTreeMap::from([(a, [2, 0, 0, 0, 0, 11]), (b, [2, 0, 0, 0, 0, 12])]);
+        paths.set_macs(&macs);
+        assert_eq!(paths.mac(a), Some([2, 0, 0, 0, 0, 11]));
+        assert_eq!(paths.mac(c), None);
+        // A changed MAC, a real gone and one new, as many entries as before.
+        macs.insert(a, [2, 0, 0, 0, 0, 0x21]);
+        macs.remove(&b);
+        macs.insert(c, [2, 0, 0, 0, 0, 13]);
+        paths.set_macs(&macs);
+        assert_eq!(paths.mac(a), Some([2, 0, 0, 0, 0, 0x21]));
+        assert_eq!(paths.mac(b), None, "a real no longer published");
+        assert_eq!(paths.mac(c), Some([2, 0, 0, 0, 0, 13]));
+        paths.set_macs(&BTreeMap::new());
+        assert_eq!(paths.mac(a), None);
+    }
+
+    #[test]
     fn only_the_awaited_answer_reaches_a_probe() {
         let local = Local {
             iface: "eth0".to_owned(),

@@ -191,6 +191,12 @@ mod tests {
     }
 
     #[test]
+    #[should_panic(expected = "a timer wheel needs a tick longer than zero")]
+    fn a_zero_tick_is_refused() {
+        let _ = Wheel::<u32>::new(Instant::now(), Duration::ZERO);
+    }
+
+    #[test]
     fn a_late_sweep_catches_up_and_a_past_deadline_is_due_at_once() {
         let t0 = Instant::now();
         let mut w = Wheel::new(t0, ms(1));
