@@ -371,6 +371,10 @@ pub struct Paths {
     /// `BTreeMap` of 5,000 reals, cold in the cache, was 7% of the daemon's
     /// time at 5,000 probes/s).
     macs: RwLock<HashMap<IpAddr, [u8; 6]>>,
+    /// The same, as the controller publishes them: compared in order with
+    /// each publication, so `macs` is rebuilt only when they change, and
+    /// its lock is held only to swap it.
+    published: Mutex<BTreeMap<IpAddr, [u8; 6]>>,
     /// Where answers no `via: vip` probe waits for go (the scheduler).
     replies: Mutex<Option<mpsc::UnboundedSender<Vec<Reply>>>>,
 }
@@ -409,6 +413,7 @@ impl Paths {
             sockets,
             waiting: Mutex::default(),
             macs: RwLock::default(),
+            published: Mutex::default(),
             replies: Mutex::default(),
         });
         if paths.sockets.is_ok() {
@@ -424,6 +429,7 @@ impl Paths {
             sockets: Err(reason.to_owned()),
             waiting: Mutex::default(),
             macs: RwLock::default(),
+            published: Mutex::default(),
             replies: Mutex::default(),
         })
     }
@@ -436,14 +442,19 @@ impl Paths {
 
     /// Takes the MACs the controller knows (DR probes go to them).
     pub fn set_macs(&self, macs: &BTreeMap<IpAddr, [u8; 6]>) {
-        let mut held = self
+        let mut published = self
+            .published
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if *published == *macs {
+            return;
+        }
+        published.clone_from(macs);
+        let by_real = macs.iter().map(|(r, m)| (*r, *m)).collect();
+        *self
             .macs
             .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let same = held.len() == macs.len() && macs.iter().all(|(r, m)| held.get(r) == Some(m));
-        if !same {
-            *held = macs.iter().map(|(r, m)| (*r, *m)).collect();
-        }
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = by_real;
     }
 
     fn mac(&self, real: IpAddr) -> Option<[u8; 6]> {
