@@ -1419,9 +1419,9 @@ mod tests {
         }
     }
 
-    #[test]
-    fn the_macs_published_last_are_the_ones_probes_go_to() {
-        let local = Local {
+    /// The balancer's side with no address of its own.
+    fn no_addresses() -> Local {
+        Local {
             iface: "eth0".to_owned(),
             ifindex: 1,
             mac: [0; 6],
@@ -1429,8 +1429,12 @@ mod tests {
             v6: None,
             tun_v4: (Ipv4Addr::UNSPECIFIED, 0),
             tun_v6: (Ipv6Addr::UNSPECIFIED, 0),
-        };
-        let paths = Paths::without_sockets(local, "test");
+        }
+    }
+
+    #[test]
+    fn the_macs_published_last_are_the_ones_probes_go_to() {
+        let paths = Paths::without_sockets(no_addresses(), "test");
         let (a, b, c) = (
             IpAddr::from([198, 51, 100, 11]),
             IpAddr::from([198, 51, 100, 12]),
@@ -1454,16 +1458,7 @@ mod tests {
 
     #[test]
     fn only_the_awaited_answer_reaches_a_probe() {
-        let local = Local {
-            iface: "eth0".to_owned(),
-            ifindex: 1,
-            mac: [0; 6],
-            v4: None,
-            v6: None,
-            tun_v4: (Ipv4Addr::UNSPECIFIED, 0),
-            tun_v6: (Ipv6Addr::UNSPECIFIED, 0),
-        };
-        let paths = Paths::without_sockets(local, "test");
+        let paths = Paths::without_sockets(no_addresses(), "test");
         let to = addr("203.0.113.10:80");
         let (from, mut rx, reg) = paths.register(IpAddr::from([198, 51, 100, 1]), to, 99);
         let mut tcp = TcpHeader::new(80, from.port(), 5, 100);
