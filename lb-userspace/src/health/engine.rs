@@ -25,7 +25,7 @@
 //! a real out.
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap, VecDeque, hash_map},
+    collections::{BTreeMap, BTreeSet, VecDeque, hash_map},
     future::Future,
     net::{IpAddr, SocketAddr},
     pin::Pin,
@@ -38,8 +38,12 @@ use std::{
 
 use std::sync::MutexGuard;
 
+use foldhash::HashMap;
 use futures::{StreamExt as _, stream::FuturesUnordered};
-use prometheus_client::metrics::{family::Family, histogram::Histogram};
+use prometheus_client::{
+    encoding::{EncodeMetric, MetricEncoder, NoLabelSet},
+    metrics::{MetricType, TypedMetric},
+};
 use rand::Rng as _;
 use serde::{Deserialize, Serialize};
 use tokio::{sync::mpsc, time::Instant};
@@ -189,11 +193,59 @@ pub type ProbeFn = Arc<dyn Fn() -> ProbeFuture + Send + Sync>;
 /// The labels of a real's probe-duration series.
 type Labels = Vec<(String, String)>;
 
-/// The family of `xlb_probe_duration_seconds`.
-pub type Durations = Family<Labels, Histogram, fn() -> Histogram>;
+/// One real's probe durations: a histogram of [`DURATION_BUCKETS`] (and
+/// +Inf) kept next to its status, under the lock its probe's result takes
+/// anyway (a `prometheus_client` histogram per real, its own allocation
+/// behind its own lock and cold in the cache, was a tenth of the daemon's
+/// time at 5,000 probes/s).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+struct ProbeDurations {
+    sum: f64,
+    count: u64,
+    /// Observations per bucket (not cumulative), the last one +Inf.
+    buckets: [u64; DURATION_BUCKETS.len() + 1],
+}
 
-fn duration_histogram() -> Histogram {
-    Histogram::new(DURATION_BUCKETS)
+impl ProbeDurations {
+    fn observe(&mut self, seconds: f64) {
+        self.sum += seconds;
+        self.count += 1;
+        let bucket = DURATION_BUCKETS
+            .iter()
+            .position(|upper| seconds <= *upper)
+            .unwrap_or(DURATION_BUCKETS.len());
+        self.buckets[bucket] += 1;
+    }
+}
+
+/// `xlb_probe_duration_seconds`: each probed real's durations, labelled
+/// with its VIP (`address`, `port`, `protocol`) and `real`, as of when
+/// [`Board::durations`] was called.
+#[derive(Debug)]
+pub struct Durations(Vec<(Labels, ProbeDurations)>);
+
+impl TypedMetric for Durations {
+    const TYPE: MetricType = MetricType::Histogram;
+}
+
+impl EncodeMetric for Durations {
+    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        let mut buckets = [(0.0, 0); DURATION_BUCKETS.len() + 1];
+        for (labels, d) in &self.0 {
+            for (i, (upper, n)) in buckets.iter_mut().enumerate() {
+                *upper = DURATION_BUCKETS.get(i).copied().unwrap_or(f64::INFINITY);
+                *n = d.buckets[i];
+            }
+            encoder
+                .encode_family(labels)?
+                .encode_histogram::<NoLabelSet>(d.sum, d.count, &buckets, None)?;
+        }
+        Ok(())
+    }
+
+    fn metric_type(&self) -> MetricType {
+        Self::TYPE
+    }
 }
 
 fn duration_labels((vip, real): &Key) -> Labels {
@@ -208,11 +260,27 @@ fn duration_labels((vip, real): &Key) -> Labels {
     .collect()
 }
 
-/// One real's status, shared by the scheduler (which writes it) and the
-/// [`Board`] (which reads it).
-type Shared = Arc<Mutex<ProbeStatus>>;
+/// What the scheduler records of one real.
+#[derive(Debug, Default)]
+struct Probed {
+    status: ProbeStatus,
+    durations: ProbeDurations,
+}
 
-fn lock_status(status: &Shared) -> MutexGuard<'_, ProbeStatus> {
+impl Probed {
+    fn shared(status: ProbeStatus) -> Shared {
+        Arc::new(Mutex::new(Self {
+            status,
+            durations: ProbeDurations::default(),
+        }))
+    }
+}
+
+/// One real's status and probe durations, shared by the scheduler (which
+/// writes them) and the [`Board`] (which reads them).
+type Shared = Arc<Mutex<Probed>>;
+
+fn lock_status(status: &Shared) -> MutexGuard<'_, Probed> {
     status
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -220,21 +288,10 @@ fn lock_status(status: &Shared) -> MutexGuard<'_, ProbeStatus> {
 
 /// What the scheduler knows, readable by anyone (status, metrics) without
 /// asking the engine's owner.
-#[derive(Clone)]
+#[derive(Clone, Default)]
 pub struct Board {
     status: Arc<Mutex<BTreeMap<Key, Shared>>>,
     flips: Arc<AtomicU64>,
-    durations: Durations,
-}
-
-impl Default for Board {
-    fn default() -> Self {
-        Self {
-            status: Arc::default(),
-            flips: Arc::default(),
-            durations: Family::new_with_constructor(duration_histogram as fn() -> Histogram),
-        }
-    }
 }
 
 impl Board {
@@ -248,7 +305,7 @@ impl Board {
     pub fn statuses(&self) -> BTreeMap<Key, ProbeStatus> {
         self.lock()
             .iter()
-            .map(|(k, s)| (*k, lock_status(s).clone()))
+            .map(|(k, s)| (*k, lock_status(s).status.clone()))
             .collect()
     }
 
@@ -257,9 +314,14 @@ impl Board {
         self.flips.load(Ordering::Relaxed)
     }
 
-    /// Probe durations by VIP and real.
+    /// Probe durations by VIP and real, as they are now.
     pub fn durations(&self) -> Durations {
-        self.durations.clone()
+        Durations(
+            self.lock()
+                .iter()
+                .map(|(k, s)| (duration_labels(k), lock_status(s).durations))
+                .collect(),
+        )
     }
 }
 
@@ -383,7 +445,7 @@ impl Engine {
         let status = self.board.lock();
         self.running
             .keys()
-            .map(|k| (*k, status.get(k).is_none_or(|s| lock_status(s).up)))
+            .map(|k| (*k, status.get(k).is_none_or(|s| lock_status(s).status.up)))
             .collect()
     }
 
@@ -409,7 +471,6 @@ impl Engine {
             let _ = self.tx.send(Command::Stop(k));
             if !wanted.contains_key(&k) {
                 self.board.lock().remove(&k);
-                self.board.durations.remove(&duration_labels(&k));
             }
         }
         for (k, planned) in wanted {
@@ -429,7 +490,7 @@ impl Engine {
                 self.board
                     .lock()
                     .entry(k)
-                    .or_insert_with(|| Arc::new(Mutex::new(ProbeStatus::down(reason))));
+                    .or_insert_with(|| Probed::shared(ProbeStatus::down(reason)));
             }
             let timeout = Duration::from_millis(check.timeout_ms);
             let (probe, expired): (Probe, String) = match check.via {
@@ -533,8 +594,8 @@ struct Entry {
     /// Bumped at each (re)start: results and deadlines of an older
     /// generation are ignored.
     generation: u64,
-    duration: Histogram,
-    /// Its status, on the board from its first probe on (`None` before).
+    /// Its status and probe durations, on the board from its first probe on
+    /// (`None` before).
     status: Option<Shared>,
     /// The balancer's address toward the real (`mode: syn`), as the routes
     /// picked it; forgotten after a probe that got no answer, so a changed
@@ -579,7 +640,8 @@ struct Scheduler {
     expiry: Wheel<(usize, u64)>,
     /// What came out of a wheel (reused).
     swept: Vec<(usize, u64)>,
-    /// Half-open probes waiting for their answer, by connection.
+    /// Half-open probes waiting for their answer, by connection (looked up
+    /// two or three times a probe: foldhash, not SipHash).
     half_open: HashMap<Flow, HalfOpen>,
     in_flight: FuturesUnordered<Pin<Box<dyn Future<Output = Done> + Send>>>,
     generations: u64,
@@ -600,12 +662,12 @@ impl Scheduler {
             syn,
             entries: Vec::new(),
             free: Vec::new(),
-            slots: HashMap::new(),
+            slots: HashMap::default(),
             due: Wheel::new(Instant::now(), TICK),
             ready: VecDeque::new(),
             expiry: Wheel::new(Instant::now(), TICK),
             swept: Vec::new(),
-            half_open: HashMap::new(),
+            half_open: HashMap::default(),
             in_flight: FuturesUnordered::new(),
             generations: 0,
             probes: 0,
@@ -687,18 +749,12 @@ impl Scheduler {
                     Round::Down,
                     (slot, generation),
                 );
-                let duration = self
-                    .board
-                    .durations
-                    .get_or_create(&duration_labels(&key))
-                    .clone();
                 self.entries[slot] = Some(Entry {
                     key,
                     check: *check,
                     probe,
                     expired,
                     generation,
-                    duration,
                     status: None,
                     source: None,
                     awaiting: None,
@@ -745,7 +801,7 @@ impl Scheduler {
                     .board
                     .lock()
                     .entry(e.key)
-                    .or_insert_with(|| Arc::new(Mutex::new(ProbeStatus::new())))
+                    .or_insert_with(|| Probed::shared(ProbeStatus::new()))
                     .clone();
                 e.status = Some(status);
             }
@@ -917,11 +973,11 @@ impl Scheduler {
             return;
         };
         let Some(status) = &e.status else { return };
-        e.duration.observe(took.as_secs_f64());
         let flipped = {
-            let mut st = lock_status(status);
-            let flip = st.record(result, e.check.rise, e.check.fall);
-            (flip != Flip::None).then(|| st.clone())
+            let mut real = lock_status(status);
+            real.durations.observe(took.as_secs_f64());
+            let flip = real.status.record(result, e.check.rise, e.check.fall);
+            (flip != Flip::None).then(|| real.status.clone())
         };
         if let Some(st) = flipped {
             (self.on_flip)(e.key, &e.check, &st);
@@ -974,6 +1030,48 @@ mod tests {
         assert_eq!(s.record(Ok(()), 2, 3), Flip::None);
         assert_eq!(s.record(Ok(()), 2, 3), Flip::Up);
         assert!(s.up);
+    }
+
+    #[test]
+    fn probe_durations_encode_as_the_client_library_s_histogram_does() {
+        use prometheus_client::{
+            encoding::text::encode,
+            metrics::{family::Family, histogram::Histogram},
+            registry::Registry,
+        };
+        let key: Key = (
+            "203.0.113.10:80/tcp".parse().expect("VIP"),
+            [198, 51, 100, 11].into(),
+        );
+        // On a bound, between bounds, past the last one, none at all.
+        let seen = [0.0005, 0.0003, 0.004, 0.3, 5.0, 7.5, 0.0];
+        let reference =
+            Family::<Labels, Histogram>::new_with_constructor(|| Histogram::new(DURATION_BUCKETS));
+        let mut ours = ProbeDurations::default();
+        for v in seen {
+            reference.get_or_create(&duration_labels(&key)).observe(v);
+            ours.observe(v);
+        }
+        let text = |f: &dyn Fn(&mut Registry)| {
+            let mut reg = Registry::default();
+            f(&mut reg);
+            let mut out = String::new();
+            encode(&mut out, &reg).expect("encode");
+            out
+        };
+        let expected = text(&|r| r.register("probe_duration_seconds", "d", reference.clone()));
+        let got = text(&|r| {
+            r.register(
+                "probe_duration_seconds",
+                "d",
+                Durations(vec![(duration_labels(&key), ours)]),
+            );
+        });
+        assert_eq!(got, expected);
+        let every = got.lines().any(|l| {
+            l.starts_with("probe_duration_seconds_bucket{le=\"+Inf\"") && l.ends_with("} 7")
+        });
+        assert!(every, "not every probe in the +Inf bucket:\n{got}");
     }
 
     #[test]

@@ -28,7 +28,7 @@ pub enum Round {
 /// Items due at ticks counted from an origin.
 pub struct Wheel<T> {
     origin: Instant,
-    /// The length of a tick, in nanoseconds (at least one).
+    /// The length of a tick, in nanoseconds (not zero).
     tick_ns: u128,
     /// The next tick to sweep: every item of an earlier tick has come out.
     next: u64,
@@ -40,14 +40,15 @@ pub struct Wheel<T> {
 }
 
 impl<T> Wheel<T> {
-    /// An empty wheel of ticks of `tick` (a millisecond if zero) whose tick
-    /// 0 starts at `origin`.
+    /// An empty wheel of ticks of `tick` whose tick 0 starts at `origin`.
+    ///
+    /// # Panics
+    /// If `tick` is zero (its one caller passes the scheduler's constant tick).
     pub fn new(origin: Instant, tick: Duration) -> Self {
-        let tick = if tick.is_zero() {
-            Duration::from_millis(1)
-        } else {
-            tick
-        };
+        assert!(
+            !tick.is_zero(),
+            "a timer wheel needs a tick longer than zero"
+        );
         Self {
             origin,
             tick_ns: tick.as_nanos(),
@@ -187,6 +188,12 @@ mod tests {
         );
         assert_eq!(expired(&mut w, t0 + ms(SLOTS + 3)), [5]);
         assert_eq!((w.len(), w.next_deadline()), (0, None));
+    }
+
+    #[test]
+    #[should_panic(expected = "a timer wheel needs a tick longer than zero")]
+    fn a_zero_tick_is_refused() {
+        let _ = Wheel::<u32>::new(Instant::now(), Duration::ZERO);
     }
 
     #[test]

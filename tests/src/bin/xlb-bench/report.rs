@@ -921,8 +921,11 @@ fn health_target(w: &mut String, h: &Health, asked: HealthAsked) {
          route lookup or IP output per SYN; a raw socket for a real whose MAC is not known), \
          no task, future or timer per probe (a table and timer wheels in the scheduler), the \
          SYN-ACKs read in batches from a socket whose classic BPF filter keeps SYN-ACKs and \
-         RSTs, the half-open connection reset by the balancer's kernel; what is left is mostly \
-         one recvmsg per answer, the scheduler's wake-ups and the daemon's own bookkeeping"
+         RSTs, the half-open connection reset by the balancer's kernel, the per-probe tables \
+         hashed with foldhash and each real's durations kept with its status; what is left is \
+         mostly the kernel's (the frames' transmit, one recvmsg per answer, the task switches), \
+         the first touch of each real's record and the controller's once-a-second sweep of \
+         every verdict"
     } else {
         "a socket, a TCP connect (SYN, SYN-ACK, ACK) and a reset (SO_LINGER 0) per probe, \
          one scheduler task for every probe"
