@@ -1366,13 +1366,21 @@ fn optimisations_md(w: &mut String, after: &[PerPacket], svg_dir: &Path) {
             "Before/after, × the MAC-swap floor of the same round, mean and median ratios as \
              above (median over the rounds): before is the object at c9c4bc2 (the commit \
              before these optimisations) measured with this bench and kept in \
-             `docs/{BEFORE_FILE}`, after is this run. The before figures were taken in another \
-             sitting, on a 2-vCPU AMD EPYC guest (floors of 110–134 ns) at a 1-minute load \
-             average of about 11; when the Machine section above names another CPU, the two \
-             sides are different machines, whose memory and cache costs weigh differently \
-             against the floor, so only the direction of a change carries over, read with the \
-             min–max spreads above in mind. Each optimisation's own A/B, in one sitting on one \
-             machine, is in its item above."
+             `docs/{BEFORE_FILE}`, after is this run. The before figures were taken with the \
+             bench of 1fa9ddd (the one that introduced this table) on the 2-vCPU Intel Xeon \
+             guest, in a run of its own on 2026-12-01 at a 1-minute load average of 0.2, so \
+             the two sides are different sittings of one machine; read the direction and size \
+             of a change with the min–max spreads above in mind. The bench has gained cases \
+             since (the flow-sync report's), so by the time a later case runs the conntrack \
+             table holds more entries on the after side. Three alternated pairs of the two \
+             benches in one sitting (medians of the mean ratio) confirm the cases whose cost is \
+             instructions (the same flow every call 2.97× → 2.33× and 3.01× → 2.61×, not for \
+             a VIP 2.01× → 1.19×, decap IPIP 2.49× → 1.19×), while the cases bound by the \
+             2M-entry conntrack table's memory (cycled tracked flows, new flows) moved by up \
+             to a sixth either way (at 1,000 × 10: TCP tracked 7.21× → 7.40×, IPv6 TCP \
+             tracked 5.85× → 6.89×, TCP SYN 20.83× → 19.77×, IPIP SYN 19.93× → 17.84×; at \
+             16 × 100 all but TCP tracked and TCP SYN faster): for those, one run of each \
+             side cannot tell a change of the code from the sitting. Each optimisation's own A/B, in one sitting, is in its item above."
         ),
     );
     line(w, "");
