@@ -215,10 +215,9 @@ impl Snapshot {
     /// The effective desired state (base with overrides): the spec's base
     /// when no override applies, else made from the spec once, on first use.
     pub fn desired(&self) -> &Desired {
-        if self.spec.overrides.0.is_empty() {
-            return &self.spec.base;
-        }
-        self.effective.get_or_init(|| self.spec.effective())
+        self.spec
+            .base_when_effective()
+            .unwrap_or_else(|| self.effective.get_or_init(|| self.spec.effective()))
     }
 
     /// The state as published, `prev` the snapshot before it (the table

@@ -548,12 +548,17 @@ impl Spec {
         self.effective_cow().into_owned()
     }
 
+    /// The base, when it is the effective state: no override applies.
+    pub fn base_when_effective(&self) -> Option<&Desired> {
+        self.overrides.0.is_empty().then_some(&self.base)
+    }
+
     /// [`Spec::effective`], borrowing the base when no override applies (the
     /// reconcile step reads the whole desired state at every change: a copy
     /// of 1,000 VIPs costs about a millisecond to make and another to drop).
     pub fn effective_cow(&self) -> Cow<'_, Desired> {
-        if self.overrides.0.is_empty() {
-            return Cow::Borrowed(&self.base);
+        if let Some(base) = self.base_when_effective() {
+            return Cow::Borrowed(base);
         }
         let mut out = self.base.clone();
         for ((vip, real), set) in &self.overrides.0 {

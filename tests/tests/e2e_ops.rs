@@ -371,16 +371,7 @@ fn teardown_detaches_the_pinned_data_path() {
         run.pin_dir().display()
     );
 
-    let out = daemon.cli_ok(&teardown);
-    assert!(
-        out.contains("the data path is detached"),
-        "unexpected `xlb teardown` output: {out}"
-    );
-    let details = link_details(&topo.lb);
-    assert!(
-        !details.contains("xdp"),
-        "eth0 still has an XDP program after xlb teardown: {details}"
-    );
+    assert_detached(&daemon, &topo.lb, &teardown);
     assert_eq!(run.pins(), Vec::<String>::new(), "pins left after teardown");
     assert!(
         !run.state_file().exists(),
@@ -404,17 +395,24 @@ fn teardown_detaches_the_pinned_data_path() {
     let mut daemon = Daemon::start_pinned(&topo.lb.ns, "eth0", &run, &[]);
     configure(&daemon, &topo);
     request().unwrap_or_else(|e| panic!("a request with the second daemon running: {e}"));
-    let out = daemon.cli_ok(&[&teardown[..], &["--force"]].concat());
+    assert_detached(&daemon, &topo.lb, &[&teardown[..], &["--force"]].concat());
+    daemon.stop();
+}
+
+/// Runs `xlb ARGS` (a teardown), which must say it detached the data path
+/// and leave `lb`'s eth0 without an XDP program.
+fn assert_detached(daemon: &Daemon, lb: &Host, args: &[&str]) {
+    let command = args.join(" ");
+    let out = daemon.cli_ok(args);
     assert!(
         out.contains("the data path is detached"),
-        "unexpected `xlb teardown --force` output: {out}"
+        "unexpected `xlb {command}` output: {out}"
     );
-    let details = link_details(&topo.lb);
+    let details = link_details(lb);
     assert!(
         !details.contains("xdp"),
-        "eth0 still has an XDP program after xlb teardown --force: {details}"
+        "eth0 still has an XDP program after xlb {command}: {details}"
     );
-    daemon.stop();
 }
 
 /// A scratch directory for configuration files, named after the topology.

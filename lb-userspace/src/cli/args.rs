@@ -296,7 +296,7 @@ pub struct CheckArgs {
 fn parse_check_port(s: &str) -> Result<u16, String> {
     match s.parse::<u16>() {
         Ok(p) if p != 0 => Ok(p),
-        _ => Err(format!("port must be 1-65535, not {s}")),
+        _ => Err(crate::health::bad_port(s)),
     }
 }
 

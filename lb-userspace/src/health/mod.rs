@@ -472,6 +472,11 @@ impl CheckError {
     }
 }
 
+/// Why `port` cannot be probed (0, or past 65535 where a number is parsed).
+pub fn bad_port(port: &str) -> String {
+    format!("port must be 1-65535, not {port}")
+}
+
 impl HealthCheck {
     /// Checks the settings; the error says which field is at fault.
     pub fn validate(&self) -> Result<(), CheckError> {
@@ -550,7 +555,7 @@ impl HealthCheck {
             ));
         }
         if self.port == Some(0) {
-            return Err(CheckError::new(F::Port, "port must be 1-65535, not 0"));
+            return Err(CheckError::new(F::Port, bad_port("0")));
         }
         self.status_range()
             .map_err(|m| CheckError::new(F::ExpectStatus, m))?;
