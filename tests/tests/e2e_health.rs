@@ -1341,3 +1341,78 @@ fn syn_checks_pass_a_listener_and_take_out_a_refusing_or_silent_real() {
         Some("mode: syn needs raw sockets: CAP_NET_RAW was missing at start-up")
     );
 }
+
+#[test]
+fn syn_checks_of_a_real_whose_mac_is_not_known_go_through_the_kernel() {
+    let (lab, scratch) = lab("hk", 1, &["--min-healthy", "0", "--resolve-timeout", "1"]);
+    let rs1 = addr(&lab, 0);
+    // rs1 answers no ARP on eth0, so the daemon, which resolves a DR real on eth0
+    // only, never learns its MAC; a second link from the balancer to rs1
+    // (192.0.2.0/30) and the balancer's route to rs1 through it let the kernel
+    // reach rs1 there. So every SYN to rs1 must go on the raw socket, routed by
+    // the kernel.
+    let (lb, real) = (&lab.topo.lb.ns, &lab.topo.reals[0].ns);
+    real.sysctl("net.ipv4.conf.eth0.arp_ignore", "8");
+    lb.ip(&format!(
+        "link add name xk0 type veth peer name xk1 netns {}",
+        real.name()
+    ));
+    lb.ip("addr add 192.0.2.1/30 dev xk0");
+    lb.ip("link set dev xk0 up");
+    real.ip("addr add 192.0.2.2/30 dev xk1");
+    real.ip("link set dev xk1 up");
+    lb.ip(&format!("route add {rs1}/32 via 192.0.2.2 dev xk0"));
+    lb.ip(&format!("neigh flush to {rs1}"));
+    let rx = || {
+        let out = real.exec(&["cat", "/sys/class/net/xk1/statistics/rx_packets"]);
+        String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .parse::<u64>()
+            .expect("rx_packets")
+    };
+    let before = rx();
+    let yaml = |port: u16| {
+        service_yaml(
+            &lab,
+            &[0],
+            &format!(
+                "      kind: tcp\n      mode: syn\n      port: {port}\n{}",
+                short_timing()
+            ),
+        )
+    };
+    apply(&lab, &scratch, &yaml(8080));
+    // Unresolved (out of the table), and yet probed: its SYNs are answered.
+    let (s, _) = wait_status(&lab.daemon, "rs1 probed up while unresolved", |s| {
+        let r = real_state(s, SERVICE, &rs1);
+        r.probes >= RISE && r.probe_up == Some(true)
+    });
+    let listed = vip(&s, SERVICE)["reals"]
+        .as_array()
+        .and_then(|l| l.iter().find(|r| r["addr"] == rs1.as_str()))
+        .cloned()
+        .expect("rs1 in the status");
+    assert_eq!(listed["resolved"], false, "{listed}");
+    assert!(
+        listed["effective_weight"].is_null(),
+        "in the table: {listed}"
+    );
+    assert_eq!(real_state(&s, SERVICE, &rs1).last_error, None);
+    // They went over the second link, where the kernel routes them.
+    let probes = real_state(&s, SERVICE, &rs1).probes;
+    assert!(
+        rx() >= before + probes,
+        "{probes} probes but {} packets on rs1's second link",
+        rx() - before
+    );
+
+    // A port where nothing listens: the RST comes back the same way.
+    apply(&lab, &scratch, &yaml(9));
+    let (s, _) = wait_status(&lab.daemon, "rs1 refused", |s| {
+        real_state(s, SERVICE, &rs1).probe_up == Some(false)
+    });
+    assert_eq!(
+        real_state(&s, SERVICE, &rs1).last_error.as_deref(),
+        Some("connection refused: the SYN was answered by a RST")
+    );
+}
