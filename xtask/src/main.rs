@@ -155,9 +155,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-/// The workspace root: this crate's parent directory.
+/// The workspace root: this crate's parent directory. `cargo run` names the
+/// crate's directory at run time; the one compiled in is only the fallback,
+/// because a binary built for another checkout that shares the target
+/// directory (cargo does not rebuild it for a new path) would name that one.
 fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
+    let manifest_dir = std::env::var_os("CARGO_MANIFEST_DIR")
+        .map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")), PathBuf::from);
+    manifest_dir
         .parent()
         .expect("xtask lives one level below the workspace root")
         .to_owned()
