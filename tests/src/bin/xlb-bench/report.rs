@@ -1336,6 +1336,22 @@ fn optimisations_md(w: &mut String, after: &[PerPacket], svg_dir: &Path) {
          (1.36–1.50) → 1.40× (1.37–1.71), 171 → 171 ns (one pair of six was slower on the \
          new side for both). The 1.15× target is still not met: what is left is the helper \
          call, the Ethernet and IP checks, the two `.rodata` scans and the counter.",
+        "**Measured: the cycled cases do not pay for the conntrack table's size.** The \
+         same bench run with the table at 2M, 256K and 32K entries (an experimental build \
+         of 37f44c8 taking the size from the environment, the bench's hit checks made \
+         warnings; 3 alternated runs of each, load average 2.7–2.9; medians of each run's \
+         mean ratio, 16 VIPs × 100 reals then 1,000 × 10). A table 64 times smaller (its \
+         bucket array 512 KiB instead of 32 MiB) takes only about a seventh off a tracked \
+         flow: TCP tracked DR 5.04× → 4.29× and 6.53× → 5.64×, IPv6 tracked 5.12× → 4.25×, \
+         while the same flow every call stays at 2.50× → 2.29×. So what the cycled cases \
+         pay over the same-flow case is not the table's pages but the lines each flow \
+         touches (its bucket, its entry's two lines, its real's record and per-CPU \
+         counter), which the two system calls around every call of the bench push out of \
+         the near caches; the tracked targets need a path that touches fewer lines per \
+         flow, not a smaller table. At 32K every insert evicts and the new-flow cases \
+         cost about the same (TCP SYN 14.67× → 13.46×); at 256K, where the table fills in \
+         the middle of the run, they cost far more (24.87×) and the tracked cases too \
+         (6.74×), in every run; not explained further here.",
         "**Not done yet** (each needs a map or userspace change that did not fit this round): \
          a conntrack key of 16 bytes for IPv4 (the profile above says the jhash and compare \
          it would shorten are a small share); and the settings in a global instead of an \
