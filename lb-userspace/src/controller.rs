@@ -49,6 +49,12 @@ const EVENTS: usize = 1024;
 /// How often the controller converges and retries unresolved reals.
 const TICK: Duration = Duration::from_secs(1);
 
+/// How long a probe's verdict waits for others before the controller applies
+/// it: the verdicts of a burst of flips (every real behind a failed switch
+/// port) are one reconcile, one snapshot and one save instead of one each. A
+/// verdict is applied at most this much later than it was reached.
+const VERDICT_WINDOW: Duration = Duration::from_millis(20);
+
 /// How often every real's MAC is checked against the neighbour table (the
 /// neighbour events catch changes at once; this is the safety net).
 const MAC_REFRESH: Duration = Duration::from_secs(30);
@@ -531,6 +537,10 @@ pub struct Controller {
     probes: ProbeList,
     /// A change reached the maps since the state file was last written.
     unsaved: bool,
+    /// Verdicts received and not applied yet (the last of each real), and
+    /// when they are due ([`VERDICT_WINDOW`] after the first of them).
+    verdicts: BTreeMap<(Vip, IpAddr), bool>,
+    verdicts_due: Option<tokio::time::Instant>,
     tx: mpsc::Sender<Event>,
     snapshot: watch::Sender<Arc<Snapshot>>,
 }
@@ -575,6 +585,8 @@ impl Controller {
             fleet: None,
             probes: ProbeList::default(),
             unsaved: false,
+            verdicts: BTreeMap::new(),
+            verdicts_due: None,
             tx: tx.clone(),
             snapshot,
         };
@@ -596,12 +608,19 @@ impl Controller {
         let mut refresh = tokio::time::interval(MAC_REFRESH);
         refresh.tick().await;
         loop {
+            let due = self.verdicts_due;
+            let verdicts_due =
+                tokio::time::sleep_until(due.unwrap_or_else(tokio::time::Instant::now));
             tokio::select! {
                 event = rx.recv() => match event {
                     Some(event) => self.handle(event),
                     None => break,
                 },
-                _ = tick.tick() => self.converge(),
+                () = verdicts_due, if due.is_some() => self.apply_verdicts(),
+                _ = tick.tick() => {
+                    self.apply_verdicts();
+                    self.converge();
+                }
                 _ = refresh.tick() => self.refresh_macs(),
             }
             // After the event was handled, before the next one.
@@ -610,7 +629,47 @@ impl Controller {
         self.engine.stop();
     }
 
+    /// Applies the verdicts received since the last time ([`VERDICT_WINDOW`]),
+    /// unless the fleet's view decides (store mode): the reals whose verdict
+    /// differs from the state's.
+    fn apply_verdicts(&mut self) {
+        self.verdicts_due = None;
+        let verdicts = std::mem::take(&mut self.verdicts);
+        if self.fleet.is_some() || verdicts.is_empty() {
+            return;
+        }
+        let fix = changed_verdicts(&verdicts, &self.state);
+        if fix.is_empty() {
+            return;
+        }
+        if fix.len() > 1 {
+            tracing::info!(
+                verdicts = fix.len(),
+                "health verdicts that came together applied in one change"
+            );
+        }
+        let mut ramping = false;
+        for &((vip, real), up) in &fix {
+            if up {
+                self.start_ramp(vip, real);
+                ramping = true;
+            } else {
+                self.ramps.remove(&(vip, real));
+            }
+        }
+        if ramping {
+            // The ramps are in place before the reals enter the table.
+            self.apply_ramps();
+        }
+        let r = self.state.set_health(&mut self.dp, &fix);
+        let _ = self.committed(r.map_err(ControlError::from), Instant::now());
+    }
+
     fn handle(&mut self, event: Event) {
+        if !matches!(event, Event::Verdict { .. }) {
+            // Whatever else comes sees the verdicts that came before it.
+            self.apply_verdicts();
+        }
         match event {
             Event::Edit {
                 edit,
@@ -629,20 +688,10 @@ impl Controller {
                 let _ = reply.send(result);
             }
             Event::Verdict { vip, real, up } => {
-                if self.fleet.is_none()
-                    && self.state.desired().has_real(&vip, real)
-                    && self.state.healthy(&vip, real) != up
-                {
-                    if up {
-                        // The ramp is in place before the real enters the table.
-                        self.start_ramp(vip, real);
-                        self.apply_ramps();
-                    } else {
-                        self.ramps.remove(&(vip, real));
-                    }
-                    let r = self.state.set_health(&mut self.dp, &[((vip, real), up)]);
-                    let _ = self.committed(r.map_err(ControlError::from), Instant::now());
-                }
+                // The last verdict of a real wins; the first starts the window.
+                self.verdicts.insert((vip, real), up);
+                self.verdicts_due
+                    .get_or_insert_with(|| tokio::time::Instant::now() + VERDICT_WINDOW);
             }
             Event::FleetHealth(view) => {
                 self.fleet = view;
@@ -1035,6 +1084,20 @@ pub fn ramp_percent(elapsed: Duration, total: Duration) -> u32 {
     ((share * 100.0).ceil() as u32).clamp(1, 100)
 }
 
+/// The verdicts of `verdicts` that differ from the state's, for reals the
+/// desired state still has.
+fn changed_verdicts(
+    verdicts: &BTreeMap<(Vip, IpAddr), bool>,
+    state: &State,
+) -> Vec<((Vip, IpAddr), bool)> {
+    let desired = state.desired();
+    verdicts
+        .iter()
+        .filter(|(key, up)| desired.has_real(&key.0, key.1) && state.healthy(&key.0, key.1) != **up)
+        .map(|(key, up)| (*key, *up))
+        .collect()
+}
+
 /// The verdicts to apply so that `state` holds what the probes say: every
 /// probed real whose verdict differs, and every real held down that is no
 /// longer probed (its check was removed), back up.
@@ -1042,12 +1105,7 @@ pub fn verdict_fixes(
     probed: &BTreeMap<(Vip, IpAddr), bool>,
     state: &State,
 ) -> Vec<((Vip, IpAddr), bool)> {
-    let desired = state.desired();
-    let mut fix: Vec<((Vip, IpAddr), bool)> = probed
-        .iter()
-        .filter(|(key, up)| desired.has_real(&key.0, key.1) && state.healthy(&key.0, key.1) != **up)
-        .map(|(key, up)| (*key, *up))
-        .collect();
+    let mut fix = changed_verdicts(probed, state);
     fix.extend(
         state
             .health()
@@ -1292,6 +1350,29 @@ mod tests {
             )
             .expect("no check");
         assert_eq!(list.changed(&state.spec_shared()), Some(BTreeMap::new()));
+    }
+
+    #[test]
+    fn only_verdicts_that_differ_from_the_state_are_applied() {
+        let vip: Vip = "203.0.113.10:80/tcp".parse().expect("VIP");
+        let ip = |l: u8| IpAddr::from([198, 51, 100, l]);
+        // Applied: only the reals whose verdict differs from the state's.
+        let mut state = crate::state::tests::with_reals(0.0, vip, &[11, 12, 13]);
+        let mut maps = FakeMaps::default();
+        state
+            .set_health(&mut maps, &[((vip, ip(13)), false)])
+            .expect("down");
+        let taken = BTreeMap::from([
+            ((vip, ip(11)), false),
+            ((vip, ip(12)), true),
+            ((vip, ip(13)), false),
+            ((vip, ip(99)), false),
+        ]);
+        assert_eq!(
+            changed_verdicts(&taken, &state),
+            [((vip, ip(11)), false)],
+            "12 is up already, 13 down already, 99 no real of the VIP"
+        );
     }
 
     #[test]
