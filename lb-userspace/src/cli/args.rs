@@ -22,7 +22,8 @@ Exit status:
   3  the daemon is unreachable: no socket, no permission on it, nothing answering, no answer in
      time, shutting down
   4  refused by the daemon: valid on paper, not in the running state (unknown or existing VIP
-     or real, a real not on the segment, ...); `xlb teardown` while a daemon runs on the pins
+     or real, a real not on the segment, ...); `xlb teardown` while a daemon runs on the pins,
+     `xlb decap teardown` while `xlb decap` runs on them
 
 With --json, stdout holds one JSON document: the answer, or on failure
 {\"error\": {\"kind\": \"bad_input|unreachable|refused|other\", \"message\": \"...\"}}.";
@@ -204,11 +205,14 @@ pub enum DecapCommand {
         #[arg(long, default_value = crate::decap::DEFAULT_PIN_DIR)]
         pin_dir: PathBuf,
     },
-    /// Detach the pinned decapsulator and remove its pins.
+    /// Detach the pinned decapsulator and remove its pins (stop `xlb decap` first).
     Teardown {
         /// The pin directory `xlb decap` uses.
         #[arg(long, default_value = crate::decap::DEFAULT_PIN_DIR)]
         pin_dir: PathBuf,
+        /// Detach it even while `xlb decap` runs on it (refused otherwise).
+        #[arg(long)]
+        force: bool,
     },
 }
 
