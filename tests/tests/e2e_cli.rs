@@ -187,6 +187,8 @@ fn exit_codes_json_errors_check_dry_run_save_and_the_last_reload() {
         "unkeyed.yaml",
         "daemon:\n  sync_listen: 198.51.100.1:9815\n",
     );
+    // A zero timeout (no UDP tracking at all) is refused at start, nothing started.
+    let zero = write_file(&dir, "zero.yaml", "daemon:\n  udp_idle_timeout: 0\n");
     // A malformed line is named by its line in the file (comments and blank
     // lines count), before anything is sent.
     let malformed_flow = write_file(
@@ -194,7 +196,7 @@ fn exit_codes_json_errors_check_dry_run_save_and_the_last_reload() {
         "malformed.txt",
         &format!("# flows\n{SERVICE} 198.51.100.7:40000\n\n{SERVICE} 198.51.100.7\n"),
     );
-    let cases: [(&[&str], i32, &str, &str); 23] = [
+    let cases: [(&[&str], i32, &str, &str); 25] = [
         (
             &["simulate", "--batch", &malformed_flow],
             2,
@@ -206,6 +208,26 @@ fn exit_codes_json_errors_check_dry_run_save_and_the_last_reload() {
             2,
             "bad_input",
             "no interface: give --iface or daemon.interface in the config file",
+        ),
+        (
+            &["run", "--no-pin", "--iface", "eth0", "--config", &zero],
+            2,
+            "bad_input",
+            "zero.yaml: daemon.udp_idle_timeout: 0 is not between 1 and 86400",
+        ),
+        (
+            &[
+                "run",
+                "--no-pin",
+                "--iface",
+                "eth0",
+                "--resolve-timeout",
+                "0",
+            ],
+            2,
+            "bad_input",
+            "invalid value '0' for '--resolve-timeout <RESOLVE_TIMEOUT>': 0 is not between 1 \
+             and 60",
         ),
         (
             &[
