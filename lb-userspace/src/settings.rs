@@ -128,11 +128,13 @@ fn de_share<'de, D: Deserializer<'de>>(d: D) -> Result<Option<f64>, D::Error> {
 /// range and the value given. The value parser of every ranged integer
 /// setting's flag; [`de_ranged`] is its config key's.
 fn ranged<T: TryFrom<u64>, const LO: u64, const HI: u64>(s: &str) -> Result<T, String> {
-    let v: u64 = s
+    // Wide enough for a negative number or one past u64 to be named as out
+    // of range rather than as not a number.
+    let v: i128 = s
         .parse()
         .map_err(|_| format!("'{s}' is not an integer between {LO} and {HI}"))?;
-    match T::try_from(v) {
-        Ok(t) if (LO..=HI).contains(&v) => Ok(t),
+    match u64::try_from(v).ok().and_then(|v| T::try_from(v).ok()) {
+        Some(t) if (i128::from(LO)..=i128::from(HI)).contains(&v) => Ok(t),
         _ => Err(format!("{v} is not between {LO} and {HI}")),
     }
 }
@@ -158,6 +160,8 @@ pub const CONNTRACK_MAX: u64 = 1 << 27;
 pub const MTU_MIN: u64 = 1280;
 /// Largest MTU: the largest IP packet.
 pub const MTU_MAX: u64 = 65_535;
+/// The largest `u32`, as a [`ranged`] bound.
+const U32_MAX: u64 = u32::MAX as u64;
 /// Longest wait for a real's ARP/NDP answer, in seconds (the API call or
 /// the start that adds the real waits this long).
 pub const RESOLVE_TIMEOUT_MAX: u64 = 60;
@@ -184,7 +188,7 @@ pub struct Settings {
     pub xdp_mode: Option<Mode>,
     /// Seconds to wait for a real's ARP/NDP answer before it is kept as
     /// unresolved (and retried), 1 to 60 [default: 3].
-    #[arg(long, value_parser = ranged::<u64, 1, RESOLVE_TIMEOUT_MAX>)]
+    #[arg(long, allow_negative_numbers = true, value_parser = ranged::<u64, 1, RESOLVE_TIMEOUT_MAX>)]
     #[serde(
         default,
         deserialize_with = "de_ranged::<_, _, 1, RESOLVE_TIMEOUT_MAX>"
@@ -192,7 +196,7 @@ pub struct Settings {
     pub resolve_timeout: Option<u64>,
     /// Connection-tracking table size (flows, all CPUs; ~100 bytes each; 1024
     /// to 134217728) [default: 1048576].
-    #[arg(long, value_parser = ranged::<u32, CONNTRACK_MIN, CONNTRACK_MAX>)]
+    #[arg(long, allow_negative_numbers = true, value_parser = ranged::<u32, CONNTRACK_MIN, CONNTRACK_MAX>)]
     #[serde(
         default,
         deserialize_with = "de_ranged::<_, _, CONNTRACK_MIN, CONNTRACK_MAX>"
@@ -202,19 +206,19 @@ pub struct Settings {
     /// flows are forwarded by Maglev alone (0: no limit) [default: enough for
     /// tracked flows to survive 60 s of any flood: conntrack size / (60 × CPUs),
     /// at least 1000].
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true, value_parser = ranged::<u32, 0, U32_MAX>)]
     pub new_flow_limit: Option<u32>,
     /// ICMP "fragmentation needed" / "packet too big" replies each CPU may send
     /// per second for tunnel packets over the MTU (0: none, drop only) [default: 100].
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true, value_parser = ranged::<u32, 0, U32_MAX>)]
     pub icmp_too_big_limit: Option<u32>,
     /// Seconds after which an idle UDP flow is forgotten, 1 to 86400 [default: 30].
-    #[arg(long, value_parser = ranged::<u64, 1, UDP_IDLE_MAX>)]
+    #[arg(long, allow_negative_numbers = true, value_parser = ranged::<u64, 1, UDP_IDLE_MAX>)]
     #[serde(default, deserialize_with = "de_ranged::<_, _, 1, UDP_IDLE_MAX>")]
     pub udp_idle_timeout: Option<u64>,
     /// Largest IP packet after encapsulation, 1280 to 65535 (default: the
     /// interface's MTU).
-    #[arg(long, value_parser = ranged::<u32, MTU_MIN, MTU_MAX>)]
+    #[arg(long, allow_negative_numbers = true, value_parser = ranged::<u32, MTU_MIN, MTU_MAX>)]
     #[serde(default, deserialize_with = "de_ranged::<_, _, MTU_MIN, MTU_MAX>")]
     pub mtu: Option<u32>,
     /// IPv4 prefix for tunnel sources, e.g. 192.0.2.0/24 (default: the interface's address).
@@ -249,7 +253,7 @@ pub struct Settings {
     pub socket_group: Option<String>,
     /// Health checks never take a VIP below this share of the reals that can
     /// serve (0.0-1.0) [default: 0.5].
-    #[arg(long, value_parser = share)]
+    #[arg(long, allow_negative_numbers = true, value_parser = share)]
     #[serde(default, deserialize_with = "de_share")]
     pub min_healthy: Option<f64>,
     /// Announce the VIPs through BIRD: its control socket, e.g.
@@ -287,7 +291,7 @@ pub struct Settings {
     pub node_name: Option<String>,
     /// Seconds the node's key outlives its last lease renewal, 2 to 3600 and
     /// at least twice --store-interval-ms [default: 10].
-    #[arg(long, value_parser = ranged::<u64, 2, STORE_LEASE_TTL_MAX>)]
+    #[arg(long, allow_negative_numbers = true, value_parser = ranged::<u64, 2, STORE_LEASE_TTL_MAX>)]
     #[serde(
         default,
         deserialize_with = "de_ranged::<_, _, 2, STORE_LEASE_TTL_MAX>"
@@ -295,11 +299,11 @@ pub struct Settings {
     pub store_lease_ttl: Option<u64>,
     /// Milliseconds between lease renewals, node reports, health views and
     /// watch progress checks, 1 to 60000 [default: 1000].
-    #[arg(long, value_parser = ranged::<u64, 1, STORE_MS_MAX>)]
+    #[arg(long, allow_negative_numbers = true, value_parser = ranged::<u64, 1, STORE_MS_MAX>)]
     #[serde(default, deserialize_with = "de_ranged::<_, _, 1, STORE_MS_MAX>")]
     pub store_interval_ms: Option<u64>,
     /// Milliseconds any one etcd call may take, 1 to 60000 [default: 2000].
-    #[arg(long, value_parser = ranged::<u64, 1, STORE_MS_MAX>)]
+    #[arg(long, allow_negative_numbers = true, value_parser = ranged::<u64, 1, STORE_MS_MAX>)]
     #[serde(default, deserialize_with = "de_ranged::<_, _, 1, STORE_MS_MAX>")]
     pub store_timeout_ms: Option<u64>,
     /// Accept VIPs on addresses of this host: a keepalived (VRRP) pair's
@@ -334,7 +338,7 @@ pub struct Settings {
     pub sync_interface: Option<String>,
     /// Flow sync with --sync-multicast: TTL (IPv4) or hop limit (IPv6) of the
     /// messages, 1-255 [default: 1: the local segment only].
-    #[arg(long, value_parser = ranged::<u8, 1, 255>)]
+    #[arg(long, allow_negative_numbers = true, value_parser = ranged::<u8, 1, 255>)]
     #[serde(default, deserialize_with = "de_ranged::<_, _, 1, 255>")]
     pub sync_multicast_ttl: Option<u8>,
     /// Flow sync: file holding the cluster's shared key (at least 16 bytes;
@@ -343,12 +347,12 @@ pub struct Settings {
     pub sync_key_file: Option<PathBuf>,
     /// Flow sync: the cluster id every message carries; messages of other
     /// clusters are dropped [default: 1].
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true, value_parser = ranged::<u32, 0, U32_MAX>)]
     pub sync_cluster_id: Option<u32>,
     /// Flow sync: milliseconds a starting node tries to pull a full flow copy
     /// from a peer before it announces its VIPs without one, 1 to 600000
     /// [default: 5000].
-    #[arg(long, value_parser = ranged::<u64, 1, SYNC_PULL_MS_MAX>)]
+    #[arg(long, allow_negative_numbers = true, value_parser = ranged::<u64, 1, SYNC_PULL_MS_MAX>)]
     #[serde(default, deserialize_with = "de_ranged::<_, _, 1, SYNC_PULL_MS_MAX>")]
     pub sync_pull_timeout_ms: Option<u64>,
 }

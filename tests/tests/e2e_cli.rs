@@ -385,6 +385,39 @@ fn exit_codes_json_errors_check_dry_run_save_and_the_last_reload() {
     for (args, want, kind, needle) in cases {
         assert_fails(d, args, want, kind, needle);
     }
+    // A negative number is a value out of range, not an unknown argument; a
+    // mistyped flag after a numeric one is still a flag, not its value.
+    let more = "\n\nFor more information, try '--help'.\n";
+    for (args, stderr) in [
+        (
+            &["real", "add", SERVICE, &real0, "--weight", "-1"][..],
+            format!(
+                "error: invalid value '-1' for '--weight <WEIGHT>': -1 is not in 0..=65535{more}"
+            ),
+        ),
+        (
+            &["vip", "set", SERVICE, "--check-interval", "-5"],
+            format!(
+                "error: invalid value '-5' for '--check-interval <INTERVAL_MS>': must be at \
+                 least 100, not -5{more}"
+            ),
+        ),
+        (
+            &["real", "add", SERVICE, &real0, "--weight", "-w"],
+            format!(
+                "error: unexpected argument '-w' found\n\n  tip: to pass '-w' as a value, use \
+                 '-- -w'\n\nUsage: xlb real add [OPTIONS] <VIP> <REAL>{more}"
+            ),
+        ),
+    ] {
+        let out = d.cli(args);
+        assert_eq!(
+            (code(&out), text(&out.stderr)),
+            (Some(2), stderr),
+            "xlb {}",
+            args.join(" ")
+        );
+    }
     assert_eq!(
         desired(d),
         before,
