@@ -453,6 +453,50 @@ fn exit_codes_json_errors_check_dry_run_save_and_the_last_reload() {
         );
     }
 
+    // A route that takes no body refuses one (the same 400 and JSON error
+    // body) before it does anything, rather than ignoring it.
+    let zeroed_at =
+        |d: &Daemon| json(&d.api("GET", "/v1/stats", None).1, "stats")["zeroed_at"].clone();
+    let zeroed_before = zeroed_at(d);
+    let vips_before = d.api("GET", "/v1/vips", None);
+    let extra = r#"{"vip": "203.0.113.10:80/tcp"}"#;
+    for (method, path) in [
+        ("POST", "/v1/stats/zero"),
+        ("DELETE", "/v1/vips/tcp/203.0.113.10/80"),
+        ("GET", "/v1/status"),
+    ] {
+        let (status, body) = d.api(method, path, Some(extra));
+        assert_eq!(status, 400, "{method} {path} with a body: {body}");
+        assert_eq!(
+            json(&body, &format!("{method} {path}")),
+            serde_json::json!({
+                "error": format!(
+                    "invalid request body: {method} {path} takes no body (got {} bytes)",
+                    extra.len()
+                )
+            }),
+            "{method} {path} with a body"
+        );
+    }
+    assert_eq!(
+        zeroed_at(d),
+        zeroed_before,
+        "a refused zero zeroed the counters"
+    );
+    assert_eq!(
+        d.api("GET", "/v1/vips", None),
+        vips_before,
+        "a refused delete changed the VIPs"
+    );
+    // Without a body it does what it says.
+    let (code, body) = d.api("POST", "/v1/stats/zero", None);
+    assert_eq!(code, 200, "{body}");
+    assert_ne!(
+        zeroed_at(d),
+        zeroed_before,
+        "POST /v1/stats/zero without a body"
+    );
+
     // The last reload: the refused `xlb apply bad.yaml` above is recorded, with
     // when the configuration in force was loaded.
     let s = status(d);
