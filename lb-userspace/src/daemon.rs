@@ -288,6 +288,7 @@ pub async fn run(
             Ok(saved) => saved,
             Err(err @ persist::PersistError::OtherIface { .. }) => return Err(err.into()),
             Err(err) => {
+                let err = Chain(&err);
                 tracing::warn!(%err, "ignoring the state file: rebuilding the maps from the configuration");
                 None
             }
@@ -562,6 +563,7 @@ fn cached_document(
         Ok(Some(saved)) => saved,
         Ok(None) => return None,
         Err(err) => {
+            let err = Chain(&err);
             tracing::warn!(%err, "ignoring the saved store document");
             return None;
         }
