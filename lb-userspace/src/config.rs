@@ -739,6 +739,22 @@ mod tests {
                 "x.yaml: daemon.mtu: 10 is not between 1280 and 65535",
             ),
             (
+                "daemon:\n  udp_idle_timeout: 0\n",
+                "x.yaml: daemon.udp_idle_timeout: 0 is not between 1 and 86400",
+            ),
+            (
+                "daemon:\n  resolve_timeout: 0\n",
+                "x.yaml: daemon.resolve_timeout: 0 is not between 1 and 60",
+            ),
+            (
+                "daemon:\n  store_interval_ms: 18446744073709551615\n",
+                "x.yaml: daemon.store_interval_ms: 18446744073709551615 is not between 1 and 60000",
+            ),
+            (
+                "daemon:\n  sync_multicast_ttl: 0\n",
+                "x.yaml: daemon.sync_multicast_ttl: 0 is not between 1 and 255",
+            ),
+            (
                 "daemon:\n  mtu: 1500.5\n",
                 "x.yaml: daemon.mtu: invalid type",
             ),

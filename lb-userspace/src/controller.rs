@@ -840,6 +840,7 @@ impl Controller {
             return;
         }
         if let Err(err) = persist::save(&self.options.state_file, &self.iface.name, &self.state) {
+            let err = crate::chain::Chain(&err);
             tracing::error!(%err, "could not save the state file; a restarted daemon rebuilds from its config");
         }
     }

@@ -32,7 +32,7 @@ use crate::{
     desired::Edit,
     metrics::Sources,
     neighbor::{self, Iface},
-    pin::PinDir,
+    pin::{Holder, PinDir, PinLock},
     settings::Settings,
     state::{persist, writer::PauseHook},
 };
@@ -94,23 +94,19 @@ fn iface_mtu(name: &str) -> u32 {
 }
 
 /// Exclusive locks held for the daemon's life: one next to the control
-/// socket, one on the pin directory. A second `xlb run` on either fails
-/// before touching anything.
+/// socket, one on the pin directory ([`PinDir::lock`]). A second `xlb run`
+/// on either fails before touching anything.
 struct Locks {
     _socket: Flock<File>,
-    _pins: Option<Flock<File>>,
+    _pins: Option<PinLock>,
 }
 
-fn lock(
-    path: &Path,
-    what: &str,
-    open: impl FnOnce() -> std::io::Result<File>,
-) -> anyhow::Result<Flock<File>> {
+fn lock(path: &Path, open: impl FnOnce() -> std::io::Result<File>) -> anyhow::Result<Flock<File>> {
     let file = open().with_context(|| format!("opening the lock {}", path.display()))?;
     Flock::lock(file, FlockArg::LockExclusiveNonblock).map_err(|(_, e)| {
         anyhow::anyhow!(
-            "another xlb daemon is running on {what} {} (lock held: {e}); stop it first, or use \
-             another --socket and --pin-dir",
+            "another xlb daemon is running on the socket {} (lock held: {e}); stop it first, or \
+             use another --socket and --pin-dir",
             path.display()
         )
     })
@@ -124,7 +120,7 @@ impl Locks {
                 .with_context(|| format!("creating the socket directory {}", dir.display()))?;
         }
         let path = PathBuf::from(format!("{}.lock", socket.display()));
-        let mut socket_lock = lock(&path, "the socket", || {
+        let mut socket_lock = lock(&path, || {
             std::fs::OpenOptions::new()
                 .create(true)
                 .truncate(false)
@@ -144,9 +140,7 @@ impl Locks {
 
     /// The lock on the (versioned) pin directory.
     fn pins(&mut self, pin: &PinDir) -> anyhow::Result<()> {
-        self._pins = Some(lock(&pin.path, "the pin directory", || {
-            File::open(&pin.path)
-        })?);
+        self._pins = Some(pin.lock(Holder::Daemon)?);
         Ok(())
     }
 }
@@ -294,6 +288,7 @@ pub async fn run(
             Ok(saved) => saved,
             Err(err @ persist::PersistError::OtherIface { .. }) => return Err(err.into()),
             Err(err) => {
+                let err = Chain(&err);
                 tracing::warn!(%err, "ignoring the state file: rebuilding the maps from the configuration");
                 None
             }
@@ -568,6 +563,7 @@ fn cached_document(
         Ok(Some(saved)) => saved,
         Ok(None) => return None,
         Err(err) => {
+            let err = Chain(&err);
             tracing::warn!(%err, "ignoring the saved store document");
             return None;
         }

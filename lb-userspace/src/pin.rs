@@ -8,12 +8,16 @@
 //! object (a mismatch is refused, never misread).
 
 use std::{
+    fs::File,
     io,
     path::{Path, PathBuf},
 };
 
 use aya::programs::links::{FdLink, PinnedLink};
-use nix::sys::statfs::{BPF_FS_MAGIC, statfs};
+use nix::{
+    fcntl::{Flock, FlockArg},
+    sys::statfs::{BPF_FS_MAGIC, statfs},
+};
 
 /// Version of the map layout (bump when a map's key, value or size changes).
 pub const LAYOUT_VERSION: u32 = 3;
@@ -60,16 +64,78 @@ pub enum PinError {
     /// Attaching, pinning or replacing the link failed.
     #[error("{0}")]
     Link(String),
-    /// A running daemon holds the pins (its lock on the versioned directory).
+    /// A teardown found the pins in use (a running process holds the lock
+    /// on the versioned directory).
     #[error(
-        "a running xlb daemon uses the pins under {}: stop it first (`systemctl stop xlb`), \
-         or pass --force to detach its data path anyway; nothing was removed",
-        dir.display()
+        "a running {holder} uses the pins under {}: stop it first (`systemctl stop {}`), \
+         or pass --force to detach {} anyway; nothing was removed",
+        dir.display(),
+        holder.unit(),
+        holder.runs()
     )]
     InUse {
         /// The versioned pin directory whose lock is held.
         dir: PathBuf,
+        /// What runs on pins of this kind.
+        holder: Holder,
     },
+    /// A start found the pins in use (another process holds the lock).
+    #[error(
+        "another {holder} is running on the pin directory {}; stop it first, or use another \
+         --pin-dir",
+        dir.display()
+    )]
+    Locked {
+        /// The versioned pin directory whose lock is held.
+        dir: PathBuf,
+        /// What was starting.
+        holder: Holder,
+    },
+}
+
+/// What runs on a pin directory, holding its lock for as long as it runs:
+/// the balancer's daemon or the decapsulator.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Holder {
+    /// `xlb run` (the `xlb` unit).
+    Daemon,
+    /// `xlb decap` (the `xlb-decap` unit).
+    Decap,
+}
+
+impl Holder {
+    /// Its systemd unit.
+    fn unit(self) -> &'static str {
+        match self {
+            Self::Daemon => "xlb",
+            Self::Decap => "xlb-decap",
+        }
+    }
+
+    /// What a forced teardown detaches from under it.
+    fn runs(self) -> &'static str {
+        match self {
+            Self::Daemon => "its data path",
+            Self::Decap => "the decapsulator",
+        }
+    }
+}
+
+impl std::fmt::Display for Holder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Daemon => "xlb daemon",
+            Self::Decap => "xlb decap",
+        })
+    }
+}
+
+/// The lock on a versioned pin directory: held while this value lives
+/// (and by the kernel no longer than the process).
+#[must_use = "the lock is released when this is dropped"]
+#[derive(Debug)]
+pub struct PinLock {
+    _lock: Flock<File>,
 }
 
 fn io_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> PinError + 'a {
@@ -156,6 +222,36 @@ impl PinDir {
     pub fn has_link(&self) -> bool {
         self.link().exists()
     }
+
+    /// Takes this directory's lock for `holder`, which keeps it for as long
+    /// as it runs: a second process on these pins, and a teardown without
+    /// `force`, are refused while it is held.
+    pub fn lock(&self, holder: Holder) -> Result<PinLock, PinError> {
+        self.try_lock()?.ok_or_else(|| PinError::Locked {
+            dir: self.path.clone(),
+            holder,
+        })
+    }
+
+    /// Whether a running process holds this directory's lock.
+    pub fn in_use(&self) -> Result<bool, PinError> {
+        // A lock taken here is released when dropped, at once.
+        Ok(self.try_lock()?.is_none())
+    }
+
+    /// The lock, or `None` when another process holds it.
+    fn try_lock(&self) -> Result<Option<PinLock>, PinError> {
+        let file = File::open(&self.path).map_err(io_err("opening", &self.path))?;
+        match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+            Ok(lock) => Ok(Some(PinLock { _lock: lock })),
+            Err((_, nix::errno::Errno::EWOULDBLOCK)) => Ok(None),
+            Err((_, errno)) => Err(PinError::Io {
+                what: "locking",
+                path: self.path.clone(),
+                source: errno.into(),
+            }),
+        }
+    }
 }
 
 fn mount_bpffs(dir: &Path) -> Result<(), String> {
@@ -216,29 +312,13 @@ fn version_dirs(dir: &Path) -> Result<Vec<PathBuf>, PinError> {
     Ok(dirs)
 }
 
-/// Whether a daemon holds `sub`'s lock: `xlb run` keeps an exclusive `flock`
-/// on its versioned pin directory for as long as it runs.
-fn in_use(sub: &Path) -> Result<bool, PinError> {
-    use nix::fcntl::{Flock, FlockArg};
-    let file = std::fs::File::open(sub).map_err(io_err("opening", sub))?;
-    match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
-        // Released when the lock is dropped, at once.
-        Ok(_free) => Ok(false),
-        Err((_, nix::errno::Errno::EWOULDBLOCK)) => Ok(true),
-        Err((_, errno)) => Err(PinError::Io {
-            what: "locking",
-            path: sub.to_owned(),
-            source: errno.into(),
-        }),
-    }
-}
-
 /// Removes xlb's pins from `dir` (every layout version `vN/`): the link first,
 /// which detaches the program, then the maps, then the emptied version
 /// directories. Anything else is left alone, and a `dir` that is not a bpffs
-/// is refused. So is a `dir` a running daemon uses (it holds its versioned
-/// directory's lock), before anything is removed, unless `force`.
-pub fn teardown(dir: &Path, force: bool) -> Result<Vec<PathBuf>, PinError> {
+/// is refused. So is a `dir` a running `holder` uses (it holds a versioned
+/// directory's lock, [`PinDir::lock`]), before anything is removed, unless
+/// `force`.
+pub fn teardown(dir: &Path, force: bool, holder: Holder) -> Result<Vec<PathBuf>, PinError> {
     let mut removed = Vec::new();
     if !dir.exists() {
         return Ok(removed);
@@ -252,8 +332,12 @@ pub fn teardown(dir: &Path, force: bool) -> Result<Vec<PathBuf>, PinError> {
     let subs = version_dirs(dir)?;
     if !force {
         for sub in &subs {
-            if in_use(sub)? {
-                return Err(PinError::InUse { dir: sub.clone() });
+            let sub = PinDir { path: sub.clone() };
+            if sub.in_use()? {
+                return Err(PinError::InUse {
+                    dir: sub.path,
+                    holder,
+                });
             }
         }
     }
@@ -282,4 +366,31 @@ pub fn teardown(dir: &Path, force: bool) -> Result<Vec<PathBuf>, PinError> {
         }
     }
     Ok(removed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_held_lock_makes_the_directory_in_use_until_dropped() {
+        let path = std::env::temp_dir().join(format!("xlb-pinlock-{}", std::process::id()));
+        std::fs::create_dir_all(&path).expect("mkdir");
+        let dir = PinDir { path: path.clone() };
+        assert!(!dir.in_use().expect("free"), "in use before any lock");
+        let held = dir.lock(Holder::Decap).expect("first lock");
+        assert!(dir.in_use().expect("held"), "not in use under a lock");
+        let err = dir.lock(Holder::Decap).expect_err("a second lock");
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "another xlb decap is running on the pin directory {}; stop it first, or use \
+                 another --pin-dir",
+                path.display()
+            )
+        );
+        drop(held);
+        assert!(!dir.in_use().expect("released"), "in use after the drop");
+        std::fs::remove_dir(&path).expect("rmdir");
+    }
 }

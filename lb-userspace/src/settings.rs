@@ -124,49 +124,55 @@ fn de_share<'de, D: Deserializer<'de>>(d: D) -> Result<Option<f64>, D::Error> {
         .map_err(serde::de::Error::custom)
 }
 
-/// Fewest flows a conntrack table may hold (a smaller table would evict
-/// tracked flows under any load).
-pub const CONNTRACK_MIN: u32 = 1 << 10;
-/// Most flows a conntrack table may hold (~13 GiB of kernel memory).
-pub const CONNTRACK_MAX: u32 = 1 << 27;
-/// Smallest MTU: the least every IPv6 link carries (RFC 8200).
-pub const MTU_MIN: u32 = 1280;
-/// Largest MTU: the largest IP packet.
-pub const MTU_MAX: u32 = 65_535;
-
-/// `s` as an integer in `range`; the error says the range.
-fn bounded(s: &str, range: std::ops::RangeInclusive<u32>) -> Result<u32, String> {
-    let (lo, hi) = (*range.start(), *range.end());
-    let v: u64 = s
+/// `s` as an integer from `LO` to `HI` (of type `T`); the error says the
+/// range and the value given. The value parser of every ranged integer
+/// setting's flag; [`de_ranged`] is its config key's.
+fn ranged<T: TryFrom<u64>, const LO: u64, const HI: u64>(s: &str) -> Result<T, String> {
+    // Wide enough for a negative number or one past u64 to be named as out
+    // of range rather than as not a number.
+    let v: i128 = s
         .parse()
-        .map_err(|_| format!("'{s}' is not an integer between {lo} and {hi}"))?;
-    match u32::try_from(v) {
-        Ok(v) if range.contains(&v) => Ok(v),
-        _ => Err(format!("{v} is not between {lo} and {hi}")),
+        .map_err(|_| format!("'{s}' is not an integer between {LO} and {HI}"))?;
+    match u64::try_from(v).ok().and_then(|v| T::try_from(v).ok()) {
+        Some(t) if (i128::from(LO)..=i128::from(HI)).contains(&v) => Ok(t),
+        _ => Err(format!("{v} is not between {LO} and {HI}")),
     }
 }
 
-fn conntrack_size(s: &str) -> Result<u32, String> {
-    bounded(s, CONNTRACK_MIN..=CONNTRACK_MAX)
-}
-
-fn mtu(s: &str) -> Result<u32, String> {
-    bounded(s, MTU_MIN..=MTU_MAX)
-}
-
-fn de_conntrack_size<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u32>, D::Error> {
+/// [`ranged`] for a config file key.
+fn de_ranged<'de, D, T, const LO: u64, const HI: u64>(d: D) -> Result<Option<T>, D::Error>
+where
+    D: Deserializer<'de>,
+    T: TryFrom<u64>,
+{
     let v = u64::deserialize(d)?;
-    conntrack_size(&v.to_string())
+    ranged::<T, LO, HI>(&v.to_string())
         .map(Some)
         .map_err(serde::de::Error::custom)
 }
 
-fn de_mtu<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u32>, D::Error> {
-    let v = u64::deserialize(d)?;
-    mtu(&v.to_string())
-        .map(Some)
-        .map_err(serde::de::Error::custom)
-}
+/// Fewest flows a conntrack table may hold (a smaller table would evict
+/// tracked flows under any load).
+pub const CONNTRACK_MIN: u64 = 1 << 10;
+/// Most flows a conntrack table may hold (~13 GiB of kernel memory).
+pub const CONNTRACK_MAX: u64 = 1 << 27;
+/// Smallest MTU: the least every IPv6 link carries (RFC 8200).
+pub const MTU_MIN: u64 = 1280;
+/// Largest MTU: the largest IP packet.
+pub const MTU_MAX: u64 = 65_535;
+/// The largest `u32`, as a [`ranged`] bound.
+const U32_MAX: u64 = u32::MAX as u64;
+/// Longest wait for a real's ARP/NDP answer, in seconds (the API call or
+/// the start that adds the real waits this long).
+pub const RESOLVE_TIMEOUT_MAX: u64 = 60;
+/// Longest UDP idle timeout, in seconds: a day.
+pub const UDP_IDLE_MAX: u64 = 86_400;
+/// Longest store lease, in seconds: a dead node's key lasts this long.
+pub const STORE_LEASE_TTL_MAX: u64 = 3600;
+/// Longest store interval and call timeout, in milliseconds.
+pub const STORE_MS_MAX: u64 = 60_000;
+/// Longest wait for a full flow copy at start, in milliseconds.
+pub const SYNC_PULL_MS_MAX: u64 = 600_000;
 
 /// Settings of `xlb run`. As flags; in the config file's `daemon:` section
 /// under the names given in docs/config.md.
@@ -181,31 +187,39 @@ pub struct Settings {
     #[arg(long, value_enum)]
     pub xdp_mode: Option<Mode>,
     /// Seconds to wait for a real's ARP/NDP answer before it is kept as
-    /// unresolved (and retried) [default: 3].
-    #[arg(long)]
+    /// unresolved (and retried), 1 to 60 [default: 3].
+    #[arg(long, allow_negative_numbers = true, value_parser = ranged::<u64, 1, RESOLVE_TIMEOUT_MAX>)]
+    #[serde(
+        default,
+        deserialize_with = "de_ranged::<_, _, 1, RESOLVE_TIMEOUT_MAX>"
+    )]
     pub resolve_timeout: Option<u64>,
     /// Connection-tracking table size (flows, all CPUs; ~100 bytes each; 1024
     /// to 134217728) [default: 1048576].
-    #[arg(long, value_parser = conntrack_size)]
-    #[serde(default, deserialize_with = "de_conntrack_size")]
+    #[arg(long, allow_negative_numbers = true, value_parser = ranged::<u32, CONNTRACK_MIN, CONNTRACK_MAX>)]
+    #[serde(
+        default,
+        deserialize_with = "de_ranged::<_, _, CONNTRACK_MIN, CONNTRACK_MAX>"
+    )]
     pub conntrack_size: Option<u32>,
     /// New flows each CPU may add to the conntrack table per second; above it
     /// flows are forwarded by Maglev alone (0: no limit) [default: enough for
     /// tracked flows to survive 60 s of any flood: conntrack size / (60 × CPUs),
     /// at least 1000].
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true, value_parser = ranged::<u32, 0, U32_MAX>)]
     pub new_flow_limit: Option<u32>,
     /// ICMP "fragmentation needed" / "packet too big" replies each CPU may send
     /// per second for tunnel packets over the MTU (0: none, drop only) [default: 100].
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true, value_parser = ranged::<u32, 0, U32_MAX>)]
     pub icmp_too_big_limit: Option<u32>,
-    /// Seconds after which an idle UDP flow is forgotten [default: 30].
-    #[arg(long)]
+    /// Seconds after which an idle UDP flow is forgotten, 1 to 86400 [default: 30].
+    #[arg(long, allow_negative_numbers = true, value_parser = ranged::<u64, 1, UDP_IDLE_MAX>)]
+    #[serde(default, deserialize_with = "de_ranged::<_, _, 1, UDP_IDLE_MAX>")]
     pub udp_idle_timeout: Option<u64>,
     /// Largest IP packet after encapsulation, 1280 to 65535 (default: the
     /// interface's MTU).
-    #[arg(long, value_parser = mtu)]
-    #[serde(default, deserialize_with = "de_mtu")]
+    #[arg(long, allow_negative_numbers = true, value_parser = ranged::<u32, MTU_MIN, MTU_MAX>)]
+    #[serde(default, deserialize_with = "de_ranged::<_, _, MTU_MIN, MTU_MAX>")]
     pub mtu: Option<u32>,
     /// IPv4 prefix for tunnel sources, e.g. 192.0.2.0/24 (default: the interface's address).
     #[arg(long = "tunnel-src")]
@@ -239,7 +253,7 @@ pub struct Settings {
     pub socket_group: Option<String>,
     /// Health checks never take a VIP below this share of the reals that can
     /// serve (0.0-1.0) [default: 0.5].
-    #[arg(long, value_parser = share)]
+    #[arg(long, allow_negative_numbers = true, value_parser = share)]
     #[serde(default, deserialize_with = "de_share")]
     pub min_healthy: Option<f64>,
     /// Announce the VIPs through BIRD: its control socket, e.g.
@@ -275,15 +289,22 @@ pub struct Settings {
     /// This node's name in the fleet [default: the host name].
     #[arg(long)]
     pub node_name: Option<String>,
-    /// Seconds the node's key outlives its last lease renewal [default: 10].
-    #[arg(long)]
+    /// Seconds the node's key outlives its last lease renewal, 2 to 3600 and
+    /// at least twice --store-interval-ms [default: 10].
+    #[arg(long, allow_negative_numbers = true, value_parser = ranged::<u64, 2, STORE_LEASE_TTL_MAX>)]
+    #[serde(
+        default,
+        deserialize_with = "de_ranged::<_, _, 2, STORE_LEASE_TTL_MAX>"
+    )]
     pub store_lease_ttl: Option<u64>,
     /// Milliseconds between lease renewals, node reports, health views and
-    /// watch progress checks [default: 1000].
-    #[arg(long)]
+    /// watch progress checks, 1 to 60000 [default: 1000].
+    #[arg(long, allow_negative_numbers = true, value_parser = ranged::<u64, 1, STORE_MS_MAX>)]
+    #[serde(default, deserialize_with = "de_ranged::<_, _, 1, STORE_MS_MAX>")]
     pub store_interval_ms: Option<u64>,
-    /// Milliseconds any one etcd call may take [default: 2000].
-    #[arg(long)]
+    /// Milliseconds any one etcd call may take, 1 to 60000 [default: 2000].
+    #[arg(long, allow_negative_numbers = true, value_parser = ranged::<u64, 1, STORE_MS_MAX>)]
+    #[serde(default, deserialize_with = "de_ranged::<_, _, 1, STORE_MS_MAX>")]
     pub store_timeout_ms: Option<u64>,
     /// Accept VIPs on addresses of this host: a keepalived (VRRP) pair's
     /// master holds the VIP addresses on its interface (docs/cluster.md).
@@ -317,7 +338,8 @@ pub struct Settings {
     pub sync_interface: Option<String>,
     /// Flow sync with --sync-multicast: TTL (IPv4) or hop limit (IPv6) of the
     /// messages, 1-255 [default: 1: the local segment only].
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true, value_parser = ranged::<u8, 1, 255>)]
+    #[serde(default, deserialize_with = "de_ranged::<_, _, 1, 255>")]
     pub sync_multicast_ttl: Option<u8>,
     /// Flow sync: file holding the cluster's shared key (at least 16 bytes;
     /// readable by root only), which authenticates every message.
@@ -325,11 +347,13 @@ pub struct Settings {
     pub sync_key_file: Option<PathBuf>,
     /// Flow sync: the cluster id every message carries; messages of other
     /// clusters are dropped [default: 1].
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true, value_parser = ranged::<u32, 0, U32_MAX>)]
     pub sync_cluster_id: Option<u32>,
     /// Flow sync: milliseconds a starting node tries to pull a full flow copy
-    /// from a peer before it announces its VIPs without one [default: 5000].
-    #[arg(long)]
+    /// from a peer before it announces its VIPs without one, 1 to 600000
+    /// [default: 5000].
+    #[arg(long, allow_negative_numbers = true, value_parser = ranged::<u64, 1, SYNC_PULL_MS_MAX>)]
+    #[serde(default, deserialize_with = "de_ranged::<_, _, 1, SYNC_PULL_MS_MAX>")]
     pub sync_pull_timeout_ms: Option<u64>,
 }
 
@@ -507,13 +531,9 @@ impl Settings {
                  the interface to join the group on and send from"
             ));
         };
+        // At least 1: the flag's and the key's parser refuse 0, which would
+        // keep every message on this host.
         let ttl = self.sync_multicast_ttl.unwrap_or(1);
-        if ttl == 0 {
-            return Err(
-                "--sync-multicast-ttl 0 would keep every message on this host: give 1-255"
-                    .to_owned(),
-            );
-        }
         Ok(Some((group, iface, ttl)))
     }
 
@@ -649,15 +669,13 @@ impl Settings {
         let ttl = self.store_lease_ttl.unwrap_or(10);
         let interval = Duration::from_millis(self.store_interval_ms.unwrap_or(1000));
         let timeout = Duration::from_millis(self.store_timeout_ms.unwrap_or(2000));
-        if ttl < 2 || interval.is_zero() || interval * 2 > Duration::from_secs(ttl) {
+        // Each in its range already (the flags' and keys' parsers).
+        if interval * 2 > Duration::from_secs(ttl) {
             return Err(format!(
                 "--store-lease-ttl ({ttl} s) must be at least 2 s and twice --store-interval-ms \
                  ({} ms) or more, so the lease is renewed in time",
                 interval.as_millis()
             ));
-        }
-        if timeout.is_zero() {
-            return Err("--store-timeout-ms must be above 0".to_owned());
         }
         Ok(Some(crate::store::Options {
             url,
@@ -852,12 +870,6 @@ mod tests {
             ),
             (Some("239.255.98.15:0"), Some("lo"), None, "needs a port"),
             (
-                Some("239.255.98.15:9815"),
-                Some("lo"),
-                Some(0),
-                "--sync-multicast-ttl 0",
-            ),
-            (
                 None,
                 Some("lo"),
                 None,
@@ -929,24 +941,30 @@ mod tests {
     #[test]
     fn conntrack_size_and_mtu_outside_their_range_are_refused_naming_it() {
         assert_eq!(
-            conntrack_size("0").unwrap_err(),
+            ranged::<u32, CONNTRACK_MIN, CONNTRACK_MAX>("0").unwrap_err(),
             "0 is not between 1024 and 134217728"
         );
-        assert_eq!(conntrack_size("1024"), Ok(1024));
         assert_eq!(
-            conntrack_size("5000000000").unwrap_err(),
+            ranged::<u32, CONNTRACK_MIN, CONNTRACK_MAX>("1024"),
+            Ok(1024)
+        );
+        assert_eq!(
+            ranged::<u32, CONNTRACK_MIN, CONNTRACK_MAX>("5000000000").unwrap_err(),
             "5000000000 is not between 1024 and 134217728"
         );
         assert_eq!(
-            conntrack_size("many").unwrap_err(),
+            ranged::<u32, CONNTRACK_MIN, CONNTRACK_MAX>("many").unwrap_err(),
             "'many' is not an integer between 1024 and 134217728"
         );
-        assert_eq!(mtu("10").unwrap_err(), "10 is not between 1280 and 65535");
         assert_eq!(
-            mtu("65536").unwrap_err(),
+            ranged::<u32, MTU_MIN, MTU_MAX>("10").unwrap_err(),
+            "10 is not between 1280 and 65535"
+        );
+        assert_eq!(
+            ranged::<u32, MTU_MIN, MTU_MAX>("65536").unwrap_err(),
             "65536 is not between 1280 and 65535"
         );
-        assert_eq!(mtu("1280"), Ok(1280));
+        assert_eq!(ranged::<u32, MTU_MIN, MTU_MAX>("1280"), Ok(1280));
 
         // As flags: clap's usage error (exit 2), naming the flag and the range.
         #[derive(clap::Parser)]
@@ -978,5 +996,102 @@ mod tests {
             .expect("values in range");
         assert_eq!(run.settings.mtu, Some(9000));
         assert_eq!(run.settings.conntrack_size(), 4096);
+    }
+
+    #[test]
+    fn zero_and_oversized_durations_are_refused_naming_the_flag_range_and_value() {
+        #[derive(clap::Parser)]
+        struct Run {
+            #[command(flatten)]
+            settings: Settings,
+        }
+        use clap::Parser as _;
+        let refused = |flag: &str, value: &str| {
+            let err = Run::try_parse_from(["xlb", flag, value])
+                .err()
+                .unwrap_or_else(|| panic!("{flag} {value} was accepted"));
+            assert_eq!(err.exit_code(), 2);
+            let text = err.to_string();
+            text.lines().next().unwrap_or_default().to_owned()
+        };
+        for (flag, value, placeholder, range) in [
+            ("--resolve-timeout", "0", "RESOLVE_TIMEOUT", "1 and 60"),
+            ("--resolve-timeout", "61", "RESOLVE_TIMEOUT", "1 and 60"),
+            ("--udp-idle-timeout", "0", "UDP_IDLE_TIMEOUT", "1 and 86400"),
+            (
+                "--udp-idle-timeout",
+                "86401",
+                "UDP_IDLE_TIMEOUT",
+                "1 and 86400",
+            ),
+            ("--store-lease-ttl", "1", "STORE_LEASE_TTL", "2 and 3600"),
+            (
+                "--store-interval-ms",
+                "0",
+                "STORE_INTERVAL_MS",
+                "1 and 60000",
+            ),
+            ("--store-timeout-ms", "0", "STORE_TIMEOUT_MS", "1 and 60000"),
+            (
+                "--sync-pull-timeout-ms",
+                "0",
+                "SYNC_PULL_TIMEOUT_MS",
+                "1 and 600000",
+            ),
+            (
+                "--sync-multicast-ttl",
+                "0",
+                "SYNC_MULTICAST_TTL",
+                "1 and 255",
+            ),
+            (
+                "--sync-multicast-ttl",
+                "256",
+                "SYNC_MULTICAST_TTL",
+                "1 and 255",
+            ),
+        ] {
+            assert_eq!(
+                refused(flag, value),
+                format!(
+                    "error: invalid value '{value}' for '{flag} <{placeholder}>': {value} is not \
+                     between {range}"
+                )
+            );
+        }
+        // The ends of each range are accepted.
+        let run = Run::try_parse_from([
+            "xlb",
+            "--resolve-timeout",
+            "60",
+            "--udp-idle-timeout",
+            "1",
+            "--store-lease-ttl",
+            "3600",
+            "--store-interval-ms",
+            "60000",
+            "--sync-pull-timeout-ms",
+            "600000",
+            "--sync-multicast-ttl",
+            "255",
+        ])
+        .expect("values in range");
+        assert_eq!(run.settings.resolve_timeout(), Duration::from_secs(60));
+        assert_eq!(run.settings.udp_idle(), Duration::from_secs(1));
+        assert_eq!(run.settings.store_lease_ttl, Some(3600));
+        assert_eq!(run.settings.sync_multicast_ttl, Some(255));
+        // The longest interval with the default lease: refused naming both.
+        let s = Settings {
+            store: Some(crate::store::parse_url("etcd://192.0.2.1:2379/xlb").expect("url")),
+            store_interval_ms: Some(STORE_MS_MAX),
+            ..Settings::default()
+        };
+        assert_eq!(
+            s.store().err().as_deref(),
+            Some(
+                "--store-lease-ttl (10 s) must be at least 2 s and twice --store-interval-ms \
+                 (60000 ms) or more, so the lease is renewed in time"
+            )
+        );
     }
 }

@@ -1719,7 +1719,7 @@ fn decap_stats_are_read_from_the_pins() {
     struct Unmount(std::path::PathBuf);
     impl Drop for Unmount {
         fn drop(&mut self) {
-            let _ = lb_userspace::pin::teardown(&self.0, true);
+            let _ = lb_userspace::pin::teardown(&self.0, true, lb_userspace::pin::Holder::Decap);
             let _ = nix::mount::umount(&self.0);
             let _ = std::fs::remove_dir(&self.0);
         }

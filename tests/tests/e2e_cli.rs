@@ -187,6 +187,8 @@ fn exit_codes_json_errors_check_dry_run_save_and_the_last_reload() {
         "unkeyed.yaml",
         "daemon:\n  sync_listen: 198.51.100.1:9815\n",
     );
+    // A zero timeout (no UDP tracking at all) is refused at start, nothing started.
+    let zero = write_file(&dir, "zero.yaml", "daemon:\n  udp_idle_timeout: 0\n");
     // A malformed line is named by its line in the file (comments and blank
     // lines count), before anything is sent.
     let malformed_flow = write_file(
@@ -194,7 +196,7 @@ fn exit_codes_json_errors_check_dry_run_save_and_the_last_reload() {
         "malformed.txt",
         &format!("# flows\n{SERVICE} 198.51.100.7:40000\n\n{SERVICE} 198.51.100.7\n"),
     );
-    let cases: [(&[&str], i32, &str, &str); 23] = [
+    let cases: [(&[&str], i32, &str, &str); 25] = [
         (
             &["simulate", "--batch", &malformed_flow],
             2,
@@ -206,6 +208,26 @@ fn exit_codes_json_errors_check_dry_run_save_and_the_last_reload() {
             2,
             "bad_input",
             "no interface: give --iface or daemon.interface in the config file",
+        ),
+        (
+            &["run", "--no-pin", "--iface", "eth0", "--config", &zero],
+            2,
+            "bad_input",
+            "zero.yaml: daemon.udp_idle_timeout: 0 is not between 1 and 86400",
+        ),
+        (
+            &[
+                "run",
+                "--no-pin",
+                "--iface",
+                "eth0",
+                "--resolve-timeout",
+                "0",
+            ],
+            2,
+            "bad_input",
+            "invalid value '0' for '--resolve-timeout <RESOLVE_TIMEOUT>': 0 is not between 1 \
+             and 60",
         ),
         (
             &[
@@ -363,6 +385,39 @@ fn exit_codes_json_errors_check_dry_run_save_and_the_last_reload() {
     for (args, want, kind, needle) in cases {
         assert_fails(d, args, want, kind, needle);
     }
+    // A negative number is a value out of range, not an unknown argument; a
+    // mistyped flag after a numeric one is still a flag, not its value.
+    let more = "\n\nFor more information, try '--help'.\n";
+    for (args, stderr) in [
+        (
+            &["real", "add", SERVICE, &real0, "--weight", "-1"][..],
+            format!(
+                "error: invalid value '-1' for '--weight <WEIGHT>': -1 is not in 0..=65535{more}"
+            ),
+        ),
+        (
+            &["vip", "set", SERVICE, "--check-interval", "-5"],
+            format!(
+                "error: invalid value '-5' for '--check-interval <INTERVAL_MS>': must be at \
+                 least 100, not -5{more}"
+            ),
+        ),
+        (
+            &["real", "add", SERVICE, &real0, "--weight", "-w"],
+            format!(
+                "error: unexpected argument '-w' found\n\n  tip: to pass '-w' as a value, use \
+                 '-- -w'\n\nUsage: xlb real add [OPTIONS] <VIP> <REAL>{more}"
+            ),
+        ),
+    ] {
+        let out = d.cli(args);
+        assert_eq!(
+            (code(&out), text(&out.stderr)),
+            (Some(2), stderr),
+            "xlb {}",
+            args.join(" ")
+        );
+    }
     assert_eq!(
         desired(d),
         before,
@@ -397,6 +452,50 @@ fn exit_codes_json_errors_check_dry_run_save_and_the_last_reload() {
             "GET {path}"
         );
     }
+
+    // A route that takes no body refuses one (the same 400 and JSON error
+    // body) before it does anything, rather than ignoring it.
+    let zeroed_at =
+        |d: &Daemon| json(&d.api("GET", "/v1/stats", None).1, "stats")["zeroed_at"].clone();
+    let zeroed_before = zeroed_at(d);
+    let vips_before = d.api("GET", "/v1/vips", None);
+    let extra = r#"{"vip": "203.0.113.10:80/tcp"}"#;
+    for (method, path) in [
+        ("POST", "/v1/stats/zero"),
+        ("DELETE", "/v1/vips/tcp/203.0.113.10/80"),
+        ("GET", "/v1/status"),
+    ] {
+        let (status, body) = d.api(method, path, Some(extra));
+        assert_eq!(status, 400, "{method} {path} with a body: {body}");
+        assert_eq!(
+            json(&body, &format!("{method} {path}")),
+            serde_json::json!({
+                "error": format!(
+                    "invalid request body: {method} {path} takes no body (got {} bytes)",
+                    extra.len()
+                )
+            }),
+            "{method} {path} with a body"
+        );
+    }
+    assert_eq!(
+        zeroed_at(d),
+        zeroed_before,
+        "a refused zero zeroed the counters"
+    );
+    assert_eq!(
+        d.api("GET", "/v1/vips", None),
+        vips_before,
+        "a refused delete changed the VIPs"
+    );
+    // Without a body it does what it says.
+    let (code, body) = d.api("POST", "/v1/stats/zero", None);
+    assert_eq!(code, 200, "{body}");
+    assert_ne!(
+        zeroed_at(d),
+        zeroed_before,
+        "POST /v1/stats/zero without a body"
+    );
 
     // The last reload: the refused `xlb apply bad.yaml` above is recorded, with
     // when the configuration in force was loaded.

@@ -286,6 +286,39 @@ fn pins_are_never_mounted_over_or_removed_outside_xlb_s_own() {
     assert!(Path::new(&busy.join("keep.txt")).exists());
 }
 
+/// A state file `xlb run` cannot write stops the start, saying the cause once
+/// (it was once both in the error's message and its source).
+#[test]
+fn a_state_file_that_cannot_be_written_stops_the_start_saying_its_cause_once() {
+    require_root();
+    let lab = Lab::start("is", 1, &SERVER_ARGS);
+    let dir = RunDir::new(&format!("xlb-{}-state", lab.topo.prefix()));
+    let out = lab
+        .daemon
+        .command(&[])
+        .args(["--socket"])
+        .arg(dir.path().join("other.sock"))
+        .args(["run", "--iface", "eth0", "--no-pin", "--state-file"])
+        .arg("/dev/null/xlb/state.json")
+        .env("XLB_LOG", "off")
+        .output()
+        .expect("xlb run");
+    assert_eq!(
+        (
+            code(&out),
+            String::from_utf8_lossy(&out.stderr).into_owned()
+        ),
+        (
+            1,
+            "error: creating the directory of /dev/null/xlb/state.json: Not a directory (os \
+             error 20)\n"
+                .to_owned()
+        )
+    );
+    // The daemon that runs is untouched.
+    lab.daemon.cli_ok(&["status"]);
+}
+
 /// A capability mask from a `/proc/PID/status` line.
 fn caps_of(pid: i32, field: &str) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");

@@ -19,6 +19,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
 use std::time::Duration;
 use xlb_tests::harness::{require_root, stats};
 
+use lb_userspace::pin::LAYOUT_VERSION;
 use lb_userspace::state::fmt_mac;
 use xlb_tests::capture::FrameTap;
 use xlb_tests::harness::{
@@ -1106,9 +1107,57 @@ fn pinned_decap_keeps_running_and_accepts_only_the_balancers_sources() {
     let lab = &tun.lab;
     let target = tun_vip_to_first_real(lab);
     http_requests(lab, target, 3);
+    let decapsulated = decap_packets(&decap_stats(&pin_dir), "decap_ipip");
     assert!(
-        decap_packets(&decap_stats(&pin_dir), "decap_ipip") >= 3,
+        decapsulated >= 3,
         "xlb decap stats does not show the decapsulated requests"
+    );
+
+    // While `xlb decap` runs on the pins, a teardown is refused and removes
+    // nothing: the decapsulator goes on decapsulating.
+    let pinned = pins.pins();
+    let out = decap_teardown(&pin_dir, &[]);
+    assert_eq!(
+        (out.status.code(), String::from_utf8_lossy(&out.stderr)),
+        (
+            Some(4),
+            format!(
+                "error: a running xlb decap uses the pins under {pin_dir}/v{LAYOUT_VERSION}: stop \
+                 it first (`systemctl stop xlb-decap`), or pass --force to detach the \
+                 decapsulator anyway; nothing was removed\n"
+            )
+            .into()
+        ),
+        "xlb decap teardown under a running xlb decap"
+    );
+    assert_eq!(pins.pins(), pinned, "a refused teardown removed pins");
+    // So is a second `xlb decap` on the same pins, before it loads anything.
+    let bin = xlb_bin();
+    let second = [
+        path_str(&bin),
+        "decap",
+        "--iface",
+        "eth0",
+        "--pin-dir",
+        &pin_dir,
+    ];
+    let out = lab.topo.reals[0].ns.try_exec(&second);
+    assert_eq!(
+        (out.status.code(), String::from_utf8_lossy(&out.stderr)),
+        (
+            Some(1),
+            format!(
+                "error: another xlb decap is running on the pin directory \
+                 {pin_dir}/v{LAYOUT_VERSION}; stop it first, or use another --pin-dir\n"
+            )
+            .into()
+        ),
+        "a second xlb decap on the same pins"
+    );
+    http_requests(lab, target, 3);
+    assert!(
+        decap_packets(&decap_stats(&pin_dir), "decap_ipip") >= decapsulated + 3,
+        "no longer decapsulating after a refused teardown"
     );
 
     // Stopping `xlb decap` leaves the pinned decapsulator running.
@@ -1137,18 +1186,40 @@ fn pinned_decap_keeps_running_and_accepts_only_the_balancers_sources() {
         decap_packets(&decap_stats(&pin_dir), "drop_not_allowed_src") > before,
         "no drop_not_allowed_src counted"
     );
-    drop(restarted);
 
-    let out = std::process::Command::new(xlb_bin())
-        .args(["decap", "teardown", "--pin-dir", &pin_dir])
-        .output()
-        .expect("running xlb decap teardown");
-    assert!(out.status.success(), "xlb decap teardown failed");
+    // `--force` detaches it from under the running `xlb decap`.
+    let out = decap_teardown(&pin_dir, &["--force"]);
+    assert!(
+        out.status.success(),
+        "xlb decap teardown --force failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(
         pins.pins().is_empty(),
         "pins left after teardown: {:?}",
         pins.pins()
     );
+    let link = String::from_utf8_lossy(&real.ns.ip("-d link show eth0").stdout).into_owned();
+    assert!(
+        !link.contains("xdp"),
+        "the real's eth0 still has an XDP program after xlb decap teardown --force: {link}"
+    );
+    drop(restarted);
+    let out = decap_teardown(&pin_dir, &[]);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        format!("removed 0 pins under {pin_dir}\n"),
+        "a second teardown"
+    );
+}
+
+/// `xlb decap teardown --pin-dir DIR EXTRA...`, run as an operator would on the real.
+fn decap_teardown(pin_dir: &str, extra: &[&str]) -> std::process::Output {
+    std::process::Command::new(xlb_bin())
+        .args(["decap", "teardown", "--pin-dir", pin_dir])
+        .args(extra)
+        .output()
+        .expect("running xlb decap teardown")
 }
 
 /// The half-open (SYN-RECV) connections to `port` in `ns`.

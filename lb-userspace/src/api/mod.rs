@@ -16,7 +16,11 @@ use std::{sync::Arc, time::Duration};
 
 use axum::{
     Json,
-    extract::rejection::{JsonRejection, QueryRejection},
+    body::Bytes,
+    extract::{
+        FromRequest, Request,
+        rejection::{JsonRejection, QueryRejection},
+    },
     http::StatusCode,
     response::{IntoResponse, Response},
 };
@@ -163,5 +167,30 @@ impl From<JsonRejection> for ApiError {
 impl From<QueryRejection> for ApiError {
     fn from(err: QueryRejection) -> Self {
         Self::bad_request(format!("invalid query: {}", err.body_text()))
+    }
+}
+
+/// The body of a route that takes none (every `GET` and `DELETE`, and `POST
+/// /v1/stats/zero`): it must be empty. A body is refused with a 400, before
+/// the route does anything, rather than ignored: a request that says more
+/// than the route reads is a mistake, as an unknown field in a body is.
+#[derive(Debug)]
+pub struct NoBody;
+
+impl<S: Send + Sync> FromRequest<S> for NoBody {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        let route = format!("{} {}", req.method(), req.uri().path());
+        let body = Bytes::from_request(req, state).await.map_err(|e| {
+            ApiError::bad_request(format!("invalid request body: {}", e.body_text()))
+        })?;
+        if body.is_empty() {
+            return Ok(Self);
+        }
+        Err(ApiError::bad_request(format!(
+            "invalid request body: {route} takes no body (got {} bytes)",
+            body.len()
+        )))
     }
 }

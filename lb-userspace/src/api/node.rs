@@ -5,7 +5,7 @@ use std::time::Duration;
 use axum::{Json, extract::State as AxState, extract::rejection::JsonRejection};
 use serde::{Deserialize, Serialize};
 
-use super::{ApiError, Context};
+use super::{ApiError, Context, NoBody};
 use crate::node::{DEFAULT_QUIET, MAX_QUIET, NodeStatus, Role};
 
 /// `POST /v1/node/drain`.
@@ -40,7 +40,7 @@ fn stopped() -> ApiError {
 }
 
 /// `GET /v1/node`.
-pub async fn status(AxState(ctx): AxState<Context>) -> Json<NodeStatus> {
+pub async fn status(AxState(ctx): AxState<Context>, _: NoBody) -> Json<NodeStatus> {
     Json(ctx.sources.node.status())
 }
 
@@ -67,7 +67,10 @@ pub async fn drain(
 }
 
 /// `DELETE /v1/node/drain`: announce again.
-pub async fn undrain(AxState(ctx): AxState<Context>) -> Result<Json<Undrained>, ApiError> {
+pub async fn undrain(
+    AxState(ctx): AxState<Context>,
+    _: NoBody,
+) -> Result<Json<Undrained>, ApiError> {
     ctx.sources
         .node
         .cancel_drain()

@@ -19,8 +19,8 @@ use serde::Deserialize;
 
 use super::{
     AddReal, AddVip, ApiError, Applied, ApplyBody, Conntrack, Context, DesiredQuery, EventStat,
-    Planned, RealHealth, SetReal, SetVip, SimulateBatch, Simulated, SimulatedBatch, Stats, Status,
-    VerdictStat, VipStatus, zero::Zeroed,
+    NoBody, Planned, RealHealth, SetReal, SetVip, SimulateBatch, Simulated, SimulatedBatch, Stats,
+    Status, VerdictStat, VipStatus, zero::Zeroed,
 };
 use crate::{
     config::Config,
@@ -150,13 +150,14 @@ fn revision_needs_store(ctx: &Context, revision: Option<i64>) -> ApiResult<()> {
     Ok(())
 }
 
-async fn list_vips(AxState(ctx): AxState<Context>) -> ApiResult<Json<Vec<VipView>>> {
+async fn list_vips(AxState(ctx): AxState<Context>, _: NoBody) -> ApiResult<Json<Vec<VipView>>> {
     Ok(Json(all_views(&ctx)?))
 }
 
 async fn get_vip(
     AxState(ctx): AxState<Context>,
     Path((proto, addr, port)): Path<(String, String, String)>,
+    _: NoBody,
 ) -> ApiResult<Json<VipView>> {
     let vip = vip_from_path(&proto, &addr, &port)?;
     Ok(Json(view_of(&ctx, &vip)?))
@@ -221,6 +222,7 @@ async fn set_vip(
 async fn del_vip(
     AxState(ctx): AxState<Context>,
     Path((proto, addr, port)): Path<(String, String, String)>,
+    _: NoBody,
 ) -> ApiResult<StatusCode> {
     let vip = vip_from_path(&proto, &addr, &port)?;
     edit(&ctx, Edit::DelVip(vip), None).await?;
@@ -277,6 +279,7 @@ async fn set_real(
 async fn reset_override(
     AxState(ctx): AxState<Context>,
     Path((proto, addr, port, real)): Path<(String, String, String, String)>,
+    _: NoBody,
 ) -> ApiResult<Json<VipView>> {
     let vip = vip_from_path(&proto, &addr, &port)?;
     let real = crate::model::parse_real(&real).map_err(parse_err)?;
@@ -287,6 +290,7 @@ async fn reset_override(
 async fn del_real(
     AxState(ctx): AxState<Context>,
     Path((proto, addr, port, real)): Path<(String, String, String, String)>,
+    _: NoBody,
 ) -> ApiResult<StatusCode> {
     let vip = vip_from_path(&proto, &addr, &port)?;
     let real = crate::model::parse_real(&real).map_err(parse_err)?;
@@ -395,6 +399,7 @@ async fn plan(
 async fn desired(
     AxState(ctx): AxState<Context>,
     q: Result<Query<DesiredQuery>, QueryRejection>,
+    _: NoBody,
 ) -> ApiResult<Json<Desired>> {
     let Query(q) = q?;
     let snap = ctx.sources.handle.snapshot();
@@ -407,7 +412,7 @@ async fn desired(
     }
 }
 
-async fn status(AxState(ctx): AxState<Context>) -> ApiResult<Json<Status>> {
+async fn status(AxState(ctx): AxState<Context>, _: NoBody) -> ApiResult<Json<Status>> {
     let snap = ctx.sources.handle.snapshot();
     let flows = ctx.sources.flows.fresh(Duration::ZERO).await;
     let mut views = views::vips(&snap, &ctx.sources.reader, &flows)?;
@@ -455,7 +460,10 @@ async fn status(AxState(ctx): AxState<Context>) -> ApiResult<Json<Status>> {
     }))
 }
 
-async fn fleet(AxState(ctx): AxState<Context>) -> ApiResult<Json<crate::store::api::Fleet>> {
+async fn fleet(
+    AxState(ctx): AxState<Context>,
+    _: NoBody,
+) -> ApiResult<Json<crate::store::api::Fleet>> {
     let store = ctx.store.as_ref().ok_or_else(|| ApiError {
         status: StatusCode::NOT_FOUND,
         message: "this daemon is not in a fleet: start it with --store (docs/cluster.md)".into(),
@@ -463,13 +471,13 @@ async fn fleet(AxState(ctx): AxState<Context>) -> ApiResult<Json<crate::store::a
     Ok(Json(store.fleet()))
 }
 
-async fn stats(AxState(ctx): AxState<Context>) -> ApiResult<Json<Stats>> {
+async fn stats(AxState(ctx): AxState<Context>, _: NoBody) -> ApiResult<Json<Stats>> {
     let mut stats = raw_stats(&ctx).await?;
     ctx.baseline.stats(&mut stats);
     Ok(Json(stats))
 }
 
-async fn zero(AxState(ctx): AxState<Context>) -> ApiResult<Json<Zeroed>> {
+async fn zero(AxState(ctx): AxState<Context>, _: NoBody) -> ApiResult<Json<Zeroed>> {
     let zeroed_at = unix_now();
     ctx.baseline.zero(&raw_stats(&ctx).await?, zeroed_at);
     tracing::info!("counters shown by the CLI zeroed (metrics keep counting)");
@@ -517,6 +525,7 @@ struct SimulateQuery {
 async fn simulate(
     AxState(ctx): AxState<Context>,
     q: Result<Query<SimulateQuery>, QueryRejection>,
+    _: NoBody,
 ) -> ApiResult<Json<Simulated>> {
     let Query(q) = q?;
     let (vip, hash) = flow_of(&ctx, &q.vip, &q.src)?;

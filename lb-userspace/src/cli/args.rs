@@ -22,7 +22,8 @@ Exit status:
   3  the daemon is unreachable: no socket, no permission on it, nothing answering, no answer in
      time, shutting down
   4  refused by the daemon: valid on paper, not in the running state (unknown or existing VIP
-     or real, a real not on the segment, ...); `xlb teardown` while a daemon runs on the pins
+     or real, a real not on the segment, ...); `xlb teardown` while a daemon runs on the pins,
+     `xlb decap teardown` while `xlb decap` runs on them
 
 With --json, stdout holds one JSON document: the answer, or on failure
 {\"error\": {\"kind\": \"bad_input|unreachable|refused|other\", \"message\": \"...\"}}.";
@@ -53,7 +54,7 @@ pub enum Command {
         file: PathBuf,
         /// Store mode: write only if the fleet's desired state is still at
         /// this revision (`xlb status` shows it); else a conflict, nothing written.
-        #[arg(long)]
+        #[arg(long, allow_negative_numbers = true, value_parser = unsigned::<i64, 0>)]
         if_revision: Option<i64>,
         /// Print what would change (VIPs and reals added, removed, changed) and apply nothing.
         #[arg(long)]
@@ -87,14 +88,25 @@ pub enum Command {
         #[arg(long)]
         rate: bool,
         /// Seconds over which --rate measures.
-        #[arg(long, default_value = "1", requires = "rate", value_parser = parse_interval)]
+        #[arg(
+            long,
+            default_value = "1",
+            requires = "rate",
+            allow_negative_numbers = true,
+            value_parser = parse_interval
+        )]
         interval: f64,
     },
     /// A live view of every VIP and real: rates, active flows, health, weight
     /// (keys: p b f a n sort, r reverses, q quits).
     Top {
         /// Seconds between refreshes.
-        #[arg(long, default_value = "1", value_parser = parse_interval)]
+        #[arg(
+            long,
+            default_value = "1",
+            allow_negative_numbers = true,
+            value_parser = parse_interval
+        )]
         interval: f64,
     },
     /// Show which real server a flow goes to.
@@ -176,7 +188,7 @@ pub struct DecapArgs {
     #[arg(long = "addr")]
     pub addrs: Vec<IpAddr>,
     /// Log the counters every this many seconds (0: only when stopping).
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, allow_negative_numbers = true, value_parser = unsigned::<u64, 0>)]
     pub report_interval: u64,
     /// Serve the counters as Prometheus metrics here, e.g. 127.0.0.1:9815.
     #[arg(long = "metrics-addr")]
@@ -204,11 +216,14 @@ pub enum DecapCommand {
         #[arg(long, default_value = crate::decap::DEFAULT_PIN_DIR)]
         pin_dir: PathBuf,
     },
-    /// Detach the pinned decapsulator and remove its pins.
+    /// Detach the pinned decapsulator and remove its pins (stop `xlb decap` first).
     Teardown {
         /// The pin directory `xlb decap` uses.
         #[arg(long, default_value = crate::decap::DEFAULT_PIN_DIR)]
         pin_dir: PathBuf,
+        /// Detach it even while `xlb decap` runs on it (refused otherwise).
+        #[arg(long)]
+        force: bool,
     },
 }
 
@@ -260,7 +275,7 @@ pub struct CheckArgs {
     #[arg(long = "check", value_parser = parse_kind)]
     pub kind: Option<ProbeKind>,
     /// Port to probe (default: the VIP's port).
-    #[arg(long = "check-port", value_parser = parse_check_port)]
+    #[arg(long = "check-port", allow_negative_numbers = true, value_parser = parse_check_port)]
     pub port: Option<u16>,
     /// Where probes go: real (the real's address) or vip (a TCP SYN to the
     /// VIP through the tunnel, TUN, or at the real's MAC, DR; tcp checks only).
@@ -278,17 +293,33 @@ pub struct CheckArgs {
     #[arg(long = "check-status")]
     pub status: Option<String>,
     /// Milliseconds between probes.
-    #[arg(long = "check-interval")]
+    #[arg(long = "check-interval", allow_negative_numbers = true, value_parser = unsigned::<u64, 100>)]
     pub interval_ms: Option<u64>,
     /// Probe timeout, milliseconds [default: 1000, or the interval when shorter].
-    #[arg(long = "check-timeout")]
+    #[arg(long = "check-timeout", allow_negative_numbers = true, value_parser = unsigned::<u64, 1>)]
     pub timeout_ms: Option<u64>,
     /// Successes that bring a real back.
-    #[arg(long = "check-rise")]
+    #[arg(long = "check-rise", allow_negative_numbers = true, value_parser = unsigned::<u32, 1>)]
     pub rise: Option<u32>,
     /// Failures that take a real out.
-    #[arg(long = "check-fall")]
+    #[arg(long = "check-fall", allow_negative_numbers = true, value_parser = unsigned::<u32, 1>)]
     pub fall: Option<u32>,
+}
+
+/// A whole number for a numeric flag. Clap reads these flags with
+/// `allow_negative_numbers`, so `-1` reaches here as a value (rather than as
+/// an unknown flag, while a mistyped flag is still one) and is refused as out
+/// of range, naming the flag's least value `MIN`; a value from 0 up is
+/// checked where it is used, with the message the API and the file give.
+fn unsigned<T, const MIN: u64>(s: &str) -> Result<T, String>
+where
+    T: std::str::FromStr,
+    T::Err: std::fmt::Display,
+{
+    if s.parse::<i128>().is_ok_and(|v| v < 0) {
+        return Err(format!("must be at least {MIN}, not {s}"));
+    }
+    s.parse().map_err(|e: T::Err| e.to_string())
 }
 
 /// A port to probe, 1-65535, refused with the text the health check's own
@@ -399,7 +430,12 @@ pub enum VipCommand {
         #[arg(long, default_value = "maglev")]
         scheduler: Scheduler,
         /// Maglev table size (a prime).
-        #[arg(long, default_value_t = lb_common::RING_SIZE_DEFAULT)]
+        #[arg(
+            long,
+            default_value_t = lb_common::RING_SIZE_DEFAULT,
+            allow_negative_numbers = true,
+            value_parser = unsigned::<u32, 2>
+        )]
         table_size: u32,
         /// dr (MAC rewrite, reals on this segment) or tun (IPIP/IP6IP6/4in6).
         #[arg(long, default_value = "dr")]
@@ -417,7 +453,7 @@ pub enum VipCommand {
         #[arg(long)]
         scheduler: Option<Scheduler>,
         /// Maglev table size (a prime).
-        #[arg(long)]
+        #[arg(long, allow_negative_numbers = true, value_parser = unsigned::<u32, 2>)]
         table_size: Option<u32>,
         /// Health check of the VIP's reals (replaces the one it has; --check none: no probes).
         #[command(flatten)]
@@ -452,7 +488,12 @@ pub enum RealCommand {
         #[command(flatten)]
         at: RealRef,
         /// Relative weight, 0-65535 (0: no new flows).
-        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(0..=65535))]
+        #[arg(
+            long,
+            default_value_t = 1,
+            allow_negative_numbers = true,
+            value_parser = clap::value_parser!(u32).range(0..=65535)
+        )]
         weight: u32,
     },
     /// Set a real server's weight by hand (an override: survives reloads and restarts).
@@ -461,7 +502,11 @@ pub enum RealCommand {
         #[command(flatten)]
         at: RealRef,
         /// New weight, 0-65535.
-        #[arg(long, value_parser = clap::value_parser!(u32).range(0..=65535))]
+        #[arg(
+            long,
+            allow_negative_numbers = true,
+            value_parser = clap::value_parser!(u32).range(0..=65535)
+        )]
         weight: u32,
     },
     /// Drain a real (override): no new flows, its tracked flows stay until they end.
@@ -614,5 +659,91 @@ mod tests {
                 "{message:?} does not end with {tail:?}"
             );
         }
+    }
+
+    #[test]
+    fn a_negative_number_is_out_of_range_and_a_mistyped_flag_still_a_flag() {
+        let vip = "203.0.113.10:80/tcp";
+        let real = ["real", "add", vip, "198.51.100.11"];
+        let check = ["vip", "add", vip, "--check", "tcp"];
+        let cases: [(Vec<&str>, &str); 14] = [
+            (
+                [&real[..], &["--weight", "-1"]].concat(),
+                "invalid value '-1' for '--weight <WEIGHT>': -1 is not in 0..=65535",
+            ),
+            (
+                [&check[..], &["--check-port", "-1"]].concat(),
+                "invalid value '-1' for '--check-port <PORT>': port must be 1-65535, not -1",
+            ),
+            (
+                [&check[..], &["--check-interval", "-5"]].concat(),
+                "invalid value '-5' for '--check-interval <INTERVAL_MS>': must be at least 100, \
+                 not -5",
+            ),
+            (
+                [&check[..], &["--check-timeout", "-1"]].concat(),
+                "invalid value '-1' for '--check-timeout <TIMEOUT_MS>': must be at least 1, not -1",
+            ),
+            (
+                [&check[..], &["--check-rise", "-1"]].concat(),
+                "invalid value '-1' for '--check-rise <RISE>': must be at least 1, not -1",
+            ),
+            (
+                [&check[..], &["--check-fall", "-2"]].concat(),
+                "invalid value '-2' for '--check-fall <FALL>': must be at least 1, not -2",
+            ),
+            (
+                vec!["vip", "set", vip, "--table-size", "-7"],
+                "invalid value '-7' for '--table-size <TABLE_SIZE>': must be at least 2, not -7",
+            ),
+            (
+                vec!["stats", "--rate", "--interval", "-1"],
+                "invalid value '-1' for '--interval <INTERVAL>': '-1' is not a number of seconds \
+                 from 0.1 to 3600",
+            ),
+            (
+                vec!["apply", "--if-revision", "-1", "x.yaml"],
+                "invalid value '-1' for '--if-revision <IF_REVISION>': must be at least 0, not -1",
+            ),
+            (
+                vec!["decap", "--iface", "eth0", "--report-interval", "-1"],
+                "invalid value '-1' for '--report-interval <REPORT_INTERVAL>': must be at least \
+                 0, not -1",
+            ),
+            (
+                vec!["run", "--udp-idle-timeout", "-1"],
+                "invalid value '-1' for '--udp-idle-timeout <UDP_IDLE_TIMEOUT>': -1 is not \
+                 between 1 and 86400",
+            ),
+            (
+                vec!["run", "--new-flow-limit", "-1"],
+                "invalid value '-1' for '--new-flow-limit <NEW_FLOW_LIMIT>': -1 is not between \
+                 0 and 4294967295",
+            ),
+            // A mistyped flag after a numeric one is not taken for its value.
+            (
+                [&real[..], &["--weight", "-x"]].concat(),
+                "unexpected argument '-x' found",
+            ),
+            (
+                [&real[..], &["--weight", "--wieght"]].concat(),
+                "unexpected argument '--wieght' found",
+            ),
+        ];
+        for (args, want) in cases {
+            let err = Cli::try_parse_from(std::iter::once("xlb").chain(args.iter().copied()))
+                .err()
+                .unwrap_or_else(|| panic!("{args:?} was accepted"));
+            assert_eq!(err.exit_code(), 2, "{args:?}");
+            let text = err.to_string();
+            assert_eq!(
+                text.lines().next(),
+                Some(format!("error: {want}").as_str()),
+                "{args:?}"
+            );
+        }
+        // The drain's seconds are checked where they are used, a negative one too.
+        let cli = Cli::try_parse_from(["xlb", "drain", "--quiet", "-1"]).expect("a number");
+        assert!(matches!(cli.command, Command::Drain(ref a) if a.quiet == -1.0));
     }
 }

@@ -19,7 +19,11 @@ pub mod rate;
 pub mod render;
 pub mod top;
 
-use std::{net::IpAddr, time::Duration};
+use std::{
+    net::IpAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
 use anyhow::{Context as _, bail};
 use hyper::Method;
@@ -266,12 +270,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             state_file,
             force,
         } => {
-            let removed = pin::teardown(&pin_dir, force).map_err(|err| match err {
-                pin::PinError::InUse { .. } => {
-                    CliError::new(ErrorKind::Refused, err.to_string()).into()
-                }
-                err => anyhow::Error::from(err),
-            })?;
+            let removed = teardown(&pin_dir, force, pin::Holder::Daemon)?;
             crate::state::persist::remove(&state_file);
             let line = if removed.is_empty() {
                 format!("nothing pinned at {}", pin_dir.display())
@@ -597,6 +596,15 @@ async fn real(client: &Client, out: Out, cmd: RealCommand) -> anyhow::Result<()>
     }
 }
 
+/// [`pin::teardown`] for `xlb teardown` and `xlb decap teardown`: pins a
+/// running `holder` uses are a refusal (exit 4).
+fn teardown(pin_dir: &Path, force: bool, holder: pin::Holder) -> anyhow::Result<Vec<PathBuf>> {
+    pin::teardown(pin_dir, force, holder).map_err(|err| match err {
+        pin::PinError::InUse { .. } => CliError::new(ErrorKind::Refused, err.to_string()).into(),
+        err => anyhow::Error::from(err),
+    })
+}
+
 /// `xlb decap`: attach the decapsulator and run until SIGINT/SIGTERM; or
 /// `xlb decap stats|teardown` on a pinned one.
 async fn run_decap(out: Out, args: DecapArgs) -> anyhow::Result<()> {
@@ -624,9 +632,8 @@ async fn run_decap(out: Out, args: DecapArgs) -> anyhow::Result<()> {
         }
         return Ok(());
     }
-    if let Some(DecapCommand::Teardown { pin_dir }) = &args.command {
-        // `xlb decap` takes no lock on its pins: nothing to wait for.
-        let removed = pin::teardown(pin_dir, true)?;
+    if let Some(DecapCommand::Teardown { pin_dir, force }) = &args.command {
+        let removed = teardown(pin_dir, *force, pin::Holder::Decap)?;
         return out.line(
             &serde_json::json!({ "removed_pins": removed }),
             &format!("removed {} pins under {}", removed.len(), pin_dir.display()),
@@ -653,6 +660,11 @@ async fn run_decap(out: Out, args: DecapArgs) -> anyhow::Result<()> {
     } else {
         Some(pin::PinDir::prepare(&args.pin_dir)?)
     };
+    // Held until it stops: `xlb decap teardown` refuses while it runs.
+    let _pin_lock = pin
+        .as_ref()
+        .map(|pin| pin.lock(pin::Holder::Decap))
+        .transpose()?;
     if args.allow_srcs.is_empty() {
         tracing::warn!(
             "no --allow-src: accepting tunnels from any source, so anyone who can reach this \

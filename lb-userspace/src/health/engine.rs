@@ -280,8 +280,10 @@ impl Probed {
 /// writes them) and the [`Board`] (which reads them).
 type Shared = Arc<Mutex<Probed>>;
 
-fn lock_status(status: &Shared) -> MutexGuard<'_, Probed> {
-    status
+/// Locks one real's [`Probed`] (its status and probe durations); a poisoned
+/// lock still holds the last values written.
+fn lock_probed(probed: &Shared) -> MutexGuard<'_, Probed> {
+    probed
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
@@ -305,7 +307,7 @@ impl Board {
     pub fn statuses(&self) -> BTreeMap<Key, ProbeStatus> {
         self.lock()
             .iter()
-            .map(|(k, s)| (*k, lock_status(s).status.clone()))
+            .map(|(k, s)| (*k, lock_probed(s).status.clone()))
             .collect()
     }
 
@@ -319,7 +321,7 @@ impl Board {
         Durations(
             self.lock()
                 .iter()
-                .map(|(k, s)| (duration_labels(k), lock_status(s).durations))
+                .map(|(k, s)| (duration_labels(k), lock_probed(s).durations))
                 .collect(),
         )
     }
@@ -445,7 +447,7 @@ impl Engine {
         let status = self.board.lock();
         self.running
             .keys()
-            .map(|k| (*k, status.get(k).is_none_or(|s| lock_status(s).status.up)))
+            .map(|k| (*k, status.get(k).is_none_or(|s| lock_probed(s).status.up)))
             .collect()
     }
 
@@ -974,7 +976,7 @@ impl Scheduler {
         };
         let Some(status) = &e.status else { return };
         let flipped = {
-            let mut real = lock_status(status);
+            let mut real = lock_probed(status);
             real.durations.observe(took.as_secs_f64());
             let flip = real.status.record(result, e.check.rise, e.check.fall);
             (flip != Flip::None).then(|| real.status.clone())

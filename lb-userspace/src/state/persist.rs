@@ -13,8 +13,9 @@ use crate::pin::LAYOUT_VERSION;
 /// Why the state file could not be used.
 #[derive(Debug, thiserror::Error)]
 pub enum PersistError {
-    /// Reading or writing failed.
-    #[error("{what} {path}: {source}")]
+    /// Reading or writing failed (the cause is its source: print it with
+    /// [`crate::chain::Chain`]).
+    #[error("{what} {path}")]
     Io {
         /// What was being done.
         what: &'static str,
@@ -161,4 +162,23 @@ pub fn load_store(path: &Path) -> Result<Option<(i64, String)>, PersistError> {
             why: e.to_string(),
         })?;
     Ok(Some((file.revision, file.document)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_io_error_says_its_cause_once_however_it_is_printed() {
+        let path = Path::new("/dev/null/xlb/state.json");
+        let err = save(path, "eth0", &State::default()).expect_err("/dev/null is no directory");
+        assert_eq!(
+            err.to_string(),
+            "creating the directory of /dev/null/xlb/state.json"
+        );
+        let whole =
+            "creating the directory of /dev/null/xlb/state.json: Not a directory (os error 20)";
+        assert_eq!(crate::chain::Chain(&err).to_string(), whole);
+        assert_eq!(format!("{:#}", anyhow::Error::from(err)), whole);
+    }
 }

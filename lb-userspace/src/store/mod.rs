@@ -68,7 +68,7 @@ pub enum StoreError {
         now: i64,
     },
     /// The document in the store is not a valid desired state.
-    #[error("{0}")]
+    #[error(transparent)]
     Document(#[from] document::DocumentError),
 }
 
@@ -368,6 +368,16 @@ pub fn hostname() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_document_error_is_said_once_however_it_is_printed() {
+        let doc = document::parse("xlb/desired", "services: 7\n").expect_err("not a list");
+        let text = doc.to_string();
+        let err = StoreError::from(doc);
+        assert_eq!(err.to_string(), text);
+        assert_eq!(crate::chain::Chain(&err).to_string(), text);
+        assert_eq!(format!("{:#}", anyhow::Error::from(err)), text);
+    }
 
     #[test]
     fn store_urls_parse_and_name_what_is_wrong() {

@@ -335,6 +335,7 @@ impl Sync {
                 if let Err(err) =
                     persist::save_store(&self.options.cache, rev, &String::from_utf8_lossy(text))
                 {
+                    let err = crate::chain::Chain(&err);
                     tracing::error!(%err, "could not save the store's document; a restart while the store is down starts from an older one");
                 }
                 self.view.send_modify(|v| {
