@@ -582,6 +582,7 @@ fn cached_document(
             Some((revision, doc))
         }
         Err(err) => {
+            let err = Chain(err.as_ref());
             tracing::warn!(%err, "ignoring the saved store document");
             None
         }

@@ -293,7 +293,7 @@ pub struct CheckArgs {
     #[arg(long = "check-status")]
     pub status: Option<String>,
     /// Milliseconds between probes.
-    #[arg(long = "check-interval", allow_negative_numbers = true, value_parser = unsigned::<u64, 100>)]
+    #[arg(long = "check-interval", allow_negative_numbers = true, value_parser = unsigned::<u64, { crate::health::MIN_INTERVAL_MS }>)]
     pub interval_ms: Option<u64>,
     /// Probe timeout, milliseconds [default: 1000, or the interval when shorter].
     #[arg(long = "check-timeout", allow_negative_numbers = true, value_parser = unsigned::<u64, 1>)]

@@ -477,14 +477,20 @@ pub fn bad_port(port: &str) -> String {
     format!("port must be 1-65535, not {port}")
 }
 
+/// The shortest interval between two probes of a real, milliseconds.
+pub const MIN_INTERVAL_MS: u64 = 100;
+
 impl HealthCheck {
     /// Checks the settings; the error says which field is at fault.
     pub fn validate(&self) -> Result<(), CheckError> {
         use CheckField as F;
-        if self.interval_ms < 100 {
+        if self.interval_ms < MIN_INTERVAL_MS {
             return Err(CheckError::new(
                 F::IntervalMs,
-                format!("interval_ms must be at least 100, not {}", self.interval_ms),
+                format!(
+                    "interval_ms must be at least {MIN_INTERVAL_MS}, not {}",
+                    self.interval_ms
+                ),
             ));
         }
         if self.timeout_ms == 0 || self.timeout_ms > self.interval_ms {
