@@ -488,7 +488,12 @@ fn exit_codes_json_errors_check_dry_run_save_and_the_last_reload() {
         vips_before,
         "a refused delete changed the VIPs"
     );
-    // Without a body it does what it says.
+    // An empty JSON object gives no field, so it is taken as no body.
+    let (code, body) = d.api("GET", "/v1/status", Some(" {} "));
+    assert_eq!(code, 200, "GET /v1/status with {{}}: {body}");
+    // Without a body (or with `{}`) it does what it says.
+    let (code, body) = d.api("POST", "/v1/stats/zero", Some("{}"));
+    assert_eq!(code, 200, "POST /v1/stats/zero with {{}}: {body}");
     let (code, body) = d.api("POST", "/v1/stats/zero", None);
     assert_eq!(code, 200, "{body}");
     assert_ne!(

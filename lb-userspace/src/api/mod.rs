@@ -171,11 +171,24 @@ impl From<QueryRejection> for ApiError {
 }
 
 /// The body of a route that takes none (every `GET` and `DELETE`, and `POST
-/// /v1/stats/zero`): it must be empty. A body is refused with a 400, before
-/// the route does anything, rather than ignored: a request that says more
-/// than the route reads is a mistake, as an unknown field in a body is.
+/// /v1/stats/zero`): it must be empty (white space at most) or an empty JSON
+/// object (`{}`, what many clients send for "no parameters"). Anything else
+/// is refused with a 400, before the route does anything, rather than
+/// ignored: a request that says more than the route reads is a mistake, as
+/// an unknown field in a body is.
 #[derive(Debug)]
 pub struct NoBody;
+
+/// Whether `body` gives nothing: empty, white space, or `{}`.
+fn says_nothing(body: &[u8]) -> bool {
+    let Ok(text) = std::str::from_utf8(body) else {
+        return false;
+    };
+    let text = text.trim();
+    text.is_empty()
+        || serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(text)
+            .is_ok_and(|fields| fields.is_empty())
+}
 
 impl<S: Send + Sync> FromRequest<S> for NoBody {
     type Rejection = ApiError;
@@ -185,12 +198,28 @@ impl<S: Send + Sync> FromRequest<S> for NoBody {
         let body = Bytes::from_request(req, state).await.map_err(|e| {
             ApiError::bad_request(format!("invalid request body: {}", e.body_text()))
         })?;
-        if body.is_empty() {
+        if says_nothing(&body) {
             return Ok(Self);
         }
         Err(ApiError::bad_request(format!(
             "invalid request body: {route} takes no body (got {} bytes)",
             body.len()
         )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::says_nothing;
+
+    #[test]
+    fn a_body_says_nothing_when_empty_blank_or_an_empty_object() {
+        for body in ["", " \r\n", "{}", " { }\n"] {
+            assert!(says_nothing(body.as_bytes()), "{body:?}");
+        }
+        for body in ["{\"vip\": 1}", "[]", "null", "0", "{", "\u{0}", "{}{}"] {
+            assert!(!says_nothing(body.as_bytes()), "{body:?}");
+        }
+        assert!(!says_nothing(&[0xff, 0xfe]), "not UTF-8");
     }
 }
