@@ -1348,10 +1348,15 @@ fn optimisations_md(w: &mut String, after: &[PerPacket], svg_dir: &Path) {
          touches (its bucket, its entry's two lines, its real's record and per-CPU \
          counter), which the two system calls around every call of the bench push out of \
          the near caches; the tracked targets need a path that touches fewer lines per \
-         flow, not a smaller table. At 32K every insert evicts and the new-flow cases \
-         cost about the same (TCP SYN 14.67× → 13.46×); at 256K, where the table fills in \
-         the middle of the run, they cost far more (24.87×) and the tracked cases too \
-         (6.74×), in every run; not explained further here.",
+         flow, not a smaller table. The new-flow figures of this bench are for a table \
+         with room (2M entries never fill). A full table, where every insert first evicts \
+         the least recently used entry, is what a busy balancer runs with, and it costs \
+         more once the table is bigger than the caches: at 256K entries, full after the \
+         first rounds, TCP SYN 14.67× → 24.87× and the tracked cases 5.04× → 6.74×, in \
+         every run (the evicted entry and its bucket are cold; the tracked lookups may \
+         also write the LRU's reference bit again after the evictions cleared it, which \
+         a table with room never does: not measured apart). At 32K, full too but about \
+         the size of the last-level cache, a SYN costs 13.46×.",
         "**Not done yet** (each needs a map or userspace change that did not fit this round): \
          a conntrack key of 16 bytes for IPv4 (the profile above says the jhash and compare \
          it would shorten are a small share); and the settings in a global instead of an \
