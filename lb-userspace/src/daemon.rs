@@ -13,7 +13,10 @@ use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
     os::unix::fs::PermissionsExt as _,
     path::{Path, PathBuf},
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
 };
 
 use anyhow::{Context as _, bail};
@@ -506,11 +509,34 @@ pub async fn run(
         baseline: api::zero::Baseline::default(),
         store,
     };
+    // A forced teardown of the pins stops the daemon too: the data path it
+    // would go on reporting and changing is gone.
+    let detached = Arc::new(AtomicBool::new(false));
+    let stop = {
+        let (pin, detached) = (pin.clone(), detached.clone());
+        async move {
+            let Some(pin) = pin else {
+                return shutdown_signal().await;
+            };
+            tokio::select! {
+                () = shutdown_signal() => {}
+                () = pin.link_removed() => {
+                    detached.store(true, Ordering::Relaxed);
+                    tracing::error!(
+                        pins = %pin.path.display(),
+                        "the data path was detached from under this daemon (its pins were \
+                         removed: `xlb teardown --force`); stopping"
+                    );
+                }
+            }
+        }
+    };
     let served = axum::serve(listener, api::router(ctx))
-        .with_graceful_shutdown(shutdown_signal())
+        .with_graceful_shutdown(stop)
         .await;
     sd_notify("STOPPING=1");
-    if pin.is_none() {
+    let detached = detached.load(Ordering::Relaxed);
+    if pin.is_none() || detached {
         // The program goes with this daemon: the routers must stop sending
         // VIP traffic here first.
         if let Err(err) = node.withdraw_all().await {
@@ -540,7 +566,11 @@ pub async fn run(
     controller_task.abort();
     let _ = controller_task.await;
     let _ = std::fs::remove_file(&socket);
-    if pin.is_some() {
+    if detached {
+        // The teardown removed it; a change since must not bring it back.
+        persist::remove(&state_file);
+        tracing::info!("xlb stopped: its data path had been detached");
+    } else if pin.is_some() {
         tracing::info!(
             "xlb stopped; the data path keeps running from its pins (`xlb teardown` removes it)"
         );

@@ -223,6 +223,19 @@ impl PinDir {
         self.link().exists()
     }
 
+    /// Resolves once the link pinned here is gone, looked at every second:
+    /// a forced teardown (`--force`) detached the program from under the
+    /// process that runs on these pins, which then has nothing to serve.
+    pub async fn link_removed(&self) {
+        let link = self.link();
+        loop {
+            tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+            if !link.exists() {
+                return;
+            }
+        }
+    }
+
     /// Takes this directory's lock for `holder`, which keeps it for as long
     /// as it runs: a second process on these pins, and a teardown without
     /// `force`, are refused while it is held.

@@ -485,21 +485,8 @@ impl Daemon {
 
     /// Waits (up to the start timeout) for the daemon to exit; its status and log.
     pub fn wait_exit(&mut self) -> (ExitStatus, String) {
-        let deadline = Instant::now() + START_TIMEOUT;
-        loop {
-            check_interrupted();
-            if let Some(status) = self.proc.exited() {
-                return (status, self.log());
-            }
-            if Instant::now() >= deadline {
-                panic!(
-                    "`xlb run` in {} still runs after {START_TIMEOUT:?}; its log:\n{}",
-                    self.ns,
-                    self.log()
-                );
-            }
-            thread::sleep(Duration::from_millis(20));
-        }
+        let what = format!("`xlb run` in {}", self.ns);
+        wait_exit(&mut self.proc, &what, &self.log)
     }
 
     /// A pinned daemon of `run`: [`Daemon::start_in`] its directory with `--pin-dir` its
@@ -611,7 +598,7 @@ impl Daemon {
 
     /// Everything the daemon has logged so far.
     pub fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_else(|e| format!("(no log: {e})"))
+        read_log(&self.log)
     }
 
     /// A command running `xlb ARGS` in the balancer's namespace against this daemon
@@ -822,6 +809,31 @@ impl Lab {
 /// How long a bounded wait for the daemon or a load may take before a test fails
 /// (never a measure of speed: a healthy run is far below it).
 pub const WAIT: Duration = Duration::from_secs(30);
+
+/// The text of the log file `path` so far.
+fn read_log(path: &Path) -> String {
+    std::fs::read_to_string(path).unwrap_or_else(|e| format!("(no log: {e})"))
+}
+
+/// Waits (up to the start timeout) for `proc`, which is `what`, to exit on its
+/// own; its status and its log (the file `log`). Panics with the log if it
+/// still runs.
+fn wait_exit(proc: &mut Proc, what: &str, log: &Path) -> (ExitStatus, String) {
+    let read = || read_log(log);
+    let deadline = Instant::now() + START_TIMEOUT;
+    loop {
+        check_interrupted();
+        if let Some(status) = proc.exited() {
+            return (status, read());
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what} still runs after {START_TIMEOUT:?}; its log:\n{}",
+            read()
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+}
 
 /// Polls `check` every 20 ms until it holds; panics naming `what` after [`WAIT`].
 pub fn wait_until(what: &str, mut check: impl FnMut() -> bool) {
@@ -1123,7 +1135,13 @@ impl DecapProc {
 
     /// Everything it has logged so far.
     pub fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_else(|e| format!("(no log: {e})"))
+        read_log(&self.log)
+    }
+
+    /// Waits (up to the start timeout) for it to exit; its status and log.
+    pub fn wait_exit(&mut self) -> (ExitStatus, String) {
+        let what = format!("`xlb decap` in {}", self.ns);
+        wait_exit(&mut self.proc, &what, &self.log)
     }
 
     /// Stops it with SIGTERM and returns the packet counters of the report it logs on

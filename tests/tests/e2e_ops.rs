@@ -396,7 +396,21 @@ fn teardown_detaches_the_pinned_data_path() {
     configure(&daemon, &topo);
     request().unwrap_or_else(|e| panic!("a request with the second daemon running: {e}"));
     assert_detached(&daemon, &topo.lb, &[&teardown[..], &["--force"]].concat());
-    daemon.stop();
+    // That daemon stops on its own: the data path it would go on reporting
+    // and changing is gone, and it leaves no state file behind.
+    let (status, log) = daemon.wait_exit();
+    assert!(
+        status.success(),
+        "the detached daemon exited {status}: {log}"
+    );
+    assert!(
+        log.contains("the data path was detached from under this daemon"),
+        "the detached daemon's log does not say why it stopped: {log}"
+    );
+    assert!(
+        !run.state_file().exists(),
+        "the state file is back after the forced teardown"
+    );
 }
 
 /// Runs `xlb ARGS` (a teardown), which must say it detached the data path

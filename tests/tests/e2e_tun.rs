@@ -1204,7 +1204,17 @@ fn pinned_decap_keeps_running_and_accepts_only_the_balancers_sources() {
         !link.contains("xdp"),
         "the real's eth0 still has an XDP program after xlb decap teardown --force: {link}"
     );
-    drop(restarted);
+    // That `xlb decap` stops on its own: no NIC runs the program it reports.
+    let mut restarted = restarted;
+    let (status, log) = restarted.wait_exit();
+    assert!(
+        status.success(),
+        "the detached xlb decap exited {status}: {log}"
+    );
+    assert!(
+        log.contains("the decapsulator was detached from under this xlb decap"),
+        "the detached xlb decap's log does not say why it stopped: {log}"
+    );
     let out = decap_teardown(&pin_dir, &[]);
     assert_eq!(
         String::from_utf8_lossy(&out.stdout),

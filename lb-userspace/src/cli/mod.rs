@@ -697,24 +697,43 @@ async fn run_decap(out: Out, args: DecapArgs) -> anyhow::Result<()> {
             tracing::info!("decap counters: {}", line.join(" "));
         }
     };
+    // A forced teardown of the pins stops it too: no NIC runs the program
+    // whose counters it would go on reporting.
+    let stop = async {
+        let Some(pin) = &pin else {
+            return daemon::shutdown_signal().await;
+        };
+        tokio::select! {
+            () = daemon::shutdown_signal() => {}
+            () = pin.link_removed() => tracing::error!(
+                pins = %pin.path.display(),
+                "the decapsulator was detached from under this xlb decap (its pins were removed: \
+                 `xlb decap teardown --force`); stopping"
+            ),
+        }
+    };
+    tokio::pin!(stop);
     if args.report_interval == 0 {
-        daemon::shutdown_signal().await;
+        (&mut stop).await;
     } else {
         let mut tick = tokio::time::interval(Duration::from_secs(args.report_interval));
-        let stop = daemon::shutdown_signal();
-        tokio::pin!(stop);
         loop {
             tokio::select! {
-                _ = &mut stop => break,
+                () = &mut stop => break,
                 _ = tick.tick() => report(&decap),
             }
         }
     }
-    report(&decap);
+    let detached = pin.as_ref().is_some_and(|pin| !pin.has_link());
+    if !detached {
+        report(&decap);
+    }
     if let Some(task) = metrics_task {
         task.abort();
     }
-    if pin.is_some() {
+    if detached {
+        tracing::info!("xlb decap stopped: its decapsulator had been detached");
+    } else if pin.is_some() {
         tracing::info!(
             "xlb decap stopped; the decapsulator keeps running from its pins (`xlb decap \
              teardown --pin-dir {}` removes it)",
