@@ -537,10 +537,8 @@ pub struct Controller {
     probes: ProbeList,
     /// A change reached the maps since the state file was last written.
     unsaved: bool,
-    /// Verdicts received and not applied yet (the last of each real), and
-    /// when they are due ([`VERDICT_WINDOW`] after the first of them).
-    verdicts: BTreeMap<(Vip, IpAddr), bool>,
-    verdicts_due: Option<tokio::time::Instant>,
+    /// Verdicts received and not applied yet.
+    verdicts: Waiting,
     tx: mpsc::Sender<Event>,
     snapshot: watch::Sender<Arc<Snapshot>>,
 }
@@ -585,8 +583,7 @@ impl Controller {
             fleet: None,
             probes: ProbeList::default(),
             unsaved: false,
-            verdicts: BTreeMap::new(),
-            verdicts_due: None,
+            verdicts: Waiting::default(),
             tx: tx.clone(),
             snapshot,
         };
@@ -608,7 +605,7 @@ impl Controller {
         let mut refresh = tokio::time::interval(MAC_REFRESH);
         refresh.tick().await;
         loop {
-            let due = self.verdicts_due;
+            let due = self.verdicts.due();
             let verdicts_due =
                 tokio::time::sleep_until(due.unwrap_or_else(tokio::time::Instant::now));
             tokio::select! {
@@ -633,8 +630,7 @@ impl Controller {
     /// unless the fleet's view decides (store mode): the reals whose verdict
     /// differs from the state's.
     fn apply_verdicts(&mut self) {
-        self.verdicts_due = None;
-        let verdicts = std::mem::take(&mut self.verdicts);
+        let verdicts = self.verdicts.take();
         if self.fleet.is_some() || verdicts.is_empty() {
             return;
         }
@@ -688,10 +684,8 @@ impl Controller {
                 let _ = reply.send(result);
             }
             Event::Verdict { vip, real, up } => {
-                // The last verdict of a real wins; the first starts the window.
-                self.verdicts.insert((vip, real), up);
-                self.verdicts_due
-                    .get_or_insert_with(|| tokio::time::Instant::now() + VERDICT_WINDOW);
+                self.verdicts
+                    .add((vip, real), up, tokio::time::Instant::now());
             }
             Event::FleetHealth(view) => {
                 self.fleet = view;
@@ -1085,6 +1079,34 @@ pub fn ramp_percent(elapsed: Duration, total: Duration) -> u32 {
     ((share * 100.0).ceil() as u32).clamp(1, 100)
 }
 
+/// Verdicts waiting to be applied ([`VERDICT_WINDOW`]): the last of each
+/// real, due a window after the first of them came.
+#[derive(Default)]
+struct Waiting {
+    verdicts: BTreeMap<(Vip, IpAddr), bool>,
+    due: Option<tokio::time::Instant>,
+}
+
+impl Waiting {
+    /// Adds a verdict reached at `now`: it replaces the real's waiting one,
+    /// and the first of a window starts it.
+    fn add(&mut self, key: (Vip, IpAddr), up: bool, now: tokio::time::Instant) {
+        self.verdicts.insert(key, up);
+        self.due.get_or_insert(now + VERDICT_WINDOW);
+    }
+
+    /// When the waiting verdicts are to be applied (`None`: none wait).
+    fn due(&self) -> Option<tokio::time::Instant> {
+        self.due
+    }
+
+    /// Every waiting verdict, leaving none (and no window).
+    fn take(&mut self) -> BTreeMap<(Vip, IpAddr), bool> {
+        self.due = None;
+        std::mem::take(&mut self.verdicts)
+    }
+}
+
 /// The verdicts of `verdicts` that differ from the state's, for reals the
 /// desired state still has.
 fn changed_verdicts(
@@ -1351,6 +1373,33 @@ mod tests {
             )
             .expect("no check");
         assert_eq!(list.changed(&state.spec_shared()), Some(BTreeMap::new()));
+    }
+
+    #[test]
+    fn verdicts_wait_one_window_from_the_first_and_the_last_of_a_real_wins() {
+        let vip: Vip = "203.0.113.10:80/tcp".parse().expect("VIP");
+        let ip = |l: u8| IpAddr::from([198, 51, 100, l]);
+        let t0 = tokio::time::Instant::now();
+        let mut waiting = Waiting::default();
+        assert_eq!(waiting.due(), None);
+        waiting.add((vip, ip(11)), false, t0);
+        waiting.add((vip, ip(12)), false, t0 + Duration::from_millis(5));
+        waiting.add((vip, ip(11)), true, t0 + Duration::from_millis(15));
+        assert_eq!(
+            waiting.due(),
+            Some(t0 + VERDICT_WINDOW),
+            "a later verdict does not push the window out"
+        );
+        assert_eq!(
+            waiting.take(),
+            BTreeMap::from([((vip, ip(11)), true), ((vip, ip(12)), false)])
+        );
+        assert_eq!(waiting.due(), None);
+        assert!(waiting.take().is_empty());
+        // The next verdict opens a new window.
+        let t1 = t0 + Duration::from_millis(30);
+        waiting.add((vip, ip(13)), false, t1);
+        assert_eq!(waiting.due(), Some(t1 + VERDICT_WINDOW));
     }
 
     #[test]
