@@ -22,8 +22,8 @@ use lb_userspace::{
 use xlb_tests::packet::{self, L2, L4, LB_MAC};
 
 use crate::report::{
-    DECAP_IP6IP6, DECAP_IPIP, FLOOR_TX as FLOOR_TX_NAME, HOT_TRACKED, NON_VIP, PacketCase,
-    PerPacket, Spread, median_sorted, percentile,
+    DECAP_IP6IP6, DECAP_IPIP, FLOOR_TX as FLOOR_TX_NAME, FULL_TABLE_SYN, HOT_TRACKED, NON_VIP,
+    PacketCase, PerPacket, Spread, median_sorted, percentile,
 };
 use crate::sync::{FIRST_HIT_OFF, FIRST_HIT_ON, MISS_OFF, MISS_ON, MISS_PEER, SYN_ON, TRACKED_ON};
 
@@ -365,6 +365,8 @@ enum Prog {
     FloorPass,
     FloorTx,
     Balancer,
+    /// The balancer of a second data path whose conntrack table is full.
+    BalancerFull,
     Decap,
 }
 
@@ -515,6 +517,32 @@ fn coarse_now_ns() -> u64 {
         + u64::try_from(t.tv_nsec()).expect("below a second")
 }
 
+/// Fills `dp`'s conntrack table with [`FLOWS`] flows to an address no case
+/// sends to, stamped now.
+fn fill(dp: &mut Dataplane) {
+    let started = std::time::Instant::now();
+    let mut maps = dp
+        .sync_maps()
+        .unwrap_or_else(|e| panic!("the conntrack map: {e}"));
+    let vip: Vip = "192.0.2.99:80/tcp".parse().expect("VIP");
+    let state = FlowState {
+        real_id: 1,
+        generation: 0,
+        last_seen_ns: coarse_now_ns(),
+        hash: 0,
+        flags: 0,
+    };
+    for n in 0..u64::from(FLOWS) {
+        maps.flows
+            .insert(&flow_key(&vip, n), &state, 0)
+            .unwrap_or_else(|e| panic!("filling the conntrack table (entry {n}): {e}"));
+    }
+    eprintln!(
+        "xlb-bench:   conntrack table of the full-table case filled ({FLOWS} entries, {:.1} s)",
+        started.elapsed().as_secs_f64()
+    );
+}
+
 /// Runs a case's setup before a call.
 fn prepare(flows: &mut HashMap<MapData, FlowKey, FlowState>, setup: &Setup) {
     match setup {
@@ -647,6 +675,11 @@ fn sync_cases(
 fn measure(scale: Scale, rounds: usize, per_round: usize, cpu: usize) -> PerPacket {
     eprintln!("xlb-bench:   configuration {}", scale.name);
     let (mut dp, _state, tracked, new_vips) = configured(scale);
+    // A second data path configured alike, whose conntrack table is full (as
+    // a busy balancer's is): every new flow's insert there first evicts the
+    // least recently used entry.
+    let (mut full_dp, _full_state, _, _) = configured(scale);
+    fill(&mut full_dp);
     let floors = load_floors();
     let with_decap = scale.vips == HEAVY.vips;
     let real4 = real(true, 10);
@@ -747,6 +780,13 @@ fn measure(scale: Scale, rounds: usize, per_round: usize, cpu: usize) -> PerPack
             Gen::Cycle(tracked_tun6),
         ),
         balancer_case(NON_VIP, XDP_PASS, Gen::Fixed(non_vip)),
+        Case::new(
+            FULL_TABLE_SYN,
+            "balancer",
+            Prog::BalancerFull,
+            XDP_TX,
+            new(&new_vips.tcp, syn, base),
+        ),
     ];
     if with_decap {
         cases.push(Case::new(
@@ -783,6 +823,7 @@ fn measure(scale: Scale, rounds: usize, per_round: usize, cpu: usize) -> PerPack
     let tx = xdp(&floors, FLOOR_TX);
     let decap_before = decap.counters().expect("decap counters");
     let events_before = events(&dp);
+    let full_before = events(&full_dp);
     for round in 0..rounds {
         xlb_tests::harness::check_interrupted();
         for case in &mut cases {
@@ -794,6 +835,9 @@ fn measure(scale: Scale, rounds: usize, per_round: usize, cpu: usize) -> PerPack
                 Prog::FloorPass => pass,
                 Prog::FloorTx => tx,
                 Prog::Balancer => dp.program(prog_names::BALANCER).expect("balancer program"),
+                Prog::BalancerFull => full_dp
+                    .program(prog_names::BALANCER)
+                    .expect("balancer program"),
                 Prog::Decap => decap_prog,
             };
             let mut round_samples = Vec::with_capacity(per_round);
@@ -846,6 +890,21 @@ fn measure(scale: Scale, rounds: usize, per_round: usize, cpu: usize) -> PerPack
         delta("conntrack_insert_failed"),
         0,
         "conntrack inserts failed during the run (events: {events_after:?})"
+    );
+    // Every SYN into the full table was a new flow, inserted (over an
+    // evicted entry).
+    let full_after = events(&full_dp);
+    let full_calls = cases
+        .iter()
+        .find(|c| c.prog == Prog::BalancerFull)
+        .map_or(0, |c| c.samples.len() as u64);
+    assert_eq!(
+        (
+            full_after["conntrack_new"] - full_before["conntrack_new"],
+            full_after["conntrack_insert_failed"] - full_before["conntrack_insert_failed"]
+        ),
+        (full_calls, 0),
+        "the full table's SYNs were not all inserted as new flows (events: {full_after:?})"
     );
     // Flow sync's cases: the reporting case reported on every call and only
     // it did, no report was lost, and the promotion case took its real
