@@ -13,10 +13,7 @@ use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
     os::unix::fs::PermissionsExt as _,
     path::{Path, PathBuf},
-    sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
-    },
+    sync::Arc,
 };
 
 use anyhow::{Context as _, bail};
@@ -511,31 +508,16 @@ pub async fn run(
     };
     // A forced teardown of the pins stops the daemon too: the data path it
     // would go on reporting and changing is gone.
-    let detached = Arc::new(AtomicBool::new(false));
-    let stop = {
-        let (pin, detached) = (pin.clone(), detached.clone());
-        async move {
-            let Some(pin) = pin else {
-                return shutdown_signal().await;
-            };
-            tokio::select! {
-                () = shutdown_signal() => {}
-                () = pin.link_removed() => {
-                    detached.store(true, Ordering::Relaxed);
-                    tracing::error!(
-                        pins = %pin.path.display(),
-                        "the data path was detached from under this daemon (its pins were \
-                         removed: `xlb teardown --force`); stopping"
-                    );
-                }
-            }
-        }
-    };
+    let stop = stop_signal(
+        pin.clone(),
+        "the data path was detached from under this daemon (its pins were removed: `xlb \
+         teardown --force`); stopping",
+    );
     let served = axum::serve(listener, api::router(ctx))
         .with_graceful_shutdown(stop)
         .await;
     sd_notify("STOPPING=1");
-    let detached = detached.load(Ordering::Relaxed);
+    let detached = pin.as_ref().is_some_and(|pin| !pin.has_link());
     if pin.is_none() || detached {
         // The program goes with this daemon: the routers must stop sending
         // VIP traffic here first.
@@ -740,6 +722,20 @@ fn bind_socket(path: &Path, group: Option<&str>) -> anyhow::Result<UnixListener>
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
         .with_context(|| format!("setting permissions on {}", path.display()))?;
     Ok(listener)
+}
+
+/// Resolves at SIGINT or SIGTERM ([`shutdown_signal`]) or, for a process
+/// running on the pins `pin`, once a forced teardown removed its link
+/// ([`PinDir::link_removed`]), logging `detached` at ERROR. The caller tells
+/// the two apart by whether the link is still there.
+pub async fn stop_signal(pin: Option<PinDir>, detached: &'static str) {
+    let Some(pin) = pin else {
+        return shutdown_signal().await;
+    };
+    tokio::select! {
+        () = shutdown_signal() => {}
+        () = pin.link_removed() => tracing::error!(pins = %pin.path.display(), "{detached}"),
+    }
 }
 
 /// Resolves on SIGINT or SIGTERM.

@@ -194,7 +194,8 @@ impl<S: Send + Sync> FromRequest<S> for NoBody {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
-        let route = format!("{} {}", req.method(), req.uri().path());
+        // Kept for the refusal only (cheap copies, no text built per request).
+        let (method, uri) = (req.method().clone(), req.uri().clone());
         let body = Bytes::from_request(req, state).await.map_err(|e| {
             ApiError::bad_request(format!("invalid request body: {}", e.body_text()))
         })?;
@@ -202,7 +203,8 @@ impl<S: Send + Sync> FromRequest<S> for NoBody {
             return Ok(Self);
         }
         Err(ApiError::bad_request(format!(
-            "invalid request body: {route} takes no body (got {} bytes)",
+            "invalid request body: {method} {} takes no body (got {} bytes)",
+            uri.path(),
             body.len()
         )))
     }

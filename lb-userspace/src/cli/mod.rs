@@ -699,19 +699,11 @@ async fn run_decap(out: Out, args: DecapArgs) -> anyhow::Result<()> {
     };
     // A forced teardown of the pins stops it too: no NIC runs the program
     // whose counters it would go on reporting.
-    let stop = async {
-        let Some(pin) = &pin else {
-            return daemon::shutdown_signal().await;
-        };
-        tokio::select! {
-            () = daemon::shutdown_signal() => {}
-            () = pin.link_removed() => tracing::error!(
-                pins = %pin.path.display(),
-                "the decapsulator was detached from under this xlb decap (its pins were removed: \
-                 `xlb decap teardown --force`); stopping"
-            ),
-        }
-    };
+    let stop = daemon::stop_signal(
+        pin.clone(),
+        "the decapsulator was detached from under this xlb decap (its pins were removed: `xlb \
+         decap teardown --force`); stopping",
+    );
     tokio::pin!(stop);
     if args.report_interval == 0 {
         (&mut stop).await;
