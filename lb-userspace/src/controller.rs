@@ -50,10 +50,12 @@ const EVENTS: usize = 1024;
 const TICK: Duration = Duration::from_secs(1);
 
 /// How long a probe's verdict waits for others before the controller applies
-/// it: the verdicts of a burst of flips (every real behind a failed switch
-/// port) are one reconcile, one snapshot and one save instead of one each. A
-/// verdict is applied at most this much later than it was reached.
-const VERDICT_WINDOW: Duration = Duration::from_millis(20);
+/// it. None: the loop takes every event already queued first (`biased`), so
+/// the verdicts of a burst of flips (every real behind a failed switch port)
+/// that queued up meanwhile are one reconcile, one snapshot and one save, and
+/// a lone verdict reaches the table as soon as it is taken (a check that sees
+/// a probe up finds the real in the table).
+const VERDICT_WINDOW: Duration = Duration::ZERO;
 
 /// How often every real's MAC is checked against the neighbour table (the
 /// neighbour events catch changes at once; this is the safety net).
@@ -609,6 +611,8 @@ impl Controller {
             let verdicts_due =
                 tokio::time::sleep_until(due.unwrap_or_else(tokio::time::Instant::now));
             tokio::select! {
+                // Queued events first: the verdicts among them wait together.
+                biased;
                 event = rx.recv() => match event {
                     Some(event) => self.handle(event),
                     None => break,

@@ -395,7 +395,7 @@ fn a_real_without_the_vip_on_lo_is_down_via_the_vip_and_up_via_its_address() {
     wait_health(daemon, via_vip, rs1, "rs1 up via the VIP", |h| {
         h["status"]["up"] == true
     });
-    // The verdict reaches the table within the controller's window (20 ms).
+    // The verdict reaches the table once the controller takes it.
     xlb_tests::harness::wait_until("rs1 back in the VIP's table", || {
         real_listed(daemon, via_vip, rs1)["effective_weight"]
             .as_u64()
