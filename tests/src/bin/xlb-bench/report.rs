@@ -1366,6 +1366,41 @@ fn optimisations_md(w: &mut String, after: &[PerPacket], svg_dir: &Path) {
          also write the LRU's reference bit again after the evictions cleared it, which \
          a table with room never does: not measured apart). At 32K, full too but about \
          the size of the last-level cache, a SYN costs 13.46×.",
+        "**Measured, not shipped yet: a conntrack table of our own.** The cycled and new-flow \
+         cases pay for the kernel's LRU hash: a bucket line and an element of two to three \
+         lines per lookup, and on a full table the LRU's rotation and eviction, which touch \
+         cold elements and their buckets. A prototype (a scratch build of 48fc607, not in the \
+         tree) replaced `XLB_FLOWS` on the packet path with an array of 64-byte buckets \
+         (524,288 buckets of four 16-byte ways, 2M flows, 32 MiB, memory-mappable so that \
+         every bucket is one cache line): a way holds a 64-bit hash of the flow's five key \
+         words (multiply and xor-shift, about 20 BPF instructions) as its tag, and one word \
+         with the real id, 16 bits of its generation and a millisecond stamp; a lookup reads \
+         one line, an insert takes the matching way, else an empty one, else the oldest, in \
+         the same line, so a full table costs what a table with room does. A second variant \
+         also wrote each way's key into a parallel array of 48-byte records on insert (what \
+         userspace would read to list flows or serve a peer's full pull). Measured on this \
+         machine's AMD EPYC guest (2 vCPUs, 32 MiB L3; floors 102–114 ns, not the Intel guest \
+         of the tables above) in one sitting, 3 alternated triples of the release bench (flow \
+         sync's cases left out), medians over the runs of each run's mean ratio, min–max in \
+         brackets, today's table → prototype → prototype with keys: TCP SYN into the full \
+         table 13.92× (13.20–14.63) → 6.46× (5.53–7.54) → 7.39× (6.99–7.49) at 16 VIPs × 100 \
+         reals and 17.52× (17.42–27.39) → 6.64× (6.58–7.11) → 9.39× (9.19–11.29) at 1,000 × \
+         10; TCP SYN with room 7.71× → 5.32× → 6.83× and 11.37× → 6.29× → 8.59×; TCP tracked \
+         DR 4.06× → 3.46× → 3.64× and 6.11× → 4.10× → 4.58×; the same flow every call 2.87× → \
+         2.39× → 2.23× and 3.00× → 2.38× → 2.59×; not for a VIP and decap unchanged within \
+         their spread. Of 600,000 tracked calls per configuration, 30–49 missed: a bucket \
+         whose four ways all took newer flows evicts before the table is full (the table held \
+         about a quarter of its capacity), which a global LRU never does. So the new-flow \
+         target is within reach with a table of our own, and the tracked targets come closer \
+         but are not met by it alone; the keys must not be written on the packet path (they \
+         took a third of the gain back: each 48-byte record is a line, often two, in a 96 MiB \
+         array; not measured apart) and come instead from flow sync's ring, which already \
+         carries every confirmed flow's key to userspace. What moving to it takes: the table \
+         written from userspace too (tests, the bench, flow sync's promotion), flows counted \
+         and listed from it, flow sync's full pull served from the keys userspace learnt and \
+         kept across restarts, a pinned LRU table of an older version migrated on upgrade, \
+         ordered writes of the tag and the state word on other architectures than x86, and a \
+         seed for the hash kept with the pinned table.",
         "**Not done yet** (each needs a map or userspace change that did not fit this round): \
          a conntrack key of 16 bytes for IPv4 (the profile above says the jhash and compare \
          it would shorten are a small share); and the settings in a global instead of an \
