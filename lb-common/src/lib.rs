@@ -51,6 +51,11 @@ pub mod map_names {
     /// service key and VIP address (a superset: other keys may share a bit).
     /// A packet whose bit is clear is not for a VIP, without a hash lookup.
     pub const VIP_FILTER: &str = "XLB_VIP_FILTER";
+    /// `Array<VipSlot>` of [`super::VIP_SLOTS_LEN`] entries, memory-mappable:
+    /// the VIP that holds each VIP filter slot, its key and its meta, so that
+    /// a packet for a VIP finds its meta with one array read. Keys that share
+    /// a slot with the holder are found in [`VIPS`]; see [`super::VipSlot`].
+    pub const VIP_SLOTS: &str = "XLB_VIP_SLOTS";
     /// Decap program: `PerCpuArray<Counter>` indexed by [`super::decap_stat`].
     pub const DECAP_STATS: &str = "XLB_DECAP_STATS";
 }
@@ -211,6 +216,47 @@ pub struct VipMeta {
     pub flags: u32,
 }
 const _: () = assert!(size_of::<VipMeta>() == 16);
+
+/// Entries of [`map_names::VIP_SLOTS`]: one per VIP filter slot.
+pub const VIP_SLOTS_LEN: u32 = 1 << VIP_FILTER_BITS_LOG2;
+
+/// Value of [`map_names::VIP_SLOTS`]: the VIP that holds one VIP filter slot
+/// ([`vip_filter_slot`] of its key). As five 8-byte words: the address's two
+/// halves, the tag word (port, protocol, family, `seq`), the meta's two.
+///
+/// The daemon writes an entry through a memory mapping, word by word (each
+/// an aligned 8-byte store): the tag word first with `family` 0 and `seq`
+/// moved on (no packet's key has family 0, so the entry matches nothing),
+/// then the address and the meta, then the tag word with the family and
+/// `seq` moved on again. The data path reads the tag word, the address and
+/// the meta, then the tag word again, and takes the meta only when the key
+/// matched and the tag word did not change: a write in between moves `seq`.
+/// Anything else (an empty slot, another key on it, a write in progress)
+/// falls back to the [`map_names::VIPS`] lookup, which is always complete.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VipSlot {
+    /// The VIP's address, network order.
+    pub addr: [u8; 16],
+    /// [`VipKey::port_be`].
+    pub port_be: u16,
+    /// [`VipKey::proto`].
+    pub proto: u8,
+    /// [`VipKey::family`]; 0 while the entry is empty or being written.
+    pub family: u8,
+    /// Moved on by every write, so that a reader can tell one happened.
+    pub seq: u32,
+    /// The VIP's meta, as in [`map_names::VIPS`].
+    pub meta: VipMeta,
+}
+const _: () = assert!(size_of::<VipSlot>() == 40);
+
+/// [`VipSlot`]'s tag word without `seq` (its low 32 bits, as the data path
+/// reads the little-endian word): the key's port, protocol and family.
+#[inline(always)]
+pub const fn vip_slot_tag(port_be: u16, proto: u8, family: u8) -> u32 {
+    port_be as u32 | (proto as u32) << 16 | (family as u32) << 24
+}
 
 /// Hash only the source address (IPVS `sh`-like persistence) instead of the 5-tuple.
 pub const VIP_F_HASH_SRC_ONLY: u32 = 1 << 0;
@@ -653,6 +699,7 @@ mod pod {
     // implicit padding (the size asserts above pin their layout).
     unsafe impl aya::Pod for super::VipKey {}
     unsafe impl aya::Pod for super::VipMeta {}
+    unsafe impl aya::Pod for super::VipSlot {}
     unsafe impl aya::Pod for super::AddrKey {}
     unsafe impl aya::Pod for super::RealDef {}
     unsafe impl aya::Pod for super::Config {}

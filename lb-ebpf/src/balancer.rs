@@ -13,7 +13,7 @@ use crate::{
     conntrack::{self, Choice, Track},
     forward::{self, ForwardError},
     icmp::{self, IcmpAction},
-    maps::{CONFIG, VIP_ADDRS, VIPS, maybe_vip},
+    maps::{CONFIG, VIP_ADDRS, maybe_vip, vip_meta},
     parse::{self, Addr, Aligned, ETH_P_IP, ETH_P_IPV6, L2, L3, Mac, ptr_at, read_at},
     stats,
 };
@@ -109,8 +109,7 @@ fn process(ctx: &XdpContext, bytes: u64) -> Verdict {
             proto: l3.proto,
             family: l3.family,
         });
-        // SAFETY: a lookup in a map only this program and the daemon touch.
-        let Some(meta) = (unsafe { VIPS.get(&vip.0) }) else {
+        let Some(meta) = vip_meta(&vip) else {
             return Verdict::Pass(stat::PASS_NOT_VIP);
         };
         // A service's first fragment: the later ones cannot follow it.
@@ -120,11 +119,11 @@ fn process(ctx: &XdpContext, bytes: u64) -> Verdict {
         let Some(tcp_flags) = whole_transport_header(ctx, l3.l4_off, l3.proto == PROTO_TCP) else {
             return Verdict::Drop(stat::DROP_MALFORMED);
         };
-        return service(ctx, &l2, &l3, meta, ports, tcp_flags, config, bytes);
+        return service(ctx, &l2, &l3, &meta.0, ports, tcp_flags, config, bytes);
     }
     // Everything else is ours only when its address carries a VIP.
     let addr_key = addr_key(&l3.dst, l3.family);
-    // SAFETY: as above.
+    // SAFETY: a lookup in a map only this program and the daemon touch.
     if unsafe { VIP_ADDRS.get(&addr_key.0) }.is_none() {
         return Verdict::Pass(stat::PASS_NOT_VIP);
     }
@@ -234,10 +233,10 @@ fn icmp(ctx: &XdpContext, l2: &L2, l3: &L3, config: &Config, bytes: u64) -> Verd
         IcmpAction::Malformed => Verdict::Drop(stat::DROP_MALFORMED),
         IcmpAction::Failed => Verdict::Aborted,
         IcmpAction::Steer { vip, flow } => {
-            // SAFETY: as above.
-            let Some(meta) = (unsafe { VIPS.get(&vip.0) }) else {
+            let Some(meta) = vip_meta(&vip) else {
                 return Verdict::Pass(stat::PASS_ICMP);
             };
+            let meta = &meta.0;
             // An error message is no packet of the flow: look up, else Maglev;
             // no new entry, no refresh, no conntrack events.
             let Some(choice) = conntrack::choose(meta, &flow, 0, Track::ErrorAbout, config) else {

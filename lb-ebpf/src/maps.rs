@@ -1,6 +1,8 @@
 //! Map definitions. Names and value types come from `lb-common` so userspace
 //! opens exactly these; see docs/architecture.md for who writes each one.
 
+use core::{mem::transmute, ptr::read_volatile};
+
 use aya_ebpf::{
     bindings::BPF_F_MMAPABLE,
     macros::map,
@@ -8,11 +10,11 @@ use aya_ebpf::{
 };
 use lb_common::{
     AddrKey, Config, Counter, FLOW_EVENTS_BYTES, FLOWS_DEFAULT, FloodWindow, FlowKey, FlowState,
-    MAX_REALS, MAX_VIPS, RING_ENTRIES, RealDef, VIP_FILTER_WORDS, VipKey, VipMeta, WINDOWS, stat,
-    vip_filter_slot_words,
+    MAX_REALS, MAX_VIPS, RING_ENTRIES, RealDef, VIP_FILTER_WORDS, VIP_SLOTS_LEN, VipKey, VipMeta,
+    VipSlot, WINDOWS, stat, vip_filter_slot_words, vip_slot_tag,
 };
 
-use crate::parse::Addr;
+use crate::parse::{Addr, Aligned};
 
 /// Virtual services: (address, port, protocol) → VIP metadata.
 #[map(name = "XLB_VIPS")]
@@ -41,6 +43,46 @@ pub fn maybe_vip(addr: &Addr, port_be: u16, proto: u8) -> bool {
         // Cannot happen (the slot is in range): the maps decide.
         None => true,
     }
+}
+
+/// The VIP holding each VIP filter slot, with its key and meta
+/// (`lb_common::VipSlot`, which says how the daemon writes an entry and how
+/// [`crate::balancer`] reads one): a packet for that VIP finds its meta with
+/// one array read instead of the [`VIPS`] hash lookup. Memory-mappable: the
+/// daemon writes each entry word by word.
+#[map(name = "XLB_VIP_SLOTS")]
+pub static VIP_SLOTS: Array<VipSlot> = Array::with_max_entries(VIP_SLOTS_LEN, BPF_F_MMAPABLE);
+
+/// The meta of the VIP `key`: from its slot of [`VIP_SLOTS`] when the slot
+/// holds that key and no write crossed the read (`lb_common::VipSlot`),
+/// else from [`VIPS`], which holds every VIP. `None`: not a VIP.
+#[inline(always)]
+pub fn vip_meta(key: &Aligned<VipKey>) -> Option<Aligned<VipMeta>> {
+    let k = &key.0;
+    // SAFETY: the address is the key's first 16 bytes, 8-aligned in the holder.
+    let [hi, lo] = unsafe { (key as *const Aligned<VipKey>).cast::<[u64; 2]>().read() };
+    let tag = vip_slot_tag(k.port_be, k.proto, k.family);
+    if let Some(entry) = VIP_SLOTS.get_ptr(vip_filter_slot_words([hi, lo], k.port_be, k.proto)) {
+        let w = entry.cast::<u64>();
+        // SAFETY: the five words of a live array element, 8-aligned (the
+        // values are 40 bytes apart from a page boundary). Volatile, so that
+        // the tag word is read before and after the others, not once.
+        unsafe {
+            let before = read_volatile(w.add(2));
+            if before as u32 == tag && read_volatile(w) == hi && read_volatile(w.add(1)) == lo {
+                let meta = [read_volatile(w.add(3)), read_volatile(w.add(4))];
+                if read_volatile(w.add(2)) == before {
+                    return Some(transmute::<[u64; 2], Aligned<VipMeta>>(meta));
+                }
+            }
+        }
+    }
+    // SAFETY: a lookup in a map only this program and the daemon touch; the
+    // value is 8-aligned in its element and 16 bytes, copied as two words.
+    let meta = unsafe { VIPS.get(k) }?;
+    Some(unsafe {
+        transmute::<[u64; 2], Aligned<VipMeta>>((meta as *const VipMeta).cast::<[u64; 2]>().read())
+    })
 }
 
 /// The ring pool: every VIP's Maglev tables, at the offsets `VipMeta.ring_off`

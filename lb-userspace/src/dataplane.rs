@@ -15,8 +15,8 @@ use aya::{
 };
 use lb_common::{
     AddrKey, Config, Counter, FLOWS_DEFAULT, FlowKey, FlowState, MAX_REALS, MAX_VIPS, RING_ENTRIES,
-    RING_POOL, RING_SIZE_MAX, RealDef, VIP_FILTER_BITS_LOG2, VIP_FILTER_WORDS, VipKey, VipMeta,
-    map_names, prog_names, stat, vip_filter_slot,
+    RING_POOL, RING_SIZE_MAX, RealDef, VIP_FILTER_BITS_LOG2, VIP_FILTER_WORDS, VIP_SLOTS_LEN,
+    VipKey, VipMeta, map_names, prog_names, stat, vip_filter_slot, vip_slot_tag,
 };
 
 /// The compiled balancer object, built by build.rs with aya-build.
@@ -42,9 +42,10 @@ impl Default for LoadOptions {
 
 /// Every map of the balancer object (`AYA_LOGS` carries the program's debug
 /// log lines to the daemon).
-pub const BALANCER_MAPS: [&str; 14] = [
+pub const BALANCER_MAPS: [&str; 15] = [
     "AYA_LOGS",
     map_names::VIPS,
+    map_names::VIP_SLOTS,
     map_names::VIP_ADDRS,
     map_names::VIP_FILTER,
     map_names::RINGS,
@@ -121,21 +122,21 @@ pub(crate) fn map_err(name: &'static str) -> impl FnOnce(aya::maps::MapError) ->
     move |source| DataplaneError::Map { name, source }
 }
 
-/// The ring map mapped into our memory: a table is written with one copy.
-struct Rings {
-    ptr: NonNull<u32>,
+/// A memory-mappable array map mapped into our memory as `len` values of
+/// `T` with no gaps (the caller's `T` matches the kernel's layout: values
+/// `round_up(value_size, 8)` bytes apart), written without a system call.
+struct Mapped<T> {
+    ptr: NonNull<T>,
     len: usize,
     _map: MapData,
 }
 
 // SAFETY: the mapping is owned by this value and only written through &mut self.
-unsafe impl Send for Rings {}
+unsafe impl<T> Send for Mapped<T> {}
 
-impl Rings {
-    fn new(map: MapData) -> Result<Self> {
-        // RING_ENTRIES entries of [u32; 2]: exactly RING_POOL u32 slots, no gaps.
-        let len = (RING_ENTRIES as usize) * 2;
-        let bytes = len * size_of::<u32>();
+impl<T> Mapped<T> {
+    fn new(map: MapData, len: usize, name: &'static str) -> Result<Self> {
+        let bytes = len * size_of::<T>();
         let fd = map.fd().as_fd();
         // SAFETY: mapping a BPF_F_MMAPABLE array of exactly `bytes` bytes; the
         // kernel keeps the map alive while the mapping exists.
@@ -151,12 +152,12 @@ impl Rings {
         };
         if ptr == libc::MAP_FAILED {
             return Err(DataplaneError::Mmap {
-                name: map_names::RINGS,
+                name,
                 source: std::io::Error::last_os_error(),
             });
         }
-        let ptr = NonNull::new(ptr.cast::<u32>()).ok_or(DataplaneError::Mmap {
-            name: map_names::RINGS,
+        let ptr = NonNull::new(ptr.cast::<T>()).ok_or(DataplaneError::Mmap {
+            name,
             source: std::io::Error::other("mmap returned null"),
         })?;
         Ok(Self {
@@ -166,27 +167,176 @@ impl Rings {
         })
     }
 
-    /// Slots `[off, off + len)` of the pool; callers check the range.
-    fn range(&self, off: u32, len: u32) -> &[u32] {
+    /// Values `[off, off + len)`; callers check the range.
+    fn range(&self, off: u32, len: u32) -> &[T] {
         debug_assert!(off as usize + len as usize <= self.len);
         // SAFETY: the range is inside the mapping (checked by callers).
         unsafe { std::slice::from_raw_parts(self.ptr.as_ptr().add(off as usize), len as usize) }
     }
 
-    fn range_mut(&mut self, off: u32, len: u32) -> &mut [u32] {
+    fn range_mut(&mut self, off: u32, len: u32) -> &mut [T] {
         debug_assert!(off as usize + len as usize <= self.len);
         // SAFETY: as above, and &mut self makes this the only writer.
         unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr().add(off as usize), len as usize) }
     }
 }
 
-impl Drop for Rings {
+impl<T> Drop for Mapped<T> {
     fn drop(&mut self) {
-        // SAFETY: unmapping exactly what Rings::new mapped.
+        // SAFETY: unmapping exactly what Mapped::new mapped.
         unsafe {
-            libc::munmap(self.ptr.as_ptr().cast(), self.len * size_of::<u32>());
+            libc::munmap(self.ptr.as_ptr().cast(), self.len * size_of::<T>());
         }
     }
+}
+
+/// The ring map: RING_ENTRIES entries of [u32; 2], exactly RING_POOL u32
+/// slots with no gaps, so a table is written with one copy.
+fn rings(map: MapData) -> Result<Mapped<u32>> {
+    Mapped::new(map, (RING_ENTRIES as usize) * 2, map_names::RINGS)
+}
+
+/// `XLB_VIP_SLOTS` (`lb_common::VipSlot`) as five words per entry, and the
+/// key whose entry each slot holds. The first VIP on a slot holds it; a VIP
+/// that shares a slot with the holder is found by the program in
+/// `XLB_VIPS`, and takes the slot over when the holder leaves.
+struct VipSlots {
+    entries: Mapped<[u64; 5]>,
+    holders: std::collections::HashMap<u32, VipKey>,
+}
+
+impl VipSlots {
+    /// Takes the slots over with the VIPs the map holds (a pinned map may be
+    /// under a running program): per slot the first of its keys in key
+    /// order; entries that already say so are left alone, the rest are
+    /// written or emptied.
+    fn new(map: MapData, vips: &[(VipKey, VipMeta)]) -> Result<Self> {
+        let mut slots = Self {
+            entries: Mapped::new(map, VIP_SLOTS_LEN as usize, map_names::VIP_SLOTS)?,
+            holders: std::collections::HashMap::new(),
+        };
+        let mut first: std::collections::BTreeMap<u32, (VipKey, VipMeta)> =
+            std::collections::BTreeMap::new();
+        for (key, meta) in vips {
+            first
+                .entry(vip_slot(key))
+                .and_modify(|held| {
+                    if *key < held.0 {
+                        *held = (*key, *meta);
+                    }
+                })
+                .or_insert((*key, *meta));
+        }
+        for slot in 0..VIP_SLOTS_LEN {
+            match first.get(&slot) {
+                Some(&(key, meta)) => {
+                    if slots.read(slot) != Some((key, meta)) {
+                        slots.write(slot, &key, &meta);
+                    }
+                    slots.holders.insert(slot, key);
+                }
+                None if slots.read(slot).is_some() => slots.empty(slot),
+                None => {}
+            }
+        }
+        Ok(slots)
+    }
+
+    /// The VIP entry `slot` holds, `None` when it is empty (or being written).
+    fn read(&self, slot: u32) -> Option<(VipKey, VipMeta)> {
+        let w = &self.entries.range(slot, 1)[0];
+        // SAFETY: reads of our mapping; volatile, as the program's are.
+        let [hi, lo, tag, m0, m1] =
+            std::array::from_fn(|i| unsafe { std::ptr::read_volatile(&w[i]) });
+        let [port0, port1, proto, family, ..] = tag.to_ne_bytes();
+        if family == 0 {
+            return None;
+        }
+        let mut addr = [0u8; 16];
+        addr[..8].copy_from_slice(&hi.to_ne_bytes());
+        addr[8..].copy_from_slice(&lo.to_ne_bytes());
+        let key = VipKey {
+            addr,
+            port_be: u16::from_ne_bytes([port0, port1]),
+            proto,
+            family,
+        };
+        // SAFETY: VipMeta is 16 bytes of plain integers.
+        let meta = unsafe { std::mem::transmute::<[u64; 2], VipMeta>([m0, m1]) };
+        Some((key, meta))
+    }
+
+    /// Writes `key` and `meta` into `slot` in the order `lb_common::VipSlot`
+    /// gives: the entry matches no key until its last word is written.
+    fn write(&mut self, slot: u32, key: &VipKey, meta: &VipMeta) {
+        let w = &mut self.entries.range_mut(slot, 1)[0];
+        let [hi, lo] = key_words(key);
+        // SAFETY: VipMeta is 16 bytes of plain integers.
+        let [m0, m1] = unsafe { std::mem::transmute::<VipMeta, [u64; 2]>(*meta) };
+        // SAFETY: aligned word stores into our mapping; the fences keep the
+        // program from seeing them in another order.
+        unsafe {
+            let seq = (std::ptr::read_volatile(&w[2]) >> 32) as u32;
+            std::ptr::write_volatile(&mut w[2], u64::from(seq.wrapping_add(1)) << 32);
+            std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+            std::ptr::write_volatile(&mut w[0], hi);
+            std::ptr::write_volatile(&mut w[1], lo);
+            std::ptr::write_volatile(&mut w[3], m0);
+            std::ptr::write_volatile(&mut w[4], m1);
+            std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+            let tag = vip_slot_tag(key.port_be, key.proto, key.family);
+            std::ptr::write_volatile(
+                &mut w[2],
+                u64::from(tag) | u64::from(seq.wrapping_add(2)) << 32,
+            );
+        }
+    }
+
+    /// Empties `slot`: its tag word gets family 0 and a new `seq`.
+    fn empty(&mut self, slot: u32) {
+        let w = &mut self.entries.range_mut(slot, 1)[0];
+        // SAFETY: as in write.
+        unsafe {
+            let seq = (std::ptr::read_volatile(&w[2]) >> 32) as u32;
+            std::ptr::write_volatile(&mut w[2], u64::from(seq.wrapping_add(1)) << 32);
+            std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
+    /// `key` was put into `XLB_VIPS` with `meta`: its slot follows when it is
+    /// free or already `key`'s.
+    fn put(&mut self, key: &VipKey, meta: &VipMeta) {
+        let slot = vip_slot(key);
+        match self.holders.get(&slot) {
+            Some(holder) if holder != key => {}
+            _ => {
+                self.write(slot, key, meta);
+                self.holders.insert(slot, *key);
+            }
+        }
+    }
+
+    /// `key` is about to leave `XLB_VIPS`: its slot is emptied when it held
+    /// it (the program then finds the key in `XLB_VIPS` until it is gone).
+    /// Returns the slot to give to another key, if any.
+    fn release(&mut self, key: &VipKey) -> Option<u32> {
+        let slot = vip_slot(key);
+        if self.holders.get(&slot) != Some(key) {
+            return None;
+        }
+        self.empty(slot);
+        self.holders.remove(&slot);
+        Some(slot)
+    }
+}
+
+/// A VIP key's address as the two native words the program compares.
+fn key_words(key: &VipKey) -> [u64; 2] {
+    let (hi, lo) = key.addr.split_at(8);
+    [
+        u64::from_ne_bytes(hi.try_into().expect("8 bytes")),
+        u64::from_ne_bytes(lo.try_into().expect("8 bytes")),
+    ]
 }
 
 /// The VIP filter (`XLB_VIP_FILTER`) and the keys behind its bits. The
@@ -285,7 +435,8 @@ pub struct Dataplane {
     filter: VipFilter,
     flows: HashMap<MapData, FlowKey, FlowState>,
     flow_capacity: u32,
-    rings: Rings,
+    rings: Mapped<u32>,
+    slots: VipSlots,
     reals: Array<MapData, RealDef>,
     config: Array<MapData, Config>,
     stats: PerCpuArray<MapData, Counter>,
@@ -325,12 +476,14 @@ impl Dataplane {
             .map_err(map_err(map_names::VIPS))?;
         let vip_addrs = HashMap::try_from(take(&mut ebpf, map_names::VIP_ADDRS)?)
             .map_err(map_err(map_names::VIP_ADDRS))?;
+        let entries = vips
+            .iter()
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(map_err(map_names::VIPS))?;
         let filter = VipFilter::new(
             Array::try_from(take(&mut ebpf, map_names::VIP_FILTER)?)
                 .map_err(map_err(map_names::VIP_FILTER))?,
-            vips.keys()
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(map_err(map_names::VIPS))?,
+            entries.iter().map(|(key, _)| *key),
             vip_addrs
                 .keys()
                 .collect::<Result<Vec<_>, _>>()
@@ -347,8 +500,12 @@ impl Dataplane {
         };
         let flows = HashMap::try_from(flows).map_err(map_err(map_names::FLOWS))?;
         let rings = match take(&mut ebpf, map_names::RINGS)? {
-            Map::Array(data) => Rings::new(data)?,
+            Map::Array(data) => rings(data)?,
             _ => return Err(DataplaneError::MissingMap(map_names::RINGS)),
+        };
+        let slots = match take(&mut ebpf, map_names::VIP_SLOTS)? {
+            Map::Array(data) => VipSlots::new(data, &entries)?,
+            _ => return Err(DataplaneError::MissingMap(map_names::VIP_SLOTS)),
         };
         let reals = Array::try_from(take(&mut ebpf, map_names::REALS)?)
             .map_err(map_err(map_names::REALS))?;
@@ -368,6 +525,7 @@ impl Dataplane {
             flows,
             flow_capacity,
             rings,
+            slots,
             reals,
             config,
             stats,
@@ -475,7 +633,8 @@ impl Dataplane {
         Ok(self.rings.range(off, len).to_vec())
     }
 
-    /// Inserts or replaces a VIP (its filter bit set first).
+    /// Inserts or replaces a VIP (its filter bit set first, its slot entry
+    /// written after it is in `XLB_VIPS`).
     pub fn put_vip(&mut self, key: &VipKey, meta: &VipMeta) -> Result<()> {
         check(meta.vip_id, MAX_VIPS, "VIP id")?;
         if !self.filter.vips.contains(key) {
@@ -484,17 +643,44 @@ impl Dataplane {
         }
         self.vips
             .insert(key, meta, 0)
-            .map_err(map_err(map_names::VIPS))
+            .map_err(map_err(map_names::VIPS))?;
+        self.slots.put(key, meta);
+        Ok(())
     }
 
-    /// Removes a VIP (then its filter bit, unless another key holds it).
+    /// Removes a VIP: its slot entry emptied first, then the `XLB_VIPS`
+    /// entry, then its filter bit unless another key holds it; a key left on
+    /// the slot takes it over.
     pub fn remove_vip(&mut self, key: &VipKey) -> Result<()> {
+        let freed = self.slots.release(key);
         let removed = self.vips.remove(key);
         let gone = matches!(removed, Ok(()) | Err(aya::maps::MapError::KeyNotFound));
         if gone && self.filter.vips.remove(key) {
             self.filter.release(vip_slot(key))?;
         }
+        if let Some(slot) = freed {
+            let next = self
+                .filter
+                .vips
+                .iter()
+                .filter(|k| vip_slot(k) == slot)
+                .min()
+                .copied();
+            // A failed read leaves the slot empty, which only costs the
+            // program the XLB_VIPS lookup for that key.
+            if let Some(next) = next
+                && let Ok(Some(meta)) = self.get_vip(&next)
+            {
+                self.slots.put(&next, &meta);
+            }
+        }
         removed.map_err(map_err(map_names::VIPS))
+    }
+
+    /// The VIP entry of `XLB_VIP_SLOTS` on `key`'s slot, as the program
+    /// reads it (`None`: empty); it may be another key's.
+    pub fn vip_slot(&self, key: &VipKey) -> Option<(VipKey, VipMeta)> {
+        self.slots.read(vip_slot(key))
     }
 
     /// Sets how many VIPs live on an address (0 removes the address), with

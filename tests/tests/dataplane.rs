@@ -200,6 +200,18 @@ impl Fixture {
             .unwrap_or_else(|e| panic!("{edit:?}: {}", Chain(&e)));
     }
 
+    /// Adds a service with the default options and no health check.
+    fn add_vip(&mut self, vip: Vip) {
+        self.edit(
+            Edit::AddVip {
+                vip,
+                options: VipOptions::default(),
+                health: None,
+            },
+            &[],
+        );
+    }
+
     fn vip(&self, vip: &str) -> Vip {
         let _ = self;
         vip.parse().expect("valid VIP")
@@ -1902,14 +1914,7 @@ fn vip_filter_bit_stays_while_another_service_holds_it() {
         .find(|&(a, p)| slot(a, p) == held)
         .expect("a service sharing the bit");
     let other: Vip = format!("{addr}:{port}/tcp").parse().expect("valid VIP");
-    fx.edit(
-        Edit::AddVip {
-            vip: other,
-            options: VipOptions::default(),
-            health: None,
-        },
-        &[],
-    );
+    fx.add_vip(other);
     let to_other = packet::tcp(CLIENT, 40000, addr, port, true, &[]);
     assert_eq!(fx.run(&to_other).0, XDP_DROP, "{other} (no reals) is ours");
     fx.edit(Edit::DelVip(other), &[]);
@@ -1921,6 +1926,109 @@ fn vip_filter_bit_stays_while_another_service_holds_it() {
     assert_eq!(v, XDP_TX, "203.0.113.10:80/tcp after {other} left its bit");
     let (real, mac) = fx.maglev("203.0.113.10:80/tcp", CLIENT.into(), 40001);
     assert_eq!(out[0..6], mac, "sent to {real}");
+}
+
+/// `XLB_VIP_SLOTS`, which gives a packet its VIP's meta without the hash
+/// lookup, follows every change of the VIP holding a slot, and hands the
+/// slot to a service sharing it when the holder leaves: every packet gets
+/// its own VIP's meta, whichever way it finds it. The two services share
+/// port, protocol and family, so only their addresses tell them apart.
+#[test]
+fn a_vip_slot_follows_its_vip_and_passes_to_the_next_service_on_it() {
+    let mut fx = Fixture::new();
+    let holder = fx.vip("[2001:db8:203::10]:80/tcp");
+    let slot = |addr: Ipv6Addr| lb_common::vip_filter_slot(&addr.octets(), 80u16.to_be(), 6);
+    let addr = (0x100..=0xf_ffffu32)
+        .map(|n| Ipv6Addr::new(0x2001, 0xdb8, 0x203, 0, 0, 0, (n >> 16) as u16, n as u16))
+        .find(|&a| slot(a) == slot(VIP6_DR))
+        .expect("a service sharing the slot");
+    let other: Vip = format!("[{addr}]:80/tcp").parse().expect("valid VIP");
+    let in_slot = |fx: &Fixture, vip: &Vip| fx.dp.vip_slot(&vip.key()).map(|(k, _)| k);
+    fx.add_vip(other);
+    for d in [0x31, 0x32] {
+        let real = IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0x100, 0, 0, 0, 0, d));
+        fx.edit(
+            Edit::AddReal {
+                vip: other,
+                real,
+                weight: 1,
+            },
+            &[(real, mac_of(real))],
+        );
+    }
+    assert_eq!(
+        in_slot(&fx, &other),
+        Some(holder.key()),
+        "the first service on the slot holds it"
+    );
+    // Every new flow of either service goes to the real its own table gives.
+    let check = |fx: &Fixture, vip: &Vip, base: u16| {
+        for sport in base..base + 64 {
+            let syn = packet::client(
+                CLIENT6.into(),
+                vip.addr,
+                packet::L2::default(),
+                packet::L4::Tcp {
+                    sport,
+                    dport: 80,
+                    syn: true,
+                    payload: &[],
+                },
+            );
+            let (v, out) = fx.run(&syn);
+            assert_eq!(v, XDP_TX, "{vip} from port {sport}");
+            let (real, mac) = fx.maglev(&vip.to_string(), CLIENT6.into(), sport);
+            assert_eq!(out[0..6], mac, "{vip} from port {sport}: sent to {real}");
+        }
+    };
+    check(&fx, &holder, 41000);
+    check(&fx, &other, 42000);
+    // The holder's table changes size: its entry follows (a stale one would
+    // pick from the old table with the old size).
+    fx.edit(
+        Edit::SetVip {
+            vip: holder,
+            scheduler: None,
+            table_size: Some(1021),
+            health: None,
+        },
+        &[],
+    );
+    assert_eq!(
+        fx.dp.vip_slot(&holder.key()),
+        fx.dp
+            .get_vip(&holder.key())
+            .expect("reading XLB_VIPS")
+            .map(|meta| (holder.key(), meta)),
+        "the slot holds the holder's new meta"
+    );
+    check(&fx, &holder, 43000);
+    // The holder leaves: its packets are no service's, the other service
+    // takes the slot over and keeps its flows' reals.
+    fx.edit(Edit::DelVip(holder), &[]);
+    let gone = packet::client(
+        CLIENT6.into(),
+        VIP6_DR.into(),
+        packet::L2::default(),
+        packet::L4::Tcp {
+            sport: 44000,
+            dport: 80,
+            syn: true,
+            payload: &[],
+        },
+    );
+    let not_vip = verdict(&fx, stat::PASS_NOT_VIP);
+    assert_eq!(fx.run(&gone).0, XDP_PASS, "{holder} is gone");
+    assert_eq!(verdict(&fx, stat::PASS_NOT_VIP), not_vip + 1);
+    assert_eq!(
+        in_slot(&fx, &other),
+        Some(other.key()),
+        "{other} took the slot over"
+    );
+    check(&fx, &other, 45000);
+    // And leaves it empty when it goes too.
+    fx.edit(Edit::DelVip(other), &[]);
+    assert_eq!(in_slot(&fx, &other), None, "nobody holds the slot");
 }
 
 /// Why the verifier refused a program, in one line an engineer can act on:
