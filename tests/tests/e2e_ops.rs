@@ -10,12 +10,17 @@
 use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
+use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 use xlb_tests::harness::require_root;
+
+use aya::maps::{Array, HashMap as AyaHashMap, Map, MapData};
+use lb_common::{VipKey, VipMeta, VipSlot, map_names};
+use lb_userspace::model::Vip;
 
 use nix::sys::signal::Signal;
 use xlb_tests::harness::{
@@ -248,6 +253,34 @@ fn kill_9_and_restart_adopts_the_pins_and_no_request_fails() {
     );
 }
 
+/// The meta `service`'s slot of the pinned `XLB_VIP_SLOTS` at `pin` holds,
+/// when the slot holds `service`.
+fn vip_slot_meta(pin: &Path, service: &str) -> Option<VipMeta> {
+    let key = service.parse::<Vip>().expect("a valid service").key();
+    let map = MapData::from_pin(pin).unwrap_or_else(|e| panic!("opening {}: {e}", pin.display()));
+    let slots: Array<_, VipSlot> = Array::try_from(Map::Array(map)).expect("an array map");
+    let slot = lb_common::vip_filter_slot(&key.addr, key.port_be, key.proto);
+    let entry = slots
+        .get(&slot, 0)
+        .unwrap_or_else(|e| panic!("reading slot {slot}: {e}"));
+    let held = (entry.addr, entry.port_be, entry.proto, entry.family);
+    (held == (key.addr, key.port_be, key.proto, key.family)).then_some(entry.meta)
+}
+
+/// `service`'s meta in the pinned `XLB_VIPS` at `pin`.
+fn vip_meta(pin: &Path, service: &str) -> VipMeta {
+    let key = service.parse::<Vip>().expect("a valid service").key();
+    let map = MapData::from_pin(pin).unwrap_or_else(|e| panic!("opening {}: {e}", pin.display()));
+    let vips: AyaHashMap<_, VipKey, VipMeta> =
+        AyaHashMap::try_from(Map::HashMap(map)).expect("a hash map");
+    vips.get(&key, 0)
+        .unwrap_or_else(|e| panic!("{service} in {}: {e}", pin.display()))
+}
+
+/// An upgrade as the package does it: SIGTERM leaves the data path running,
+/// `xlb run --replace` swaps the program in place, from pins of a release
+/// that had one map fewer (`XLB_VIP_SLOTS`), and an open connection keeps
+/// its real throughout.
 #[test]
 fn an_open_connection_keeps_its_real_across_run_replace() {
     require_root();
@@ -295,6 +328,17 @@ fn an_open_connection_keeps_its_real_across_run_replace() {
     );
     assert_eq!(get("with no daemon running"), first);
 
+    // The upgrade comes from a release without XLB_VIP_SLOTS: its pins lack
+    // that map (the running program keeps its own; unpinning frees nothing).
+    let slots_pin = run
+        .pins()
+        .into_iter()
+        .find(|p| p.ends_with(map_names::VIP_SLOTS))
+        .unwrap_or_else(|| panic!("no {} pin in {:?}", map_names::VIP_SLOTS, run.pins()));
+    let slots_pin = run.pin_dir().join(slots_pin);
+    std::fs::remove_file(&slots_pin)
+        .unwrap_or_else(|e| panic!("removing {}: {e}", slots_pin.display()));
+
     daemon = Daemon::start_pinned(&topo.lb.ns, "eth0", &run, &["--replace"]);
     let log = daemon.log();
     assert!(
@@ -307,6 +351,17 @@ fn an_open_connection_keeps_its_real_across_run_replace() {
         "eth0 still runs program {prog_before} after --replace"
     );
     assert_eq!(get("after xlb run --replace"), first);
+    // The new daemon made the missing map and gave the service its slot
+    // before its program, which reads it, took over.
+    assert_eq!(
+        vip_slot_meta(&slots_pin, SERVICE),
+        Some(vip_meta(
+            &slots_pin.with_file_name(map_names::VIPS),
+            SERVICE
+        )),
+        "{SERVICE}'s entry in the re-created {}",
+        slots_pin.display()
+    );
 
     // The new program serves new connections too, with the same VIP and reals.
     let fresh = topo.client.ns.run_in(|| http_get(target(), TIMEOUT));
@@ -725,7 +780,7 @@ fn assert_reload_changes_nothing(daemon: &mut Daemon, event: &str, needles: &[&s
 }
 
 /// `xlb --socket SOCKET ARGS` as uid 65534 (nobody) with group `gid` and no others.
-fn xlb_as_nobody(socket: &std::path::Path, gid: u32, args: &[&str]) -> Output {
+fn xlb_as_nobody(socket: &Path, gid: u32, args: &[&str]) -> Output {
     Command::new("setpriv")
         .args(["--reuid=65534", &format!("--regid={gid}"), "--clear-groups"])
         .arg(xlb_bin())
