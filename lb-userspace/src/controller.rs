@@ -61,6 +61,10 @@ const VERDICT_WINDOW: Duration = Duration::ZERO;
 /// neighbour events catch changes at once; this is the safety net).
 const MAC_REFRESH: Duration = Duration::from_secs(30);
 
+/// The once-a-second convergence looks at every verdict only when something
+/// it reads changed since it last found nothing to fix, and at least this often.
+const FULL_SWEEP: Duration = Duration::from_secs(30);
+
 /// Unresolved reals are asked every second this long, then every [`SLOW_RETRY`].
 const FAST_RETRIES: Duration = Duration::from_secs(300);
 
@@ -541,6 +545,15 @@ pub struct Controller {
     unsaved: bool,
     /// Verdicts received and not applied yet.
     verdicts: Waiting,
+    /// Changes committed or refused, and fleet views taken, since start:
+    /// with the engine's flips, what the health convergence reads.
+    changes: u64,
+    fleet_views: u64,
+    /// When the health convergence last found nothing to fix.
+    health_sweep: Sweep,
+    /// The next hops whose stale neighbour entries are confirmed, as last
+    /// worked out (again after a change or a resolution round).
+    watched: Option<Arc<BTreeSet<IpAddr>>>,
     tx: mpsc::Sender<Event>,
     snapshot: watch::Sender<Arc<Snapshot>>,
 }
@@ -586,6 +599,10 @@ impl Controller {
             probes: ProbeList::default(),
             unsaved: false,
             verdicts: Waiting::default(),
+            changes: 0,
+            fleet_views: 0,
+            health_sweep: Sweep::default(),
+            watched: None,
             tx: tx.clone(),
             snapshot,
         };
@@ -693,6 +710,7 @@ impl Controller {
             }
             Event::FleetHealth(view) => {
                 self.fleet = view;
+                self.fleet_views += 1;
                 self.converge_health();
             }
             Event::Neighbour { addr, mac } => self.neighbour(addr, mac),
@@ -796,6 +814,8 @@ impl Controller {
         started: Instant,
     ) -> Result<Changes, ControlError> {
         self.metrics.reconciled(started.elapsed(), result.is_ok());
+        self.changes += 1;
+        self.watched = None;
         match &result {
             Ok(_) => {
                 self.unsaved = true;
@@ -889,19 +909,25 @@ impl Controller {
         if self.confirming.as_ref().is_some_and(|t| !t.is_finished()) {
             return;
         }
-        let hops: BTreeSet<IpAddr> = self
-            .state
-            .desired()
-            .reach()
-            .into_iter()
-            .filter(|(real, _)| self.state.mac(*real).is_some())
-            .filter_map(|(real, mode)| {
-                self.hops
-                    .get(&real)
-                    .copied()
-                    .or((mode == Forward::Dr).then_some(real))
-            })
-            .collect();
+        let hops = match &self.watched {
+            Some(hops) => hops.clone(),
+            None => {
+                let hops: BTreeSet<IpAddr> = self
+                    .state
+                    .desired()
+                    .reach()
+                    .into_iter()
+                    .filter(|(real, _)| self.state.mac(*real).is_some())
+                    .filter_map(|(real, mode)| {
+                        self.hops
+                            .get(&real)
+                            .copied()
+                            .or((mode == Forward::Dr).then_some(real))
+                    })
+                    .collect();
+                self.watched.insert(Arc::new(hops)).clone()
+            }
+        };
         if hops.is_empty() {
             return;
         }
@@ -919,7 +945,17 @@ impl Controller {
 
     /// Applies the verdicts in force that the state does not hold yet: the
     /// local probes', or, in a fleet, the fleet's where it has one.
+    /// Skipped while nothing it reads changed since it last found nothing to
+    /// fix (no flip, no change, no fleet view), except every [`FULL_SWEEP`]:
+    /// with thousands of reals the sweep was the largest part of the
+    /// controller's once-a-second work.
     fn converge_health(&mut self) {
+        let now = Instant::now();
+        // Read before the verdicts: a flip from here on makes the next one due.
+        let epoch = (self.engine.flips(), self.changes, self.fleet_views);
+        if !self.health_sweep.due(epoch, now) {
+            return;
+        }
         let mut verdicts = self.engine.verdicts();
         if let Some(fleet) = &self.fleet {
             for (key, up) in &mut verdicts {
@@ -929,6 +965,7 @@ impl Controller {
             }
         }
         let fix = verdict_fixes(&verdicts, &self.state);
+        self.health_sweep.swept(epoch, now, fix.is_empty());
         if !fix.is_empty() {
             tracing::info!(
                 verdicts = fix.len(),
@@ -1004,6 +1041,7 @@ impl Controller {
     /// Records why reals of `res` are not resolved (and the hops found).
     fn note_failures(&mut self, res: &Resolution) {
         self.hops.extend(res.hops.iter().map(|(r, h)| (*r, *h)));
+        self.watched = None;
         let mut changed = false;
         for (real, err) in &res.failed {
             if let Some(p) = self.pending.get_mut(real) {
@@ -1113,6 +1151,31 @@ impl Waiting {
 
 /// The verdicts of `verdicts` that differ from the state's, for reals the
 /// desired state still has.
+/// What the health convergence reads, as counts: the engine's flips, the
+/// controller's changes and the fleet views it took.
+type Epoch = (u64, u64, u64);
+
+/// When the health convergence must look at every verdict: when what it
+/// reads changed since it last found nothing to fix, and at least every
+/// [`FULL_SWEEP`] (a safety net for a path that changes them unseen).
+#[derive(Debug, Default)]
+struct Sweep {
+    clean: Option<(Epoch, Instant)>,
+}
+
+impl Sweep {
+    fn due(&self, epoch: Epoch, now: Instant) -> bool {
+        self.clean
+            .is_none_or(|(at, when)| at != epoch || now.duration_since(when) >= FULL_SWEEP)
+    }
+
+    /// Records a sweep at `epoch`: `clean` when it found nothing to fix (a
+    /// sweep that found something is due again until one finds nothing).
+    fn swept(&mut self, epoch: Epoch, now: Instant, clean: bool) {
+        self.clean = clean.then_some((epoch, now));
+    }
+}
+
 fn changed_verdicts(
     verdicts: &BTreeMap<(Vip, IpAddr), bool>,
     state: &State,
@@ -1236,6 +1299,26 @@ mod tests {
     use super::*;
     use crate::health::HealthCheck;
     use crate::state::writer::fake::FakeMaps;
+
+    #[test]
+    fn the_health_sweep_runs_again_only_after_a_change_or_a_full_interval() {
+        let t0 = Instant::now();
+        let mut sweep = Sweep::default();
+        assert!(sweep.due((0, 0, 0), t0), "the first sweep");
+        sweep.swept((0, 0, 0), t0, true);
+        let soon = t0 + TICK;
+        assert!(!sweep.due((0, 0, 0), soon), "nothing changed");
+        assert!(sweep.due((1, 0, 0), soon), "a flip");
+        assert!(sweep.due((0, 1, 0), soon), "a change");
+        assert!(sweep.due((0, 0, 1), soon), "a fleet view");
+        assert!(!sweep.due((0, 0, 0), t0 + FULL_SWEEP - TICK));
+        assert!(sweep.due((0, 0, 0), t0 + FULL_SWEEP), "the safety net");
+        // A sweep that found something to fix is due again, changed or not.
+        sweep.swept((2, 0, 0), soon, false);
+        assert!(sweep.due((2, 0, 0), soon + TICK));
+        sweep.swept((2, 1, 0), soon + TICK, true);
+        assert!(!sweep.due((2, 1, 0), soon + 2 * TICK));
+    }
 
     #[test]
     fn a_tunnel_with_no_source_address_of_its_family_is_refused() {

@@ -933,9 +933,10 @@ fn health_target(w: &mut String, h: &Health, asked: HealthAsked) {
          SYN-ACKs read in batches from a socket whose classic BPF filter keeps SYN-ACKs and \
          RSTs, the half-open connection reset by the balancer's kernel, the per-probe tables \
          hashed with foldhash and each real's durations kept with its status; what is left is \
-         mostly the kernel's (the frames' transmit, one recvmsg per answer, the task switches), \
-         the first touch of each real's record and the controller's once-a-second sweep of \
-         every verdict"
+         mostly the kernel's (the frames' transmit, one recvmsg per answer, the task switches) \
+         and the scheduler's per-probe work, the first touch of each real's record above all \
+         (the controller's once-a-second sweep of every verdict runs only after a flip or a \
+         change, and every 30 s)"
     } else {
         "a socket, a TCP connect (SYN, SYN-ACK, ACK) and a reset (SO_LINGER 0) per probe, \
          one scheduler task for every probe"
