@@ -952,7 +952,7 @@ impl Controller {
     fn converge_health(&mut self) {
         let now = Instant::now();
         // Read before the verdicts: a flip from here on makes the next one due.
-        let epoch = (self.engine.flips(), self.changes, self.fleet_views);
+        let epoch = (self.engine.board().flips(), self.changes, self.fleet_views);
         if !self.health_sweep.due(epoch, now) {
             return;
         }
@@ -1149,8 +1149,6 @@ impl Waiting {
     }
 }
 
-/// The verdicts of `verdicts` that differ from the state's, for reals the
-/// desired state still has.
 /// What the health convergence reads, as counts: the engine's flips, the
 /// controller's changes and the fleet views it took.
 type Epoch = (u64, u64, u64);
@@ -1176,6 +1174,8 @@ impl Sweep {
     }
 }
 
+/// The verdicts of `verdicts` that differ from the state's, for reals the
+/// desired state still has.
 fn changed_verdicts(
     verdicts: &BTreeMap<(Vip, IpAddr), bool>,
     state: &State,

@@ -430,11 +430,6 @@ impl Engine {
         }
     }
 
-    /// Number of verdict flips since start.
-    pub fn flips(&self) -> u64 {
-        self.board.flips()
-    }
-
     /// A handle on the probe statuses.
     pub fn board(&self) -> Board {
         self.board.clone()
