@@ -26,7 +26,7 @@ use core::{mem::size_of, ptr::addr_of_mut};
 
 use aya_ebpf::{
     bindings::{BPF_ANY, BPF_NOEXIST},
-    helpers::bpf_ktime_get_coarse_ns,
+    helpers::{bpf_jiffies64, bpf_ktime_get_coarse_ns},
 };
 use lb_common::{
     Config, FLOW_EVENT_END, FLOW_EVENT_NEW, FLOW_F_ENDED, FLOW_F_REPORTED, FlowEvent, FlowKey,
@@ -35,7 +35,7 @@ use lb_common::{
 };
 
 use crate::{
-    maps::{FLOW_EVENTS, FLOWS, PEER_FLOWS},
+    maps::{CLOCK, FLOW_EVENTS, FLOWS, PEER_FLOWS},
     parse::Aligned,
     select, stats,
 };
@@ -70,13 +70,38 @@ pub enum Track {
     ErrorAbout,
 }
 
-/// Now, CLOCK_MONOTONIC at tick resolution (a few ms): reads the kernel's
-/// cached time instead of the clock source, which every tracked packet can
-/// afford. Stamps, idle timeouts and rate windows need no better.
+/// Now, CLOCK_MONOTONIC at tick resolution (a few ms): the kernel's cached
+/// time (`bpf_ktime_get_coarse_ns`), which every tracked packet can afford.
+/// Stamps, idle timeouts and rate windows need no better.
+///
+/// That time only moves at a tick, when the jiffies counter does, so it is
+/// read once per tick and CPU and kept in [`CLOCK`] with the jiffies it was
+/// read at: a packet in the same tick reads the jiffies (one load, the
+/// verifier inlines `bpf_jiffies64` on 64-bit JITs) and this CPU's element
+/// (inlined too), and calls no helper. A CPU whose first packet of a tick
+/// came between the jiffies' increment and the timekeeping update keeps the
+/// previous tick's time for that tick: up to one tick behind, as any
+/// coarse reading may be.
 #[inline(always)]
 pub fn now() -> u64 {
-    // SAFETY: a helper without arguments or side effects.
-    unsafe { bpf_ktime_get_coarse_ns() }
+    // SAFETY: helpers without arguments or side effects.
+    let jiffies = unsafe { bpf_jiffies64() };
+    let Some(cache) = CLOCK.get_ptr_mut(0) else {
+        // SAFETY: as above.
+        return unsafe { bpf_ktime_get_coarse_ns() };
+    };
+    // SAFETY: this CPU's element of a per-CPU array; nothing else on this
+    // CPU runs the program while it does.
+    let cache = unsafe { &mut *cache };
+    // A zero time is an element never written (it starts zeroed).
+    if cache.jiffies == jiffies && cache.ns != 0 {
+        return cache.ns;
+    }
+    // SAFETY: as above.
+    let ns = unsafe { bpf_ktime_get_coarse_ns() };
+    cache.jiffies = jiffies;
+    cache.ns = ns;
+    ns
 }
 
 /// The real for `flow`: from the conntrack table, else from a peer's report,

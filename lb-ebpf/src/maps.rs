@@ -129,6 +129,21 @@ pub static FLOW_EVENTS: RingBuf = RingBuf::with_byte_size(FLOW_EVENTS_BYTES, 0);
 #[map(name = "XLB_FLOOD")]
 pub static FLOOD: PerCpuArray<FloodWindow> = PerCpuArray::with_max_entries(WINDOWS, 0);
 
+/// This CPU's coarse time and the jiffies it was read at
+/// ([`crate::conntrack::now`]): a cache, so neither pinned nor read by
+/// the daemon; a new program starts with its own, zeroed.
+#[map(name = "XLB_CLOCK")]
+pub static CLOCK: PerCpuArray<Clock> = PerCpuArray::with_max_entries(1, 0);
+
+/// The element of [`CLOCK`].
+#[repr(C)]
+pub struct Clock {
+    /// `bpf_jiffies64` when `ns` was read.
+    pub jiffies: u64,
+    /// `bpf_ktime_get_coarse_ns` in that tick; 0: never read.
+    pub ns: u64,
+}
+
 /// Verdict and event counters, indexed by `lb_common::stat`.
 #[map(name = "XLB_STATS")]
 pub static STATS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(stat::CAPACITY, 0);

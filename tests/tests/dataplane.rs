@@ -1572,6 +1572,41 @@ fn tcp_flow_records_last_seen_coarsely() {
     );
 }
 
+/// CLOCK_MONOTONIC now, in nanoseconds: the clock of the data path's stamps.
+fn monotonic_ns() -> u64 {
+    let t = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).expect("clock");
+    u64::try_from(t.tv_sec()).expect("seconds") * 1_000_000_000
+        + u64::try_from(t.tv_nsec()).expect("nanoseconds")
+}
+
+#[test]
+fn conntrack_stamps_follow_the_monotonic_clock_at_tick_resolution() {
+    // The data path reads the coarse clock once per tick and CPU and keeps
+    // it (conntrack::now): each entry, written in a tick of its own, carries
+    // CLOCK_MONOTONIC as of its packet, never ahead of it and at most a few
+    // ticks behind (50 ms: five ticks at HZ 100), not a time kept from an
+    // earlier tick.
+    let fx = Fixture::new();
+    let vip = fx.vip("203.0.113.10:80/tcp");
+    for p in 39300..39340u16 {
+        let before = monotonic_ns();
+        let (v, _) = fx.run(&packet::tcp(CLIENT, p, VIP_DR, 80, true, &[]));
+        let after = monotonic_ns();
+        assert_eq!(v, XDP_TX, "SYN forwarded");
+        let stamp = fx
+            .dp
+            .flow(&flow_key(CLIENT.into(), p, &vip))
+            .expect("ct")
+            .expect("tracked")
+            .last_seen_ns;
+        assert!(
+            stamp <= after && stamp + 50_000_000 >= before,
+            "port {p}: stamped {stamp} ns for a packet run between {before} and {after} ns"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
 #[test]
 fn udp_flow_records_last_seen_coarsely() {
     // The default 30 s idle timeout: a grain of 1 s.
