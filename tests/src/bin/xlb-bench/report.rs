@@ -1457,7 +1457,11 @@ fn optimisations_md(w: &mut String, after: &[PerPacket], svg_dir: &Path) {
          10.48×; TCP SYN into the full table 17.06× → 15.92× and 20.05× → 17.72×. The cycled \
          tracked cases moved within their spread, either way (TCP tracked DR 4.08× \
          (3.50–4.57) → 4.28× (3.34–4.94), IPv6 TCP tracked 4.28× → 3.87×): their cache \
-         misses in the conntrack table outweigh a helper call.",
+         misses in the conntrack table outweigh a helper call. Live frames (`--only live`, \
+         3 alternated pairs of the same two benches, 9 runs a side, medians of the Mpps \
+         ratio, min–max in brackets): one tracked DR flow 0.68× (0.64–0.73) → 0.71× \
+         (0.70–0.73) the floor's rate on one core and 0.68× (0.64–0.70) → 0.72× (0.68–0.75) \
+         on two; the IPIP tunnel 0.64× → 0.66× and 0.61× → 0.64×.",
         "**Not done yet** (each needs a map or userspace change that did not fit this round): \
          a conntrack key of 16 bytes for IPv4 (the profile above says the jhash and compare \
          it would shorten are a small share); and the settings in a global instead of an \
