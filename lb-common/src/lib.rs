@@ -347,10 +347,11 @@ pub struct FlowState {
     /// [`RealDef::generation`] of that real when the entry was written.
     pub generation: u32,
     /// Last packet seen, `bpf_ktime_get_coarse_ns` (CLOCK_MONOTONIC at tick
-    /// resolution, read once per tick and CPU by the data path), refreshed only when older than the protocol's grain, so
-    /// that most packets write nothing: TCP [`TCP_STAMP_GRAIN_NS`] (it tells
-    /// active from idle flows to that precision), UDP [`udp_stamp_grain_ns`]
-    /// (the idle timeout reads it, and allows for the grain).
+    /// resolution, read once per tick and CPU by the data path), refreshed
+    /// only when older than the protocol's grain, so that most packets write
+    /// nothing: TCP [`TCP_STAMP_GRAIN_NS`] (it tells active from idle flows
+    /// to that precision), UDP [`udp_stamp_grain_ns`] (the idle timeout reads
+    /// it, and allows for the grain).
     pub last_seen_ns: u64,
     /// The flow's [`flow_hash`], computed when the entry was written: a
     /// tracked tunnel packet takes its outer source from it without hashing.
