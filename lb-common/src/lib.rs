@@ -28,8 +28,14 @@ pub mod map_names {
     pub const REALS: &str = "XLB_REALS";
     /// `Array<Config>` with one element: settings of the attached interface.
     pub const CONFIG: &str = "XLB_CONFIG";
-    /// `LruHashMap<FlowKey, FlowState>` (one LRU shared by all CPUs): connection tracking.
+    /// `Array<CtBucket>` (memory-mappable): connection tracking, see [`super::CtWay`].
     pub const FLOWS: &str = "XLB_FLOWS";
+    /// `Array<FlowKey>` (memory-mappable), one per way of [`FLOWS`] (bucket
+    /// `b`, way `w` at `b * CT_WAYS + w`): the tracked flows' keys, for
+    /// userspace (listing, counting by protocol, full copies to peers).
+    pub const FLOW_KEYS: &str = "XLB_FLOW_KEYS";
+    /// `Array<CtParams>`, one element: the conntrack table's seed and size.
+    pub const CT_PARAMS: &str = "XLB_CT_PARAMS";
     /// `PerCpuArray<FloodWindow>`: per-CPU rate windows, indexed by
     /// [`super::WINDOW_NEW_FLOWS`] (flood guard) and [`super::WINDOW_ICMP_TOO_BIG`].
     pub const FLOOD: &str = "XLB_FLOOD";
@@ -39,7 +45,7 @@ pub mod map_names {
     pub const VIP_STATS: &str = "XLB_VIP_STATS";
     /// `PerCpuArray<Counter>`: packets, bytes and new flows per real id.
     pub const REAL_STATS: &str = "XLB_REAL_STATS";
-    /// `LruHashMap<FlowKey, FlowState>` sized like [`FLOWS`]: flows other
+    /// `LruHashMap<FlowKey, FlowState>` of `--conntrack-size` entries: flows other
     /// balancers reported (flow sync), written by the daemon in this node's
     /// real ids; read on a conntrack miss of a non-SYN packet and promoted.
     pub const PEER_FLOWS: &str = "XLB_PEER_FLOWS";
@@ -90,8 +96,25 @@ pub const RING_POOL: u32 = 1 << 24;
 pub const RING_ENTRIES: u32 = RING_POOL / 2;
 const _: () = assert!(RING_POOL.is_multiple_of(2));
 /// Default size of the connection-tracking table (flows, all CPUs together).
-/// About 100 bytes of kernel memory each.
+/// 224 bytes of kernel memory each (see [`ct_buckets`]).
 pub const FLOWS_DEFAULT: u32 = 1 << 20;
+
+/// Buckets of a conntrack table sized for `flows` flows: `flows` rounded up
+/// to a power of two (at least 2). The table then has four ways per flow: at
+/// that load a bucket of four is rarely full (about 0.06% of flows would be
+/// evicted before the table holds `flows`, against a fifth with one way per
+/// flow and 4% with two), so that a flood the flood guard holds below the
+/// table's size does not push established flows out. Each flow costs four
+/// ways (16 bytes each) and four keys (40 bytes each) of kernel memory.
+pub const fn ct_buckets(flows: u32) -> u32 {
+    let flows = if flows < 2 { 2 } else { flows };
+    let rounded = match flows.checked_next_power_of_two() {
+        Some(n) => n,
+        None => 1 << 31,
+    };
+    // At most 2^29 buckets: their keys (four each) still count in a u32.
+    if rounded > 1 << 29 { 1 << 29 } else { rounded }
+}
 /// Most tunnel endpoint addresses of each family the decapsulator holds
 /// ([`DecapSet`]).
 pub const MAX_DECAP_ADDRS: usize = 64;
@@ -338,23 +361,27 @@ pub struct FlowKey {
 }
 const _: () = assert!(size_of::<FlowKey>() == 40);
 
-/// Value of the conntrack map.
+/// A tracked flow: the value of the peer flow map
+/// ([`map_names::PEER_FLOWS`]), and a conntrack way ([`CtWay`]) as userspace
+/// reads it.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct FlowState {
     /// The real the flow is pinned to.
     pub real_id: u32,
-    /// [`RealDef::generation`] of that real when the entry was written.
+    /// [`RealDef::generation`] of that real when the entry was written: the
+    /// whole generation in a peer flow, its low bits ([`ct_generation`]) in
+    /// a conntrack way.
     pub generation: u32,
-    /// Last packet seen, `bpf_ktime_get_coarse_ns` (CLOCK_MONOTONIC at tick
-    /// resolution, read once per tick and CPU by the data path), refreshed
-    /// only when older than the protocol's grain, so that most packets write
-    /// nothing: TCP [`TCP_STAMP_GRAIN_NS`] (it tells active from idle flows
-    /// to that precision), UDP [`udp_stamp_grain_ns`] (the idle timeout reads
-    /// it, and allows for the grain).
+    /// Last packet seen, CLOCK_MONOTONIC at tick resolution (the data path
+    /// reads the coarse clock once per tick and CPU), refreshed only when
+    /// older than the protocol's grain, so that most packets write nothing:
+    /// TCP [`TCP_STAMP_GRAIN_NS`] (it tells active from idle flows to that
+    /// precision), UDP [`udp_stamp_grain_ns`] (the idle timeout reads it, and
+    /// allows for the grain). In a conntrack way, to [`CT_STAMP_SHIFT`]'s unit.
     pub last_seen_ns: u64,
-    /// The flow's [`flow_hash`], computed when the entry was written: a
-    /// tracked tunnel packet takes its outer source from it without hashing.
+    /// The flow's [`flow_hash`] (a peer flow carries it for the tunnel's
+    /// outer source; read from a conntrack way, computed from the key).
     pub hash: u32,
     /// [`FLOW_F_REPORTED`] and [`FLOW_F_ENDED`]: what flow sync was told.
     pub flags: u32,
@@ -366,6 +393,203 @@ const _: () = assert!(size_of::<FlowState>() == 24);
 pub const FLOW_F_REPORTED: u32 = 1;
 /// [`FlowState::flags`]: the flow's end (a FIN or RST from the client) was reported.
 pub const FLOW_F_ENDED: u32 = 2;
+
+/// Ways of a conntrack bucket ([`CtBucket`]).
+pub const CT_WAYS: u32 = 4;
+/// The tag bits of [`CtWay::word`]; its top byte holds the way's flags.
+pub const CT_TAG_MASK: u64 = (1 << 56) - 1;
+/// Shift of the flags byte in [`CtWay::word`].
+pub const CT_FLAGS_SHIFT: u32 = 56;
+/// A way's flag: the flow is UDP (for counting: the idle timeout applies).
+/// The other flag bits are [`FLOW_F_REPORTED`] and [`FLOW_F_ENDED`].
+pub const CT_F_UDP: u8 = 4;
+/// A way's flag: the flow had a hit (a second packet), or came from a peer
+/// (which reports confirmed flows only). An insert into a full bucket evicts
+/// flows without it first once they are a few seconds old
+/// ([`ct_evict_rank`]), so a flood of lone SYNs or datagrams does not push
+/// answered flows out.
+pub const CT_F_HIT: u8 = 8;
+/// A way's flag: the way is being written by one CPU (its tag part is 0, so
+/// it matches no flow; no other writer takes it).
+pub const CT_F_BUSY: u8 = 0x80;
+/// [`CtWay::word`] of a way being written.
+pub const CT_BUSY: u64 = (CT_F_BUSY as u64) << CT_FLAGS_SHIFT;
+/// A way's stamp is CLOCK_MONOTONIC in units of 2^20 ns (about 1.05 ms),
+/// truncated to 32 bits (it wraps after about 52 days; ages are taken modulo
+/// that, see [`ct_age_ns`]).
+pub const CT_STAMP_SHIFT: u32 = 20;
+/// Bits of [`CtWay::pin`] that hold the real id (ids are below [`MAX_REALS`]).
+pub const CT_REAL_BITS: u32 = 14;
+const _: () = assert!(MAX_REALS <= 1 << CT_REAL_BITS);
+/// Mask of the real id in [`CtWay::pin`].
+pub const CT_REAL_MASK: u32 = (1 << CT_REAL_BITS) - 1;
+/// The generation bits [`CtWay::pin`] keeps (the low 18 bits of
+/// [`RealDef::generation`]).
+pub const CT_GEN_MASK: u32 = (1 << (32 - CT_REAL_BITS)) - 1;
+
+/// One way of a conntrack bucket: a tracked flow, 16 bytes.
+///
+/// The flow is known by its tag (56 bits of [`ct_hash`], never 0), not its
+/// key: the data path reads nothing else on a hit. The key is kept apart in
+/// [`map_names::FLOW_KEYS`] (written when the entry is, read only by
+/// userspace). Writers (see docs/architecture.md, "The conntrack table"):
+/// a new entry claims the way with a compare-and-swap of `word` to
+/// [`CT_BUSY`], writes the key, `stamp` and `pin`, then `word`; a hit writes
+/// only `stamp` (4 bytes) and, through another compare-and-swap, the flags
+/// (the first hit, and flow sync's reports).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct CtWay {
+    /// Tag in the low 56 bits, flags ([`FLOW_F_REPORTED`], [`FLOW_F_ENDED`],
+    /// [`CT_F_UDP`], [`CT_F_HIT`], [`CT_F_BUSY`]) in the top byte; 0: an
+    /// empty way.
+    pub word: u64,
+    /// Last packet seen, CLOCK_MONOTONIC `>> CT_STAMP_SHIFT` (32 bits);
+    /// 0: never stamped.
+    pub stamp: u32,
+    /// The real id (low [`CT_REAL_BITS`] bits) and the low bits of its
+    /// generation ([`ct_pin`]).
+    pub pin: u32,
+}
+const _: () = assert!(size_of::<CtWay>() == 16);
+
+/// A bucket of the conntrack table ([`map_names::FLOWS`]): [`CT_WAYS`] ways
+/// in one 64-byte cache line.
+#[repr(C, align(64))]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct CtBucket {
+    /// The ways.
+    pub ways: [CtWay; CT_WAYS as usize],
+}
+const _: () = assert!(size_of::<CtBucket>() == 64);
+
+/// The conntrack table's hashing parameters ([`map_names::CT_PARAMS`]): made
+/// with the table and kept with it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct CtParams {
+    /// Seed of [`ct_hash`] (random per table, so that nobody outside can
+    /// choose flows that share a bucket).
+    pub seed: u64,
+    /// 64 minus log2 of the bucket count: a flow's bucket is
+    /// `ct_hash >> shift`. 0: no table yet (the data path tracks nothing).
+    pub shift: u32,
+    /// Explicit padding, zero.
+    pub _pad: u32,
+}
+const _: () = assert!(size_of::<CtParams>() == 16);
+
+/// The conntrack hash of a flow key given as its five little-endian words:
+/// a multiply and xor-shift per word from the table's seed, then a final
+/// mix. The bucket is the top bits, the tag ([`ct_tag`]) the low 56.
+#[inline(always)]
+pub const fn ct_hash(seed: u64, w: &[u64; 5]) -> u64 {
+    const K: u64 = 0x9E37_79B9_7F4A_7C15;
+    let mut h = seed;
+    let mut i = 0;
+    while i < 5 {
+        h = (h ^ w[i]).wrapping_mul(K);
+        h ^= h >> 32;
+        i += 1;
+    }
+    h = (h ^ (h >> 29)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    h ^ (h >> 32)
+}
+
+/// The tag a way holds for a flow of hash `h`: never 0 (an empty way).
+#[inline(always)]
+pub const fn ct_tag(h: u64) -> u64 {
+    (h & CT_TAG_MASK) | 1
+}
+
+/// [`CtWay::pin`] of a real id and generation.
+#[inline(always)]
+pub const fn ct_pin(real_id: u32, generation: u32) -> u32 {
+    (real_id & CT_REAL_MASK) | ((generation & CT_GEN_MASK) << CT_REAL_BITS)
+}
+
+/// The generation bits a conntrack entry keeps of `generation`: compare an
+/// entry's generation with a real's through this.
+#[inline(always)]
+pub const fn ct_generation(generation: u32) -> u32 {
+    generation & CT_GEN_MASK
+}
+
+/// A way's stamp for CLOCK_MONOTONIC `now_ns` (never 0).
+#[inline(always)]
+pub const fn ct_stamp(now_ns: u64) -> u32 {
+    let s = (now_ns >> CT_STAMP_SHIFT) as u32;
+    if s == 0 { 1 } else { s }
+}
+
+/// How long ago `stamp` was at `now_units` (a stamp of now), in stamp units,
+/// modulo the stamp's wrap. A stamp up to half the wrap ahead of now (another
+/// CPU's clock a tick ahead of this one's) is no age at all.
+#[inline(always)]
+pub const fn ct_age_units(now_units: u32, stamp: u32) -> u32 {
+    let age = now_units.wrapping_sub(stamp);
+    if age > i32::MAX as u32 { 0 } else { age }
+}
+
+/// How long ago `stamp` was at `now_ns`, ns ([`ct_age_units`]).
+#[inline(always)]
+pub const fn ct_age_ns(now_ns: u64, stamp: u32) -> u64 {
+    ct_age_units((now_ns >> CT_STAMP_SHIFT) as u32, stamp) as u64 * (1 << CT_STAMP_SHIFT)
+}
+
+/// A flow never answered stops being protected after this many stamp units
+/// (2^11: about 2.1 s, longer than a handshake's round trip, shorter than a
+/// SYN's first retransmission timeout plus one).
+pub const CT_GRACE_UNITS: u32 = 1 << 11;
+/// An answered flow silent for this many stamp units (2^16: about 69 s) is
+/// idle: evicted before a young flow that was not answered yet.
+pub const CT_IDLE_UNITS: u32 = 1 << 16;
+
+/// Which way of a full bucket a new flow evicts: the one with the highest
+/// rank. By class first: a flow never answered older than
+/// [`CT_GRACE_UNITS`] (a flood's lone SYN), then an answered flow idle for
+/// [`CT_IDLE_UNITS`], then a flow not answered yet (a handshake under way),
+/// last an active answered flow; within a class the least recently stamped.
+#[inline(always)]
+pub const fn ct_evict_rank(flags: u8, age_units: u32) -> u64 {
+    let answered = flags & CT_F_HIT != 0;
+    let class: u64 = if !answered && age_units >= CT_GRACE_UNITS {
+        3
+    } else if answered && age_units >= CT_IDLE_UNITS {
+        2
+    } else if !answered {
+        1
+    } else {
+        0
+    };
+    (class << 32) | age_units as u64
+}
+
+/// A flow key as the five words [`ct_hash`] takes.
+#[inline(always)]
+pub fn ct_words(key: &FlowKey) -> [u64; 5] {
+    let mut w = [0u64; 5];
+    let src = &key.src;
+    let dst = &key.dst;
+    w[0] = u64::from_le_bytes([
+        src[0], src[1], src[2], src[3], src[4], src[5], src[6], src[7],
+    ]);
+    w[1] = u64::from_le_bytes([
+        src[8], src[9], src[10], src[11], src[12], src[13], src[14], src[15],
+    ]);
+    w[2] = u64::from_le_bytes([
+        dst[0], dst[1], dst[2], dst[3], dst[4], dst[5], dst[6], dst[7],
+    ]);
+    w[3] = u64::from_le_bytes([
+        dst[8], dst[9], dst[10], dst[11], dst[12], dst[13], dst[14], dst[15],
+    ]);
+    w[4] = u64::from(key.ports)
+        | (u64::from(key.proto) << 32)
+        | (u64::from(key.family) << 40)
+        | (u64::from(key._pad[0]) << 48)
+        | (u64::from(key._pad[1]) << 56);
+    w
+}
 
 /// [`FlowEvent::kind`]: a flow is confirmed (its second packet passed; a
 /// lone SYN or datagram never is, so a flood is no sync traffic).
@@ -385,7 +609,8 @@ pub struct FlowEvent {
     pub flow: FlowKey,
     /// The real it is pinned to (this node's id).
     pub real_id: u32,
-    /// That real's generation in the entry.
+    /// That real's generation as the conntrack entry keeps it
+    /// ([`ct_generation`]: its low bits).
     pub generation: u32,
     /// [`FLOW_EVENT_NEW`] or [`FLOW_EVENT_END`].
     pub kind: u32,
@@ -707,6 +932,8 @@ mod pod {
     unsafe impl aya::Pod for super::Counter {}
     unsafe impl aya::Pod for super::FlowKey {}
     unsafe impl aya::Pod for super::FlowState {}
+    unsafe impl aya::Pod for super::CtBucket {}
+    unsafe impl aya::Pod for super::CtParams {}
     unsafe impl aya::Pod for super::FlowEvent {}
     unsafe impl aya::Pod for super::FloodWindow {}
     unsafe impl aya::Pod for super::DecapSet {}

@@ -277,7 +277,7 @@ fn send(
         forward::dr(ctx, &real.mac, &config.iface_mac).map(|()| stat::TX_DR)
     } else {
         // The outer source spreads by the 5-tuple even for maglev-src VIPs
-        // (the hash comes from the conntrack entry of a tracked flow).
+        // (conntrack computes the flow hash for a tunnel VIP's hit too).
         forward::encap(ctx, l2, l3, real, config, choice.hash).map(|()| stat::TX_TUN)
     };
     match result {

@@ -10,6 +10,10 @@
 //! binary; the real object is built for `bpfel-unknown-none` by aya-build.
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
+// `core::intrinsics::atomic_cxchg`: the conntrack table claims a way with a
+// compare-and-swap (BPF_CMPXCHG), which core's atomics do not offer on BPF.
+#![cfg_attr(target_arch = "bpf", feature(core_intrinsics))]
+#![cfg_attr(target_arch = "bpf", allow(internal_features))]
 
 #[cfg(target_arch = "bpf")]
 mod balancer;

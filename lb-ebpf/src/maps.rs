@@ -9,9 +9,10 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
 use lb_common::{
-    AddrKey, Config, Counter, FLOW_EVENTS_BYTES, FLOWS_DEFAULT, FloodWindow, FlowKey, FlowState,
-    MAX_REALS, MAX_VIPS, RING_ENTRIES, RealDef, VIP_FILTER_WORDS, VIP_SLOTS_LEN, VipKey, VipMeta,
-    VipSlot, WINDOWS, stat, vip_filter_slot_words, vip_slot_tag,
+    AddrKey, CT_WAYS, Config, Counter, CtBucket, CtParams, FLOW_EVENTS_BYTES, FLOWS_DEFAULT,
+    FloodWindow, FlowKey, FlowState, MAX_REALS, MAX_VIPS, RING_ENTRIES, RealDef, VIP_FILTER_WORDS,
+    VIP_SLOTS_LEN, VipKey, VipMeta, VipSlot, WINDOWS, ct_buckets, stat, vip_filter_slot_words,
+    vip_slot_tag,
 };
 
 use crate::parse::{Addr, Aligned};
@@ -99,22 +100,30 @@ pub static REALS: Array<RealDef> = Array::with_max_entries(MAX_REALS, 0);
 #[map(name = "XLB_CONFIG")]
 pub static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
 
-/// Connection tracking: flow → real. One table for all CPUs (a flow moved to
-/// another queue keeps its real). The daemon sizes it at load time.
-///
-/// One LRU shared by all CPUs, not per-CPU LRU lists (`BPF_F_NO_COMMON_LRU`):
-/// per-CPU lists split the entries evenly over every *possible* CPU, so a
-/// host with 128 possible and 8 online CPUs would hold 1/128 of the table per
-/// receive queue. With the common LRU the table holds `--conntrack-size`
-/// flows however they spread over queues. Its global lock is taken only when a
-/// CPU's local free list (refilled in batches) runs dry, so a tracked flow's
-/// packets never take it (measurements in docs/architecture.md).
+/// Connection tracking: buckets of four ways, one cache line each (see
+/// `lb_common::CtWay` and docs/architecture.md, "The conntrack table"). One
+/// table for all CPUs (a flow moved to another queue keeps its real). The
+/// daemon sizes it at load time (`lb_common::ct_buckets`); memory-mappable,
+/// so that userspace counts and lists it without a system call per entry.
 #[map(name = "XLB_FLOWS")]
-pub static FLOWS: LruHashMap<FlowKey, FlowState> = LruHashMap::with_max_entries(FLOWS_DEFAULT, 0);
+pub static FLOWS: Array<CtBucket> =
+    Array::with_max_entries(ct_buckets(FLOWS_DEFAULT), BPF_F_MMAPABLE);
+
+/// The key of each way of [`FLOWS`] (bucket `b`, way `w` at `b * 4 + w`),
+/// written with the entry; the data path never reads it.
+#[map(name = "XLB_FLOW_KEYS")]
+pub static FLOW_KEYS: Array<FlowKey> =
+    Array::with_max_entries(ct_buckets(FLOWS_DEFAULT) * CT_WAYS, BPF_F_MMAPABLE);
+
+/// The conntrack table's seed and size (`lb_common::CtParams`), one element,
+/// written by the daemon when it creates the table.
+#[map(name = "XLB_CT_PARAMS")]
+pub static CT_PARAMS: Array<CtParams> = Array::with_max_entries(1, 0);
 
 /// Flows other balancers reported (flow sync), in this node's real ids: read
 /// on a conntrack miss of a non-SYN packet and promoted into [`FLOWS`]. Its
-/// own LRU, so that peers' flows never evict this node's. Sized like [`FLOWS`].
+/// own LRU, so that peers' flows never evict this node's. The daemon gives it
+/// `--conntrack-size` entries.
 #[map(name = "XLB_PEER_FLOWS")]
 pub static PEER_FLOWS: LruHashMap<FlowKey, FlowState> =
     LruHashMap::with_max_entries(FLOWS_DEFAULT, 0);

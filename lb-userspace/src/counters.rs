@@ -2,26 +2,28 @@
 //! verdict, event, VIP and real counters, and the conntrack table.
 //!
 //! The conntrack table can hold millions of flows. [`Reader::flows_by_slot`]
-//! walks it with `BPF_MAP_LOOKUP_BATCH` (thousands of entries per system call)
-//! on its own file descriptor, from a task of its own ([`spawn_flow_counter`]),
-//! and publishes the counts: a status call or a metrics scrape only reads the
-//! last published counts, and nothing waits on the walk.
+//! walks its memory-mapped buckets (no system call; the keys are not read),
+//! from a task of its own ([`spawn_flow_counter`]), and publishes the counts:
+//! a status call or a metrics scrape only reads the last published counts,
+//! and nothing waits on the walk.
 
 use std::{
     collections::BTreeMap,
-    os::fd::{AsFd as _, AsRawFd as _},
     sync::Arc,
     time::{Duration, Instant},
 };
 
-use aya::maps::{HashMap, Map, MapData, PerCpuArray};
-use lb_common::{Counter, FlowKey, FlowState, PROTO_UDP, map_names, stat, udp_stamp_grain_ns};
+use aya::maps::{Map, MapData, PerCpuArray};
+use lb_common::{Counter, map_names, stat, udp_stamp_grain_ns};
 use tokio::sync::watch;
 
-use crate::dataplane::{Dataplane, DataplaneError, map_err, sum};
+use crate::{
+    conntrack::{Table, monotonic_ns},
+    dataplane::{Dataplane, DataplaneError, map_err, sum},
+};
 
 /// A TCP flow whose last packet is older than this does not count as active
-/// (its conntrack entry stays until the LRU evicts it).
+/// (its conntrack entry stays until a new flow of its bucket evicts it).
 pub const TCP_ACTIVE: Duration = Duration::from_secs(60);
 
 /// How often the conntrack table is counted.
@@ -32,16 +34,16 @@ pub struct Reader {
     stats: PerCpuArray<MapData, Counter>,
     vip_stats: PerCpuArray<MapData, Counter>,
     real_stats: PerCpuArray<MapData, Counter>,
-    flows: HashMap<MapData, FlowKey, FlowState>,
-    capacity: u32,
+    flows: Arc<Table>,
 }
 
 /// Conntrack entries counted by one walk.
 #[derive(Clone, Debug, Default)]
 pub struct FlowCounts {
     /// Active flows by real slot id and the slot's generation when the flow
-    /// was tracked (entries of an earlier owner of the slot id do not count
-    /// for the current one).
+    /// was tracked, as the entry keeps it (`lb_common::ct_generation`: look
+    /// a real up through it); entries of an earlier owner of the slot id do
+    /// not count for the current one.
     pub by_slot: BTreeMap<(u32, u32), u64>,
     /// Every entry in the table (active or not).
     pub entries: u64,
@@ -49,23 +51,20 @@ pub struct FlowCounts {
     pub at: Option<Instant>,
     /// How long the walk took.
     pub took: Duration,
+    /// [`Reader::flows_written`] when the walk began (`None`: unknown).
+    pub written: Option<u64>,
 }
 
 impl Reader {
     /// A reader of `dp`'s counters and conntrack table, on file descriptors
     /// of its own: readers never wait on the task that writes the maps.
     pub fn of(dp: &Dataplane) -> Result<Self, DataplaneError> {
-        let [stats, vip_stats, real_stats, flows] = dp.reader_maps()?;
-        let capacity = flows
-            .info()
-            .map_err(map_err(map_names::FLOWS))?
-            .max_entries();
+        let ([stats, vip_stats, real_stats], flows) = dp.reader_maps()?;
         Ok(Self {
             stats: typed(stats, map_names::STATS)?,
             vip_stats: typed(vip_stats, map_names::VIP_STATS)?,
             real_stats: typed(real_stats, map_names::REAL_STATS)?,
-            flows: typed(flows, map_names::FLOWS)?,
-            capacity,
+            flows,
         })
     }
 
@@ -94,9 +93,18 @@ impl Reader {
         sum(&self.real_stats, id, map_names::REAL_STATS)
     }
 
-    /// The conntrack table's capacity (entries).
+    /// Flows the conntrack table is sized for.
     pub fn flow_capacity(&self) -> u32 {
-        self.capacity
+        self.flows.capacity()
+    }
+
+    /// Entries the data path has written into the conntrack table so far
+    /// (`conntrack_new` plus `conntrack_peer_hit`): when it has not moved, a
+    /// count still holds but for ageing.
+    pub fn flows_written(&self) -> Result<u64, DataplaneError> {
+        let new = sum(&self.stats, stat::CT_NEW, map_names::STATS)?.packets;
+        let peer = sum(&self.stats, stat::CT_PEER_HIT, map_names::STATS)?.packets;
+        Ok(new.wrapping_add(peer))
     }
 
     /// Counts the conntrack table: every entry, and per real slot the active
@@ -105,40 +113,24 @@ impl Reader {
     pub fn flows_by_slot(&self, udp_idle: Duration) -> Result<FlowCounts, DataplaneError> {
         let started = Instant::now();
         let now = monotonic_ns();
-        let mut counts = FlowCounts::default();
+        let mut counts = FlowCounts {
+            written: self.flows_written().ok(),
+            ..FlowCounts::default()
+        };
         let udp_idle_ns = u64::try_from(udp_idle.as_nanos()).unwrap_or(u64::MAX);
         let udp_window = udp_idle_ns.saturating_add(udp_stamp_grain_ns(udp_idle_ns));
         let tcp_window = u64::try_from(TCP_ACTIVE.as_nanos()).unwrap_or(u64::MAX);
-        let mut count = |key: &FlowKey, state: &FlowState| {
+        self.flows.for_each_way(|way| {
             counts.entries += 1;
-            let window = if key.proto == PROTO_UDP {
-                udp_window
-            } else {
-                tcp_window
-            };
-            if state.last_seen_ns == 0 || now.saturating_sub(state.last_seen_ns) <= window {
+            let window = if way.udp() { udp_window } else { tcp_window };
+            let last_seen = way.last_seen_ns(now);
+            if last_seen == 0 || now.saturating_sub(last_seen) <= window {
                 *counts
                     .by_slot
-                    .entry((state.real_id, state.generation))
+                    .entry((way.real_id(), way.generation()))
                     .or_default() += 1;
             }
-        };
-        match walk_batched(&self.flows, &mut count) {
-            Ok(()) => {}
-            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
-                // A kernel without batched lookups on this map: one entry at a time.
-                for item in self.flows.iter() {
-                    let (k, v) = item.map_err(map_err(map_names::FLOWS))?;
-                    count(&k, &v);
-                }
-            }
-            Err(e) => {
-                return Err(DataplaneError::Map {
-                    name: map_names::FLOWS,
-                    source: aya::maps::MapError::IoError(e),
-                });
-            }
-        }
+        });
         counts.took = started.elapsed();
         counts.at = Some(Instant::now());
         Ok(counts)
@@ -152,96 +144,6 @@ fn typed<T: TryFrom<Map, Error = aya::maps::MapError>>(
 ) -> Result<T, DataplaneError> {
     let map = Map::from_map_data(data).map_err(map_err(name))?;
     T::try_from(map).map_err(map_err(name))
-}
-
-/// `CLOCK_MONOTONIC` in ns: the clock of `bpf_ktime_get_ns`.
-fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes one timespec into `ts`.
-    if unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) } != 0 {
-        return 0;
-    }
-    u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(ts.tv_nsec).unwrap_or(0)
-}
-
-/// `BPF_MAP_LOOKUP_BATCH` from `enum bpf_cmd`.
-const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
-
-/// The `batch` member of `union bpf_attr`.
-#[repr(C)]
-#[derive(Default)]
-struct BatchAttr {
-    in_batch: u64,
-    out_batch: u64,
-    keys: u64,
-    values: u64,
-    count: u32,
-    map_fd: u32,
-    elem_flags: u64,
-    flags: u64,
-}
-
-/// Calls `f` for every entry of `map`, fetching them in batches.
-fn walk_batched(
-    map: &HashMap<MapData, FlowKey, FlowState>,
-    f: &mut impl FnMut(&FlowKey, &FlowState),
-) -> std::io::Result<()> {
-    use aya::maps::IterableMap as _;
-    const BATCH: usize = 4096;
-    let fd = map.map().fd().as_fd().as_raw_fd();
-    let mut keys = vec![
-        FlowKey {
-            src: [0; 16],
-            dst: [0; 16],
-            ports: 0,
-            proto: 0,
-            family: 0,
-            _pad: [0; 2],
-        };
-        BATCH
-    ];
-    let mut values = vec![FlowState::default(); BATCH];
-    // The hash map's cursor is a bucket index (u32); room for a u64 to be safe.
-    let mut cursor = [0u64; 1];
-    let mut next = [0u64; 1];
-    let mut first = true;
-    loop {
-        let mut attr = BatchAttr {
-            in_batch: if first { 0 } else { cursor.as_mut_ptr() as u64 },
-            out_batch: next.as_mut_ptr() as u64,
-            keys: keys.as_mut_ptr() as u64,
-            values: values.as_mut_ptr() as u64,
-            count: BATCH as u32,
-            map_fd: u32::try_from(fd).unwrap_or(0),
-            ..BatchAttr::default()
-        };
-        // SAFETY: the attribute points at buffers of `count` keys and values
-        // of the map's key and value sizes, and at two cursor words, all of
-        // which outlive the call.
-        let rc = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                BPF_MAP_LOOKUP_BATCH,
-                &mut attr as *mut BatchAttr,
-                size_of::<BatchAttr>(),
-            )
-        };
-        let err = (rc < 0).then(std::io::Error::last_os_error);
-        let got = attr.count as usize;
-        for i in 0..got.min(BATCH) {
-            f(&keys[i], &values[i]);
-        }
-        match err {
-            None => {}
-            Some(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(()),
-            Some(e) => return Err(e),
-        }
-        cursor = next;
-        first = false;
-    }
 }
 
 /// The conntrack count, shared by everyone who reads it: one walk at a time,
@@ -273,11 +175,16 @@ impl FlowCounter {
     }
 
     /// A count at most `max_age` old, or at most ten walk durations old
-    /// when that is longer: the last one, or a new walk.
+    /// when that is longer and the data path wrote no entry since: the last
+    /// one, or a new walk.
     pub async fn fresh(&self, max_age: Duration) -> Arc<FlowCounts> {
+        let written = self.reader.flows_written().ok();
         let young = |c: &FlowCounts| {
-            let age = max_age.max(c.took * 10);
-            c.at.is_some_and(|at| at.elapsed() <= age)
+            let Some(at) = c.at else {
+                return false;
+            };
+            let unchanged = written.is_none() || c.written == written;
+            at.elapsed() <= max_age || (unchanged && at.elapsed() <= c.took * 10)
         };
         let last = self.last();
         if young(&last) {

@@ -3,9 +3,14 @@
 //! The daemon, the tests and the benchmarks all go through [`Dataplane`], so
 //! what the tests check is exactly what the daemon does.
 
-use std::{collections::HashSet, ffi::CString, os::fd::AsFd as _, path::PathBuf, ptr::NonNull};
+use std::{
+    collections::HashSet, ffi::CString, os::fd::AsFd as _, path::PathBuf, ptr::NonNull, sync::Arc,
+};
 
-use crate::pin::PinDir;
+use crate::{
+    conntrack::{self, Table},
+    pin::PinDir,
+};
 
 use aya::{
     Ebpf, EbpfLoader,
@@ -42,7 +47,7 @@ impl Default for LoadOptions {
 
 /// Every map of the balancer object (`AYA_LOGS` carries the program's debug
 /// log lines to the daemon).
-pub const BALANCER_MAPS: [&str; 15] = [
+pub const BALANCER_MAPS: [&str; 17] = [
     "AYA_LOGS",
     map_names::VIPS,
     map_names::VIP_SLOTS,
@@ -52,6 +57,8 @@ pub const BALANCER_MAPS: [&str; 15] = [
     map_names::REALS,
     map_names::CONFIG,
     map_names::FLOWS,
+    map_names::FLOW_KEYS,
+    map_names::CT_PARAMS,
     map_names::FLOOD,
     map_names::STATS,
     map_names::VIP_STATS,
@@ -114,6 +121,9 @@ pub enum DataplaneError {
         /// The capacity.
         capacity: u32,
     },
+    /// A map that does not have the shape this xlb expects.
+    #[error("{0}")]
+    Invalid(String),
 }
 
 type Result<T, E = DataplaneError> = std::result::Result<T, E>;
@@ -125,7 +135,7 @@ pub(crate) fn map_err(name: &'static str) -> impl FnOnce(aya::maps::MapError) ->
 /// A memory-mappable array map mapped into our memory as `len` values of
 /// `T` with no gaps (the caller's `T` matches the kernel's layout: values
 /// `round_up(value_size, 8)` bytes apart), written without a system call.
-struct Mapped<T> {
+pub(crate) struct Mapped<T> {
     ptr: NonNull<T>,
     len: usize,
     _map: MapData,
@@ -133,9 +143,12 @@ struct Mapped<T> {
 
 // SAFETY: the mapping is owned by this value and only written through &mut self.
 unsafe impl<T> Send for Mapped<T> {}
+// SAFETY: shared references only read (the conntrack table reads each value
+// volatile: the data path writes it concurrently anyway).
+unsafe impl<T> Sync for Mapped<T> {}
 
 impl<T> Mapped<T> {
-    fn new(map: MapData, len: usize, name: &'static str) -> Result<Self> {
+    pub(crate) fn new(map: MapData, len: usize, name: &'static str) -> Result<Self> {
         let bytes = len * size_of::<T>();
         let fd = map.fd().as_fd();
         // SAFETY: mapping a BPF_F_MMAPABLE array of exactly `bytes` bytes; the
@@ -167,6 +180,16 @@ impl<T> Mapped<T> {
         })
     }
 
+    /// The first value (for volatile access by callers that stay below [`Self::len`]).
+    pub(crate) fn as_ptr(&self) -> *mut T {
+        self.ptr.as_ptr()
+    }
+
+    /// Values mapped.
+    pub(crate) fn len(&self) -> usize {
+        self.len
+    }
+
     /// Values `[off, off + len)`; callers check the range.
     fn range(&self, off: u32, len: u32) -> &[T] {
         debug_assert!(off as usize + len as usize <= self.len);
@@ -187,6 +210,14 @@ impl<T> Drop for Mapped<T> {
         unsafe {
             libc::munmap(self.ptr.as_ptr().cast(), self.len * size_of::<T>());
         }
+    }
+}
+
+/// The data of an array map taken from the object.
+fn array_data(map: Map, name: &'static str) -> Result<MapData> {
+    match map {
+        Map::Array(data) => Ok(data),
+        _ => Err(DataplaneError::MissingMap(name)),
     }
 }
 
@@ -433,8 +464,7 @@ pub struct Dataplane {
     vips: HashMap<MapData, VipKey, VipMeta>,
     vip_addrs: HashMap<MapData, AddrKey, u32>,
     filter: VipFilter,
-    flows: HashMap<MapData, FlowKey, FlowState>,
-    flow_capacity: u32,
+    flows: Arc<Table>,
     rings: Mapped<u32>,
     slots: VipSlots,
     reals: Array<MapData, RealDef>,
@@ -457,7 +487,9 @@ impl Dataplane {
     /// Loads the object into the kernel (maps created, programs verified), not attached.
     pub fn load_with(options: &LoadOptions) -> Result<Self> {
         let mut loader = EbpfLoader::new();
-        loader.map_max_entries(map_names::FLOWS, options.flows.max(1));
+        let (buckets, keys) = conntrack::sizes(options.flows);
+        loader.map_max_entries(map_names::FLOWS, buckets);
+        loader.map_max_entries(map_names::FLOW_KEYS, keys);
         loader.map_max_entries(map_names::PEER_FLOWS, options.flows.max(1));
         let pins: Vec<(&str, PathBuf)> = match &options.pin {
             Some(dir) => BALANCER_MAPS.iter().map(|n| (*n, dir.map(n))).collect(),
@@ -489,16 +521,11 @@ impl Dataplane {
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(map_err(map_names::VIP_ADDRS))?,
         )?;
-        let flows = take(&mut ebpf, map_names::FLOWS)?;
-        // The map as the kernel made it (or as a previous instance pinned it).
-        let flow_capacity = match &flows {
-            Map::LruHashMap(data) => data
-                .info()
-                .map_err(map_err(map_names::FLOWS))?
-                .max_entries(),
-            _ => return Err(DataplaneError::MissingMap(map_names::FLOWS)),
-        };
-        let flows = HashMap::try_from(flows).map_err(map_err(map_names::FLOWS))?;
+        let flows = Arc::new(Table::open(
+            array_data(take(&mut ebpf, map_names::FLOWS)?, map_names::FLOWS)?,
+            array_data(take(&mut ebpf, map_names::FLOW_KEYS)?, map_names::FLOW_KEYS)?,
+            array_data(take(&mut ebpf, map_names::CT_PARAMS)?, map_names::CT_PARAMS)?,
+        )?);
         let rings = match take(&mut ebpf, map_names::RINGS)? {
             Map::Array(data) => rings(data)?,
             _ => return Err(DataplaneError::MissingMap(map_names::RINGS)),
@@ -523,7 +550,6 @@ impl Dataplane {
             vip_addrs,
             filter,
             flows,
-            flow_capacity,
             rings,
             slots,
             reals,
@@ -741,19 +767,22 @@ impl Dataplane {
     }
 
     /// Second handles (duplicated file descriptors) on the maps readers use:
-    /// the verdict, VIP and real counters and the conntrack table, in that order.
-    pub fn reader_maps(&self) -> Result<[MapData; 4]> {
-        Ok([
-            clone_map(&self.stats, map_names::STATS)?,
-            clone_map(&self.vip_stats, map_names::VIP_STATS)?,
-            clone_map(&self.real_stats, map_names::REAL_STATS)?,
-            clone_map(&self.flows, map_names::FLOWS)?,
-        ])
+    /// the verdict, VIP and real counters, in that order, and the conntrack
+    /// table (one mapping, shared).
+    pub fn reader_maps(&self) -> Result<([MapData; 3], Arc<Table>)> {
+        Ok((
+            [
+                clone_map(&self.stats, map_names::STATS)?,
+                clone_map(&self.vip_stats, map_names::VIP_STATS)?,
+                clone_map(&self.real_stats, map_names::REAL_STATS)?,
+            ],
+            self.flows.clone(),
+        ))
     }
 
     /// Flow sync's maps: the report ring and the peer flow table (taken out
-    /// of the object: call once), with second handles on the peer flow and
-    /// conntrack tables for full copies.
+    /// of the object: call once), with a second handle on the peer flow
+    /// table and a view of the conntrack table for full copies.
     pub fn sync_maps(&mut self) -> Result<crate::flowsync::Maps> {
         let events = aya::maps::RingBuf::try_from(take(&mut self.ebpf, map_names::FLOW_EVENTS)?)
             .map_err(map_err(map_names::FLOW_EVENTS))?;
@@ -765,13 +794,11 @@ impl Dataplane {
             map_names::PEER_FLOWS,
         )?))
         .map_err(map_err(map_names::PEER_FLOWS))?;
-        let flows = HashMap::try_from(Map::LruHashMap(clone_map(&self.flows, map_names::FLOWS)?))
-            .map_err(map_err(map_names::FLOWS))?;
         Ok(crate::flowsync::Maps {
             events,
             peer_flows,
             peer_flows_read,
-            flows,
+            flows: self.flows.clone(),
         })
     }
 
@@ -790,28 +817,26 @@ impl Dataplane {
             .collect()
     }
 
-    /// The conntrack entry of a flow, if any.
+    /// The conntrack entry of a flow, if any (its generation as the entry
+    /// keeps it, see `lb_common::ct_generation`).
     pub fn flow(&self, key: &FlowKey) -> Result<Option<FlowState>> {
-        match self.flows.get(key, 0) {
-            Ok(v) => Ok(Some(v)),
-            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
-            Err(source) => Err(DataplaneError::Map {
-                name: map_names::FLOWS,
-                source,
-            }),
-        }
+        Ok(self.flows.get(key))
     }
 
-    /// Number of entries in the conntrack table, one lookup each (for tests;
-    /// the daemon counts with a batched walk, see `counters`).
+    /// Flows in the conntrack table (a walk over the mapped table).
     pub fn flow_count(&self) -> usize {
-        self.flows.keys().filter(Result::is_ok).count()
+        self.flows.len()
     }
 
-    /// Flows the conntrack table holds: its max entries, all usable by every
-    /// CPU (one LRU shared by all CPUs, see docs/architecture.md).
+    /// Flows the conntrack table is sized for, all usable by every CPU (one
+    /// table shared by all CPUs, see docs/architecture.md).
     pub fn flow_capacity(&self) -> u32 {
-        self.flow_capacity
+        self.flows.capacity()
+    }
+
+    /// The conntrack table (tests and the bench also write entries through it).
+    pub fn flows(&self) -> &Table {
+        &self.flows
     }
 
     /// VIP `id`'s counter summed over CPUs.

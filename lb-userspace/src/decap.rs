@@ -22,7 +22,7 @@ use crate::{
     dataplane::{
         DataplaneError, attach_xdp, clone_map, load_xdp, map_err, sum, take, xdp, xdp_mut,
     },
-    pin::{LAYOUT_VERSION, PinDir},
+    pin::{DECAP_LAYOUT_VERSION, PinDir},
 };
 
 /// The compiled decapsulator object, built by build.rs with aya-build.
@@ -302,7 +302,7 @@ fn counters(
 /// while `xlb decap` runs, or after it left the data path running.
 pub fn pinned_counters(pin_dir: &Path) -> Result<Vec<(&'static str, Counter)>, DataplaneError> {
     let path = pin_dir
-        .join(format!("v{LAYOUT_VERSION}"))
+        .join(format!("v{DECAP_LAYOUT_VERSION}"))
         .join(map_names::DECAP_STATS);
     let data = MapData::from_pin(&path).map_err(map_err(map_names::DECAP_STATS))?;
     let stats =

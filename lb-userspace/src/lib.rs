@@ -46,6 +46,7 @@ pub mod chain;
 pub mod cli;
 pub mod client;
 pub mod config;
+pub mod conntrack;
 pub mod controller;
 pub mod counters;
 pub mod daemon;

@@ -293,7 +293,7 @@ pub fn render(src: &Sources, flows: &FlowCounts) -> Result<String, String> {
     );
     reg.register(
         "conntrack_entries_limit",
-        "Capacity of the conntrack table (entries)",
+        "Flows the conntrack table is sized for (--conntrack-size rounded up to a power of two)",
         conntrack_limit,
     );
     reg.register(

@@ -19,8 +19,15 @@ use nix::{
     sys::statfs::{BPF_FS_MAGIC, statfs},
 };
 
-/// Version of the map layout (bump when a map's key, value or size changes).
-pub const LAYOUT_VERSION: u32 = 3;
+/// Version of the balancer's map layout (bump when a map's key, value or
+/// size changes). 4: the conntrack table of buckets (`XLB_FLOWS`,
+/// `XLB_FLOW_KEYS`, `XLB_CT_PARAMS`).
+pub const LAYOUT_VERSION: u32 = 4;
+
+/// Version of the decapsulator's pin layout (`xlb decap`): its one pinned map
+/// did not change with the balancer's layout 4, so real servers keep their
+/// pins across that upgrade.
+pub const DECAP_LAYOUT_VERSION: u32 = 3;
 
 /// Default pin directory.
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/xlb";
@@ -41,7 +48,7 @@ pub enum PinError {
     },
     /// Pins of another layout version are present.
     #[error(
-        "{dir} holds pins of map layout {found}; this xlb uses layout v{LAYOUT_VERSION}. Run the \
+        "{dir} holds pins of map layout {found}; this xlb uses layout v{want}. Run the \
          xlb version that made them, or `xlb teardown --pin-dir {}` (drops tracked flows) first",
         dir.display()
     )]
@@ -50,6 +57,8 @@ pub enum PinError {
         dir: PathBuf,
         /// What was found.
         found: String,
+        /// The layout this xlb uses there.
+        want: u32,
     },
     /// An operation on a pin failed.
     #[error("{what} {}", path.display())]
@@ -153,14 +162,21 @@ fn is_bpffs(path: &Path) -> bool {
 /// The versioned directory holding one instance's pins.
 #[derive(Clone, Debug)]
 pub struct PinDir {
-    /// `PIN_DIR/v{LAYOUT_VERSION}`.
+    /// `PIN_DIR/v{version}`.
     pub path: PathBuf,
 }
 
 impl PinDir {
     /// Makes sure `dir` is on a bpffs (mounting one there when it is not),
-    /// refuses pins of another layout, and returns the versioned directory.
+    /// refuses pins of another layout than the balancer's
+    /// ([`LAYOUT_VERSION`]), and returns the versioned directory.
     pub fn prepare(dir: &Path) -> Result<Self, PinError> {
+        Self::prepare_layout(dir, LAYOUT_VERSION)
+    }
+
+    /// [`PinDir::prepare`] for pins of layout `version` (the decapsulator's
+    /// is [`DECAP_LAYOUT_VERSION`]).
+    pub fn prepare_layout(dir: &Path, version: u32) -> Result<Self, PinError> {
         let not_bpffs = |why: String| PinError::NotBpffs {
             dir: dir.to_owned(),
             why,
@@ -184,7 +200,7 @@ impl PinDir {
             }
             mount_bpffs(dir).map_err(not_bpffs)?;
         }
-        let mine = format!("v{LAYOUT_VERSION}");
+        let mine = format!("v{version}");
         for entry in std::fs::read_dir(dir).map_err(io_err("listing", dir))? {
             let name = entry
                 .map_err(io_err("listing", dir))?
@@ -195,6 +211,7 @@ impl PinDir {
                 return Err(PinError::OtherLayout {
                     dir: dir.to_owned(),
                     found: name,
+                    want: version,
                 });
             }
         }

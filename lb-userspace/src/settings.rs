@@ -194,8 +194,8 @@ pub struct Settings {
         deserialize_with = "de_ranged::<_, _, 1, RESOLVE_TIMEOUT_MAX>"
     )]
     pub resolve_timeout: Option<u64>,
-    /// Connection-tracking table size (flows, all CPUs; ~100 bytes each; 1024
-    /// to 134217728) [default: 1048576].
+    /// Connection-tracking table size (flows, all CPUs, rounded up to a power
+    /// of two; 224 bytes each; 1024 to 134217728) [default: 1048576].
     #[arg(long, allow_negative_numbers = true, value_parser = ranged::<u32, CONNTRACK_MIN, CONNTRACK_MAX>)]
     #[serde(
         default,

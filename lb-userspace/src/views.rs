@@ -98,7 +98,11 @@ pub fn vips(
                     let (c, active) = match r.slot {
                         Some((id, generation)) => (
                             reader.real_counter(id)?,
-                            flows.by_slot.get(&(id, generation)).copied().unwrap_or(0),
+                            flows
+                                .by_slot
+                                .get(&(id, lb_common::ct_generation(generation)))
+                                .copied()
+                                .unwrap_or(0),
                         ),
                         None => (Default::default(), 0),
                     };

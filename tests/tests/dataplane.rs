@@ -1382,6 +1382,65 @@ fn conntrack_holds_its_configured_size_from_one_cpu() {
     );
 }
 
+/// A bucket holds four flows. When a fifth arrives, the bucket evicts a flow
+/// that was never answered (a lone SYN) before any answered one, whatever
+/// their age, and among answered flows the least recently seen.
+#[test]
+fn a_full_conntrack_bucket_evicts_unanswered_flows_first() {
+    on_cpu0();
+    let fx = Fixture::new();
+    let vip = fx.vip("203.0.113.10:80/tcp");
+    // Six client ports whose flows share one bucket (the table's seed is
+    // random: the first bucket that six ports fall into).
+    let mut by_bucket: std::collections::HashMap<usize, Vec<u16>> = Default::default();
+    let ports = (41000..u16::MAX)
+        .find_map(|p| {
+            let bucket = fx.dp.flows().bucket_of(&flow_key(CLIENT.into(), p, &vip));
+            let ports = by_bucket.entry(bucket).or_default();
+            ports.push(p);
+            (ports.len() == 6).then(|| ports.clone())
+        })
+        .expect("six flows of one bucket");
+    let tracked = |p: u16| {
+        fx.dp
+            .flow(&flow_key(CLIENT.into(), p, &vip))
+            .expect("conntrack")
+            .is_some()
+    };
+    let syn = |p: u16| fx.run(&packet::tcp(CLIENT, p, VIP_DR, 80, true, &[])).0;
+    let ack = |p: u16| fx.run(&packet::tcp(CLIENT, p, VIP_DR, 80, false, b"x")).0;
+    // Three answered flows, the oldest first, then a lone SYN (the newest).
+    for &p in &ports[..3] {
+        assert_eq!(syn(p), XDP_TX);
+        assert_eq!(ack(p), XDP_TX);
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert_eq!(syn(ports[3]), XDP_TX);
+    // A fifth flow takes the lone SYN's way, not the oldest answered flow's.
+    let new = event(&fx, "conntrack_new");
+    assert_eq!(syn(ports[4]), XDP_TX);
+    assert_eq!(
+        event(&fx, "conntrack_new"),
+        new + 1,
+        "the fifth flow is tracked"
+    );
+    assert!(!tracked(ports[3]), "the unanswered flow stayed");
+    assert!(
+        ports[..3].iter().all(|&p| tracked(p)) && tracked(ports[4]),
+        "an answered flow was evicted for a new one"
+    );
+    // Once every flow of the bucket was answered, the least recently seen
+    // one goes.
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    assert_eq!(ack(ports[4]), XDP_TX);
+    assert_eq!(syn(ports[5]), XDP_TX);
+    assert!(!tracked(ports[0]), "the least recently seen flow stayed");
+    assert!(
+        ports[1..3].iter().all(|&p| tracked(p)) && tracked(ports[4]) && tracked(ports[5]),
+        "a more recently seen flow was evicted"
+    );
+}
+
 #[test]
 fn stale_flow_does_not_follow_a_reused_real_id() {
     let fx = Fixture::new();
@@ -1762,7 +1821,9 @@ fn decap_accepts_only_allowed_sources_and_keeps_ce() {
 #[test]
 fn decap_stats_are_read_from_the_pins() {
     let dir = std::env::temp_dir().join(format!("xlb-decap-pins-{}", std::process::id()));
-    let pin = lb_userspace::pin::PinDir::prepare(&dir).expect("bpffs pin dir");
+    let pin =
+        lb_userspace::pin::PinDir::prepare_layout(&dir, lb_userspace::pin::DECAP_LAYOUT_VERSION)
+            .expect("bpffs pin dir");
     struct Unmount(std::path::PathBuf);
     impl Drop for Unmount {
         fn drop(&mut self) {

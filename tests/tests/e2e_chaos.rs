@@ -603,7 +603,7 @@ const IDLE: usize = 60;
 /// have no route and die in their namespaces), at most [`FLOOD_RATE`] a second, for at
 /// most [`FLOOD_MAX_TIME`]. Each flow is a SYN then an ACK, as a client completing its
 /// handshake sends: a flood of bare SYNs, one packet per flow, cannot push established
-/// flows out of the kernel's LRU (see docs/reliability.md). Returns the flows sent and
+/// flows out of the conntrack table (see docs/reliability.md). Returns the flows sent and
 /// how long that took.
 fn connection_flood(client: &Host, to: SocketAddrV4) -> (usize, Duration) {
     client.ns.run_in(|| {
@@ -790,8 +790,8 @@ fn without_the_flood_guard_the_same_flood_churns_the_whole_table() {
         "only {} flows tracked: the flood did not overrun the table of {CONNTRACK_SIZE}",
         f.tracked
     );
-    // Which established entries the flood pushes out is then up to the kernel's LRU,
-    // which keeps entries that saw a second packet ahead of the flood's for a while:
+    // Which established entries the flood pushes out is then up to the table's
+    // eviction order (the least recently seen answered flows of a full bucket):
     // the moved connections are measured, not asserted (docs/reliability.md has the
     // spread over runs). An evicted flow follows Maglev, so only the change moves it.
 }

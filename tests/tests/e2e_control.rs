@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use aya::maps::{Array, HashMap, Map, MapData};
+use aya::maps::{Array, Map, MapData};
 use lb_common::{Config, FlowKey, FlowState, map_names};
 use nix::sys::signal::Signal;
 use xlb_tests::harness;
@@ -454,13 +454,11 @@ fn scraping_a_million_tracked_flows_never_delays_a_change() {
         daemon.cli_ok(&["real", "add", SERVICE, &real.ipv4.to_string()]);
     }
     // A million flows in the conntrack table, as a busy balancer has.
-    let path = run
-        .pin_dir()
-        .join(format!("v{}", lb_userspace::pin::LAYOUT_VERSION))
-        .join(map_names::FLOWS);
-    let data = MapData::from_pin(&path).expect("the pinned conntrack table");
-    let mut flows: HashMap<MapData, FlowKey, FlowState> =
-        HashMap::try_from(Map::LruHashMap(data)).expect("an LRU hash");
+    let flows = lb_userspace::conntrack::Table::open_pinned(
+        &run.pin_dir()
+            .join(format!("v{}", lb_userspace::pin::LAYOUT_VERSION)),
+    )
+    .expect("the pinned conntrack table");
     for n in 0..1_000_000u32 {
         let mut src = [0u8; 16];
         src[..4].copy_from_slice(&[198, 18, (n >> 8) as u8, n as u8]);
@@ -480,7 +478,7 @@ fn scraping_a_million_tracked_flows_never_delays_a_change() {
             real_id: 1,
             ..FlowState::default()
         };
-        flows.insert(&key, &state, 0).expect("inserting a flow");
+        flows.insert(&key, &state);
     }
     let stop = AtomicBool::new(false);
     let real = topo.reals[0].ipv4.to_string();

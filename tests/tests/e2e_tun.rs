@@ -19,7 +19,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
 use std::time::Duration;
 use xlb_tests::harness::{require_root, stats};
 
-use lb_userspace::pin::LAYOUT_VERSION;
+use lb_userspace::pin::DECAP_LAYOUT_VERSION;
 use lb_userspace::state::fmt_mac;
 use xlb_tests::capture::FrameTap;
 use xlb_tests::harness::{
@@ -1122,7 +1122,7 @@ fn pinned_decap_keeps_running_and_accepts_only_the_balancers_sources() {
         (
             Some(4),
             format!(
-                "error: a running xlb decap uses the pins under {pin_dir}/v{LAYOUT_VERSION}: stop \
+                "error: a running xlb decap uses the pins under {pin_dir}/v{DECAP_LAYOUT_VERSION}: stop \
                  it first (`systemctl stop xlb-decap`), or pass --force to detach the \
                  decapsulator anyway; nothing was removed\n"
             )
@@ -1148,7 +1148,7 @@ fn pinned_decap_keeps_running_and_accepts_only_the_balancers_sources() {
             Some(1),
             format!(
                 "error: another xlb decap is running on the pin directory \
-                 {pin_dir}/v{LAYOUT_VERSION}; stop it first, or use another --pin-dir\n"
+                 {pin_dir}/v{DECAP_LAYOUT_VERSION}; stop it first, or use another --pin-dir\n"
             )
             .into()
         ),
@@ -1408,7 +1408,8 @@ fn xdp_prog_id(ns: &Netns) -> u64 {
 /// counters (layout v3), filled as it filled them, for the upgrade to find.
 fn pin_previous_decap_maps(pin_dir: &std::path::Path) -> Vec<String> {
     use aya::maps::{HashMap, LpmTrie, MapData, lpm_trie::Key};
-    let v3 = lb_userspace::pin::PinDir::prepare(pin_dir).expect("the v3 pin directory");
+    let v3 = lb_userspace::pin::PinDir::prepare_layout(pin_dir, DECAP_LAYOUT_VERSION)
+        .expect("the v3 pin directory");
     let mut addrs: HashMap<MapData, [u8; 20], u32> =
         HashMap::create(64, 0).expect("creating the old endpoint hash");
     let mut endpoint = [0u8; 20];

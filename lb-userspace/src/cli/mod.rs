@@ -658,7 +658,10 @@ async fn run_decap(out: Out, args: DecapArgs) -> anyhow::Result<()> {
     let pin = if args.no_pin {
         None
     } else {
-        Some(pin::PinDir::prepare(&args.pin_dir)?)
+        Some(pin::PinDir::prepare_layout(
+            &args.pin_dir,
+            pin::DECAP_LAYOUT_VERSION,
+        )?)
     };
     // Held until it stops: `xlb decap teardown` refuses while it runs.
     let _pin_lock = pin

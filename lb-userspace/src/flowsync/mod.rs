@@ -46,7 +46,8 @@ use std::{
 
 use aya::maps::{HashMap, MapData, RingBuf};
 use lb_common::{
-    FLOW_EVENT_END, FLOW_EVENT_NEW, FLOW_F_REPORTED, FlowEvent, FlowKey, FlowState, flow_hash,
+    FLOW_EVENT_END, FLOW_EVENT_NEW, FLOW_F_REPORTED, FlowEvent, FlowKey, FlowState, ct_generation,
+    flow_hash,
 };
 use prometheus_client::{
     metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
@@ -176,7 +177,7 @@ pub struct Maps {
     /// A second handle on the peer flows, to read a full copy.
     pub peer_flows_read: HashMap<MapData, FlowKey, FlowState>,
     /// The conntrack table, to read a full copy.
-    pub flows: HashMap<MapData, FlowKey, FlowState>,
+    pub flows: Arc<crate::conntrack::Table>,
 }
 
 /// What flow sync counts (exported as `xlb_sync_*`).
@@ -703,7 +704,9 @@ async fn report(
                             stats.untranslated.inc();
                             continue;
                         };
-                        if generation != ev.generation {
+                        // The data path reports the generation bits its
+                        // entries keep.
+                        if ct_generation(generation) != ev.generation {
                             stats.untranslated.inc();
                             continue;
                         }
@@ -994,7 +997,7 @@ fn store(
 
 type Dump = Arc<
     Mutex<(
-        HashMap<MapData, FlowKey, FlowState>,
+        Arc<crate::conntrack::Table>,
         HashMap<MapData, FlowKey, FlowState>,
     )>,
 >;
@@ -1058,7 +1061,21 @@ async fn serve_pull(
         let maps = dump.lock().unwrap_or_else(|e| e.into_inner());
         let now = unix_ns();
         let mut out = Vec::new();
-        for (flow, state) in maps.0.iter().chain(maps.1.iter()).flatten() {
+        // This node's flows (entries keep the generation's low bits), then
+        // those peers reported (with whole generations).
+        maps.0.for_each(|flow, state| {
+            if let Some(&(real, generation)) = t.by_slot.get(&state.real_id)
+                && ct_generation(generation) == state.generation
+            {
+                out.push(Entry {
+                    op: Op::New,
+                    flow: *flow,
+                    real,
+                    at_ns: now,
+                });
+            }
+        });
+        for (flow, state) in maps.1.iter().flatten() {
             if let Some(&(real, generation)) = t.by_slot.get(&state.real_id)
                 && generation == state.generation
             {

@@ -569,7 +569,9 @@ impl Model {
         }
         // Generations only grow: never below what the kernel's slots carry,
         // nor (for a model rebuilt from nothing) below the clock, so a
-        // conntrack entry of an earlier owner of a slot id never matches.
+        // conntrack entry of an earlier owner of a slot id does not match
+        // (entries keep 18 bits of it: see docs/architecture.md, "The
+        // conntrack table").
         let live_max = maps
             .live_reals()?
             .iter()

@@ -5,13 +5,14 @@
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use aya::maps::{HashMap, MapData};
+use aya::maps::MapData;
 use aya::{
     Ebpf,
     programs::{TestRun as _, TestRunOptions, Xdp},
 };
 use lb_common::{Config, FlowKey, FlowState, RING_SIZE_DEFAULT, prog_names};
 use lb_userspace::chain::Chain;
+use lb_userspace::conntrack::Table;
 use lb_userspace::{
     dataplane::{Dataplane, LoadOptions},
     decap::{Decap, DecapSettings},
@@ -65,8 +66,8 @@ const _: () =
     assert!(MANY_KINDS[0] + MANY_KINDS[1] + MANY_KINDS[2] + MANY_KINDS[3] + MANY_KINDS[4] == 1000);
 /// Flows the tracked cases cycle through.
 const TRACKED_FLOWS: usize = 4096;
-/// Conntrack entries: twice the default, so that the new-flow cases (5 × 100k
-/// flows, all on one CPU's share of the per-CPU LRU lists) never evict.
+/// Conntrack size: twice the default (the full-table cases fill it to this
+/// many flows).
 pub const FLOWS: u32 = 2 << 20;
 
 /// Program names in `lb-floor`.
@@ -479,8 +480,8 @@ fn tunnelled(vip: &str, real: IpAddr) -> Vec<u8> {
 /// then the balancer cases again with many VIPs.
 pub fn run(quick: bool, cpu: usize) -> Vec<PerPacket> {
     let (rounds, per_round) = if quick { (2, 2_000) } else { (5, 20_000) };
-    // The whole section runs on one thread pinned to one CPU: the per-CPU LRU
-    // lists of conntrack and the counters all stay on it too.
+    // The whole section runs on one thread pinned to one CPU: the per-CPU
+    // clock cache, rate windows and counters all stay on it too.
     std::thread::scope(|s| {
         s.spawn(|| {
             crate::pin_to_cpu(cpu);
@@ -519,11 +520,9 @@ fn coarse_now_ns() -> u64 {
 
 /// Fills `dp`'s conntrack table with [`FLOWS`] flows to an address no case
 /// sends to, stamped now.
-fn fill(dp: &mut Dataplane) {
+fn fill(dp: &Dataplane) {
     let started = std::time::Instant::now();
-    let mut maps = dp
-        .sync_maps()
-        .unwrap_or_else(|e| panic!("the conntrack map: {e}"));
+    let flows = dp.flows();
     let vip: Vip = "192.0.2.99:80/tcp".parse().expect("VIP");
     let state = FlowState {
         real_id: 1,
@@ -533,9 +532,7 @@ fn fill(dp: &mut Dataplane) {
         flags: 0,
     };
     for n in 0..u64::from(FLOWS) {
-        maps.flows
-            .insert(&flow_key(&vip, n), &state, 0)
-            .unwrap_or_else(|e| panic!("filling the conntrack table (entry {n}): {e}"));
+        flows.insert(&flow_key(&vip, n), &state);
     }
     eprintln!(
         "xlb-bench:   conntrack table of the full-table case filled ({FLOWS} entries, {:.1} s)",
@@ -544,7 +541,7 @@ fn fill(dp: &mut Dataplane) {
 }
 
 /// Runs a case's setup before a call.
-fn prepare(flows: &mut HashMap<MapData, FlowKey, FlowState>, setup: &Setup) {
+fn prepare(flows: &Table, setup: &Setup) {
     match setup {
         Setup::Nothing => {}
         Setup::Reset(key, state) => {
@@ -552,15 +549,13 @@ fn prepare(flows: &mut HashMap<MapData, FlowKey, FlowState>, setup: &Setup) {
                 last_seen_ns: coarse_now_ns(),
                 ..*state
             };
-            flows
-                .insert(key, &state, 0)
-                .unwrap_or_else(|e| panic!("writing a conntrack entry: {e}"));
+            flows.insert(key, &state);
         }
         Setup::Delete(key) => {
             // Absent before the first call. A delete that failed otherwise
             // would make the call a conntrack hit, which the check of the
             // hits after the rounds catches.
-            let _ = flows.remove(key);
+            flows.remove(key);
         }
     }
 }
@@ -631,7 +626,16 @@ fn sync_cases(
         ..first_state
     };
     let miss_key = flow_key(vip, base + 1);
-    let (peer_key, peer_state) = track(base + 2);
+    let (peer_key, mut peer_state) = track(base + 2);
+    // A peer flow names the real's whole generation (the conntrack entry
+    // keeps only its low bits).
+    peer_state.generation = dp
+        .live_reals()
+        .unwrap_or_else(|e| panic!("reading the reals: {e}"))
+        .into_iter()
+        .find(|(id, _)| *id == peer_state.real_id)
+        .map(|(_, def)| def.generation)
+        .unwrap_or_else(|| panic!("the peer flow's real {} is gone", peer_state.real_id));
     maps.peer_flows
         .insert(&peer_key, &peer_state, 0)
         .unwrap_or_else(|e| panic!("writing a peer flow: {e}"));
@@ -678,8 +682,8 @@ fn measure(scale: Scale, rounds: usize, per_round: usize, cpu: usize) -> PerPack
     // A second data path configured alike, whose conntrack table is full (as
     // a busy balancer's is): every new flow's insert there first evicts the
     // least recently used entry.
-    let (mut full_dp, _full_state, _, _) = configured(scale);
-    fill(&mut full_dp);
+    let (full_dp, _full_state, _, _) = configured(scale);
+    fill(&full_dp);
     let floors = load_floors();
     let with_decap = scale.vips == HEAVY.vips;
     let real4 = real(true, 10);
@@ -843,7 +847,7 @@ fn measure(scale: Scale, rounds: usize, per_round: usize, cpu: usize) -> PerPack
             let mut round_samples = Vec::with_capacity(per_round);
             for i in 0..per_round {
                 if let Some(maps) = &mut sync_maps {
-                    prepare(&mut maps.flows, &case.setup);
+                    prepare(&maps.flows, &case.setup);
                     // Drained well before the ring (8,192 reports) fills.
                     if case.sync && i % 1024 == 0 {
                         reports += drain(&mut maps.events);

@@ -642,28 +642,30 @@ const PACKET_TARGETS: [PacketTarget; 5] = [
         cases: &TRACKED_DR,
         bound: 2.5,
         limit: "{ns} ns against the floor's {floor} ns: the service's meta from its slot (one \
-                array read), one hash lookup (the flow's 5-tuple in a 2M-entry conntrack table, \
-                40 bytes, whose bucket and entry are cache misses over the tracked flows), the \
-                real's record, the clock (the jiffies and this CPU's cached time) and four \
-                per-CPU counters (conntrack hit, VIP, real, verdict)",
+                array read), the conntrack table's hash of the 5-tuple (a multiply and \
+                xor-shift per key word) and its bucket's line (a cache miss over the tracked \
+                flows of a 2M-flow table), the real's record, the clock (the jiffies and this \
+                CPU's cached time) and four per-CPU counters (conntrack hit, VIP, real, \
+                verdict)",
     },
     PacketTarget {
         target: "tracked, tunnel ≤ 3.0×",
         cases: &TRACKED_TUN,
         bound: 3.0,
-        limit: "{ns} ns against {floor} ns: the tracked DR path, plus moving the packet head \
-                (bpf_xdp_adjust_head, and bpf_xdp_adjust_tail for padded frames) and writing \
-                the outer header",
+        limit: "{ns} ns against {floor} ns: the tracked DR path, plus the flow hash for the \
+                outer source (murmur3 over the 5-tuple: the 16-byte conntrack way has no room \
+                for it), moving the packet head (bpf_xdp_adjust_head, and bpf_xdp_adjust_tail \
+                for padded frames) and writing the outer header",
     },
     PacketTarget {
         target: "new flow (TCP, UDP, IPv6; DR and tunnel) ≤ 6×",
         cases: &NEW_FLOW,
         bound: 6.0,
-        limit: "{ns} ns against {floor} ns: the flow hash, a Maglev slot read and above all the \
-                insert into the 2M-entry LRU conntrack table (a free node from the LRU lists, \
-                a bucket lock, an entry that is cold in the cache); in a full table, as a busy \
-                balancer's is, each insert first evicts the least recently used entry, whose \
-                node and bucket are cold too",
+        limit: "{ns} ns against {floor} ns: the flow hash (murmur3 over the 5-tuple, for \
+                Maglev), a Maglev slot read, and the conntrack insert: the bucket's line (cold), \
+                a compare-and-swap to claim a way and the key written into the keys array \
+                (another cold line); a full table costs the same (the bucket's oldest flow is \
+                replaced in place)",
     },
     PacketTarget {
         target: "not for a VIP ≤ 1.3×",
@@ -993,10 +995,11 @@ fn per_packet_md(w: &mut String, p: &PerPacket, index: usize, svg_dir: &Path) {
             &format!(
                 "Method: the real balancer object (`lb_userspace::dataplane::Dataplane`) \
                  configured through the daemon's own `State::edit`, in two configurations \
-                 (below), conntrack of {} entries (twice the default, so that the new-flow cases \
-                 never evict; the full-table case runs on a second data path, configured \
-                 alike, whose table is filled with that many entries first, so that each of \
-                 its inserts evicts one, as on a busy balancer). Every call is one `BPF_PROG_TEST_RUN` with `repeat = 1` and a \
+                 (below), conntrack sized for {} flows (twice the default, so that the \
+                 new-flow cases rarely fill a bucket; the full-table case runs on a second data \
+                 path, configured alike, whose table is filled with that many flows first, as \
+                 on a busy balancer: its buckets are then a quarter full on average and a SYN \
+                 whose bucket is full evicts that bucket's oldest flow). Every call is one `BPF_PROG_TEST_RUN` with `repeat = 1` and a \
                  fresh copy of the packet: with `repeat > 1` the kernel runs the program again on \
                  the buffer it already rewrote, so an encapsulating program would see its own \
                  output. The figure is the kernel-reported duration of each call, on one CPU (CPU \
@@ -1398,41 +1401,52 @@ fn optimisations_md(w: &mut String, after: &[PerPacket], svg_dir: &Path) {
          6.55× → 5.69×; UDP tracked 4.95× → 4.83× and 6.44× → 4.85×; the first hit of a \
          tracked flow 3.84× → 2.91×; TCP SYN 12.86× → 12.16× and 17.05× → 16.89×; the \
          packet not for a VIP within its spread (1.31× → 1.27× and 1.23× → 1.29×).",
-        "**Measured, not shipped yet: a conntrack table of our own.** The cycled and new-flow \
-         cases pay for the kernel's LRU hash: a bucket line and an element of two to three \
-         lines per lookup, and on a full table the LRU's rotation and eviction, which touch \
-         cold elements and their buckets. A prototype (a scratch build of 48fc607, not in the \
-         tree) replaced `XLB_FLOWS` on the packet path with an array of 64-byte buckets \
-         (524,288 buckets of four 16-byte ways, 2M flows, 32 MiB, memory-mappable so that \
-         every bucket is one cache line): a way holds a 64-bit hash of the flow's five key \
-         words (multiply and xor-shift, about 20 BPF instructions) as its tag, and one word \
-         with the real id, 16 bits of its generation and a millisecond stamp; a lookup reads \
-         one line, an insert takes the matching way, else an empty one, else the oldest, in \
-         the same line, so a full table costs what a table with room does. A second variant \
-         also wrote each way's key into a parallel array of 48-byte records on insert (what \
-         userspace would read to list flows or serve a peer's full pull). Measured on this \
-         machine's AMD EPYC guest (2 vCPUs, 32 MiB L3; floors 102–114 ns, not the Intel guest \
-         of the tables above) in one sitting, 3 alternated triples of the release bench (flow \
-         sync's cases left out), medians over the runs of each run's mean ratio, min–max in \
-         brackets, today's table → prototype → prototype with keys: TCP SYN into the full \
-         table 13.92× (13.20–14.63) → 6.46× (5.53–7.54) → 7.39× (6.99–7.49) at 16 VIPs × 100 \
-         reals and 17.52× (17.42–27.39) → 6.64× (6.58–7.11) → 9.39× (9.19–11.29) at 1,000 × \
-         10; TCP SYN with room 7.71× → 5.32× → 6.83× and 11.37× → 6.29× → 8.59×; TCP tracked \
-         DR 4.06× → 3.46× → 3.64× and 6.11× → 4.10× → 4.58×; the same flow every call 2.87× → \
-         2.39× → 2.23× and 3.00× → 2.38× → 2.59×; not for a VIP and decap unchanged within \
-         their spread. Of 600,000 tracked calls per configuration, 30–49 missed: a bucket \
-         whose four ways all took newer flows evicts before the table is full (the table held \
-         about a quarter of its capacity), which a global LRU never does. So the new-flow \
-         target is within reach with a table of our own, and the tracked targets come closer \
-         but are not met by it alone; the keys must not be written on the packet path (they \
-         took a third of the gain back: each 48-byte record is a line, often two, in a 96 MiB \
-         array; not measured apart) and come instead from flow sync's ring, which already \
-         carries every confirmed flow's key to userspace. What moving to it takes: the table \
-         written from userspace too (tests, the bench, flow sync's promotion), flows counted \
-         and listed from it, flow sync's full pull served from the keys userspace learnt and \
-         kept across restarts, a pinned LRU table of an older version migrated on upgrade, \
-         ordered writes of the tag and the state word on other architectures than x86, and a \
-         seed for the hash kept with the pinned table.",
+        "**A conntrack table of our own.** The cycled and new-flow cases paid for the \
+         kernel's LRU hash: a bucket line and an element of two to three lines per lookup, \
+         and on a full table the LRU's rotation and eviction, which touch cold elements and \
+         their buckets. `XLB_FLOWS` is now an array of 64-byte buckets, each four 16-byte \
+         ways in one cache line (architecture.md, \"The conntrack table\"): a way holds a \
+         56-bit tag of the flow (the table's seeded hash of the five key words, a multiply \
+         and xor-shift each), a flags byte, a 32-bit stamp and the real id with 18 bits of \
+         its generation. A lookup reads one line and never the key; an insert takes the \
+         flow's way, else an empty one, else the least recently stamped flow never \
+         answered, else the least recently stamped, claiming the way with a \
+         compare-and-swap, and writes the key into `XLB_FLOW_KEYS` (for userspace: \
+         listing, flow sync's full copies). The table has four ways per configured flow (224 \
+         bytes a flow, twice the LRU's), so that a bucket is rarely full: with two, 4% of \
+         the flows of a table at its size would land in a full bucket, and a flood the \
+         guard holds below the size could still push an idle established flow out. The flow \
+         hash no longer fits in the entry: a tracked tunnel packet computes it again. The \
+         prototype of the previous round had measured keys written on insert as a third of \
+         the gain; they stay on the packet path because they make the table stand alone \
+         (tests, a restarted daemon, a full pull need nothing else), and they cost a new \
+         flow, never a tracked one. `a_full_conntrack_bucket_evicts_unanswered_flows_first` \
+         (tests/tests/dataplane.rs) checks the eviction order; the fixture tests' \
+         assertions are unchanged. Measured A/B in one sitting (the release bench of a3e5166 against this \
+         change's, 3 alternated pairs on the AMD EPYC guest; medians over the pairs of each \
+         run's mean ratio; 16 VIPs × 100 reals, then 1,000 × 10): TCP SYN into the full \
+         table 15.91× → 7.34× and 19.26× → 8.66×; TCP SYN with room 8.60× → 7.29× and \
+         11.28× → 9.41×; IPv6 TCP SYN 8.66× → 7.24× and 9.96× → 7.48×; IPIP SYN 8.98× → \
+         7.30× and 10.51× → 8.73×; UDP new flow 9.82× → 9.44× and 11.06× → 10.64×; TCP \
+         tracked DR 3.85× → 2.56× (median 3.73× → 2.13×) and 4.60× → 5.29×; UDP tracked \
+         3.71× → 2.65× and 3.57× → 3.61×; IPv6 TCP tracked 4.03× → 2.73× and 4.10× → 3.98×; \
+         IPIP tracked 4.32× → 3.46× and 4.35× → 4.63×; IP6IP6 tracked 4.56× → 3.90× and \
+         4.32× → 4.83×; the same flow every call 2.43× → 1.66× and 2.37× → 1.66×; the first \
+         hit of a tracked flow 2.54× → 1.77×, reported to sync 3.23× → 2.38×; a non-SYN \
+         conntrack miss 4.87× → 2.87×, taken from a peer's flow 5.19× → 3.39×; not for a \
+         VIP and decap unchanged within their spread. The cycled tracked cases at 1,000 × \
+         10 moved both ways between A/B sittings (an earlier sitting of the same two sides \
+         gave TCP tracked DR 5.56× → 4.77×): the table is 128 MiB of 4 KiB pages for 2M \
+         flows, and 4,096 cycled flows touch as many pages. Two ways per flow instead of \
+         four (half the memory; 3 alternated pairs in one sitting) was faster on new flows \
+         (TCP SYN 7.79× → 7.17×, UDP new flow 11.19× → 9.74× at 16 × 100) and mixed on \
+         tracked ones, but lets a flood the guard holds below the table's size push idle \
+         established flows out (about one idle flow in 600 in the chaos test's flood): \
+         four it is. Live frames (`--only live`, 3 alternated pairs, 9 runs a side, \
+         medians of the Mpps ratio, min–max in brackets): one tracked DR flow 0.71× \
+         (0.70–0.72) → 0.78× (0.76–0.81) the floor's rate on one core and 0.73× \
+         (0.67–0.74) → 0.75× (0.73–0.81) on two; the IPIP tunnel 0.64× (0.60–0.68) → 0.68× \
+         (0.64–0.70) on one core and 0.68× → 0.63× on two.",
         "**The clock read once per tick.** Every tracked packet read the time \
          (`bpf_ktime_get_coarse_ns`, a helper call: the stamp's grain check, the UDP idle \
          check), a new flow read it twice (the flood guard's window, the entry's stamp). That \
@@ -1463,10 +1477,13 @@ fn optimisations_md(w: &mut String, after: &[PerPacket], svg_dir: &Path) {
          (0.70–0.73) the floor's rate on one core and 0.68× (0.64–0.70) → 0.72× (0.68–0.75) \
          on two; the IPIP tunnel 0.64× → 0.66× and 0.61× → 0.64×.",
         "**Not done yet** (each needs a map or userspace change that did not fit this round): \
-         a conntrack key of 16 bytes for IPv4 (the profile above says the jhash and compare \
-         it would shorten are a small share); and the settings in a global instead of an \
-         array lookup (the `XLB_CONFIG` lookup is already an array lookup the verifier \
-         inlines, so a global would save a bounds check at most; not measured).",
+         a tracked tunnel packet without the flow hash (the way has no room for it; the \
+         table's own hash would do for the outer source but would give a flow another \
+         source on each balancer and after a restart); the keys out of the packet path (the \
+         prototype's third of the new-flow gain, learnt from flow sync's ring instead); and \
+         the settings in a global instead of an array lookup (the `XLB_CONFIG` lookup is \
+         already an array lookup the verifier inlines, so a global would save a bounds check \
+         at most; not measured).",
     ] {
         line(w, &format!("- {item}"));
     }
