@@ -32,7 +32,8 @@ pub mod map_names {
     pub const FLOWS: &str = "XLB_FLOWS";
     /// `Array<FlowKey>` (memory-mappable), one per way of [`FLOWS`] (bucket
     /// `b`, way `w` at `b * CT_WAYS + w`): the tracked flows' keys, for
-    /// userspace (listing, counting by protocol, full copies to peers).
+    /// userspace (listing, full copies to peers), recorded at a flow's first
+    /// hit.
     pub const FLOW_KEYS: &str = "XLB_FLOW_KEYS";
     /// `Array<CtParams>`, one element: the conntrack table's seed and size.
     pub const CT_PARAMS: &str = "XLB_CT_PARAMS";
@@ -431,12 +432,13 @@ pub const CT_GEN_MASK: u32 = (1 << (32 - CT_REAL_BITS)) - 1;
 ///
 /// The flow is known by its tag (56 bits of [`ct_hash`], never 0), not its
 /// key: the data path reads nothing else on a hit. The key is kept apart in
-/// [`map_names::FLOW_KEYS`] (written when the entry is, read only by
-/// userspace). Writers (see docs/architecture.md, "The conntrack table"):
-/// a new entry claims the way with a compare-and-swap of `word` to
-/// [`CT_BUSY`], writes the key, `stamp` and `pin`, then `word`; a hit writes
-/// only `stamp` (4 bytes) and, through another compare-and-swap, the flags
-/// (the first hit, and flow sync's reports).
+/// [`map_names::FLOW_KEYS`] (written at the flow's first hit, or when a
+/// peer's flow is promoted; read only by userspace). Writers (see
+/// docs/architecture.md, "The conntrack table"): a new entry claims the way
+/// with a compare-and-swap of `word` to [`CT_BUSY`], writes `stamp` and
+/// `pin`, then `word`; a hit writes only `stamp` (4 bytes) and, through
+/// another compare-and-swap, the flags (the first hit, then also the key,
+/// and flow sync's reports).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct CtWay {

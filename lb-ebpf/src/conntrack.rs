@@ -12,8 +12,11 @@
 //!   entries idle longer than `Config::udp_idle_ns` (plus the stamp's grain,
 //!   `lb_common::udp_stamp_grain_ns`) are ignored.
 //! - A hit writes nothing but a stamp older than its grain, and the flags on
-//!   its first hit (the flow is answered) and for flow sync's reports. A
-//!   tunnel's outer source needs the flow hash, computed again on a hit.
+//!   its first hit (the flow is answered) and for flow sync's reports. The
+//!   first hit also records the flow's key for userspace (`XLB_FLOW_KEYS`):
+//!   a new entry writes only its bucket's line, so a flood's lone SYNs cost
+//!   one line each. A tunnel's outer source needs the flow hash, computed
+//!   again on a hit.
 //! - New entries are rate-limited per CPU (flood guard): above the limit the
 //!   flow is forwarded by Maglev alone, which still gives a consistent answer
 //!   while the real set is unchanged.
@@ -174,7 +177,12 @@ pub fn choose(
                             // rewrote meanwhile keeps its own flags.
                             let word = way.word | (u64::from(add) << CT_FLAGS_SHIFT);
                             // SAFETY: a way of a live bucket.
-                            unsafe { cas(addr_of_mut!((*way.at).word), way.word, word) };
+                            let won = unsafe { cas(addr_of_mut!((*way.at).word), way.word, word) };
+                            // The first answer records the flow's key for
+                            // userspace: a flood's lone SYNs never write one.
+                            if won && add & CT_F_HIT != 0 {
+                                write_key(held, way.slot);
+                            }
                         }
                     }
                     // Only a tunnel's outer header needs the flow hash.
@@ -269,6 +277,8 @@ struct Table<'a> {
 /// A way found for a flow, as read.
 struct Found {
     at: *mut CtWay,
+    /// The way's index in `XLB_FLOW_KEYS` (bucket × ways + way).
+    slot: u32,
     word: u64,
     stamp: u32,
     pin: u32,
@@ -319,6 +329,7 @@ impl<'a> Table<'a> {
                     }
                     return Some(Found {
                         at,
+                        slot: self.index.wrapping_mul(CT_WAYS) + i as u32,
                         word: again,
                         stamp,
                         pin,
@@ -378,9 +389,6 @@ impl<'a> Table<'a> {
             return Insert::Failed;
         };
         let i = (way & (CT_WAYS - 1)) as usize;
-        let Some(slot) = FLOW_KEYS.get_ptr_mut(self.index.wrapping_mul(CT_WAYS) + way) else {
-            return Insert::Failed;
-        };
         // SAFETY: as in `find`; the compare-and-swap makes this CPU the
         // way's only writer until it stores the word.
         unsafe {
@@ -388,10 +396,11 @@ impl<'a> Table<'a> {
             if !cas(addr_of_mut!((*at).word), words[i], CT_BUSY) {
                 return Insert::Failed;
             }
-            let key = (self.key as *const Aligned<FlowKey>)
-                .cast::<[u64; 5]>()
-                .read();
-            slot.cast::<[u64; 5]>().write(key);
+            // An entry that is answered already (a peer's flow) records its
+            // key now; any other at its first hit.
+            if flags & CT_F_HIT != 0 {
+                write_key(self.key, self.index.wrapping_mul(CT_WAYS) + way);
+            }
             write_volatile(addr_of_mut!((*at).stamp), stamp);
             write_volatile(addr_of_mut!((*at).pin), pin);
             write_volatile(
@@ -400,6 +409,22 @@ impl<'a> Table<'a> {
             );
         }
         outcome
+    }
+}
+
+/// Records `key` as the key of the way at `slot` of `XLB_FLOW_KEYS`, for
+/// userspace (listing, flow sync's full copies), which keeps a key only
+/// when it hashes to its way's bucket and tag.
+#[inline(always)]
+fn write_key(key: &Aligned<FlowKey>, slot: u32) {
+    let Some(at) = FLOW_KEYS.get_ptr_mut(slot) else {
+        return;
+    };
+    // SAFETY: an element of the keys array; the key is copied as five words
+    // from its 8-aligned holder (a 40-byte struct copy is a memmove call).
+    unsafe {
+        let words = (key as *const Aligned<FlowKey>).cast::<[u64; 5]>().read();
+        at.cast::<[u64; 5]>().write(words);
     }
 }
 

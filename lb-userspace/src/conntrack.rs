@@ -3,7 +3,9 @@
 //! `XLB_CT_PARAMS` (the table's seed and size), both arrays memory-mapped.
 //!
 //! The data path writes the table; the daemon only reads it (counting,
-//! listing, full copies to peers). [`Table::insert`] and [`Table::remove`]
+//! listing, full copies to peers). The data path records a flow's key at
+//! its first hit (its answer), not when it inserts the entry: a flow never
+//! answered is counted but has no key to list. [`Table::insert`] and [`Table::remove`]
 //! exist for tests and the bench, which write entries while no packet flows.
 //! A read takes each way's word, stamp and pin, then the word again, and
 //! drops a way that changed meanwhile; a listed entry's key is checked
@@ -220,12 +222,15 @@ impl Table {
         }
     }
 
+    /// The way of `key`: the first in its bucket with its tag, as the data
+    /// path finds it (the key is not compared: a flow never answered has no
+    /// key recorded, and two flows of one bucket share a tag with
+    /// probability 2^-56 per way).
     fn find(&self, key: &FlowKey) -> Option<(usize, usize, Way)> {
         let place = self.place(key);
         (0..CT_WAYS as usize).find_map(|i| {
             let way = self.way(place.bucket, i)?;
-            (way.word & CT_TAG_MASK == place.tag && self.key_of(place.bucket, i) == *key)
-                .then_some((place.bucket, i, way))
+            (way.word & CT_TAG_MASK == place.tag).then_some((place.bucket, i, way))
         })
     }
 
@@ -334,8 +339,11 @@ impl Table {
         }
     }
 
-    /// Calls `f` for every tracked flow with its key (a way whose key does
-    /// not hash to its bucket and tag, one being written, is left out).
+    /// Calls `f` for every tracked flow whose key is recorded, with that key:
+    /// the flows answered at least once (the data path records a key at a
+    /// flow's first hit, and a peer's flow when it is promoted) and those
+    /// [`Table::insert`] wrote. A way whose key does not hash to its bucket
+    /// and tag (never answered, or being rewritten) is left out.
     pub fn for_each(&self, mut f: impl FnMut(&FlowKey, &FlowState)) {
         let now = monotonic_ns();
         for b in 0..self.buckets.len() {

@@ -1441,6 +1441,48 @@ fn a_full_conntrack_bucket_evicts_unanswered_flows_first() {
     );
 }
 
+/// The real of `key` as the table lists it with its key (what flow sync's
+/// full copy to a peer sends), if it does.
+fn listed(fx: &Fixture, key: &lb_common::FlowKey) -> Option<u32> {
+    let mut found = None;
+    fx.dp.flows().for_each(|k, state| {
+        if k == key {
+            found = Some(state.real_id);
+        }
+    });
+    found
+}
+
+/// A flow's key is recorded at its first answer: a lone SYN is tracked
+/// (counted, pinned) but has no key to list, so a flood's SYNs write one
+/// cache line each and a full copy to a peer carries confirmed flows only,
+/// as flow sync's reports do. Its second packet records the key.
+#[test]
+fn a_flow_is_listed_with_its_key_from_its_first_answer() {
+    let fx = Fixture::new();
+    let vip = fx.vip("203.0.113.10:80/tcp");
+    let key = flow_key(CLIENT.into(), 41500, &vip);
+    assert_eq!(
+        fx.run(&packet::tcp(CLIENT, 41500, VIP_DR, 80, true, &[])).0,
+        XDP_TX
+    );
+    let entry = fx.dp.flow(&key).expect("conntrack").expect("tracked");
+    assert_eq!(listed(&fx, &key), None, "a lone SYN's key was recorded");
+    assert_eq!(
+        fx.run(&packet::tcp(CLIENT, 41500, VIP_DR, 80, false, b"x"))
+            .0,
+        XDP_TX
+    );
+    assert_eq!(
+        listed(&fx, &key),
+        Some(entry.real_id),
+        "the answered flow is not listed with its key"
+    );
+    // A retransmitted SYN re-pins the way and keeps its key.
+    fx.run(&packet::tcp(CLIENT, 41500, VIP_DR, 80, true, &[]));
+    assert_eq!(listed(&fx, &key), Some(entry.real_id));
+}
+
 #[test]
 fn stale_flow_does_not_follow_a_reused_real_id() {
     let fx = Fixture::new();
@@ -1969,6 +2011,11 @@ fn a_conntrack_miss_takes_the_real_a_peer_reported_and_promotes_it() {
     // Promoted: the conntrack entry now pins it there, already known to the peers.
     let entry = fx.dp.flow(&key).expect("conntrack").expect("promoted");
     assert_eq!(entry.real_id, peer_id);
+    assert_eq!(
+        listed(&fx, &key),
+        Some(peer_id),
+        "a promoted flow (answered already) is not in the full copy"
+    );
     assert_eq!(
         entry.flags & lb_common::FLOW_F_REPORTED,
         lb_common::FLOW_F_REPORTED

@@ -419,9 +419,12 @@ impl Case {
     }
 }
 
-/// Runs the first packet of each of `TRACKED_FLOWS` flows (flow `n` to
-/// `vips[n % len]`; a SYN, or the first datagram) so the program tracks them,
-/// and returns the frames of the flows' next packets.
+/// Runs the first two packets of each of `TRACKED_FLOWS` flows (flow `n` to
+/// `vips[n % len]`; a SYN, or the first datagram, then the next packet: the
+/// first hit, which marks the flow answered and records its key) so the
+/// program tracks them as established flows, and returns the frames of the
+/// flows' next packets (the measured calls: hits that write nothing but a
+/// stamp).
 fn warm(dp: &Dataplane, vips: &[Vip], udp: bool, base: u64) -> Vec<Vec<u8>> {
     let prog = dp.program(prog_names::BALANCER).expect("balancer program");
     let (first, next) = if udp {
@@ -437,7 +440,13 @@ fn warm(dp: &Dataplane, vips: &[Vip], udp: bool, base: u64) -> Vec<Vec<u8>> {
                 action, XDP_TX,
                 "warming flow {n} of {vip}: the first packet was not forwarded"
             );
-            frame(vip, base + n, next)
+            let next = frame(vip, base + n, next);
+            let (action, _) = run_once(prog, &next);
+            assert_eq!(
+                action, XDP_TX,
+                "warming flow {n} of {vip}: the second packet was not forwarded"
+            );
+            next
         })
         .collect()
 }

@@ -662,10 +662,10 @@ const PACKET_TARGETS: [PacketTarget; 5] = [
         cases: &NEW_FLOW,
         bound: 6.0,
         limit: "{ns} ns against {floor} ns: the flow hash (murmur3 over the 5-tuple, for \
-                Maglev), a Maglev slot read, and the conntrack insert: the bucket's line (cold), \
-                a compare-and-swap to claim a way and the key written into the keys array \
-                (another cold line); a full table costs the same (the bucket's oldest flow is \
-                replaced in place)",
+                Maglev), a Maglev slot read, and the conntrack insert: the bucket's line (cold; \
+                a 2M-flow table is 128 MiB of 4 KiB pages, so a TLB miss too) and a \
+                compare-and-swap to claim a way (the key is recorded at the first hit); a full \
+                table costs the same (the bucket's oldest flow is replaced in place)",
     },
     PacketTarget {
         target: "not for a VIP ≤ 1.3×",
@@ -1447,6 +1447,34 @@ fn optimisations_md(w: &mut String, after: &[PerPacket], svg_dir: &Path) {
          (0.70–0.72) → 0.78× (0.76–0.81) the floor's rate on one core and 0.73× \
          (0.67–0.74) → 0.75× (0.73–0.81) on two; the IPIP tunnel 0.64× (0.60–0.68) → 0.68× \
          (0.64–0.70) on one core and 0.68× → 0.63× on two.",
+        "**A flow's key recorded at its first answer.** The conntrack table above wrote \
+         each new entry's key into `XLB_FLOW_KEYS` (a 40-byte record of a 320 MiB array at \
+         2M flows: a second cold line, and another page, for every new flow). Only userspace \
+         reads the keys, for flow sync's full copies, and those only need the flows flow \
+         sync reports: the answered ones. The key is now written at a flow's first hit, after \
+         the compare-and-swap that marks the way answered (and when a peer's flow, answered \
+         already, is promoted); an insert writes only its bucket's line. A flood's lone SYNs \
+         and single datagrams never write a key; a real connection pays the same write one \
+         packet later, on its first hit, once. The table still stands alone: a restarted \
+         daemon's full copies read the pinned keys as before, and a flow without a key is \
+         still tracked, counted and pinned (userspace finds a flow by its bucket and tag, as \
+         the data path does). `a_flow_is_listed_with_its_key_from_its_first_answer` and the \
+         peer-promotion test (tests/tests/dataplane.rs) check when a key appears (seen \
+         failing with the key written on insert, and with it never written); the fixture \
+         tests' assertions are unchanged. The bench's tracked flows are now warmed with \
+         their first two packets (established flows), on both sides of the A/B. Measured A/B \
+         in one sitting (9a76fb2's release bench with that warm-up against this change's, 4 \
+         alternated pairs on the AMD EPYC guest, floors 70–93 ns, 1-minute load average \
+         0.8–1.3; medians over the pairs of each run's mean ratio, min–max in brackets; 16 \
+         VIPs × 100 reals, then 1,000 × 10): TCP SYN 8.63× (7.10–9.93) → 6.53× (5.61–7.31) \
+         and 10.87× (8.36–17.57) → 7.43× (7.19–8.09); UDP new flow 11.15× (9.80–17.06) → \
+         7.12× (6.62–7.71) and 12.51× → 8.73×; IPv6 TCP SYN 9.47× → 6.22× and 9.07× → \
+         6.48×; IPIP SYN 9.85× → 6.30× and 8.56× → 6.96×; IP6IP6 SYN 9.91× → 6.48× and \
+         9.06× → 6.95×; TCP SYN into the full table 9.19× → 6.19× and 10.01× → 7.91×; TCP \
+         SYN with flow sync on 8.84× → 5.95×; a non-SYN conntrack miss 3.11× → 2.48×; by \
+         median ratios TCP SYN 7.72× → 6.36× and 9.95× → 7.24×, UDP new flow 10.66× → 6.86× \
+         and 12.09× → 8.49×. The tracked cases, the first hit (its key's line is warm in that \
+         case), not for a VIP and decap moved within their spread.",
         "**The clock read once per tick.** Every tracked packet read the time \
          (`bpf_ktime_get_coarse_ns`, a helper call: the stamp's grain check, the UDP idle \
          check), a new flow read it twice (the flood guard's window, the entry's stamp). That \
@@ -1479,9 +1507,7 @@ fn optimisations_md(w: &mut String, after: &[PerPacket], svg_dir: &Path) {
         "**Not done yet** (each needs a map or userspace change that did not fit this round): \
          a tracked tunnel packet without the flow hash (the way has no room for it; the \
          table's own hash would do for the outer source but would give a flow another \
-         source on each balancer and after a restart); the keys out of the packet path (the \
-         prototype's third of the new-flow gain, learnt from flow sync's ring instead); and \
-         the settings in a global instead of an array lookup (the `XLB_CONFIG` lookup is \
+         source on each balancer and after a restart); and the settings in a global instead of an array lookup (the `XLB_CONFIG` lookup is \
          already an array lookup the verifier inlines, so a global would save a bounds check \
          at most; not measured).",
     ] {
