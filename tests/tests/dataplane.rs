@@ -1731,8 +1731,11 @@ fn udp_flow_records_last_seen_coarsely() {
     );
 }
 
+/// A tracked tunnel packet (a conntrack hit, which computes the flow hash
+/// again: the way has no room for it) leaves with the outer source its SYN
+/// had, taken from the flow hash.
 #[test]
-fn tracked_tunnel_packet_takes_its_outer_source_from_the_entry() {
+fn tracked_tunnel_packet_keeps_the_outer_source_of_its_syn() {
     let fx = Fixture::new();
     let vip = fx.vip("203.0.113.11:80/tcp");
     let (real, _) = fx.maglev("203.0.113.11:80/tcp", CLIENT.into(), 39200);
@@ -1744,7 +1747,7 @@ fn tracked_tunnel_packet_takes_its_outer_source_from_the_entry() {
         .flow(&flow_key(CLIENT.into(), 39200, &vip))
         .expect("ct")
         .expect("tracked");
-    assert_eq!(entry.hash, h, "the entry records the flow's hash");
+    assert_eq!(entry.hash, h, "the entry's flow hash");
     let hits = event(&fx, "conntrack_hit");
     let (v, out) = fx.run(&packet::tcp(CLIENT, 39200, VIP_TUN, 80, false, b"x"));
     assert_eq!(v, XDP_TX, "tracked segment tunnelled");
