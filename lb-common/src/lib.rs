@@ -32,8 +32,7 @@ pub mod map_names {
     pub const FLOWS: &str = "XLB_FLOWS";
     /// `Array<FlowKey>` (memory-mappable), one per way of [`FLOWS`] (bucket
     /// `b`, way `w` at `b * CT_WAYS + w`): the tracked flows' keys, for
-    /// userspace (listing, full copies to peers), recorded at a flow's first
-    /// hit.
+    /// flow sync's full copies to peers, recorded at a flow's first hit.
     pub const FLOW_KEYS: &str = "XLB_FLOW_KEYS";
     /// `Array<CtParams>`, one element: the conntrack table's seed and size.
     pub const CT_PARAMS: &str = "XLB_CT_PARAMS";

@@ -413,7 +413,7 @@ impl<'a> Table<'a> {
 }
 
 /// Records `key` as the key of the way at `slot` of `XLB_FLOW_KEYS`, for
-/// userspace (listing, flow sync's full copies), which keeps a key only
+/// userspace (flow sync's full copies), which keeps a key only
 /// when it hashes to its way's bucket and tag.
 #[inline(always)]
 fn write_key(key: &Aligned<FlowKey>, slot: u32) {

@@ -2,10 +2,10 @@
 //! ways, see [`lb_common::CtWay`]), `XLB_FLOW_KEYS` (each way's key) and
 //! `XLB_CT_PARAMS` (the table's seed and size), both arrays memory-mapped.
 //!
-//! The data path writes the table; the daemon only reads it (counting,
-//! listing, full copies to peers). The data path records a flow's key at
-//! its first hit (its answer), not when it inserts the entry: a flow never
-//! answered is counted but has no key to list. [`Table::insert`] and [`Table::remove`]
+//! The data path writes the table; the daemon only reads it (counting, full
+//! copies to peers). The data path records a flow's key at its first hit
+//! (its answer), not when it inserts the entry: a flow never answered is
+//! counted but has no key to copy. [`Table::insert`] and [`Table::remove`]
 //! exist for tests and the bench, which write entries while no packet flows.
 //! A read takes each way's word, stamp and pin, then the word again, and
 //! drops a way that changed meanwhile; a listed entry's key is checked
