@@ -287,6 +287,14 @@ struct Found {
 // The key's words are read from its 8-aligned holder.
 const _: () = assert!(size_of::<Aligned<FlowKey>>() == size_of::<[u64; 5]>());
 
+/// The key as five words, read from its 8-aligned holder (a 40-byte struct
+/// copy is a memmove call in BPF).
+#[inline(always)]
+fn key_words(key: &Aligned<FlowKey>) -> [u64; 5] {
+    // SAFETY: an 8-aligned 40-byte value (asserted above) read as five words.
+    unsafe { (key as *const Aligned<FlowKey>).cast::<[u64; 5]>().read() }
+}
+
 impl<'a> Table<'a> {
     /// The flow's bucket; `None` before the daemon sized the table.
     #[inline(always)]
@@ -296,9 +304,7 @@ impl<'a> Table<'a> {
         if shift == 0 || shift > 63 {
             return None;
         }
-        // SAFETY: an 8-aligned 40-byte key read as five words.
-        let words = unsafe { (key as *const Aligned<FlowKey>).cast::<[u64; 5]>().read() };
-        let h = ct_hash(params.seed, &words);
+        let h = ct_hash(params.seed, &key_words(key));
         let index = (h >> shift) as u32;
         let bucket = FLOWS.get_ptr_mut(index)?;
         Some(Self {
@@ -420,12 +426,8 @@ fn write_key(key: &Aligned<FlowKey>, slot: u32) {
     let Some(at) = FLOW_KEYS.get_ptr_mut(slot) else {
         return;
     };
-    // SAFETY: an element of the keys array; the key is copied as five words
-    // from its 8-aligned holder (a 40-byte struct copy is a memmove call).
-    unsafe {
-        let words = (key as *const Aligned<FlowKey>).cast::<[u64; 5]>().read();
-        at.cast::<[u64; 5]>().write(words);
-    }
+    // SAFETY: an element of the keys array, written as five words.
+    unsafe { at.cast::<[u64; 5]>().write(key_words(key)) };
 }
 
 /// Compare-and-swap of a word in a map value: `true` when `*p` was `old` and
@@ -468,12 +470,12 @@ fn report(flow: &Aligned<FlowKey>, way: &Found, tcp_flags: u8, stamp: u64) -> u8
         return 0;
     };
     let event = slot.as_mut_ptr();
-    // SAFETY: `event` is the reserved record, written whole before the submit.
-    // The key is copied as five words from its 8-aligned holder (a 40-byte
-    // struct copy is a memmove call in BPF).
+    // SAFETY: `event` is the reserved record, written whole before the submit
+    // (the key as five words).
     unsafe {
-        let key = (flow as *const Aligned<FlowKey>).cast::<[u64; 5]>().read();
-        addr_of_mut!((*event).flow).cast::<[u64; 5]>().write(key);
+        addr_of_mut!((*event).flow)
+            .cast::<[u64; 5]>()
+            .write(key_words(flow));
         addr_of_mut!((*event).real_id).write(way.pin & CT_REAL_MASK);
         addr_of_mut!((*event).generation).write(way.pin >> CT_REAL_BITS);
         addr_of_mut!((*event).kind).write(kind);

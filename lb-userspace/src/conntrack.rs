@@ -16,10 +16,10 @@ use std::ptr::{addr_of, addr_of_mut, read_volatile, write_volatile};
 
 use aya::maps::{Array, Map, MapData};
 use lb_common::{
-    CT_F_HIT, CT_F_UDP, CT_FLAGS_SHIFT, CT_REAL_BITS, CT_REAL_MASK, CT_STAMP_SHIFT, CT_TAG_MASK,
-    CT_WAYS, CtBucket, CtParams, CtWay, FLOW_F_ENDED, FLOW_F_REPORTED, FlowKey, FlowState,
-    PROTO_UDP, ct_age_units, ct_buckets, ct_evict_rank, ct_hash, ct_pin, ct_stamp, ct_tag,
-    ct_words, flow_hash, map_names,
+    CT_F_UDP, CT_FLAGS_SHIFT, CT_REAL_BITS, CT_REAL_MASK, CT_STAMP_SHIFT, CT_TAG_MASK, CT_WAYS,
+    CtBucket, CtParams, CtWay, FLOW_F_ENDED, FLOW_F_REPORTED, FlowKey, FlowState, PROTO_UDP,
+    ct_age_units, ct_buckets, ct_evict_rank, ct_hash, ct_pin, ct_stamp, ct_tag, ct_words,
+    flow_hash, map_names,
 };
 
 use crate::dataplane::{DataplaneError, Mapped, map_err};
@@ -56,11 +56,6 @@ impl Way {
     /// The flags byte.
     pub fn flags(&self) -> u8 {
         (self.word >> CT_FLAGS_SHIFT) as u8
-    }
-
-    /// The flow had a hit (a second packet).
-    pub fn answered(&self) -> bool {
-        self.flags() & CT_F_HIT != 0
     }
 
     /// A UDP flow.
@@ -154,11 +149,6 @@ impl Table {
     /// (see [`lb_common::ct_buckets`]).
     pub fn capacity(&self) -> u32 {
         u32::try_from(self.buckets.len()).unwrap_or(u32::MAX)
-    }
-
-    /// Buckets.
-    pub fn buckets(&self) -> usize {
-        self.buckets.len()
     }
 
     fn place(&self, key: &FlowKey) -> Place {
@@ -281,8 +271,10 @@ impl Table {
         }
         let at = self.way_ptr(place.bucket, i);
         let slot = place.bucket * CT_WAYS as usize + i;
-        // SAFETY: inside the mappings; the same order of writes as the data
-        // path (word cleared first, key, stamp, pin, then the word).
+        // SAFETY: inside the mappings; the word is cleared first (the way
+        // matches no flow while it is written), then the key (the data path
+        // writes it at the first hit, this always), the stamp, the pin and
+        // last the word, as the data path orders its own writes.
         unsafe {
             write_volatile(addr_of_mut!((*at).word), 0);
             write_volatile(self.keys.as_ptr().add(slot), *key);
@@ -312,15 +304,10 @@ impl Table {
     /// Whether any way of bucket `b` holds something: the ways' words or-ed,
     /// so that a walk skips an empty bucket with one load per way.
     fn occupied(&self, b: usize) -> bool {
-        debug_assert!(b < self.buckets.len());
-        // A way is two words, its `word` the first.
-        let ways = CT_WAYS as usize;
-        let p = self.buckets.as_ptr().cast::<u64>();
         let mut any = 0;
-        for i in 0..ways {
-            // SAFETY: inside the mapping (`b` below its length; a bucket is
-            // two words per way).
-            any |= unsafe { read_volatile(p.add(b * 2 * ways + 2 * i)) };
+        for i in 0..CT_WAYS as usize {
+            // SAFETY: a way inside the mapping, read as in `way`.
+            any |= unsafe { read_volatile(addr_of!((*self.way_ptr(b, i)).word)) };
         }
         any != 0
     }

@@ -213,9 +213,9 @@ impl<T> Drop for Mapped<T> {
     }
 }
 
-/// The data of an array map taken from the object.
-fn array_data(map: Map, name: &'static str) -> Result<MapData> {
-    match map {
+/// The data of array map `name`, taken out of the object.
+fn take_array(ebpf: &mut Ebpf, name: &'static str) -> Result<MapData> {
+    match take(ebpf, name)? {
         Map::Array(data) => Ok(data),
         _ => Err(DataplaneError::MissingMap(name)),
     }
@@ -522,18 +522,12 @@ impl Dataplane {
                 .map_err(map_err(map_names::VIP_ADDRS))?,
         )?;
         let flows = Arc::new(Table::open(
-            array_data(take(&mut ebpf, map_names::FLOWS)?, map_names::FLOWS)?,
-            array_data(take(&mut ebpf, map_names::FLOW_KEYS)?, map_names::FLOW_KEYS)?,
-            array_data(take(&mut ebpf, map_names::CT_PARAMS)?, map_names::CT_PARAMS)?,
+            take_array(&mut ebpf, map_names::FLOWS)?,
+            take_array(&mut ebpf, map_names::FLOW_KEYS)?,
+            take_array(&mut ebpf, map_names::CT_PARAMS)?,
         )?);
-        let rings = match take(&mut ebpf, map_names::RINGS)? {
-            Map::Array(data) => rings(data)?,
-            _ => return Err(DataplaneError::MissingMap(map_names::RINGS)),
-        };
-        let slots = match take(&mut ebpf, map_names::VIP_SLOTS)? {
-            Map::Array(data) => VipSlots::new(data, &entries)?,
-            _ => return Err(DataplaneError::MissingMap(map_names::VIP_SLOTS)),
-        };
+        let rings = rings(take_array(&mut ebpf, map_names::RINGS)?)?;
+        let slots = VipSlots::new(take_array(&mut ebpf, map_names::VIP_SLOTS)?, &entries)?;
         let reals = Array::try_from(take(&mut ebpf, map_names::REALS)?)
             .map_err(map_err(map_names::REALS))?;
         let config = Array::try_from(take(&mut ebpf, map_names::CONFIG)?)

@@ -651,13 +651,7 @@ fn unix_ns() -> u64 {
 
 /// Unix time minus CLOCK_MONOTONIC, to date the data path's reports.
 fn monotonic_offset_ns() -> u64 {
-    let mono = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
-        .map(|t| {
-            u64::try_from(t.tv_sec()).unwrap_or(0) * 1_000_000_000
-                + u64::try_from(t.tv_nsec()).unwrap_or(0)
-        })
-        .unwrap_or(0);
-    unix_ns().saturating_sub(mono)
+    unix_ns().saturating_sub(crate::conntrack::monotonic_ns())
 }
 
 /// Reads the data path's reports, batches them and sends each batch to
