@@ -1504,10 +1504,32 @@ fn optimisations_md(w: &mut String, after: &[PerPacket], svg_dir: &Path) {
          ratio, min–max in brackets): one tracked DR flow 0.68× (0.64–0.73) → 0.71× \
          (0.70–0.73) the floor's rate on one core and 0.68× (0.64–0.70) → 0.72× (0.68–0.75) \
          on two; the IPIP tunnel 0.64× → 0.66× and 0.61× → 0.64×.",
+        "**Measured and dropped: a cheaper flow hash on the packet path.** A tracked \
+         tunnel packet computes the flow hash (murmur3 over the 5-tuple, about 180 BPF \
+         instructions) again for its outer source. As an upper bound, a bench-only \
+         build that skipped it (outer source wrong, verdicts the same) took TCP tracked \
+         IPIP 6.14× (5.43–6.46) → 5.06× (4.61–6.15) and IP6IP6 6.44× → 5.61× at 16 VIPs \
+         × 100 reals, 6.87× → 6.21× and 6.42× → 5.67× at 1,000 × 10 (4 alternated pairs \
+         in one sitting, medians over the pairs of each run's mean ratio, TCP tracked \
+         DR 4.78× in the same runs): the hash is about all of what a tracked tunnel \
+         packet costs over a DR one. Three ways to make it cheaper with the same value \
+         were measured and dropped: 32-bit ALU code generation (bpf-linker \
+         `--cpu-features=+alu32`; `--cpu=v3` cannot be given, rustc already passes \
+         `--cpu generic` and a second is refused) drops a mask from every rotation, but \
+         the balancer's function grew 5,915 → 7,152 instructions and the verifier \
+         refused it (E2BIG, its complexity limit); an IPv4 form of the hash that skips \
+         the multiplications of the twelve zero bytes (the same value, checked over \
+         10,000 random flows) grew the function to 6,753 instructions and was slower, \
+         not faster (4 pairs: TCP SYN 6.51× → 7.11×, IPIP tracked 5.12× → 5.53×); the \
+         hash as one BPF subprogram instead of inlined at its two sites (5,579 + 203 \
+         instructions) moved within the noise (4 pairs: IPIP tracked 4.75× → 4.88× and \
+         5.82× → 5.22×, TCP SYN 6.35× → 6.43× and 7.94× → 7.69×, while the unchanged \
+         decapsulator moved 1.21× → 1.31× between the same runs). The way to the tunnel \
+         target is a hash kept with the flow (next item).",
         "**Not done yet** (each needs a map or userspace change that did not fit this round): \
          a tracked tunnel packet without the flow hash (the way has no room for it; the \
          table's own hash would do for the outer source but would give a flow another \
-         source on each balancer and after a restart); and the settings in a global instead of an array lookup (the `XLB_CONFIG` lookup is \
+         source on each balancer, against the fixture tests' outer sources); and the settings in a global instead of an array lookup (the `XLB_CONFIG` lookup is \
          already an array lookup the verifier inlines, so a global would save a bounds check \
          at most; not measured).",
     ] {
