@@ -34,7 +34,7 @@ pub enum ConfigError {
         error: std::io::Error,
     },
     /// The YAML does not match the schema.
-    #[error("{file}: {error}")]
+    #[error("{file}: {}", placed(error))]
     Parse {
         /// The file.
         file: String,
@@ -51,6 +51,16 @@ pub enum ConfigError {
         /// What is wrong.
         message: String,
     },
+}
+
+/// serde's message, which names the line and column, except at the very
+/// start of the document (a document that is one string, say), where it
+/// names none: there it is added, in serde's own form.
+fn placed(error: &serde_yaml_ng::Error) -> String {
+    match error.location() {
+        Some(at) if at.line() > 1 || at.column() > 1 => error.to_string(),
+        _ => format!("{error} at line 1 column 1"),
+    }
 }
 
 /// The whole file.
@@ -630,6 +640,20 @@ mod tests {
             assert_eq!(c.desired.hash_seed, 0);
             assert!(!to_yaml(&c.desired).expect("yaml").contains("hash_seed"));
         }
+    }
+
+    /// A document that is one string (a comment whose `#` was lost) is
+    /// refused naming its place, which serde's message leaves out there.
+    #[test]
+    fn a_document_of_the_wrong_type_is_refused_naming_the_document() {
+        // The case proptest found: the first line's `# ... configuration: ` cut.
+        let text = EXAMPLE.replacen("# A complete xlb configuration: ", "A ", 1);
+        let err = Config::parse("x.yaml", &text).unwrap_err().to_string();
+        assert!(
+            err.starts_with("x.yaml: invalid type: string")
+                && err.ends_with("expected struct ConfigFile at line 1 column 1"),
+            "{err}"
+        );
     }
 
     #[test]
