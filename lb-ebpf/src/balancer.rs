@@ -277,7 +277,8 @@ fn send(
         forward::dr(ctx, &real.mac, &config.iface_mac).map(|()| stat::TX_DR)
     } else {
         // The outer source spreads by the 5-tuple even for maglev-src VIPs
-        // (conntrack computes the flow hash for a tunnel VIP's hit too).
+        // (conntrack computes the flow hash for a tunnel VIP's hit too,
+        // unless the outer header has no use for it).
         forward::encap(ctx, l2, l3, real, config, choice.hash).map(|()| stat::TX_TUN)
     };
     match result {

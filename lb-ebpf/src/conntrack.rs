@@ -15,8 +15,9 @@
 //!   its first hit (the flow is answered) and for flow sync's reports. The
 //!   first hit also records the flow's key for userspace (`XLB_FLOW_KEYS`):
 //!   a new entry writes only its bucket's line, so a flood's lone SYNs cost
-//!   one line each. A tunnel's outer source needs the flow hash, computed
-//!   again on a hit.
+//!   one line each. A tunnel's outer header needs the flow hash (an IPv6
+//!   flow label, the host bits of an IPv4 tunnel source prefix), computed
+//!   again on a hit; an IPv4 tunnel from one source address needs none.
 //! - New entries are rate-limited per CPU (flood guard): above the limit the
 //!   flow is forwarded by Maglev alone, which still gives a consistent answer
 //!   while the real set is unchanged.
@@ -39,10 +40,11 @@ use core::{
 use aya_ebpf::helpers::{bpf_jiffies64, bpf_ktime_get_coarse_ns};
 use lb_common::{
     CT_BUSY, CT_F_HIT, CT_F_UDP, CT_FLAGS_SHIFT, CT_REAL_BITS, CT_REAL_MASK, CT_TAG_MASK, CT_WAYS,
-    Config, CtBucket, CtWay, FLOW_EVENT_END, FLOW_EVENT_NEW, FLOW_F_ENDED, FLOW_F_REPORTED,
-    FlowEvent, FlowKey, PROTO_UDP, RealDef, TCP_STAMP_GRAIN_NS, VIP_F_HASH_SRC_ONLY, VIP_F_TUNNEL,
-    VipMeta, WINDOW_NEW_FLOWS, ct_age_ns, ct_age_units, ct_evict_rank, ct_generation, ct_hash,
-    ct_pin, ct_stamp, ct_tag, flow_hash, src_hash, stat, udp_stamp_grain_ns,
+    Config, CtBucket, CtWay, FAMILY_V6, FLOW_EVENT_END, FLOW_EVENT_NEW, FLOW_F_ENDED,
+    FLOW_F_REPORTED, FlowEvent, FlowKey, PROTO_UDP, RealDef, TCP_STAMP_GRAIN_NS,
+    VIP_F_HASH_SRC_ONLY, VIP_F_TUNNEL, VipMeta, WINDOW_NEW_FLOWS, ct_age_ns, ct_age_units,
+    ct_evict_rank, ct_generation, ct_hash, ct_pin, ct_stamp, ct_tag, flow_hash, src_hash, stat,
+    udp_stamp_grain_ns,
 };
 
 use crate::{
@@ -68,7 +70,8 @@ pub struct Choice {
     /// A conntrack entry was created for the flow (counted as a new flow).
     pub new_flow: bool,
     /// The flow's 5-tuple [`flow_hash`]; on a hit only for a tunnel VIP
-    /// (0 otherwise: DR needs none).
+    /// whose outer header uses it (0 otherwise: DR, and an IPv4 tunnel from
+    /// a single source address, need none).
     pub hash: u32,
 }
 
@@ -185,8 +188,13 @@ pub fn choose(
                             }
                         }
                     }
-                    // Only a tunnel's outer header needs the flow hash.
-                    let hash = if meta.flags & VIP_F_TUNNEL != 0 {
+                    // Only a tunnel's outer header uses the flow hash: an
+                    // IPv6 one for its flow label, an IPv4 one for the
+                    // tunnel source's host bits, which a single source
+                    // address (the default) does not have.
+                    let hash = if meta.flags & VIP_F_TUNNEL != 0
+                        && (real.family == FAMILY_V6 || config.tun_host_v4 != 0)
+                    {
                         flow_hash(&flow.src, &flow.dst, flow.ports, flow.proto)
                     } else {
                         0

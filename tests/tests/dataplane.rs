@@ -1769,6 +1769,65 @@ fn tracked_tunnel_packet_keeps_the_outer_source_of_its_syn() {
     );
 }
 
+/// With one IPv4 tunnel source (a /32, the default: no host bits), an IPIP
+/// packet leaves from that address, SYN and tracked segment alike (a hit
+/// computes no flow hash for it); an IPv6 outer header, 4in6 and IP6IP6,
+/// still carries the flow hash in its flow label and source on a hit.
+#[test]
+fn tracked_tunnel_packets_with_one_ipv4_tunnel_source() {
+    let one = Ipv4Addr::new(192, 0, 2, 9);
+    let fx = Fixture::with_config(Config {
+        tun_src_v4: one.octets(),
+        tun_host_v4: 0,
+        ..base_config()
+    });
+    let services = [
+        (
+            "203.0.113.11:80/tcp",
+            IpAddr::V4(CLIENT),
+            IpAddr::V4(VIP_TUN),
+        ),
+        (
+            "203.0.113.12:80/tcp",
+            IpAddr::V4(CLIENT),
+            IpAddr::V4(VIP_4IN6),
+        ),
+        (
+            "[2001:db8:203::11]:80/tcp",
+            IpAddr::V6(CLIENT6),
+            IpAddr::V6(VIP6_TUN),
+        ),
+    ];
+    let sport = 39300;
+    for (name, client, vip) in services {
+        let (real, mac) = fx.maglev(name, client, sport);
+        let h = hash(client, sport, &fx.vip(name));
+        let outer_src = match real {
+            IpAddr::V4(_) => IpAddr::V4(one),
+            IpAddr::V6(_) => tunnel_source(real, h),
+        };
+        for syn in [true, false] {
+            let inner = packet::client(client, vip, L2::default(), tcp(sport, 80, syn));
+            let hits = event(&fx, "conntrack_hit");
+            let (v, out) = fx.run(&inner);
+            let what = if syn { "SYN" } else { "tracked segment" };
+            assert_eq!(v, XDP_TX, "{name}: {what} tunnelled");
+            assert_eq!(
+                out,
+                packet::tunnel(outer_src, real, L2::default(), mac, h, &inner[14..]),
+                "{name}: the {what}'s tunnel frame (outer source {outer_src}, flow label {:#x})",
+                h & 0xf_ffff
+            );
+            let want_hits = hits + u64::from(!syn);
+            assert_eq!(
+                event(&fx, "conntrack_hit"),
+                want_hits,
+                "{name}: the {what} is a conntrack hit only after the SYN"
+            );
+        }
+    }
+}
+
 /// A tunnel frame from `src` to the decap fixture's 192.0.2.21 carrying
 /// `inner` (a frame), with the outer ECN field set to `outer_ecn`.
 fn tunnel_with_ecn(src: IpAddr, dst: IpAddr, inner: &[u8], outer_ecn: u8) -> Vec<u8> {

@@ -24,7 +24,7 @@ use xlb_tests::packet::{self, L2, L4, LB_MAC};
 
 use crate::report::{
     DECAP_IP6IP6, DECAP_IPIP, FLOOR_TX as FLOOR_TX_NAME, FULL_TABLE_SYN, HOT_TRACKED, NON_VIP,
-    PacketCase, PerPacket, Spread, median_sorted, percentile,
+    PacketCase, PerPacket, Spread, TUN_ONE_SOURCE, median_sorted, percentile,
 };
 use crate::sync::{FIRST_HIT_OFF, FIRST_HIT_ON, MISS_OFF, MISS_ON, MISS_PEER, SYN_ON, TRACKED_ON};
 
@@ -389,6 +389,8 @@ struct Case {
     frames: Gen,
     /// `Config::sync` the case runs with.
     sync: bool,
+    /// One IPv4 tunnel source address instead of the prefix (see [`set_config`]).
+    one_source: bool,
     setup: Setup,
     frame_bytes: usize,
     samples: Vec<u64>,
@@ -410,6 +412,7 @@ impl Case {
             action,
             frames,
             sync: false,
+            one_source: false,
             setup: Setup::Nothing,
             frame_bytes,
             samples: Vec::new(),
@@ -569,11 +572,21 @@ fn prepare(flows: &Table, setup: &Setup) {
     }
 }
 
-/// Writes the config with `Config::sync` on or off.
-fn set_sync(dp: &mut Dataplane, on: bool) {
+/// Writes the config with `Config::sync` on or off and, with `one_source`,
+/// one IPv4 tunnel source address (a /32, the daemon's default) instead of
+/// the /24 whose host bits the other cases' IPIP flows spread over.
+fn set_config(dp: &mut Dataplane, sync: bool, one_source: bool) {
+    let base = config();
+    let (tun_src_v4, tun_host_v4) = if one_source {
+        ([192, 0, 2, 1], 0)
+    } else {
+        (base.tun_src_v4, base.tun_host_v4)
+    };
     dp.set_config(&Config {
-        sync: u8::from(on),
-        ..config()
+        sync: u8::from(sync),
+        tun_src_v4,
+        tun_host_v4,
+        ..base
     })
     .unwrap_or_else(|e| panic!("writing the config map: {}", Chain(&e)));
 }
@@ -604,12 +617,12 @@ fn sync_cases(
         .unwrap_or_else(|e| panic!("flow sync's maps: {e}"));
     // Every tracked flow reports its confirmation once, here: the measured
     // calls see flows already reported, as a long flow's packets do.
-    set_sync(dp, true);
+    set_config(dp, true, false);
     let prog = dp.program(prog_names::BALANCER).expect("balancer program");
     for f in &tracked {
         assert_eq!(run_once(prog, f).0, XDP_TX, "a tracked flow's packet");
     }
-    set_sync(dp, false);
+    set_config(dp, false, false);
     let reported = drain(&mut maps.events);
     assert_eq!(
         reported, TRACKED_FLOWS as u64,
@@ -720,6 +733,9 @@ fn measure(scale: Scale, rounds: usize, per_round: usize, cpu: usize) -> PerPack
     let tracked_v6 = warm(&dp, &tracked.tcp6, false, 0);
     let tracked_tun = warm(&dp, &tracked.tun, false, 0);
     let tracked_tun6 = warm(&dp, &tracked.tun6, false, 0);
+    // Flows of their own (clients above the others' tracked ones), so that
+    // the case before does not warm their lines.
+    let tracked_tun_one = warm(&dp, &tracked.tun, false, 1 << 21);
     let first_frame = tracked_tcp[0].clone();
     let hot_frame = tracked_tcp[0].clone();
     let non_vip = packet::tcp(
@@ -782,6 +798,10 @@ fn measure(scale: Scale, rounds: usize, per_round: usize, cpu: usize) -> PerPack
             XDP_TX,
             Gen::Cycle(tracked_tun),
         ),
+        Case {
+            one_source: true,
+            ..balancer_case(TUN_ONE_SOURCE, XDP_TX, Gen::Cycle(tracked_tun_one))
+        },
         balancer_case(
             "IPv6 TCP SYN, new flow (TUN, IP6IP6)",
             XDP_TX,
@@ -830,7 +850,7 @@ fn measure(scale: Scale, rounds: usize, per_round: usize, cpu: usize) -> PerPack
         maps
     });
     let mut reports = 0u64;
-    let mut sync_now = false;
+    let mut settings_now = (false, false);
     let decap_prog = decap.program().expect("decap program");
     let pass = xdp(&floors, FLOOR_PASS);
     let tx = xdp(&floors, FLOOR_TX);
@@ -840,9 +860,9 @@ fn measure(scale: Scale, rounds: usize, per_round: usize, cpu: usize) -> PerPack
     for round in 0..rounds {
         xlb_tests::harness::check_interrupted();
         for case in &mut cases {
-            if case.sync != sync_now {
-                set_sync(&mut dp, case.sync);
-                sync_now = case.sync;
+            if (case.sync, case.one_source) != settings_now {
+                set_config(&mut dp, case.sync, case.one_source);
+                settings_now = (case.sync, case.one_source);
             }
             let prog = match case.prog {
                 Prog::FloorPass => pass,
