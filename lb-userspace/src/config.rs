@@ -55,11 +55,12 @@ pub enum ConfigError {
 
 /// serde's message, which names the line and column, except at the very
 /// start of the document (a document that is one string, say), where it
-/// names none: there it is added, in serde's own form.
+/// names none: there it is added, in serde's own form. An error without a
+/// location keeps its message as it is.
 fn placed(error: &serde_yaml_ng::Error) -> String {
     match error.location() {
-        Some(at) if at.line() > 1 || at.column() > 1 => error.to_string(),
-        _ => format!("{error} at line 1 column 1"),
+        Some(at) if at.line() == 1 && at.column() == 1 => format!("{error} at line 1 column 1"),
+        _ => error.to_string(),
     }
 }
 
