@@ -40,14 +40,14 @@ use core::{
 use aya_ebpf::helpers::{bpf_jiffies64, bpf_ktime_get_coarse_ns};
 use lb_common::{
     CT_BUSY, CT_F_HIT, CT_F_UDP, CT_FLAGS_SHIFT, CT_REAL_BITS, CT_REAL_MASK, CT_TAG_MASK, CT_WAYS,
-    Config, CtBucket, CtWay, FAMILY_V6, FLOW_EVENT_END, FLOW_EVENT_NEW, FLOW_F_ENDED,
-    FLOW_F_REPORTED, FlowEvent, FlowKey, PROTO_UDP, RealDef, TCP_STAMP_GRAIN_NS,
-    VIP_F_HASH_SRC_ONLY, VIP_F_TUNNEL, VipMeta, WINDOW_NEW_FLOWS, ct_age_ns, ct_age_units,
-    ct_evict_rank, ct_generation, ct_hash, ct_pin, ct_stamp, ct_tag, flow_hash, src_hash, stat,
-    udp_stamp_grain_ns,
+    Config, CtBucket, CtWay, FLOW_EVENT_END, FLOW_EVENT_NEW, FLOW_F_ENDED, FLOW_F_REPORTED,
+    FlowEvent, FlowKey, PROTO_UDP, RealDef, TCP_STAMP_GRAIN_NS, VIP_F_HASH_SRC_ONLY, VIP_F_TUNNEL,
+    VipMeta, WINDOW_NEW_FLOWS, ct_age_ns, ct_age_units, ct_evict_rank, ct_generation, ct_hash,
+    ct_pin, ct_stamp, ct_tag, flow_hash, src_hash, stat, udp_stamp_grain_ns,
 };
 
 use crate::{
+    forward,
     maps::{CLOCK, CT_PARAMS, FLOW_EVENTS, FLOW_KEYS, FLOWS, PEER_FLOWS},
     parse::Aligned,
     select, stats,
@@ -188,12 +188,9 @@ pub fn choose(
                             }
                         }
                     }
-                    // Only a tunnel's outer header uses the flow hash: an
-                    // IPv6 one for its flow label, an IPv4 one for the
-                    // tunnel source's host bits, which a single source
-                    // address (the default) does not have.
-                    let hash = if meta.flags & VIP_F_TUNNEL != 0
-                        && (real.family == FAMILY_V6 || config.tun_host_v4 != 0)
+                    // Only a tunnel's outer header uses the flow hash, and
+                    // not every one of them.
+                    let hash = if meta.flags & VIP_F_TUNNEL != 0 && forward::uses_hash(real, config)
                     {
                         flow_hash(&flow.src, &flow.dst, flow.ports, flow.proto)
                     } else {

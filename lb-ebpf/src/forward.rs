@@ -53,6 +53,14 @@ pub fn outer_len(real: &RealDef) -> usize {
     }
 }
 
+/// Whether [`encap`] toward `real` takes anything from the flow hash: an
+/// IPv6 outer header always does (its flow label), an IPv4 one only for the
+/// host bits of a tunnel source prefix (none from a single address).
+#[inline(always)]
+pub fn uses_hash(real: &RealDef, config: &Config) -> bool {
+    real.family == FAMILY_V6 || config.tun_host_v4 != 0
+}
+
 /// Whether the configured tunnel source of the outer family is all-zero
 /// (0.0.0.0 or ::): a packet must not leave from an unspecified address.
 #[inline(always)]
