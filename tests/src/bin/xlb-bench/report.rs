@@ -763,6 +763,28 @@ fn packet_targets(w: &mut String, r: &Report) {
                 met(ok)
             ),
         );
+        // "Linear to two": two cores forward at least 90% of twice one
+        // core's rate (medians of the runs), beside the floor's own scaling.
+        let two = |name: &str| l.cases.iter().find(|c| c.cores == 2 && c.name == name);
+        let one_floor = l.cases.iter().find(|c| c.cores == 1 && c.name == FLOOR_TX);
+        if let Some(c2) = two(&c.name) {
+            let scaling = c2.mpps.median / c.mpps.median;
+            let floor = one_floor
+                .and_then(|f1| two(&f1.name).map(|f2| f2.mpps.median / f1.mpps.median))
+                .map_or_else(String::new, |s| format!(" (the floor's: {s:.2}×)"));
+            line(
+                w,
+                &format!(
+                    "| live frames, tracked DR flow linear to two cores (≥ 1.8× one core's rate) \
+                     | one tracked flow | {} | {scaling:.2}× one core's Mpps{floor}; {}× the \
+                     floor on two cores (Mpps ratio) | — | {} | both vCPUs are shared with \
+                     everything else on the guest, so the second core is never a whole core |",
+                    c.name,
+                    spread(&c2.ratio_floor, 2),
+                    met(scaling >= 1.8)
+                ),
+            );
+        }
     }
     line(w, "");
 }
