@@ -34,12 +34,15 @@ pub enum ConfigError {
         error: std::io::Error,
     },
     /// The YAML does not match the schema.
-    #[error("{file}: {}", placed(error))]
+    #[error("{file}: {}{}", placed(error), if *tab { TAB_HINT } else { "" })]
     Parse {
         /// The file.
         file: String,
         /// What serde found, with the place, line and column.
         error: serde_yaml_ng::Error,
+        /// The error's place holds a tab, which YAML never allows in
+        /// indentation: said, since the parser's message does not.
+        tab: bool,
     },
     /// A value is out of range or inconsistent.
     #[error("{file}: {path}: {message}")]
@@ -51,6 +54,19 @@ pub enum ConfigError {
         /// What is wrong.
         message: String,
     },
+}
+
+/// What a parse error at a tab adds to the parser's message.
+const TAB_HINT: &str = " (a tab: YAML indents with spaces only)";
+
+/// Whether the text at the error's line and column (1-based) is a tab.
+pub(crate) fn at_tab(text: &str, error: &serde_yaml_ng::Error) -> bool {
+    error.location().is_some_and(|at| {
+        text.lines()
+            .nth(at.line().saturating_sub(1))
+            .and_then(|line| line.chars().nth(at.column().saturating_sub(1)))
+            == Some('\t')
+    })
 }
 
 /// serde's message, which names the line and column, except at the very
@@ -66,7 +82,10 @@ fn placed(error: &serde_yaml_ng::Error) -> String {
 
 /// The whole file.
 #[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "a mapping of `daemon`, `hash_seed` and `services`"
+)]
 pub struct ConfigFile {
     /// Daemon settings (used by `xlb run`; command-line flags win), read
     /// into [`Settings`] key by key so that an error names its key.
@@ -160,7 +179,10 @@ impl<'de> Deserialize<'de> for SeedField {
 
 /// One virtual service.
 #[derive(Clone, Debug, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "a service: a mapping with `vip` (and `reals`, `health_check`, ...)"
+)]
 pub struct ServiceConfig {
     /// The VIP, `203.0.113.10:80/tcp`.
     pub vip: String,
@@ -183,7 +205,10 @@ pub struct ServiceConfig {
 
 /// One real server of a service.
 #[derive(Clone, Debug, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "a real: a mapping with `address` (and `weight`, `enabled`, ...)"
+)]
 pub struct RealConfig {
     /// Its address.
     pub address: String,
@@ -423,6 +448,7 @@ impl Config {
         } else {
             serde_yaml_ng::from_str(text).map_err(|error| ConfigError::Parse {
                 file: file.to_owned(),
+                tab: at_tab(text, &error),
                 error,
             })?
         };
@@ -652,9 +678,57 @@ mod tests {
         let err = Config::parse("x.yaml", &text).unwrap_err().to_string();
         assert!(
             err.starts_with("x.yaml: invalid type: string")
-                && err.ends_with("expected struct ConfigFile at line 1 column 1"),
+                && err.ends_with(
+                    "expected a mapping of `daemon`, `hash_seed` and `services` at line 1 column 1"
+                ),
             "{err}"
         );
+    }
+
+    /// A section of the wrong type is refused naming what belongs there,
+    /// never an internal type's name.
+    #[test]
+    fn a_section_of_the_wrong_type_names_what_belongs_there() {
+        for (text, expected) in [
+            (
+                "services:\n  - services\n",
+                "x.yaml: services[0]: invalid type: string \"services\", expected a service: \
+                 a mapping with `vip` (and `reals`, `health_check`, ...) at line 2 column 5",
+            ),
+            (
+                "services:\n  - vip: 203.0.113.10:80/tcp\n    reals: [x]\n",
+                "x.yaml: services[0].reals[0]: invalid type: string \"x\", expected a real: a \
+                 mapping with `address` (and `weight`, `enabled`, ...) at line 3 column 13",
+            ),
+            (
+                "services:\n  - vip: 203.0.113.10:80/tcp\n    health_check: tcp\n",
+                "x.yaml: services[0].health_check: invalid type: string \"tcp\", expected a \
+                 health check: a mapping with `kind` (and `port`, `interval_ms`, ...) at line 3 \
+                 column 19",
+            ),
+        ] {
+            let err = Config::parse("x.yaml", text).unwrap_err().to_string();
+            assert_eq!(err, expected);
+        }
+    }
+
+    /// A tab where the parser stops is named as one: YAML never indents
+    /// with tabs, and the parser's own message does not say so.
+    #[test]
+    fn a_tab_in_the_indentation_is_named() {
+        let err = Config::parse("x.yaml", "services:\n\t- vip: 203.0.113.10:80/tcp\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("x.yaml: found character that cannot start any token at line 2")
+                && err.ends_with(" (a tab: YAML indents with spaces only)"),
+            "{err}"
+        );
+        // Any other stray character keeps the parser's message alone.
+        let err = Config::parse("x.yaml", "services:\n@ x\n")
+            .unwrap_err()
+            .to_string();
+        assert!(!err.contains("a tab"), "{err}");
     }
 
     #[test]

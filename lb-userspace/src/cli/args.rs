@@ -146,7 +146,8 @@ pub enum Command {
     /// Prepare (or undo) a real server for DR/TUN: VIPs on lo, ARP and rp_filter sysctls.
     #[command(subcommand)]
     Realserver(RealserverCommand),
-    /// Man pages and shell completions, for packaging (see generate.rs).
+    /// Man pages and shell completions, for packaging: `xlb generate man DIR`,
+    /// `xlb generate completions SHELL`.
     #[command(hide = true)]
     Generate(crate::generate::GenerateArgs),
 }

@@ -184,7 +184,10 @@ pub struct HealthCheck {
 /// [`HealthCheck`] as a file or a request gives it: every field but `kind`
 /// may be left out; a left-out `timeout_ms` follows the interval.
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "a health check: a mapping with `kind` (and `port`, `interval_ms`, ...)"
+)]
 struct CheckFile {
     #[serde(default)]
     kind: ProbeKind,

@@ -87,7 +87,10 @@ struct DocumentOut<'a> {
 /// A stored document as written: a configuration's keys plus `overrides:`,
 /// read in one pass (a document of 1,000 VIPs is about 500 KiB of YAML).
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "a mapping of `daemon`, `hash_seed`, `services` and `overrides`"
+)]
 struct DocumentIn {
     /// Refused when present: daemon settings are per node.
     #[serde(default)]
@@ -224,6 +227,7 @@ fn read(name: &str, text: &str) -> Result<DocumentIn, DocumentError> {
     } else {
         serde_yaml_ng::from_str::<DocumentIn>(text).map_err(|error| ConfigError::Parse {
             file: name.to_owned(),
+            tab: crate::config::at_tab(text, &error),
             error,
         })?
     })
