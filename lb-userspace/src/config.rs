@@ -712,6 +712,38 @@ mod tests {
         }
     }
 
+    /// An address key that is no ADDRESS:PORT says the form and shows the
+    /// value, as its flag does; a left-out or null one is not set.
+    #[test]
+    fn a_bad_socket_address_shows_the_form_and_the_value() {
+        for (text, expected) in [
+            (
+                "daemon:\n  metrics_address: nope\n",
+                "x.yaml: daemon.metrics_address: 'nope' is not ADDRESS:PORT, e.g. \
+                 192.0.2.1:9815 or [2001:db8::1]:9815",
+            ),
+            (
+                "daemon:\n  sync_listen: 192.0.2.1:9815\n  sync_peers: [192.0.2.2:9815, 192.0.2.3]\n",
+                "x.yaml: daemon.sync_peers: '192.0.2.3' is not ADDRESS:PORT, e.g. \
+                 192.0.2.1:9815 or [2001:db8::1]:9815",
+            ),
+        ] {
+            let err = Config::parse("x.yaml", text).unwrap_err().to_string();
+            assert_eq!(err, expected);
+        }
+        let c = Config::parse(
+            "x.yaml",
+            "daemon:\n  metrics_address: '[2001:db8::1]:9814'\n",
+        )
+        .expect("valid");
+        assert_eq!(
+            c.daemon.metrics_addr,
+            Some("[2001:db8::1]:9814".parse().expect("an address"))
+        );
+        let c = Config::parse("x.yaml", "daemon:\n  metrics_address:\n").expect("valid");
+        assert_eq!(c.daemon.metrics_addr, None);
+    }
+
     /// A tab where the parser stops is named as one: YAML never indents
     /// with tabs, and the parser's own message does not say so.
     #[test]

@@ -151,6 +151,32 @@ where
         .map_err(serde::de::Error::custom)
 }
 
+/// `s` as an IP address and port; the error shows the form and the value
+/// given. The value parser of every address flag; [`de_socket_addr`] and
+/// [`de_socket_addrs`] are their config keys'.
+pub fn parse_socket_addr(s: &str) -> Result<SocketAddr, String> {
+    s.parse().map_err(|_| {
+        format!("'{s}' is not ADDRESS:PORT, e.g. 192.0.2.1:9815 or [2001:db8::1]:9815")
+    })
+}
+
+/// [`parse_socket_addr`] for a config file key (null: not set).
+fn de_socket_addr<'de, D: Deserializer<'de>>(d: D) -> Result<Option<SocketAddr>, D::Error> {
+    Option::<String>::deserialize(d)?
+        .map(|s| parse_socket_addr(&s))
+        .transpose()
+        .map_err(serde::de::Error::custom)
+}
+
+/// [`parse_socket_addr`] for a config file key that lists addresses.
+fn de_socket_addrs<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<SocketAddr>, D::Error> {
+    Vec::<String>::deserialize(d)?
+        .iter()
+        .map(|s| parse_socket_addr(s))
+        .collect::<Result<_, _>>()
+        .map_err(serde::de::Error::custom)
+}
+
 /// Fewest flows a conntrack table may hold (a smaller table would evict
 /// tracked flows under any load).
 pub const CONNTRACK_MIN: u64 = 1 << 10;
@@ -245,8 +271,12 @@ pub struct Settings {
     #[arg(long)]
     pub state_file: Option<PathBuf>,
     /// Serve Prometheus metrics here, e.g. 127.0.0.1:9814.
-    #[arg(long = "metrics-addr")]
-    #[serde(rename = "metrics_address")]
+    #[arg(long = "metrics-addr", value_parser = parse_socket_addr)]
+    #[serde(
+        rename = "metrics_address",
+        default,
+        deserialize_with = "de_socket_addr"
+    )]
     pub metrics_addr: Option<SocketAddr>,
     /// Group allowed to use the control socket (default: `xlb` if that group exists, else root only).
     #[arg(long)]
@@ -314,23 +344,26 @@ pub struct Settings {
     /// Flow sync: receive the peers' flows here (UDP) and serve full copies
     /// (TCP, same port), e.g. 192.0.2.11:9815. Turns flow sync on
     /// (docs/cluster.md); needs --sync-key-file.
-    #[arg(long)]
+    #[arg(long, value_parser = parse_socket_addr)]
+    #[serde(default, deserialize_with = "de_socket_addr")]
     pub sync_listen: Option<SocketAddr>,
     /// Flow sync: another balancer's --sync-listen address (repeat for each peer).
     /// With --store the other nodes' published addresses are peers too.
-    #[arg(long = "sync-peer")]
-    #[serde(default)]
+    #[arg(long = "sync-peer", value_parser = parse_socket_addr)]
+    #[serde(default, deserialize_with = "de_socket_addrs")]
     pub sync_peers: Vec<SocketAddr>,
     /// Flow sync with --store or --sync-multicast: the address this node
     /// publishes in its node key and hellos for the other balancers to reach
     /// its --sync-listen (required when --sync-listen is a wildcard address)
     /// [default: --sync-listen].
-    #[arg(long)]
+    #[arg(long, value_parser = parse_socket_addr)]
+    #[serde(default, deserialize_with = "de_socket_addr")]
     pub sync_advertise: Option<SocketAddr>,
     /// Flow sync: send each batch once to this multicast group (IPv4
     /// 224.0.0.0/4 or IPv6 ff00::/8) and receive there, e.g. 239.255.98.15:9815;
     /// needs --sync-interface (docs/cluster.md).
-    #[arg(long)]
+    #[arg(long, value_parser = parse_socket_addr)]
+    #[serde(default, deserialize_with = "de_socket_addr")]
     pub sync_multicast: Option<SocketAddr>,
     /// Flow sync with --sync-multicast: the interface to join the group on and
     /// send from.

@@ -115,7 +115,7 @@ pub enum Command {
         #[arg(required_unless_present = "batch")]
         vip: Option<Vip>,
         /// The client's address and port, e.g. 198.51.100.7:40000.
-        #[arg(long, required_unless_present = "batch")]
+        #[arg(long, required_unless_present = "batch", value_parser = crate::settings::parse_socket_addr)]
         src: Option<std::net::SocketAddr>,
         /// Many flows at once: a file with one `VIP SRC` per line (`-`: stdin);
         /// prints `VIP SRC REAL` per line (`-` for no real), in order.
@@ -192,7 +192,7 @@ pub struct DecapArgs {
     #[arg(long, default_value_t = 0, allow_negative_numbers = true, value_parser = unsigned::<u64, 0>)]
     pub report_interval: u64,
     /// Serve the counters as Prometheus metrics here, e.g. 127.0.0.1:9815.
-    #[arg(long = "metrics-addr")]
+    #[arg(long = "metrics-addr", value_parser = crate::settings::parse_socket_addr)]
     pub metrics_addr: Option<std::net::SocketAddr>,
     /// Accept tunnels only from this source prefix, e.g. the balancers'
     /// --tunnel-src 192.0.2.0/24 (repeat for several, at most 64 per address
@@ -317,10 +317,30 @@ where
     T: std::str::FromStr,
     T::Err: std::fmt::Display,
 {
-    if s.parse::<i128>().is_ok_and(|v| v < 0) {
-        return Err(format!("must be at least {MIN}, not {s}"));
+    match s.parse::<i128>() {
+        Ok(v) if v < 0 => Err(format!("must be at least {MIN}, not {s}")),
+        // A number too large for the flag keeps the parser's own message.
+        Ok(_) => s.parse().map_err(|e: T::Err| e.to_string()),
+        Err(_) => Err("expected a whole number".to_owned()),
     }
-    s.parse().map_err(|e: T::Err| e.to_string())
+}
+
+/// A real's weight, 0-65535: a number out of range, a negative one too,
+/// names the range; anything else is not a number at all.
+fn parse_weight(s: &str) -> Result<u32, String> {
+    match s.parse::<i128>() {
+        Ok(v) => u32::try_from(v)
+            .ok()
+            .filter(|w| *w <= 65535)
+            .ok_or_else(|| format!("{v} is not in 0..=65535")),
+        Err(_) => Err("expected a whole number from 0 to 65535".to_owned()),
+    }
+}
+
+/// A number of seconds (its range is checked where it is used).
+pub(super) fn parse_seconds(s: &str) -> Result<f64, String> {
+    s.parse()
+        .map_err(|_| "expected a number of seconds, e.g. 2 or 0.5".to_owned())
 }
 
 /// A port to probe, 1-65535, refused with the text the health check's own
@@ -493,7 +513,7 @@ pub enum RealCommand {
             long,
             default_value_t = 1,
             allow_negative_numbers = true,
-            value_parser = clap::value_parser!(u32).range(0..=65535)
+            value_parser = parse_weight
         )]
         weight: u32,
     },
@@ -506,7 +526,7 @@ pub enum RealCommand {
         #[arg(
             long,
             allow_negative_numbers = true,
-            value_parser = clap::value_parser!(u32).range(0..=65535)
+            value_parser = parse_weight
         )]
         weight: u32,
     },
@@ -746,5 +766,54 @@ mod tests {
         // The drain's seconds are checked where they are used, a negative one too.
         let cli = Cli::try_parse_from(["xlb", "drain", "--quiet", "-1"]).expect("a number");
         assert!(matches!(cli.command, Command::Drain(ref a) if a.quiet == -1.0));
+    }
+
+    /// A word where a number belongs says what kind of number, never a
+    /// parser's "invalid digit found in string".
+    #[test]
+    fn a_word_where_a_number_belongs_says_which_number() {
+        let vip = "203.0.113.10:80/tcp";
+        for (args, want) in [
+            (
+                vec!["real", "add", vip, "198.51.100.11", "--weight", "heavy"],
+                "invalid value 'heavy' for '--weight <WEIGHT>': expected a whole number from 0 \
+                 to 65535",
+            ),
+            (
+                vec!["real", "set", vip, "198.51.100.11", "--weight", "70000"],
+                "invalid value '70000' for '--weight <WEIGHT>': 70000 is not in 0..=65535",
+            ),
+            (
+                vec![
+                    "vip",
+                    "add",
+                    vip,
+                    "--check",
+                    "tcp",
+                    "--check-interval",
+                    "2s",
+                ],
+                "invalid value '2s' for '--check-interval <INTERVAL_MS>': expected a whole number",
+            ),
+            (
+                vec!["apply", "--if-revision", "abc", "x.yaml"],
+                "invalid value 'abc' for '--if-revision <IF_REVISION>': expected a whole number",
+            ),
+            (
+                vec!["drain", "--timeout", "abc"],
+                "invalid value 'abc' for '--timeout <TIMEOUT>': expected a number of seconds, \
+                 e.g. 2 or 0.5",
+            ),
+        ] {
+            let err = Cli::try_parse_from(std::iter::once("xlb").chain(args.iter().copied()))
+                .err()
+                .unwrap_or_else(|| panic!("{args:?} was accepted"));
+            assert_eq!(err.exit_code(), 2, "{args:?}");
+            assert_eq!(
+                err.to_string().lines().next(),
+                Some(format!("error: {want}").as_str()),
+                "{args:?}"
+            );
+        }
     }
 }

@@ -24,10 +24,10 @@ pub struct DrainArgs {
     #[arg(long, conflicts_with_all = ["quiet", "timeout", "no_wait"])]
     pub cancel: bool,
     /// Seconds without any VIP packet after which the node is safe to stop.
-    #[arg(long, allow_negative_numbers = true, default_value_t = 2.0)]
+    #[arg(long, allow_negative_numbers = true, default_value_t = 2.0, value_parser = super::args::parse_seconds)]
     pub quiet: f64,
     /// Give up waiting after this many seconds (the drain goes on).
-    #[arg(long, allow_negative_numbers = true, default_value_t = 60.0)]
+    #[arg(long, allow_negative_numbers = true, default_value_t = 60.0, value_parser = super::args::parse_seconds)]
     pub timeout: f64,
     /// Start the drain and return at once.
     #[arg(long)]
