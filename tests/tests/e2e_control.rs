@@ -10,7 +10,7 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -481,6 +481,10 @@ fn scraping_a_million_tracked_flows_never_delays_a_change() {
         flows.insert(&key, &state);
     }
     let stop = AtomicBool::new(false);
+    // The latest scrape's count: the daemon counts the table every 5 s, so
+    // the changes wait until a scrape shows the big table (the insert above
+    // may end between two counts).
+    let seen = AtomicU64::new(0);
     let real = topo.reals[0].ipv4.to_string();
     let path = format!("/v1/vips/tcp/{VIP}/80/reals/{real}");
     let mut took = Vec::new();
@@ -502,12 +506,16 @@ fn scraping_a_million_tracked_flows_never_delays_a_change() {
                     .find_map(|l| l.strip_prefix("xlb_conntrack_entries "))
                 {
                     entries = v.trim().parse().unwrap_or(0.0);
+                    seen.store(entries as u64, Ordering::Relaxed);
                 }
                 scrapes += 1;
             }
             (entries, scrapes)
         });
-        thread::sleep(Duration::from_millis(300));
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while seen.load(Ordering::Relaxed) < 500_000 && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(100));
+        }
         for weight in 2..12 {
             let started = Instant::now();
             let (code, body) = api_request(

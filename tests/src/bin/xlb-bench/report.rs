@@ -1157,7 +1157,9 @@ fn optimisations_md(w: &mut String, after: &[PerPacket], svg_dir: &Path) {
          instead of running the murmur3 hash over 40 bytes of key (about 90 ALU \
          instructions); a tracked DR packet never hashed and still does not; a new tunnel \
          flow hashes once instead of twice (Maglev slot, then outer source). The entry grows \
-         from 16 to 24 bytes (map layout 3).",
+         from 16 to 24 bytes (map layout 3). Undone by the conntrack table of our own (below), \
+         whose 16-byte way has no room for the hash: a tracked tunnel packet computes it again, \
+         except from one IPv4 tunnel source (the last items).",
         "**UDP entries are refreshed coarsely.** A UDP hit used to write `last_seen_ns` on \
          every packet; it now writes only when the stamp is older than an eighth of the idle \
          timeout (at most 1 s, `udp_stamp_grain_ns`), as TCP already did with 1 s. A written \
