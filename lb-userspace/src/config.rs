@@ -59,8 +59,19 @@ pub enum ConfigError {
 /// What a parse error at a tab adds to the parser's message.
 const TAB_HINT: &str = " (a tab: YAML indents with spaces only)";
 
+impl ConfigError {
+    /// The parse error of `file`, whose text is `text`.
+    pub(crate) fn parse(file: &str, text: &str, error: serde_yaml_ng::Error) -> Self {
+        Self::Parse {
+            file: file.to_owned(),
+            tab: at_tab(text, &error),
+            error,
+        }
+    }
+}
+
 /// Whether the text at the error's line and column (1-based) is a tab.
-pub(crate) fn at_tab(text: &str, error: &serde_yaml_ng::Error) -> bool {
+fn at_tab(text: &str, error: &serde_yaml_ng::Error) -> bool {
     error.location().is_some_and(|at| {
         text.lines()
             .nth(at.line().saturating_sub(1))
@@ -446,11 +457,7 @@ impl Config {
         let raw: ConfigFile = if text.trim().is_empty() {
             ConfigFile::default()
         } else {
-            serde_yaml_ng::from_str(text).map_err(|error| ConfigError::Parse {
-                file: file.to_owned(),
-                tab: at_tab(text, &error),
-                error,
-            })?
+            serde_yaml_ng::from_str(text).map_err(|error| ConfigError::parse(file, text, error))?
         };
         Self::from_file(file, &raw)
     }

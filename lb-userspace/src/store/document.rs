@@ -225,11 +225,8 @@ fn read(name: &str, text: &str) -> Result<DocumentIn, DocumentError> {
             overrides: Vec::new(),
         }
     } else {
-        serde_yaml_ng::from_str::<DocumentIn>(text).map_err(|error| ConfigError::Parse {
-            file: name.to_owned(),
-            tab: crate::config::at_tab(text, &error),
-            error,
-        })?
+        serde_yaml_ng::from_str::<DocumentIn>(text)
+            .map_err(|error| ConfigError::parse(name, text, error))?
     })
 }
 
