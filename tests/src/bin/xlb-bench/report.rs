@@ -646,7 +646,10 @@ const PACKET_TARGETS: [PacketTarget; 5] = [
                 xor-shift per key word) and its bucket's line (a cache miss over the tracked \
                 flows of a 2M-flow table), the real's record, the clock (the jiffies and this \
                 CPU's cached time) and four per-CPU counters (conntrack hit, VIP, real, \
-                verdict)",
+                verdict). Most of the gap is the table's pages: the same bench with a \
+                64K-flow table (4 MiB) runs these cases at 2.0–2.3× at 16 × 100; a 2M-flow \
+                table is 32,768 pages of 4 KiB, and 4,096 cycled flows touch more pages than \
+                the TLB holds (\"Measured: the table's pages\" below)",
     },
     PacketTarget {
         target: "tracked, tunnel ≤ 3.0×",
@@ -1570,6 +1573,40 @@ fn optimisations_md(w: &mut String, after: &[PerPacket], svg_dir: &Path) {
          reals, the one-source case over the /24 IPIP case of the same run 0.99 \
          (0.97–1.09) → 0.91 (0.87–0.97), its mean ratio 5.29× → 4.50×; at 1,000 × 10 \
          the cycled flows' memory decides (0.98 (0.97–1.12) → 1.02 (0.82–1.06)).",
+        "**Measured: the table's pages, now that the rest is gone.** The item above on the \
+         table's size was measured with the kernel's LRU hash, when a tracked flow cost about \
+         5× the floor. With the table of our own it was measured again (1a84cb8's bench with \
+         the table at 64K flows instead of 2M, 4 MiB instead of 128 MiB, its hit checks made \
+         warnings; 2 runs a side in one quiet sitting, load average below 1; each run's median \
+         of the round mean ratios): TCP tracked DR 3.13× and 2.50× → 1.98× and 2.04× at 16 × \
+         100 reals, 3.41× and 3.29× → 2.63× and 2.94× at 1,000 × 10; UDP tracked 3.34×, 2.83× \
+         → 2.18×, 2.24×; IPv6 tracked 3.36×, 2.64× → 2.20×, 2.31×; IP6IP6 tracked 4.12×, \
+         3.99× → 2.96×, 3.07×; TCP SYN 4.54×, 4.38× → 3.61×, 3.75×; UDP new flow 5.50×, \
+         5.11× → 3.95×, 4.05×; the same flow every call 1.70×, 1.66× → 1.64×, 1.63×. The \
+         cycled flows' lines are as many either way (4,096 buckets, 256 KiB); what differs \
+         is their pages: 1,024 pages fit the TLB, 4,096 pages of a 128 MiB table do not, and \
+         every call then walks the page tables. A pointer chase in userspace on this guest \
+         shows the same: 4,096 lines in 4,096 random pages of 128 MiB cost 37.5 ns a \
+         dependent load on 4 KiB pages, 17.8 ns on transparent huge pages, 11.2 ns when they \
+         sit in 1,024 pages. So at 16 × 100 the tracked target is met with a table the TLB \
+         covers, and not at 2M flows on 4 KiB pages, which any table of that size has \
+         (Katran's LRU too: BPF maps that big are `vmalloc`'d in 4 KiB pages); at 1,000 × \
+         10 the services' own lines (a thousand VIPs' slots and counters) add the rest.",
+        "**Measured and dropped: the conntrack table in `kmalloc`'d chunks.** Memory the \
+         kernel allocates with `kmalloc` lies in its direct map, which this guest maps with \
+         1 GiB pages. An array of maps whose inner arrays each hold 496 buckets stays under \
+         the 32 KiB above which the kernel `vmalloc`s a map (checked: no chunk in \
+         `/proc/vmallocinfo`); the data path adds one lookup of the outer array (a hot 33 KiB) \
+         and aligns the buckets to cache lines with the header size read from the kernel's \
+         BTF. Against the same binary's plain table, 2 runs a side: TCP tracked DR 2.54× and \
+         2.53× (plain 3.13×, 2.50×) at 16 × 100, 3.35× and 3.19× (3.41×, 3.29×) at 1,000 × \
+         10; TCP SYN 4.07×, 4.05× (4.54×, 4.38×) and 6.42×, 6.12× (5.63×, 6.56×): within \
+         the noise of the runs, not the 64K table's gain. Under virtualisation a TLB entry \
+         covers no more than the host's page behind the guest's, which the guest cannot \
+         choose. The price was real: the table no longer memory-mappable (userspace copies \
+         31 KiB per chunk to count or list flows), 4,229 maps for 2M flows, each write of the \
+         outer array waiting an RCU grace period (75 s to create a table one by one, 4 s in \
+         one batch), and a map layout change (an upgrade through `xlb teardown`). Not kept.",
         "**Not done yet** (each needs a map or userspace change that did not fit this round): \
          a tracked tunnel packet without the flow hash (the way has no room for it; the \
          table's own hash would do for the outer source but would give a flow another \
