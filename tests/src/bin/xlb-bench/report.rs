@@ -1601,12 +1601,15 @@ fn optimisations_md(w: &mut String, after: &[PerPacket], svg_dir: &Path) {
          BTF. Against the same binary's plain table, 2 runs a side: TCP tracked DR 2.54× and \
          2.53× (plain 3.13×, 2.50×) at 16 × 100, 3.35× and 3.19× (3.41×, 3.29×) at 1,000 × \
          10; TCP SYN 4.07×, 4.05× (4.54×, 4.38×) and 6.42×, 6.12× (5.63×, 6.56×): within \
-         the noise of the runs, not the 64K table's gain. Under virtualisation a TLB entry \
-         covers no more than the host's page behind the guest's, which the guest cannot \
-         choose. The price was real: the table no longer memory-mappable (userspace copies \
-         31 KiB per chunk to count or list flows), 4,229 maps for 2M flows, each write of the \
-         outer array waiting an RCU grace period (75 s to create a table one by one, 4 s in \
-         one batch), and a map layout change (an upgrade through `xlb teardown`). Not kept.",
+         the noise of the runs, not the 64K table's gain. Why the userspace test's gain on \
+         huge pages did not carry over was not found: under virtualisation a TLB entry \
+         covers no more than the host's page behind the guest's, which the guest cannot see, \
+         so the huge-page gain there may be a shorter page walk rather than a wider TLB. The \
+         price was real: the table no longer memory-mappable (userspace copies 31 KiB per \
+         chunk to count or list flows), 4,229 maps for 2M flows, each write of the outer \
+         array waiting an RCU grace period (the bench's setup of one configuration took 75 s \
+         writing the chunks one by one, 4 s writing them in one batch), and a map layout \
+         change (an upgrade through `xlb teardown`). Not kept.",
         "**Not done yet** (each needs a map or userspace change that did not fit this round): \
          a tracked tunnel packet without the flow hash (the way has no room for it; the \
          table's own hash would do for the outer source but would give a flow another \
